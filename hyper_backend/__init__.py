@@ -1,0 +1,21 @@
+"""hyper-backend: a ``torch.compile`` backend that runs attention as HyperAttention.
+
+``torch.compile(model, backend="hyper")`` works without importing this package (entry point
+``torch_dynamo_backends``). Direct use: `hyper_attention`, a drop-in for
+``F.scaled_dot_product_attention``; `HyperConfig` holds the parameters; `explain` reports what the
+backend would do to a model.
+"""
+from hyper_backend.config import HyperConfig
+from hyper_backend.attention import hyper_attention
+
+__version__ = "0.1.0"
+
+
+def explain(model, *args, **kwargs):
+    """Compile ``model`` with the hyper backend on these inputs and return the report of its attention sites."""
+    from hyper_backend.report import explain as _explain
+
+    return _explain(model, *args, **kwargs)
+
+
+__all__ = ["HyperConfig", "hyper_attention", "explain", "__version__"]

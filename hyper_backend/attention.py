@@ -1,0 +1,99 @@
+"""`hyper_attention`: a drop-in for ``F.scaled_dot_product_attention`` that runs HyperAttention where it applies."""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from hyper_backend.config import HyperConfig, default_tune_cache, op_params
+from hyper_backend.kernels import op as _op  # noqa: F401  (registers torch.ops.hyper.*)
+
+
+def key_padding_mask(attn_mask: Optional[Tensor], batch: int, n_k: int) -> Optional[Tensor]:
+    """``[B, Nk]`` bool if ``attn_mask`` is a boolean key-padding mask broadcastable to ``[B, 1, 1, Nk]``, else None."""
+    if attn_mask is None or attn_mask.dtype != torch.bool or attn_mask.dim() > 4:
+        return None
+    shape = (1,) * (4 - attn_mask.dim()) + tuple(attn_mask.shape)
+    if shape[1] != 1 or shape[2] != 1 or shape[3] != n_k or shape[0] not in (1, batch):
+        return None
+    return attn_mask.reshape(shape[0], n_k).expand(batch, n_k)
+
+
+def hyper_attention(
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    attn_mask: Optional[Tensor] = None,
+    dropout_p: float = 0.0,
+    is_causal: bool = False,
+    scale: Optional[float] = None,
+    enable_gqa: bool = False,
+    *,
+    config: Optional[HyperConfig] = None,
+    return_lse: bool = False,
+):
+    """HyperAttention with the signature of ``torch.nn.functional.scaled_dot_product_attention``.
+
+    Args:
+        query: ``[B, Hq, Nq, D]``.
+        key: ``[B, Hkv, Nk, D]``; ``Hkv`` may divide ``Hq`` when ``enable_gqa=True``.
+        value: ``[B, Hkv, Nk, Dv]``.
+        attn_mask: None, or a boolean key-padding mask broadcastable to ``[B, 1, 1, Nk]`` (True = attend).
+            Any other mask gives exact attention.
+        dropout_p: anything above 0 gives exact attention (with dropout).
+        is_causal: causal attention. With ``Nq < Nk`` the diagonal is aligned bottom-right (as when a KV cache
+            is continued); ``Nq > Nk`` falls back to exact SDPA and its top-left alignment.
+        scale: defaults to ``1 / sqrt(D)``.
+        enable_gqa: as in SDPA.
+        config: a `HyperConfig`; every field is then explicit. ``None`` uses the autotuner's cache entry for the
+            actual length when there is one, else the defaults.
+        return_lse: also return the ``[B, Hq, Nq]`` float32 log-sum-exp of the (weighted) scores. It carries
+            no gradient.
+
+    Returns:
+        ``out [B, Hq, Nq, Dv]``, or ``(out, lse)`` with ``return_lse=True``.
+
+    Attention is exact below ``min_seq_len``, and wherever the approximation cannot serve the call as written.
+    """
+    if query.dim() != 4 or key.dim() != 4 or value.dim() != 4:
+        raise ValueError(f"hyper_attention takes [B, H, N, D] tensors, got query {tuple(query.shape)}, "
+                         f"key {tuple(key.shape)}, value {tuple(value.shape)}")
+    B, Hq, Nq, _ = query.shape
+    Hkv, Nk = key.shape[1], key.shape[2]
+    if Hq != Hkv and not (enable_gqa and Hq % Hkv == 0):
+        raise ValueError(f"query has {Hq} heads and key/value {Hkv}: pass enable_gqa=True with Hq a multiple of Hkv")
+    kpm = key_padding_mask(attn_mask, B, Nk)
+    exact_reason = None
+    if dropout_p > 0.0:
+        exact_reason = "dropout"
+    elif attn_mask is not None and kpm is None:
+        exact_reason = "mask"
+    elif is_causal and (attn_mask is not None or Nq > Nk):
+        exact_reason = "causal-shape"
+    if exact_reason is not None:
+        return _exact(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, return_lse)
+    params = op_params(config)
+    tune_cache = "" if config is not None else default_tune_cache()
+    out, lse = torch.ops.hyper.attention(query, key, value, kpm, is_causal, scale, *params, tune_cache)
+    return (out, lse) if return_lse else out
+
+
+def _exact(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, return_lse):
+    out = F.scaled_dot_product_attention(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p,
+                                         is_causal=is_causal, scale=scale, enable_gqa=enable_gqa)
+    if not return_lse:
+        return out
+    if dropout_p > 0.0:
+        raise ValueError("return_lse=True is not defined with dropout")
+    # The log-sum-exp of the exact fallback, written out (this path is O(Nq * Nk) anyway).
+    group = query.shape[1] // key.shape[1]
+    k = key.repeat_interleave(group, 1) if group > 1 else key
+    s = (query.float() @ k.float().transpose(-1, -2)) * (scale if scale is not None else 1 / math.sqrt(query.shape[-1]))
+    if is_causal:
+        s = s.masked_fill(~torch.ones(s.shape[-2:], dtype=torch.bool, device=s.device).tril(), float("-inf"))
+    if attn_mask is not None:
+        s = s.masked_fill(~attn_mask, float("-inf")) if attn_mask.dtype == torch.bool else s + attn_mask.float()
+    return out, torch.logsumexp(s, -1).detach()

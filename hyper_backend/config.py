@@ -1,0 +1,262 @@
+"""Settings: the `HyperConfig` dataclass and the one place that reads `HYPER_*` environment variables.
+
+Precedence, highest first: explicit keyword arguments / ``options={...}``, then ``HYPER_*`` environment
+variables, then the autotuner's cache entry for the actual sequence length (looked up inside the op at run
+time), then the `HyperConfig` defaults.
+
+Every environment variable is documented in the README's table and read by :func:`read_env` only.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+from dataclasses import dataclass
+from typing import Mapping, NamedTuple, Optional
+
+# Sentinels carried in the op's integer arguments.
+UNSET = -1  # "not set explicitly": the op uses the tuned value for its length, else the default
+AUTO_DEPTH = -2  # causal_depth=None given explicitly: halve until a piece is at most min_seq_len
+
+
+@dataclass(frozen=True)
+class HyperConfig:
+    """Parameters of HyperAttention.
+
+    Args:
+        block_size: queries per LSH-sorted block; keys per block scale with n_k / n_q.
+        sample_size: m, the number of uniformly sampled residual keys (0 disables the residual).
+        lsh_num_projs: r, the number of random hyperplanes of the angular LSH (2**r buckets).
+        min_seq_len: below this length attention is exact.
+        causal_depth: levels of recursive halving for causal attention; ``None`` halves until a piece
+            is at most ``min_seq_len``.
+        seed: seeds the LSH projections and the residual samples.
+    """
+
+    block_size: int = 256
+    sample_size: int = 256
+    lsh_num_projs: int = 7
+    min_seq_len: int = 4096
+    causal_depth: Optional[int] = None
+    seed: int = 0
+
+    def __post_init__(self):
+        _check_int("block_size", self.block_size, lo=1)
+        _check_int("sample_size", self.sample_size, lo=0)
+        _check_int("lsh_num_projs", self.lsh_num_projs, lo=1, hi=30)
+        _check_int("min_seq_len", self.min_seq_len, lo=1)
+        if self.causal_depth is not None:
+            _check_int("causal_depth", self.causal_depth, lo=0, hi=30)
+        _check_int("seed", self.seed, lo=0, hi=2**62)
+
+    def replace(self, **changes) -> "HyperConfig":
+        return dataclasses.replace(self, **changes)
+
+
+FIELDS = tuple(f.name for f in dataclasses.fields(HyperConfig))
+
+
+def _check_int(name: str, value, lo: int, hi: Optional[int] = None) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"HyperConfig.{name} must be an int, got {value!r}")
+    if value < lo or (hi is not None and value > hi):
+        bound = f">= {lo}" if hi is None else f"in [{lo}, {hi}]"
+        raise ValueError(f"HyperConfig.{name} must be {bound}, got {value}")
+
+
+class OpParams(NamedTuple):
+    """The integer parameters baked into a ``hyper::attention`` call (``UNSET`` = tuned or default)."""
+
+    block_size: int = UNSET
+    sample_size: int = UNSET
+    lsh_num_projs: int = UNSET
+    min_seq_len: int = UNSET
+    causal_depth: int = UNSET
+    seed: int = UNSET
+
+
+def op_params(config: Optional[HyperConfig] = None, explicit: Optional[Mapping[str, object]] = None) -> OpParams:
+    """Encode settings for the op.
+
+    ``config`` given: every field is explicit and tuning is bypassed. ``explicit`` given: only those
+    fields (already validated values) are explicit; the rest are looked up in the tuning cache at run time.
+    Neither: everything comes from the tuning cache or the defaults.
+    """
+    if config is not None:
+        values = dataclasses.asdict(config)
+    else:
+        values = dict(explicit or {})
+    out = {}
+    for name in FIELDS:
+        if name not in values:
+            out[name] = UNSET
+        elif name == "causal_depth" and values[name] is None:
+            out[name] = AUTO_DEPTH
+        else:
+            out[name] = int(values[name])
+    return OpParams(**out)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Environment variables: the only place they are read.
+# ----------------------------------------------------------------------------------------------------------
+
+ENV_FIELDS = {
+    "HYPER_BLOCK_SIZE": "block_size",
+    "HYPER_SAMPLE_SIZE": "sample_size",
+    "HYPER_LSH_PROJS": "lsh_num_projs",
+    "HYPER_MIN_SEQ_LEN": "min_seq_len",
+    "HYPER_CAUSAL_DEPTH": "causal_depth",
+    "HYPER_SEED": "seed",
+}
+INNER_BACKENDS = ("inductor", "aot_eager", "eager")
+KERNEL_CHOICES = ("auto", "cpu", "triton")
+
+
+class EnvError(ValueError):
+    """A ``HYPER_*`` variable holds a value outside its accepted forms."""
+
+
+def _env_int(var: str, raw: str, field: str, allow_none: bool = False):
+    text = raw.strip().lower()
+    if allow_none and text in ("none", "auto", ""):
+        return None
+    try:
+        value = int(text)
+    except ValueError:
+        forms = "an integer" + (" or 'none'" if allow_none else "")
+        raise EnvError(f"{var}={raw!r}: expected {forms}") from None
+    try:
+        HyperConfig(**{field: value})
+    except ValueError as e:
+        raise EnvError(f"{var}={raw!r}: {e}") from None
+    return value
+
+
+def _env_bool(var: str, raw: str) -> bool:
+    text = raw.strip().lower()
+    if text in ("1", "true", "yes", "on"):
+        return True
+    if text in ("0", "false", "no", "off"):
+        return False
+    raise EnvError(f"{var}={raw!r}: expected one of 1/0, true/false, yes/no, on/off")
+
+
+def _env_choice(var: str, raw: str, choices) -> str:
+    text = raw.strip().lower()
+    if text not in choices:
+        raise EnvError(f"{var}={raw!r}: expected one of {', '.join(choices)}")
+    return text
+
+
+def read_env(environ: Optional[Mapping[str, str]] = None) -> dict:
+    """Parse and validate every ``HYPER_*`` variable that is set. Returns a dict of backend option names.
+
+    Raises `EnvError` naming the variable and its accepted forms for a bad value.
+    """
+    env = os.environ if environ is None else environ
+    out: dict = {}
+    if "HYPER_ATTENTION" in env:
+        out["enabled"] = _env_bool("HYPER_ATTENTION", env["HYPER_ATTENTION"])
+    for var, field in ENV_FIELDS.items():
+        if var in env:
+            out[field] = _env_int(var, env[var], field, allow_none=(field == "causal_depth"))
+    if "HYPER_LAYERS" in env:
+        try:
+            out["layers"] = LayerSelection.parse(env["HYPER_LAYERS"])
+        except ValueError as e:
+            raise EnvError(f"HYPER_LAYERS={env['HYPER_LAYERS']!r}: {e}") from None
+    if "HYPER_TUNE_CACHE" in env:
+        out["tune_cache"] = env["HYPER_TUNE_CACHE"].strip()
+    if "HYPER_INNER_BACKEND" in env:
+        out["inner_backend"] = _env_choice("HYPER_INNER_BACKEND", env["HYPER_INNER_BACKEND"], INNER_BACKENDS)
+    return out
+
+
+def kernel_choice(environ: Optional[Mapping[str, str]] = None) -> str:
+    """``HYPER_KERNELS``: ``auto`` (CUDA tensors to Triton, CPU to the torch path), ``cpu`` or ``triton``."""
+    env = os.environ if environ is None else environ
+    if "HYPER_KERNELS" not in env:
+        return "auto"
+    return _env_choice("HYPER_KERNELS", env["HYPER_KERNELS"], KERNEL_CHOICES)
+
+
+def default_tune_cache() -> str:
+    """``$HYPER_TUNE_CACHE``, else ``$XDG_CACHE_HOME/hyper_backend/tune.json`` (``~/.cache`` by default)."""
+    if os.environ.get("HYPER_TUNE_CACHE", "").strip():
+        return os.environ["HYPER_TUNE_CACHE"].strip()
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "hyper_backend", "tune.json")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# HYPER_LAYERS / options["layers"]: which attention sites, numbered in model execution order, are swapped.
+# ----------------------------------------------------------------------------------------------------------
+
+_RANGE = re.compile(r"^(\d+)(?:-(\d+))?$")
+
+
+@dataclass(frozen=True)
+class LayerSelection:
+    """A set of attention-site indices: ``all``, ``none``, ``first:K``, ``last:K`` or ``0,2,10-13``.
+
+    ``last:K`` needs the total number of sites, which is known only once they are all numbered; see
+    :meth:`contains`.
+    """
+
+    kind: str  # "all" | "none" | "first" | "last" | "set"
+    count: int = 0
+    indices: frozenset = frozenset()
+
+    ACCEPTED = "'all', 'none', 'first:K', 'last:K', or a list of indices and ranges such as '0,2,10-13'"
+
+    @classmethod
+    def parse(cls, text) -> "LayerSelection":
+        if isinstance(text, LayerSelection):
+            return text
+        if isinstance(text, (list, tuple, set, frozenset)):
+            if not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in text):
+                raise ValueError(f"expected non-negative ints; accepted forms: {cls.ACCEPTED}")
+            return cls("set", indices=frozenset(text))
+        if not isinstance(text, str):
+            raise ValueError(f"expected a string; accepted forms: {cls.ACCEPTED}")
+        s = text.strip().lower().replace(" ", "")
+        if s in ("all", "none"):
+            return cls(s)
+        for kind in ("first", "last"):
+            if s.startswith(kind + ":"):
+                k = s[len(kind) + 1:]
+                if not k.isdigit():
+                    raise ValueError(f"{kind}:K needs a non-negative integer K; accepted forms: {cls.ACCEPTED}")
+                return cls(kind, count=int(k))
+        idx = set()
+        for part in s.split(","):
+            m = _RANGE.match(part)
+            if not m:
+                raise ValueError(f"cannot read {part!r}; accepted forms: {cls.ACCEPTED}")
+            lo, hi = int(m.group(1)), int(m.group(2) or m.group(1))
+            if hi < lo:
+                raise ValueError(f"range {part!r} is reversed; accepted forms: {cls.ACCEPTED}")
+            idx.update(range(lo, hi + 1))
+        return cls("set", indices=frozenset(idx))
+
+    def contains(self, index: int, total: Optional[int]) -> bool:
+        if self.kind == "all":
+            return True
+        if self.kind == "none":
+            return False
+        if self.kind == "first":
+            return index < self.count
+        if self.kind == "last":
+            if total is None:
+                raise ValueError("last:K needs the total number of attention sites")
+            return index >= total - self.count
+        return index in self.indices
+
+    def key(self) -> str:
+        """A stable text form, used in cache keys."""
+        if self.kind in ("all", "none"):
+            return self.kind
+        if self.kind in ("first", "last"):
+            return f"{self.kind}:{self.count}"
+        return "set:" + ",".join(str(i) for i in sorted(self.indices))

@@ -1,0 +1,392 @@
+"""The CPU path: HyperAttention as a few batched calls to aten's fused flash-attention for CPU.
+
+Layout trick. Sorted query blocks are gathered straight into ``[B, Hkv*nb*g, bq, D]`` (kv head, block, query
+head within the group, row), and sorted key blocks into ``[B, Hkv*nb, bk, D]``. aten's GQA maps folded query
+head j to key head j // g, which is exactly "block i of query head h sees block i of kv head h // g": the whole
+block diagonal is one fused call, and K/V are never expanded. The residual uses the same query layout against
+``[B, Hkv, m, D]`` sampled keys, with group nb*g; a broadcast ``[.., 1, m]`` bias excludes each block's own keys
+and carries the log(n/m) reweighting, so its log-sum-exp is already weighted. The parts merge through their
+log-sum-exps, and one ``index_copy_`` puts rows back in their original order.
+
+Causal attention halves recursively: the diagonal leaves are one fused causal call, and each level's
+off-diagonal quadrants are one batched non-causal HyperAttention. Memory stays O(n).
+
+Backward: the approximation is attention with fixed log-weights, so each part's gradient is aten's flash
+backward for that part, fed the *final* output and log-sum-exp (the standard split-softmax identity). Sampled
+keys' gradients are scattered back with ``index_add_``.
+"""
+from __future__ import annotations
+
+import math
+from typing import NamedTuple, Optional
+
+import torch
+
+from .plan import Plan, causal_depth_for, make_plan
+
+aten = torch.ops.aten
+NEG_INF = float("-inf")
+
+
+class Params(NamedTuple):
+    block_size: int
+    sample_size: int
+    num_projs: int
+    min_seq_len: int
+    causal_depth: Optional[int]
+    seed: int
+
+
+# ----------------------------------------------------------------------------------------------------------
+# exact attention parts
+# ----------------------------------------------------------------------------------------------------------
+
+def _flash(q, k, v, mask, causal, scale):
+    out, lse = aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, causal, attn_mask=mask, scale=scale)
+    return out, lse
+
+
+def _flash_bwd(do, q, k, v, out, lse, mask, causal, scale):
+    return aten._scaled_dot_product_flash_attention_for_cpu_backward(
+        do, q, k, v, out, lse, 0.0, causal, attn_mask=mask, scale=scale)
+
+
+def _key_bias(key_valid, dtype):
+    """``[B, Nk]`` bool -> ``[B, 1, 1, Nk]`` additive bias, or None."""
+    if key_valid is None:
+        return None
+    return torch.zeros(key_valid.shape, dtype=dtype, device=key_valid.device).masked_fill_(
+        ~key_valid, NEG_INF)[:, None, None, :]
+
+
+def lse_dtype(dtype):
+    """The log-sum-exp is float32, or float64 for float64 inputs (as aten's)."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _mask_dtype(dtype):
+    return dtype if dtype in (torch.float32, torch.float64) else torch.float32
+
+
+def _no_keys(lse, any_key):
+    """aten returns lse = 0 for a row whose keys are all masked; make it -inf so merging ignores the part."""
+    if any_key is None:
+        return lse
+    return lse.masked_fill(~any_key, NEG_INF)
+
+
+def merge_(acc_o, acc_l, o, l):
+    """In place: ``(acc_o, acc_l) <- merge of two attention parts over disjoint key sets``."""
+    new_l = torch.logaddexp(acc_l, l)
+    finite = torch.isfinite(new_l)
+    safe = torch.where(finite, new_l, torch.zeros_like(new_l))
+    w_acc = torch.where(finite, torch.exp(acc_l - safe), torch.zeros_like(safe))
+    w_new = torch.where(finite, torch.exp(l - safe), torch.zeros_like(safe))
+    acc_o.mul_(w_acc[..., None].to(acc_o.dtype)).add_(o * w_new[..., None].to(o.dtype))
+    acc_l.copy_(new_l)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# non-causal HyperAttention
+# ----------------------------------------------------------------------------------------------------------
+
+def _use_hyper(nq, nk, p: Params) -> bool:
+    return nq >= p.min_seq_len and nk >= p.min_seq_len and math.ceil(nq / p.block_size) > 1
+
+
+class _Layout(NamedTuple):
+    q_rows: torch.Tensor  # [B*Hkv*nb*g*bq] flat row index into q viewed as [B*Hq*Nq, D] (pads -> row 0)
+    q_dest: torch.Tensor  # same, but pads -> the dummy row B*Hq*Nq
+    k_rows: torch.Tensor  # [B*Hkv*nb*bk] flat row index into k viewed as [B*Hkv*Nk, D]
+    k_dest: torch.Tensor
+    block_bias: Optional[torch.Tensor]  # [B, Hkv*nb*g, 1, bk] or None
+    block_any: Optional[torch.Tensor]  # [B, Hkv*nb*g, 1] rows that have at least one block key
+    res_bias: Optional[torch.Tensor]  # [B, Hkv*nb*g, 1, m]
+    res_any: Optional[torch.Tensor]  # [B, Hkv*nb*g, 1]
+    s_rows: Optional[torch.Tensor]  # [B*Hkv*m] flat rows of the sampled keys
+    q_pad: int  # padded query slots at the end of the last block
+
+
+def _layout(plan: Plan, B, Hq, Hkv, Nq, Nk, key_valid, mask_dtype) -> _Layout:
+    dev = plan.q_perm.device
+    g, nb, bq, bk = Hq // Hkv, plan.num_blocks, plan.q_block, plan.k_block
+    q_pad, k_pad = nb * bq - Nq, nb * bk - Nk
+    # queries: [B, Hq, nb*bq] -> [B, Hkv, nb, g, bq]
+    qp = plan.q_perm
+    if q_pad:
+        qp = torch.nn.functional.pad(qp, (0, q_pad), value=-1)
+    base_q = (torch.arange(B * Hq, device=dev) * Nq).view(B, Hq, 1)
+    q_flat = (qp + base_q).view(B, Hkv, g, nb, bq).permute(0, 1, 3, 2, 4)
+    pad_q = (qp < 0).view(B, Hkv, g, nb, bq).permute(0, 1, 3, 2, 4)
+    q_rows = q_flat.masked_fill(pad_q, 0).reshape(-1)
+    q_dest = q_flat.masked_fill(pad_q, B * Hq * Nq).reshape(-1)
+    # keys: [B, Hkv, nb*bk] -> [B, Hkv, nb, bk]
+    kp = plan.k_perm
+    if k_pad:
+        kp = torch.nn.functional.pad(kp, (0, k_pad), value=-1)
+    base_k = (torch.arange(B * Hkv, device=dev) * Nk).view(B, Hkv, 1)
+    k_flat = kp + base_k
+    k_ok = kp >= 0
+    if key_valid is not None:
+        k_ok = k_ok & torch.gather(key_valid[:, None, :].expand(B, Hkv, Nk), 2, kp.clamp(min=0))
+    k_rows = k_flat.masked_fill(kp < 0, 0).reshape(-1)
+    k_dest = k_flat.masked_fill(kp < 0, B * Hkv * Nk).reshape(-1)
+    block_bias = block_any = None
+    if k_pad or key_valid is not None:
+        ok = k_ok.view(B, Hkv, nb, 1, 1, bk).expand(B, Hkv, nb, g, 1, bk)
+        block_bias = torch.zeros(ok.shape, dtype=mask_dtype, device=dev).masked_fill_(~ok, NEG_INF)
+        block_bias = block_bias.reshape(B, Hkv * nb * g, 1, bk)
+        block_any = ok.any(-1).reshape(B, Hkv * nb * g, 1)
+    res_bias = res_any = s_rows = None
+    if plan.samples is not None:
+        m = plan.samples.shape[-1]
+        blk = torch.arange(nb, device=dev).view(1, 1, nb, 1)
+        ok = plan.sample_block[:, :, None, :] != blk  # [B, Hkv, nb, m]
+        if key_valid is not None:
+            s_valid = torch.gather(key_valid[:, None, :].expand(B, Hkv, Nk), 2, plan.samples)
+            ok = ok & s_valid[:, :, None, :]
+        ok = ok[:, :, :, None, None, :].expand(B, Hkv, nb, g, 1, m)
+        lw = plan.log_weight.to(mask_dtype).view(B, 1, 1, 1, 1, 1)
+        res_bias = torch.where(ok, lw, torch.full((), NEG_INF, dtype=mask_dtype, device=dev))
+        res_bias = res_bias.reshape(B, Hkv * nb * g, 1, m)
+        res_any = ok.any(-1).reshape(B, Hkv * nb * g, 1)
+        s_rows = (plan.samples + base_k).reshape(-1)
+    return _Layout(q_rows, q_dest, k_rows, k_dest, block_bias, block_any, res_bias, res_any, s_rows, q_pad)
+
+
+def _rows(x: torch.Tensor, index: torch.Tensor, shape) -> torch.Tensor:
+    """Gather rows of ``x [B, H, N, D]`` (made contiguous) by flat row index, viewed as ``shape``."""
+    return x.reshape(-1, x.shape[-1]).index_select(0, index).view(shape)
+
+
+def _scatter_rows(src: torch.Tensor, dest: torch.Tensor, total_rows: int, shape) -> torch.Tensor:
+    """Inverse of `_rows`: rows of ``src`` to positions ``dest``; padding goes to a dummy last row."""
+    last = src.shape[-1] if src.dim() > 1 else None
+    if last is None:
+        out = src.new_empty(total_rows + 1)
+    else:
+        out = src.new_empty(total_rows + 1, last)
+    out.index_copy_(0, dest, src.reshape(dest.shape[0], *out.shape[1:]))
+    return out[:total_rows].view(shape)
+
+
+def noncausal_forward(q, k, v, key_valid, scale, p: Params, stream: int = 0):
+    """``q [B,Hq,Nq,D]``, ``k, v [B,Hkv,Nk,D]`` -> ``(out [B,Hq,Nq,D], lse [B,Hq,Nq] fp32)``, contiguous."""
+    B, Hq, Nq, D = q.shape
+    Hkv, Nk = k.shape[1], k.shape[2]
+    mdt = _mask_dtype(q.dtype)
+    if not _use_hyper(Nq, Nk, p):
+        out, lse = _flash(q, k, v, _key_bias(key_valid, mdt), False, scale)
+        if key_valid is not None:
+            lse = _no_keys(lse, key_valid.any(-1)[:, None, None].expand_as(lse))
+        return out.contiguous(), lse.to(lse_dtype(q.dtype)).contiguous()
+    plan = make_plan(q, k, key_valid, p.block_size, p.sample_size, p.num_projs, p.seed, stream)
+    L = _layout(plan, B, Hq, Hkv, Nq, Nk, key_valid, mdt)
+    g, nb, bq, bk = Hq // Hkv, plan.num_blocks, plan.q_block, plan.k_block
+    fold = (B, Hkv * nb * g, bq, D)
+    q_s = _rows(q, L.q_rows, fold)  # [B, Hkv*nb*g, bq, D]
+    k_b = _rows(k, L.k_rows, (B, Hkv * nb, bk, D))  # [B, Hkv*nb, bk, D]
+    v_b = _rows(v, L.k_rows, (B, Hkv * nb, bk, D))
+    o, lse = _flash(q_s, k_b, v_b, L.block_bias, False, scale)  # [B, Hkv*nb*g, bq, D], [B, Hkv*nb*g, bq]
+    lse = _no_keys(lse, L.block_any)
+    if L.s_rows is not None:
+        m = plan.samples.shape[-1]
+        k_s = _rows(k, L.s_rows, (B, Hkv, m, D))  # [B, Hkv, m, D]
+        v_s = _rows(v, L.s_rows, (B, Hkv, m, D))
+        o2, lse2 = _flash(q_s, k_s, v_s, L.res_bias, False, scale)
+        lse2 = _no_keys(lse2, L.res_any)
+        acc = o.float() if o.dtype not in (torch.float32, torch.float64) else o.contiguous()
+        lse = lse.contiguous()
+        merge_(acc, lse, o2, lse2)
+        o = acc.to(q.dtype)
+    out = _scatter_rows(o, L.q_dest, B * Hq * Nq, (B, Hq, Nq, D))
+    lse = _scatter_rows(lse.to(lse_dtype(q.dtype)).reshape(-1), L.q_dest, B * Hq * Nq, (B, Hq, Nq))
+    return out, lse
+
+
+def noncausal_backward(do, q, k, v, out, lse, key_valid, scale, p: Params, stream: int = 0):
+    """Gradient of `noncausal_forward` given the *final* ``out``/``lse`` of the rows (which may include other
+    parts merged in by the caller). Returns ``(dq, dk, dv)`` shaped like ``q, k, v``."""
+    B, Hq, Nq, D = q.shape
+    Hkv, Nk = k.shape[1], k.shape[2]
+    mdt = _mask_dtype(q.dtype)
+    lse = lse.to(lse_dtype(q.dtype)).masked_fill(torch.isneginf(lse), 0.0)  # rows with no keys: no NaN
+    if not _use_hyper(Nq, Nk, p):
+        dq, dk, dv = _flash_bwd(do, q, k, v, out, lse, _key_bias(key_valid, mdt), False, scale)
+        return dq, dk, dv
+    plan = make_plan(q, k, key_valid, p.block_size, p.sample_size, p.num_projs, p.seed, stream)
+    L = _layout(plan, B, Hq, Hkv, Nq, Nk, key_valid, mdt)
+    g, nb, bq, bk = Hq // Hkv, plan.num_blocks, plan.q_block, plan.k_block
+    fold = (B, Hkv * nb * g, bq, D)
+    q_s = _rows(q, L.q_rows, fold)
+    do_s = _rows(do, L.q_rows, fold)
+    o_s = _rows(out, L.q_rows, fold)
+    lse_s = lse.reshape(-1).index_select(0, L.q_rows).view(fold[:3])
+    if L.q_pad:  # padded query slots gathered row 0: silence them
+        do_s.view(B, Hkv, nb, g, bq, D)[:, :, -1, :, bq - L.q_pad:] = 0
+    k_b = _rows(k, L.k_rows, (B, Hkv * nb, bk, D))
+    v_b = _rows(v, L.k_rows, (B, Hkv * nb, bk, D))
+    dq_s, dk_b, dv_b = _flash_bwd(do_s, q_s, k_b, v_b, o_s, lse_s, L.block_bias, False, scale)
+    dk = _scatter_rows(dk_b, L.k_dest, B * Hkv * Nk, (B, Hkv, Nk, D))
+    dv = _scatter_rows(dv_b, L.k_dest, B * Hkv * Nk, (B, Hkv, Nk, D))
+    if L.s_rows is not None:
+        m = plan.samples.shape[-1]
+        k_s = _rows(k, L.s_rows, (B, Hkv, m, D))
+        v_s = _rows(v, L.s_rows, (B, Hkv, m, D))
+        dq2, dk_s, dv_s = _flash_bwd(do_s, q_s, k_s, v_s, o_s, lse_s, L.res_bias, False, scale)
+        dq_s = dq_s + dq2
+        dk.view(-1, D).index_add_(0, L.s_rows, dk_s.reshape(-1, D).to(dk.dtype))
+        dv.view(-1, D).index_add_(0, L.s_rows, dv_s.reshape(-1, D).to(dv.dtype))
+    dq = _scatter_rows(dq_s, L.q_dest, B * Hq * Nq, (B, Hq, Nq, D))
+    return dq, dk, dv
+
+
+# ----------------------------------------------------------------------------------------------------------
+# causal HyperAttention: recursive halving, one batched call per level
+# ----------------------------------------------------------------------------------------------------------
+
+def _pad_rows(x, n):
+    return x if x.shape[2] == n else torch.nn.functional.pad(x, (0, 0, 0, n - x.shape[2]))
+
+
+def _depth(N, p: Params) -> int:
+    return 0 if N < p.min_seq_len else causal_depth_for(N, p.min_seq_len, p.causal_depth)
+
+
+def causal_uses_hyper(N, p: Params) -> bool:
+    """Whether causal attention of length N approximates anything (the top quadrant is the largest)."""
+    depth = _depth(N, p)
+    if depth == 0:
+        return False
+    half = math.ceil(N / 2**depth) * 2 ** (depth - 1)
+    return _use_hyper(half, half, p)
+
+
+def _chunks(x, count, size, parity):
+    """Chunks ``parity, parity+2, ...`` of length ``size`` along dim 2, batched: ``[B*count, H, size, ...]``."""
+    B, H = x.shape[:2]
+    rest = x.shape[3:]
+    y = x.reshape(B, H, count, 2, size, *rest)[:, :, :, parity]
+    return y.transpose(1, 2).reshape(B * count, H, size, *rest)
+
+
+def _unchunk_view(x, count, size, parity):
+    """A view of ``x [B, H, N, ...]`` onto the same chunks as `_chunks`, shaped ``[B, count, H, size, ...]``."""
+    B, H = x.shape[:2]
+    rest = x.shape[3:]
+    return x.view(B, H, count, 2, size, *rest)[:, :, :, parity].transpose(1, 2)
+
+
+def _leaf_view(x, pieces):
+    B, H, N = x.shape[:3]
+    return x.reshape(B, H, pieces, N // pieces, *x.shape[3:]).transpose(1, 2).reshape(
+        B * pieces, H, N // pieces, *x.shape[3:])
+
+
+def _causal_setup(q, k, v, key_valid, p: Params):
+    B, Hq, N, D = q.shape
+    depth = _depth(N, p)
+    pieces = 2**depth
+    Np = math.ceil(N / pieces) * pieces
+    valid = key_valid
+    if Np != N:
+        q, k, v = _pad_rows(q, Np), _pad_rows(k, Np), _pad_rows(v, Np)
+        valid = torch.zeros(B, Np, dtype=torch.bool, device=q.device)
+        valid[:, :N] = True if key_valid is None else key_valid
+    return q, k, v, valid, depth, Np
+
+
+def causal_forward(q, k, v, key_valid, scale, p: Params):
+    """Causal HyperAttention with n_q == n_k: ``(out [B,Hq,N,D], lse [B,Hq,N])``."""
+    B, Hq, N, D = q.shape
+    Hkv = k.shape[1]
+    mdt = _mask_dtype(q.dtype)
+    q, k, v, valid, depth, Np = _causal_setup(q, k, v, key_valid, p)
+    pieces = 2**depth
+    leaf = Np // pieces
+    # leaves: [B*pieces, H, leaf, D], exact causal
+    leaf_bias = None if valid is None else _key_bias(valid.view(B * pieces, leaf), mdt)
+    o, lse = _flash(_leaf_view(q, pieces), _leaf_view(k, pieces), _leaf_view(v, pieces), leaf_bias, True, scale)
+    if valid is not None:  # a row whose visible keys are all masked
+        lse = _no_keys(lse, (valid.view(B * pieces, 1, leaf).cumsum(-1) > 0).expand_as(lse))
+    acc_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+    out = o.to(acc_dtype).reshape(B, pieces, Hq, leaf, D).transpose(1, 2).reshape(B, Hq, Np, D).contiguous()
+    lse_all = lse.reshape(B, pieces, Hq, leaf).transpose(1, 2).reshape(B, Hq, Np).contiguous()
+    for level in range(depth):
+        count, size = 2**level, Np // 2 ** (level + 1)
+        qs, ks, vs = _chunks(q, count, size, 1), _chunks(k, count, size, 0), _chunks(v, count, size, 0)
+        kv_s = None if valid is None else valid.view(B, count, 2, size)[:, :, 0].reshape(B * count, size)
+        o_l, lse_l = noncausal_forward(qs, ks, vs, kv_s, scale, p, stream=level + 1)
+        o_l = o_l.view(B, count, Hq, size, D)
+        lse_l = lse_l.view(B, count, Hq, size)
+        acc_o = _unchunk_view(out, count, size, 1)  # [B, count, Hq, size, D] view into out
+        acc_l = _unchunk_view(lse_all, count, size, 1)
+        merge_(acc_o, acc_l, o_l, lse_l)
+    return out[:, :, :N].to(q.dtype).contiguous(), lse_all[:, :, :N].to(lse_dtype(q.dtype)).contiguous()
+
+
+def causal_backward(do, q, k, v, out, lse, key_valid, scale, p: Params):
+    B, Hq, N, D = q.shape
+    Hkv = k.shape[1]
+    mdt = _mask_dtype(q.dtype)
+    q, k, v, valid, depth, Np = _causal_setup(q, k, v, key_valid, p)
+    do, out = _pad_rows(do, Np), _pad_rows(out, Np)
+    lse = lse.to(lse_dtype(q.dtype)).masked_fill(torch.isneginf(lse), 0.0)
+    if Np != N:
+        lse = torch.nn.functional.pad(lse, (0, Np - N))
+    pieces = 2**depth
+    leaf = Np // pieces
+    leaf_bias = None if valid is None else _key_bias(valid.view(B * pieces, leaf), mdt)
+    lv = lambda x: _leaf_view(x, pieces)  # noqa: E731
+    dq, dk, dv = _flash_bwd(lv(do), lv(q), lv(k), lv(v), lv(out), lv(lse), leaf_bias, True, scale)
+    unleaf = lambda x, H: x.view(B, pieces, H, leaf, D).transpose(1, 2).reshape(B, H, Np, D)  # noqa: E731
+    dq, dk, dv = unleaf(dq, Hq).clone(), unleaf(dk, Hkv).clone(), unleaf(dv, Hkv).clone()
+    for level in range(depth):
+        count, size = 2**level, Np // 2 ** (level + 1)
+        odd = lambda x: _chunks(x, count, size, 1)  # noqa: E731
+        even = lambda x: _chunks(x, count, size, 0)  # noqa: E731
+        kv_s = None if valid is None else valid.view(B, count, 2, size)[:, :, 0].reshape(B * count, size)
+        dq_l, dk_l, dv_l = noncausal_backward(odd(do), odd(q), even(k), even(v), odd(out), odd(lse), kv_s, scale,
+                                              p, stream=level + 1)
+        _unchunk_view(dq, count, size, 1).add_(dq_l.view(B, count, Hq, size, D))
+        _unchunk_view(dk, count, size, 0).add_(dk_l.view(B, count, Hkv, size, D))
+        _unchunk_view(dv, count, size, 0).add_(dv_l.view(B, count, Hkv, size, D))
+    return dq[:, :, :N].contiguous(), dk[:, :, :N].contiguous(), dv[:, :, :N].contiguous()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# entry points: any n_q <= n_k when causal (bottom-right aligned), any lengths otherwise
+# ----------------------------------------------------------------------------------------------------------
+
+def _split(key_valid, prefix):
+    if key_valid is None:
+        return None, None
+    return key_valid[:, :prefix], key_valid[:, prefix:]
+
+
+def attention_forward(q, k, v, key_valid, is_causal, scale, p: Params):
+    """HyperAttention on CPU tensors. Returns contiguous ``(out, lse fp32)``."""
+    if not is_causal:
+        return noncausal_forward(q, k, v, key_valid, scale, p)
+    prefix = k.shape[2] - q.shape[2]
+    if prefix == 0:
+        return causal_forward(q, k, v, key_valid, scale, p)
+    kv_head, kv_tail = _split(key_valid, prefix)
+    out, lse = causal_forward(q, k[:, :, prefix:], v[:, :, prefix:], kv_tail, scale, p)
+    o2, l2 = noncausal_forward(q, k[:, :, :prefix], v[:, :, :prefix], kv_head, scale, p, stream=-1)
+    acc = out.to(torch.float64 if q.dtype == torch.float64 else torch.float32)
+    merge_(acc, lse, o2, l2)
+    return acc.to(q.dtype), lse
+
+
+def attention_backward(do, q, k, v, out, lse, key_valid, is_causal, scale, p: Params):
+    if not is_causal:
+        return noncausal_backward(do, q, k, v, out, lse, key_valid, scale, p)
+    prefix = k.shape[2] - q.shape[2]
+    if prefix == 0:
+        return causal_backward(do, q, k, v, out, lse, key_valid, scale, p)
+    kv_head, kv_tail = _split(key_valid, prefix)
+    dq, dk2, dv2 = causal_backward(do, q, k[:, :, prefix:], v[:, :, prefix:], out, lse, kv_tail, scale, p)
+    dq1, dk1, dv1 = noncausal_backward(do, q, k[:, :, :prefix], v[:, :, :prefix], out, lse, kv_head, scale, p,
+                                       stream=-1)
+    return dq + dq1, torch.cat([dk1, dk2], 2), torch.cat([dv1, dv2], 2)

@@ -1,0 +1,134 @@
+"""The random choices of one HyperAttention call: the sortLSH permutations and the residual samples.
+
+Every implementation (the eager reference, the CPU path, the Triton kernels) takes its permutation and
+samples from :func:`make_plan`, so they can be compared exactly. The plan is a pure function of
+(q, k, key_valid, parameters, seed): the backward recomputes it instead of saving it.
+
+Blocks: ``num_blocks = ceil(n_q / block_size)`` query blocks of ``q_block = block_size`` rows in LSH-sorted
+order, paired with as many key blocks of ``k_block = ceil(n_k / num_blocks)`` sorted keys. The last blocks
+may be ragged: positions past n are padding, never attended to and never returned.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+
+def inverse_gray(code: torch.Tensor, bits: int) -> torch.Tensor:
+    """Rank of a Gray-code word: the b with gray(b) = b ^ (b >> 1) == code.
+
+    Sign patterns ordered by this rank are one bit apart when their ranks are adjacent, so neighbouring
+    buckets hold keys at nearby angles (the Hamming ordering of sortLSH).
+    """
+    out = code.clone()
+    shift = 1
+    while shift < bits:
+        out ^= out >> shift
+        shift <<= 1
+    return out
+
+
+def lsh_projections(head_dim: int, num_projs: int, seed: int, device, dtype=torch.float32) -> torch.Tensor:
+    """``[D, r]`` Gaussian hyperplanes, drawn on the CPU from ``seed`` so every device sees the same ones."""
+    g = torch.Generator().manual_seed(int(seed))
+    return torch.randn(head_dim, num_projs, generator=g, dtype=torch.float32).to(device=device, dtype=dtype)
+
+
+def lsh_rank(x: torch.Tensor, proj: torch.Tensor) -> torch.Tensor:
+    """Bucket rank of each row: ``[..., N, D] -> [..., N]`` int64 in ``[0, 2**r)``."""
+    r = proj.shape[1]
+    bits = (x @ proj.to(x.dtype)) > 0  # [..., N, r]
+    weights = 1 << torch.arange(r, device=x.device, dtype=torch.int64)
+    code = (bits.to(torch.int64) * weights).sum(-1)
+    return inverse_gray(code, r)
+
+
+@dataclass
+class Plan:
+    q_perm: torch.Tensor  # [B, Hq, Nq]  sorted position -> original query index
+    k_perm: torch.Tensor  # [B, Hkv, Nk] sorted position -> original key index (masked keys last)
+    num_blocks: int
+    q_block: int
+    k_block: int
+    samples: Optional[torch.Tensor]  # [B, Hkv, m] original key indices, or None when m == 0
+    sample_block: Optional[torch.Tensor]  # [B, Hkv, m] block id of each sampled key (sorted position // k_block)
+    log_weight: torch.Tensor  # [B] float32: log(n_valid / m), the residual's reweighting
+
+
+def block_shape(n_q: int, n_k: int, block_size: int):
+    """``(num_blocks, q_block, k_block)`` for the block diagonal."""
+    num_blocks = max(1, math.ceil(n_q / block_size))
+    q_block = math.ceil(n_q / num_blocks) if num_blocks == 1 else block_size
+    k_block = math.ceil(n_k / num_blocks)
+    return num_blocks, q_block, k_block
+
+
+def make_plan(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    key_valid: Optional[torch.Tensor],
+    block_size: int,
+    sample_size: int,
+    num_projs: int,
+    seed: int,
+    stream: int = 0,
+) -> Plan:
+    """Draw the permutations and samples for non-causal HyperAttention of ``q [B,Hq,Nq,D]`` on ``k [B,Hkv,Nk,D]``.
+
+    ``key_valid [B, Nk]`` (bool) marks keys that may be attended to; masked keys sort last and are never
+    sampled. ``stream`` separates the draws of independent sub-problems (the levels of the causal recursion).
+    """
+    B, Hq, Nq, D = q.shape
+    Hkv, Nk = k.shape[1], k.shape[2]
+    device = q.device
+    proj = lsh_projections(D, num_projs, seed, device)
+    q_rank = lsh_rank(q.float() if q.dtype != torch.float64 else q, proj)
+    k_rank = lsh_rank(k.float() if k.dtype != torch.float64 else k, proj)
+    if key_valid is not None:
+        k_rank = torch.where(key_valid[:, None, :], k_rank, torch.full_like(k_rank, 1 << num_projs))
+    q_perm = torch.argsort(q_rank, dim=-1, stable=True)
+    k_perm = torch.argsort(k_rank, dim=-1, stable=True)
+    num_blocks, q_block, k_block = block_shape(Nq, Nk, block_size)
+
+    samples = sample_block = None
+    m = sample_size
+    if key_valid is None:
+        n_valid = torch.full((B,), float(Nk), dtype=torch.float32, device=device)
+    else:
+        n_valid = key_valid.sum(-1).to(torch.float32)
+    if m > 0 and num_blocks > 1:
+        g = torch.Generator().manual_seed(_mix(seed, stream))
+        u = torch.rand(B, Hkv, m, generator=g, dtype=torch.float64).to(device)
+        if key_valid is None:
+            samples = (u * Nk).long().clamp_(max=Nk - 1)
+        else:
+            valid_first = torch.argsort((~key_valid).to(torch.int8), dim=-1, stable=True)  # [B, Nk]
+            pick = (u * n_valid.to(torch.float64)[:, None, None]).long()
+            pick = torch.minimum(pick, (n_valid.long() - 1).clamp(min=0)[:, None, None])
+            samples = torch.gather(valid_first[:, None, :].expand(B, Hkv, Nk), 2, pick)
+        inv_k = torch.empty_like(k_perm)
+        inv_k.scatter_(-1, k_perm, torch.arange(Nk, device=device).expand_as(k_perm))
+        sample_block = torch.gather(inv_k, 2, samples) // k_block
+    log_weight = torch.log(n_valid.clamp(min=1) / max(m, 1))
+    return Plan(q_perm, k_perm, num_blocks, q_block, k_block, samples, sample_block, log_weight)
+
+
+def _mix(seed: int, stream: int) -> int:
+    return (int(seed) * 1_000_003 + int(stream) * 7_919 + 0x9E3779B1) % (2**63 - 1)
+
+
+def causal_depth_for(n: int, min_seq_len: int, causal_depth: Optional[int]) -> int:
+    """Levels of halving: explicit, or until a piece is at most ``min_seq_len``."""
+    if causal_depth is not None:
+        depth = causal_depth
+    else:
+        depth = 0
+        while math.ceil(n / 2**depth) > min_seq_len:
+            depth += 1
+    # never halve below one row per leaf
+    while depth > 0 and 2**depth > n:
+        depth -= 1
+    return depth

@@ -1,0 +1,1 @@
+"""FX passes that find attention in a graph and rewrite it to ``torch.ops.hyper.attention``."""
