@@ -22,7 +22,7 @@ from typing import NamedTuple, Optional
 
 import torch
 
-from .plan import Plan, causal_depth_for, make_plan
+from .plan import Plan, _chunks, _depth, _pad_rows, _use_hyper, lse_dtype, make_plan
 
 aten = torch.ops.aten
 NEG_INF = float("-inf")
@@ -59,11 +59,6 @@ def _key_bias(key_valid, dtype):
         ~key_valid, NEG_INF)[:, None, None, :]
 
 
-def lse_dtype(dtype):
-    """The log-sum-exp is float32, or float64 for float64 inputs (as aten's)."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 def _mask_dtype(dtype):
     return dtype if dtype in (torch.float32, torch.float64) else torch.float32
 
@@ -89,10 +84,6 @@ def merge_(acc_o, acc_l, o, l):
 # ----------------------------------------------------------------------------------------------------------
 # non-causal HyperAttention
 # ----------------------------------------------------------------------------------------------------------
-
-def _use_hyper(nq, nk, p: Params) -> bool:
-    return nq >= p.min_seq_len and nk >= p.min_seq_len and math.ceil(nq / p.block_size) > 1
-
 
 class _Layout(NamedTuple):
     q_rows: torch.Tensor  # [B*Hkv*nb*g*bq] flat row index into q viewed as [B*Hq*Nq, D] (pads -> row 0)
@@ -245,14 +236,6 @@ def noncausal_backward(do, q, k, v, out, lse, key_valid, scale, p: Params, strea
 # causal HyperAttention: recursive halving, one batched call per level
 # ----------------------------------------------------------------------------------------------------------
 
-def _pad_rows(x, n):
-    return x if x.shape[2] == n else torch.nn.functional.pad(x, (0, 0, 0, n - x.shape[2]))
-
-
-def _depth(N, p: Params) -> int:
-    return 0 if N < p.min_seq_len else causal_depth_for(N, p.min_seq_len, p.causal_depth)
-
-
 def causal_uses_hyper(N, p: Params) -> bool:
     """Whether causal attention of length N approximates anything (the top quadrant is the largest)."""
     depth = _depth(N, p)
@@ -260,14 +243,6 @@ def causal_uses_hyper(N, p: Params) -> bool:
         return False
     half = math.ceil(N / 2**depth) * 2 ** (depth - 1)
     return _use_hyper(half, half, p)
-
-
-def _chunks(x, count, size, parity):
-    """Chunks ``parity, parity+2, ...`` of length ``size`` along dim 2, batched: ``[B*count, H, size, ...]``."""
-    B, H = x.shape[:2]
-    rest = x.shape[3:]
-    y = x.reshape(B, H, count, 2, size, *rest)[:, :, :, parity]
-    return y.transpose(1, 2).reshape(B * count, H, size, *rest)
 
 
 def _unchunk_view(x, count, size, parity):

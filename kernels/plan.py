@@ -132,3 +132,34 @@ def causal_depth_for(n: int, min_seq_len: int, causal_depth: Optional[int]) -> i
     while depth > 0 and 2**depth > n:
         depth -= 1
     return depth
+
+
+# ----------------------------------------------------------------------------------------------------------
+# geometry shared by the fast paths (CPU torch, Triton): the exact/approximate decision and the causal layout
+# ----------------------------------------------------------------------------------------------------------
+
+def lse_dtype(dtype):
+    """The log-sum-exp is float32, or float64 for float64 inputs (as aten's)."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _use_hyper(nq, nk, p) -> bool:
+    """Whether non-causal attention of ``nq`` queries on ``nk`` keys approximates (``p``: `cpu.Params`)."""
+    return nq >= p.min_seq_len and nk >= p.min_seq_len and math.ceil(nq / p.block_size) > 1
+
+
+def _pad_rows(x, n):
+    return x if x.shape[2] == n else torch.nn.functional.pad(x, (0, 0, 0, n - x.shape[2]))
+
+
+def _depth(N, p) -> int:
+    """Levels of the causal recursion for length ``N`` (0 below ``min_seq_len``)."""
+    return 0 if N < p.min_seq_len else causal_depth_for(N, p.min_seq_len, p.causal_depth)
+
+
+def _chunks(x, count, size, parity):
+    """Chunks ``parity, parity+2, ...`` of length ``size`` along dim 2, batched: ``[B*count, H, size, ...]``."""
+    B, H = x.shape[:2]
+    rest = x.shape[3:]
+    y = x.reshape(B, H, count, 2, size, *rest)[:, :, :, parity]
+    return y.transpose(1, 2).reshape(B * count, H, size, *rest)
