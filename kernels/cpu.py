@@ -73,11 +73,9 @@ def _no_keys(lse, any_key):
 def merge_(acc_o, acc_l, o, l):
     """In place: ``(acc_o, acc_l) <- merge of two attention parts over disjoint key sets``."""
     new_l = torch.logaddexp(acc_l, l)
-    finite = torch.isfinite(new_l)
-    safe = torch.where(finite, new_l, torch.zeros_like(new_l))
-    w_acc = torch.where(finite, torch.exp(acc_l - safe), torch.zeros_like(safe))
-    w_new = torch.where(finite, torch.exp(l - safe), torch.zeros_like(safe))
-    acc_o.mul_(w_acc[..., None].to(acc_o.dtype)).add_(o * w_new[..., None].to(o.dtype))
+    # the two weights sum to 1, so the merge is one lerp toward the new part
+    w_new = torch.exp(l - new_l).nan_to_num_(0.0)  # both parts empty: -inf - -inf
+    acc_o.lerp_(o.to(acc_o.dtype), w_new[..., None].to(acc_o.dtype))
     acc_l.copy_(new_l)
 
 

@@ -41,8 +41,10 @@ def lsh_rank(x: torch.Tensor, proj: torch.Tensor) -> torch.Tensor:
     """Bucket rank of each row: ``[..., N, D] -> [..., N]`` int64 in ``[0, 2**r)``."""
     r = proj.shape[1]
     bits = (x @ proj.to(x.dtype)) > 0  # [..., N, r]
-    weights = 1 << torch.arange(r, device=x.device, dtype=torch.int64)
-    code = (bits.to(torch.int64) * weights).sum(-1)
+    # pack the sign bits with a matmul against powers of two: exact in float32 for r <= 24
+    dt = torch.float32 if r <= 24 else torch.float64
+    weights = 2.0 ** torch.arange(r, device=x.device, dtype=dt)
+    code = (bits.to(dt) @ weights).to(torch.int64)
     return inverse_gray(code, r)
 
 
