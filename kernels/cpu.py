@@ -22,7 +22,7 @@ from typing import NamedTuple, Optional
 
 import torch
 
-from .plan import Plan, _chunks, _depth, _pad_rows, _use_hyper, lse_dtype, make_plan
+from .plan import Plan, _chunks, _depth, _pad_rows, _use_hyper, lse_dtype, lsh_ranks, make_plan, plan_from_ranks
 
 aten = torch.ops.aten
 NEG_INF = float("-inf")
@@ -83,50 +83,92 @@ def merge_(acc_o, acc_l, o, l):
 # non-causal HyperAttention
 # ----------------------------------------------------------------------------------------------------------
 
+class Rows(NamedTuple):
+    """A logical ``[B', H, S, D]`` operand addressed as rows of a contiguous 2-D tensor:
+    row ``(b', h, s)`` is ``data[base[b', h] + s]``. Lets the causal recursion gather quadrant rows straight
+    from the whole sequence instead of copying each level's chunks out first."""
+
+    data: torch.Tensor  # [R, D]
+    base: torch.Tensor  # [B', H] int64
+    shape: tuple  # (B', H, S, D)
+
+    @staticmethod
+    def of(x: torch.Tensor) -> "Rows":
+        """All of ``x [B, H, S, D]``."""
+        B, H, S, D = x.shape
+        base = (torch.arange(B * H, device=x.device) * S).view(B, H)
+        return Rows(x.contiguous().view(-1, D), base, tuple(x.shape))
+
+    @staticmethod
+    def chunks(x: torch.Tensor, count: int, size: int, parity: int) -> "Rows":
+        """Chunks ``parity, parity + 2, ...`` of length ``size`` of contiguous ``x [B, H, N, D]``, batched as
+        ``[B*count, H, size, D]`` (the layout of `plan._chunks`)."""
+        B, H, N, D = x.shape
+        dev = x.device
+        b = torch.arange(B, device=dev).view(B, 1, 1)
+        i = torch.arange(count, device=dev).view(1, count, 1)
+        h = torch.arange(H, device=dev).view(1, 1, H)
+        base = ((b * H + h) * N + (2 * i + parity) * size).view(B * count, H)
+        return Rows(x.view(-1, D), base, (B * count, H, size, D))
+
+    def gather(self, index: torch.Tensor) -> torch.Tensor:
+        """Rows at logical positions ``index [B', H, ...]`` -> ``[B', H, ..., D]``."""
+        flat = index + self.base.view(*self.base.shape, *([1] * (index.dim() - 2)))
+        return self.data.index_select(0, flat.reshape(-1)).view(*index.shape, self.shape[-1])
+
+    def flat_index(self, index: torch.Tensor) -> torch.Tensor:
+        return (index + self.base.view(*self.base.shape, *([1] * (index.dim() - 2)))).reshape(-1)
+
+    def dense(self) -> torch.Tensor:
+        """The operand itself, ``[B', H, S, D]`` contiguous (a copy unless it is the whole tensor)."""
+        S = self.shape[2]
+        pos = torch.arange(S, device=self.base.device).expand(*self.base.shape, S)
+        return self.gather(pos)
+
+
 class _Layout(NamedTuple):
-    q_rows: torch.Tensor  # [B*Hkv*nb*g*bq] flat row index into q viewed as [B*Hq*Nq, D] (pads -> row 0)
-    q_dest: torch.Tensor  # same, but pads -> the dummy row B*Hq*Nq
-    k_rows: torch.Tensor  # [B*Hkv*nb*bk] flat row index into k viewed as [B*Hkv*Nk, D]
-    k_dest: torch.Tensor
+    q_pos: torch.Tensor  # [B, Hkv, nb, g, bq] logical query position of each folded slot (pads -> 0)
+    q_inv: torch.Tensor  # [B*Hq*Nq] folded slot of each logical query row (unsorts with one index_select)
+    k_pos: torch.Tensor  # [B, Hkv, nb*bk] logical key position of each sorted slot (pads -> 0)
+    k_inv: torch.Tensor  # [B*Hkv*Nk] sorted slot of each logical key row
     block_bias: Optional[torch.Tensor]  # [B, Hkv*nb*g, 1, bk] or None
     block_any: Optional[torch.Tensor]  # [B, Hkv*nb*g, 1] rows that have at least one block key
     res_bias: Optional[torch.Tensor]  # [B, Hkv*nb*g, 1, m]
     res_any: Optional[torch.Tensor]  # [B, Hkv*nb*g, 1]
-    s_rows: Optional[torch.Tensor]  # [B*Hkv*m] flat rows of the sampled keys
     q_pad: int  # padded query slots at the end of the last block
+
+
+def _inverse(dest: torch.Tensor, total: int) -> torch.Tensor:
+    """``inv[row] = slot`` for ``dest[slot] = row``; padding slots point at the dummy row ``total``."""
+    inv = torch.empty(total + 1, dtype=torch.int64, device=dest.device)
+    inv.index_copy_(0, dest, torch.arange(dest.numel(), device=dest.device))
+    return inv[:-1]
 
 
 def _layout(plan: Plan, B, Hq, Hkv, Nq, Nk, key_valid, mask_dtype) -> _Layout:
     dev = plan.q_perm.device
     g, nb, bq, bk = Hq // Hkv, plan.num_blocks, plan.q_block, plan.k_block
     q_pad, k_pad = nb * bq - Nq, nb * bk - Nk
-    # queries: [B, Hq, nb*bq] -> [B, Hkv, nb, g, bq]
-    qp = plan.q_perm
-    if q_pad:
-        qp = torch.nn.functional.pad(qp, (0, q_pad), value=-1)
-    base_q = (torch.arange(B * Hq, device=dev) * Nq).view(B, Hq, 1)
-    q_flat = (qp + base_q).view(B, Hkv, g, nb, bq).permute(0, 1, 3, 2, 4)
-    pad_q = (qp < 0).view(B, Hkv, g, nb, bq).permute(0, 1, 3, 2, 4)
-    q_rows = q_flat.masked_fill(pad_q, 0).reshape(-1)
-    q_dest = q_flat.masked_fill(pad_q, B * Hq * Nq).reshape(-1)
-    # keys: [B, Hkv, nb*bk] -> [B, Hkv, nb, bk]
-    kp = plan.k_perm
-    if k_pad:
-        kp = torch.nn.functional.pad(kp, (0, k_pad), value=-1)
-    base_k = (torch.arange(B * Hkv, device=dev) * Nk).view(B, Hkv, 1)
-    k_flat = kp + base_k
+    # queries: [B, Hq, nb*bq] -> folded [B, Hkv, nb, g, bq]
+    qp = torch.nn.functional.pad(plan.q_perm, (0, q_pad), value=-1) if q_pad else plan.q_perm
+    qp = qp.view(B, Hkv, g, nb, bq).permute(0, 1, 3, 2, 4)
+    q_pos = qp.clamp(min=0)
+    q_group = (torch.arange(B * Hq, device=dev) * Nq).view(B, Hkv, 1, g, 1)
+    q_inv = _inverse((q_pos + q_group).masked_fill(qp < 0, B * Hq * Nq).reshape(-1), B * Hq * Nq)
+    # keys: [B, Hkv, nb*bk]
+    kp = torch.nn.functional.pad(plan.k_perm, (0, k_pad), value=-1) if k_pad else plan.k_perm
+    k_group = (torch.arange(B * Hkv, device=dev) * Nk).view(B, Hkv, 1)
+    k_inv = _inverse((kp.clamp(min=0) + k_group).masked_fill(kp < 0, B * Hkv * Nk).reshape(-1), B * Hkv * Nk)
     k_ok = kp >= 0
     if key_valid is not None:
         k_ok = k_ok & torch.gather(key_valid[:, None, :].expand(B, Hkv, Nk), 2, kp.clamp(min=0))
-    k_rows = k_flat.masked_fill(kp < 0, 0).reshape(-1)
-    k_dest = k_flat.masked_fill(kp < 0, B * Hkv * Nk).reshape(-1)
     block_bias = block_any = None
     if k_pad or key_valid is not None:
         ok = k_ok.view(B, Hkv, nb, 1, 1, bk).expand(B, Hkv, nb, g, 1, bk)
         block_bias = torch.zeros(ok.shape, dtype=mask_dtype, device=dev).masked_fill_(~ok, NEG_INF)
         block_bias = block_bias.reshape(B, Hkv * nb * g, 1, bk)
         block_any = ok.any(-1).reshape(B, Hkv * nb * g, 1)
-    res_bias = res_any = s_rows = None
+    res_bias = res_any = None
     if plan.samples is not None:
         m = plan.samples.shape[-1]
         blk = torch.arange(nb, device=dev).view(1, 1, nb, 1)
@@ -139,94 +181,97 @@ def _layout(plan: Plan, B, Hq, Hkv, Nq, Nk, key_valid, mask_dtype) -> _Layout:
         res_bias = torch.where(ok, lw, torch.full((), NEG_INF, dtype=mask_dtype, device=dev))
         res_bias = res_bias.reshape(B, Hkv * nb * g, 1, m)
         res_any = ok.any(-1).reshape(B, Hkv * nb * g, 1)
-        s_rows = (plan.samples + base_k).reshape(-1)
-    return _Layout(q_rows, q_dest, k_rows, k_dest, block_bias, block_any, res_bias, res_any, s_rows, q_pad)
+    return _Layout(q_pos, q_inv, kp.clamp(min=0), k_inv, block_bias, block_any, res_bias, res_any, q_pad)
 
 
-def _rows(x: torch.Tensor, index: torch.Tensor, shape) -> torch.Tensor:
-    """Gather rows of ``x [B, H, N, D]`` (made contiguous) by flat row index, viewed as ``shape``."""
-    return x.reshape(-1, x.shape[-1]).index_select(0, index).view(shape)
+def _folded_rows(src: Rows, q_pos: torch.Tensor, Hkv: int) -> torch.Tensor:
+    """Flat row index of every folded query slot ``[B, Hkv, nb, g, bq]`` of ``src`` (``[B, Hq, Nq, D]``)."""
+    B, Hq = src.base.shape
+    g = Hq // Hkv
+    return (q_pos + src.base.view(B, Hkv, 1, g, 1)).reshape(-1)
 
 
-def _scatter_rows(src: torch.Tensor, dest: torch.Tensor, total_rows: int, shape) -> torch.Tensor:
-    """Inverse of `_rows`: rows of ``src`` to positions ``dest``; padding goes to a dummy last row."""
-    last = src.shape[-1] if src.dim() > 1 else None
-    if last is None:
-        out = src.new_empty(total_rows + 1)
-    else:
-        out = src.new_empty(total_rows + 1, last)
-    out.index_copy_(0, dest, src.reshape(dest.shape[0], *out.shape[1:]))
-    return out[:total_rows].view(shape)
+def noncausal_forward(q, k, v, key_valid, scale, p: Params, stream: int = 0, ranks=None):
+    """``q [B,Hq,Nq,D]``, ``k, v [B,Hkv,Nk,D]`` (tensors or `Rows`) -> contiguous ``(out [B,Hq,Nq,D], lse [B,Hq,Nq])``.
 
-
-def noncausal_forward(q, k, v, key_valid, scale, p: Params, stream: int = 0):
-    """``q [B,Hq,Nq,D]``, ``k, v [B,Hkv,Nk,D]`` -> ``(out [B,Hq,Nq,D], lse [B,Hq,Nq] fp32)``, contiguous."""
+    ``ranks``: precomputed ``(q_rank, k_rank)`` bucket ranks of these rows (see `plan.lsh_ranks`)."""
+    q, k, v = (x if isinstance(x, Rows) else Rows.of(x) for x in (q, k, v))
     B, Hq, Nq, D = q.shape
     Hkv, Nk = k.shape[1], k.shape[2]
-    mdt = _mask_dtype(q.dtype)
+    dtype = q.data.dtype
+    mdt = _mask_dtype(dtype)
     if not _use_hyper(Nq, Nk, p):
-        out, lse = _flash(q, k, v, _key_bias(key_valid, mdt), False, scale)
+        out, lse = _flash(q.dense(), k.dense(), v.dense(), _key_bias(key_valid, mdt), False, scale)
         if key_valid is not None:
             lse = _no_keys(lse, key_valid.any(-1)[:, None, None].expand_as(lse))
-        return out.contiguous(), lse.to(lse_dtype(q.dtype)).contiguous()
-    plan = make_plan(q, k, key_valid, p.block_size, p.sample_size, p.num_projs, p.seed, stream)
+        return out.contiguous(), lse.to(lse_dtype(dtype)).contiguous()
+    plan = _plan(q, k, key_valid, p, stream, ranks)
     L = _layout(plan, B, Hq, Hkv, Nq, Nk, key_valid, mdt)
     g, nb, bq, bk = Hq // Hkv, plan.num_blocks, plan.q_block, plan.k_block
-    fold = (B, Hkv * nb * g, bq, D)
-    q_s = _rows(q, L.q_rows, fold)  # [B, Hkv*nb*g, bq, D]
-    k_b = _rows(k, L.k_rows, (B, Hkv * nb, bk, D))  # [B, Hkv*nb, bk, D]
-    v_b = _rows(v, L.k_rows, (B, Hkv * nb, bk, D))
+    q_rows = _folded_rows(q, L.q_pos, Hkv)
+    q_s = q.data.index_select(0, q_rows).view(B, Hkv * nb * g, bq, D)  # [B, Hkv*nb*g, bq, D]
+    k_b = k.gather(L.k_pos).view(B, Hkv * nb, bk, D)  # [B, Hkv*nb, bk, D]
+    v_b = v.gather(L.k_pos).view(B, Hkv * nb, bk, D)
     o, lse = _flash(q_s, k_b, v_b, L.block_bias, False, scale)  # [B, Hkv*nb*g, bq, D], [B, Hkv*nb*g, bq]
     lse = _no_keys(lse, L.block_any)
-    if L.s_rows is not None:
-        m = plan.samples.shape[-1]
-        k_s = _rows(k, L.s_rows, (B, Hkv, m, D))  # [B, Hkv, m, D]
-        v_s = _rows(v, L.s_rows, (B, Hkv, m, D))
+    if plan.samples is not None:
+        k_s = k.gather(plan.samples)  # [B, Hkv, m, D]
+        v_s = v.gather(plan.samples)
         o2, lse2 = _flash(q_s, k_s, v_s, L.res_bias, False, scale)
         lse2 = _no_keys(lse2, L.res_any)
         acc = o.float() if o.dtype not in (torch.float32, torch.float64) else o.contiguous()
         lse = lse.contiguous()
         merge_(acc, lse, o2, lse2)
-        o = acc.to(q.dtype)
-    out = _scatter_rows(o, L.q_dest, B * Hq * Nq, (B, Hq, Nq, D))
-    lse = _scatter_rows(lse.to(lse_dtype(q.dtype)).reshape(-1), L.q_dest, B * Hq * Nq, (B, Hq, Nq))
+        o = acc.to(dtype)
+    out = o.reshape(-1, D).index_select(0, L.q_inv).view(B, Hq, Nq, D)
+    lse = lse.reshape(-1).index_select(0, L.q_inv).view(B, Hq, Nq).to(lse_dtype(dtype))
     return out, lse
 
 
-def noncausal_backward(do, q, k, v, out, lse, key_valid, scale, p: Params, stream: int = 0):
+def _plan(q: Rows, k: Rows, key_valid, p: Params, stream, ranks):
+    if ranks is None:
+        return make_plan(q.dense(), k.dense(), key_valid, p.block_size, p.sample_size, p.num_projs, p.seed, stream)
+    return plan_from_ranks(ranks[0], ranks[1], key_valid, p.block_size, p.sample_size, p.num_projs, p.seed, stream)
+
+
+def noncausal_backward(do, q, k, v, out, lse, key_valid, scale, p: Params, stream: int = 0, ranks=None):
     """Gradient of `noncausal_forward` given the *final* ``out``/``lse`` of the rows (which may include other
-    parts merged in by the caller). Returns ``(dq, dk, dv)`` shaped like ``q, k, v``."""
+    parts merged in by the caller). Operands are tensors or `Rows`; returns contiguous ``(dq, dk, dv)``."""
+    do, q, k, v, out = (x if isinstance(x, Rows) else Rows.of(x) for x in (do, q, k, v, out))
     B, Hq, Nq, D = q.shape
     Hkv, Nk = k.shape[1], k.shape[2]
-    mdt = _mask_dtype(q.dtype)
-    lse = lse.to(lse_dtype(q.dtype)).masked_fill(torch.isneginf(lse), 0.0)  # rows with no keys: no NaN
+    dtype = q.data.dtype
+    mdt = _mask_dtype(dtype)
+    lse = lse.to(lse_dtype(dtype)).masked_fill(torch.isneginf(lse), 0.0)  # rows with no keys: no NaN
     if not _use_hyper(Nq, Nk, p):
-        dq, dk, dv = _flash_bwd(do, q, k, v, out, lse, _key_bias(key_valid, mdt), False, scale)
+        dq, dk, dv = _flash_bwd(do.dense(), q.dense(), k.dense(), v.dense(), out.dense(), lse.contiguous(),
+                                _key_bias(key_valid, mdt), False, scale)
         return dq, dk, dv
-    plan = make_plan(q, k, key_valid, p.block_size, p.sample_size, p.num_projs, p.seed, stream)
+    plan = _plan(q, k, key_valid, p, stream, ranks)
     L = _layout(plan, B, Hq, Hkv, Nq, Nk, key_valid, mdt)
     g, nb, bq, bk = Hq // Hkv, plan.num_blocks, plan.q_block, plan.k_block
     fold = (B, Hkv * nb * g, bq, D)
-    q_s = _rows(q, L.q_rows, fold)
-    do_s = _rows(do, L.q_rows, fold)
-    o_s = _rows(out, L.q_rows, fold)
-    lse_s = lse.reshape(-1).index_select(0, L.q_rows).view(fold[:3])
+    q_s = q.data.index_select(0, _folded_rows(q, L.q_pos, Hkv)).view(fold)
+    do_s = do.data.index_select(0, _folded_rows(do, L.q_pos, Hkv)).view(fold)
+    o_s = out.data.index_select(0, _folded_rows(out, L.q_pos, Hkv)).view(fold)
+    lse_rows = Rows.of(lse[..., None])
+    lse_s = lse_rows.data.index_select(0, _folded_rows(lse_rows, L.q_pos, Hkv)).view(fold[:3])
     if L.q_pad:  # padded query slots gathered row 0: silence them
         do_s.view(B, Hkv, nb, g, bq, D)[:, :, -1, :, bq - L.q_pad:] = 0
-    k_b = _rows(k, L.k_rows, (B, Hkv * nb, bk, D))
-    v_b = _rows(v, L.k_rows, (B, Hkv * nb, bk, D))
+    k_b = k.gather(L.k_pos).view(B, Hkv * nb, bk, D)
+    v_b = v.gather(L.k_pos).view(B, Hkv * nb, bk, D)
     dq_s, dk_b, dv_b = _flash_bwd(do_s, q_s, k_b, v_b, o_s, lse_s, L.block_bias, False, scale)
-    dk = _scatter_rows(dk_b, L.k_dest, B * Hkv * Nk, (B, Hkv, Nk, D))
-    dv = _scatter_rows(dv_b, L.k_dest, B * Hkv * Nk, (B, Hkv, Nk, D))
-    if L.s_rows is not None:
-        m = plan.samples.shape[-1]
-        k_s = _rows(k, L.s_rows, (B, Hkv, m, D))
-        v_s = _rows(v, L.s_rows, (B, Hkv, m, D))
+    dk = dk_b.reshape(-1, D).index_select(0, L.k_inv).view(B, Hkv, Nk, D)
+    dv = dv_b.reshape(-1, D).index_select(0, L.k_inv).view(B, Hkv, Nk, D)
+    if plan.samples is not None:
+        k_s = k.gather(plan.samples)
+        v_s = v.gather(plan.samples)
         dq2, dk_s, dv_s = _flash_bwd(do_s, q_s, k_s, v_s, o_s, lse_s, L.res_bias, False, scale)
         dq_s = dq_s + dq2
-        dk.view(-1, D).index_add_(0, L.s_rows, dk_s.reshape(-1, D).to(dk.dtype))
-        dv.view(-1, D).index_add_(0, L.s_rows, dv_s.reshape(-1, D).to(dv.dtype))
-    dq = _scatter_rows(dq_s, L.q_dest, B * Hq * Nq, (B, Hq, Nq, D))
+        s_rows = Rows.of(dk).flat_index(plan.samples)
+        dk.view(-1, D).index_add_(0, s_rows, dk_s.reshape(-1, D).to(dk.dtype))
+        dv.view(-1, D).index_add_(0, s_rows, dv_s.reshape(-1, D).to(dv.dtype))
+    dq = dq_s.reshape(-1, D).index_select(0, L.q_inv).view(B, Hq, Nq, D)
     return dq, dk, dv
 
 
@@ -262,6 +307,7 @@ def _causal_setup(q, k, v, key_valid, p: Params):
     pieces = 2**depth
     Np = math.ceil(N / pieces) * pieces
     valid = key_valid
+    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     if Np != N:
         q, k, v = _pad_rows(q, Np), _pad_rows(k, Np), _pad_rows(v, Np)
         valid = torch.zeros(B, Np, dtype=torch.bool, device=q.device)
@@ -285,16 +331,17 @@ def causal_forward(q, k, v, key_valid, scale, p: Params):
     acc_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
     out = o.to(acc_dtype).reshape(B, pieces, Hq, leaf, D).transpose(1, 2).reshape(B, Hq, Np, D).contiguous()
     lse_all = lse.reshape(B, pieces, Hq, leaf).transpose(1, 2).reshape(B, Hq, Np).contiguous()
+    if depth:  # hashed once; each level takes its chunks
+        q_rank, k_rank = lsh_ranks(q, k, p.num_projs, p.seed)
     for level in range(depth):
         count, size = 2**level, Np // 2 ** (level + 1)
-        qs, ks, vs = _chunks(q, count, size, 1), _chunks(k, count, size, 0), _chunks(v, count, size, 0)
         kv_s = None if valid is None else valid.view(B, count, 2, size)[:, :, 0].reshape(B * count, size)
-        o_l, lse_l = noncausal_forward(qs, ks, vs, kv_s, scale, p, stream=level + 1)
-        o_l = o_l.view(B, count, Hq, size, D)
-        lse_l = lse_l.view(B, count, Hq, size)
+        ranks = (_chunks(q_rank, count, size, 1), _chunks(k_rank, count, size, 0))
+        o_l, lse_l = noncausal_forward(Rows.chunks(q, count, size, 1), Rows.chunks(k, count, size, 0),
+                                       Rows.chunks(v, count, size, 0), kv_s, scale, p, level + 1, ranks)
         acc_o = _unchunk_view(out, count, size, 1)  # [B, count, Hq, size, D] view into out
         acc_l = _unchunk_view(lse_all, count, size, 1)
-        merge_(acc_o, acc_l, o_l, lse_l)
+        merge_(acc_o, acc_l, o_l.view(B, count, Hq, size, D), lse_l.view(B, count, Hq, size))
     return out[:, :, :N].to(q.dtype).contiguous(), lse_all[:, :, :N].to(lse_dtype(q.dtype)).contiguous()
 
 
@@ -314,13 +361,17 @@ def causal_backward(do, q, k, v, out, lse, key_valid, scale, p: Params):
     dq, dk, dv = _flash_bwd(lv(do), lv(q), lv(k), lv(v), lv(out), lv(lse), leaf_bias, True, scale)
     unleaf = lambda x, H: x.view(B, pieces, H, leaf, D).transpose(1, 2).reshape(B, H, Np, D)  # noqa: E731
     dq, dk, dv = unleaf(dq, Hq).clone(), unleaf(dk, Hkv).clone(), unleaf(dv, Hkv).clone()
+    if depth:
+        q_rank, k_rank = lsh_ranks(q, k, p.num_projs, p.seed)
+    do, out, lse = do.contiguous(), out.contiguous(), lse.contiguous()
     for level in range(depth):
         count, size = 2**level, Np // 2 ** (level + 1)
-        odd = lambda x: _chunks(x, count, size, 1)  # noqa: E731
-        even = lambda x: _chunks(x, count, size, 0)  # noqa: E731
+        odd = lambda x: Rows.chunks(x, count, size, 1)  # noqa: E731
+        even = lambda x: Rows.chunks(x, count, size, 0)  # noqa: E731
         kv_s = None if valid is None else valid.view(B, count, 2, size)[:, :, 0].reshape(B * count, size)
-        dq_l, dk_l, dv_l = noncausal_backward(odd(do), odd(q), even(k), even(v), odd(out), odd(lse), kv_s, scale,
-                                              p, stream=level + 1)
+        ranks = (_chunks(q_rank, count, size, 1), _chunks(k_rank, count, size, 0))
+        dq_l, dk_l, dv_l = noncausal_backward(odd(do), odd(q), even(k), even(v), odd(out),
+                                              _chunks(lse, count, size, 1), kv_s, scale, p, level + 1, ranks)
         _unchunk_view(dq, count, size, 1).add_(dq_l.view(B, count, Hq, size, D))
         _unchunk_view(dk, count, size, 0).add_(dk_l.view(B, count, Hkv, size, D))
         _unchunk_view(dv, count, size, 0).add_(dv_l.view(B, count, Hkv, size, D))

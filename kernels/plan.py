@@ -83,12 +83,32 @@ def make_plan(
     ``key_valid [B, Nk]`` (bool) marks keys that may be attended to; masked keys sort last and are never
     sampled. ``stream`` separates the draws of independent sub-problems (the levels of the causal recursion).
     """
-    B, Hq, Nq, D = q.shape
-    Hkv, Nk = k.shape[1], k.shape[2]
-    device = q.device
-    proj = lsh_projections(D, num_projs, seed, device)
-    q_rank = lsh_rank(q.float() if q.dtype != torch.float64 else q, proj)
-    k_rank = lsh_rank(k.float() if k.dtype != torch.float64 else k, proj)
+    q_rank, k_rank = lsh_ranks(q, k, num_projs, seed)
+    return plan_from_ranks(q_rank, k_rank, key_valid, block_size, sample_size, num_projs, seed, stream)
+
+
+def lsh_ranks(q: torch.Tensor, k: torch.Tensor, num_projs: int, seed: int):
+    """Bucket ranks of every query and key row: ``[B, Hq, Nq]``, ``[B, Hkv, Nk]``. Row-wise, so the ranks of a
+    slice are the slice of the ranks: the causal recursion hashes the whole sequence once."""
+    proj = lsh_projections(q.shape[-1], num_projs, seed, q.device)
+    as_float = lambda x: x if x.dtype in (torch.float32, torch.float64) else x.float()  # noqa: E731
+    return lsh_rank(as_float(q), proj), lsh_rank(as_float(k), proj)
+
+
+def plan_from_ranks(
+    q_rank: torch.Tensor,
+    k_rank: torch.Tensor,
+    key_valid: Optional[torch.Tensor],
+    block_size: int,
+    sample_size: int,
+    num_projs: int,
+    seed: int,
+    stream: int = 0,
+) -> Plan:
+    """`make_plan` from precomputed bucket ranks ``q_rank [B, Hq, Nq]``, ``k_rank [B, Hkv, Nk]``."""
+    B, Hq, Nq = q_rank.shape
+    Hkv, Nk = k_rank.shape[1], k_rank.shape[2]
+    device = q_rank.device
     if key_valid is not None:
         k_rank = torch.where(key_valid[:, None, :], k_rank, torch.full_like(k_rank, 1 << num_projs))
     q_perm = torch.argsort(q_rank, dim=-1, stable=True)
