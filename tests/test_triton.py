@@ -1,0 +1,395 @@
+"""The Triton path under ``TRITON_INTERPRET=1`` against the reference, for the same permutations and samples.
+
+Truth is `reference.hyper_attention_reference` (float64 inside) on float32 copies of the inputs: the plan only
+sees ``q.float()``, so it draws the same permutations and samples as the Triton path on bf16 inputs. The
+tolerance of each comparison is tied to eager torch's own error at that precision: the same dense formula
+(softmax of s + log W, with the reference's log-weights) evaluated in the input dtype.
+
+Where to run. Triton picks the interpreter when it is imported and when kernels are decorated, and a process
+that imported triton without it cannot run interpreted kernels (triton.language's own jitted helpers are then
+compiled-mode functions). In a full suite something else may import triton first, so every check here runs in
+one spawned worker process that starts with ``TRITON_INTERPRET=1``; the test process never imports the
+Triton module. The ``_run_*`` functions are what the worker executes.
+"""
+from __future__ import annotations
+
+import concurrent.futures
+import importlib
+import math
+import multiprocessing
+import os
+
+import pytest
+import torch
+
+from hyper_backend.kernels.cpu import Params
+from hyper_backend.kernels.reference import hyper_attention_reference, log_weights
+
+
+@pytest.fixture(scope="module")
+def worker():
+    """A one-process pool whose process was started with ``TRITON_INTERPRET=1``."""
+    old = os.environ.get("TRITON_INTERPRET")
+    os.environ["TRITON_INTERPRET"] = "1"
+    try:
+        pool = concurrent.futures.ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"))
+        assert pool.submit(_interpreting).result(), "the worker did not start in interpreter mode"
+    finally:
+        if old is None:
+            os.environ.pop("TRITON_INTERPRET", None)
+        else:
+            os.environ["TRITON_INTERPRET"] = old
+    yield pool
+    pool.shutdown()
+
+
+def _triton():
+    from hyper_backend.kernels import triton_attention
+
+    return triton_attention
+
+
+def _interpreting() -> bool:
+    return _triton()._INTERPRET
+
+
+def _inputs(B, Hq, Hkv, Nq, Nk, D, dtype, masked, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(B, Hq, Nq, D, generator=g).to(dtype)
+    k = torch.randn(B, Hkv, Nk, D, generator=g).to(dtype)
+    v = torch.randn(B, Hkv, Nk, D, generator=g).to(dtype)
+    do = torch.randn(B, Hq, Nq, D, generator=g).to(dtype)
+    key_valid = None
+    if masked:
+        key_valid = torch.rand(B, Nk, generator=g) > 0.25
+        key_valid[:, 0] = True  # every row sees a key (rows without any are tested on their own)
+    return q, k, v, do, key_valid
+
+
+def _kwargs(p: Params):
+    return dict(block_size=p.block_size, sample_size=p.sample_size, num_projs=p.num_projs,
+                min_seq_len=p.min_seq_len, causal_depth=p.causal_depth, seed=p.seed)
+
+
+def _truth(q, k, v, do, key_valid, causal, p):
+    """Reference out, lse, dq, dk, dv (float64 arithmetic on float32 copies)."""
+    leaves = [x.float().requires_grad_() for x in (q, k, v)]
+    out, lse = hyper_attention_reference(*leaves, key_valid, causal, None, **_kwargs(p))
+    out.backward(do.float())
+    return (out.detach(), lse) + tuple(x.grad for x in leaves)
+
+
+def _eager(q, k, v, do, key_valid, causal, p):
+    """The same attention written densely in torch at the inputs' precision: eager's own error."""
+    with torch.no_grad():
+        logw = log_weights(q.float(), k.float(), key_valid, causal, p.block_size, p.sample_size, p.num_projs,
+                           p.min_seq_len, p.causal_depth, p.seed)
+    leaves = [x.detach().clone().requires_grad_() for x in (q, k, v)]
+    qq, kk, vv = leaves
+    group = q.shape[1] // k.shape[1]
+    kk, vv = kk.repeat_interleave(group, 1), vv.repeat_interleave(group, 1)
+    scores = (qq @ kk.transpose(-1, -2)) / math.sqrt(q.shape[-1]) + logw.to(q.dtype)
+    lse = torch.logsumexp(scores, -1)
+    out = torch.exp(scores - lse[..., None]).nan_to_num(0.0) @ vv
+    out.backward(do)
+    return (out.detach(), lse.detach()) + tuple(x.grad for x in leaves)
+
+
+def _err(a, b):
+    a, b = a.double(), b.double()
+    same_inf = torch.isinf(a) & (a == b)
+    return torch.where(same_inf, torch.zeros_like(a), a - b).abs().max().item()
+
+
+def _check(q, k, v, do, key_valid, causal, p):
+    ta = _triton()
+    out, lse = ta.attention_forward(q, k, v, key_valid, causal, None, p)
+    dq, dk, dv = ta.attention_backward(do, q, k, v, out, lse, key_valid, causal, None, p)
+    assert out.dtype == q.dtype and dq.dtype == q.dtype and dk.dtype == k.dtype and dv.dtype == v.dtype
+    assert lse.dtype == (torch.float64 if q.dtype == torch.float64 else torch.float32)
+    truth = _truth(q, k, v, do, key_valid, causal, p)
+    eager = _eager(q, k, v, do, key_valid, causal, p)
+    eps = torch.finfo(q.dtype).eps
+    for name, f, t, e in zip(("out", "lse", "dq", "dk", "dv"), (out, lse, dq, dk, dv), truth, eager):
+        assert f.shape == t.shape, name
+        assert torch.equal(torch.isneginf(f), torch.isneginf(t)), f"{name}: rows without keys differ"
+        err_fast, err_eager = _err(f, t), _err(e, t)
+        bound = 2.0 * err_eager + 4 * eps * max(1.0, t[torch.isfinite(t)].abs().max().item())
+        assert err_fast <= bound, f"{name}: |triton - ref| = {err_fast:.3g} > {bound:.3g} (eager {err_eager:.3g})"
+
+
+# name -> (B, Hq, Hkv, Nq, Nk, D, causal, dtype, masked, Params(block_size, sample_size, num_projs,
+# min_seq_len, causal_depth, seed)). Small blocks so that every case approximates; together they cover
+# n in {63, 200, 513}, d in {40, 64}, causal and not, GQA, key masks, n_q != n_k, fp32 and bf16.
+CASES = {
+    "noncausal-gqa-masked-n200-d40": (2, 4, 2, 200, 200, 40, False, torch.float32, True, Params(64, 40, 4, 64, None, 0)),
+    "exact-nq!=nk-n63-d64": (1, 2, 1, 63, 90, 64, False, torch.float32, False, Params(64, 32, 4, 64, None, 0)),
+    "causal-n513-d64-multitile": (1, 2, 1, 513, 513, 64, True, torch.float32, False, Params(128, 96, 5, 128, None, 1)),
+    "causal-prefix-masked-gqa-n200": (1, 4, 2, 150, 200, 40, True, torch.float32, True, Params(32, 24, 4, 32, 2, 2)),
+    "noncausal-bf16-n513-d40-gqa": (1, 2, 1, 513, 513, 40, False, torch.bfloat16, False, Params(64, 64, 5, 64, None, 3)),
+    "causal-bf16-n200-d64-masked": (1, 2, 2, 200, 200, 64, True, torch.bfloat16, True, Params(32, 32, 4, 32, None, 4)),
+    "causal-fp64-n63-d40-gqa": (1, 2, 1, 63, 63, 40, True, torch.float64, False, Params(16, 8, 3, 16, None, 5)),
+}
+
+
+def _sweep():
+    """The larger sweep: every n, d, causal, GQA, dtype combination."""
+    out = {}
+    for n in (63, 200, 513):
+        for d in (40, 64):
+            for causal in (False, True):
+                for hq, hkv in ((2, 2), (4, 1)):
+                    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+                        name = f"n{n}-d{d}-{'causal' if causal else 'full'}-h{hq}/{hkv}-{str(dtype)[6:]}"
+                        out[name] = (1, hq, hkv, n, n + (0 if causal else 7), d, causal, dtype, n != 200,
+                                     Params(48, 40, 5, 48, None, n + d))
+    return out
+
+
+SWEEP = _sweep()
+
+
+def _run_case(table, name):
+    B, Hq, Hkv, Nq, Nk, D, causal, dtype, masked, p = table[name]
+    q, k, v, do, key_valid = _inputs(B, Hq, Hkv, Nq, Nk, D, dtype, masked)
+    _check(q, k, v, do, key_valid, causal, p)
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_matches_reference(worker, name):
+    worker.submit(_run_case, CASES, name).result()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", list(SWEEP))
+def test_matches_reference_sweep(worker, name):
+    worker.submit(_run_case, SWEEP, name).result()
+
+
+def _run_rows_without_keys():
+    """A batch whose keys are all masked: out 0, lse -inf, zero gradients; the other batch unaffected."""
+    p = Params(32, 16, 4, 32, None, 0)
+    for causal in (False, True):
+        q, k, v, do, key_valid = _inputs(2, 2, 1, 100, 100, 40, torch.float32, True)
+        key_valid[1] = False
+        ta = _triton()
+        out, lse = ta.attention_forward(q, k, v, key_valid, causal, None, p)
+        grads = ta.attention_backward(do, q, k, v, out, lse, key_valid, causal, None, p)
+        assert torch.isneginf(lse[1]).all() and (out[1] == 0).all()
+        assert all(torch.isfinite(g).all() and (g[1] == 0).all() for g in grads)
+        live = _truth(q[:1], k[:1], v[:1], do[:1], key_valid[:1], causal, p)
+        for f, t in zip((out, lse) + grads, live):
+            assert _err(f[:1], t) < 1e-4
+
+
+def test_rows_without_keys(worker):
+    worker.submit(_run_rows_without_keys).result()
+
+
+def _run_dispatch():
+    """torch.ops.hyper.attention with HYPER_KERNELS=triton runs the Triton path, forward and backward."""
+    from hyper_backend.kernels import op
+
+    q, k, v, do, key_valid = _inputs(1, 4, 2, 200, 200, 40, torch.float32, True, seed=7)
+    args = (key_valid, False, None, 64, 32, 4, 64, -2, 0, "")
+    results = {}
+    for choice in ("triton", "cpu"):
+        os.environ["HYPER_KERNELS"] = choice
+        try:
+            leaves = [x.clone().requires_grad_() for x in (q, k, v)]
+            before = dict(op.call_counts)
+            out, lse = torch.ops.hyper.attention(*leaves, *args)
+            out.backward(do)
+            assert op.call_counts["hyper"] == before["hyper"] + 1
+            assert op.call_counts["backward"] == before["backward"] + 1
+            results[choice] = (out.detach(), lse) + tuple(x.grad for x in leaves)
+        finally:
+            del os.environ["HYPER_KERNELS"]
+    for f, c in zip(results["triton"], results["cpu"]):
+        assert _err(f, c) < 2e-5
+
+
+def test_dispatch_through_op(worker):
+    worker.submit(_run_dispatch).result()
+
+
+def _fake_flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, return_attn_probs=False):
+    """flash-attn 2's documented convention: [B, N, H, D] in, (out [B, N, H, D], lse [B, H, N], S) out."""
+    assert dropout_p == 0.0 and causal and return_attn_probs
+    qt, kt, vt = (x.transpose(1, 2).float() for x in (q, k, v))
+    kt = kt.repeat_interleave(qt.shape[1] // kt.shape[1], 1)
+    vt = vt.repeat_interleave(qt.shape[1] // vt.shape[1], 1)
+    n = qt.shape[2]
+    s = (qt @ kt.transpose(-1, -2)) * softmax_scale
+    s = s.masked_fill(~torch.ones(n, n, dtype=torch.bool).tril(), float("-inf"))
+    lse = torch.logsumexp(s, -1)
+    out = torch.softmax(s, -1) @ vt
+    return out.transpose(1, 2).to(q.dtype), lse, None
+
+
+def _run_flash_leaves():
+    """The flash-attn leaf path (no GPU here: a stand-in with flash_attn_func's convention) matches ours."""
+    ta = _triton()
+    p = Params(32, 16, 4, 32, None, 0)
+    q, k, v, _, _ = _inputs(2, 4, 2, 150, 150, 40, torch.bfloat16, False)
+    ours = ta.attention_forward(q, k, v, None, True, None, p)
+    saved = ta._flash_attn_func, ta._flash_leaves_ok
+    ta._flash_attn_func, ta._flash_leaves_ok = _fake_flash_attn_func, lambda q, key_valid: True
+    try:
+        theirs = ta.attention_forward(q, k, v, None, True, None, p)
+    finally:
+        ta._flash_attn_func, ta._flash_leaves_ok = saved
+    assert _err(ours[1], theirs[1]) < 1e-4
+    assert _err(ours[0], theirs[0]) < 2e-2  # bf16 outputs, one rounding apart
+
+
+def test_flash_attn_leaves(worker):
+    worker.submit(_run_flash_leaves).result()
+
+
+def _run_launch_config():
+    """Autotune keys are length buckets; pruning keeps tiles within the block and the head-dim budget."""
+    ta = _triton()
+    assert ta._bucket(4097) == ta._bucket(8000) == 8192 and ta._bucket(10**6) == ta._bucket(10**7)
+    for kernel in (ta._hyper_fwd_kernel, ta._hyper_bwd_dq_kernel, ta._hyper_bwd_dkdv_kernel,
+                   ta._hyper_bwd_sample_kernel):
+        assert not {"SQ", "SK", "BQ", "BK", "M", "NQ_T", "NK_T"} & set(kernel.keys)
+    saved = ta._INTERPRET
+    ta._INTERPRET = False  # prune as on a GPU
+    try:
+        half, double = torch.empty(1, dtype=torch.float16), torch.empty(1, dtype=torch.float64)
+        prune = ta._prune_query_major
+        small = prune(ta._QUERY_MAJOR, {"BQ": 40, "BK": 50, "M": 0, "BLOCK_D": 64, "Q": half})
+        assert small and all(c.kwargs["BLOCK_M"] <= 64 and c.kwargs["BLOCK_N"] <= 64 for c in small)
+        wide = prune(ta._QUERY_MAJOR, {"BQ": 256, "BK": 256, "M": 256, "BLOCK_D": 256, "Q": half})
+        assert wide and all(c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= 4096 for c in wide)
+        assert len(prune(ta._QUERY_MAJOR, {"BQ": 256, "BK": 256, "M": 256, "BLOCK_D": 64, "Q": half})) > 4
+        fp64 = prune(ta._QUERY_MAJOR, {"BQ": 256, "BK": 256, "M": 256, "BLOCK_D": 64, "Q": double})
+        assert [c.kwargs for c in fp64] == [{"BLOCK_M": 32, "BLOCK_N": 32}]
+    finally:
+        ta._INTERPRET = saved
+
+
+def test_launch_config(worker):
+    worker.submit(_run_launch_config).result()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# compiling for real GPUs: no GPU here, but Triton ships ptxas, so the kernels can be built to cubins for
+# sm_80 / sm_90 ahead of time. This checks what the interpreter cannot: the kernels are valid compiled Triton
+# (constexpr globals, loop-carried types, dot shapes) and their shared memory fits.
+# ----------------------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def compiler():
+    """A one-process pool started without the interpreter."""
+    old = os.environ.get("TRITON_INTERPRET")
+    os.environ["TRITON_INTERPRET"] = "0"
+    try:
+        pool = concurrent.futures.ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"))
+        interpreting = pool.submit(_interpreting).result()
+    finally:
+        if old is None:
+            os.environ.pop("TRITON_INTERPRET", None)
+        else:
+            os.environ["TRITON_INTERPRET"] = old
+    assert not interpreting
+    yield pool
+    pool.shutdown()
+
+
+_GPU_TYPES = {"float16": "fp16", "bfloat16": "bf16", "float32": "fp32", "float64": "fp64"}
+_INT_PTRS = {"KVALID": "*u8", "QPERM": "*i32", "KPERM": "*i32", "SAMP": "*i32", "SBLK": "*i32"}
+_ACC_PTRS = ("LSE", "DELTA", "PART", "DQ", "DK", "DV", "LOGW")
+
+
+def _compile_for_gpu(kernel_name, dtype, flags, arch, block_d=64, d=40):
+    """Build one kernel to a cubin for ``sm_<arch>`` with the first config the GPU pruning keeps.
+
+    Returns ``(config kwargs, shared memory bytes)``, or None when this Triton has no ptxas.
+    """
+    import triton
+    import triton.language as tl
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    ta = _triton()
+    tools = os.path.join(os.path.dirname(importlib.import_module("triton.backends.nvidia").__file__), "bin")
+    if not os.path.exists(os.path.join(tools, "ptxas")):
+        return None
+    kernel = getattr(ta, kernel_name)
+    configs = ta._KEY_MAJOR if kernel_name in ("_hyper_bwd_dkdv_kernel", "_hyper_bwd_sample_kernel") else \
+        ta._QUERY_MAJOR
+    probe = {"BQ": 256, "BK": 256, "M": 256, "SQ": 4096, "BLOCK_D": block_d,
+             "Q": torch.empty(1, dtype=getattr(torch, dtype))}
+    config = kernel.early_config_prune(configs, probe)[0]
+    elt, acc = _GPU_TYPES[dtype], ("fp64" if dtype == "float64" else "fp32")
+    const = dict(D=d, BLOCK_D=block_d, PERMUTED=True, HAS_SAMPLES=True, HAS_VALID=True, IS_CAUSAL=False,
+                 ACCUMULATE=True, ACC=tl.float64 if acc == "fp64" else tl.float32,
+                 PRECISION="ieee" if elt in ("fp32", "fp64") else "tf32", WIDEN=False, **config.kwargs)
+    const.update(flags)
+    fn = kernel.fn
+    signature = {}
+    for name in fn.arg_names:
+        if name in const:
+            signature[name] = "constexpr"
+        elif name in _INT_PTRS:
+            signature[name] = _INT_PTRS[name]
+        elif name in _ACC_PTRS or (name == "O" and const["ACCUMULATE"]):
+            signature[name] = "*" + ("fp32" if name == "LOGW" else acc)
+        elif name in ("Q", "K", "V", "DO", "O"):
+            signature[name] = "*" + elt
+        elif name.startswith("scale"):
+            signature[name] = "fp32"
+        else:
+            signature[name] = "i32"
+    source = ASTSource(fn, signature, {k: v for k, v in const.items() if k in fn.arg_names})
+    compiled = triton.compile(source, target=GPUTarget("cuda", arch, 32),
+                              options=dict(num_warps=config.num_warps, num_stages=config.num_stages))
+    return config.kwargs, compiled.metadata.shared
+
+
+# (kernel, dtype, constexpr overrides): the hyper paths with every option on, and the exact causal leaves
+_GPU_BUILDS = [
+    ("_hyper_fwd_kernel", "bfloat16", {}),
+    ("_hyper_fwd_kernel", "bfloat16", dict(PERMUTED=False, HAS_SAMPLES=False, HAS_VALID=False, IS_CAUSAL=True,
+                                           ACCUMULATE=False)),
+    ("_hyper_bwd_dq_kernel", "bfloat16", {}),
+    ("_hyper_bwd_dkdv_kernel", "bfloat16", dict(PERMUTED=False, HAS_SAMPLES=False, IS_CAUSAL=True)),
+    ("_hyper_bwd_sample_kernel", "bfloat16", {}),
+]
+_SHARED_LIMIT = {80: 163 * 1024, 90: 227 * 1024}  # bytes per block, A100 and H100
+
+
+def _run_gpu_builds(builds, arch):
+    out = []
+    for kernel_name, dtype, flags in builds:
+        built = _compile_for_gpu(kernel_name, dtype, flags, arch)
+        if built is None:
+            return None
+        out.append((kernel_name, dtype, built))
+    return out
+
+
+@pytest.mark.parametrize("arch", [80])
+def test_kernels_compile_for_gpu(compiler, arch):
+    built = compiler.submit(_run_gpu_builds, _GPU_BUILDS, arch).result()
+    if built is None:
+        pytest.skip("this Triton ships no ptxas: cannot build cubins without a GPU toolchain")
+    for kernel_name, dtype, (config, shared) in built:
+        assert 0 < shared <= _SHARED_LIMIT[arch], (kernel_name, dtype, config, shared)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("arch", [80, 90])
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16", "float32", "float64"])
+def test_kernels_compile_for_gpu_sweep(compiler, arch, dtype):
+    builds = [(k, dtype, f) for k, _, f in _GPU_BUILDS]
+    builds += [("_hyper_fwd_kernel", dtype, dict(ACCUMULATE=False, HAS_VALID=False)),
+               ("_hyper_bwd_dq_kernel", dtype, dict(PERMUTED=False, HAS_SAMPLES=False, IS_CAUSAL=True,
+                                                    ACCUMULATE=False))]
+    built = compiler.submit(_run_gpu_builds, builds, arch).result()
+    if built is None:
+        pytest.skip("this Triton ships no ptxas: cannot build cubins without a GPU toolchain")
+    for kernel_name, dtype, (config, shared) in built:
+        assert 0 < shared <= _SHARED_LIMIT[arch], (kernel_name, dtype, config, shared)
