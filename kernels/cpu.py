@@ -310,7 +310,7 @@ def _causal_setup(q, k, v, key_valid, p: Params):
     depth = _depth(N, p)
     pieces = 2**depth
     Np = math.ceil(N / pieces) * pieces
-    valid = key_valid
+    valid = None if key_valid is None else key_valid.contiguous()  # sliced/expanded masks are viewed below
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     if Np != N:
         q, k, v = _pad_rows(q, Np), _pad_rows(k, Np), _pad_rows(v, Np)
