@@ -147,6 +147,7 @@ _KEYS = ["BQ_BUCKET", "BK_BUCKET", "M_BUCKET", "BLOCK_D", "PERMUTED", "IS_CAUSAL
 # interpreter's time here); under it, helpers run as plain Python inside the already patched kernel.
 _device = (lambda fn: fn) if _INTERPRET else triton.jit
 
+
 @_device
 def _rows_of(PERM, pos, inside, row0, N_T, PERMUTED: tl.constexpr):
     """Tensor rows of sub-problem positions ``pos`` (through ``PERM`` if permuted) and which exist."""
@@ -178,6 +179,61 @@ def _store_rows(base, rows, ok, stride_n, x, D: tl.constexpr, BLOCK_D: tl.conste
     offs_d = tl.arange(0, BLOCK_D)
     ptrs = base + rows.to(tl.int64)[:, None] * stride_n + offs_d[None, :]
     tl.store(ptrs, x, mask=ok[:, None] & (offs_d[None, :] < D))
+
+
+@_device
+def _query_tile(pid, QPERM, HQ, GROUP, COUNT, CHUNK, Q_OFF, SQ, NQ_T, BQ,
+                PERMUTED: tl.constexpr, BLOCK_M: tl.constexpr):
+    """Query-major program -> (sub-problem, query head, its kv head's row in the plan, block, first row of the
+    tile in the block, sorted positions [BM], tensor rows [BM], rows that exist). Tiles of a head are adjacent,
+    so the programs sharing a diagonal K/V block and the samples run together (L2 reuse)."""
+    tiles = tl.cdiv(BQ, BLOCK_M)
+    per_head = tl.cdiv(SQ, BQ) * tiles
+    sh = pid // per_head
+    sub = sh // HQ
+    h = sh % HQ
+    blk = (pid % per_head) // tiles
+    t0 = (pid % per_head) % tiles * BLOCK_M
+    r = t0 + tl.arange(0, BLOCK_M)
+    pos = blk * BQ + r
+    q_row0 = (sub % COUNT) * CHUNK + Q_OFF
+    qrow, q_ok = _rows_of(QPERM + sh.to(tl.int64) * SQ, pos, (r < BQ) & (pos < SQ), q_row0, NQ_T, PERMUTED)
+    kv_head = (sub * (HQ // GROUP) + h // GROUP).to(tl.int64)
+    return sub, h.to(tl.int64), kv_head, blk, t0, pos, qrow, q_ok
+
+
+@_device
+def _diag_keys(KPERM, kv_head, SK, kpos, k_hi, k_row0, NK_T, valid,
+               PERMUTED: tl.constexpr, HAS_VALID: tl.constexpr):
+    """Tensor rows of diagonal-block key positions ``kpos`` below ``k_hi``, and which are attended to."""
+    krow, k_ok = _rows_of(KPERM + kv_head * SK, kpos, kpos < k_hi, k_row0, NK_T, PERMUTED)
+    return krow, _valid_keys(valid, krow, k_ok, HAS_VALID)
+
+
+@_device
+def _sample_keys(SAMP, SBLK, kv_head, M, sp, k_row0, NK_T, valid, HAS_VALID: tl.constexpr):
+    """Tensor rows of samples ``sp``, which are attended to, and the block each sits in (-1 past M)."""
+    inside = sp < M
+    krow, k_ok = _rows_of(SAMP + kv_head * M, sp, inside, k_row0, NK_T, True)
+    sblk = tl.load(SBLK + kv_head * M + sp, mask=inside, other=-1)
+    return krow, _valid_keys(valid, krow, k_ok, HAS_VALID), sblk
+
+
+@_device
+def _load_kv(k_base, v_base, krow, k_ok, skn, svn, D: tl.constexpr, BLOCK_D: tl.constexpr):
+    return _load_rows(k_base, krow, k_ok, skn, D, BLOCK_D), _load_rows(v_base, krow, k_ok, svn, D, BLOCK_D)
+
+
+@_device
+def _grad_rows(q_base, do_base, LSE, DELTA, row_base, qrow, q_ok, sqn, sdon,
+               D: tl.constexpr, BLOCK_D: tl.constexpr, ACC: tl.constexpr):
+    """What the backward reads per query row: q, dO [R, BLOCK_D], lse (base 2) and Delta [R]."""
+    q = _load_rows(q_base, qrow, q_ok, sqn, D, BLOCK_D)
+    do = _load_rows(do_base, qrow, q_ok, sdon, D, BLOCK_D)
+    row_off = row_base + qrow.to(tl.int64)
+    lse2 = tl.load(LSE + row_off, mask=q_ok, other=0.0).to(ACC) * LOG2E
+    delta = tl.load(DELTA + row_off, mask=q_ok, other=0.0).to(ACC)
+    return q, do, lse2, delta
 
 
 @_device
@@ -243,32 +299,17 @@ def _hyper_fwd_kernel(
     HAS_VALID: tl.constexpr, IS_CAUSAL: tl.constexpr, ACCUMULATE: tl.constexpr, ACC: tl.constexpr,
     PRECISION: tl.constexpr, WIDEN: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    # program -> (sub-problem, query head, block, tile); tiles of one head are adjacent (K/V reuse in L2)
-    tiles = tl.cdiv(BQ, BLOCK_M)
-    per_head = tl.cdiv(SQ, BQ) * tiles
-    pid = tl.program_id(0)
-    sh = pid // per_head
-    pid_t = pid % per_head
-    sub = sh // HQ
-    h = sh % HQ
-    hkv = HQ // GROUP
-    hk = h // GROUP
+    sub, h, kv_head, blk, t0, pos, qrow, q_ok = _query_tile(
+        tl.program_id(0), QPERM, HQ, GROUP, COUNT, CHUNK, Q_OFF, SQ, NQ_T, BQ, PERMUTED, BLOCK_M)
     b = (sub // COUNT).to(tl.int64)
-    c = sub % COUNT
-    q_row0 = c * CHUNK + Q_OFF
-    k_row0 = c * CHUNK + K_OFF
-    blk = pid_t // tiles
-    t0 = (pid_t % tiles) * BLOCK_M
-    r = t0 + tl.arange(0, BLOCK_M)
-    pos = blk * BQ + r  # [BM] sorted positions
-    qrow, q_ok = _rows_of(QPERM + sh.to(tl.int64) * SQ, pos, (r < BQ) & (pos < SQ), q_row0, NQ_T, PERMUTED)
-    q = _load_rows(Q + b * sqb + h.to(tl.int64) * sqh, qrow, q_ok, sqn, D, BLOCK_D)  # [BM, BD]
-    k_base = K + b * skb + hk.to(tl.int64) * skh
-    v_base = V + b * svb + hk.to(tl.int64) * svh
+    hk = kv_head % (HQ // GROUP)
+    k_row0 = (sub % COUNT) * CHUNK + K_OFF
+    q = _load_rows(Q + b * sqb + h * sqh, qrow, q_ok, sqn, D, BLOCK_D)  # [BM, BD]
+    k_base = K + b * skb + hk * skh
+    v_base = V + b * svb + hk * svh
     valid = KVALID + b * svalb
-    o_base = O + b * sob + h.to(tl.int64) * soh
-    l_ptrs = LSE + b * slb + h.to(tl.int64) * slh + qrow.to(tl.int64)
-    kv_head = (sub * hkv + hk).to(tl.int64)
+    o_base = O + b * sob + h * soh
+    l_ptrs = LSE + b * slb + h * slh + qrow.to(tl.int64)
 
     l_i = tl.full([BLOCK_M], 1.0, ACC)
     if ACCUMULATE:  # resume the softmax of earlier parts: (m, l, acc) = (lse, 1, out)
@@ -285,10 +326,8 @@ def _hyper_fwd_kernel(
         k_hi = tl.minimum(k_hi, blk * BQ + t0 + BLOCK_M + SK - SQ)
     for start in range(k_lo, k_hi, BLOCK_N):
         kpos = start + tl.arange(0, BLOCK_N)
-        krow, k_ok = _rows_of(KPERM + kv_head * SK, kpos, kpos < k_hi, k_row0, NK_T, PERMUTED)
-        k_ok = _valid_keys(valid, krow, k_ok, HAS_VALID)
-        k = _load_rows(k_base, krow, k_ok, skn, D, BLOCK_D)
-        v = _load_rows(v_base, krow, k_ok, svn, D, BLOCK_D)
+        krow, k_ok = _diag_keys(KPERM, kv_head, SK, kpos, k_hi, k_row0, NK_T, valid, PERMUTED, HAS_VALID)
+        k, v = _load_kv(k_base, v_base, krow, k_ok, skn, svn, D, BLOCK_D)
         ok = tl.broadcast_to(k_ok[None, :], (BLOCK_M, BLOCK_N))
         if IS_CAUSAL:
             ok = ok & (kpos[None, :] <= pos[:, None] + (SK - SQ))
@@ -299,12 +338,9 @@ def _hyper_fwd_kernel(
         lw2 = tl.load(LOGW + sub).to(ACC) * LOG2E
         for start in range(0, M, BLOCK_N):
             sp = start + tl.arange(0, BLOCK_N)
-            inside = sp < M
-            krow, k_ok = _rows_of(SAMP + kv_head * M, sp, inside, k_row0, NK_T, True)
-            sblk = tl.load(SBLK + kv_head * M + sp, mask=inside, other=-1)
-            k_ok = _valid_keys(valid, krow, k_ok & (sblk != blk), HAS_VALID)
-            k = _load_rows(k_base, krow, k_ok, skn, D, BLOCK_D)
-            v = _load_rows(v_base, krow, k_ok, svn, D, BLOCK_D)
+            krow, k_ok, sblk = _sample_keys(SAMP, SBLK, kv_head, M, sp, k_row0, NK_T, valid, HAS_VALID)
+            k_ok = k_ok & (sblk != blk)
+            k, v = _load_kv(k_base, v_base, krow, k_ok, skn, svn, D, BLOCK_D)
             ok = tl.broadcast_to(k_ok[None, :], (BLOCK_M, BLOCK_N))
             acc, m_i, l_i = _fwd_step(acc, m_i, l_i, q, k, v, ok, lw2, scale2, ACC, PRECISION, WIDEN)
 
@@ -330,34 +366,17 @@ def _hyper_bwd_dq_kernel(
     HAS_VALID: tl.constexpr, IS_CAUSAL: tl.constexpr, ACCUMULATE: tl.constexpr, ACC: tl.constexpr,
     PRECISION: tl.constexpr, WIDEN: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    tiles = tl.cdiv(BQ, BLOCK_M)
-    per_head = tl.cdiv(SQ, BQ) * tiles
-    pid = tl.program_id(0)
-    sh = pid // per_head
-    pid_t = pid % per_head
-    sub = sh // HQ
-    h = sh % HQ
-    hkv = HQ // GROUP
-    hk = h // GROUP
+    # the forward's loops again, accumulating dQ
+    sub, h, kv_head, blk, t0, pos, qrow, q_ok = _query_tile(
+        tl.program_id(0), QPERM, HQ, GROUP, COUNT, CHUNK, Q_OFF, SQ, NQ_T, BQ, PERMUTED, BLOCK_M)
     b = (sub // COUNT).to(tl.int64)
-    c = sub % COUNT
-    q_row0 = c * CHUNK + Q_OFF
-    k_row0 = c * CHUNK + K_OFF
-    blk = pid_t // tiles
-    t0 = (pid_t % tiles) * BLOCK_M
-    r = t0 + tl.arange(0, BLOCK_M)
-    pos = blk * BQ + r
-    qrow, q_ok = _rows_of(QPERM + sh.to(tl.int64) * SQ, pos, (r < BQ) & (pos < SQ), q_row0, NQ_T, PERMUTED)
-    h64 = h.to(tl.int64)
-    q = _load_rows(Q + b * sqb + h64 * sqh, qrow, q_ok, sqn, D, BLOCK_D)
-    do = _load_rows(DO + b * sdob + h64 * sdoh, qrow, q_ok, sdon, D, BLOCK_D)
-    row_off = b * slb + h64 * slh + qrow.to(tl.int64)
-    lse2 = tl.load(LSE + row_off, mask=q_ok, other=0.0).to(ACC) * LOG2E
-    delta = tl.load(DELTA + row_off, mask=q_ok, other=0.0).to(ACC)
-    k_base = K + b * skb + hk.to(tl.int64) * skh
-    v_base = V + b * svb + hk.to(tl.int64) * svh
+    hk = kv_head % (HQ // GROUP)
+    k_row0 = (sub % COUNT) * CHUNK + K_OFF
+    q, do, lse2, delta = _grad_rows(Q + b * sqb + h * sqh, DO + b * sdob + h * sdoh, LSE, DELTA,
+                                    b * slb + h * slh, qrow, q_ok, sqn, sdon, D, BLOCK_D, ACC)
+    k_base = K + b * skb + hk * skh
+    v_base = V + b * svb + hk * svh
     valid = KVALID + b * svalb
-    kv_head = (sub * hkv + hk).to(tl.int64)
     dq = tl.zeros([BLOCK_M, BLOCK_D], ACC)
 
     k_lo = blk * BK
@@ -366,10 +385,8 @@ def _hyper_bwd_dq_kernel(
         k_hi = tl.minimum(k_hi, blk * BQ + t0 + BLOCK_M + SK - SQ)
     for start in range(k_lo, k_hi, BLOCK_N):
         kpos = start + tl.arange(0, BLOCK_N)
-        krow, k_ok = _rows_of(KPERM + kv_head * SK, kpos, kpos < k_hi, k_row0, NK_T, PERMUTED)
-        k_ok = _valid_keys(valid, krow, k_ok, HAS_VALID)
-        k = _load_rows(k_base, krow, k_ok, skn, D, BLOCK_D)
-        v = _load_rows(v_base, krow, k_ok, svn, D, BLOCK_D)
+        krow, k_ok = _diag_keys(KPERM, kv_head, SK, kpos, k_hi, k_row0, NK_T, valid, PERMUTED, HAS_VALID)
+        k, v = _load_kv(k_base, v_base, krow, k_ok, skn, svn, D, BLOCK_D)
         ok = q_ok[:, None] & k_ok[None, :]
         if IS_CAUSAL:
             ok = ok & (kpos[None, :] <= pos[:, None] + (SK - SQ))
@@ -379,17 +396,14 @@ def _hyper_bwd_dq_kernel(
         lw2 = tl.load(LOGW + sub).to(ACC) * LOG2E
         for start in range(0, M, BLOCK_N):
             sp = start + tl.arange(0, BLOCK_N)
-            inside = sp < M
-            krow, k_ok = _rows_of(SAMP + kv_head * M, sp, inside, k_row0, NK_T, True)
-            sblk = tl.load(SBLK + kv_head * M + sp, mask=inside, other=-1)
-            k_ok = _valid_keys(valid, krow, k_ok & (sblk != blk), HAS_VALID)
-            k = _load_rows(k_base, krow, k_ok, skn, D, BLOCK_D)
-            v = _load_rows(v_base, krow, k_ok, svn, D, BLOCK_D)
+            krow, k_ok, sblk = _sample_keys(SAMP, SBLK, kv_head, M, sp, k_row0, NK_T, valid, HAS_VALID)
+            k_ok = k_ok & (sblk != blk)
+            k, v = _load_kv(k_base, v_base, krow, k_ok, skn, svn, D, BLOCK_D)
             ok = q_ok[:, None] & k_ok[None, :]
             dq = _dq_step(dq, q, do, lse2, delta, k, v, ok, lw2, scale2, ACC, PRECISION, WIDEN)
 
     dq = dq * scale
-    dq_base = DQ + b * sdqb + h64 * sdqh
+    dq_base = DQ + b * sdqb + h * sdqh
     if ACCUMULATE:
         dq += _load_rows(dq_base, qrow, q_ok, sdqn, D, BLOCK_D)
     _store_rows(dq_base, qrow, q_ok, sdqn, dq, D, BLOCK_D)
@@ -412,24 +426,19 @@ def _hyper_bwd_dkdv_kernel(
     tiles = tl.cdiv(BK, BLOCK_N)
     per_head = tl.cdiv(SQ, BQ) * tiles
     pid = tl.program_id(0)
-    hkv = HQ // GROUP
-    sh = pid // per_head
-    pid_t = pid % per_head
-    sub = sh // hkv
-    hk = sh % hkv
-    b = (sub // COUNT).to(tl.int64)
-    c = sub % COUNT
-    q_row0 = c * CHUNK + Q_OFF
-    k_row0 = c * CHUNK + K_OFF
-    blk = pid_t // tiles
-    t0 = (pid_t % tiles) * BLOCK_N
+    kv_head = (pid // per_head).to(tl.int64)
+    sub = kv_head // (HQ // GROUP)
+    hk = kv_head % (HQ // GROUP)
+    b = sub // COUNT
+    q_row0 = (sub % COUNT) * CHUNK + Q_OFF
+    k_row0 = (sub % COUNT) * CHUNK + K_OFF
+    blk = (pid % per_head) // tiles
+    t0 = (pid % per_head) % tiles * BLOCK_N
     r = t0 + tl.arange(0, BLOCK_N)
     kpos = blk * BK + r  # [BN]
-    krow, k_in = _rows_of(KPERM + sh.to(tl.int64) * SK, kpos, (r < BK) & (kpos < SK), k_row0, NK_T, PERMUTED)
+    krow, k_in = _rows_of(KPERM + kv_head * SK, kpos, (r < BK) & (kpos < SK), k_row0, NK_T, PERMUTED)
     k_ok = _valid_keys(KVALID + b * svalb, krow, k_in, HAS_VALID)
-    hk64 = hk.to(tl.int64)
-    k = _load_rows(K + b * skb + hk64 * skh, krow, k_ok, skn, D, BLOCK_D)  # [BN, BD]
-    v = _load_rows(V + b * svb + hk64 * svh, krow, k_ok, svn, D, BLOCK_D)
+    k, v = _load_kv(K + b * skb + hk * skh, V + b * svb + hk * svh, krow, k_ok, skn, svn, D, BLOCK_D)
     dk = tl.zeros([BLOCK_N, BLOCK_D], ACC)
     dv = tl.zeros([BLOCK_N, BLOCK_D], ACC)
 
@@ -438,24 +447,21 @@ def _hyper_bwd_dkdv_kernel(
     if IS_CAUSAL:  # queries before the tile's first key see none of it
         q_lo = tl.maximum(q_lo, blk * BK + t0 - (SK - SQ))
     for hh in range(0, GROUP):
-        h64 = (hk * GROUP + hh).to(tl.int64)
-        qperm = QPERM + ((sub * HQ).to(tl.int64) + h64) * SQ
+        h = hk * GROUP + hh
+        qperm = QPERM + (sub * HQ + h) * SQ
         for start in range(q_lo, q_hi, BLOCK_M):
             pos = start + tl.arange(0, BLOCK_M)
             qrow, q_ok = _rows_of(qperm, pos, pos < q_hi, q_row0, NQ_T, PERMUTED)
-            q = _load_rows(Q + b * sqb + h64 * sqh, qrow, q_ok, sqn, D, BLOCK_D)
-            do = _load_rows(DO + b * sdob + h64 * sdoh, qrow, q_ok, sdon, D, BLOCK_D)
-            row_off = b * slb + h64 * slh + qrow.to(tl.int64)
-            lse2 = tl.load(LSE + row_off, mask=q_ok, other=0.0).to(ACC) * LOG2E
-            delta = tl.load(DELTA + row_off, mask=q_ok, other=0.0).to(ACC)
+            q, do, lse2, delta = _grad_rows(Q + b * sqb + h * sqh, DO + b * sdob + h * sdoh, LSE, DELTA,
+                                            b * slb + h * slh, qrow, q_ok, sqn, sdon, D, BLOCK_D, ACC)
             ok = k_ok[:, None] & q_ok[None, :]
             if IS_CAUSAL:
                 ok = ok & (kpos[:, None] <= pos[None, :] + (SK - SQ))
             dk, dv = _dkdv_step(dk, dv, k, v, q, do, lse2, delta, ok, 0.0, scale2, ACC, PRECISION, WIDEN)
 
     dk = dk * scale
-    dk_base = DK + b * sdkb + hk64 * sdkh
-    dv_base = DV + b * sdkb + hk64 * sdkh
+    dk_base = DK + b * sdkb + hk * sdkh
+    dv_base = DV + b * sdkb + hk * sdkh
     if ACCUMULATE:
         dk += _load_rows(dk_base, krow, k_in, sdkn, D, BLOCK_D)
         dv += _load_rows(dv_base, krow, k_in, sdkn, D, BLOCK_D)
@@ -479,40 +485,29 @@ def _hyper_bwd_sample_kernel(
     tiles = tl.cdiv(M, BLOCK_N)
     splits = tl.cdiv(SQ, ROWS_PER_SPLIT)
     pid = tl.program_id(0)
-    hkv = HQ // GROUP
-    sh = pid // (splits * tiles)
+    kv_head = (pid // (splits * tiles)).to(tl.int64)
     split = (pid // tiles) % splits
-    sub = sh // hkv
-    hk = sh % hkv
-    b = (sub // COUNT).to(tl.int64)
-    c = sub % COUNT
-    q_row0 = c * CHUNK + Q_OFF
-    k_row0 = c * CHUNK + K_OFF
+    sub = kv_head // (HQ // GROUP)
+    hk = kv_head % (HQ // GROUP)
+    b = sub // COUNT
+    q_row0 = (sub % COUNT) * CHUNK + Q_OFF
+    k_row0 = (sub % COUNT) * CHUNK + K_OFF
     sp = (pid % tiles) * BLOCK_N + tl.arange(0, BLOCK_N)
-    inside = sp < M
-    kv_head = sh.to(tl.int64)
-    krow, k_ok = _rows_of(SAMP + kv_head * M, sp, inside, k_row0, NK_T, True)
-    k_ok = _valid_keys(KVALID + b * svalb, krow, k_ok, HAS_VALID)
-    sblk = tl.load(SBLK + kv_head * M + sp, mask=inside, other=-1)
-    hk64 = hk.to(tl.int64)
-    k = _load_rows(K + b * skb + hk64 * skh, krow, k_ok, skn, D, BLOCK_D)
-    v = _load_rows(V + b * svb + hk64 * svh, krow, k_ok, svn, D, BLOCK_D)
+    krow, k_ok, sblk = _sample_keys(SAMP, SBLK, kv_head, M, sp, k_row0, NK_T, KVALID + b * svalb, HAS_VALID)
+    k, v = _load_kv(K + b * skb + hk * skh, V + b * svb + hk * svh, krow, k_ok, skn, svn, D, BLOCK_D)
     lw2 = tl.load(LOGW + sub).to(ACC) * LOG2E
     dk = tl.zeros([BLOCK_N, BLOCK_D], ACC)
     dv = tl.zeros([BLOCK_N, BLOCK_D], ACC)
     p_lo = split * ROWS_PER_SPLIT
     p_hi = tl.minimum(p_lo + ROWS_PER_SPLIT, SQ)
     for hh in range(0, GROUP):
-        h64 = (hk * GROUP + hh).to(tl.int64)
-        qperm = QPERM + ((sub * HQ).to(tl.int64) + h64) * SQ
+        h = hk * GROUP + hh
+        qperm = QPERM + (sub * HQ + h) * SQ
         for start in range(p_lo, p_hi, BLOCK_M):
             pos = start + tl.arange(0, BLOCK_M)
             qrow, q_ok = _rows_of(qperm, pos, pos < p_hi, q_row0, NQ_T, True)
-            q = _load_rows(Q + b * sqb + h64 * sqh, qrow, q_ok, sqn, D, BLOCK_D)
-            do = _load_rows(DO + b * sdob + h64 * sdoh, qrow, q_ok, sdon, D, BLOCK_D)
-            row_off = b * slb + h64 * slh + qrow.to(tl.int64)
-            lse2 = tl.load(LSE + row_off, mask=q_ok, other=0.0).to(ACC) * LOG2E
-            delta = tl.load(DELTA + row_off, mask=q_ok, other=0.0).to(ACC)
+            q, do, lse2, delta = _grad_rows(Q + b * sqb + h * sqh, DO + b * sdob + h * sdoh, LSE, DELTA,
+                                            b * slb + h * slh, qrow, q_ok, sqn, sdon, D, BLOCK_D, ACC)
             ok = k_ok[:, None] & q_ok[None, :] & (sblk[:, None] != (pos // BQ)[None, :])
             dk, dv = _dkdv_step(dk, dv, k, v, q, do, lse2, delta, ok, lw2, scale2, ACC, PRECISION, WIDEN)
 
@@ -520,8 +515,9 @@ def _hyper_bwd_sample_kernel(
     heads = tl.num_programs(0) // (splits * tiles)  # n_sub * Hkv
     row = ((split.to(tl.int64) * heads + kv_head) * 2) * M + sp  # [BN] rows of PART viewed as [-1, BLOCK_D]
     ptrs = PART + row[:, None] * BLOCK_D + offs_d[None, :]
-    tl.store(ptrs, dk * scale, mask=inside[:, None])
-    tl.store(ptrs + M * BLOCK_D, dv, mask=inside[:, None])
+    inside = (sp < M)[:, None]
+    tl.store(ptrs, dk * scale, mask=inside)
+    tl.store(ptrs + M * BLOCK_D, dv, mask=inside)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -646,10 +642,10 @@ def _launch_bwd(q, k, v, key_valid, sub: _Sub, g: _Grads, scale, accumulate_q: b
     b = (s // sub.count).view(n_sub, 1, 1).expand(n_sub, Hkv, m)
     h = torch.arange(Hkv, device=q.device).view(1, Hkv, 1).expand(n_sub, Hkv, m)
     row = ((s % sub.count) * sub.chunk + sub.k_off).view(n_sub, 1, 1) + plan.samples
-    keep = row < k.shape[2]  # a sub-problem without valid keys draws a padding row; its gradient is 0
-    index = (b[keep], h[keep], row[keep])
-    g.dk.index_put_(index, grad[:, :, 0][keep], accumulate=True)
-    g.dv.index_put_(index, grad[:, :, 1][keep], accumulate=True)
+    # a sub-problem without valid keys may draw a padding row past the tensor: its gradient is 0, add it anywhere
+    index = (b, h, row.clamp(max=k.shape[2] - 1))
+    g.dk.index_put_(index, grad[:, :, 0], accumulate=True)
+    g.dv.index_put_(index, grad[:, :, 1], accumulate=True)
 
 
 # ----------------------------------------------------------------------------------------------------------
