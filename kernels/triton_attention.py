@@ -51,8 +51,11 @@ Design targets (non-causal, defaults b = m = 256, D = 128, fp16, BLOCK_M = 128, 
   in L2 (1 KiB per query from L2, ~m * D * 4 / (rows per head) from DRAM); indices and lse ~16 B.
   About 1.5 KiB of DRAM traffic per 0.26 MFLOP: ~170 FLOP/B, compute-bound on A100/H100 fp16.
 - Tiles: forward/dQ BLOCK_M in {64, 128} query rows x BLOCK_N in {32, 64, 128} keys; dK/dV BLOCK_N in
-  {64, 128} keys x BLOCK_M in {32, 64} queries. These are targets: GPU speed has not been measured (no GPU
-  was available; every check here ran under ``TRITON_INTERPRET=1``).
+  {64, 128} keys x BLOCK_M in {32, 64} queries; 32 x 32 is the fallback for wide heads and fp64, and the
+  interpreter runs 64 x 64. These are targets: GPU speed has not been measured (no GPU was available).
+  Correctness was checked under ``TRITON_INTERPRET=1`` against the reference, and the kernels were built
+  ahead of time to sm_80/sm_90 cubins with Triton's bundled ptxas (shared memory per block within limits):
+  see tests/test_triton.py.
 
 Interpreter note: Triton 3.9's interpreter multiplies bf16 operands of ``tl.dot`` as raw 16-bit integers.
 Under the interpreter only, bf16 operands are widened to fp32 before ``tl.dot`` (``WIDEN``, a constexpr that is
@@ -568,8 +571,11 @@ def _common(q, k, v, key_valid, sub: _Sub, scale):
     has_samples = plan is not None and plan.samples is not None
     m = plan.samples.shape[-1] if has_samples else 0
     i32 = lambda t: t.to(torch.int32).contiguous()  # noqa: E731
-    valid = (torch.zeros(1, 1, dtype=torch.uint8, device=dev) if key_valid is None
-             else key_valid.to(torch.bool).view(torch.uint8))
+    if key_valid is None:
+        valid = torch.zeros(1, 1, dtype=torch.uint8, device=dev)
+    else:  # rows may be strided (slices, broadcasts), keys must be adjacent
+        valid = key_valid.to(torch.bool)
+        valid = (valid if valid.stride(-1) == 1 else valid.contiguous()).view(torch.uint8)
     args = dict(
         KVALID=valid,
         QPERM=i32(plan.q_perm) if plan is not None else dummy_i,
@@ -682,7 +688,7 @@ def _causal_subs(q, k, key_valid, p):
         count, size = 2**level, Np // 2 ** (level + 1)
         plan = None
         if _use_hyper(size, size, p):
-            kv_s = None if valid is None else valid.view(B, count, 2, size)[:, :, 0].reshape(B * count, size)
+            kv_s = None if valid is None else valid.reshape(B, count, 2, size)[:, :, 0].reshape(B * count, size)
             plan = make_plan(_chunks(qp, count, size, 1), _chunks(kp, count, size, 0), kv_s, p.block_size,
                              p.sample_size, p.num_projs, p.seed, stream=level + 1)
         levels.append(_Sub(count, 2 * size, size, 0, size, size, False, plan))
