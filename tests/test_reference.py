@@ -105,6 +105,7 @@ FORWARD_CASES = [
     (1, 1, 1, 1000, 1000, 128, True, False, F32, MID),
     (1, 2, 2, 1000, 1000, 40, False, False, BF16, MID),
     (1, 2, 1, 1000, 1000, 64, True, True, F64, MID),
+    (1, 2, 1, 1000, 1000, 40, True, False, F32, Cfg(64, 64, 128, causal_depth=1)),  # explicit depth
     (1, 1, 1, 4097, 4097, 64, True, False, F32, BIG),
     (1, 1, 1, 4097, 4097, 80, False, True, BF16, BIG),
 ]
@@ -121,7 +122,8 @@ SLOW_FORWARD_CASES = [
 def case_id(case):
     B, Hq, Hkv, Nq, Nk, D, causal, padded, dtype, cfg = case
     return (f"B{B}-H{Hq}/{Hkv}-n{Nq}x{Nk}-d{D}-{'causal' if causal else 'full'}{'-pad' if padded else ''}-"
-            f"{str(dtype)[6:]}-b{cfg.block_size}m{cfg.sample_size}")
+            f"{str(dtype)[6:]}-b{cfg.block_size}m{cfg.sample_size}" + ("" if cfg.causal_depth is None else
+                                                                      f"-depth{cfg.causal_depth}"))
 
 
 def run_forward_case(case, make_qkv, padding_mask, dense_attention, call_delta):
