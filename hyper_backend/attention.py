@@ -44,14 +44,15 @@ def hyper_attention(
         attn_mask: None, or a boolean key-padding mask broadcastable to ``[B, 1, 1, Nk]`` (True = attend).
             Any other mask gives exact attention.
         dropout_p: anything above 0 gives exact attention (with dropout).
-        is_causal: causal attention. With ``Nq < Nk`` the diagonal is aligned bottom-right (as when a KV cache
-            is continued); ``Nq > Nk`` falls back to exact SDPA and its top-left alignment.
+        is_causal: causal attention, which may be combined with a key-padding mask. With ``Nq < Nk`` the
+            diagonal is aligned bottom-right (as when a KV cache is continued), unlike SDPA's top-left;
+            ``Nq > Nk`` falls back to exact SDPA and its top-left alignment.
         scale: defaults to ``1 / sqrt(D)``.
         enable_gqa: as in SDPA.
         config: a `HyperConfig`; every field is then explicit. ``None`` uses the autotuner's cache entry for the
             actual length when there is one, else the defaults.
-        return_lse: also return the ``[B, Hq, Nq]`` float32 log-sum-exp of the (weighted) scores. It carries
-            no gradient.
+        return_lse: also return the ``[B, Hq, Nq]`` log-sum-exp of the (weighted) scores: float32, or float64
+            for float64 inputs. It carries no gradient.
 
     Returns:
         ``out [B, Hq, Nq, Dv]``, or ``(out, lse)`` with ``return_lse=True``.
@@ -66,14 +67,7 @@ def hyper_attention(
     if Hq != Hkv and not (enable_gqa and Hq % Hkv == 0):
         raise ValueError(f"query has {Hq} heads and key/value {Hkv}: pass enable_gqa=True with Hq a multiple of Hkv")
     kpm = key_padding_mask(attn_mask, B, Nk)
-    exact_reason = None
-    if dropout_p > 0.0:
-        exact_reason = "dropout"
-    elif attn_mask is not None and kpm is None:
-        exact_reason = "mask"
-    elif is_causal and (attn_mask is not None or Nq > Nk):
-        exact_reason = "causal-shape"
-    if exact_reason is not None:
+    if dropout_p > 0.0 or (attn_mask is not None and kpm is None) or (is_causal and Nq > Nk):
         return _exact(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, return_lse)
     params = op_params(config)
     tune_cache = "" if config is not None else default_tune_cache()
@@ -91,9 +85,11 @@ def _exact(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa
     # The log-sum-exp of the exact fallback, written out (this path is O(Nq * Nk) anyway).
     group = query.shape[1] // key.shape[1]
     k = key.repeat_interleave(group, 1) if group > 1 else key
-    s = (query.float() @ k.float().transpose(-1, -2)) * (scale if scale is not None else 1 / math.sqrt(query.shape[-1]))
+    wide = torch.float64 if query.dtype == torch.float64 else torch.float32
+    s = (query.to(wide) @ k.to(wide).transpose(-1, -2)) * (scale if scale is not None else 1 / math.sqrt(query.shape[-1]))
     if is_causal:
         s = s.masked_fill(~torch.ones(s.shape[-2:], dtype=torch.bool, device=s.device).tril(), float("-inf"))
     if attn_mask is not None:
         s = s.masked_fill(~attn_mask, float("-inf")) if attn_mask.dtype == torch.bool else s + attn_mask.float()
-    return out, torch.logsumexp(s, -1).detach()
+    lse = torch.logsumexp(s, -1).detach()
+    return out, lse.double() if query.dtype == torch.float64 else lse

@@ -41,10 +41,10 @@ class HyperConfig:
     seed: int = 0
 
     def __post_init__(self):
-        _check_int("block_size", self.block_size, lo=1)
-        _check_int("sample_size", self.sample_size, lo=0)
+        _check_int("block_size", self.block_size, lo=1, hi=2**31 - 1)
+        _check_int("sample_size", self.sample_size, lo=0, hi=2**31 - 1)
         _check_int("lsh_num_projs", self.lsh_num_projs, lo=1, hi=30)
-        _check_int("min_seq_len", self.min_seq_len, lo=1)
+        _check_int("min_seq_len", self.min_seq_len, lo=1, hi=2**62)
         if self.causal_depth is not None:
             _check_int("causal_depth", self.causal_depth, lo=0, hi=30)
         _check_int("seed", self.seed, lo=0, hi=2**62)

@@ -73,6 +73,19 @@ def _check(query, key, value, is_causal):
         raise ValueError("causal hyper::attention needs n_q <= n_k (it aligns the diagonal bottom-right)")
 
 
+def _pad_last(x: Tensor, size: int) -> Tensor:
+    return x if x.shape[-1] == size else torch.nn.functional.pad(x, (0, size - x.shape[-1]))
+
+
+def _common_head_dim(query, key, value, scale):
+    """aten's CPU kernel needs one head dim: zero-pad the narrower side (exact: zero columns add nothing to
+    q.k, and zero value columns are sliced off). Returns padded q, k, v, the explicit scale and the width."""
+    d, dv = query.shape[-1], value.shape[-1]
+    scale = d**-0.5 if scale is None else scale
+    width = max(d, dv)
+    return _pad_last(query, width), _pad_last(key, width), _pad_last(value, width), scale, width
+
+
 @torch.library.custom_op("hyper::attention", mutates_args=())
 def attention(
     query: Tensor, key: Tensor, value: Tensor, key_padding_mask: Optional[Tensor], is_causal: bool,
@@ -83,8 +96,11 @@ def attention(
     p = resolve_params(query, key, is_causal, (block_size, sample_size, lsh_num_projs, min_seq_len, causal_depth,
                                                seed), tune_cache)
     call_counts["hyper" if _is_hyper(query, key, is_causal, p) else "exact"] += 1
+    dv = value.shape[-1]
+    if query.shape[-1] != dv:
+        query, key, value, scale, _ = _common_head_dim(query, key, value, scale)
     out, lse = _path(query).attention_forward(query, key, value, key_padding_mask, is_causal, scale, p)
-    return out.contiguous(), lse.contiguous()
+    return out[..., :dv].contiguous(), lse.contiguous()
 
 
 @attention.register_fake
@@ -105,9 +121,14 @@ def attention_backward(
     p = resolve_params(query, key, is_causal, (block_size, sample_size, lsh_num_projs, min_seq_len, causal_depth,
                                                seed), tune_cache)
     call_counts["backward"] += 1
-    dq, dk, dv = _path(query).attention_backward(grad_out, query, key, value, out, lse, key_padding_mask,
-                                                 is_causal, scale, p)
-    return dq.to(query.dtype).contiguous(), dk.to(key.dtype).contiguous(), dv.to(value.dtype).contiguous()
+    d, d_v = query.shape[-1], value.shape[-1]
+    q, k, v = query, key, value
+    if d != d_v:
+        q, k, v, scale, width = _common_head_dim(query, key, value, scale)
+        grad_out, out = _pad_last(grad_out, width), _pad_last(out, width)
+    dq, dk, dv = _path(q).attention_backward(grad_out, q, k, v, out, lse, key_padding_mask, is_causal, scale, p)
+    return (dq[..., :d].to(query.dtype).contiguous(), dk[..., :d].to(key.dtype).contiguous(),
+            dv[..., :d_v].to(value.dtype).contiguous())
 
 
 @attention_backward.register_fake

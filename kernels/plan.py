@@ -61,9 +61,17 @@ class Plan:
 
 
 def block_shape(n_q: int, n_k: int, block_size: int):
-    """``(num_blocks, q_block, k_block)`` for the block diagonal."""
-    num_blocks = max(1, math.ceil(n_q / block_size))
-    q_block = math.ceil(n_q / num_blocks) if num_blocks == 1 else block_size
+    """``(num_blocks, q_block, k_block)`` for the block diagonal.
+
+    The shorter side sets the block count, so neither side has trailing blocks left without rows of its own:
+    with n_q <= n_k, query blocks hold ``block_size`` rows and key blocks ``ceil(n_k / num_blocks)``; with
+    n_q > n_k, key blocks hold at most ``block_size`` keys and query blocks grow instead.
+    """
+    num_blocks = max(1, math.ceil(min(n_q, n_k) / block_size))
+    if num_blocks == 1 or n_q > n_k:
+        q_block = math.ceil(n_q / num_blocks)
+    else:
+        q_block = block_size
     k_block = math.ceil(n_k / num_blocks)
     return num_blocks, q_block, k_block
 
@@ -167,7 +175,7 @@ def lse_dtype(dtype):
 
 def _use_hyper(nq, nk, p) -> bool:
     """Whether non-causal attention of ``nq`` queries on ``nk`` keys approximates (``p``: `cpu.Params`)."""
-    return nq >= p.min_seq_len and nk >= p.min_seq_len and math.ceil(nq / p.block_size) > 1
+    return nq >= p.min_seq_len and nk >= p.min_seq_len and block_shape(nq, nk, p.block_size)[0] > 1
 
 
 def _pad_rows(x, n):

@@ -69,8 +69,6 @@ def test_invalid_values_raise_valueerror_naming_the_field(field, value):
     assert repr(value) in str(info.value) or str(value) in str(info.value)
 
 
-@pytest.mark.xfail(strict=True, reason="bug reported to the lead: HyperConfig accepts ints that do not fit the "
-                                        "op's int64 arguments; the op then raises an unexplained RuntimeError")
 @pytest.mark.parametrize("field", ["block_size", "sample_size", "min_seq_len"])
 def test_values_beyond_int64_are_rejected_naming_the_field(field):
     with pytest.raises(ValueError, match=field):

@@ -255,13 +255,17 @@ def test_plan_does_not_touch_the_global_rng():
 
 
 @pytest.mark.parametrize("nq, nk, bs", [(63, 63, 16), (257, 257, 16), (1000, 257, 16), (257, 1000, 64),
-                                        (4097, 4097, 256), (10, 10, 16), (16, 16, 16), (17, 5, 16)])
+                                        (4097, 4097, 256), (10, 10, 16), (16, 16, 16), (17, 5, 16),
+                                        (1000, 40, 16), (256000, 4097, 256), (4097, 256000, 256)])
 def test_block_shape_covers_both_sequences(nq, nk, bs):
     nb, qb, kb = block_shape(nq, nk, bs)
-    assert nb == max(1, math.ceil(nq / bs))
-    assert nb * qb >= nq and (nb - 1) * qb < nq  # the last query block is not empty
-    assert nb * kb >= nk and kb == math.ceil(nk / nb)
-    assert qb == (bs if nb > 1 else nq)
+    assert nb == max(1, math.ceil(min(nq, nk) / bs))  # the shorter side sets the block count
+    assert nb * qb >= nq and nb * kb >= nk
+    assert (nb - 1) * kb < nk  # no key block is left empty
+    if nq <= nk:
+        assert (nb - 1) * qb < nq and qb == (bs if nb > 1 else nq)
+    else:
+        assert kb <= bs and qb == math.ceil(nq / nb)
 
 
 @pytest.mark.parametrize("n, msl, depth, expected", [
