@@ -1,0 +1,310 @@
+"""``torch.compile(model, backend="hyper", options={...})``.
+
+The entry point ``hyper_backend`` is a plain function registered under the ``torch_dynamo_backends``
+entry-point group, so ``backend="hyper"`` works in a process that never imports this package.
+
+Per compiled graph:
+
+1. settings: ``options`` > ``HYPER_*`` environment variables (read now, at compile time) > the autotuner's
+   entry for the actual length (looked up inside the op at run time, for fields left unset) > defaults;
+2. the attention sites of the graph are found and numbered (see "Site numbering" below);
+3. SDPA sites are lowered here, on the Dynamo graph (`hyper_backend.lowering.sdpa`);
+4. the graph goes to the inner backend: inductor's ``compile_fx`` by default, with the pattern pass for
+   hand-written attention installed as ``joint_custom_pre_pass`` (`hyper_backend.lowering.patterns`).
+   ``inner_backend="aot_eager"`` or ``"eager"`` (for debugging) lower SDPA sites only: hand-written attention
+   is matched on inductor's aten graph, so with those backends it stays exact.
+
+Site numbering (``layers=`` / ``HYPER_LAYERS``): sites are numbered 0, 1, ... in the order the model runs
+them. Inside one graph that is graph order. Across graph breaks, Dynamo compiles graphs in the order the model
+first reaches them, and numbering continues from one graph to the next within one ``torch.compile`` call; a
+recompiled graph (new shapes, failed guards) keeps the numbers it had. A graph shared by several modules (a
+graph break inside a repeated block compiles the block once) gets one set of numbers for all of them.
+``last:K`` needs the total count: it is exact when the model compiles to one graph; with graph breaks it is
+resolved against the sites seen so far and a warning is logged (use explicit indices from `explain` then).
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import sys
+import threading
+import weakref
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
+
+import torch
+import torch.fx as fx
+
+from hyper_backend.config import (FIELDS, INNER_BACKENDS, HyperConfig, LayerSelection, default_tune_cache,
+                                  op_params, read_env)
+from hyper_backend.lowering import sites as _sites
+from hyper_backend.lowering.sdpa import rewrite_sdpa
+
+log = logging.getLogger("hyper_backend")
+
+OPTIONS = FIELDS + ("enabled", "layers", "inner_backend", "tune_cache")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# settings
+# ----------------------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything that decides the rewrite of one graph, resolved at compile time."""
+
+    enabled: bool = True
+    explicit: tuple = ()  # ((field, value), ...) of HyperConfig fields set by options or env
+    layers: LayerSelection = LayerSelection("all")
+    inner_backend: str = "inductor"
+    tune_cache: str = ""
+
+    @property
+    def op_args(self) -> tuple:
+        """The op's trailing arguments: the six int parameters (UNSET where not explicit) and the cache path."""
+        return (*op_params(explicit=dict(self.explicit)), self.tune_cache)
+
+    def key(self) -> str:
+        return repr((self.enabled, self.explicit, self.layers.key(), self.inner_backend, self.tune_cache))
+
+
+def validate_options(options: Optional[Mapping[str, Any]]) -> dict:
+    """Check ``options`` of ``torch.compile(..., backend="hyper")``; a ValueError names the bad option."""
+    if options is None:
+        return {}
+    if not isinstance(options, Mapping):
+        raise ValueError(f"backend='hyper' options must be a dict, got {type(options).__name__}")
+    out = {}
+    for name, value in options.items():
+        if name not in OPTIONS:
+            raise ValueError(f"unknown option {name!r} for backend='hyper'; accepted: {', '.join(OPTIONS)}")
+        if name in FIELDS:
+            try:
+                HyperConfig(**{name: value})
+            except ValueError as e:
+                raise ValueError(f"options[{name!r}]: {e}") from None
+        elif name == "enabled":
+            if not isinstance(value, bool):
+                raise ValueError(f"options['enabled'] must be True or False, got {value!r}")
+        elif name == "layers":
+            try:
+                value = LayerSelection.parse(value)
+            except ValueError as e:
+                raise ValueError(f"options['layers']={value!r}: {e}") from None
+        elif name == "inner_backend":
+            if value not in INNER_BACKENDS:
+                raise ValueError(f"options['inner_backend']={value!r}: expected one of {', '.join(INNER_BACKENDS)}")
+        elif name == "tune_cache":
+            if not isinstance(value, str):
+                raise ValueError(f"options['tune_cache'] must be a path string ('' disables tuning), got {value!r}")
+        out[name] = value
+    return out
+
+
+def resolve_settings(options: Optional[Mapping[str, Any]] = None) -> Settings:
+    """``options`` > ``HYPER_*`` env (via `hyper_backend.config.read_env`) > defaults."""
+    merged = {**read_env(), **validate_options(options)}
+    explicit = tuple((f, merged[f]) for f in FIELDS if f in merged)
+    tune_cache = merged["tune_cache"] if "tune_cache" in merged else default_tune_cache()
+    return Settings(enabled=merged.get("enabled", True), explicit=explicit,
+                    layers=merged.get("layers", LayerSelection("all")),
+                    inner_backend=merged.get("inner_backend", "inductor"), tune_cache=tune_cache)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# sessions: site numbering across the graphs of one torch.compile call
+# ----------------------------------------------------------------------------------------------------------
+
+@dataclass
+class Session:
+    """The graphs compiled for one ``torch.compile`` call (or one `explain`), and their sites."""
+
+    bases: Dict[tuple, int] = field(default_factory=dict)  # graph position -> first site number
+    next_index: int = 0
+    graphs: int = 0
+    sites: Dict[int, _sites.Site] = field(default_factory=dict)  # by site number: the latest decision
+    calls: Dict[tuple, int] = field(default_factory=dict)  # (frame, compile, attempt) -> backend calls so far
+    seen: set = field(default_factory=set)  # (frame, compile, nth graph) compiled
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+
+_sessions: "weakref.WeakKeyDictionary[Any, Session]" = weakref.WeakKeyDictionary()
+_process_session = Session()
+
+
+def _session_owner():
+    """The ``torch._TorchCompileWrapper`` that called us (one per torch.compile call), if any."""
+    frame = sys._getframe(2)
+    for _ in range(6):
+        if frame is None:
+            return None
+        owner = frame.f_locals.get("self")
+        if isinstance(owner, torch._TorchCompileWrapper):
+            return owner
+        frame = frame.f_back
+    return None
+
+
+def session_for(owner) -> Session:
+    if owner is None:
+        return _process_session
+    try:
+        return _sessions.setdefault(owner, Session())
+    except TypeError:  # not weak-referenceable
+        return _process_session
+
+
+def _graph_position(session: Session) -> Tuple[tuple, bool]:
+    """``(position, new)``: the graph's place in the model (stable across recompiles and restarted analyses)
+    and whether this (frame, compile) graph was not compiled before."""
+    ctx = torch._guards.CompileContext.try_get()
+    cid = ctx.compile_id if ctx is not None else None
+    if cid is None:
+        return ("call", session.graphs), True
+    attempt = (cid.frame_id, cid.frame_compile_id, getattr(ctx, "attempt", 0))
+    nth = session.calls.get(attempt, 0)
+    session.calls[attempt] = nth + 1
+    key = (cid.frame_id, cid.frame_compile_id, nth)
+    new = key not in session.seen
+    session.seen.add(key)
+    return (cid.frame_id, nth), new
+
+
+def reset() -> None:
+    """Forget site numbering (called by ``torch._dynamo.reset()``)."""
+    global _process_session
+    _sessions.clear()
+    _process_session = Session()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# compile-time constants: buffers that hold masks
+# ----------------------------------------------------------------------------------------------------------
+
+def _source_name(node: fx.Node) -> str:
+    arg = node.meta.get("grapharg")
+    src = getattr(arg, "source", None)
+    if src is None:
+        return ""
+    name = src.name
+    return name() if callable(name) else str(name)
+
+
+def find_constants(gm: fx.GraphModule, example_inputs: Sequence) -> Dict[int, torch.Tensor]:
+    """Placeholders that are module buffers / attributes shaped like masks (``[..., n, n]``): position -> value.
+
+    These are read by value when proving a mask causal. A user input is never one of them.
+    """
+    out = {}
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    for pos, (node, value) in enumerate(zip(placeholders, example_inputs)):
+        if not isinstance(value, torch.Tensor) or value.requires_grad or value.dim() < 2:
+            continue
+        if value.shape[-1] != value.shape[-2] or value.shape[-1] < 2:
+            continue
+        name = _source_name(node)
+        if not name.startswith("L['self']") or "_parameters[" in name:
+            continue
+        out[pos] = value
+    return out
+
+
+def constants_key(constants: Dict[int, torch.Tensor]) -> str:
+    h = hashlib.sha256()
+    for pos in sorted(constants):
+        t = constants[pos].detach().to("cpu").contiguous()
+        h.update(repr((pos, t.dtype, tuple(t.shape))).encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.dtype != torch.bool else t.numpy().tobytes())
+    return h.hexdigest()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the backend
+# ----------------------------------------------------------------------------------------------------------
+
+def _inner_compile(gm, example_inputs, settings: Settings, patterns_pass, mode: Optional[str]):
+    if settings.inner_backend == "eager":
+        return gm.forward
+    if settings.inner_backend == "aot_eager":
+        from torch._dynamo.backends.registry import lookup_backend
+
+        return lookup_backend("aot_eager")(gm, example_inputs)
+    from torch._inductor import config as inductor_config
+    from torch._inductor.compile_fx import compile_fx
+
+    patches = {}
+    if mode is not None and mode != "default":
+        patches.update(torch._inductor.list_mode_options(mode))
+    if patterns_pass is not None:
+        existing = inductor_config.joint_custom_pre_pass
+        if existing is None:
+            patches["joint_custom_pre_pass"] = patterns_pass
+        else:
+            extra = tuple(existing) if isinstance(existing, (list, tuple)) else (existing,)
+            patches["joint_custom_pre_pass"] = (patterns_pass, *extra)
+    return compile_fx(gm, example_inputs, config_patches=patches)
+
+
+def compile_graph(gm: fx.GraphModule, example_inputs: Sequence, settings: Settings, session: Session,
+                  mode: Optional[str] = None) -> Callable:
+    """Rewrite and compile one Dynamo graph (the body of `hyper_backend`)."""
+    with session.lock:
+        position, new = _graph_position(session)
+        if new:
+            _sites.count("graphs")
+        graph_number = session.graphs
+        session.graphs += 1
+        base = session.bases.get(position, session.next_index)
+        found = _sites.find_sites(gm, base, graph_number)
+        session.bases[position] = base
+        session.next_index = max(session.next_index, base + len(found))
+        total = session.next_index
+        multi_graph = len({b for b in session.bases.values()}) > 1
+    if settings.layers.kind == "last" and multi_graph and found:
+        log.warning("layers=last:%d with graph breaks: counted from the %d sites seen so far, not the "
+                    "model's total; use explicit indices (see hyper_backend.explain)", settings.layers.count, total)
+
+    def selected(site: _sites.Site) -> bool:
+        return settings.layers.contains(site.index, total)
+
+    by_node = {s.node: s for s in found}
+    patterns_pass = None
+    if not settings.enabled:
+        for s in found:
+            s.decide("exact", "disabled (enabled=False / HYPER_ATTENTION=0)")
+    elif found:
+        constants = find_constants(gm, example_inputs)
+        placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+        rewrite_sdpa(gm, by_node, selected, settings.op_args, {placeholders[p]: t for p, t in constants.items()})
+        handwritten = [s for s in found if s.kind != "sdpa"]
+        if handwritten and settings.inner_backend == "inductor":
+            from hyper_backend.lowering.patterns import AttentionPass
+
+            patterns_pass = AttentionPass(settings.op_args, settings.key(), by_node, selected, constants,
+                                          constants_key(constants))
+        for s in handwritten:
+            if settings.inner_backend != "inductor":
+                s.decide("exact", f"hand-written attention is rewritten by the inductor pass only "
+                                  f"(inner_backend={settings.inner_backend})")
+            elif not selected(s):
+                s.decide("exact", "not selected by layers")
+    compiled = _inner_compile(gm, example_inputs, settings, patterns_pass, mode)
+    if patterns_pass is not None and not patterns_pass.ran:
+        for s in found:
+            if s.kind != "sdpa":
+                s.decide("cached", "graph served from inductor's cache; hyper_backend.explain compiles afresh")
+    for s in found:
+        session.sites[s.index] = s
+        _sites.record(s)
+    return compiled
+
+
+def hyper_backend(gm: fx.GraphModule, example_inputs: List[Any], options: Optional[Mapping[str, Any]] = None,
+                  mode: Optional[str] = None, **_ignored) -> Callable:
+    """The ``torch.compile`` backend. ``options``: `HyperConfig` fields plus ``enabled``, ``layers``,
+    ``inner_backend`` and ``tune_cache`` (``''`` disables tuned lookups); see the module docstring."""
+    settings = resolve_settings(options)
+    return compile_graph(gm, example_inputs, settings, session_for(_session_owner()), mode)
+
+
+hyper_backend.reset = reset  # torch._dynamo.reset() calls the backend's reset()

@@ -1,0 +1,557 @@
+"""Hand-written attention: torch's pattern matcher rewrites it to ``torch.ops.hyper.attention``.
+
+Runs inside inductor as a ``joint_custom_pre_pass`` (`AttentionPass`), on the aten-level graph (inference or
+joint forward+backward). For each softmax in the graph a short walk (`scan`) reads the *form* of the attention
+around it as a `Form`: how the scores are scaled (``* s``, ``/ s``, scale on q first, none, a 0-d tensor scale,
+``baddbmm``'s alpha), how a mask is applied (none, ``+ mask``, ``where(mask, scores, fill)``,
+``masked_fill``/``where(mask, fill, scores)``), whether the matmuls are 4-D (``[B, H, N, D]``) or 3-D, which
+operands the matmul decomposition copies (that changes the graph), and whether it runs in a half dtype (the
+softmax then upcasts to fp32 and casts back). A pattern is traced for each form seen, once per process, with
+``register_replacement`` (``fwd_only`` for inference graphs, ``joint_fwd_bwd`` for training graphs), from
+inputs with the same layout and dtype, and the pattern matcher then finds and replaces the sites. The walk
+only decides which patterns to trace; the match itself, with the real shapes, is the pattern matcher's.
+
+``check`` accepts a match only if: the site is selected (``layers``); q/k/v shapes fit the op; the mask, if
+any, is proven all-attend or causal (bottom-right, `masks.classify`); a tensor scale is a compile-time
+constant (or ``1/sqrt(D)``); ``baddbmm``'s input is zeros. Otherwise the site keeps its exact computation and
+the reason is recorded.
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import math
+import os
+from dataclasses import dataclass
+from typing import Callable, Dict, List, Optional, Tuple
+
+import torch
+import torch.fx as fx
+from torch._inductor.custom_graph_pass import CustomGraphPass, get_hash_for_files
+from torch._inductor.pattern_matcher import (Match, PatternMatcherPass, fwd_only, gen_pattern, joint_fwd_bwd,
+                                             register_replacement, stable_topological_sort)
+from torch.fx.experimental.symbolic_shapes import statically_known_true
+
+from hyper_backend.kernels import op as _op  # noqa: F401  (registers torch.ops.hyper.attention)
+
+from . import masks
+from .sites import Site
+
+aten = torch.ops.aten
+prims = torch.ops.prims
+HALF = (torch.float16, torch.bfloat16)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# forms
+# ----------------------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Form:
+    """The shape of one hand-written attention, enough to trace a matching pattern."""
+
+    matmul: str  # "4d" (matmul on [B, H, N, D]), "3d" (bmm), "baddbmm"
+    scale: str  # "mul", "div", "q_mul", "none" (baddbmm: alpha)
+    scale_tensor: bool  # the scale is a 0-d tensor rather than a number
+    mask: str  # "none", "add", "keep" (where(m, s, fill)), "drop" (where(m, fill, s) / masked_fill)
+    copies: Tuple[bool, bool, bool]  # the 4-D matmul decomposition copies q / kᵀ / v
+    half: bool  # fp16/bf16 inputs: softmax upcasts to fp32 and casts back
+    joint: bool  # training graph
+
+    @property
+    def name(self) -> str:
+        """The kind reported for a site, e.g. ``softmax(q@kT*s + mask)@v``."""
+        mm = (lambda a: f"{a}@kT") if self.matmul == "4d" else (lambda a: f"bmm({a}, kT)")
+        scores = {"mul": mm("q") + "*s", "div": mm("q") + "/s", "q_mul": mm("(q*s)" if self.matmul == "4d" else "q*s"),
+                  "none": mm("q")}[self.scale]
+        if self.matmul == "baddbmm":
+            scores = "baddbmm(q, kT, alpha=s)"
+        scores = {"none": scores, "add": f"{scores} + mask", "keep": f"where(mask, {scores}, fill)",
+                  "drop": f"masked_fill({scores}, mask, fill)"}[self.mask]
+        return f"softmax({scores})@v" + (" (fp32 softmax)" if self.half else "")
+
+    @property
+    def argnames(self) -> Tuple[str, ...]:
+        names = ["query", "key", "value"]
+        if self.matmul == "baddbmm":
+            names.append("bias")
+        if self.mask != "none":
+            names.append("mask")
+        if self.mask in ("keep", "drop"):
+            names.append("fill")
+        if self.scale != "none" or self.matmul == "baddbmm":
+            names.append("scale")
+        return tuple(names)
+
+
+def _body(form: Form, a: dict):
+    """The attention as a model writes it (the search function)."""
+    q, k, v, scale = a["query"], a["key"], a["value"], a.get("scale")
+    if form.matmul == "baddbmm":
+        s = torch.baddbmm(a["bias"], q, k.transpose(1, 2), beta=1.0, alpha=scale)
+    else:
+        if form.scale == "q_mul":
+            q = q * scale
+        s = torch.bmm(q, k.transpose(1, 2)) if form.matmul == "3d" else q @ k.transpose(-2, -1)
+        if form.scale == "mul":
+            s = s * scale
+        elif form.scale == "div":
+            s = s / scale
+    if form.mask == "add":
+        s = s + a["mask"]
+    elif form.mask == "keep":
+        s = torch.where(a["mask"], s, a["fill"])
+    elif form.mask == "drop":
+        s = torch.where(a["mask"], a["fill"], s)
+    p = torch.softmax(s.float(), dim=-1).to(v.dtype) if form.half else torch.softmax(s, dim=-1)
+    return torch.bmm(p, v) if form.matmul != "4d" else p @ v
+
+
+def _replacement(form: Form, a: dict):
+    """The same attention as one ``hyper::attention`` call; settings come from the active `AttentionPass`."""
+    decision = _ACTIVE.pending
+    q, k, v = a["query"], a["key"], a["value"]
+    if decision.prescale == "mul":
+        q = q * a["scale"]
+    elif decision.prescale == "div":
+        q = q / a["scale"]
+    if form.matmul != "4d":  # [B*H, N, D]: one batch of B*H heads
+        q, k, v = q.unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0)
+    out = torch.ops.hyper.attention.default(q, k, v, None, decision.causal, decision.scale, *_ACTIVE.op_args)[0]
+    return out.squeeze(0) if form.matmul != "4d" else out
+
+
+def _with_signature(fn: Callable, argnames: Tuple[str, ...]) -> Callable:
+    """``fn(dict)`` as a function of exactly ``argnames`` (register_replacement reads the signature)."""
+    params = ", ".join(argnames)
+    namespace = {"fn": fn}
+    exec(f"def f({params}):\n    return fn(dict({', '.join(f'{n}={n}' for n in argnames)}))", namespace)
+    return namespace["f"]
+
+
+def _example_inputs(form: Form) -> Tuple[list, dict]:
+    B, H, N, D = 2, 2, 8, 16
+    dtype = torch.bfloat16 if form.half else torch.float32
+    grad = form.joint
+
+    def qkv(copy: bool):
+        if form.matmul != "4d":
+            t = torch.empty(B * H, N, D, dtype=dtype)
+        elif copy:  # a head-transposed view: the matmul's reshape must copy it
+            t = torch.empty(B, N, H, D, dtype=dtype).transpose(1, 2)
+        else:
+            t = torch.empty(B, H, N, D, dtype=dtype)
+        return t.requires_grad_(grad)
+
+    inputs = [qkv(form.copies[0]), qkv(form.copies[1]), qkv(form.copies[2])]
+    if form.matmul == "baddbmm":
+        inputs.append(torch.zeros(B * H, N, N, dtype=dtype))
+    if form.mask == "add":
+        inputs.append(torch.zeros(1, 1, N, N, dtype=dtype) if form.matmul == "4d" else torch.zeros(1, N, N, dtype=dtype))
+    elif form.mask in ("keep", "drop"):
+        inputs.append(torch.ones(N, N, dtype=torch.bool))
+        inputs.append(torch.tensor(-1e9, dtype=dtype))
+    if form.scale_tensor:
+        inputs.append(torch.tensor(0.25, dtype=dtype))
+    workaround = {} if form.scale_tensor or "scale" not in form.argnames else {"scale": 0.25}
+    return inputs, workaround
+
+
+FWD_PATTERNS = PatternMatcherPass(pass_name="hyper_attention")
+JOINT_PATTERNS = PatternMatcherPass(pass_name="hyper_attention_joint")
+_registered: Dict[Form, bool] = {}
+
+
+def ensure_registered(form: Form) -> None:
+    """Trace and register the pattern for ``form`` (once per process)."""
+    if form in _registered:
+        return
+    inputs, workaround = _example_inputs(form)
+    search = _with_signature(lambda a: _body(form, a), form.argnames)
+    replace = _with_signature(lambda a: _replacement(form, a), form.argnames)
+    trace = joint_fwd_bwd if form.joint else fwd_only
+    with torch.no_grad() if not form.joint else contextlib.nullcontext():
+        # The generic pattern (integers ignored) is also the one matched with the real shapes: torch's own
+        # re-trace with the real shapes fails under dynamic shapes with several size symbols. `_check`
+        # verifies the integers that matter (transposed dims, reduction dims).
+        pattern = gen_pattern(search, inputs, trace, workaround)
+        _registered[form] = register_replacement(
+            search, replace, inputs, trace, [JOINT_PATTERNS if form.joint else FWD_PATTERNS],
+            extra_check=lambda m: _check(form, m), scalar_workaround=workaround, search_fn_pattern=pattern,
+            pattern_name=form.name)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# scan: softmax cores and the form around each
+# ----------------------------------------------------------------------------------------------------------
+
+def _is(n, *targets) -> bool:
+    return isinstance(n, fx.Node) and n.op == "call_function" and n.target in targets
+
+
+def _val(n):
+    return n.meta.get("val") if isinstance(n, fx.Node) else n
+
+
+@dataclass
+class Core:
+    """A decomposed softmax ``div(exp(x - amax(x)), sum(...))`` (or ``_softmax``)."""
+
+    node: fx.Node  # amax or _softmax: carries the provenance to the Dynamo graph
+    x: fx.Node  # softmax input
+    out: fx.Node  # softmax output
+    dim: int
+
+
+def softmax_cores(graph: fx.Graph) -> List[Core]:
+    cores = []
+    for n in graph.nodes:
+        if _is(n, aten._softmax.default):
+            cores.append(Core(n, n.args[0], n, n.args[1]))
+        elif _is(n, aten.amax.default):
+            x, dims = n.args[0], n.args[1]
+            sub = next((u for u in n.users if _is(u, aten.sub.Tensor) and u.args[0] is x), None)
+            exp = next((u for u in sub.users if _is(u, aten.exp.default)), None) if sub else None
+            div = next((u for u in exp.users if _is(u, aten.div.Tensor) and u.args[0] is exp), None) if exp else None
+            if div is None or len(dims) != 1:
+                continue
+            cores.append(Core(n, x, div, dims[0]))
+    return cores
+
+
+def _unview(n):
+    """``view(E)`` with ``E = [clone](expand(x))`` -> ``(x, copied)``, else ``(None, False)``."""
+    if not _is(n, aten.view.default, aten._unsafe_view.default, aten.reshape.default):
+        return None, False
+    e = n.args[0]
+    copied = _is(e, aten.clone.default)
+    if copied:
+        e = e.args[0]
+    if not _is(e, aten.expand.default):
+        return None, False
+    return e.args[0], copied
+
+
+def _scores_source(s) -> Optional[Tuple[str, str, bool, fx.Node]]:
+    """``(matmul, scale, scale_tensor, matmul_node)`` if ``s`` is (scaled) q @ kᵀ, else None."""
+    scale, tensor = "none", False
+    if _is(s, aten.mul.Tensor, aten.div.Tensor):
+        scale = "mul" if s.target == aten.mul.Tensor else "div"
+        tensor = isinstance(_val(s.args[1]), torch.Tensor)
+        s = s.args[0]
+    if _is(s, aten.baddbmm.default):
+        return ("baddbmm", "none", False, s) if scale == "none" else None
+    if _is(s, aten.bmm.default):
+        return "3d", scale, tensor, s
+    if _is(s, aten.view.default, aten._unsafe_view.default) and _is(s.args[0], aten.bmm.default):
+        bmm = s.args[0]
+        q, _ = _unview(bmm.args[0])
+        if scale == "none" and _is(q, aten.mul.Tensor):
+            scale, tensor = "q_mul", isinstance(_val(q.args[1]), torch.Tensor)
+        return "4d", scale, tensor, bmm
+    return None
+
+
+def form_of(core: Core, joint: bool):
+    """The `Form` of the attention around ``core``, or a reason string why it is not attention we lower."""
+    xv = _val(core.x)
+    if not isinstance(xv, torch.Tensor):
+        return "softmax input has no shape"
+    if core.dim not in (-1, xv.dim() - 1):
+        return f"softmax over dim {core.dim}, not the key dim"
+    x, half = core.x, False
+    if _is(x, prims.convert_element_type.default) and _val(x.args[0]).dtype in HALF:
+        x, half = x.args[0], True
+    mask = "none"
+    if _is(x, aten.add.Tensor) and _scores_source(x.args[0]):
+        mask, x = "add", x.args[0]
+    elif _is(x, aten.where.self) and _scores_source(x.args[1]):
+        mask, x = "keep", x.args[1]
+    elif _is(x, aten.where.self) and _scores_source(x.args[2]):
+        mask, x = "drop", x.args[2]
+    src = _scores_source(x)
+    if src is None:
+        return "softmax input is not a recognised (masked, scaled) q @ kᵀ"
+    matmul, scale, tensor, mm = src
+    # downstream: [cast back] -> [expand -> view] -> bmm with v
+    p = core.out
+    if half:
+        p = next((u for u in p.users if _is(u, prims.convert_element_type.default)), None)
+        if p is None:
+            return "fp32 softmax output is not cast back"
+    if any(_is(u, aten.mul.Tensor) for u in p.users) and any(_is(u, aten.rand.default, aten.bernoulli.default)
+                                                             for u in core.out.graph.nodes):
+        return "dropout on the attention probabilities in training"
+    if matmul == "4d":
+        view = next((u for u in p.users if _is(u, aten.expand.default)), None)
+        view = next((u for u in view.users if _is(u, aten.view.default)), None) if view else None
+        pv = next((u for u in view.users if _is(u, aten.bmm.default) and u.args[0] is view), None) if view else None
+    else:
+        pv = next((u for u in p.users if _is(u, aten.bmm.default) and u.args[0] is p), None)
+    if pv is None:
+        return "softmax output does not feed a matmul with v"
+    copies = (False, False, False)
+    if matmul == "4d":
+        _, cq = _unview(mm.args[0])
+        _, ck = _unview(mm.args[1])
+        _, cv = _unview(pv.args[1])
+        copies = (cq, ck, cv)
+    return Form(matmul, scale, tensor, mask, copies, half, joint)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the pass
+# ----------------------------------------------------------------------------------------------------------
+
+@dataclass
+class Decision:
+    causal: bool
+    scale: Optional[float]
+    prescale: str = ""  # "mul" / "div": a symbolic float scale folded into q (the op scale is then 1)
+
+
+class _Active:
+    """State of the `AttentionPass` running now (the pattern matcher's callbacks have no other channel)."""
+
+    ctx: Optional["AttentionPass"] = None
+    pending: Optional[Decision] = None
+    op_args: tuple = ()
+
+
+_ACTIVE = _Active()
+
+
+def _origin_names(node: fx.Node) -> List[str]:
+    names, stack = [], list(node.meta.get("from_node") or [])
+    while stack:
+        src = stack.pop()
+        names.append(src.name)
+        stack.extend(getattr(src, "from_node", None) or [])
+    return names
+
+
+class AttentionPass(CustomGraphPass):
+    """The inductor pass. One per compiled graph: it carries that graph's settings and site table.
+
+    Args:
+        op_args: the op's trailing arguments ``(block_size, ..., seed, tune_cache)``.
+        settings_key: text of every setting that changes the rewrite (goes into `uuid`).
+        sites: the Dynamo graph's sites by node name.
+        selected: whether a site may be lowered (``layers``).
+        constants: Dynamo placeholder position -> compile-time constant tensor (causal buffers).
+        constants_key: a fingerprint of those constants' values.
+    """
+
+    def __init__(self, op_args: tuple, settings_key: str, sites: Dict[str, Site], selected: Callable[[Site], bool],
+                 constants: Dict[int, torch.Tensor], constants_key: str):
+        self.op_args, self.settings_key, self.sites = op_args, settings_key, sites
+        self.selected, self.constants, self.constants_key = selected, constants, constants_key
+        self.ran = False
+        self.reasons: Dict[str, str] = {}
+        self._aten_constants: Dict[fx.Node, torch.Tensor] = {}
+
+    def uuid(self) -> str:
+        here = os.path.dirname(os.path.abspath(__file__))
+        files = tuple(os.path.join(here, f) for f in ("patterns.py", "masks.py", "sites.py"))
+        h = hashlib.sha256(get_hash_for_files(files))
+        selection = sorted((name, s.index, self.selected(s)) for name, s in self.sites.items())
+        h.update(repr((self.settings_key, selection, self.constants_key)).encode())
+        return h.hexdigest()
+
+    # -- mapping -------------------------------------------------------------------------------------------
+    def site_of(self, node: fx.Node) -> Optional[Site]:
+        for name in _origin_names(node):
+            site = self.sites.get(name)
+            if site is not None and site.kind != "sdpa":
+                return site
+        return None
+
+    def _map_constants(self, graph: fx.Graph) -> None:
+        self._aten_constants = {}
+        inputs = [n for n in graph.nodes if n.op == "placeholder" and not n.name.startswith("tangents")]
+        for pos, tensor in self.constants.items():
+            if pos >= len(inputs):
+                continue
+            v = _val(inputs[pos])
+            if (isinstance(v, torch.Tensor) and v.dtype == tensor.dtype and v.dim() == tensor.dim()
+                    and all(statically_known_true(a == b) for a, b in zip(v.shape, tensor.shape))):
+                self._aten_constants[inputs[pos]] = tensor
+
+    def reject(self, site: Optional[Site], reason: str) -> bool:
+        if site is not None:
+            self.reasons[site.node] = reason
+        return False
+
+    # -- run -----------------------------------------------------------------------------------------------
+    def __call__(self, graph: fx.Graph) -> None:
+        from torch._inductor.fx_passes.joint_graph import early_patterns
+        from torch._inductor.fx_passes.post_grad import remove_noop_ops
+
+        self.ran = True
+        remove_noop_ops(graph)
+        early_patterns.apply(graph)
+        joint = any(n.op == "placeholder" and n.name.startswith("tangents") for n in graph.nodes)
+        self._map_constants(graph)
+        cores = softmax_cores(graph)
+        forms = {}
+        for core in cores:
+            site = self.site_of(core.node)
+            form = form_of(core, joint)
+            if isinstance(form, str):
+                self.reject(site, form)
+                if form.startswith("softmax over dim"):
+                    _shield(core)
+            else:
+                ensure_registered(form)
+                if site is not None:
+                    forms[site.node] = form
+        if not cores:
+            return
+        prev = (_ACTIVE.ctx, _ACTIVE.op_args)
+        _ACTIVE.ctx, _ACTIVE.op_args = self, self.op_args
+        try:
+            (JOINT_PATTERNS if joint else FWD_PATTERNS).apply(graph)
+        finally:
+            _ACTIVE.ctx, _ACTIVE.op_args = prev
+            _ACTIVE.pending = None
+        stable_topological_sort(graph)  # joint replacements put backward ops where the forward was
+        graph.eliminate_dead_code()
+        for site in self.sites.values():
+            if site.kind != "sdpa" and site.decision != "hyper":
+                reason = self.reasons.get(site.node)
+                if reason is None and site.node in forms:
+                    reason = (f"form {forms[site.node].name} found but its pattern did not match: scores or "
+                              "probabilities are used elsewhere, or the layout is unusual")
+                site.decide("exact", reason or "no attention pattern matched")
+
+
+def _shield(core: Core) -> None:
+    """Keep inductor's own attention patterns off a softmax over a non-key dim.
+
+    torch 2.13's pre-traced ``fuse_attention`` patterns ignore the softmax dim, and rewrite
+    ``softmax(q @ kᵀ * s, dim=-2) @ v`` into SDPA (wrong results). Writing the softmax's final division as a
+    multiplication by the reciprocal changes the graph's shape (not its meaning) so they no longer match.
+    """
+    div = core.out
+    if not _is(div, aten.div.Tensor):
+        return
+    graph = div.graph
+    with graph.inserting_before(div):
+        recip = graph.call_function(aten.reciprocal.default, (div.args[1],))
+        recip.meta.update(div.args[1].meta)
+        mul = graph.call_function(aten.mul.Tensor, (div.args[0], recip))
+        mul.meta.update(div.meta)
+    div.replace_all_uses_with(mul)
+    graph.erase_node(div)
+    from .sites import count
+
+    count("shielded")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the check of one match
+# ----------------------------------------------------------------------------------------------------------
+
+def _scale_of(node: fx.Node, form: Form, head_dim, constants) -> Tuple[bool, Optional[float], str]:
+    """A 0-d tensor scale: ``(ok, op scale, reason)``; ``1/sqrt(D)`` in any spelling gives op scale None."""
+    with masks.real_mode():
+        return _scale_value(node, form, head_dim, constants)
+
+
+def _scale_value(node, form, head_dim, constants):
+    if not masks.input_free(node, constants):
+        return False, None, "the scale depends on a tensor input"
+    syms = masks.symbols_of([_val(n) for n in masks.ancestors(node, constants)] + [head_dim])
+    env = masks._shape_env([head_dim] + [_val(n) for n in masks.ancestors(node, constants)])
+    tests = [{}] if not syms else [{s: (masks._hints(env).get(s, 16) if t == 0 else t) for s in syms}
+                                   for t in (0, 16, 64)]
+    values, defaults = [], []
+    for subs in tests:
+        try:
+            t = masks.evaluate(node, subs, constants)
+        except Exception:
+            return False, None, "the scale could not be evaluated"
+        value = float(t) if form.scale in ("mul", "q_mul") else 1.0 / float(t)
+        values.append(value)
+        defaults.append(1.0 / math.sqrt(masks._concrete(head_dim, subs)))
+    if all(math.isclose(v, d, rel_tol=1e-6) for v, d in zip(values, defaults)) and syms:
+        return True, None, ""
+    if all(math.isclose(v, values[0], rel_tol=1e-12) for v in values):
+        return True, values[0], ""
+    return False, None, "the scale depends on sizes other than as 1/sqrt(head dim)"
+
+
+def _integers_wrong(match: Match, key: fx.Node, rank: int) -> str:
+    """The pattern ignores integer arguments; check those that change the meaning."""
+    swap = list(range(rank - 2)) + [rank - 1, rank - 2]
+    for n in match.nodes:
+        if _is(n, aten.permute.default) and n.args[0] is key and [d % rank for d in n.args[1]] != swap:
+            return "k is permuted, not transposed in its last two dims"
+        if _is(n, aten.amax.default, aten.sum.dim_IntList):
+            r = _val(n.args[0]).dim()
+            if [d % r for d in n.args[1]] != [r - 1]:
+                return f"a softmax reduction over dims {list(n.args[1])}, not the key dim"
+    return ""
+
+
+def _check(form: Form, match: Match) -> bool:
+    ctx = _ACTIVE.ctx
+    if ctx is None:  # another compile using inductor's pattern passes: never rewrite outside our pass
+        return False
+    try:
+        return _check_match(ctx, form, match)
+    except Exception as e:  # an analysis we cannot finish leaves the site exact
+        core = next((n for n in match.nodes if _is(n, aten.amax.default)), None)
+        return ctx.reject(ctx.site_of(core) if core is not None else None,
+                          f"could not analyse the match ({type(e).__name__}: {e})")
+
+
+def _check_match(ctx: "AttentionPass", form: Form, match: Match) -> bool:
+    core = next((n for n in match.nodes if _is(n, aten.amax.default, aten._softmax.default)), None)
+    site = ctx.site_of(core) if core is not None else None
+    if site is None:
+        return ctx.reject(site, "site not found")
+    if not ctx.selected(site):
+        return ctx.reject(site, "not selected by layers")
+    kw = match.kwargs
+    q, k, v = (_val(kw[n]) for n in ("query", "key", "value"))
+    if not all(isinstance(t, torch.Tensor) for t in (q, k, v)):
+        return ctx.reject(site, "q/k/v are not tensors")
+    bad = _integers_wrong(match, kw["key"], q.dim())
+    if bad:
+        return ctx.reject(site, bad)
+    if form.matmul == "4d" and not (statically_known_true(q.shape[1] == k.shape[1])
+                                    and statically_known_true(k.shape[1] == v.shape[1])
+                                    and statically_known_true(q.shape[0] == k.shape[0])):
+        return ctx.reject(site, "q/k/v heads or batch broadcast")
+    nq, nk = q.shape[-2], k.shape[-2]
+    causal = False
+    if form.mask != "none":
+        use = {"add": "add", "keep": "keep", "drop": "drop"}[form.mask]
+        verdict = masks.classify(kw["mask"], use, nq, nk, ctx._aten_constants, fill=kw.get("fill"))
+        if verdict.kind is None:
+            return ctx.reject(site, verdict.reason)
+        causal = verdict.kind == "causal"
+        if causal and not statically_known_true(nq <= nk):
+            return ctx.reject(site, "causal mask where n_q may exceed n_k")
+    if form.matmul == "baddbmm":
+        bias = kw["bias"]
+        if not (_is(bias, aten.full.default) and bias.args[1] == 0):
+            return ctx.reject(site, "baddbmm input is not zeros")
+    scale = kw.get("scale")
+    prescale = ""
+    if form.scale == "none" and form.matmul != "baddbmm":
+        op_scale = 1.0
+    elif isinstance(scale, fx.Node) and isinstance(_val(scale), torch.SymFloat):
+        if form.matmul == "baddbmm" or form.scale == "q_mul":
+            return ctx.reject(site, "symbolic scale in this form")
+        op_scale, prescale = 1.0, form.scale
+    elif isinstance(scale, fx.Node):
+        ok, op_scale, reason = _scale_of(scale, form, q.shape[-1], ctx._aten_constants)
+        if not ok:
+            return ctx.reject(site, reason)
+    else:
+        op_scale = float(scale) if form.scale != "div" else 1.0 / float(scale)
+    _ACTIVE.pending = Decision(causal, op_scale, prescale)
+    site.decide("hyper", "causal" if causal else "non-causal", kind=form.name)
+    return True

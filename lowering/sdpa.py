@@ -1,0 +1,200 @@
+"""Dynamo-level lowering of ``F.scaled_dot_product_attention`` calls to ``torch.ops.hyper.attention``.
+
+In the Dynamo graph an SDPA call is one node with its arguments as written; after AOTAutograd it is a
+device-specific aten op with ``enable_gqa`` gone and bool masks turned into ``where``. So SDPA is rewritten
+here, before the graph is handed to the inner backend.
+
+A call is lowered when the op computes exactly what SDPA would, up to the approximation:
+
+- ``q, k, v`` are ``[B, H, N, D]`` (the value head dim may differ);
+- ``dropout_p`` is 0 (HF models pass 0.0 in eval mode);
+- ``scale`` is None, a number, or a symbolic float (``dynamic=True`` makes float attributes symbolic): that
+  one is multiplied into q and the op gets scale 1;
+- ``attn_mask`` is None, or a bool mask that is an AND of key-padding terms broadcastable to ``[B, 1, 1, Nk]``
+  and of input-free terms that `masks.classify` proves to be all-True or causal;
+- causal calls (``is_causal=True`` or a proven causal mask) have ``Nq == Nk`` provably, or a mask proven
+  bottom-right aligned: SDPA's ``is_causal`` aligns the diagonal top-left, the op bottom-right, and the two
+  agree only when the lengths are equal.
+
+Anything else stays an SDPA call, and the site's reason says why.
+"""
+from __future__ import annotations
+
+import operator
+from typing import Callable, Dict, List, Optional, Tuple
+
+import torch
+import torch.fx as fx
+from torch.fx.experimental.symbolic_shapes import statically_known_true
+
+from hyper_backend.kernels import op as _op  # noqa: F401  (registers torch.ops.hyper.attention)
+
+from . import masks
+from .sites import Site
+
+_SDPA_PARAMS = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
+_SDPA_DEFAULTS = {"attn_mask": None, "dropout_p": 0.0, "is_causal": False, "scale": None, "enable_gqa": False}
+_MASK_PASSTHROUGH_METHODS = ("expand", "contiguous", "bool", "to", "expand_as")
+
+
+def key_padding(batch_like: torch.Tensor, *terms: torch.Tensor) -> torch.Tensor:
+    """AND of bool terms broadcastable to ``[B, 1, 1, Nk]`` as one ``[B, Nk]`` bool key-padding mask.
+
+    ``batch_like`` is a ``[B, ...]`` tensor (the query) giving B. Each term's shape was proven at compile time.
+    """
+    out = None
+    for t in terms:
+        t = t.reshape(t.shape[0] if t.dim() == 4 else 1, t.shape[-1]).to(torch.bool)
+        t = t.expand(batch_like.shape[0], t.shape[-1])
+        out = t if out is None else out & t
+    return out.contiguous()
+
+
+def sdpa_args(node: fx.Node) -> dict:
+    out = dict(_SDPA_DEFAULTS)
+    out.update(zip(_SDPA_PARAMS, node.args))
+    out.update(node.kwargs)
+    return out
+
+
+def _val(n):
+    return n.meta.get("example_value", n.meta.get("val")) if isinstance(n, fx.Node) else n
+
+
+def _eq(a, b) -> bool:
+    return statically_known_true(a == b)
+
+
+def _mask_terms(mask: fx.Node) -> List[fx.Node]:
+    """Split a bool mask into its AND terms, looking through expand / to / contiguous."""
+    n = mask
+    while n.op == "call_method" and n.target in _MASK_PASSTHROUGH_METHODS:
+        n = n.args[0]
+    if n.op == "call_function" and n.target in (operator.and_, torch.logical_and, torch.bitwise_and) and all(
+            isinstance(a, fx.Node) for a in n.args[:2]):
+        return _mask_terms(n.args[0]) + _mask_terms(n.args[1])
+    return [n]
+
+
+def _padding_shape_ok(term: fx.Node, batch, n_k) -> bool:
+    v = _val(term)
+    if not isinstance(v, torch.Tensor) or v.dim() > 4 or v.dim() == 0:
+        return False
+    shape = (1,) * (4 - v.dim()) + tuple(v.shape)
+    return (_eq(shape[1], 1) and _eq(shape[2], 1) and _eq(shape[3], n_k)
+            and (_eq(shape[0], 1) or _eq(shape[0], batch)))
+
+
+class Plan:
+    """What to emit for one SDPA node, or why it stays exact."""
+
+    def __init__(self, reason: str = "", padding: Tuple[fx.Node, ...] = (), causal: bool = False):
+        self.reason, self.padding, self.causal = reason, padding, causal
+
+
+def plan_sdpa(node: fx.Node, constants: Dict[fx.Node, torch.Tensor]) -> Plan:
+    a = sdpa_args(node)
+    q, k, v = (_val(a[x]) for x in ("query", "key", "value"))
+    if not all(isinstance(t, torch.Tensor) and t.dim() == 4 for t in (q, k, v)):
+        return Plan("query/key/value are not [B, H, N, D]")
+    for name in ("dropout_p", "is_causal", "enable_gqa"):
+        if isinstance(a[name], fx.Node):
+            return Plan(f"{name} is not a compile-time constant")
+    if isinstance(a["scale"], fx.Node) and not isinstance(_val(a["scale"]), (torch.SymFloat, float)):
+        return Plan("scale is neither a number nor a symbolic float")
+    if a["dropout_p"] > 0.0:
+        return Plan(f"dropout_p={a['dropout_p']} (dropout is kept exact)")
+    hq, hkv = q.shape[1], k.shape[1]
+    if not _eq(hq, hkv) and not a["enable_gqa"]:
+        return Plan("query and key head counts differ without enable_gqa")
+    nq, nk, batch = q.shape[2], k.shape[2], q.shape[0]
+    causal = bool(a["is_causal"])
+    padding: List[fx.Node] = []
+    mask = a["attn_mask"]
+    if mask is not None:
+        if causal:
+            return Plan("attn_mask together with is_causal")
+        mval = _val(mask)
+        if not isinstance(mval, torch.Tensor):
+            return Plan("attn_mask is not a tensor")
+        if mval.dtype != torch.bool:
+            verdict = masks.classify(mask, "add", nq, nk, constants)
+            if verdict.kind is None:
+                return Plan(f"float attn_mask: {verdict.reason}")
+            causal = verdict.kind == "causal"
+        else:
+            for term in _mask_terms(mask):
+                if masks.input_free(term, constants):
+                    verdict = masks.classify(term, "keep", nq, nk, constants, fill=float("-inf"))
+                    if verdict.kind is None:
+                        return Plan(f"attn_mask: {verdict.reason}")
+                    causal = causal or verdict.kind == "causal"
+                elif _padding_shape_ok(term, batch, nk):
+                    padding.append(term)
+                else:
+                    return Plan("general attn_mask (not a key-padding mask broadcastable to [B, 1, 1, Nk])")
+        if causal and not statically_known_true(nq <= nk):
+            return Plan("causal mask where n_q may exceed n_k")
+    elif causal and not _eq(nq, nk):
+        return Plan("is_causal with n_q != n_k: SDPA aligns the diagonal top-left, the op bottom-right")
+    return Plan(padding=tuple(padding), causal=causal)
+
+
+def _emit(graph: fx.Graph, like: fx.Node, target, args, op: str = "call_function") -> fx.Node:
+    node = graph.create_node(op, target, args, {})
+    for key in ("stack_trace", "nn_module_stack"):
+        if key in like.meta:
+            node.meta[key] = like.meta[key]
+    fake_mode = None
+    for a in like.all_input_nodes:
+        fv = _val(a)
+        if isinstance(fv, torch.Tensor) and hasattr(fv, "fake_mode"):
+            fake_mode = fv.fake_mode
+            break
+    if fake_mode is not None:
+        fake_args = fx.node.map_arg(args, _val)
+        with fake_mode:
+            node.meta["example_value"] = target(*fake_args) if op == "call_function" else None
+    return node
+
+
+def rewrite_sdpa(gm: fx.GraphModule, sites: Dict[str, Site], selected: Callable[[Site], bool],
+                 op_args: tuple, constants: Dict[fx.Node, torch.Tensor]) -> int:
+    """Lower the selected, eligible SDPA sites of ``gm`` in place; record every decision on its `Site`.
+
+    ``op_args`` are the op's trailing arguments ``(block_size, ..., seed, tune_cache)``. Returns the number of
+    rewritten calls.
+    """
+    done = 0
+    graph = gm.graph
+    for node in list(graph.nodes):
+        site = sites.get(node.name)
+        if site is None or site.kind != "sdpa":
+            continue
+        if not selected(site):
+            site.decide("exact", "not selected by layers")
+            continue
+        plan = plan_sdpa(node, constants)
+        if plan.reason:
+            site.decide("exact", plan.reason)
+            continue
+        a = sdpa_args(node)
+        with graph.inserting_before(node):
+            kpm = None
+            if plan.padding:
+                kpm = _emit(graph, node, key_padding, (a["query"], *plan.padding))
+            query, scale = a["query"], a["scale"]
+            if isinstance(scale, fx.Node):  # a symbolic float (dynamic=True): fold it into q, op scale 1
+                query, scale = _emit(graph, node, operator.mul, (query, scale)), 1.0
+            call = _emit(graph, node, torch.ops.hyper.attention.default,
+                         (query, a["key"], a["value"], kpm, plan.causal, scale, *op_args))
+            out = _emit(graph, node, operator.getitem, (call, 0))
+        node.replace_all_uses_with(out)
+        graph.erase_node(node)
+        what = ("causal" if plan.causal else "non-causal") + (", key padding" if plan.padding else "")
+        site.decide("hyper", what)
+        done += 1
+    if done:
+        graph.eliminate_dead_code()
+        gm.recompile()
+    return done

@@ -1,0 +1,193 @@
+"""Attention sites: finding them in a Dynamo graph, numbering them, naming them, recording decisions.
+
+A *site* is one attention computation in the model: an ``F.scaled_dot_product_attention`` call, or a
+hand-written ``softmax`` whose input comes from a matmul and whose output feeds a matmul. Sites are found
+in the Dynamo graph (before AOTAutograd) so SDPA and hand-written sites share one numbering, in graph order,
+which is the order the model executes them. How numbers continue across graph breaks is decided by the
+backend (`hyper_backend.backend`): each graph gets a base offset.
+
+Every decision is logged under the ``hyper_backend`` logger and counted in
+``torch._dynamo.utils.counters["hyper_backend"]``:
+
+- ``"graphs"``: graphs compiled by the backend;
+- ``"sites"``: attention sites seen;
+- ``"rewritten"``: sites lowered to ``torch.ops.hyper.attention``; also ``"rewritten:<kind>"`` per kind;
+- ``"exact"``: sites left exact;
+- ``"cached"``: hand-written sites of a graph served from inductor's FX-graph cache (the pass did not run, so
+  its decisions are unknown to this process; `hyper_backend.explain` always compiles afresh);
+- ``"shielded"``: softmaxes over a non-key dim kept away from inductor's own attention patterns (see
+  `hyper_backend.lowering.patterns._shield`).
+"""
+from __future__ import annotations
+
+import logging
+import operator
+import os
+import re
+from dataclasses import dataclass
+from typing import List, Optional
+
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+
+log = logging.getLogger("hyper_backend")
+
+SDPA_TARGETS = (torch._C._nn.scaled_dot_product_attention, F.scaled_dot_product_attention)
+_SOFTMAX_FUNCS = (torch.softmax, F.softmax)
+_MATMUL_FUNCS = (operator.matmul, torch.matmul, torch.bmm, torch.baddbmm, torch.einsum)
+_MATMUL_METHODS = ("matmul", "bmm", "baddbmm", "__matmul__")
+# ops that may sit between the score matmul and the softmax, or between the softmax and the value matmul
+_PASS_FUNCS = (operator.add, operator.sub, operator.mul, operator.truediv, torch.add, torch.mul, torch.div,
+               torch.where, torch.masked_fill, F.dropout, torch.dropout, torch.clamp)
+_PASS_METHODS = ("add", "mul", "div", "masked_fill", "masked_fill_", "float", "half", "bfloat16", "to", "type",
+                 "type_as", "clamp", "contiguous", "__add__", "__mul__", "__truediv__", "view", "reshape")
+_MAX_HOPS = 8
+
+
+@dataclass
+class Site:
+    """One attention site and what the backend did with it.
+
+    ``index`` is the site number used by ``layers=`` / ``HYPER_LAYERS``; ``graph`` the compiled graph it is in
+    (in compile order); ``node`` the Dynamo graph node (for mapping aten-level matches back).
+    """
+
+    index: int
+    name: str
+    kind: str
+    decision: str = "exact"  # "hyper" | "exact" | "cached"
+    reason: str = ""
+    graph: int = 0
+    node: str = ""
+
+    def decide(self, decision: str, reason: str, kind: Optional[str] = None) -> None:
+        self.decision, self.reason = decision, reason
+        if kind is not None:
+            self.kind = kind
+
+
+# ----------------------------------------------------------------------------------------------------------
+# names: module path and source line, from node meta
+# ----------------------------------------------------------------------------------------------------------
+
+_SUBSCRIPT = re.compile(r"\[(?:'([^']*)'|(\d+))\]")
+_FILE_LINE = re.compile(r'File "([^"]+)", line (\d+)')
+
+
+def module_path(node: fx.Node) -> str:
+    """``L['self'].model.layers[0].self_attn`` -> ``model.layers.0.self_attn`` (innermost module of the node)."""
+    stack = node.meta.get("nn_module_stack") or node.meta.get("fwd_nn_module_stack")
+    if not stack:
+        return ""
+    path = list(stack.values())[-1][0]
+    path = _SUBSCRIPT.sub(lambda m: "." + (m.group(1) or m.group(2)), str(path))
+    path = re.sub(r"^L\.self\.?|^L\['self'\]\.?", "", path)
+    path = path.replace("._modules.", ".").lstrip(".")
+    return path
+
+
+def source_line(node: fx.Node) -> str:
+    """``file.py:123`` of the innermost frame in the node's ``stack_trace``, or ''."""
+    trace = node.meta.get("stack_trace") or ""
+    found = _FILE_LINE.findall(trace)
+    if not found:
+        return ""
+    path, line = found[-1]
+    return f"{os.path.basename(path)}:{line}"
+
+
+def site_name(node: fx.Node) -> str:
+    mod, src = module_path(node), source_line(node)
+    if mod and src:
+        return f"{mod} ({src})"
+    return mod or src or node.name
+
+
+# ----------------------------------------------------------------------------------------------------------
+# discovery in the Dynamo graph
+# ----------------------------------------------------------------------------------------------------------
+
+def is_sdpa(node: fx.Node) -> bool:
+    return node.op == "call_function" and node.target in SDPA_TARGETS
+
+
+def _is_softmax(node: fx.Node) -> bool:
+    return (node.op == "call_function" and node.target in _SOFTMAX_FUNCS) or (
+        node.op == "call_method" and node.target == "softmax")
+
+
+def _is_matmul(node: fx.Node) -> bool:
+    return (node.op == "call_function" and node.target in _MATMUL_FUNCS) or (
+        node.op == "call_method" and node.target in _MATMUL_METHODS)
+
+
+def _is_pass(node: fx.Node) -> bool:
+    return (node.op == "call_function" and node.target in _PASS_FUNCS) or (
+        node.op == "call_method" and node.target in _PASS_METHODS)
+
+
+def _reaches_matmul_upstream(node: fx.Node, hops: int = _MAX_HOPS) -> bool:
+    frontier = [a for a in node.all_input_nodes]
+    for _ in range(hops):
+        nxt = []
+        for n in frontier:
+            if _is_matmul(n):
+                return True
+            if _is_pass(n):
+                nxt.extend(n.all_input_nodes)
+        frontier = nxt
+    return False
+
+
+def _reaches_matmul_downstream(node: fx.Node, hops: int = _MAX_HOPS) -> bool:
+    frontier = list(node.users)
+    for _ in range(hops):
+        nxt = []
+        for n in frontier:
+            if _is_matmul(n):
+                return True
+            if _is_pass(n):
+                nxt.extend(n.users)
+        frontier = nxt
+    return False
+
+
+def is_handwritten_candidate(node: fx.Node) -> bool:
+    """A softmax between two matmuls (through casts, scales, masks and dropout): hand-written attention."""
+    return _is_softmax(node) and _reaches_matmul_upstream(node) and _reaches_matmul_downstream(node)
+
+
+def find_sites(gm: fx.GraphModule, base: int, graph_number: int) -> List[Site]:
+    """Sites of a Dynamo graph in execution order, numbered from ``base``."""
+    sites = []
+    for node in gm.graph.nodes:
+        if is_sdpa(node):
+            kind = "sdpa"
+        elif is_handwritten_candidate(node):
+            kind = "attention"
+        else:
+            continue
+        sites.append(Site(index=base + len(sites), name=site_name(node), kind=kind, graph=graph_number,
+                          node=node.name))
+    return sites
+
+
+# ----------------------------------------------------------------------------------------------------------
+# logging and counters
+# ----------------------------------------------------------------------------------------------------------
+
+def count(key: str, n: int = 1) -> None:
+    torch._dynamo.utils.counters["hyper_backend"][key] += n
+
+
+def record(site: Site) -> None:
+    """Log a final decision and bump the counters."""
+    count("sites")
+    if site.decision == "hyper":
+        count("rewritten")
+        count(f"rewritten:{site.kind}")
+    else:
+        count(site.decision)
+    log.info("site %d [%s] %s: %s%s", site.index, site.kind, site.name, site.decision,
+             f" ({site.reason})" if site.reason else "")

@@ -1,0 +1,313 @@
+"""The lowering: hand-written attention (inductor pattern pass), SDPA calls (Dynamo level), mask proofs.
+
+Every positive case asserts the rewrite counter and that the op's approximate path really runs at
+n >= min_seq_len; every case compares the compiled model with eager exactly below min_seq_len (tolerance tied
+to eager's own error against a float64 run). The cases that must stay exact assert that the op never runs and
+the output matches eager.
+"""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+from torch.fx.experimental.proxy_tensor import make_fx
+
+import hyper_backend
+from hyper_backend.lowering import masks
+from hyper_backend.lowering.patterns import Form
+
+import zoo
+
+OPTS = dict(min_seq_len=32, block_size=16, sample_size=16, tune_cache="")
+KINDS = {  # the kind each hand-written layer must be reported as
+    zoo.MatmulMulScale: "softmax(q@kT*s)@v",
+    zoo.MatmulDivScale: "softmax(q@kT/s)@v",
+    zoo.ScaleQueryFirst: "softmax((q*s)@kT)@v",
+    zoo.Baddbmm: "softmax(baddbmm(q, kT, alpha=s))@v",
+    zoo.Fp32Softmax: "softmax(q@kT*s)@v (fp32 softmax)",
+    zoo.AdditiveCausal: "softmax(q@kT/s + mask)@v",
+    zoo.MaskedFillCausal: "softmax(masked_fill(q@kT*s, mask, fill))@v",
+    zoo.BufferCausal: "softmax(where(mask, q@kT/s, fill))@v",
+    zoo.DropoutAttention: "softmax(q@kT*s)@v",
+}
+
+
+@pytest.fixture(autouse=True)
+def fresh():
+    """Each test compiles from scratch: no Dynamo state, no FX-graph / AOTAutograd cache hits."""
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    with torch._inductor.config.patch(fx_graph_cache=False), \
+            torch._functorch.config.patch(enable_autograd_cache=False):
+        yield
+
+
+def assert_exact(out, eager, oracle, what=""):
+    """``out`` is as close to the float64 oracle as eager at this precision is (4x eager's error, plus fp noise)."""
+    err = (out.double() - oracle).abs().max().item()
+    base = (eager.double() - oracle).abs().max().item()
+    assert err <= 4 * base + 1e-6, f"{what}: compiled error {err:.3g} vs eager's {base:.3g}"
+
+
+def oracle_of(model, *inputs):
+    import copy
+
+    m64 = copy.deepcopy(model).double()
+    with torch.no_grad():
+        return m64(*(x.double() if x.is_floating_point() else x for x in inputs))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# hand-written attention, inference: one compile (dynamic shapes) serves the exact and the approximate lengths
+# ----------------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("cls", list(zoo.HANDWRITTEN), ids=lambda c: c.__name__)
+def test_handwritten_lowered(cls, call_delta):
+    causal, dtype = zoo.HANDWRITTEN[cls]
+    torch.manual_seed(0)
+    model = zoo.Stack(cls).to(dtype).eval()
+    compiled = torch.compile(model, backend="hyper", dynamic=True, options=OPTS)
+    with torch.no_grad():
+        for n in (24, 31):  # below min_seq_len: the op runs its exact path
+            x = torch.randn(2, n, 64, dtype=dtype)
+            assert_exact(compiled(x), model(x), oracle_of(model, x), f"{cls.__name__} n={n}")
+        assert call_delta() == {"hyper": 0, "exact": 4, "backward": 0}
+        x = torch.randn(2, 80, 64, dtype=dtype)
+        out = compiled(x)
+    assert call_delta()["hyper"] == 2, "the approximate path did not run at n >= min_seq_len"
+    assert torch.isfinite(out).all()
+    counters = torch._dynamo.utils.counters["hyper_backend"]
+    assert counters["graphs"] == 1, "one compile must serve every length"
+    assert counters["rewritten"] == 2 and counters[f"rewritten:{KINDS[cls]}"] == 2
+
+
+@pytest.mark.parametrize("cls", [zoo.MatmulDivScale, zoo.Fp32Softmax, zoo.MaskedFillCausal, zoo.Baddbmm],
+                         ids=lambda c: c.__name__)
+def test_handwritten_training_exact(cls, call_delta):
+    """Training graphs are matched with joint forward+backward patterns; gradients equal eager's."""
+    causal, dtype = zoo.HANDWRITTEN[cls]
+    torch.manual_seed(0)
+    model = zoo.Stack(cls).to(dtype).train()
+    x = torch.randn(2, 24, 64, dtype=dtype, requires_grad=True)
+    compiled = torch.compile(model, backend="hyper", options=OPTS)
+    compiled(x).float().square().mean().backward()
+    grads = [p.grad.clone() for p in model.parameters()] + [x.grad.clone()]
+    model.zero_grad()
+    x.grad = None
+    model(x).float().square().mean().backward()
+    eager = [p.grad for p in model.parameters()] + [x.grad]
+    for g, e in zip(grads, eager):
+        tol = 1e-5 if dtype == torch.float32 else 3e-2 * e.abs().max().item()
+        assert (g.float() - e.float()).abs().max().item() <= tol
+    assert call_delta() == {"hyper": 0, "exact": 2, "backward": 2}
+    assert torch._dynamo.utils.counters["hyper_backend"]["rewritten"] == 2
+
+
+def test_handwritten_training_approximate(call_delta):
+    torch.manual_seed(0)
+    model = zoo.Stack(zoo.AdditiveCausal).train()
+    x = torch.randn(2, 80, 64, requires_grad=True)
+    compiled = torch.compile(model, backend="hyper", options=OPTS)
+    compiled(x).square().mean().backward()
+    assert call_delta() == {"hyper": 2, "exact": 0, "backward": 2}
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters())
+
+
+def test_dropout_in_training_stays_exact(call_delta):
+    torch.manual_seed(0)
+    model = zoo.Stack(zoo.DropoutAttention, p=0.5).train()
+    x = torch.randn(2, 40, 64, requires_grad=True)
+    report = hyper_backend.explain(model, x, options=OPTS)
+    # explain runs without grad; the site is lowered in eval-like graphs only when dropout is inert
+    assert all(s.decision == "exact" for s in report.sites)
+    assert "dropout" in report.sites[0].reason
+
+
+# ----------------------------------------------------------------------------------------------------------
+# cases that must stay exact
+# ----------------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("cls,reason", [
+    (zoo.ScoresReused, "used elsewhere"),
+    (zoo.SoftmaxOverQueries, "not the key dim"),
+    (zoo.SlidingWindow, "general mask"),
+], ids=lambda c: getattr(c, "__name__", ""))
+def test_must_stay_exact(cls, reason, call_delta):
+    torch.manual_seed(0)
+    model = zoo.Stack(cls).eval()
+    compiled = torch.compile(model, backend="hyper", dynamic=True, options=OPTS)
+    with torch.no_grad():
+        for n in (40, 80):  # 80 > the sliding window: a window mistaken for causal would show here
+            x = torch.randn(2, n, 64)
+            assert_exact(compiled(x), model(x), oracle_of(model, x), cls.__name__)
+    assert call_delta() == {"hyper": 0, "exact": 0, "backward": 0}
+    report = hyper_backend.explain(model, torch.randn(2, 40, 64), options=OPTS, dynamic=True)
+    assert [s.decision for s in report.sites] == ["exact", "exact"]
+    assert reason in report.sites[0].reason
+
+
+def test_general_mask_input_stays_exact(call_delta):
+    torch.manual_seed(0)
+    model = zoo.Stack(zoo.GeneralMask).eval()
+    x = torch.randn(2, 40, 64)
+    mask = torch.triu(torch.full((40, 40), float("-inf")), 1)  # causal by value, but an input: never trusted
+    compiled = torch.compile(model, backend="hyper", options=OPTS)
+    with torch.no_grad():
+        assert_exact(compiled(x, mask), model(x, mask), oracle_of(model, x, mask))
+    assert call_delta()["hyper"] + call_delta()["exact"] == 0
+    report = hyper_backend.explain(model, x, mask, options=OPTS)
+    assert report.sites[0].reason == "mask depends on a tensor input"
+
+
+def test_layers_selects_handwritten_sites(call_delta):
+    model = zoo.Stack(zoo.MatmulMulScale, depth=3).eval()
+    report = hyper_backend.explain(model, torch.randn(1, 40, 64), options={**OPTS, "layers": "0,2"})
+    assert [s.decision for s in report.sites] == ["hyper", "exact", "hyper"]
+    assert report.sites[1].reason == "not selected by layers"
+
+
+@pytest.mark.parametrize("inner", ["eager", "aot_eager"])
+def test_handwritten_needs_inductor(inner):
+    report = hyper_backend.explain(zoo.Stack(zoo.MatmulMulScale).eval(), torch.randn(1, 40, 64),
+                                   options={**OPTS, "inner_backend": inner})
+    assert all(s.decision == "exact" and "inductor pass only" in s.reason for s in report.sites)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# SDPA at the Dynamo level (eager inner backend: fast, and the op's eager autograd)
+# ----------------------------------------------------------------------------------------------------------
+
+class Sdpa(torch.nn.Module):
+    def __init__(self, **kw):
+        super().__init__()
+        self.kw = kw
+
+    def forward(self, q, k, v, mask=None):
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, **self.kw)
+
+
+def _qkv(nq=40, nk=40, hq=4, hkv=4, d=16, dv=None, b=2):
+    g = torch.Generator().manual_seed(0)
+    return (torch.randn(b, hq, nq, d, generator=g), torch.randn(b, hkv, nk, d, generator=g),
+            torch.randn(b, hkv, nk, dv or d, generator=g))
+
+
+def _sdpa_report(module, *inputs):
+    return hyper_backend.explain(module, *inputs, options={**OPTS, "inner_backend": "eager"})
+
+
+@pytest.mark.parametrize("case", ["plain", "causal", "gqa", "scale", "cross", "dv", "padding", "padding+causal"])
+def test_sdpa_lowered_and_exact(case, call_delta):
+    kw, mask = {}, None
+    q, k, v = _qkv()
+    if case == "causal":
+        kw = {"is_causal": True}
+    elif case == "gqa":
+        q, k, v = _qkv(hq=4, hkv=2)
+        kw = {"enable_gqa": True, "is_causal": True}
+    elif case == "scale":
+        kw = {"scale": 0.3}
+    elif case == "cross":
+        q, k, v = _qkv(nq=24, nk=40)
+    elif case == "dv":
+        q, k, v = _qkv(dv=24)
+    elif case.startswith("padding"):
+        mask = torch.ones(2, 1, 1, 40, dtype=torch.bool)
+        mask[1, ..., 30:] = False
+        kw = {"is_causal": False}
+    module = Sdpa(**kw)
+    if case == "padding+causal":  # HF's causal & padding mask, built in the graph from the padding input
+
+        class PadCausal(torch.nn.Module):
+            def forward(self, q, k, v, pad):
+                n = q.shape[-2]
+                i = torch.arange(n)
+                m = (i[None, :] <= i[:, None])[None, None] & pad[:, None, None, :]
+                return F.scaled_dot_product_attention(q, k, v, attn_mask=m)
+        module, mask = PadCausal(), mask[:, 0, 0, :]
+    inputs = (q, k, v) if mask is None else (q, k, v, mask)
+    compiled = torch.compile(module, backend="hyper", fullgraph=True, options={**OPTS, "min_seq_len": 64,
+                                                                               "inner_backend": "eager"})
+    with torch.no_grad():
+        out = compiled(*inputs)
+        eager = module(*inputs)
+        oracle = module(*(t.double() if t.is_floating_point() else t for t in inputs))
+    assert_exact(out, eager, oracle, case)
+    assert call_delta() == {"hyper": 0, "exact": 1, "backward": 0}
+    assert _sdpa_report(module, *inputs).sites[0].decision == "hyper"
+
+
+@pytest.mark.parametrize("case,reason", [
+    ("dropout", "dropout_p=0.1"),
+    ("general", "general attn_mask"),
+    ("float", "float attn_mask"),
+    ("causal_cross", "n_q != n_k"),
+])
+def test_sdpa_stays_exact(case, reason, call_delta):
+    q, k, v = _qkv()
+    args = (q, k, v)
+    module = Sdpa()
+    if case == "dropout":
+        module = Sdpa(dropout_p=0.1)
+    elif case == "general":
+        args = (q, k, v, torch.rand(2, 4, 40, 40) > 0.3)
+    elif case == "float":
+        args = (q, k, v, torch.randn(2, 1, 40, 40))
+    elif case == "causal_cross":
+        args = _qkv(nq=24, nk=40)
+        module = Sdpa(is_causal=True)
+    report = _sdpa_report(module, *args)
+    assert report.sites[0].decision == "exact" and reason in report.sites[0].reason
+    assert call_delta()["hyper"] + call_delta()["exact"] == 0
+
+
+def test_sdpa_approximate_and_backward(call_delta):
+    q, k, v = (t.requires_grad_() for t in _qkv(nq=80, nk=80))
+    compiled = torch.compile(Sdpa(is_causal=True), backend="hyper", options={**OPTS, "inner_backend": "aot_eager"})
+    compiled(q, k, v).square().mean().backward()
+    assert call_delta() == {"hyper": 1, "exact": 0, "backward": 1}
+    assert all(torch.isfinite(t.grad).all() for t in (q, k, v))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# mask proofs on small traced graphs
+# ----------------------------------------------------------------------------------------------------------
+
+def _mask_node(fn, n=12):
+    gm = make_fx(fn, tracing_mode="symbolic")(torch.empty(n, 3))
+    out = next(node for node in gm.graph.nodes if node.op == "output").args[0][0]
+    rows = next(node for node in gm.graph.nodes if node.op == "placeholder")
+    nsym = rows.meta["val"].shape[0]
+    return out, nsym
+
+
+@pytest.mark.parametrize("fn,use,kind", [
+    (lambda x: (torch.triu(torch.full((x.shape[0],) * 2, float("-inf")), 1),), "add", "causal"),
+    (lambda x: (torch.ones(x.shape[0], x.shape[0]).tril().bool(),), "keep", "causal"),
+    (lambda x: (torch.ones(x.shape[0], x.shape[0]).triu(1).bool(),), "drop", "causal"),
+    (lambda x: (torch.zeros(1, 1, x.shape[0], x.shape[0]),), "add", "none"),
+    (lambda x: (torch.triu(torch.full((x.shape[0],) * 2, float("-inf")), 0),), "add", None),  # hides the diagonal
+    (lambda x: (torch.triu(torch.full((x.shape[0],) * 2, -1.0), 1),), "add", None),  # a bias, not a mask
+    (lambda x: (torch.ones(x.shape[0], x.shape[0]).tril(-1).bool(),), "keep", None),
+    (lambda x: (torch.ones(x.shape[0], x.shape[0]).tril().bool()
+                & ~torch.ones(x.shape[0], x.shape[0]).tril(-40).bool(),), "keep", None),  # window of 40
+])
+def test_mask_classify(fn, use, kind):
+    node, n = _mask_node(fn)
+    verdict = masks.classify(node, use, n, n, {}, fill=float("-inf"))
+    assert verdict.kind == kind, verdict.reason
+
+
+def test_mask_from_input_is_never_classified():
+    gm = make_fx(lambda x, m: (m + 0,), tracing_mode="symbolic")(torch.empty(8, 3), torch.empty(8, 8))
+    out = next(n for n in gm.graph.nodes if n.op == "output").args[0][0]
+    assert masks.classify(out, "add", 8, 8, {}).reason == "mask depends on a tensor input"
+
+
+def test_form_names_are_distinct():
+    forms = {Form(mm, sc, False, mk, (False,) * 3, False, False)
+             for mm in ("4d", "3d") for sc in ("mul", "div", "q_mul", "none") for mk in ("none", "add", "keep", "drop")}
+    assert len({f.name for f in forms}) == len(forms)
