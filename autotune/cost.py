@@ -1,0 +1,274 @@
+"""A cost model of HyperAttention and exact attention, written in sympy, used to rank and prune candidates
+before timing anything and to predict the crossover length where exact attention stops being cheaper.
+
+Counts are per (batch, head) pair with ``n`` queries and ``n`` keys, following `kernels/cpu.py` step by step:
+
+* non-causal HyperAttention: two LSH projections and argsorts, gathers of q, k, v into sorted blocks, one
+  fused attention call over the ``n/b`` diagonal ``b x b`` blocks, one over the ``m`` residual samples (with a
+  ``[n/b, m]`` bias), a log-sum-exp merge and a scatter back to the original order;
+* causal HyperAttention of depth ``L``: ``2**L`` exact causal leaves, and at level ``l`` the ``2**l``
+  off-diagonal quadrants of size ``n / 2**(l+1)`` as one batched non-causal HyperAttention, plus the chunk
+  copies and the merge into the output;
+* exact attention: ``4 n^2 d`` FLOPs (half of it when causal).
+
+FLOPs and bytes are symbolic in ``n, d, b, m, r, depth`` and the element size ``s``. Time is FLOPs divided by
+the fused-attention rate measured for the same tile shape, plus bytes over the measured copy bandwidth, plus
+sort work over the measured sort rate, plus a fixed overhead per call (`Rates`, filled in by
+`measure.calibrate`). `predict_time` evaluates the symbolic parts level by level with the op's own
+exact-or-approximate decisions (`kernels.plan`), so quadrants below ``min_seq_len`` count as exact.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Tuple
+
+import sympy as sp
+
+from hyper_backend.kernels.plan import _depth, _use_hyper
+
+n, d, b, m, r, s, depth, lvl = sp.symbols("n d b m r s depth l", positive=True)
+log2 = lambda x: sp.log(x, 2)  # noqa: E731
+
+# ----------------------------------------------------------------------------------------------------------
+# symbolic counts
+# ----------------------------------------------------------------------------------------------------------
+
+# index arithmetic of the layout (permutations, padding masks, destinations): about 30 int64 passes per row
+_INDEX_BYTES_PER_ROW = 240
+
+
+def noncausal_hyper(x=n) -> Dict[str, sp.Expr]:
+    """Counts of one non-causal HyperAttention of ``x`` queries on ``x`` keys (``b < x``)."""
+    return {
+        "flops_block": 4 * x * b * d,  # QK^T and PV on the n/b diagonal b x b blocks
+        "flops_resid": 4 * x * m * d,  # every query against the m sampled keys
+        "flops_lsh": 4 * x * d * r,  # q and k projected on r hyperplanes
+        "bytes": (8 * x * d * s  # gather q, k, v (read + write) and scatter the output back
+                  + 6 * 4 * x * d  # float32 merge of the block and residual parts
+                  + 2 * 4 * (x / b) * m  # the [n/b, m] residual bias, built then read
+                  + _INDEX_BYTES_PER_ROW * x),
+        "sort": 2 * x * log2(x),  # two argsorts (compare-swap work)
+        "calls": sp.Integer(1),
+    }
+
+
+def exact(x=n, causal: bool = False) -> Dict[str, sp.Expr]:
+    """Counts of exact attention of ``x`` queries on ``x`` keys."""
+    return {"flops_exact": (2 if causal else 4) * x**2 * d, "bytes": 4 * x * d * s}
+
+
+def causal_hyper(x=n, levels=depth) -> Dict[str, sp.Expr]:
+    """Causal HyperAttention with ``levels`` halvings, every level approximated (closed form)."""
+    leaf = x / 2**levels
+    parts = {"flops_leaf": 2 * x * leaf * d}  # 2**L causal leaves of size x / 2**L
+    per_level = dict(noncausal_hyper(x / 2 ** (lvl + 1)))
+    per_level["bytes"] += 3 * 2 * (x / 2 ** (lvl + 1)) * d * s + 6 * 4 * (x / 2 ** (lvl + 1)) * d  # chunks, merge
+    for name, expr in per_level.items():
+        total = sp.summation(2**lvl * expr if name != "calls" else expr, (lvl, 0, levels - 1))
+        parts[name] = sp.simplify(total)
+    parts["bytes"] = sp.simplify(parts["bytes"] + 4 * x * d * s)  # leaves read q, k, v and write out
+    return parts
+
+
+def total_flops(parts: Dict[str, sp.Expr]) -> sp.Expr:
+    return sp.simplify(sum((v for k, v in parts.items() if k.startswith("flops")), sp.Integer(0)))
+
+
+# numeric versions of the per-call parts, for the level-by-level evaluation
+_ARGS = (n, d, b, m, r, s)
+_NC = {k: sp.lambdify(_ARGS, v, "math") for k, v in noncausal_hyper().items()}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# device rates and the time prediction
+# ----------------------------------------------------------------------------------------------------------
+
+TileKey = Tuple[int, int, bool, bool]  # (query rows, keys, keys shared by all tiles (residual), causal)
+
+
+@dataclass
+class Rates:
+    """Measured device constants (see `measure.calibrate`)."""
+
+    flash: Dict[TileKey, float] = field(default_factory=dict)  # FLOP/s of fused attention by tile shape
+    bandwidth: float = 1e10  # bytes/s of a row gather
+    sort: float = 1e8  # compare-swap work per second of argsort
+    call: float = 1e-3  # seconds of fixed overhead per non-causal HyperAttention call
+    scale_flash: float = 1.0  # measured / modelled, refitted as candidates are timed (see `refit`)
+    scale_other: float = 1.0
+
+    def flash_rate(self, rows: int, keys: int, shared: bool = False, causal: bool = False) -> float:
+        """The rate of the nearest measured tile shape (log distance), same kind if measured."""
+        if not self.flash:
+            raise ValueError("Rates.flash is empty: run measure.calibrate first")
+        same = [k for k in self.flash if k[2] == shared and k[3] == causal] or list(self.flash)
+
+        def dist(k):
+            return abs(math.log2(k[0]) - math.log2(max(rows, 1))) + abs(math.log2(k[1]) - math.log2(max(keys, 1)))
+
+        return self.flash[min(same, key=dist)]
+
+
+def tile_shapes(seq_len: int, causal: bool, c) -> List[TileKey]:
+    """The fused-attention tile shapes `predict_time` will ask `Rates` for (to calibrate them first)."""
+    shapes = {(c.block_size, c.block_size, False, False)}
+    if c.sample_size:
+        shapes.add((c.block_size, c.sample_size, True, False))
+    if causal:
+        L = _depth(seq_len, c)
+        leaf = min(math.ceil(seq_len / 2**L), _TILE_PLATEAU)
+        shapes.add((leaf, leaf, False, True) if L else _exact_tile(seq_len, True))
+    else:
+        shapes.add(_exact_tile(seq_len, False))
+    return sorted(shapes)
+
+
+# beyond this many rows and keys the fused kernel's rate is flat: larger tiles are not worth calibrating
+_TILE_PLATEAU = 4096
+
+
+def _exact_tile(x: int, causal: bool) -> TileKey:
+    t = min(x, _TILE_PLATEAU)
+    return (t, t, False, causal)
+
+
+def _nc_seconds(x: int, c, d_: int, s_: int, rates: Rates) -> Tuple[float, float]:
+    """(fused-attention seconds, other seconds) of one non-causal HyperAttention call of x by x, per batch-head."""
+    args = (x, d_, c.block_size, c.sample_size, c.lsh_num_projs, s_)
+    flash = _NC["flops_block"](*args) / rates.flash_rate(c.block_size, c.block_size)
+    if c.sample_size:
+        flash += _NC["flops_resid"](*args) / rates.flash_rate(c.block_size, c.sample_size, shared=True)
+    other = _NC["flops_lsh"](*args) / rates.flash_rate(c.block_size, c.block_size)
+    other += _NC["bytes"](*args) / rates.bandwidth + _NC["sort"](*args) / rates.sort
+    return flash, other
+
+
+def _exact_seconds(x: int, causal: bool, d_: int, s_: int, rates: Rates) -> Tuple[float, float]:
+    rows, keys, _, _ = _exact_tile(x, causal)
+    flops = (2 if causal else 4) * x * x * d_
+    return flops / rates.flash_rate(rows, keys, causal=causal), 4 * x * d_ * s_ / rates.bandwidth
+
+
+def predict_parts(seq_len: int, causal: bool, c, *, head_dim: int, elem_bytes: int, batch_heads: int,
+                  rates: Rates) -> Tuple[float, float]:
+    """Unscaled (fused-attention seconds, other seconds) of ``hyper::attention`` with candidate ``c`` (any
+    object with the `HyperConfig` field names as attributes) on ``batch_heads`` sequences of ``seq_len``."""
+    bh, N = batch_heads, seq_len
+    if not causal:
+        if not _use_hyper(N, N, c):
+            f, o = _exact_seconds(N, False, head_dim, elem_bytes, rates)
+            return f * bh, o * bh
+        f, o = _nc_seconds(N, c, head_dim, elem_bytes, rates)
+        return f * bh, o * bh + rates.call
+    L = _depth(N, c)
+    if L == 0:
+        f, o = _exact_seconds(N, True, head_dim, elem_bytes, rates)
+        return f * bh, o * bh
+    pieces = 2**L
+    leaf = math.ceil(N / pieces)
+    Np = leaf * pieces
+    flash = 2 * Np * leaf * head_dim / rates.flash_rate(leaf, leaf, causal=True) * bh
+    other = 4 * Np * head_dim * elem_bytes / rates.bandwidth * bh
+    for level in range(L):
+        count, size = 2**level, Np // 2 ** (level + 1)
+        other += (3 * 2 * size * head_dim * elem_bytes + 6 * 4 * size * head_dim) * count / rates.bandwidth * bh
+        if _use_hyper(size, size, c):
+            f, o = _nc_seconds(size, c, head_dim, elem_bytes, rates)
+            flash += f * count * bh
+            other += o * count * bh + rates.call
+        else:
+            rows, keys, _, _ = _exact_tile(size, False)
+            flash += count * 4 * size * size * head_dim / rates.flash_rate(rows, keys) * bh
+    return flash, other
+
+
+def predict_time(seq_len: int, causal: bool, c, *, head_dim: int, elem_bytes: int, batch_heads: int,
+                 rates: Rates) -> float:
+    """Predicted seconds: the parts of `predict_parts`, each scaled by its factor fitted to measurements."""
+    f, o = predict_parts(seq_len, causal, c, head_dim=head_dim, elem_bytes=elem_bytes, batch_heads=batch_heads,
+                         rates=rates)
+    return rates.scale_flash * f + rates.scale_other * o
+
+
+def exact_parts(seq_len: int, causal: bool, *, head_dim: int, elem_bytes: int, batch_heads: int,
+                rates: Rates) -> Tuple[float, float]:
+    """Unscaled (fused-attention seconds, other seconds) of exact attention."""
+    f, o = _exact_seconds(seq_len, causal, head_dim, elem_bytes, rates)
+    return f * batch_heads, o * batch_heads
+
+
+def refit(rates: Rates, points: List[Tuple[float, float, float]]) -> None:
+    """Fit ``rates.scale_flash`` and ``rates.scale_other`` to measured ``(flash, other, seconds)`` points by
+    least squares on relative error; one common factor (the median ratio) if the two-factor fit is
+    ill-conditioned or implausible."""
+    if not points:
+        return
+    rows = [(f / t, o / t) for f, o, t in points if t > 0]
+    if len(rows) >= 3:
+        aa = sum(a * a for a, _ in rows)
+        ab = sum(a * c for a, c in rows)
+        bb = sum(c * c for _, c in rows)
+        ya, yb = sum(a for a, _ in rows), sum(c for _, c in rows)
+        det = aa * bb - ab * ab
+        if det > 1e-6 * aa * bb:
+            alpha, beta = (ya * bb - yb * ab) / det, (yb * aa - ya * ab) / det
+            if 0.2 < alpha < 5 and 0.2 < beta < 5:  # else the two parts are too alike to tell apart
+                rates.scale_flash, rates.scale_other = alpha, beta
+                return
+    ratios = sorted(t / (f + o) for f, o, t in points if f + o > 0)
+    rates.scale_flash = rates.scale_other = ratios[len(ratios) // 2]
+
+
+def crossover(c, *, head_dim: int, elem_bytes: int, batch_heads: int, rates: Rates, exact_scale: float = 1.0,
+              hyper_scale: float = 1.0, hi: int = 1 << 24) -> Optional[int]:
+    """The smallest length at which non-causal HyperAttention with ``c``'s block, sample and LSH sizes is
+    predicted faster than exact attention (None if not below ``hi``). Causal HyperAttention approximates
+    quadrants of at least ``min_seq_len``, so the same length serves as its threshold.
+
+    ``exact_scale`` and ``hyper_scale`` multiply the unscaled predictions: measured / predicted ratios near the
+    crossover (see ``search.Tuner.calibrate_crossover``), where fixed overheads matter most."""
+    forced = _Forced(c.block_size, c.sample_size, c.lsh_num_projs)
+    kw = dict(head_dim=head_dim, elem_bytes=elem_bytes, batch_heads=batch_heads, rates=rates)
+
+    def hyper_wins(x: int) -> bool:
+        return hyper_scale * sum(predict_parts(x, False, forced, **kw)) < exact_scale * sum(
+            exact_parts(x, False, **kw))
+
+    lo = 2 * c.block_size  # at least two blocks
+    if hyper_wins(lo):
+        return lo
+    x = lo
+    while not hyper_wins(x):
+        if x >= hi:
+            return None
+        x *= 2
+    below = x // 2
+    while x - below > 1:  # bisect between a losing and a winning length
+        mid = (x + below) // 2
+        below, x = (below, mid) if hyper_wins(mid) else (mid, x)
+    return x
+
+
+@dataclass(frozen=True)
+class _Forced:
+    """A candidate that approximates at every length (for the crossover search)."""
+
+    block_size: int
+    sample_size: int
+    lsh_num_projs: int
+    min_seq_len: int = 1
+    causal_depth: Optional[int] = None
+
+
+def describe(causal: bool) -> Dict[str, str]:
+    """The symbolic FLOP and byte counts, as text (``--show-model``)."""
+    hyper = causal_hyper() if causal else noncausal_hyper()
+    ex = exact(causal=causal)
+    return {
+        "hyper FLOPs": str(total_flops(hyper)),
+        "hyper bytes": str(hyper["bytes"]),
+        "hyper sort work": str(hyper["sort"]),
+        "exact FLOPs": str(ex["flops_exact"]),
+    }
+

@@ -1,0 +1,140 @@
+"""Rich output of the autotuner: the stamp, live progress, the trials with predicted beside measured times,
+and the final table (config, time, error, speed against exact and against the default config)."""
+from __future__ import annotations
+
+import os
+from typing import List, Optional
+
+import torch
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+import hyper_backend
+
+from . import cache, cost, measure
+from .search import Contender, CrossoverResult, LengthResult, Settings, Trial
+
+
+def _s(x: float) -> str:
+    if x != x or x == float("inf"):
+        return "-"
+    return f"{x * 1e3:.1f} ms" if x < 1 else f"{x:.2f} s"
+
+
+def header(console: Console, s: Settings) -> None:
+    console.print(f"[bold]hyper_backend {hyper_backend.__version__} autotune[/bold] on "
+                  f"{cache.device_key(s.device)} (torch {torch.__version__}, {torch.get_num_threads()} threads, "
+                  f"{os.cpu_count()} cores; other processes running at the same time slow and scatter timings)")
+    budget = "auto (the default config's own error)" if s.max_error is None else f"{s.max_error:g}"
+    inputs = s.inputs_path or f"synthetic '{s.family}'"
+    console.print(f"lengths {s.seq_lens}, {'causal' if s.causal else 'non-causal'}, {cache.dtype_name(s.dtype)}, "
+                  f"head dim {s.head_dim}, batch {s.batch} x heads {s.heads}, inputs {inputs}, "
+                  f"max error {budget}, search budget {s.time_budget:g} s, cache {s.cache_path}")
+
+
+def model(console: Console, causal: bool) -> None:
+    t = Table(title=f"cost model ({'causal' if causal else 'non-causal'}, per batch-head)")
+    t.add_column("quantity")
+    t.add_column("expression (n length, d head dim, b block, m samples, r LSH projections, s element bytes)")
+    for k, v in cost.describe(causal).items():
+        t.add_row(k, v)
+    console.print(t)
+
+
+class RichProgress:
+    """`search.Progress` shown as a spinner for the phase and a bar over the candidates."""
+
+    def __init__(self, console: Console):
+        self.console = console
+        self.bar = Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                            TimeElapsedColumn(), console=console, transient=False)
+        self.task = None
+
+    def __enter__(self):
+        self.bar.__enter__()
+        self.task = self.bar.add_task("starting", total=None)
+        return self
+
+    def __exit__(self, *exc):
+        return self.bar.__exit__(*exc)
+
+    def phase(self, text: str) -> None:
+        self.console.log(text)
+        self.bar.update(self.task, description=text, total=None, completed=0)
+
+    def start_trials(self, total: int) -> None:
+        self.bar.update(self.task, description="candidates", total=total, completed=0)
+
+    def trial(self, t: Trial) -> None:
+        self.bar.advance(self.task)
+        if t.score is not None:
+            self.console.log(f"screen {t.candidate.label():48s} predicted {_s(t.predicted):>9s}  measured "
+                             f"{_s(t.time):>9s}  error {t.score.error:.3f}  {t.status}")
+
+    def race_round(self, index: int, race: List[Contender]) -> None:
+        parts = [f"{c.name} {_s(c.rounds[-1])} x{c.ratios[-1]:.2f}" for c in race if len(c.rounds) == index + 1]
+        self.console.log(f"race round {index + 1}: " + ", ".join(parts))
+
+
+def _label(c: Contender) -> str:
+    return "exact attention (SDPA)" if c.candidate is None else c.candidate.label()
+
+
+def trials(console: Console, r: LengthResult) -> None:
+    t = Table(title=f"n={r.seq_len}: screening (one run each, seed 0; model prediction beside measurement)")
+    for col in ("config", "predicted", "measured", "error", "status"):
+        t.add_column(col, justify="right" if col not in ("config", "status") else "left")
+    for x in sorted((x for x in r.trials if x.score is not None), key=lambda x: x.time):
+        t.add_row(x.candidate.label(), _s(x.predicted), _s(x.time), f"{x.score.error:.3f}", x.status)
+    console.print(t)
+    counts = {}
+    for x in r.trials:
+        if x.score is None:
+            counts[x.status] = counts.get(x.status, 0) + 1
+    if counts:
+        console.print("not run: " + ", ".join(f"{v} {k}" for k, v in sorted(counts.items())))
+    t = Table(title=f"n={r.seq_len}: race (alternating rounds; errors pooled over seeds; budget {r.max_error:.3f})")
+    for col in ("", "config", "predicted", "rounds", "median time", "spread", "vs default", "error", "status"):
+        t.add_column(col, justify="left" if col in ("", "config", "status") else "right")
+    for c in r.race:
+        t.add_row(c.name, _label(c), _s(c.predicted), str(len(c.rounds)), _s(c.time),
+                  f"±{measure.spread(c.rounds) * 100:.0f}%" if c.rounds else "-",
+                  f"{c.ratio:.2f}" if c.ratios else "-", f"{c.score.error:.3f}", c.status)
+    console.print(t)
+
+
+def summary(console: Console, s: Settings, results: List[LengthResult], cross: Optional[CrossoverResult],
+            elapsed: float) -> None:
+    t = Table(title="result (times: medians over the race rounds; vs default: median of per-round ratios)")
+    for col in ("n", "choice", "config", "time", "error", "budget", "vs exact", "vs default"):
+        t.add_column(col, justify="left" if col in ("choice", "config") else "right")
+    for r in results:
+        d, w = r.default, r.winner
+        budget = f"{r.max_error:.3f}" + (" auto" if r.budget_auto else "")
+        exact_note = " (extrapolated)" if r.exact_extrapolated else ""
+        choice = "exact" if w.candidate is None or "block_size" not in r.params else (
+            "default wins" if w is d else "tuned")
+        rows = [(choice, _label(w) if "block_size" in r.params else f"min_seq_len={r.params['min_seq_len']}",
+                 w.time, w.score.error, w.ratio)]
+        if w is not d:
+            rows.append(("default", _label(d), d.time, d.score.error, 1.0))
+        rows.append(("exact" + exact_note, "SDPA", r.exact_time, 0.0, r.exact_time / d.time))
+        for name, label, secs, err, ratio in rows:
+            t.add_row(str(r.seq_len), name, label, _s(secs), f"{err:.3f}", budget, f"{r.exact_time / secs:.1f}x",
+                      f"{1 / ratio:.2f}x")
+    console.print(t)
+    if cross is not None and cross.probes:
+        c = Table(title="crossover probes: non-causal exact vs HyperAttention (predictions scaled to the probes)")
+        for col in ("n", "exact measured", "exact predicted", "hyper measured", "hyper predicted"):
+            c.add_column(col, justify="right")
+        for x, ex, hy, pe, ph in cross.probes:
+            c.add_row(str(x), _s(ex), _s(pe), _s(hy), _s(ph))
+        console.print(c)
+        if cross.measured is not None:
+            console.print(f"approximate attention measured faster from n={cross.measured} among the probes")
+    if cross is not None and cross.predicted is not None:
+        console.print(f"device default min_seq_len = {cross.predicted}: the crossover predicted for the chosen "
+                      f"block and sample sizes")
+    console.print(f"wrote {s.cache_path} in {elapsed:.0f} s; hyper_attention and the hyper backend use it at run "
+                  f"time (explicit config, options and HYPER_* variables still win)")

@@ -1,0 +1,532 @@
+"""The search: candidates ranked by the cost model, screened cheapest first, the best few raced against the
+default config in alternating rounds, the fastest one within the error budget written to the cache.
+
+Per length ``n``:
+
+1. inputs (the ``--inputs`` file's first ``n`` positions, or a synthetic family) and the exact outputs of a
+   few hundred random query rows (`measure.reference`);
+2. the default `HyperConfig` runs twice (seeds 0 and 1); the error budget is ``max_error``, or, when that is
+   None (``auto``), the pooled error of the default parameters approximating at this length;
+3. exact attention is timed when the model predicts it short, else extrapolated from a timed slice of rows;
+4. screening: the grid (block size x sample size x ``min_seq_len`` x ``causal_depth``; LSH projections at the
+   default) is deduplicated by what it computes at ``n``, ranked by predicted time and pruned above the
+   default's predicted time. Candidates run once, cheapest first. One over 1.25 x the budget also prunes the
+   candidates no more accurate than it (smaller blocks and samples, more approximated levels: a heuristic).
+   The LSH projection count is then varied on the two fastest that passed;
+5. race: the default, the three fastest screened candidates within 1.25 x budget, and exact attention when it
+   was measured competitive, run in alternating rounds (each round sees the same machine load; a new seed
+   each round, errors pooled). A contender's speed is the median over rounds of its time divided by the
+   default's time in the same round. Contenders over budget, or not faster after three rounds, drop out;
+6. the winner is the fastest contender within budget that beats the default; else the default, or exact
+   attention if that was faster. Its parameters are written to the cache.
+
+After all lengths, the crossover predicted for the winner's sizes (the model scaled to timings of exact and
+approximate attention around it, measured first) becomes the device's default ``min_seq_len``.
+"""
+from __future__ import annotations
+
+import math
+import platform
+import time
+from dataclasses import dataclass, field, replace
+from typing import Dict, List, Optional, Tuple
+
+import torch
+
+import hyper_backend
+from hyper_backend.config import HyperConfig
+from hyper_backend.kernels.plan import _depth, _use_hyper
+
+from . import cache, cost, measure
+from .inputs import Sample, load_inputs, synthetic
+from .measure import Candidate, Score
+
+DEFAULTS = HyperConfig()
+DEFAULT = Candidate(DEFAULTS.block_size, DEFAULTS.sample_size, DEFAULTS.lsh_num_projs, DEFAULTS.min_seq_len,
+                    DEFAULTS.causal_depth, DEFAULTS.seed)
+
+
+@dataclass
+class Settings:
+    """What to tune (the CLI's arguments)."""
+
+    seq_lens: List[int]
+    causal: bool = True
+    dtype: torch.dtype = torch.float32
+    head_dim: int = 64
+    heads: int = 1
+    batch: int = 1
+    max_error: Optional[float] = None  # None: the default parameters' own error at each length
+    time_budget: float = 540.0  # seconds for the whole run (setup, screening, race), over all lengths
+    cache_path: str = ""
+    inputs_path: Optional[str] = None
+    family: str = "mixed"
+    error_rows: int = 512
+    block_sizes: Tuple[int, ...] = (128, 256, 512, 1024)
+    sample_sizes: Tuple[int, ...] = (128, 256, 384, 512, 768, 1024, 1536)
+    lsh_projs: Tuple[int, ...] = (4, 7, 10)
+    race_size: int = 3  # contenders besides the default
+    race_rounds: int = 7  # at most
+    check_crossover: bool = True
+    device: torch.device = field(default_factory=lambda: torch.device("cuda" if torch.cuda.is_available() else "cpu"))
+    seed: int = 0
+
+
+@dataclass
+class Trial:
+    """A screened candidate: its predicted time, and its first run (time, error) if it ran."""
+
+    candidate: Candidate
+    predicted: float
+    score: Optional[Score] = None
+    status: str = "untimed"  # pass | near | over budget | dominated | predicted slower | out of time
+
+    @property
+    def time(self) -> float:
+        return self.score.time if self.score else math.inf
+
+
+@dataclass
+class Contender:
+    """A configuration in the race (``candidate`` None: exact attention)."""
+
+    name: str
+    candidate: Optional[Candidate]
+    score: Score  # the screening run(s) and every round: errors pooled
+    predicted: float
+    rounds: List[float] = field(default_factory=list)  # race times
+    ratios: List[float] = field(default_factory=list)  # race time / default's time in the same round
+    status: str = "racing"
+
+    @property
+    def time(self) -> float:
+        return measure.median(self.rounds) if self.rounds else math.inf
+
+    @property
+    def ratio(self) -> float:
+        return measure.median(self.ratios) if self.ratios else math.inf
+
+
+@dataclass
+class LengthResult:
+    seq_len: int
+    max_error: float
+    budget_auto: bool
+    exact_time: float
+    exact_predicted: float
+    exact_extrapolated: bool
+    trials: List[Trial]
+    race: List[Contender]  # race[0] is the default
+    winner: Contender
+    params: dict  # written to the cache
+    seconds: float
+    inputs: str
+
+    @property
+    def default(self) -> Contender:
+        return self.race[0]
+
+
+@dataclass
+class CrossoverResult:
+    predicted: Optional[int]  # by the model scaled to the probes
+    probes: List[Tuple[int, float, float, float, float]]  # n, exact measured, hyper measured, exact pred, hyper pred
+    measured: Optional[int]  # the smallest probe from which approximate attention was faster
+    unscaled: Optional[int]  # by the model before the probes
+
+
+class Progress:
+    """Callbacks the CLI implements with rich; the default does nothing."""
+
+    def phase(self, text: str) -> None: ...
+
+    def start_trials(self, total: int) -> None: ...
+
+    def trial(self, t: Trial) -> None: ...
+
+    def race_round(self, index: int, race: List[Contender]) -> None: ...
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the grid
+# ----------------------------------------------------------------------------------------------------------
+
+def _pow2_ceil(x: int) -> int:
+    return 1 << max(0, math.ceil(math.log2(max(x, 1))))
+
+
+def structure(n: int, causal: bool, c: Candidate) -> tuple:
+    """What ``c`` computes at length ``n``: the leaf size and the approximated quadrant sizes (causal), or
+    whether it approximates (non-causal), with the sizes that matter. Equal structures give equal outputs."""
+    if not causal:
+        approx = _use_hyper(n, n, c)
+        return ("full", approx) + ((c.block_size, c.sample_size, c.lsh_num_projs) if approx else ())
+    L = _depth(n, c)
+    leaf = math.ceil(n / 2**L)
+    sizes = tuple(leaf * 2**(L - 1 - lvl) for lvl in range(L) if _use_hyper(leaf * 2**(L - 1 - lvl),
+                                                                             leaf * 2**(L - 1 - lvl), c))
+    if not sizes:
+        return ("causal", leaf)
+    return ("causal", leaf, sizes, c.block_size, c.sample_size, c.lsh_num_projs)
+
+
+def _thresholds(n: int, block: int, crossover: int) -> List[int]:
+    """Causal ``min_seq_len`` values to try: powers of two from a quarter to four times the crossover, that
+    approximate at ``n`` (at most ``n/2``) with at least two blocks; near ``n/2`` if the crossover is above."""
+    usable = [1 << k for k in range(n.bit_length()) if 2 * block <= 1 << k <= n // 2]
+    near = [x for x in usable if crossover // 4 <= x <= crossover * 4]
+    return near or usable[-3:]
+
+
+def no_more_accurate(a: Candidate, b: Candidate, n: int, causal: bool) -> bool:
+    """Heuristic order: ``a`` approximates at least where ``b`` does, with blocks and samples no larger."""
+    sa, sb = structure(n, causal, a), structure(n, causal, b)
+    if len(sa) < 3 or len(sb) < 3 or a.lsh_num_projs != b.lsh_num_projs:
+        return False
+    if a.block_size > b.block_size or a.sample_size > b.sample_size:
+        return False
+    if causal:
+        return set(sa[2]) >= set(sb[2]) and sa[1] <= sb[1]
+    return True
+
+
+def grid(n: int, causal: bool, s: Settings, crossover_of) -> List[Candidate]:
+    """Candidates at length ``n``, one per distinct structure (auto depth preferred on ties).
+
+    ``crossover_of(candidate) -> int`` predicts the length where that candidate starts beating exact.
+    """
+    out: Dict[tuple, Candidate] = {}
+    r = DEFAULTS.lsh_num_projs
+    for bs in s.block_sizes:
+        for m in s.sample_sizes:
+            if bs >= n:
+                continue
+            base = Candidate(bs, m, r, 1, None)
+            c = crossover_of(base)
+            if not causal:
+                cands = [replace(base, min_seq_len=min(c, n))]
+            else:
+                cands = []
+                for msl in _thresholds(n, bs, _pow2_ceil(c)):
+                    auto = replace(base, min_seq_len=msl)
+                    cands.append(auto)
+                    L = _depth(n, auto)
+                    for depth in (L - 1, L - 2):
+                        if depth >= 1:
+                            cands.append(replace(auto, causal_depth=depth))
+            for cand in cands:
+                key = structure(n, causal, cand)
+                if len(key) < 3:
+                    continue  # exact at n: that option is measured separately
+                if key not in out or (out[key].causal_depth is not None and cand.causal_depth is None):
+                    out[key] = cand
+    return list(out.values())
+
+
+# ----------------------------------------------------------------------------------------------------------
+# one length
+# ----------------------------------------------------------------------------------------------------------
+
+class Tuner:
+    def __init__(self, settings: Settings, progress: Optional[Progress] = None):
+        self.s = settings
+        self.progress = progress or Progress()
+        self.rates: Optional[cost.Rates] = None
+        self.fit_points: List[Tuple[float, float, float]] = []
+        self.elem = torch.empty((), dtype=settings.dtype).element_size()
+        self.file_samples: Optional[List[Sample]] = None
+        # measured / modelled times near the crossover (`calibrate_crossover`), for exact and approximate calls
+        self.exact_scale = self.hyper_scale = 1.0
+
+    # -- model helpers --------------------------------------------------------------------------------------
+    def _kw(self):
+        return dict(head_dim=self.s.head_dim, elem_bytes=self.elem, batch_heads=self.s.batch * self.s.heads,
+                    rates=self.rates)
+
+    def predict(self, n: int, c: Candidate) -> float:
+        measure.calibrate(self.rates, cost.tile_shapes(n, self.s.causal, c), self.s.head_dim, self.s.dtype,
+                          self.s.device)
+        return cost.predict_time(n, self.s.causal, c, **self._kw())
+
+    def crossover_of(self, c: Candidate) -> int:
+        """Predicted crossover for ``c``'s sizes (the model, scaled by the probes near the crossover)."""
+        measure.calibrate(self.rates, cost.tile_shapes(1 << 14, False, replace(c, min_seq_len=1)),
+                          self.s.head_dim, self.s.dtype, self.s.device)
+        found = cost.crossover(c, exact_scale=self.exact_scale, hyper_scale=self.hyper_scale, **self._kw())
+        return found if found is not None else 1 << 24
+
+    def predict_exact(self, n: int, causal: bool) -> float:
+        return self.exact_scale * sum(cost.exact_parts(n, causal, **self._kw()))
+
+    def _learn(self, n: int, c: Candidate, seconds: float) -> None:
+        f, o = cost.predict_parts(n, self.s.causal, c, **self._kw())
+        self.fit_points.append((f, o, seconds))
+        cost.refit(self.rates, self.fit_points)
+
+    # -- inputs ---------------------------------------------------------------------------------------------
+    def samples(self, n: int) -> List[Sample]:
+        s = self.s
+        if s.inputs_path:
+            if self.file_samples is None:
+                self.file_samples = load_inputs(s.inputs_path, dtype=s.dtype, device=s.device,
+                                                min_len=max(s.seq_lens))
+            return [x.prefix(n) for x in self.file_samples]
+        return [synthetic(s.family, n=n, head_dim=s.head_dim, heads=s.heads, batch=s.batch, dtype=s.dtype,
+                          device=s.device, seed=s.seed)]
+
+    # -- exact attention time -------------------------------------------------------------------------------
+    def exact_time(self, sample: Sample, n: int) -> Tuple[float, bool]:
+        """Measured when predicted under ~20 s, else extrapolated from the last rows' share of the work."""
+        predicted = self.predict_exact(n, self.s.causal)
+        dev = self.s.device
+        if predicted < 20.0:
+            times = [measure.time_once(lambda: measure.run_exact(sample, self.s.causal), dev)
+                     for _ in range(1 if predicted > 5 else 3)]
+            return measure.median(times), False
+        return self.exact_slice_time(sample, n, repeats=2), True
+
+    def exact_slice_time(self, sample: Sample, n: int, repeats: int) -> float:
+        """Exact attention time extrapolated from its last 512 query rows (which see every key)."""
+        rows = min(n, 512)
+        part = Sample(sample.q[:, :, -rows:], sample.k, sample.v, sample.scale, sample.name)
+        times = [measure.time_once(lambda: measure.run_exact(part, False), self.s.device) for _ in range(repeats)]
+        share = rows * n / (n * (n + 1) / 2) if self.s.causal else rows / n
+        return measure.median(times) / share
+
+    # -- one length -----------------------------------------------------------------------------------------
+    def tune_length(self, n: int, until: float) -> LengthResult:
+        """Tune length ``n``, finishing by ``until`` (a `time.monotonic` deadline)."""
+        s, P = self.s, self.progress
+        t_start = time.monotonic()
+        P.phase(f"n={n}: inputs and exact reference rows")
+        samples = self.samples(n)
+        refs = [measure.reference(x, s.causal, s.error_rows, seed=s.seed) for x in samples]
+        self.ensure_rates()
+
+        P.phase(f"n={n}: default config")
+        default = Contender("default", DEFAULT, Score(), self.predict(n, DEFAULT))
+        for seed in (0, 1):
+            self._learn(n, DEFAULT, measure.run_and_score(default.score, samples, refs, s.causal, DEFAULT, seed,
+                                                          all_samples=True))
+        max_error = s.max_error
+        if max_error is None:
+            if _approximates(n, s.causal, DEFAULT):
+                max_error = default.score.error
+            else:  # the defaults are exact here: budget = their error if they approximated at this length
+                probe = replace(DEFAULT, min_seq_len=_auto_threshold(n, s.causal))
+                sc = Score()
+                for seed in (0, 1):
+                    measure.run_and_score(sc, samples, refs, s.causal, probe, seed, all_samples=True)
+                max_error = sc.error
+
+        P.phase(f"n={n}: exact attention")
+        exact_pred = self.predict_exact(n, s.causal)
+        exact_t, extrapolated = self.exact_time(samples[0], n)
+
+        trials = self._screen(n, samples, refs, max_error, default, exact_t, until)
+        race, exact_t = self._race(n, samples, refs, max_error, default, trials, exact_t, extrapolated, until)
+        winner = self._winner(race, max_error)
+        params = self._params(n, winner)
+        return LengthResult(n, max_error, s.max_error is None, exact_t, exact_pred, extrapolated, trials, race,
+                            winner, params, time.monotonic() - t_start, samples[0].name)
+
+    def _screen(self, n, samples, refs, max_error, default, exact_t, until) -> List[Trial]:
+        s, P = self.s, self.progress
+        same_as_default = structure(n, s.causal, DEFAULT)
+        candidates = [c for c in grid(n, s.causal, s, self.crossover_of)
+                      if structure(n, s.causal, c) != same_as_default]
+        trials = [Trial(c, self.predict(n, c)) for c in candidates]
+        trials.sort(key=lambda t: t.predicted)
+        # half the remaining time, and at least three race rounds of the default and the contenders, for the race
+        now = time.monotonic()
+        deadline = min(now + 0.5 * (until - now), until - 3 * (s.race_size + 1) * default.score.time)
+        default_ok = _approximates(n, s.causal, DEFAULT) and default.score.error <= max_error
+        P.start_trials(len(trials))
+        failures: List[Candidate] = []
+
+        def screen(t: Trial) -> None:
+            t.score = Score()
+            seconds = measure.run_and_score(t.score, samples, refs, s.causal, t.candidate, 0, all_samples=True)
+            self._learn(n, t.candidate, seconds)
+            err = t.score.error
+            t.status = "pass" if err <= max_error else "near" if err <= 1.25 * max_error else "over budget"
+            if t.status != "pass":
+                failures.append(t.candidate)
+
+        for t in trials:
+            t.predicted = cost.predict_time(n, s.causal, t.candidate, **self._kw())  # refitted model
+            bound = min(cost.predict_time(n, s.causal, DEFAULT, **self._kw()) if default_ok else math.inf, exact_t)
+            if t.predicted > 1.2 * bound:
+                t.status = "predicted slower"
+            elif time.monotonic() + t.predicted > deadline:
+                t.status = "out of time"
+            elif any(no_more_accurate(t.candidate, f, n, s.causal) for f in failures):
+                t.status = "dominated"
+            else:
+                screen(t)
+            P.trial(t)
+        # vary the LSH projections on the two fastest that passed
+        passed = sorted((t for t in trials if t.status == "pass"), key=lambda t: t.time)[:2]
+        for base in passed:
+            for r in s.lsh_projs:
+                c = replace(base.candidate, lsh_num_projs=r)
+                if r == base.candidate.lsh_num_projs or time.monotonic() + base.time > deadline:
+                    continue
+                t = Trial(c, self.predict(n, c))
+                screen(t)
+                trials.append(t)
+                P.trial(t)
+        return trials
+
+    def _race(self, n, samples, refs, max_error, default, trials, exact_t, extrapolated,
+              until) -> Tuple[List[Contender], float]:
+        s, P = self.s, self.progress
+        P.phase(f"n={n}: race against the default")
+        # one screening run is noisy and the model is rough: rank by the geometric mean of the two
+        ranked = sorted((t for t in trials if t.status in ("pass", "near")),
+                        key=lambda t: (t.status != "pass", math.sqrt(t.time * t.predicted)))
+        race = [default] + [Contender(f"#{i + 1}", t.candidate, replace(t.score, times=list(t.score.times)),
+                                      t.predicted) for i, t in enumerate(ranked[:s.race_size])]
+        if not extrapolated and exact_t < 1.5 * default.score.time:
+            race.append(Contender("exact", None, Score(), exact_t))
+        exact_rounds: List[float] = []  # the extrapolated exact time, re-measured under each round's load
+        for rnd in range(s.race_rounds):
+            alive = [c for c in race if c.status == "racing"]
+            cost_round = sum(c.time if c.rounds else c.score.time for c in alive)
+            out_of_time = rnd >= 3 and time.monotonic() + cost_round > until
+            if out_of_time or (len(alive) == 1 and rnd >= 1):  # at least one round times the default
+                break
+            order = alive[rnd % len(alive):] + alive[:rnd % len(alive)]  # rotate who runs first
+            times = {}
+            for c in order:
+                times[c.name] = measure.run_and_score(c.score, samples, refs, s.causal, c.candidate, 2 + rnd)
+                c.rounds.append(times[c.name])
+            if extrapolated:
+                exact_rounds.append(self.exact_slice_time(samples[0], n, repeats=1))
+            for c in alive:
+                c.ratios.append(times[c.name] / times["default"])
+                if c is default:
+                    continue
+                if len(c.rounds) >= 2 and c.score.error > max_error:
+                    c.status = "over budget"
+                elif len(c.rounds) >= 3 and c.ratio > 1.0:
+                    c.status = "not faster"
+            P.race_round(rnd, race)
+        for c in race:
+            if c.status == "racing":
+                c.status = "finished"
+        raced_exact = [c.time for c in race if c.candidate is None and c.rounds]
+        if raced_exact:
+            exact_t = raced_exact[0]
+        return race, (measure.median(exact_rounds) if exact_rounds else exact_t)
+
+    def _winner(self, race: List[Contender], max_error: float) -> Contender:
+        default = race[0]
+        fine = [c for c in race[1:] if c.status == "finished" and c.score.error <= max_error and c.ratio < 1.0]
+        best = min(fine, key=lambda c: (round(c.ratio, 2), c.score.error), default=default)  # ties: more accurate
+        best.status = "winner"
+        return best
+
+    def _params(self, n: int, winner: Contender) -> dict:
+        if winner.candidate is None or not _approximates(n, self.s.causal, winner.candidate):
+            # exact attention at this length: a threshold above the bucket's lengths
+            c = self.crossover_of(DEFAULT)
+            return {"min_seq_len": c if c > 2 * n else 2 * n}
+        return winner.candidate.as_dict()
+
+    # -- crossover ------------------------------------------------------------------------------------------
+    def ensure_rates(self) -> None:
+        if self.rates is None:
+            self.progress.phase("calibrating the cost model")
+            self.rates = measure.calibrate_base(self.s.head_dim, self.s.dtype, self.s.device)
+
+    def calibrate_crossover(self, c: Candidate = DEFAULT, repeats: int = 5) -> CrossoverResult:
+        """Time exact and approximate non-causal attention at three powers of two around the crossover the
+        model predicts for ``c``'s sizes, and scale the model's exact and approximate times to them (fixed
+        overheads, which decide the crossover, are what a cost model knows least)."""
+        self.ensure_rates()
+        self.progress.phase("crossover: exact vs approximate around the predicted length")
+        raw = self.crossover_of(c)
+        forced = replace(c, min_seq_len=1, causal_depth=None)
+        center = min(max(_pow2_ceil(raw), 8 * c.block_size), 4096)  # probes up to 8192: a few seconds
+        kw = self._kw()
+        probes = []
+        for x in (center // 2, center, center * 2):
+            samp = synthetic("mixed", n=x, head_dim=self.s.head_dim, heads=self.s.heads, batch=self.s.batch,
+                             dtype=self.s.dtype, device=self.s.device)
+            ex, hy = [], []
+            for _ in range(repeats if x <= 4096 else 3):
+                ex.append(measure.time_once(lambda: measure.run_exact(samp, False), self.s.device))
+                hy.append(measure.time_once(lambda: measure.run_hyper(samp, False, forced), self.s.device))
+            probes.append((x, measure.median(ex), measure.median(hy), sum(cost.exact_parts(x, False, **kw)),
+                           sum(cost.predict_parts(x, False, forced, **kw))))
+        self.exact_scale = measure.median([e / pe for _, e, _, pe, _ in probes])
+        self.hyper_scale = measure.median([h / ph for _, _, h, _, ph in probes])
+        probes = [(x, e, h, pe * self.exact_scale, ph * self.hyper_scale) for x, e, h, pe, ph in probes]
+        measured = None
+        for x, e, h, _, _ in probes:
+            if h < e and all(hh < ee for xx, ee, hh, _, _ in probes if xx >= x):
+                measured = x
+                break
+        return CrossoverResult(self.crossover_of(c), probes, measured, raw)
+
+    # -- everything -----------------------------------------------------------------------------------------
+    def run(self) -> Tuple[List[LengthResult], CrossoverResult]:
+        s = self.s
+        start = time.monotonic()
+        dev_key, dt = cache.device_key(s.device), cache.dtype_name(s.dtype)
+        if s.check_crossover:
+            probe = self.calibrate_crossover()
+        else:
+            self.ensure_rates()
+            probe = None
+        results = []
+        for i, n in enumerate(s.seq_lens):
+            now = time.monotonic()
+            left = start + s.time_budget - now
+            result = self.tune_length(n, now + max(left, 0.0) / (len(s.seq_lens) - i))
+            results.append(result)
+            cache.record(s.cache_path, [cache.make_entry(device=dev_key, dtype=dt, head_dim=s.head_dim,
+                                                         causal=s.causal, seq_len=n, params=result.params,
+                                                         tuned=self._provenance(result))])
+        winners = [r.winner.candidate for r in results if r.winner.candidate is not None]
+        base = winners[-1] if winners else DEFAULT
+        predicted = self.crossover_of(base)
+        cross = CrossoverResult(predicted if predicted < 1 << 24 else None, probe.probes if probe else [],
+                                probe.measured if probe else None, None)
+        if cross.predicted is not None:
+            info = {"predicted": cross.predicted, "measured_between_probes": cross.measured,
+                    "block_size": base.block_size, "sample_size": base.sample_size,
+                    "lsh_num_projs": base.lsh_num_projs, "exact_scale": self.exact_scale,
+                    "hyper_scale": self.hyper_scale, "batch_heads": s.batch * s.heads,
+                    "probes": [dict(n=x, exact_s=e, hyper_s=h, exact_pred_s=pe, hyper_pred_s=ph)
+                               for x, e, h, pe, ph in cross.probes], **_stamp(s)}
+            cache.record(s.cache_path, defaults=[cache.make_default(device=dev_key, dtype=dt, head_dim=s.head_dim,
+                                                                    min_seq_len=cross.predicted, crossover=info)])
+        return results, cross
+
+    def _provenance(self, r: LengthResult) -> dict:
+        w, d = r.winner, r.default
+        choice = "exact" if "min_seq_len" in r.params and len(r.params) == 1 else (
+            "default" if w is d else "tuned")
+        return {"seq_len": r.seq_len, "choice": choice, "time_s": w.time, "error": w.score.error,
+                "time_vs_default": w.ratio, "default_time_s": d.time, "default_error": d.score.error,
+                "rounds": len(d.rounds), "max_error": r.max_error, "max_error_auto": r.budget_auto,
+                "exact_time_s": r.exact_time, "exact_time_extrapolated": r.exact_extrapolated,
+                "predicted_s": w.predicted, "inputs": r.inputs, "heads": self.s.heads, "batch": self.s.batch,
+                "tune_s": r.seconds, **_stamp(self.s)}
+
+
+def _approximates(n: int, causal: bool, c: Candidate) -> bool:
+    return len(structure(n, causal, c)) >= 3
+
+
+def _auto_threshold(n: int, causal: bool) -> int:
+    """A ``min_seq_len`` that makes the default sizes approximate at ``n`` (for the auto error budget)."""
+    return max(2 * DEFAULTS.block_size, n // 4 if causal else n)
+
+
+def _stamp(s: Settings) -> dict:
+    return {"torch": torch.__version__, "hyper_backend": hyper_backend.__version__,
+            "threads": torch.get_num_threads(), "host": platform.node(),
+            "date": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
