@@ -30,7 +30,7 @@ def header(console: Console, s: Settings) -> None:
     inputs = s.inputs_path or f"synthetic '{s.family}'"
     console.print(f"lengths {s.seq_lens}, {'causal' if s.causal else 'non-causal'}, {cache.dtype_name(s.dtype)}, "
                   f"head dim {s.head_dim}, batch {s.batch} x heads {s.heads}, inputs {inputs}, "
-                  f"max error {budget}, search budget {s.time_budget:g} s, cache {s.cache_path}")
+                  f"max error {budget}, time budget {s.time_budget:g} s, cache {s.cache_path}")
 
 
 def model(console: Console, causal: bool) -> None:
@@ -70,7 +70,7 @@ class RichProgress:
         self.bar.advance(self.task)
         if t.score is not None:
             self.console.log(f"screen {t.candidate.label():48s} predicted {_s(t.predicted):>9s}  measured "
-                             f"{_s(t.time):>9s}  error {t.score.error:.3f}  {t.status}")
+                             f"{_s(t.time):>9s} (x{t.ratio:.2f} default)  error {t.score.error:.3f}  {t.status}")
 
     def race_round(self, index: int, race: List[Contender]) -> None:
         parts = [f"{c.name} {_s(c.rounds[-1])} x{c.ratios[-1]:.2f}" for c in race if len(c.rounds) == index + 1]
@@ -82,11 +82,13 @@ def _label(c: Contender) -> str:
 
 
 def trials(console: Console, r: LengthResult) -> None:
-    t = Table(title=f"n={r.seq_len}: screening (one run each, seed 0; model prediction beside measurement)")
-    for col in ("config", "predicted", "measured", "error", "status"):
+    t = Table(title=f"n={r.seq_len}: screening (one run each, seed 0; model prediction beside measurement; "
+                    f"vs default: against the default re-timed around it)")
+    for col in ("config", "predicted", "measured", "predicted vs default", "measured vs default", "error", "status"):
         t.add_column(col, justify="right" if col not in ("config", "status") else "left")
-    for x in sorted((x for x in r.trials if x.score is not None), key=lambda x: x.time):
-        t.add_row(x.candidate.label(), _s(x.predicted), _s(x.time), f"{x.score.error:.3f}", x.status)
+    for x in sorted((x for x in r.trials if x.score is not None), key=lambda x: x.ratio):
+        t.add_row(x.candidate.label(), _s(x.predicted), _s(x.time), f"{x.predicted_ratio:.2f}", f"{x.ratio:.2f}",
+                  f"{x.score.error:.3f}", x.status)
     console.print(t)
     counts = {}
     for x in r.trials:

@@ -80,6 +80,8 @@ class Trial:
     predicted: float
     score: Optional[Score] = None
     status: str = "untimed"  # pass | near | over budget | dominated | predicted slower | out of time
+    ratio: float = math.inf  # its time / the default's, timed just before and after (machine load drifts)
+    predicted_ratio: float = math.inf
 
     @property
     def time(self) -> float:
@@ -343,11 +345,26 @@ class Tuner:
         default_ok = _approximates(n, s.causal, DEFAULT) and default.score.error <= max_error
         P.start_trials(len(trials))
         failures: List[Candidate] = []
+        # the default is re-timed before every third candidate; a candidate's ratio is its time over the mean
+        # of the default's times just before and just after it
+        pending: List[Trial] = []
+        last_default = [default.score.times[-1]]
+
+        def time_default() -> None:
+            seconds = measure.run_and_score(default.score, samples, refs, s.causal, DEFAULT, len(default.score.times))
+            for p in pending:
+                p.ratio = p.time / (0.5 * (last_default[0] + seconds))
+            pending.clear()
+            last_default[0] = seconds
 
         def screen(t: Trial) -> None:
+            if len(pending) == 3:
+                time_default()
             t.score = Score()
             seconds = measure.run_and_score(t.score, samples, refs, s.causal, t.candidate, 0, all_samples=True)
             self._learn(n, t.candidate, seconds)
+            t.ratio = seconds / last_default[0]  # refined by the next default run
+            pending.append(t)
             err = t.score.error
             t.status = "pass" if err <= max_error else "near" if err <= 1.25 * max_error else "over budget"
             if t.status != "pass":
@@ -355,7 +372,9 @@ class Tuner:
 
         for t in trials:
             t.predicted = cost.predict_time(n, s.causal, t.candidate, **self._kw())  # refitted model
-            bound = min(cost.predict_time(n, s.causal, DEFAULT, **self._kw()) if default_ok else math.inf, exact_t)
+            predicted_default = cost.predict_time(n, s.causal, DEFAULT, **self._kw())
+            t.predicted_ratio = t.predicted / predicted_default
+            bound = min(predicted_default if default_ok else math.inf, exact_t)
             if t.predicted > 1.2 * bound:
                 t.status = "predicted slower"
             elif time.monotonic() + t.predicted > deadline:
@@ -366,25 +385,30 @@ class Tuner:
                 screen(t)
             P.trial(t)
         # vary the LSH projections on the two fastest that passed
-        passed = sorted((t for t in trials if t.status == "pass"), key=lambda t: t.time)[:2]
+        passed = sorted((t for t in trials if t.status == "pass"), key=lambda t: t.ratio)[:2]
         for base in passed:
             for r in s.lsh_projs:
                 c = replace(base.candidate, lsh_num_projs=r)
                 if r == base.candidate.lsh_num_projs or time.monotonic() + base.time > deadline:
                     continue
                 t = Trial(c, self.predict(n, c))
+                t.predicted_ratio = base.predicted_ratio
                 screen(t)
                 trials.append(t)
                 P.trial(t)
+        if pending:
+            time_default()
         return trials
 
     def _race(self, n, samples, refs, max_error, default, trials, exact_t, extrapolated,
               until) -> Tuple[List[Contender], float]:
         s, P = self.s, self.progress
         P.phase(f"n={n}: race against the default")
-        # one screening run is noisy and the model is rough: rank by the geometric mean of the two
+        # one screening run is noisy and the model is rough: rank by the geometric mean of the measured and the
+        # predicted speed relative to the default, those with some error margin first (errors vary with the seed)
         ranked = sorted((t for t in trials if t.status in ("pass", "near")),
-                        key=lambda t: (t.status != "pass", math.sqrt(t.time * t.predicted)))
+                        key=lambda t: (t.status != "pass", t.score.error > 0.95 * max_error,
+                                       math.sqrt(t.ratio * t.predicted_ratio)))
         race = [default] + [Contender(f"#{i + 1}", t.candidate, replace(t.score, times=list(t.score.times)),
                                       t.predicted) for i, t in enumerate(ranked[:s.race_size])]
         if not extrapolated and exact_t < 1.5 * default.score.time:
