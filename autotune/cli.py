@@ -99,15 +99,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="tune causal (default) or non-causal attention")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
     p.add_argument("--head-dim", type=_positive_int, default=None, help="head dimension (default 64, or the file's)")
-    p.add_argument("--heads", type=_positive_int, default=1, help="query heads of the synthetic inputs (default 1)")
-    p.add_argument("--batch", type=_positive_int, default=1, help="batch of the synthetic inputs (default 1)")
+    p.add_argument("--heads", type=_positive_int, default=1, help="query heads of the synthetic inputs (default 1; --inputs sets its own)")
+    p.add_argument("--batch", type=_positive_int, default=1, help="batch of the synthetic inputs (default 1; --inputs sets its own)")
     p.add_argument("--max-error", type=_max_error, default=None, metavar="E",
                    help="relative Frobenius error allowed on the sampled rows, or 'auto' (default): the error "
                         "the default HyperConfig itself makes at each length, so the tuned config is never "
                         "less accurate than the defaults")
     p.add_argument("--time-budget", type=_seconds, default=540.0, metavar="S",
-                   help="seconds for the whole run, shared by the lengths (default 540): the search stops early "
-                        "enough to re-time the winner against the default within it")
+                   help="seconds for the whole run, shared by the lengths (default 540); at each length about "
+                        "half of what is left screens candidates and the rest races the best against the default")
     p.add_argument("--cache", default=None, metavar="PATH",
                    help="cache file (default $HYPER_TUNE_CACHE, else $XDG_CACHE_HOME/hyper_backend/tune.json)")
     p.add_argument("--inputs", default=None, metavar="FILE",
@@ -132,8 +132,10 @@ def settings_from_args(args, parser):
     from .search import Settings
 
     seq = sorted({n for group in args.seq for n in group})
-    device = torch.device(args.device) if args.device else torch.device(
-        "cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    except RuntimeError:
+        parser.error(f"--device {args.device!r} is not a torch device (cpu, cuda, cuda:1, ...)")
     if device.type == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA device is available")
     head_dim = args.head_dim

@@ -17,8 +17,8 @@ Per length ``n``:
    was measured competitive, run in alternating rounds (each round sees the same machine load; a new seed
    each round, errors pooled). A contender's speed is the median over rounds of its time divided by the
    default's time in the same round. Contenders over budget, or not faster after three rounds, drop out;
-6. the winner is the fastest contender within budget that beats the default; else the default, or exact
-   attention if that was faster. Its parameters are written to the cache.
+6. the winner is the fastest contender within budget that beats the default by 2% or more; else the default,
+   or exact attention if that was faster. Its parameters are written to the cache.
 
 After all lengths, the crossover predicted for the winner's sizes (the model scaled to timings of exact and
 approximate attention around it, measured first) becomes the device's default ``min_seq_len``.
@@ -446,7 +446,8 @@ class Tuner:
 
     def _winner(self, race: List[Contender], max_error: float) -> Contender:
         default = race[0]
-        fine = [c for c in race[1:] if c.status == "finished" and c.score.error <= max_error and c.ratio < 1.0]
+        # a 2% margin: a contender indistinguishable from the default does not replace it
+        fine = [c for c in race[1:] if c.status == "finished" and c.score.error <= max_error and c.ratio < 0.98]
         best = min(fine, key=lambda c: (round(c.ratio, 2), c.score.error), default=default)  # ties: more accurate
         best.status = "winner"
         return best

@@ -245,6 +245,7 @@ def test_parse_seq_forms():
     (["--seq", "4096", "--head-dim", "30"], "multiple of 4"),
     (["--seq", "4096", "--inputs", "/nonexistent/qkv.pt"], "no such file"),
     (["--seq", "4096", "--lsh-projs", "7,40"], "at most 30"),
+    (["--seq", "4096", "--device", "gpu9"], "not a torch device"),
 ])
 def test_cli_rejects_bad_arguments(argv, message, capsys):
     with pytest.raises(SystemExit) as exc:
