@@ -1,6 +1,8 @@
 """`explain`: what the hyper backend does to each attention site of a model, as a table."""
 from __future__ import annotations
 
+import contextlib
+import logging
 from dataclasses import dataclass, field
 from typing import Any, List, Mapping, Optional
 
@@ -69,3 +71,37 @@ def explain(model, *args, options: Optional[Mapping[str, Any]] = None, dynamic: 
             torch._functorch.config.patch(enable_autograd_cache=False), torch.no_grad():
         torch.compile(model, backend=backend, dynamic=dynamic)(*args, **kwargs)
     return Report(sorted(session.sites.values(), key=lambda s: s.index), settings, session.graphs)
+
+
+class _Collector(logging.Handler):
+    def __init__(self, report: Report):
+        super().__init__(logging.INFO)
+        self.report = report
+
+    def emit(self, record: logging.LogRecord) -> None:
+        site = getattr(record, "hyper_site", None)
+        if site is not None:
+            self.report.sites = [s for s in self.report.sites if s.index != site.index or s.graph != site.graph]
+            self.report.sites.append(site)
+            self.report.sites.sort(key=lambda s: s.index)
+            self.report.graphs = max(self.report.graphs, site.graph + 1)
+
+
+@contextlib.contextmanager
+def collect():
+    """Gather the sites decided by ``backend="hyper"`` compiles inside the block into a `Report`.
+
+    Unlike `explain` this adds no compile: it listens to the compile-time log of the ``hyper_backend`` logger.
+    """
+    logger = logging.getLogger("hyper_backend")
+    report = Report()
+    handler = _Collector(report)
+    level = logger.level
+    logger.addHandler(handler)
+    if logger.getEffectiveLevel() > logging.INFO:
+        logger.setLevel(logging.INFO)
+    try:
+        yield report
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)

@@ -481,6 +481,13 @@ def _scale_value(node, form, head_dim, constants):
     return False, None, "the scale depends on sizes other than as 1/sqrt(head dim)"
 
 
+def _runtime_scalar(node: fx.Node, constants) -> bool:
+    v = _val(node)
+    if isinstance(v, torch.SymFloat):
+        return True
+    return isinstance(v, torch.Tensor) and v.dim() == 0 and not masks.input_free(node, constants)
+
+
 def _integers_wrong(match: Match, key: fx.Node, rank: int) -> str:
     """The pattern ignores integer arguments; check those that change the meaning."""
     swap = list(range(rank - 2)) + [rank - 1, rank - 2]
@@ -542,10 +549,9 @@ def _check_match(ctx: "AttentionPass", form: Form, match: Match) -> bool:
     prescale = ""
     if form.scale == "none" and form.matmul != "baddbmm":
         op_scale = 1.0
-    elif isinstance(scale, fx.Node) and isinstance(_val(scale), torch.SymFloat):
-        if form.matmul == "baddbmm" or form.scale == "q_mul":
-            return ctx.reject(site, "symbolic scale in this form")
-        op_scale, prescale = 1.0, form.scale
+    elif isinstance(scale, fx.Node) and _runtime_scalar(scale, ctx._aten_constants):
+        # a symbolic float or a 0-d tensor input (dynamic=True makes float attributes inputs): fold into q
+        op_scale, prescale = 1.0, "div" if form.scale == "div" else "mul"
     elif isinstance(scale, fx.Node):
         ok, op_scale, reason = _scale_of(scale, form, q.shape[-1], ctx._aten_constants)
         if not ok:

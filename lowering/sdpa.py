@@ -7,7 +7,8 @@ here, before the graph is handed to the inner backend.
 A call is lowered when the op computes exactly what SDPA would, up to the approximation:
 
 - ``q, k, v`` are ``[B, H, N, D]`` (the value head dim may differ);
-- ``dropout_p`` is 0 (HF models pass 0.0 in eval mode);
+- ``dropout_p`` is 0 (HF models pass 0.0 in eval mode). A symbolic float (``dynamic=True`` makes float
+  attributes symbolic) is decided on its value, under a guard;
 - ``scale`` is None, a number, or a symbolic float (``dynamic=True`` makes float attributes symbolic): that
   one is multiplied into q and the op gets scale 1;
 - ``attn_mask`` is None, or a bool mask that is an AND of key-padding terms broadcastable to ``[B, 1, 1, Nk]``
@@ -97,6 +98,10 @@ def plan_sdpa(node: fx.Node, constants: Dict[fx.Node, torch.Tensor]) -> Plan:
     q, k, v = (_val(a[x]) for x in ("query", "key", "value"))
     if not all(isinstance(t, torch.Tensor) and t.dim() == 4 for t in (q, k, v)):
         return Plan("query/key/value are not [B, H, N, D]")
+    if isinstance(a["dropout_p"], fx.Node) and isinstance(_val(a["dropout_p"]), torch.SymFloat):
+        # dynamic=True makes float attributes symbolic; decide on the value seen, under a guard (a model
+        # whose dropout probability changes recompiles)
+        a["dropout_p"] = 0.0 if bool(_val(a["dropout_p"]) == 0.0) else float(_val(a["dropout_p"]))
     for name in ("dropout_p", "is_causal", "enable_gqa"):
         if isinstance(a[name], fx.Node):
             return Plan(f"{name} is not a compile-time constant")

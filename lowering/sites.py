@@ -127,35 +127,20 @@ def _is_pass(node: fx.Node) -> bool:
         node.op == "call_method" and node.target in _PASS_METHODS)
 
 
-def _reaches_matmul_upstream(node: fx.Node, hops: int = _MAX_HOPS) -> bool:
-    frontier = [a for a in node.all_input_nodes]
+def _reaches_matmul(node: fx.Node, upstream: bool, hops: int = _MAX_HOPS) -> bool:
+    """A matmul within ``hops`` steps of ``node`` (inputs if ``upstream``, else users), through pass-through ops."""
+    step = (lambda n: n.all_input_nodes) if upstream else (lambda n: list(n.users))
+    frontier = step(node)
     for _ in range(hops):
-        nxt = []
-        for n in frontier:
-            if _is_matmul(n):
-                return True
-            if _is_pass(n):
-                nxt.extend(n.all_input_nodes)
-        frontier = nxt
-    return False
-
-
-def _reaches_matmul_downstream(node: fx.Node, hops: int = _MAX_HOPS) -> bool:
-    frontier = list(node.users)
-    for _ in range(hops):
-        nxt = []
-        for n in frontier:
-            if _is_matmul(n):
-                return True
-            if _is_pass(n):
-                nxt.extend(n.users)
-        frontier = nxt
+        if any(_is_matmul(n) for n in frontier):
+            return True
+        frontier = [m for n in frontier if _is_pass(n) for m in step(n)]
     return False
 
 
 def is_handwritten_candidate(node: fx.Node) -> bool:
     """A softmax between two matmuls (through casts, scales, masks and dropout): hand-written attention."""
-    return _is_softmax(node) and _reaches_matmul_upstream(node) and _reaches_matmul_downstream(node)
+    return _is_softmax(node) and _reaches_matmul(node, upstream=True) and _reaches_matmul(node, upstream=False)
 
 
 def find_sites(gm: fx.GraphModule, base: int, graph_number: int) -> List[Site]:
@@ -182,7 +167,7 @@ def count(key: str, n: int = 1) -> None:
 
 
 def record(site: Site) -> None:
-    """Log a final decision and bump the counters."""
+    """Log a final decision and bump the counters. The log record carries the `Site` as ``hyper_site``."""
     count("sites")
     if site.decision == "hyper":
         count("rewritten")
@@ -190,4 +175,4 @@ def record(site: Site) -> None:
     else:
         count(site.decision)
     log.info("site %d [%s] %s: %s%s", site.index, site.kind, site.name, site.decision,
-             f" ({site.reason})" if site.reason else "")
+             f" ({site.reason})" if site.reason else "", extra={"hyper_site": site})

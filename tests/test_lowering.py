@@ -37,11 +37,7 @@ KINDS = {  # the kind each hand-written layer must be reported as
 
 @pytest.fixture(autouse=True)
 def fresh():
-    """Each test compiles from scratch: no Dynamo state, no FX-graph / AOTAutograd cache hits."""
-    torch._dynamo.reset()
-    torch._dynamo.utils.counters.clear()
-    with torch._inductor.config.patch(fx_graph_cache=False), \
-            torch._functorch.config.patch(enable_autograd_cache=False):
+    with zoo.fresh_compiles():
         yield
 
 

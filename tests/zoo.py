@@ -6,11 +6,22 @@ output projection. ``EXPECT`` says what the backend must do with each: ``"hyper"
 """
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+
+@contextlib.contextmanager
+def fresh_compiles():
+    """No Dynamo state and no inductor FX-graph / AOTAutograd cache hits: every compile happens (and is counted)."""
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    with torch._inductor.config.patch(fx_graph_cache=False), \
+            torch._functorch.config.patch(enable_autograd_cache=False):
+        yield
 
 
 class _Layer(nn.Module):
@@ -206,41 +217,47 @@ NEGATIVE = (ScoresReused, SoftmaxOverQueries, SlidingWindow)
 # tiny HF transformers models (random weights, built from configs: no downloads)
 # ----------------------------------------------------------------------------------------------------------
 
-def _tiny(**kw):
-    base = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128, vocab_size=128,
-                max_position_embeddings=2048)
+def _tiny(layers=2, **kw):
+    base = dict(hidden_size=64, num_hidden_layers=layers, num_attention_heads=4, intermediate_size=128, vocab_size=128,
+                max_position_embeddings=2048, attention_dropout=0.0)
     base.update(kw)
     return base
 
 
-def hf_model(name: str, attn: str = "sdpa"):
-    """``(model, make_inputs(n, batch) -> kwargs, expected_sites, causal)`` for a tiny HF model in eval mode."""
+def hf_model(name: str, attn: str = "sdpa", layers: int = 2):
+    """``(model, make_inputs(n, batch) -> kwargs, attention sites)`` for a tiny HF model in eval mode.
+
+    Every dropout probability is 0, so train mode computes what eval mode does (a training step can be
+    compared with eager, and SDPA sites see ``dropout_p=0``).
+    """
     import transformers as T
 
     torch.manual_seed(0)
     ids = lambda n, b: {"input_ids": torch.randint(0, 128, (b, n))}  # noqa: E731
     if name == "llama":
-        m = T.LlamaForCausalLM(T.LlamaConfig(**_tiny(num_key_value_heads=2), attn_implementation=attn))
-        return m.eval(), ids, 2
+        m = T.LlamaForCausalLM(T.LlamaConfig(**_tiny(layers, num_key_value_heads=2), attn_implementation=attn))
+        return m.eval(), ids, layers
     if name == "mistral":
-        m = T.MistralForCausalLM(T.MistralConfig(**_tiny(num_key_value_heads=2, sliding_window=None),
+        m = T.MistralForCausalLM(T.MistralConfig(**_tiny(layers, num_key_value_heads=2, sliding_window=None),
                                                  attn_implementation=attn))
-        return m.eval(), ids, 2
+        return m.eval(), ids, layers
     if name == "qwen2":
-        m = T.Qwen2ForCausalLM(T.Qwen2Config(**_tiny(num_key_value_heads=2), attn_implementation=attn))
-        return m.eval(), ids, 2
+        m = T.Qwen2ForCausalLM(T.Qwen2Config(**_tiny(layers, num_key_value_heads=2), attn_implementation=attn))
+        return m.eval(), ids, layers
     if name == "gpt2":
         m = T.GPT2LMHeadModel(T.GPT2Config(n_embd=64, n_layer=2, n_head=4, vocab_size=128, n_positions=2048,
-                                           attn_implementation=attn))
+                                           attn_pdrop=0.0, resid_pdrop=0.0, embd_pdrop=0.0,
+                                           bos_token_id=0, eos_token_id=0, attn_implementation=attn))
         return m.eval(), ids, 2
     if name == "gpt_neox":
-        m = T.GPTNeoXForCausalLM(T.GPTNeoXConfig(**_tiny(), attn_implementation=attn))
-        return m.eval(), ids, 2
+        m = T.GPTNeoXForCausalLM(T.GPTNeoXConfig(**_tiny(layers, hidden_dropout=0.0), attn_implementation=attn))
+        return m.eval(), ids, layers
     if name == "phi":
-        m = T.PhiForCausalLM(T.PhiConfig(**_tiny(), attn_implementation=attn))
-        return m.eval(), ids, 2
+        m = T.PhiForCausalLM(T.PhiConfig(**_tiny(layers, resid_pdrop=0.0, embd_pdrop=0.0), attn_implementation=attn))
+        return m.eval(), ids, layers
     if name == "bert":
-        m = T.BertModel(T.BertConfig(**_tiny(), attn_implementation=attn), add_pooling_layer=False)
+        m = T.BertModel(T.BertConfig(**_tiny(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0),
+                                         attn_implementation=attn), add_pooling_layer=False)
 
         def padded(n, b):
             mask = torch.ones(b, n, dtype=torch.long)
@@ -249,7 +266,8 @@ def hf_model(name: str, attn: str = "sdpa"):
         return m.eval(), padded, 2
     if name == "vit":
         cfg = T.ViTConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
-                          image_size=64, patch_size=4, num_channels=3, attn_implementation=attn)
+                          image_size=64, patch_size=4, num_channels=3, hidden_dropout_prob=0.0,
+                          attention_probs_dropout_prob=0.0, attn_implementation=attn)
         m = T.ViTModel(cfg, add_pooling_layer=False)
 
         def images(n, b):  # n is ignored: the sequence is (64/4)^2 + 1 = 257 tokens
@@ -258,7 +276,8 @@ def hf_model(name: str, attn: str = "sdpa"):
     if name == "bart":
         cfg = T.BartConfig(d_model=64, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4,
                            decoder_attention_heads=4, encoder_ffn_dim=128, decoder_ffn_dim=128, vocab_size=128,
-                           max_position_embeddings=2048, attn_implementation=attn)
+                           max_position_embeddings=2048, dropout=0.0, attention_dropout=0.0, activation_dropout=0.0,
+                           attn_implementation=attn)
         m = T.BartModel(cfg)
 
         def seq2seq(n, b):  # decoder length n // 4: cross-attention has n_q != n_k
