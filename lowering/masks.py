@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import operator
 from dataclasses import dataclass
 from typing import Dict, Iterable, List, Optional, Sequence
 
@@ -80,12 +79,6 @@ def real_mode():
         yield
 
 
-def _expr(v):
-    if isinstance(v, (torch.SymInt, torch.SymFloat, torch.SymBool)):
-        return v.node.expr
-    return sympy.sympify(v)
-
-
 def symbols_of(values: Iterable) -> set:
     out = set()
     for v in values:
@@ -94,7 +87,7 @@ def symbols_of(values: Iterable) -> set:
     return out
 
 
-def _concrete(v, subs: dict):
+def concrete(v, subs: dict):
     if isinstance(v, torch.SymInt):
         return int(v.node.expr.xreplace(subs))
     if isinstance(v, torch.SymFloat):
@@ -125,7 +118,7 @@ def evaluate(node: fx.Node, subs: dict, constants: Dict[fx.Node, torch.Tensor]):
         if n in constants:
             cache[n] = constants[n].to(CPU)
         elif _is_scalar(v):
-            cache[n] = _concrete(v, subs)
+            cache[n] = concrete(v, subs)
         elif n.op == "placeholder":
             raise NotInputFree(n.name)
         elif n.op == "get_attr":
@@ -162,14 +155,14 @@ def _literal_max(nodes: Sequence[fx.Node], constants) -> int:
     return big
 
 
-def _shape_env(values):
+def shape_env_of(values):
     for v in values:
         if isinstance(v, (torch.SymInt, torch.SymFloat, torch.SymBool)):
             return v.node.shape_env
     return None
 
 
-def _hints(shape_env) -> dict:
+def size_hints(shape_env) -> dict:
     """Symbol -> the size seen when tracing (``backed_var_to_val`` in newer torch)."""
     if shape_env is None:
         return {}
@@ -201,7 +194,7 @@ def assignments(seq_symbols: set, other_symbols: set, shape_env, literal_max: in
         return [base]
     sizes = {5, 7, literal_max + 3}
     for s in seq:
-        hint = _hints(shape_env).get(s) if shape_env is not None else None
+        hint = size_hints(shape_env).get(s) if shape_env is not None else None
         if hint is not None and int(hint) <= max_side:
             sizes.add(int(hint))
     out = []
@@ -267,7 +260,7 @@ def _classify(mask, use, nq, nk, constants, fill) -> Verdict:
     values = [_val(n) for n in nodes] + [nq, nk]
     seq = symbols_of([nq, nk])
     other = symbols_of(values) - seq
-    env = _shape_env(values)
+    env = shape_env_of(values)
     lit = _literal_max(nodes, constants)
     max_side = int(math.isqrt(MAX_ELEMENTS // 4))
     tests = assignments(seq, other, env, lit, max_side)
@@ -275,7 +268,7 @@ def _classify(mask, use, nq, nk, constants, fill) -> Verdict:
         return Verdict(None, f"mask too large to verify at compile time (constant {lit}); use dynamic shapes")
     seen = set()
     for subs in tests:
-        q, k = _concrete(nq, subs), _concrete(nk, subs)
+        q, k = concrete(nq, subs), concrete(nk, subs)
         if q * k > MAX_ELEMENTS:
             return Verdict(None, f"mask of {q}x{k} too large to verify at compile time; use dynamic shapes")
         try:

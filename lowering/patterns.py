@@ -462,8 +462,8 @@ def _scale_value(node, form, head_dim, constants):
     if not masks.input_free(node, constants):
         return False, None, "the scale depends on a tensor input"
     syms = masks.symbols_of([_val(n) for n in masks.ancestors(node, constants)] + [head_dim])
-    env = masks._shape_env([head_dim] + [_val(n) for n in masks.ancestors(node, constants)])
-    tests = [{}] if not syms else [{s: (masks._hints(env).get(s, 16) if t == 0 else t) for s in syms}
+    env = masks.shape_env_of([head_dim] + [_val(n) for n in masks.ancestors(node, constants)])
+    tests = [{}] if not syms else [{s: (masks.size_hints(env).get(s, 16) if t == 0 else t) for s in syms}
                                    for t in (0, 16, 64)]
     values, defaults = [], []
     for subs in tests:
@@ -473,7 +473,7 @@ def _scale_value(node, form, head_dim, constants):
             return False, None, "the scale could not be evaluated"
         value = float(t) if form.scale in ("mul", "q_mul") else 1.0 / float(t)
         values.append(value)
-        defaults.append(1.0 / math.sqrt(masks._concrete(head_dim, subs)))
+        defaults.append(1.0 / math.sqrt(masks.concrete(head_dim, subs)))
     if all(math.isclose(v, d, rel_tol=1e-6) for v, d in zip(values, defaults)) and syms:
         return True, None, ""
     if all(math.isclose(v, values[0], rel_tol=1e-12) for v in values):

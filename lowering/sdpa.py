@@ -12,17 +12,18 @@ A call is lowered when the op computes exactly what SDPA would, up to the approx
 - ``scale`` is None, a number, or a symbolic float (``dynamic=True`` makes float attributes symbolic): that
   one is multiplied into q and the op gets scale 1;
 - ``attn_mask`` is None, or a bool mask that is an AND of key-padding terms broadcastable to ``[B, 1, 1, Nk]``
-  and of input-free terms that `masks.classify` proves to be all-True or causal;
-- causal calls (``is_causal=True`` or a proven causal mask) have ``Nq == Nk`` provably, or a mask proven
-  bottom-right aligned: SDPA's ``is_causal`` aligns the diagonal top-left, the op bottom-right, and the two
-  agree only when the lengths are equal.
+  (passed as the op's ``[B, Nk]`` key_padding_mask) and of input-free terms that `masks.classify` proves to be
+  all-True or causal (HF's padded causal mask is exactly that); a float mask only if proven all-zero or causal;
+- ``is_causal=True`` only with ``Nq == Nk`` provably: SDPA aligns the diagonal top-left, the op bottom-right,
+  and the two agree only when the lengths are equal (``Nq != Nk`` stays exact); a mask proven causal is
+  bottom-right by construction and needs ``Nq <= Nk`` provably.
 
 Anything else stays an SDPA call, and the site's reason says why.
 """
 from __future__ import annotations
 
 import operator
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, Tuple
 
 import torch
 import torch.fx as fx

@@ -11,7 +11,6 @@ import math
 
 import pytest
 import torch
-import torch.fx as fx
 import torch.nn.functional as F
 from torch.fx.experimental.proxy_tensor import make_fx
 
@@ -110,6 +109,23 @@ def test_handwritten_training_approximate(call_delta):
     compiled(x).square().mean().backward()
     assert call_delta() == {"hyper": 2, "exact": 0, "backward": 2}
     assert all(torch.isfinite(p.grad).all() for p in model.parameters())
+
+
+def test_symbolic_head_dim_scale(call_delta):
+    """``/ math.sqrt(q.size(-1))`` with a dynamic head dim: a size-dependent scale proven to be 1/sqrt(D)."""
+
+    def attend(q, k, v):
+        return torch.softmax(q @ k.transpose(-2, -1) / math.sqrt(q.size(-1)), dim=-1) @ v
+
+    compiled = torch.compile(attend, backend="hyper", dynamic=True, options=OPTS)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for n, d in ((24, 16), (20, 8)):
+            q, k, v = (torch.randn(2, 3, n, d, generator=g) for _ in range(3))
+            oracle = attend(q.double(), k.double(), v.double())
+            assert_exact(compiled(q, k, v), attend(q, k, v), oracle, f"d={d}")
+    assert call_delta()["exact"] == 2
+    assert torch._dynamo.utils.counters["hyper_backend"]["rewritten"] == 1
 
 
 def test_dropout_in_training_stays_exact(call_delta):
