@@ -120,8 +120,9 @@ class Session:
     """The graphs compiled for one ``torch.compile`` call (or one `explain`), and their sites."""
 
     bases: Dict[tuple, int] = field(default_factory=dict)  # graph position -> first site number
+    order: Dict[tuple, int] = field(default_factory=dict)  # graph position -> graph number (compile order)
     next_index: int = 0
-    graphs: int = 0
+    graphs: int = 0  # distinct graph positions
     sites: Dict[int, _sites.Site] = field(default_factory=dict)  # by site number: the latest decision
     calls: Dict[tuple, int] = field(default_factory=dict)  # (frame, compile, attempt) -> backend calls so far
     seen: set = field(default_factory=set)  # (frame, compile, nth graph) compiled
@@ -252,8 +253,8 @@ def compile_graph(gm: fx.GraphModule, example_inputs: Sequence, settings: Settin
         position, new = _graph_position(session)
         if new:
             _sites.count("graphs")
-        graph_number = session.graphs
-        session.graphs += 1
+        graph_number = session.order.setdefault(position, len(session.order))
+        session.graphs = len(session.order)
         base = session.bases.get(position, session.next_index)
         found = _sites.find_sites(gm, base, graph_number)
         session.bases[position] = base
@@ -300,7 +301,7 @@ def compile_graph(gm: fx.GraphModule, example_inputs: Sequence, settings: Settin
 
 
 def hyper_backend(gm: fx.GraphModule, example_inputs: List[Any], options: Optional[Mapping[str, Any]] = None,
-                  mode: Optional[str] = None, **_ignored) -> Callable:
+                  mode: Optional[str] = None) -> Callable:
     """The ``torch.compile`` backend. ``options``: `HyperConfig` fields plus ``enabled``, ``layers``,
     ``inner_backend`` and ``tune_cache`` (``''`` disables tuned lookups); see the module docstring."""
     settings = resolve_settings(options)
