@@ -19,6 +19,7 @@ class Report:
     sites: List[Site] = field(default_factory=list)
     settings: Optional[Settings] = None
     graphs: int = 0
+    tuning: List[str] = field(default_factory=list)  # the autotuner entries the run used (one line each)
 
     @property
     def rewritten(self) -> int:
@@ -36,6 +37,8 @@ class Report:
         for s in self.sites:
             colour = "green" if s.decision == "hyper" else "yellow"
             t.add_row(str(s.index), s.name, s.kind, f"[{colour}]{s.decision}[/{colour}]", s.reason)
+        if self.tuning:
+            t.caption = "tuned: " + "; ".join(self.tuning)
         return t
 
     def __rich__(self):
@@ -67,10 +70,29 @@ def explain(model, *args, options: Optional[Mapping[str, Any]] = None, dynamic: 
     def backend(gm, example_inputs):
         return compile_graph(gm, example_inputs, settings, session)
 
-    with torch._inductor.config.patch(fx_graph_cache=False), \
-            torch._functorch.config.patch(enable_autograd_cache=False), torch.no_grad():
-        torch.compile(model, backend=backend, dynamic=dynamic)(*args, **kwargs)
-    return Report(sorted(session.sites.values(), key=lambda s: s.index), settings, session.graphs)
+    from hyper_backend.kernels import op
+
+    op.tuning_lookups = lookups = []
+    try:
+        with torch._inductor.config.patch(fx_graph_cache=False), \
+                torch._functorch.config.patch(enable_autograd_cache=False), torch.no_grad():
+            torch.compile(model, backend=backend, dynamic=dynamic)(*args, **kwargs)
+    finally:
+        op.tuning_lookups = None
+    return Report(sorted(session.sites.values(), key=lambda s: s.index), settings, session.graphs,
+                  _tuning_lines(lookups))
+
+
+def _tuning_lines(lookups) -> List[str]:
+    """One line per distinct tuned entry the op applied during the run (``lookup_tuned``'s provenance)."""
+    from hyper_backend.autotune.cache import describe_entry
+
+    lines = []
+    for path, where in lookups:
+        entry = describe_entry(path, **where)
+        if entry is not None and entry["summary"] not in lines:
+            lines.append(entry["summary"])
+    return lines
 
 
 class _Collector(logging.Handler):

@@ -24,6 +24,8 @@ _FIELDS = ("block_size", "sample_size", "lsh_num_projs", "min_seq_len", "causal_
 
 # calls per path since import; tests and `explain` read it
 call_counts = {"hyper": 0, "exact": 0, "backward": 0}
+# while a list (set by `hyper_backend.explain`), every tuned lookup appends what it looked up
+tuning_lookups = None
 
 
 def resolve_params(query: Tensor, key: Tensor, is_causal: bool, given: Tuple[int, ...], tune_cache: str) -> Params:
@@ -33,8 +35,11 @@ def resolve_params(query: Tensor, key: Tensor, is_causal: bool, given: Tuple[int
     if tune_cache and any(v == UNSET for v in values.values()):
         from hyper_backend.autotune.cache import lookup_tuned
 
-        tuned = lookup_tuned(tune_cache, device=query.device, dtype=query.dtype, head_dim=query.shape[-1],
-                             causal=is_causal, seq_len=max(query.shape[2], key.shape[2]))
+        where = dict(device=query.device, dtype=query.dtype, head_dim=query.shape[-1], causal=is_causal,
+                     seq_len=max(query.shape[2], key.shape[2]))
+        tuned = lookup_tuned(tune_cache, **where)
+        if tuning_lookups is not None:
+            tuning_lookups.append((tune_cache, where))
     out = {}
     for name, value in values.items():
         if value == UNSET and tuned is not None and name in tuned:

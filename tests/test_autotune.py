@@ -337,3 +337,29 @@ def test_compiled_backend_uses_tuned_params_and_explicit_settings_win(tmp_path, 
     monkeypatch.setenv("HYPER_SAMPLE_SIZE", "32")
     assert run() == cpu.Params(96, 32, 4, 300, 3, 5)
     torch._dynamo.reset()
+
+
+def test_explain_names_the_tuned_entry_it_used(tmp_path, monkeypatch):
+    """`hyper_backend.explain` reports which tuning-cache entry the op applied during its run."""
+    pytest.importorskip("hyper_backend.backend", reason="the hyper backend module is not in this tree")
+    from hyper_backend import explain
+
+    path = str(tmp_path / "tune.json")
+    cache.record(path, [_entry(1024, causal=True, block_size=96, sample_size=48, lsh_num_projs=4, min_seq_len=300,
+                               causal_depth=3, seed=5)])
+    for var in [v for v in os.environ if v.startswith("HYPER_")]:
+        monkeypatch.delenv(var)
+
+    def f(q, k, v):
+        return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+
+    q = torch.randn(1, 2, 1000, 64)
+    torch._dynamo.reset()
+    report = explain(f, q, q, q, options={"tune_cache": path, "inner_backend": "eager"})
+    expected = cache.describe_entry(path, device=q.device, dtype=q.dtype, head_dim=64, causal=True, seq_len=1000)
+    assert report.tuning == [expected["summary"]]
+    assert expected["summary"].split()[0] in str(report)
+    torch._dynamo.reset()
+    untuned = explain(f, q, q, q, options={"tune_cache": "", "inner_backend": "eager"})
+    assert untuned.tuning == []
+    torch._dynamo.reset()
