@@ -25,7 +25,7 @@ from typing import Dict, List, Optional, Tuple
 
 import sympy as sp
 
-from hyper_backend.kernels.plan import _depth, _use_hyper
+from hyper_backend.kernels.plan import causal_levels, hyper_applies
 
 n, d, b, m, r, s, depth, lvl = sp.symbols("n d b m r s depth l", positive=True)
 log2 = lambda x: sp.log(x, 2)  # noqa: E731
@@ -116,7 +116,7 @@ def tile_shapes(seq_len: int, causal: bool, c) -> List[TileKey]:
     if c.sample_size:
         shapes.add((c.block_size, c.sample_size, True, False))
     if causal:
-        L = _depth(seq_len, c)
+        L = causal_levels(seq_len, c)
         leaf = min(math.ceil(seq_len / 2**L), _TILE_PLATEAU)
         shapes.add((leaf, leaf, False, True) if L else _exact_tile(seq_len, True))
     else:
@@ -156,12 +156,12 @@ def predict_parts(seq_len: int, causal: bool, c, *, head_dim: int, elem_bytes: i
     object with the `HyperConfig` field names as attributes) on ``batch_heads`` sequences of ``seq_len``."""
     bh, N = batch_heads, seq_len
     if not causal:
-        if not _use_hyper(N, N, c):
+        if not hyper_applies(N, N, c):
             f, o = _exact_seconds(N, False, head_dim, elem_bytes, rates)
             return f * bh, o * bh
         f, o = _nc_seconds(N, c, head_dim, elem_bytes, rates)
         return f * bh, o * bh + rates.call
-    L = _depth(N, c)
+    L = causal_levels(N, c)
     if L == 0:
         f, o = _exact_seconds(N, True, head_dim, elem_bytes, rates)
         return f * bh, o * bh
@@ -173,7 +173,7 @@ def predict_parts(seq_len: int, causal: bool, c, *, head_dim: int, elem_bytes: i
     for level in range(L):
         count, size = 2**level, Np // 2 ** (level + 1)
         other += (3 * 2 * size * head_dim * elem_bytes + 6 * 4 * size * head_dim) * count / rates.bandwidth * bh
-        if _use_hyper(size, size, c):
+        if hyper_applies(size, size, c):
             f, o = _nc_seconds(size, c, head_dim, elem_bytes, rates)
             flash += f * count * bh
             other += o * count * bh + rates.call

@@ -11,39 +11,15 @@ from typing import Callable, List, Optional, Sequence, Tuple
 
 import torch
 
-from hyper_backend.config import AUTO_DEPTH
+from hyper_backend.config import HyperConfig, encode
 from hyper_backend.kernels import op as _op  # noqa: F401  (registers torch.ops.hyper.*)
 
 from .inputs import Sample
 
 
-@dataclass(frozen=True)
-class Candidate:
-    """One point of the search space (the `HyperConfig` fields the op takes)."""
-
-    block_size: int
-    sample_size: int
-    lsh_num_projs: int
-    min_seq_len: int
-    causal_depth: Optional[int]
-    seed: int = 0
-
-    def as_dict(self) -> dict:
-        return {"block_size": self.block_size, "sample_size": self.sample_size,
-                "lsh_num_projs": self.lsh_num_projs, "min_seq_len": self.min_seq_len,
-                "causal_depth": self.causal_depth, "seed": self.seed}
-
-    def label(self) -> str:
-        depth = "auto" if self.causal_depth is None else str(self.causal_depth)
-        return (f"b={self.block_size} m={self.sample_size} r={self.lsh_num_projs} "
-                f"min={self.min_seq_len} depth={depth}")
-
-
-def run_hyper(s: Sample, causal: bool, c: Candidate) -> torch.Tensor:
+def run_hyper(s: Sample, causal: bool, c: HyperConfig) -> torch.Tensor:
     """``torch.ops.hyper.attention`` on ``s`` with every parameter explicit (no cache lookup)."""
-    depth = AUTO_DEPTH if c.causal_depth is None else c.causal_depth
-    out, _ = torch.ops.hyper.attention(s.q, s.k, s.v, None, causal, s.scale, c.block_size, c.sample_size,
-                                       c.lsh_num_projs, c.min_seq_len, depth, c.seed, "")
+    out, _ = torch.ops.hyper.attention(s.q, s.k, s.v, None, causal, s.scale, encode(c), "")
     return out
 
 
@@ -156,7 +132,7 @@ class Score:
 
 
 def run_and_score(score: Score, samples: Sequence[Sample], refs: Sequence[RowReference], causal: bool,
-                  c: Optional[Candidate], seed: int, *, all_samples: bool = False) -> float:
+                  c: Optional[HyperConfig], seed: int, *, all_samples: bool = False) -> float:
     """One timed run of ``c`` (exact attention if None) with ``seed`` on sample 0 (and, with ``all_samples``,
     untimed runs on the others), added to ``score``. Returns the time."""
     device = samples[0].q.device
@@ -224,7 +200,7 @@ def calibrate_base(head_dim: int, dtype, device):
     t = _best_of(lambda: torch.argsort(keys, stable=True), device)
     rates.sort = rows * math.log2(rows) / t
     # fixed overhead: a tiny approximate call, minus what the model says its work costs
-    small = Candidate(block_size=128, sample_size=64, lsh_num_projs=7, min_seq_len=1, causal_depth=None)
+    small = HyperConfig(block_size=128, sample_size=64, lsh_num_projs=7, min_seq_len=1, causal_depth=None)
     calibrate(rates, cost.tile_shapes(1024, False, small), head_dim, dtype, device)
     rates.call = 0.0
     s = Sample(*(torch.randn(1, 1, 1024, head_dim, device=device).to(dtype) for _ in range(3)), None, "calibration")

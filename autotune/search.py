@@ -35,15 +35,13 @@ import torch
 
 import hyper_backend
 from hyper_backend.config import HyperConfig
-from hyper_backend.kernels.plan import _depth, _use_hyper
+from hyper_backend.kernels.plan import causal_levels, hyper_applies
 
 from . import cache, cost, measure
 from .inputs import Sample, load_inputs, synthetic
-from .measure import Candidate, Score
+from .measure import Score
 
-DEFAULTS = HyperConfig()
-DEFAULT = Candidate(DEFAULTS.block_size, DEFAULTS.sample_size, DEFAULTS.lsh_num_projs, DEFAULTS.min_seq_len,
-                    DEFAULTS.causal_depth, DEFAULTS.seed)
+DEFAULTS = DEFAULT = HyperConfig()
 
 
 @dataclass
@@ -76,7 +74,7 @@ class Settings:
 class Trial:
     """A screened candidate: its predicted time, and its first run (time, error) if it ran."""
 
-    candidate: Candidate
+    candidate: HyperConfig
     predicted: float
     score: Optional[Score] = None
     status: str = "untimed"  # pass | near | over budget | dominated | predicted slower | out of time
@@ -93,7 +91,7 @@ class Contender:
     """A configuration in the race (``candidate`` None: exact attention)."""
 
     name: str
-    candidate: Optional[Candidate]
+    candidate: Optional[HyperConfig]
     score: Score  # the screening run(s) and every round: errors pooled
     predicted: float
     rounds: List[float] = field(default_factory=list)  # race times
@@ -157,15 +155,15 @@ def _pow2_ceil(x: int) -> int:
     return 1 << max(0, math.ceil(math.log2(max(x, 1))))
 
 
-def structure(n: int, causal: bool, c: Candidate) -> tuple:
+def structure(n: int, causal: bool, c: HyperConfig) -> tuple:
     """What ``c`` computes at length ``n``: the leaf size and the approximated quadrant sizes (causal), or
     whether it approximates (non-causal), with the sizes that matter. Equal structures give equal outputs."""
     if not causal:
-        approx = _use_hyper(n, n, c)
+        approx = hyper_applies(n, n, c)
         return ("full", approx) + ((c.block_size, c.sample_size, c.lsh_num_projs) if approx else ())
-    L = _depth(n, c)
+    L = causal_levels(n, c)
     leaf = math.ceil(n / 2**L)
-    sizes = tuple(leaf * 2**(L - 1 - lvl) for lvl in range(L) if _use_hyper(leaf * 2**(L - 1 - lvl),
+    sizes = tuple(leaf * 2**(L - 1 - lvl) for lvl in range(L) if hyper_applies(leaf * 2**(L - 1 - lvl),
                                                                              leaf * 2**(L - 1 - lvl), c))
     if not sizes:
         return ("causal", leaf)
@@ -180,7 +178,7 @@ def _thresholds(n: int, block: int, crossover: int) -> List[int]:
     return near or usable[-3:]
 
 
-def no_more_accurate(a: Candidate, b: Candidate, n: int, causal: bool) -> bool:
+def no_more_accurate(a: HyperConfig, b: HyperConfig, n: int, causal: bool) -> bool:
     """Heuristic order: ``a`` approximates at least where ``b`` does, with blocks and samples no larger."""
     sa, sb = structure(n, causal, a), structure(n, causal, b)
     if len(sa) < 3 or len(sb) < 3 or a.lsh_num_projs != b.lsh_num_projs:
@@ -192,18 +190,18 @@ def no_more_accurate(a: Candidate, b: Candidate, n: int, causal: bool) -> bool:
     return True
 
 
-def grid(n: int, causal: bool, s: Settings, crossover_of) -> List[Candidate]:
+def grid(n: int, causal: bool, s: Settings, crossover_of) -> List[HyperConfig]:
     """Candidates at length ``n``, one per distinct structure (auto depth preferred on ties).
 
     ``crossover_of(candidate) -> int`` predicts the length where that candidate starts beating exact.
     """
-    out: Dict[tuple, Candidate] = {}
+    out: Dict[tuple, HyperConfig] = {}
     r = DEFAULTS.lsh_num_projs
     for bs in s.block_sizes:
         for m in s.sample_sizes:
             if bs >= n:
                 continue
-            base = Candidate(bs, m, r, 1, None)
+            base = HyperConfig(bs, m, r, 1, None)
             c = crossover_of(base)
             if not causal:
                 cands = [replace(base, min_seq_len=min(c, n))]
@@ -212,7 +210,7 @@ def grid(n: int, causal: bool, s: Settings, crossover_of) -> List[Candidate]:
                 for msl in _thresholds(n, bs, _pow2_ceil(c)):
                     auto = replace(base, min_seq_len=msl)
                     cands.append(auto)
-                    L = _depth(n, auto)
+                    L = causal_levels(n, auto)
                     for depth in (L - 1, L - 2):
                         if depth >= 1:
                             cands.append(replace(auto, causal_depth=depth))
@@ -245,12 +243,12 @@ class Tuner:
         return dict(head_dim=self.s.head_dim, elem_bytes=self.elem, batch_heads=self.s.batch * self.s.heads,
                     rates=self.rates)
 
-    def predict(self, n: int, c: Candidate) -> float:
+    def predict(self, n: int, c: HyperConfig) -> float:
         measure.calibrate(self.rates, cost.tile_shapes(n, self.s.causal, c), self.s.head_dim, self.s.dtype,
                           self.s.device)
         return cost.predict_time(n, self.s.causal, c, **self._kw())
 
-    def crossover_of(self, c: Candidate) -> int:
+    def crossover_of(self, c: HyperConfig) -> int:
         """Predicted crossover for ``c``'s sizes (the model, scaled by the probes near the crossover)."""
         measure.calibrate(self.rates, cost.tile_shapes(1 << 14, False, replace(c, min_seq_len=1)),
                           self.s.head_dim, self.s.dtype, self.s.device)
@@ -260,7 +258,7 @@ class Tuner:
     def predict_exact(self, n: int, causal: bool) -> float:
         return self.exact_scale * sum(cost.exact_parts(n, causal, **self._kw()))
 
-    def _learn(self, n: int, c: Candidate, seconds: float) -> None:
+    def _learn(self, n: int, c: HyperConfig, seconds: float) -> None:
         f, o = cost.predict_parts(n, self.s.causal, c, **self._kw())
         self.fit_points.append((f, o, seconds))
         cost.refit(self.rates, self.fit_points)
@@ -344,7 +342,7 @@ class Tuner:
         deadline = min(now + 0.5 * (until - now), until - 3 * (s.race_size + 1) * default.score.time)
         default_ok = _approximates(n, s.causal, DEFAULT) and default.score.error <= max_error
         P.start_trials(len(trials))
-        failures: List[Candidate] = []
+        failures: List[HyperConfig] = []
         # the default is re-timed before every third candidate; a candidate's ratio is its time over the mean
         # of the default's times just before and just after it
         pending: List[Trial] = []
@@ -465,7 +463,7 @@ class Tuner:
             self.progress.phase("calibrating the cost model")
             self.rates = measure.calibrate_base(self.s.head_dim, self.s.dtype, self.s.device)
 
-    def calibrate_crossover(self, c: Candidate = DEFAULT, repeats: int = 5) -> CrossoverResult:
+    def calibrate_crossover(self, c: HyperConfig = DEFAULT, repeats: int = 5) -> CrossoverResult:
         """Time exact and approximate non-causal attention at three powers of two around the crossover the
         model predicts for ``c``'s sizes, and scale the model's exact and approximate times to them (fixed
         overheads, which decide the crossover, are what a cost model knows least)."""
@@ -542,7 +540,7 @@ class Tuner:
                 "tune_s": r.seconds, **_stamp(self.s)}
 
 
-def _approximates(n: int, causal: bool, c: Candidate) -> bool:
+def _approximates(n: int, causal: bool, c: HyperConfig) -> bool:
     return len(structure(n, causal, c)) >= 3
 
 

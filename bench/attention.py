@@ -31,7 +31,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import PeakRSS, device_stamp, interleave, write_json  # noqa: E402
 
 from hyper_backend import HyperConfig, hyper_attention  # noqa: E402
-from hyper_backend.kernels.op import call_counts  # noqa: E402
+from hyper_backend.kernels.op import path_counts  # noqa: E402
 
 
 def exact_rows(q, k, v, rows, causal, scale):
@@ -84,10 +84,10 @@ def bench_case(n, causal, mode, cfg, repeats, dtype, d, exact_budget):
     hyper = run(lambda: hyper_attention(q, k, v, is_causal=causal, config=cfg))
     exact = run(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=causal))
     stats = interleave({"hyper": hyper, "exact": exact}, repeats, budget_s={"exact": exact_budget})
-    before = call_counts["hyper"]
+    before = path_counts()["hyper"]
     with PeakRSS() as mem:
         hyper()
-    approximate = call_counts["hyper"] > before  # the op's own run-time decision
+    approximate = path_counts()["hyper"] > before  # the op's own run-time decision
     with torch.no_grad():
         err = rel_error(hyper_attention(q, k, v, is_causal=causal, config=cfg), q.detach(), k.detach(), v.detach(),
                         causal)

@@ -159,7 +159,7 @@ def sink_hyper_attention(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False
     for `hyper_attention` in ``swap_attention(..., attention=...)``. Masks and dropout go to `hyper_attention`
     (which is exact for them).
     """
-    from hyper_backend.config import op_params
+    from hyper_backend.config import encode
 
     if attn_mask is not None or dropout_p > 0.0 or (is_causal and q.shape[2] > k.shape[2]):
         return hyper_attention(q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa, config=config)
@@ -168,7 +168,7 @@ def sink_hyper_attention(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False
     Nk = k.shape[2]
     keep = torch.ones(B, Nk, dtype=torch.bool)
     keep[:, :sinks] = False
-    out, lse = torch.ops.hyper.attention(q, k, v, keep, is_causal, scale, *op_params(config), "")
+    out, lse = torch.ops.hyper.attention(q, k, v, keep, is_causal, scale, encode(config), "")
     group = Hq // k.shape[1]
     ks, vs = (x[:, :, :sinks].repeat_interleave(group, 1).float() for x in (k, v))  # [B, Hq, S, D]
     s = (q.float() @ ks.transpose(-1, -2)) * scale  # [B, Hq, Nq, S]

@@ -31,16 +31,15 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import device_stamp, summary, write_json  # noqa: E402
 
 from hyper_backend import HyperConfig  # noqa: E402
-from hyper_backend.kernels.cpu import Params  # noqa: E402
-from hyper_backend.kernels.plan import _depth, _use_hyper, block_shape  # noqa: E402
+from hyper_backend.kernels.plan import block_shape, causal_levels, hyper_applies  # noqa: E402
 
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 BACKWARD_FACTOR = 2.5  # backward FLOPs / forward FLOPs (5 matmuls instead of 2)
 
 
-def params_from(config: HyperConfig, **changes) -> Params:
+def params_from(config: HyperConfig, **changes) -> HyperConfig:
     c = config.replace(**changes)
-    return Params(c.block_size, c.sample_size, c.lsh_num_projs, c.min_seq_len, c.causal_depth, c.seed)
+    return c
 
 
 def exact_flops(B, H, n, d, causal) -> float:
@@ -48,18 +47,18 @@ def exact_flops(B, H, n, d, causal) -> float:
     return 4.0 * B * H * n * n * d * (0.5 if causal else 1.0)
 
 
-def _noncausal_flops(B, H, nq, nk, d, p: Params) -> float:
-    if not _use_hyper(nq, nk, p):
+def _noncausal_flops(B, H, nq, nk, d, p: HyperConfig) -> float:
+    if not hyper_applies(nq, nk, p):
         return 4.0 * B * H * nq * nk * d
     _, _, k_block = block_shape(nq, nk, p.block_size)
     return 4.0 * B * H * nq * d * (k_block + p.sample_size)
 
 
-def hyper_flops(B, H, n, d, causal, p: Params) -> float:
+def hyper_flops(B, H, n, d, causal, p: HyperConfig) -> float:
     """Forward FLOPs the HyperAttention kernels spend (diagonal blocks, samples, exact causal leaves)."""
     if not causal:
         return _noncausal_flops(B, H, n, n, d, p)
-    depth = _depth(n, p)
+    depth = causal_levels(n, p)
     pieces = 2**depth
     leaf = math.ceil(n / pieces)
     total = 2.0 * B * pieces * H * leaf * leaf * d

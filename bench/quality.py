@@ -24,7 +24,7 @@ SDPA calls numbered in execution order (site i = layer i for these decoders). Tw
   which needs no compiler and cross-checks the backend.
 
 ``--path auto`` uses the backend when ``hyper_backend.backend`` imports, else direct. Every row reports how many
-calls per window ran HyperAttention (``hyper_backend.kernels.op.call_counts``): a selected site that silently
+calls per window ran HyperAttention (``hyper_backend.kernels.op.path_counts()``): a selected site that silently
 fell back to exact attention shows up there. Output: a rich table and JSON stamped with model, context, config and
 versions (default ``bench/results/quality_<model>_<context>.json``).
 """
@@ -240,7 +240,7 @@ def evaluate(rows: List[Row], model, data: torch.Tensor, chunk: int, console: Co
             task = progress.add_task(f"{row.label:>18} windows", total=data.shape[0])
             ltask = progress.add_task(f"{'':>18} layers", total=None, visible=row.path != "backend")
             hooks = layer_progress(body, progress, ltask) if row.path != "backend" else []
-            before = dict(hyper_op.call_counts)
+            before = hyper_op.path_counts()
             nll, count, seconds = 0.0, 0, []
             try:
                 for w in range(data.shape[0]):
@@ -257,7 +257,7 @@ def evaluate(rows: List[Row], model, data: torch.Tensor, chunk: int, console: Co
                 for h in hooks:
                     h.remove()
                 done()
-            calls = {k: hyper_op.call_counts[k] - before[k] for k in ("hyper", "exact")}
+            calls = {k: hyper_op.path_counts()[k] - before[k] for k in ("hyper", "exact")}
             num_sites = 0 if row.sites is None else _count(row.sites, total_sites)
             if num_sites and calls["hyper"] == 0:
                 console.print(f"[bold red]{row.label}: no call ran HyperAttention: the selected sites fell back "
@@ -432,11 +432,12 @@ def main(argv=None) -> dict:
     else:
         configs = [config.replace(**parse_overrides(c)) for c in args.configs] if args.configs else [config]
     rows = [Row("exact", "exact")]
-    if any(args.sinks) and paths != ["direct"]:
-        raise SystemExit("--sinks is emulated on the direct path only: add --path direct")
+    if any(args.sinks) and "direct" not in paths:
+        raise SystemExit("--sinks is emulated on the direct path only: add --path direct (or both)")
     multi = len(configs) * len(args.sinks) > 1
     rows += [Row(f"{pth}:{s}" + (f" {config_text(c)}{sink_text(k)}" if multi else ""), pth, s, c, args.dynamic, k)
-             for c in configs for k in args.sinks for pth in paths for s in selections if s != "none"]
+             for c in configs for k in args.sinks for pth in paths for s in selections
+             if s != "none" and not (k and pth != "direct")]
 
     results = evaluate(rows, model, data, args.loss_chunk, console, total_sites)
     name = os.path.basename(path).split(".")[0]

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from hyper_backend.config import HyperConfig, default_tune_cache, op_params
+from hyper_backend.config import HyperConfig, default_tune_cache, encode, explicit_settings
 from hyper_backend.kernels import op as _op  # noqa: F401  (registers torch.ops.hyper.*)
 
 
@@ -49,8 +49,9 @@ def hyper_attention(
             ``Nq > Nk`` falls back to exact SDPA and its top-left alignment.
         scale: defaults to ``1 / sqrt(D)``.
         enable_gqa: as in SDPA.
-        config: a `HyperConfig`; every field is then explicit. ``None`` uses the autotuner's cache entry for the
-            actual length when there is one, else the defaults.
+        config: a `HyperConfig`; every field is then explicit. ``None`` resolves each field as the backend does:
+            its ``HYPER_*`` variable if set, else the autotuner's cache entry for the actual length, else the
+            default.
         return_lse: also return the ``[B, Hq, Nq]`` log-sum-exp of the (weighted) scores: float32, or float64
             for float64 inputs. It carries no gradient.
 
@@ -69,9 +70,11 @@ def hyper_attention(
     kpm = key_padding_mask(attn_mask, B, Nk)
     if dropout_p > 0.0 or (attn_mask is not None and kpm is None) or (is_causal and Nq > Nk):
         return _exact(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, return_lse)
-    params = op_params(config)
-    tune_cache = "" if config is not None else default_tune_cache()
-    out, lse = torch.ops.hyper.attention(query, key, value, kpm, is_causal, scale, *params, tune_cache)
+    if config is not None:
+        params, tune_cache = encode(config), ""
+    else:  # the backend's rule: HYPER_* variables, then the tuned entry for the length, then the defaults
+        params, tune_cache = encode(explicit=explicit_settings()), default_tune_cache()
+    out, lse = torch.ops.hyper.attention(query, key, value, kpm, is_causal, scale, params, tune_cache)
     return (out, lse) if return_lse else out
 
 

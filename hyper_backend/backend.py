@@ -36,7 +36,7 @@ import torch
 import torch.fx as fx
 
 from hyper_backend.config import (FIELDS, INNER_BACKENDS, HyperConfig, LayerSelection, default_tune_cache,
-                                  op_params, read_env)
+                                  encode, read_env)
 from hyper_backend.lowering import sites as _sites
 from hyper_backend.lowering.sdpa import rewrite_sdpa
 
@@ -61,8 +61,9 @@ class Settings:
 
     @property
     def op_args(self) -> tuple:
-        """The op's trailing arguments: the six int parameters (UNSET where not explicit) and the cache path."""
-        return (*op_params(explicit=dict(self.explicit)), self.tune_cache)
+        """The op's trailing arguments: the parameter list (`config.encode`, UNSET where not explicit) and the
+        cache path."""
+        return (encode(explicit=dict(self.explicit)), self.tune_cache)
 
     def key(self) -> str:
         return repr((self.enabled, self.explicit, self.layers.key(), self.inner_backend, self.tune_cache))

@@ -181,7 +181,7 @@ def swap_attention(sites: Selection, *, config: Optional[HyperConfig] = None, to
 
     The same calls a ``torch.compile(..., backend="hyper")`` rewrite would reach, with the same arguments:
     `hyper_attention` itself stays exact where the approximation cannot serve the call (an explicit mask,
-    dropout, a length below ``min_seq_len``); ``hyper_backend.kernels.op.call_counts`` tells which ran.
+    dropout, a length below ``min_seq_len``); ``hyper_backend.kernels.op.path_counts()`` tells which ran.
     ``total`` and ``module`` as in `capture_attention`. ``attention``: a variant to try instead, with SDPA's
     signature plus the keyword ``config``.
     """

@@ -12,25 +12,39 @@ import dataclasses
 import os
 import re
 from dataclasses import dataclass
-from typing import Mapping, NamedTuple, Optional
+from typing import List, Mapping, Optional, Sequence
 
-# Sentinels carried in the op's integer arguments.
+# Sentinels carried in the op's integer parameter list.
 UNSET = -1  # "not set explicitly": the op uses the tuned value for its length, else the default
 AUTO_DEPTH = -2  # causal_depth=None given explicitly: halve until a piece is at most min_seq_len
+
+RESIDUALS = ("uniform", "stratified")  # how the residual keys are drawn; the op carries the index
 
 
 @dataclass(frozen=True)
 class HyperConfig:
-    """Parameters of HyperAttention.
+    """Parameters of HyperAttention: the one settings type of the package.
+
+    Every path (``options={...}``, ``HYPER_*`` variables, the autotuner's cache, an explicit ``config=``) ends
+    in one of these, through `encode` (settings -> the op's integer list) and `resolve` (the op's list and a
+    tuned entry -> a complete config).
 
     Args:
         block_size: queries per LSH-sorted block; keys per block scale with n_k / n_q.
-        sample_size: m, the number of uniformly sampled residual keys (0 disables the residual).
+        sample_size: m, the number of residual keys drawn per call (0 disables the residual).
         lsh_num_projs: r, the number of random hyperplanes of the angular LSH (2**r buckets).
         min_seq_len: below this length attention is exact.
         causal_depth: levels of recursive halving for causal attention; ``None`` halves until a piece
             is at most ``min_seq_len``.
         seed: seeds the LSH projections and the residual samples.
+        sink_keys: the first ``sink_keys`` valid keys are attended to exactly by every query that may see
+            them (attention sinks), and are removed from the LSH blocks and the residual.
+        local_window: w. Causal: every query attends exactly to the w most recent keys, ending at itself,
+            across every leaf and quadrant boundary. Non-causal self-attention (n_q == n_k): to the w keys
+            centred on its own position, clipped at the ends. Cross-attention (n_q != n_k, non-causal): no
+            window. Window keys are removed from the estimator for the queries that see them exactly.
+        residual: ``"uniform"`` (i.i.d. uniform draws, weight n'/m) or ``"stratified"`` (one draw from each
+            of m equal strata of the LSH-sorted key order, weight = stratum size).
     """
 
     block_size: int = 256
@@ -39,6 +53,9 @@ class HyperConfig:
     min_seq_len: int = 4096
     causal_depth: Optional[int] = None
     seed: int = 0
+    sink_keys: int = 0
+    local_window: int = 0
+    residual: str = "uniform"
 
     def __post_init__(self):
         _check_int("block_size", self.block_size, lo=1, hi=2**31 - 1)
@@ -48,9 +65,28 @@ class HyperConfig:
         if self.causal_depth is not None:
             _check_int("causal_depth", self.causal_depth, lo=0, hi=30)
         _check_int("seed", self.seed, lo=0, hi=2**62)
+        _check_int("sink_keys", self.sink_keys, lo=0, hi=2**31 - 1)
+        _check_int("local_window", self.local_window, lo=0, hi=2**31 - 1)
+        if self.residual not in RESIDUALS:
+            raise ValueError(f"HyperConfig.residual must be one of {', '.join(RESIDUALS)}, got {self.residual!r}")
 
     def replace(self, **changes) -> "HyperConfig":
         return dataclasses.replace(self, **changes)
+
+    def as_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def label(self) -> str:
+        """A short text form: ``b=256 m=256 r=7 min=4096 depth=auto`` and any sink/window/residual set."""
+        depth = "auto" if self.causal_depth is None else str(self.causal_depth)
+        text = f"b={self.block_size} m={self.sample_size} r={self.lsh_num_projs} min={self.min_seq_len} depth={depth}"
+        if self.sink_keys:
+            text += f" sinks={self.sink_keys}"
+        if self.local_window:
+            text += f" w={self.local_window}"
+        if self.residual != "uniform":
+            text += f" {self.residual}"
+        return text
 
 
 FIELDS = tuple(f.name for f in dataclasses.fields(HyperConfig))
@@ -64,37 +100,58 @@ def _check_int(name: str, value, lo: int, hi: Optional[int] = None) -> None:
         raise ValueError(f"HyperConfig.{name} must be {bound}, got {value}")
 
 
-class OpParams(NamedTuple):
-    """The integer parameters baked into a ``hyper::attention`` call (``UNSET`` = tuned or default)."""
-
-    block_size: int = UNSET
-    sample_size: int = UNSET
-    lsh_num_projs: int = UNSET
-    min_seq_len: int = UNSET
-    causal_depth: int = UNSET
-    seed: int = UNSET
+DEFAULTS = HyperConfig()
 
 
-def op_params(config: Optional[HyperConfig] = None, explicit: Optional[Mapping[str, object]] = None) -> OpParams:
-    """Encode settings for the op.
+def _to_int(name: str, value) -> int:
+    if name == "causal_depth" and value is None:
+        return AUTO_DEPTH
+    if name == "residual":
+        return RESIDUALS.index(value)
+    return int(value)
 
-    ``config`` given: every field is explicit and tuning is bypassed. ``explicit`` given: only those
-    fields (already validated values) are explicit; the rest are looked up in the tuning cache at run time.
-    Neither: everything comes from the tuning cache or the defaults.
+
+def _from_int(name: str, value: int):
+    if name == "causal_depth" and value == AUTO_DEPTH:
+        return None
+    if name == "residual":
+        return RESIDUALS[value]
+    return int(value)
+
+
+def encode(config: Optional[HyperConfig] = None, explicit: Optional[Mapping[str, object]] = None) -> List[int]:
+    """Settings -> the op's integer parameter list, one entry per field of `HyperConfig` in `FIELDS` order.
+
+    ``config`` given: every field is explicit and tuning is bypassed. ``explicit`` given: only those fields
+    (already validated values) are explicit; the rest are ``UNSET`` and resolved by the op at run time.
     """
-    if config is not None:
-        values = dataclasses.asdict(config)
-    else:
-        values = dict(explicit or {})
+    values = dataclasses.asdict(config) if config is not None else dict(explicit or {})
+    return [_to_int(name, values[name]) if name in values else UNSET for name in FIELDS]
+
+
+def resolve(given: Sequence[int], tuned: Optional[Mapping[str, object]] = None) -> HyperConfig:
+    """The one resolver: explicit values (``given``, from `encode`) > ``tuned`` (a cache entry's params) >
+    the defaults. Returns a complete, validated `HyperConfig`."""
+    if len(given) != len(FIELDS):
+        raise ValueError(f"expected {len(FIELDS)} parameters ({', '.join(FIELDS)}), got {len(given)}")
     out = {}
-    for name in FIELDS:
-        if name not in values:
-            out[name] = UNSET
-        elif name == "causal_depth" and values[name] is None:
-            out[name] = AUTO_DEPTH
-        else:
-            out[name] = int(values[name])
-    return OpParams(**out)
+    for name, value in zip(FIELDS, given):
+        value = int(value)
+        if value != UNSET:
+            out[name] = _from_int(name, value)
+        elif tuned is not None and name in tuned:
+            out[name] = tuned[name]
+    return DEFAULTS.replace(**out)
+
+
+def explicit_settings(options: Optional[Mapping[str, object]] = None,
+                      environ: Optional[Mapping[str, str]] = None) -> dict:
+    """The explicit `HyperConfig` fields of a call or a compile: ``options`` over ``HYPER_*`` variables.
+
+    Both the backend (at compile time) and `hyper_backend.hyper_attention` with ``config=None`` (at call time)
+    use this, so an eager call and a compiled call resolve settings by the same rule."""
+    merged = {**read_env(environ), **dict(options or {})}
+    return {f: merged[f] for f in FIELDS if f in merged}
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -108,6 +165,8 @@ ENV_FIELDS = {
     "HYPER_MIN_SEQ_LEN": "min_seq_len",
     "HYPER_CAUSAL_DEPTH": "causal_depth",
     "HYPER_SEED": "seed",
+    "HYPER_SINK_KEYS": "sink_keys",
+    "HYPER_LOCAL_WINDOW": "local_window",
 }
 INNER_BACKENDS = ("inductor", "aot_eager", "eager")
 KERNEL_CHOICES = ("auto", "cpu", "triton")
@@ -161,6 +220,8 @@ def read_env(environ: Optional[Mapping[str, str]] = None) -> dict:
     for var, field in ENV_FIELDS.items():
         if var in env:
             out[field] = _env_int(var, env[var], field, allow_none=(field == "causal_depth"))
+    if "HYPER_RESIDUAL" in env:
+        out["residual"] = _env_choice("HYPER_RESIDUAL", env["HYPER_RESIDUAL"], RESIDUALS)
     if "HYPER_LAYERS" in env:
         try:
             out["layers"] = LayerSelection.parse(env["HYPER_LAYERS"])

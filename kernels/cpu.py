@@ -22,19 +22,13 @@ from typing import NamedTuple, Optional
 
 import torch
 
-from .plan import Plan, _chunks, _depth, _pad_rows, _use_hyper, lse_dtype, lsh_ranks, make_plan, plan_from_ranks
+from hyper_backend.config import HyperConfig
+
+from .plan import (Plan, _chunks, _pad_rows, causal_schedule, exact_keys, hyper_applies, lse_dtype, lsh_ranks,
+                   make_plan, plan_from_ranks, sink_mask, window_strip)
 
 aten = torch.ops.aten
 NEG_INF = float("-inf")
-
-
-class Params(NamedTuple):
-    block_size: int
-    sample_size: int
-    num_projs: int
-    min_seq_len: int
-    causal_depth: Optional[int]
-    seed: int
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -137,7 +131,8 @@ class _Layout(NamedTuple):
     k_inv: torch.Tensor  # [B*Hkv*Nk] sorted slot of each logical key row
     block_bias: Optional[torch.Tensor]  # [B, Hkv*nb*g, 1, bk] or None
     block_any: Optional[torch.Tensor]  # [B, Hkv*nb*g, 1] rows that have at least one block key
-    res_bias: Optional[torch.Tensor]  # [B, Hkv*nb*g, 1, m]
+    side_pos: Optional[torch.Tensor]  # [B, Hkv, t] logical positions of the residual draws, then the exact keys
+    res_bias: Optional[torch.Tensor]  # [B, Hkv*nb*g, 1, t]
     res_any: Optional[torch.Tensor]  # [B, Hkv*nb*g, 1]
     q_pad: int  # padded query slots at the end of the last block
 
@@ -149,7 +144,13 @@ def _inverse(dest: torch.Tensor, total: int) -> torch.Tensor:
     return inv[:-1]
 
 
-def _layout(plan: Plan, B, Hq, Hkv, Nq, Nk, key_valid, mask_dtype) -> _Layout:
+def _in_band(q_pos, k_pos, band):
+    """Whether key position ``k_pos`` lies in the local window ``band = (a, b)`` of query ``q_pos``: -a <= j-i <= b."""
+    d = k_pos - q_pos
+    return (d >= -band[0]) & (d <= band[1])
+
+
+def _layout(plan: Plan, B, Hq, Hkv, Nq, Nk, key_valid, mask_dtype, extras=None, band=None) -> _Layout:
     dev = plan.q_perm.device
     g, nb, bq, bk = Hq // Hkv, plan.num_blocks, plan.q_block, plan.k_block
     q_pad, k_pad = nb * bq - Nq, nb * bk - Nk
@@ -167,25 +168,62 @@ def _layout(plan: Plan, B, Hq, Hkv, Nq, Nk, key_valid, mask_dtype) -> _Layout:
     if key_valid is not None:
         k_ok = k_ok & torch.gather(key_valid[:, None, :].expand(B, Hkv, Nk), 2, kp.clamp(min=0))
     block_bias = block_any = None
-    if k_pad or key_valid is not None:
+    if band is not None:  # per (query, key): a key in the query's window is served by the band part instead
+        ok = k_ok.view(B, Hkv, nb, 1, 1, bk) & ~_in_band(q_pos[..., None], kp.clamp(min=0).view(B, Hkv, nb, 1, 1, bk),
+                                                          band)
+        block_bias = torch.zeros(ok.shape, dtype=mask_dtype, device=dev).masked_fill_(~ok, NEG_INF)
+        block_bias = block_bias.reshape(B, Hkv * nb * g, bq, bk)
+        block_any = ok.any(-1).reshape(B, Hkv * nb * g, bq)
+    elif k_pad or key_valid is not None:
         ok = k_ok.view(B, Hkv, nb, 1, 1, bk).expand(B, Hkv, nb, g, 1, bk)
         block_bias = torch.zeros(ok.shape, dtype=mask_dtype, device=dev).masked_fill_(~ok, NEG_INF)
         block_bias = block_bias.reshape(B, Hkv * nb * g, 1, bk)
         block_any = ok.any(-1).reshape(B, Hkv * nb * g, 1)
-    res_bias = res_any = None
+    side_pos, res_bias, res_any = _side_keys(plan, B, Hkv, g, key_valid, extras, mask_dtype,
+                                             None if band is None else (q_pos, band))
+    return _Layout(q_pos, q_inv, kp.clamp(min=0), k_inv, block_bias, block_any, side_pos, res_bias, res_any, q_pad)
+
+
+def _side_keys(plan: Plan, B, Hkv, g, key_valid, extras, mask_dtype, band=None):
+    """Keys every block attends to besides its own: the residual draws (log-weighted, excluding the block's
+    own keys) followed by the exact keys of ``extras = (pos [B, e], ok [B, e])`` (log-weight 0).
+
+    Returns ``(pos [B, Hkv, t], bias [B, Hkv*nb*g, 1, t], any [B, Hkv*nb*g, 1])``, or Nones when t = 0. With
+    ``band = (q_pos, (a, b))`` the bias is per query row (``[.., bq, t]``): draws inside a query's local window
+    are dropped for that query (the window serves them exactly)."""
+    nb, dev = plan.num_blocks, plan.q_perm.device
+    pos, bias = [], []
+    neg = torch.full((), NEG_INF, dtype=mask_dtype, device=dev)
     if plan.samples is not None:
-        m = plan.samples.shape[-1]
         blk = torch.arange(nb, device=dev).view(1, 1, nb, 1)
         ok = plan.sample_block[:, :, None, :] != blk  # [B, Hkv, nb, m]
         if key_valid is not None:
-            s_valid = torch.gather(key_valid[:, None, :].expand(B, Hkv, Nk), 2, plan.samples)
+            s_valid = torch.gather(key_valid[:, None, :].expand(B, Hkv, key_valid.shape[-1]), 2, plan.samples)
             ok = ok & s_valid[:, :, None, :]
-        ok = ok[:, :, :, None, None, :].expand(B, Hkv, nb, g, 1, m)
-        lw = plan.log_weight.to(mask_dtype).view(B, 1, 1, 1, 1, 1)
-        res_bias = torch.where(ok, lw, torch.full((), NEG_INF, dtype=mask_dtype, device=dev))
-        res_bias = res_bias.reshape(B, Hkv * nb * g, 1, m)
-        res_any = ok.any(-1).reshape(B, Hkv * nb * g, 1)
-    return _Layout(q_pos, q_inv, kp.clamp(min=0), k_inv, block_bias, block_any, res_bias, res_any, q_pad)
+        bias.append(torch.where(ok, plan.sample_log_weight.to(mask_dtype)[:, :, None, :], neg))
+        pos.append(plan.samples)
+    if extras is not None:
+        e_pos, e_ok = extras
+        e = e_pos.shape[-1]
+        pos.append(e_pos[:, None, :].expand(B, Hkv, e))
+        bias.append(torch.where(e_ok, torch.zeros((), dtype=mask_dtype, device=dev), neg)
+                    .view(B, 1, 1, e).expand(B, Hkv, nb, e))
+    if not pos:
+        return None, None, None
+    bias = torch.cat(bias, -1) if len(bias) > 1 else bias[0]
+    pos = torch.cat(pos, -1) if len(pos) > 1 else pos[0]
+    t = bias.shape[-1]
+    if band is None:
+        bias = bias[:, :, :, None, None, :].expand(B, Hkv, nb, g, 1, t).reshape(B, Hkv * nb * g, 1, t)
+    else:
+        q_pos, ab = band
+        bq = q_pos.shape[-1]
+        full = bias[:, :, :, None, None, :].expand(B, Hkv, nb, g, bq, t).clone()
+        if plan.samples is not None:
+            drop = _in_band(q_pos[..., None], plan.samples[:, :, None, None, None, :], ab)  # [B, Hkv, nb, g, bq, m]
+            full[..., :plan.samples.shape[-1]].masked_fill_(drop, NEG_INF)
+        bias = full.reshape(B, Hkv * nb * g, bq, t)
+    return pos, bias, torch.isfinite(bias).any(-1)
 
 
 def _folded_rows(src: Rows, q_pos: torch.Tensor, Hkv: int) -> torch.Tensor:
@@ -195,22 +233,109 @@ def _folded_rows(src: Rows, q_pos: torch.Tensor, Hkv: int) -> torch.Tensor:
     return (q_pos + src.base.view(B, Hkv, 1, g, 1)).reshape(-1)
 
 
-def noncausal_forward(q, k, v, key_valid, scale, p: Params, stream: int = 0, ranks=None):
+def _sub_problem(B, Nk, key_valid, sink, strip, device, approx: bool):
+    """Estimator keys and exact extras of one non-causal sub-problem (see `plan.exact_keys`)."""
+    if not approx:
+        return key_valid, None
+    est, pos, ok = exact_keys(key_valid, sink, strip, B, Nk, device)
+    return est, (None if pos is None else (pos, ok))
+
+
+def window_band(w: int):
+    """``(a, b)``: the centred window of w keys of non-causal self-attention, ``i - a <= j <= i + b``."""
+    return (w - 1) // 2, w // 2
+
+
+class _Band(NamedTuple):
+    tile: int  # queries per tile
+    key_pos: torch.Tensor  # [nt, S] clamped key position of each tile slot
+    bias: torch.Tensor  # [B*nt, 1, tile, S]
+    any_key: torch.Tensor  # [B*nt, 1, tile]
+
+
+def _band_layout(B, N, band, keys, mask_dtype, device, tile: int = 128) -> _Band:
+    """Tiles of ``tile`` queries, each against the ``tile + a + b`` keys that its rows' windows can reach.
+    ``keys [B, N]`` (or None): the keys the band part may use."""
+    a, b = band
+    tile = max(1, min(tile, N))
+    nt = math.ceil(N / tile)
+    t0 = torch.arange(nt, device=device)[:, None] * tile
+    kpos = t0 - a + torch.arange(tile + a + b, device=device)[None, :]  # [nt, S]
+    qpos = t0 + torch.arange(tile, device=device)[None, :]  # [nt, tile]
+    ok = _in_band(qpos[:, :, None], kpos[:, None, :], band) & (kpos[:, None, :] >= 0) & (kpos[:, None, :] < N)
+    ok = ok & (qpos[:, :, None] < N)
+    kc = kpos.clamp(0, N - 1)
+    ok = ok[None] if keys is None else ok[None] & keys[:, kc][:, :, None, :]  # [B or 1, nt, tile, S]
+    ok = ok.expand(B, *ok.shape[1:]).reshape(B * nt, 1, tile, kpos.shape[1])
+    bias = torch.zeros(ok.shape, dtype=mask_dtype, device=device).masked_fill_(~ok, NEG_INF)
+    return _Band(tile, kc, bias, ok.any(-1))
+
+
+def _tiles(x, tile, nt):
+    """``[B, H, N, ...]`` -> ``[B*nt, H, tile, ...]`` (rows padded to nt * tile)."""
+    B, H = x.shape[:2]
+    x = _pad_rows(x, nt * tile) if x.dim() == 4 else torch.nn.functional.pad(x, (0, nt * tile - x.shape[2]))
+    return x.reshape(B, H, nt, tile, *x.shape[3:]).transpose(1, 2).reshape(B * nt, H, tile, *x.shape[3:])
+
+
+def _untile(x, B, N):
+    Bn, H, tile = x.shape[:3]
+    nt = Bn // B
+    return x.reshape(B, nt, H, tile, *x.shape[3:]).transpose(1, 2).reshape(B, H, nt * tile, *x.shape[3:])[:, :, :N]
+
+
+def _band_keys(x, L: _Band):
+    """``[B, H, N, D]`` -> the tiles' key slots ``[B*nt, H, S, D]``."""
+    B, H, _, D = x.shape
+    nt, S = L.key_pos.shape
+    return x[:, :, L.key_pos.reshape(-1)].view(B, H, nt, S, D).transpose(1, 2).reshape(B * nt, H, S, D)
+
+
+def band_forward(q, k, v, keys, band, scale):
+    """Exact attention of every query to the keys of its local window (non-causal self-attention):
+    ``(out [B,Hq,N,D], lse [B,Hq,N])``; ``keys [B, N]`` bool (or None) are the keys it may use."""
+    B, Hq, N, D = q.shape
+    L = _band_layout(B, N, band, keys, _mask_dtype(q.dtype), q.device)
+    nt = L.key_pos.shape[0]
+    o, lse = _flash(_tiles(q, L.tile, nt), _band_keys(k, L), _band_keys(v, L), L.bias, False, scale)
+    lse = _no_keys(lse, L.any_key)
+    return _untile(o, B, N), _untile(lse, B, N)
+
+
+def band_backward(do, q, k, v, out, lse, keys, band, scale):
+    B, Hq, N, D = q.shape
+    Hkv = k.shape[1]
+    L = _band_layout(B, N, band, keys, _mask_dtype(q.dtype), q.device)
+    nt, S = L.key_pos.shape
+    t = lambda x: _tiles(x, L.tile, nt)  # noqa: E731
+    dq, dk_t, dv_t = _flash_bwd(t(do), t(q), _band_keys(k, L), _band_keys(v, L), t(out), t(lse).contiguous(),
+                                L.bias, False, scale)
+    rows = ((torch.arange(B * Hkv, device=q.device) * N).view(B, 1, Hkv, 1) + L.key_pos.view(1, nt, 1, S)).reshape(-1)
+    dk = torch.zeros(B * Hkv * N, D, dtype=dk_t.dtype, device=q.device).index_add_(0, rows, dk_t.reshape(-1, D))
+    dv = torch.zeros(B * Hkv * N, D, dtype=dv_t.dtype, device=q.device).index_add_(0, rows, dv_t.reshape(-1, D))
+    return _untile(dq, B, N), dk.view(B, Hkv, N, D), dv.view(B, Hkv, N, D)
+
+
+def noncausal_forward(q, k, v, key_valid, scale, p: HyperConfig, stream: int = 0, ranks=None, sink=None, strip=0,
+                      band=None):
     """``q [B,Hq,Nq,D]``, ``k, v [B,Hkv,Nk,D]`` (tensors or `Rows`) -> contiguous ``(out [B,Hq,Nq,D], lse [B,Hq,Nq])``.
 
-    ``ranks``: precomputed ``(q_rank, k_rank)`` bucket ranks of these rows (see `plan.lsh_ranks`)."""
+    ``ranks``: precomputed ``(q_rank, k_rank)`` bucket ranks of these rows (see `plan.lsh_ranks`).
+    ``sink [B, Nk]`` and ``strip``: keys kept exact for every query (see `plan.exact_keys`). ``band = (a, b)``
+    (self-attention only): the keys of each query's local window are exact for it (`band_forward`)."""
     q, k, v = (x if isinstance(x, Rows) else Rows.of(x) for x in (q, k, v))
     B, Hq, Nq, D = q.shape
     Hkv, Nk = k.shape[1], k.shape[2]
     dtype = q.data.dtype
     mdt = _mask_dtype(dtype)
-    if not _use_hyper(Nq, Nk, p):
+    if not hyper_applies(Nq, Nk, p):
         out, lse = _flash(q.dense(), k.dense(), v.dense(), _key_bias(key_valid, mdt), False, scale)
         if key_valid is not None:
             lse = _no_keys(lse, key_valid.any(-1)[:, None, None].expand_as(lse))
         return out.contiguous(), lse.to(lse_dtype(dtype)).contiguous()
-    plan = _plan(q, k, key_valid, p, stream, ranks)
-    L = _layout(plan, B, Hq, Hkv, Nq, Nk, key_valid, mdt)
+    est, extras = _sub_problem(B, Nk, key_valid, sink, strip, q.data.device, True)
+    plan = _plan(q, k, est, p, stream, ranks)
+    L = _layout(plan, B, Hq, Hkv, Nq, Nk, est, mdt, extras, band)
     g, nb, bq, bk = Hq // Hkv, plan.num_blocks, plan.q_block, plan.k_block
     q_rows = _folded_rows(q, L.q_pos, Hkv)
     q_s = q.data.index_select(0, q_rows).view(B, Hkv * nb * g, bq, D)  # [B, Hkv*nb*g, bq, D]
@@ -218,10 +343,8 @@ def noncausal_forward(q, k, v, key_valid, scale, p: Params, stream: int = 0, ran
     v_b = v.gather(L.k_pos).view(B, Hkv * nb, bk, D)
     o, lse = _flash(q_s, k_b, v_b, L.block_bias, False, scale)  # [B, Hkv*nb*g, bq, D], [B, Hkv*nb*g, bq]
     lse = _no_keys(lse, L.block_any)
-    if plan.samples is not None:
-        k_s = k.gather(plan.samples)  # [B, Hkv, m, D]
-        v_s = v.gather(plan.samples)
-        o2, lse2 = _flash(q_s, k_s, v_s, L.res_bias, False, scale)
+    if L.side_pos is not None:  # residual draws and exact keys: one call for every block
+        o2, lse2 = _flash(q_s, k.gather(L.side_pos), v.gather(L.side_pos), L.res_bias, False, scale)
         lse2 = _no_keys(lse2, L.res_any)
         acc = o.float() if o.dtype not in (torch.float32, torch.float64) else o.contiguous()
         lse = lse.contiguous()
@@ -229,16 +352,23 @@ def noncausal_forward(q, k, v, key_valid, scale, p: Params, stream: int = 0, ran
         o = acc.to(dtype)
     out = o.reshape(-1, D).index_select(0, L.q_inv).view(B, Hq, Nq, D)
     lse = lse.reshape(-1).index_select(0, L.q_inv).view(B, Hq, Nq).to(lse_dtype(dtype))
+    if band is not None:
+        o3, lse3 = band_forward(q.dense(), k.dense(), v.dense(), est, band, scale)
+        acc = out.float() if dtype not in (torch.float32, torch.float64) else out
+        merge_(acc, lse, o3, lse3.to(lse.dtype))
+        out = acc.to(dtype)
     return out, lse
 
 
-def _plan(q: Rows, k: Rows, key_valid, p: Params, stream, ranks):
+def _plan(q: Rows, k: Rows, key_valid, p: HyperConfig, stream, ranks):
+    args = (key_valid, p.block_size, p.sample_size, p.lsh_num_projs, p.seed, stream, p.residual)
     if ranks is None:
-        return make_plan(q.dense(), k.dense(), key_valid, p.block_size, p.sample_size, p.num_projs, p.seed, stream)
-    return plan_from_ranks(ranks[0], ranks[1], key_valid, p.block_size, p.sample_size, p.num_projs, p.seed, stream)
+        return make_plan(q.dense(), k.dense(), *args)
+    return plan_from_ranks(ranks[0], ranks[1], *args)
 
 
-def noncausal_backward(do, q, k, v, out, lse, key_valid, scale, p: Params, stream: int = 0, ranks=None):
+def noncausal_backward(do, q, k, v, out, lse, key_valid, scale, p: HyperConfig, stream: int = 0, ranks=None,
+                       sink=None, strip=0, band=None):
     """Gradient of `noncausal_forward` given the *final* ``out``/``lse`` of the rows (which may include other
     parts merged in by the caller). Operands are tensors or `Rows`; returns contiguous ``(dq, dk, dv)``."""
     do, q, k, v, out = (x if isinstance(x, Rows) else Rows.of(x) for x in (do, q, k, v, out))
@@ -247,12 +377,13 @@ def noncausal_backward(do, q, k, v, out, lse, key_valid, scale, p: Params, strea
     dtype = q.data.dtype
     mdt = _mask_dtype(dtype)
     lse = lse.to(lse_dtype(dtype)).masked_fill(torch.isneginf(lse), 0.0)  # rows with no keys: no NaN
-    if not _use_hyper(Nq, Nk, p):
+    if not hyper_applies(Nq, Nk, p):
         dq, dk, dv = _flash_bwd(do.dense(), q.dense(), k.dense(), v.dense(), out.dense(), lse.contiguous(),
                                 _key_bias(key_valid, mdt), False, scale)
         return dq, dk, dv
-    plan = _plan(q, k, key_valid, p, stream, ranks)
-    L = _layout(plan, B, Hq, Hkv, Nq, Nk, key_valid, mdt)
+    est, extras = _sub_problem(B, Nk, key_valid, sink, strip, q.data.device, True)
+    plan = _plan(q, k, est, p, stream, ranks)
+    L = _layout(plan, B, Hq, Hkv, Nq, Nk, est, mdt, extras, band)
     g, nb, bq, bk = Hq // Hkv, plan.num_blocks, plan.q_block, plan.k_block
     fold = (B, Hkv * nb * g, bq, D)
     q_s = q.data.index_select(0, _folded_rows(q, L.q_pos, Hkv)).view(fold)
@@ -267,30 +398,23 @@ def noncausal_backward(do, q, k, v, out, lse, key_valid, scale, p: Params, strea
     dq_s, dk_b, dv_b = _flash_bwd(do_s, q_s, k_b, v_b, o_s, lse_s, L.block_bias, False, scale)
     dk = dk_b.reshape(-1, D).index_select(0, L.k_inv).view(B, Hkv, Nk, D)
     dv = dv_b.reshape(-1, D).index_select(0, L.k_inv).view(B, Hkv, Nk, D)
-    if plan.samples is not None:
-        k_s = k.gather(plan.samples)
-        v_s = v.gather(plan.samples)
-        dq2, dk_s, dv_s = _flash_bwd(do_s, q_s, k_s, v_s, o_s, lse_s, L.res_bias, False, scale)
+    if L.side_pos is not None:
+        dq2, dk_s, dv_s = _flash_bwd(do_s, q_s, k.gather(L.side_pos), v.gather(L.side_pos), o_s, lse_s,
+                                     L.res_bias, False, scale)
         dq_s = dq_s + dq2
-        s_rows = Rows.of(dk).flat_index(plan.samples)
+        s_rows = Rows.of(dk).flat_index(L.side_pos)
         dk.view(-1, D).index_add_(0, s_rows, dk_s.reshape(-1, D).to(dk.dtype))
         dv.view(-1, D).index_add_(0, s_rows, dv_s.reshape(-1, D).to(dv.dtype))
     dq = dq_s.reshape(-1, D).index_select(0, L.q_inv).view(B, Hq, Nq, D)
+    if band is not None:
+        dq3, dk3, dv3 = band_backward(do.dense(), q.dense(), k.dense(), v.dense(), out.dense(), lse, est, band, scale)
+        dq, dk, dv = dq + dq3, dk + dk3.to(dk.dtype), dv + dv3.to(dv.dtype)
     return dq, dk, dv
 
 
 # ----------------------------------------------------------------------------------------------------------
-# causal HyperAttention: recursive halving, one batched call per level
+# causal HyperAttention: recursive halving (`plan.causal_schedule`), one batched call per level
 # ----------------------------------------------------------------------------------------------------------
-
-def causal_uses_hyper(N, p: Params) -> bool:
-    """Whether causal attention of length N approximates anything (the top quadrant is the largest)."""
-    depth = _depth(N, p)
-    if depth == 0:
-        return False
-    half = math.ceil(N / 2**depth) * 2 ** (depth - 1)
-    return _use_hyper(half, half, p)
-
 
 def _unchunk_view(x, count, size, parity):
     """A view of ``x [B, H, N, ...]`` onto the same chunks as `_chunks`, shaped ``[B, count, H, size, ...]``."""
@@ -305,31 +429,45 @@ def _leaf_view(x, pieces):
         B * pieces, H, N // pieces, *x.shape[3:])
 
 
-def _causal_setup(q, k, v, key_valid, p: Params):
+class _Causal(NamedTuple):
+    q: torch.Tensor
+    k: torch.Tensor
+    v: torch.Tensor
+    valid: Optional[torch.Tensor]  # [B, Np] (None: every key valid, no padding)
+    sink: Optional[torch.Tensor]  # [B, Np]
+    sched: object  # `plan.CausalSchedule`
+
+
+def _causal_setup(q, k, v, key_valid, sink, p: HyperConfig) -> _Causal:
     B, Hq, N, D = q.shape
-    depth = _depth(N, p)
-    pieces = 2**depth
-    Np = math.ceil(N / pieces) * pieces
+    sched = causal_schedule(N, p)
+    Np = sched.Np
     valid = None if key_valid is None else key_valid.contiguous()  # sliced/expanded masks are viewed below
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     if Np != N:
         q, k, v = _pad_rows(q, Np), _pad_rows(k, Np), _pad_rows(v, Np)
         valid = torch.zeros(B, Np, dtype=torch.bool, device=q.device)
         valid[:, :N] = True if key_valid is None else key_valid
-    return q, k, v, valid, depth, Np
+        if sink is not None:
+            sink = torch.nn.functional.pad(sink, (0, Np - N))
+    return _Causal(q, k, v, valid, None if sink is None else sink.contiguous(), sched)
 
 
-def causal_forward(q, k, v, key_valid, scale, p: Params):
+def _even(mask, B, count, size):
+    return None if mask is None else mask.view(B, count, 2, size)[:, :, 0].reshape(B * count, size)
+
+
+def causal_forward(q, k, v, key_valid, scale, p: HyperConfig, sink=None):
     """Causal HyperAttention with n_q == n_k: ``(out [B,Hq,N,D], lse [B,Hq,N])``."""
     B, Hq, N, D = q.shape
-    Hkv = k.shape[1]
     mdt = _mask_dtype(q.dtype)
-    if key_valid is None and _depth(N, p) == 0:  # exact: hand straight to aten
+    c = _causal_setup(q, k, v, key_valid, sink, p)
+    if key_valid is None and c.sched.depth == 0:  # exact: hand straight to aten
         out, lse = _flash(q, k, v, None, True, scale)
         return out.contiguous(), lse.to(lse_dtype(q.dtype)).contiguous()
-    q, k, v, valid, depth, Np = _causal_setup(q, k, v, key_valid, p)
-    pieces = 2**depth
-    leaf = Np // pieces
+    q, k, v, valid = c.q, c.k, c.v, c.valid
+    Np, leaf = c.sched.Np, c.sched.leaf
+    pieces = Np // leaf
     # leaves: [B*pieces, H, leaf, D], exact causal
     leaf_bias = None if valid is None else _key_bias(valid.view(B * pieces, leaf), mdt)
     o, lse = _flash(_leaf_view(q, pieces), _leaf_view(k, pieces), _leaf_view(v, pieces), leaf_bias, True, scale)
@@ -338,47 +476,46 @@ def causal_forward(q, k, v, key_valid, scale, p: Params):
     acc_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
     out = o.to(acc_dtype).reshape(B, pieces, Hq, leaf, D).transpose(1, 2).reshape(B, Hq, Np, D).contiguous()
     lse_all = lse.reshape(B, pieces, Hq, leaf).transpose(1, 2).reshape(B, Hq, Np).contiguous()
-    if depth:  # hashed once; each level takes its chunks
-        q_rank, k_rank = lsh_ranks(q, k, p.num_projs, p.seed)
-    for level in range(depth):
-        count, size = 2**level, Np // 2 ** (level + 1)
-        kv_s = None if valid is None else valid.view(B, count, 2, size)[:, :, 0].reshape(B * count, size)
+    if c.sched.depth:  # hashed once; each level takes its chunks
+        q_rank, k_rank = lsh_ranks(q, k, p.lsh_num_projs, p.seed)
+    for level, (count, size) in enumerate(c.sched.levels):
         ranks = (_chunks(q_rank, count, size, 1), _chunks(k_rank, count, size, 0))
         o_l, lse_l = noncausal_forward(Rows.chunks(q, count, size, 1), Rows.chunks(k, count, size, 0),
-                                       Rows.chunks(v, count, size, 0), kv_s, scale, p, level + 1, ranks)
+                                       Rows.chunks(v, count, size, 0), _even(valid, B, count, size), scale, p,
+                                       level + 1, ranks, _even(c.sink, B, count, size), c.sched.strip)
         acc_o = _unchunk_view(out, count, size, 1)  # [B, count, Hq, size, D] view into out
         acc_l = _unchunk_view(lse_all, count, size, 1)
         merge_(acc_o, acc_l, o_l.view(B, count, Hq, size, D), lse_l.view(B, count, Hq, size))
     return out[:, :, :N].to(q.dtype).contiguous(), lse_all[:, :, :N].to(lse_dtype(q.dtype)).contiguous()
 
 
-def causal_backward(do, q, k, v, out, lse, key_valid, scale, p: Params):
+def causal_backward(do, q, k, v, out, lse, key_valid, scale, p: HyperConfig, sink=None):
     B, Hq, N, D = q.shape
     Hkv = k.shape[1]
     mdt = _mask_dtype(q.dtype)
-    q, k, v, valid, depth, Np = _causal_setup(q, k, v, key_valid, p)
+    c = _causal_setup(q, k, v, key_valid, sink, p)
+    q, k, v, valid = c.q, c.k, c.v, c.valid
+    Np, leaf = c.sched.Np, c.sched.leaf
     do, out = _pad_rows(do, Np), _pad_rows(out, Np)
     lse = lse.to(lse_dtype(q.dtype)).masked_fill(torch.isneginf(lse), 0.0)
     if Np != N:
         lse = torch.nn.functional.pad(lse, (0, Np - N))
-    pieces = 2**depth
-    leaf = Np // pieces
+    pieces = Np // leaf
     leaf_bias = None if valid is None else _key_bias(valid.view(B * pieces, leaf), mdt)
     lv = lambda x: _leaf_view(x, pieces)  # noqa: E731
     dq, dk, dv = _flash_bwd(lv(do), lv(q), lv(k), lv(v), lv(out), lv(lse), leaf_bias, True, scale)
     unleaf = lambda x, H: x.view(B, pieces, H, leaf, D).transpose(1, 2).reshape(B, H, Np, D)  # noqa: E731
     dq, dk, dv = unleaf(dq, Hq).clone(), unleaf(dk, Hkv).clone(), unleaf(dv, Hkv).clone()
-    if depth:
-        q_rank, k_rank = lsh_ranks(q, k, p.num_projs, p.seed)
+    if c.sched.depth:
+        q_rank, k_rank = lsh_ranks(q, k, p.lsh_num_projs, p.seed)
     do, out, lse = do.contiguous(), out.contiguous(), lse.contiguous()
-    for level in range(depth):
-        count, size = 2**level, Np // 2 ** (level + 1)
+    for level, (count, size) in enumerate(c.sched.levels):
         odd = lambda x: Rows.chunks(x, count, size, 1)  # noqa: E731
         even = lambda x: Rows.chunks(x, count, size, 0)  # noqa: E731
-        kv_s = None if valid is None else valid.view(B, count, 2, size)[:, :, 0].reshape(B * count, size)
         ranks = (_chunks(q_rank, count, size, 1), _chunks(k_rank, count, size, 0))
         dq_l, dk_l, dv_l = noncausal_backward(odd(do), odd(q), even(k), even(v), odd(out),
-                                              _chunks(lse, count, size, 1), kv_s, scale, p, level + 1, ranks)
+                                              _chunks(lse, count, size, 1), _even(valid, B, count, size), scale,
+                                              p, level + 1, ranks, _even(c.sink, B, count, size), c.sched.strip)
         _unchunk_view(dq, count, size, 1).add_(dq_l.view(B, count, Hq, size, D))
         _unchunk_view(dk, count, size, 0).add_(dk_l.view(B, count, Hkv, size, D))
         _unchunk_view(dv, count, size, 0).add_(dv_l.view(B, count, Hkv, size, D))
@@ -389,35 +526,47 @@ def causal_backward(do, q, k, v, out, lse, key_valid, scale, p: Params):
 # entry points: any n_q <= n_k when causal (bottom-right aligned), any lengths otherwise
 # ----------------------------------------------------------------------------------------------------------
 
-def _split(key_valid, prefix):
-    if key_valid is None:
+def _split(mask, prefix):
+    if mask is None:
         return None, None
-    return key_valid[:, :prefix], key_valid[:, prefix:]
+    return mask[:, :prefix], mask[:, prefix:]
 
 
-def attention_forward(q, k, v, key_valid, is_causal, scale, p: Params):
+def _sinks(q, k, key_valid, p):
+    return sink_mask(key_valid, q.shape[0], k.shape[2], p.sink_keys, q.device)
+
+
+def attention_forward(q, k, v, key_valid, is_causal, scale, p: HyperConfig):
     """HyperAttention on CPU tensors. Returns contiguous ``(out, lse fp32)``."""
+    sink = _sinks(q, k, key_valid, p)
     if not is_causal:
-        return noncausal_forward(q, k, v, key_valid, scale, p)
+        return noncausal_forward(q, k, v, key_valid, scale, p, sink=sink, band=_band(q, k, p))
     prefix = k.shape[2] - q.shape[2]
     if prefix == 0:
-        return causal_forward(q, k, v, key_valid, scale, p)
-    kv_head, kv_tail = _split(key_valid, prefix)
-    out, lse = causal_forward(q, k[:, :, prefix:], v[:, :, prefix:], kv_tail, scale, p)
-    o2, l2 = noncausal_forward(q, k[:, :, :prefix], v[:, :, :prefix], kv_head, scale, p, stream=-1)
+        return causal_forward(q, k, v, key_valid, scale, p, sink)
+    (kv_head, kv_tail), (s_head, s_tail) = _split(key_valid, prefix), _split(sink, prefix)
+    out, lse = causal_forward(q, k[:, :, prefix:], v[:, :, prefix:], kv_tail, scale, p, s_tail)
+    o2, l2 = noncausal_forward(q, k[:, :, :prefix], v[:, :, :prefix], kv_head, scale, p, -1, None, s_head,
+                               window_strip(p))
     acc = out.to(torch.float64 if q.dtype == torch.float64 else torch.float32)
     merge_(acc, lse, o2, l2)
     return acc.to(q.dtype), lse
 
 
-def attention_backward(do, q, k, v, out, lse, key_valid, is_causal, scale, p: Params):
+def attention_backward(do, q, k, v, out, lse, key_valid, is_causal, scale, p: HyperConfig):
+    sink = _sinks(q, k, key_valid, p)
     if not is_causal:
-        return noncausal_backward(do, q, k, v, out, lse, key_valid, scale, p)
+        return noncausal_backward(do, q, k, v, out, lse, key_valid, scale, p, sink=sink, band=_band(q, k, p))
     prefix = k.shape[2] - q.shape[2]
     if prefix == 0:
-        return causal_backward(do, q, k, v, out, lse, key_valid, scale, p)
-    kv_head, kv_tail = _split(key_valid, prefix)
-    dq, dk2, dv2 = causal_backward(do, q, k[:, :, prefix:], v[:, :, prefix:], out, lse, kv_tail, scale, p)
+        return causal_backward(do, q, k, v, out, lse, key_valid, scale, p, sink)
+    (kv_head, kv_tail), (s_head, s_tail) = _split(key_valid, prefix), _split(sink, prefix)
+    dq, dk2, dv2 = causal_backward(do, q, k[:, :, prefix:], v[:, :, prefix:], out, lse, kv_tail, scale, p, s_tail)
     dq1, dk1, dv1 = noncausal_backward(do, q, k[:, :, :prefix], v[:, :, :prefix], out, lse, kv_head, scale, p,
-                                       stream=-1)
+                                       -1, None, s_head, window_strip(p))
     return dq + dq1, torch.cat([dk1, dk2], 2), torch.cat([dv1, dv2], 2)
+
+
+def _band(q, k, p):
+    """The centred local window of non-causal self-attention, or None (cross-attention has none)."""
+    return window_band(p.local_window) if p.local_window > 0 and q.shape[2] == k.shape[2] else None

@@ -3,54 +3,68 @@
 Layers under one stem: the fast paths (`cpu.attention_forward`, the Triton launcher in ``triton_attention``)
 -> this op with its fake and autograd registrations -> the public `hyper_backend.hyper_attention`.
 
-Integer parameters equal to ``UNSET`` (-1) are resolved here, at run time, for the call's actual length: the
+Parameters equal to ``UNSET`` (-1) are resolved here, at run time, for the call's actual length: the
 autotuner's cache entry if ``tune_cache`` names one that matches, else the `HyperConfig` default. So one
 compiled graph serves every sequence length. No Triton is imported until a Triton path runs.
 """
 from __future__ import annotations
 
-from typing import Optional, Tuple
+import contextlib
+from typing import List, Optional, Tuple
 
 import torch
 from torch import Tensor
+from torch._dynamo.utils import counters
 
-from hyper_backend.config import AUTO_DEPTH, UNSET, HyperConfig, kernel_choice
+from hyper_backend.config import HyperConfig, kernel_choice, resolve
 
 from . import cpu
-from .cpu import Params
+from .plan import approximates, lse_dtype
 
-_DEFAULTS = HyperConfig()
-_FIELDS = ("block_size", "sample_size", "lsh_num_projs", "min_seq_len", "causal_depth", "seed")
-
-# calls per path since import; tests and `explain` read it
-call_counts = {"hyper": 0, "exact": 0, "backward": 0}
-# while a list (set by `hyper_backend.explain`), every tuned lookup appends what it looked up
-tuning_lookups = None
+# `counters["hyper"]` counts calls per path ("op_hyper", "op_exact", "op_backward"); `explain` and tests read it.
+_tuning_records: List[list] = []  # open `record_tuning` lists: every tuned lookup is appended to each
 
 
-def resolve_params(query: Tensor, key: Tensor, is_causal: bool, given: Tuple[int, ...], tune_cache: str) -> Params:
-    """Explicit values win; then the tuned entry for this (device, dtype, head dim, causal, length); then defaults."""
-    values = dict(zip(_FIELDS, given))
+@contextlib.contextmanager
+def record_tuning():
+    """Within the block, every tuning-cache lookup the op makes is appended to the yielded list as
+    ``(cache path, {device, dtype, head_dim, causal, seq_len})``."""
+    seen: list = []
+    _tuning_records.append(seen)
+    try:
+        yield seen
+    finally:
+        _tuning_records.remove(seen)
+
+
+def path_counts() -> dict:
+    """Calls of the op since import, per path: ``{"hyper": .., "exact": .., "backward": ..}`` (from
+    ``torch._dynamo.utils.counters["hyper"]``, which survives ``torch._dynamo.reset()``)."""
+    c = counters["hyper"]
+    return {"hyper": c["op_hyper"], "exact": c["op_exact"], "backward": c["op_backward"]}
+
+
+def fit(p: HyperConfig, n_q: int, n_k: int) -> HyperConfig:
+    """Clamp sizes to what a call of ``n_q`` queries on ``n_k`` keys can use, so no setting makes a call
+    allocate more than O(n (b + m)). Results are unchanged except for ``sample_size > n_k`` (then n_k draws)."""
+    n = max(n_q, n_k, 1)
+    return p.replace(block_size=min(p.block_size, n), sample_size=min(p.sample_size, max(n_k, 1)),
+                     sink_keys=min(p.sink_keys, n_k), local_window=min(p.local_window, n))
+
+
+def resolve_params(query: Tensor, key: Tensor, is_causal: bool, params: List[int], tune_cache: str) -> HyperConfig:
+    """Explicit values win; then the tuned entry for this (device, dtype, head dim, causal, length); then defaults.
+    The result is fitted to the call (`fit`)."""
     tuned = None
-    if tune_cache and any(v == UNSET for v in values.values()):
+    if tune_cache and any(v == -1 for v in params):
         from hyper_backend.autotune.cache import lookup_tuned
 
         where = dict(device=query.device, dtype=query.dtype, head_dim=query.shape[-1], causal=is_causal,
                      seq_len=max(query.shape[2], key.shape[2]))
         tuned = lookup_tuned(tune_cache, **where)
-        if tuning_lookups is not None:
-            tuning_lookups.append((tune_cache, where))
-    out = {}
-    for name, value in values.items():
-        if value == UNSET and tuned is not None and name in tuned:
-            value = tuned[name]
-            value = AUTO_DEPTH if value is None else value
-        if value == UNSET:
-            default = getattr(_DEFAULTS, name)
-            value = AUTO_DEPTH if default is None else default
-        out[name] = None if (name == "causal_depth" and value == AUTO_DEPTH) else int(value)
-    return Params(out["block_size"], out["sample_size"], out["lsh_num_projs"], out["min_seq_len"],
-                  out["causal_depth"], out["seed"])
+        for seen in _tuning_records:
+            seen.append((tune_cache, where))
+    return fit(resolve(params, tuned), query.shape[2], key.shape[2])
 
 
 def _path(query: Tensor):
@@ -60,13 +74,6 @@ def _path(query: Tensor):
 
         return triton_attention
     return cpu
-
-
-def _is_hyper(query, key, is_causal, p: Params) -> bool:
-    nq, nk = query.shape[2], key.shape[2]
-    if is_causal:
-        return cpu.causal_uses_hyper(nq, p) or (nk > nq and cpu._use_hyper(nq, nk - nq, p))
-    return cpu._use_hyper(nq, nk, p)
 
 
 def _check(query, key, value, is_causal):
@@ -94,13 +101,15 @@ def _common_head_dim(query, key, value, scale):
 @torch.library.custom_op("hyper::attention", mutates_args=())
 def attention(
     query: Tensor, key: Tensor, value: Tensor, key_padding_mask: Optional[Tensor], is_causal: bool,
-    scale: Optional[float], block_size: int, sample_size: int, lsh_num_projs: int, min_seq_len: int,
-    causal_depth: int, seed: int, tune_cache: str,
+    scale: Optional[float], params: List[int], tune_cache: str,
 ) -> Tuple[Tensor, Tensor]:
+    """``out [B, Hq, Nq, Dv]`` (contiguous) and ``lse [B, Hq, Nq]`` (float32, float64 for float64 inputs).
+
+    ``params``: `hyper_backend.config.encode` of the settings (one int per `HyperConfig` field, -1 = tuned or
+    default); ``tune_cache``: the autotuner's cache path, or "" for none."""
     _check(query, key, value, is_causal)
-    p = resolve_params(query, key, is_causal, (block_size, sample_size, lsh_num_projs, min_seq_len, causal_depth,
-                                               seed), tune_cache)
-    call_counts["hyper" if _is_hyper(query, key, is_causal, p) else "exact"] += 1
+    p = resolve_params(query, key, is_causal, params, tune_cache)
+    counters["hyper"]["op_hyper" if approximates(query.shape[2], key.shape[2], is_causal, p) else "op_exact"] += 1
     dv = value.shape[-1]
     if query.shape[-1] != dv:
         query, key, value, scale, _ = _common_head_dim(query, key, value, scale)
@@ -109,23 +118,21 @@ def attention(
 
 
 @attention.register_fake
-def _(query, key, value, key_padding_mask, is_causal, scale, block_size, sample_size, lsh_num_projs, min_seq_len,
-      causal_depth, seed, tune_cache):
+def _(query, key, value, key_padding_mask, is_causal, scale, params, tune_cache):
     B, H, N, _ = query.shape
     out = query.new_empty(B, H, N, value.shape[-1])
-    lse = query.new_empty(B, H, N, dtype=cpu.lse_dtype(query.dtype))
+    lse = query.new_empty(B, H, N, dtype=lse_dtype(query.dtype))
     return out, lse
 
 
 @torch.library.custom_op("hyper::attention_backward", mutates_args=())
 def attention_backward(
     grad_out: Tensor, query: Tensor, key: Tensor, value: Tensor, out: Tensor, lse: Tensor,
-    key_padding_mask: Optional[Tensor], is_causal: bool, scale: Optional[float], block_size: int,
-    sample_size: int, lsh_num_projs: int, min_seq_len: int, causal_depth: int, seed: int, tune_cache: str,
+    key_padding_mask: Optional[Tensor], is_causal: bool, scale: Optional[float], params: List[int],
+    tune_cache: str,
 ) -> Tuple[Tensor, Tensor, Tensor]:
-    p = resolve_params(query, key, is_causal, (block_size, sample_size, lsh_num_projs, min_seq_len, causal_depth,
-                                               seed), tune_cache)
-    call_counts["backward"] += 1
+    p = resolve_params(query, key, is_causal, params, tune_cache)
+    counters["hyper"]["op_backward"] += 1
     d, d_v = query.shape[-1], value.shape[-1]
     q, k, v = query, key, value
     if d != d_v:
@@ -144,19 +151,20 @@ def _(grad_out, query, key, value, out, lse, key_padding_mask, is_causal, scale,
 
 
 def _setup_context(ctx, inputs, output):
-    query, key, value, key_padding_mask, is_causal, scale, *params = inputs
+    query, key, value, key_padding_mask, is_causal, scale, params, tune_cache = inputs
     out, lse = output
     ctx.save_for_backward(query, key, value, out, lse)
     ctx.key_padding_mask = key_padding_mask
-    ctx.is_causal, ctx.scale, ctx.params = is_causal, scale, params
+    ctx.is_causal, ctx.scale, ctx.params, ctx.tune_cache = is_causal, scale, params, tune_cache
     ctx.mark_non_differentiable(lse)
 
 
 def _backward(ctx, grad_out, grad_lse):
     query, key, value, out, lse = ctx.saved_tensors
     dq, dk, dv = torch.ops.hyper.attention_backward(
-        grad_out, query, key, value, out, lse, ctx.key_padding_mask, ctx.is_causal, ctx.scale, *ctx.params)
-    return dq, dk, dv, None, None, None, None, None, None, None, None, None, None
+        grad_out, query, key, value, out, lse, ctx.key_padding_mask, ctx.is_causal, ctx.scale, ctx.params,
+        ctx.tune_cache)
+    return dq, dk, dv, None, None, None, None, None
 
 
 attention.register_autograd(_backward, setup_context=_setup_context)

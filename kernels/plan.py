@@ -12,9 +12,11 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Optional
+from typing import NamedTuple, Optional, Tuple
 
 import torch
+
+NEG_INF = float("-inf")
 
 
 def inverse_gray(code: torch.Tensor, bits: int) -> torch.Tensor:
@@ -57,7 +59,8 @@ class Plan:
     k_block: int
     samples: Optional[torch.Tensor]  # [B, Hkv, m] original key indices, or None when m == 0
     sample_block: Optional[torch.Tensor]  # [B, Hkv, m] block id of each sampled key (sorted position // k_block)
-    log_weight: torch.Tensor  # [B] float32: log(n_valid / m), the residual's reweighting
+    log_weight: torch.Tensor  # [B] float32: log(n_valid / m), the uniform residual's reweighting
+    sample_log_weight: Optional[torch.Tensor] = None  # [B, Hkv, m] float32: log-weight of each draw (-inf: none)
 
 
 def block_shape(n_q: int, n_k: int, block_size: int):
@@ -85,14 +88,15 @@ def make_plan(
     num_projs: int,
     seed: int,
     stream: int = 0,
+    residual: str = "uniform",
 ) -> Plan:
     """Draw the permutations and samples for non-causal HyperAttention of ``q [B,Hq,Nq,D]`` on ``k [B,Hkv,Nk,D]``.
 
-    ``key_valid [B, Nk]`` (bool) marks keys that may be attended to; masked keys sort last and are never
+    ``key_valid [B, Nk]`` (bool) marks the keys of the estimator; the others sort last and are never
     sampled. ``stream`` separates the draws of independent sub-problems (the levels of the causal recursion).
     """
     q_rank, k_rank = lsh_ranks(q, k, num_projs, seed)
-    return plan_from_ranks(q_rank, k_rank, key_valid, block_size, sample_size, num_projs, seed, stream)
+    return plan_from_ranks(q_rank, k_rank, key_valid, block_size, sample_size, num_projs, seed, stream, residual)
 
 
 def lsh_ranks(q: torch.Tensor, k: torch.Tensor, num_projs: int, seed: int):
@@ -112,6 +116,7 @@ def plan_from_ranks(
     num_projs: int,
     seed: int,
     stream: int = 0,
+    residual: str = "uniform",
 ) -> Plan:
     """`make_plan` from precomputed bucket ranks ``q_rank [B, Hq, Nq]``, ``k_rank [B, Hkv, Nk]``."""
     B, Hq, Nq = q_rank.shape
@@ -129,21 +134,37 @@ def plan_from_ranks(
         n_valid = torch.full((B,), float(Nk), dtype=torch.float32, device=device)
     else:
         n_valid = key_valid.sum(-1).to(torch.float32)
+    sample_lw = None
+    log_weight = torch.log(n_valid.clamp(min=1) / max(m, 1))
     if m > 0 and num_blocks > 1:
         g = torch.Generator().manual_seed(_mix(seed, stream))
         u = torch.rand(B, Hkv, m, generator=g, dtype=torch.float64).to(device)
-        if key_valid is None:
-            samples = (u * Nk).long().clamp_(max=Nk - 1)
+        if residual == "stratified":
+            # one draw from each of m equal strata of the sorted order of the estimator's keys (they sort
+            # first): stratum t is sorted positions [t n'/m, (t+1) n'/m), weighted by its size
+            nv = n_valid.long()[:, None, None]
+            t = torch.arange(m, device=device).view(1, 1, m)
+            lo, hi = (t * nv) // m, ((t + 1) * nv) // m
+            pos = torch.minimum(lo + (u * (hi - lo).to(torch.float64)).long(), (hi - 1).clamp(min=0))
+            pos = pos.expand(B, Hkv, m)
+            samples = torch.gather(k_perm, 2, pos)
+            sample_block = pos // k_block
+            sample_lw = torch.log((hi - lo).to(torch.float32)).expand(B, Hkv, m).contiguous()
         else:
-            valid_first = torch.argsort((~key_valid).to(torch.int8), dim=-1, stable=True)  # [B, Nk]
-            pick = (u * n_valid.to(torch.float64)[:, None, None]).long()
-            pick = torch.minimum(pick, (n_valid.long() - 1).clamp(min=0)[:, None, None])
-            samples = torch.gather(valid_first[:, None, :].expand(B, Hkv, Nk), 2, pick)
-        inv_k = torch.empty_like(k_perm)
-        inv_k.scatter_(-1, k_perm, torch.arange(Nk, device=device).expand_as(k_perm))
-        sample_block = torch.gather(inv_k, 2, samples) // k_block
-    log_weight = torch.log(n_valid.clamp(min=1) / max(m, 1))
-    return Plan(q_perm, k_perm, num_blocks, q_block, k_block, samples, sample_block, log_weight)
+            if key_valid is None:
+                samples = (u * Nk).long().clamp_(max=Nk - 1)
+            else:
+                valid_first = torch.argsort((~key_valid).to(torch.int8), dim=-1, stable=True)  # [B, Nk]
+                pick = (u * n_valid.to(torch.float64)[:, None, None]).long()
+                pick = torch.minimum(pick, (n_valid.long() - 1).clamp(min=0)[:, None, None])
+                samples = torch.gather(valid_first[:, None, :].expand(B, Hkv, Nk), 2, pick)
+            inv_k = torch.empty_like(k_perm)
+            inv_k.scatter_(-1, k_perm, torch.arange(Nk, device=device).expand_as(k_perm))
+            sample_block = torch.gather(inv_k, 2, samples) // k_block
+            sample_lw = log_weight.view(B, 1, 1).expand(B, Hkv, m).contiguous()
+            if key_valid is not None:  # a batch with no estimator keys draws nothing
+                sample_lw = sample_lw.masked_fill((n_valid == 0).view(B, 1, 1), NEG_INF)
+    return Plan(q_perm, k_perm, num_blocks, q_block, k_block, samples, sample_block, log_weight, sample_lw)
 
 
 def _mix(seed: int, stream: int) -> int:
@@ -173,18 +194,102 @@ def lse_dtype(dtype):
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _use_hyper(nq, nk, p) -> bool:
-    """Whether non-causal attention of ``nq`` queries on ``nk`` keys approximates (``p``: `cpu.Params`)."""
+def hyper_applies(nq: int, nk: int, p) -> bool:
+    """Whether non-causal attention of ``nq`` queries on ``nk`` keys approximates (``p``: a `HyperConfig`)."""
     return nq >= p.min_seq_len and nk >= p.min_seq_len and block_shape(nq, nk, p.block_size)[0] > 1
+
+
+def causal_levels(N: int, p) -> int:
+    """Levels of the causal recursion for length ``N`` (0 below ``min_seq_len``)."""
+    return 0 if N < p.min_seq_len else causal_depth_for(N, p.min_seq_len, p.causal_depth)
+
+
+class CausalSchedule(NamedTuple):
+    """The recursive-halving layout of causal attention of length N, shared by every implementation.
+
+    The sequence is padded to ``Np = leaf * 2**depth``; ``2**depth`` exact causal leaves of ``leaf`` rows sit on
+    the diagonal, and level ``l`` (``levels[l] = (count, size)``) has ``count`` quadrants in which the odd
+    chunk ``2i+1`` of ``size`` queries attends to the even chunk ``2i`` before it (non-causal HyperAttention,
+    random stream ``l + 1``). The last ``strip`` keys of every even chunk are exact for all its queries: with a
+    local window w, ``strip = w - 1`` keeps the w most recent keys of every query exact across boundaries."""
+
+    depth: int
+    Np: int
+    leaf: int
+    levels: Tuple[Tuple[int, int], ...]
+    strip: int
+
+
+def causal_schedule(N: int, p) -> CausalSchedule:
+    depth = causal_levels(N, p)
+    pieces = 2**depth
+    Np = math.ceil(N / pieces) * pieces
+    levels = tuple((2**level, Np // 2 ** (level + 1)) for level in range(depth))
+    return CausalSchedule(depth, Np, Np // pieces, levels, window_strip(p))
+
+
+def window_strip(p) -> int:
+    """Keys before a boundary that the local window keeps exact for every query after it: ``w - 1``."""
+    return max(p.local_window - 1, 0)
+
+
+def causal_approximates(N: int, p) -> bool:
+    """Whether causal attention of length N approximates anything (the top quadrant is the largest)."""
+    sched = causal_schedule(N, p)
+    return bool(sched.levels) and hyper_applies(sched.levels[0][1], sched.levels[0][1], p)
+
+
+def approximates(nq: int, nk: int, is_causal: bool, p) -> bool:
+    """The op's run-time decision for a call: does any part of it approximate?"""
+    if is_causal:
+        return causal_approximates(nq, p) or (nk > nq and hyper_applies(nq, nk - nq, p))
+    return hyper_applies(nq, nk, p)
+
+
+def sink_mask(key_valid: Optional[torch.Tensor], batch: int, n_k: int, sink_keys: int, device) -> Optional[torch.Tensor]:
+    """``[B, Nk]`` bool marking the first ``sink_keys`` valid keys of each batch row, or None when there are none."""
+    if sink_keys <= 0 or n_k == 0:
+        return None
+    if key_valid is None:
+        out = torch.zeros(batch, n_k, dtype=torch.bool, device=device)
+        out[:, :sink_keys] = True
+        return out
+    return key_valid & (key_valid.cumsum(-1) <= sink_keys)
+
+
+def exact_keys(key_valid: Optional[torch.Tensor], sink: Optional[torch.Tensor], strip: int, batch: int, n_k: int,
+               device):
+    """Split the keys of one non-causal sub-problem into the estimator's keys and keys kept exact for every query.
+
+    The exact keys are the last ``strip`` keys (the window across a causal boundary) and the sinks
+    (``sink [B, Nk]``) outside them. Returns ``(est_valid [B, Nk] or None, pos [B, e], ok [B, e])``: the
+    estimator's keys, and the positions of the exact keys with their validity (``e = 0``: none)."""
+    strip = min(strip, n_k)
+    lo = n_k - strip
+    pos_parts, ok_parts = [], []
+    est = key_valid
+    if strip:
+        pos_parts.append(torch.arange(lo, n_k, device=device).expand(batch, strip))
+        ok_parts.append(torch.ones(batch, strip, dtype=torch.bool, device=device) if key_valid is None
+                        else key_valid[:, lo:])
+        est = torch.ones(batch, n_k, dtype=torch.bool, device=device) if est is None else est.clone()
+        est[:, lo:] = False
+    if sink is not None:
+        s_in = sink.clone()
+        s_in[:, lo:] = False
+        count = int(s_in.sum(-1).max().item()) if s_in.numel() else 0
+        if count:
+            first = torch.argsort((~s_in).to(torch.int8), dim=-1, stable=True)[:, :count]
+            pos_parts.append(first)
+            ok_parts.append(torch.gather(s_in, 1, first))
+            est = (torch.ones(batch, n_k, dtype=torch.bool, device=device) if est is None else est) & ~s_in
+    if not pos_parts:
+        return est, None, None
+    return est, torch.cat(pos_parts, 1), torch.cat(ok_parts, 1)
 
 
 def _pad_rows(x, n):
     return x if x.shape[2] == n else torch.nn.functional.pad(x, (0, 0, 0, n - x.shape[2]))
-
-
-def _depth(N, p) -> int:
-    """Levels of the causal recursion for length ``N`` (0 below ``min_seq_len``)."""
-    return 0 if N < p.min_seq_len else causal_depth_for(N, p.min_seq_len, p.causal_depth)
 
 
 def _chunks(x, count, size, parity):

@@ -3,9 +3,12 @@
 Given the plan (permutations and samples), HyperAttention is ordinary attention in which query i gives key j
 the weight W[i, j]:
 
-* 1 if j sits in the same LSH-sorted block as i (the exact block diagonal),
-* c * n/m if j was drawn c times among the m residual samples and lies in another block,
+* 1 if j is kept exact for i: a sink, in i's local window, in i's causal leaf, or in the same LSH-sorted block,
+* the sum of the draws' weights if j was drawn for the residual (n'/m each for uniform draws over the n'
+  estimator keys, the stratum size for stratified ones) and lies in another block,
 * 0 otherwise (and for masked keys, and keys above the diagonal when causal).
+
+No key is counted twice: exact keys are removed from the estimator of the queries that see them exactly.
 
 ``out_i = sum_j W_ij exp(s_ij) v_j / sum_j W_ij exp(s_ij)``: softmax of ``s + log W``. Building W densely
 costs O(n^2) memory, so this runs only at test sizes, but it is plain torch: autograd through it gives the
@@ -21,25 +24,21 @@ from typing import Optional
 
 import torch
 
-from .plan import causal_depth_for, make_plan
+from .plan import causal_schedule, exact_keys, hyper_applies, make_plan, sink_mask, window_strip
 
 NEG_INF = float("-inf")
 
 
-def noncausal_log_weights(q, k, key_valid, block_size, sample_size, num_projs, min_seq_len, seed, stream):
-    """``[B, Hq, Nq, Nk]`` log-weights of non-causal HyperAttention (0 / -inf everywhere when exact)."""
+def _estimator_weights(q, k, est_valid, p, stream):
+    """``[B, Hq, Nq, Nk]`` weights of the LSH blocks and the residual over the estimator's keys."""
     B, Hq, Nq, _ = q.shape
     Hkv, Nk = k.shape[1], k.shape[2]
-    logw = torch.zeros(B, Hq, Nq, Nk, dtype=torch.float64, device=q.device)
-    if key_valid is not None:
-        logw.masked_fill_(~key_valid[:, None, None, :], NEG_INF)
-    if Nq < min_seq_len or Nk < min_seq_len:
-        return logw
-    plan = make_plan(q, k, key_valid, block_size, sample_size, num_projs, seed, stream)
-    if plan.num_blocks == 1:
-        return logw
-    group = Hq // Hkv
+    plan = make_plan(q, k, est_valid, p.block_size, p.sample_size, p.lsh_num_projs, p.seed, stream, p.residual)
     weights = torch.zeros(B, Hq, Nq, Nk, dtype=torch.float64, device=q.device)
+    if plan.num_blocks == 1:  # a single block holds every key: exact over the estimator's keys
+        weights += 1.0
+        return weights if est_valid is None else weights * est_valid[:, None, None, :]
+    group = Hq // Hkv
     for b in range(B):
         for h in range(Hq):
             hk = h // group
@@ -48,86 +47,114 @@ def noncausal_log_weights(q, k, key_valid, block_size, sample_size, num_projs, m
                 cols = plan.k_perm[b, hk, i * plan.k_block:(i + 1) * plan.k_block]
                 weights[b, h, rows[:, None], cols[None, :]] = 1.0
             if plan.samples is not None:
-                scale_w = math.exp(plan.log_weight[b].item())
                 q_block_of = torch.empty(Nq, dtype=torch.long, device=q.device)
                 q_block_of[plan.q_perm[b, h]] = torch.arange(Nq, device=q.device) // plan.q_block
-                for s, sb in zip(plan.samples[b, hk].tolist(), plan.sample_block[b, hk].tolist()):
-                    other = q_block_of != sb
-                    weights[b, h, other, s] += scale_w
-    if key_valid is not None:
-        weights.masked_fill_(~key_valid[:, None, None, :], 0.0)
+                lw = plan.sample_log_weight[b, hk].tolist()
+                for s, sb, w in zip(plan.samples[b, hk].tolist(), plan.sample_block[b, hk].tolist(), lw):
+                    weights[b, h, q_block_of != sb, s] += math.exp(w)
+    if est_valid is not None:
+        weights.masked_fill_(~est_valid[:, None, None, :], 0.0)
+    return weights
+
+
+def noncausal_log_weights(q, k, key_valid, p, stream, sink=None, strip=0, window=False):
+    """``[B, Hq, Nq, Nk]`` log-weights of one non-causal HyperAttention sub-problem.
+
+    Exact: every valid key when the sub-problem does not approximate. Otherwise the last ``strip`` keys and
+    the sinks (``sink [B, Nk]``) get weight 1, the LSH blocks and the residual cover the remaining valid keys,
+    and with ``window`` (non-causal self-attention) the keys in each query's centred local window get weight
+    1 for that query instead of whatever the estimator gave them."""
+    B, Hq, Nq, _ = q.shape
+    Nk = k.shape[2]
+    valid = torch.ones(B, Nk, dtype=torch.bool, device=q.device) if key_valid is None else key_valid
+    if not hyper_applies(Nq, Nk, p):
+        return torch.zeros(B, Hq, Nq, Nk, dtype=torch.float64, device=q.device).masked_fill_(
+            ~valid[:, None, None, :], NEG_INF)
+    est_valid, pos, ok = exact_keys(key_valid, sink, strip, B, Nk, q.device)
+    weights = _estimator_weights(q, k, est_valid, p, stream)
+    if pos is not None:
+        for b in range(B):
+            cols = pos[b][ok[b]]
+            weights[b, :, :, cols] = 1.0
+    if window and p.local_window > 0:
+        i = torch.arange(Nq, device=q.device)[:, None]
+        j = torch.arange(Nk, device=q.device)[None, :]
+        band = (j - i >= -((p.local_window - 1) // 2)) & (j - i <= p.local_window // 2)
+        weights = torch.where(band & valid[:, None, None, :], torch.ones((), dtype=torch.float64), weights)
+    weights.masked_fill_(~valid[:, None, None, :], 0.0)
     return weights.log()
 
 
-def causal_log_weights(q, k, key_valid, block_size, sample_size, num_projs, min_seq_len, causal_depth, seed):
+def causal_log_weights(q, k, key_valid, p, sink=None):
     """``[B, Hq, N, N]`` log-weights of causal HyperAttention by recursive halving (n_q == n_k == N)."""
     B, Hq, N, D = q.shape
     Hkv = k.shape[1]
-    if N < min_seq_len:
-        depth = 0
-    else:
-        depth = causal_depth_for(N, min_seq_len, causal_depth)
-    pieces = 2**depth
-    Np = math.ceil(N / pieces) * pieces
+    sched = causal_schedule(N, p)
+    Np, leaf = sched.Np, sched.leaf
     qp, kp = _pad(q, Np), _pad(k, Np)
     valid = torch.zeros(B, Np, dtype=torch.bool, device=q.device)
     valid[:, :N] = True if key_valid is None else key_valid
+    sinks = torch.zeros(B, Np, dtype=torch.bool, device=q.device)
+    if sink is not None:
+        sinks[:, :N] = sink
     logw = torch.full((B, Hq, Np, Np), NEG_INF, dtype=torch.float64, device=q.device)
     # exact causal leaves on the diagonal
-    leaf = Np // pieces
     tril = torch.ones(leaf, leaf, dtype=torch.bool, device=q.device).tril()
-    for p in range(pieces):
-        sl = slice(p * leaf, (p + 1) * leaf)
-        block = torch.where(tril, 0.0, NEG_INF).to(torch.float64)
-        logw[:, :, sl, sl] = block
+    for piece in range(Np // leaf):
+        sl = slice(piece * leaf, (piece + 1) * leaf)
+        logw[:, :, sl, sl] = torch.where(tril, 0.0, NEG_INF).to(torch.float64)
     # off-diagonal quadrants, one batched sub-problem per level (as the fast path batches them)
-    for level in range(depth):
-        count, size = 2**level, Np // 2 ** (level + 1)
-        qs = torch.stack([qp[:, :, (2 * i + 1) * size:(2 * i + 2) * size] for i in range(count)], 1)
-        ks = torch.stack([kp[:, :, 2 * i * size:(2 * i + 1) * size] for i in range(count)], 1)
-        vs = torch.stack([valid[:, 2 * i * size:(2 * i + 1) * size] for i in range(count)], 1)
-        sub = noncausal_log_weights(
-            qs.reshape(B * count, Hq, size, D), ks.reshape(B * count, Hkv, size, D),
-            None if key_valid is None and Np == N else vs.reshape(B * count, size),
-            block_size, sample_size, num_projs, min_seq_len, seed, stream=level + 1,
-        ).view(B, count, Hq, size, size)
+    for level, (count, size) in enumerate(sched.levels):
+        odd = lambda x, i: x[:, :, (2 * i + 1) * size:(2 * i + 2) * size]  # noqa: E731
+        even = lambda x, i: x[:, :, 2 * i * size:(2 * i + 1) * size]  # noqa: E731
+        qs = torch.stack([odd(qp, i) for i in range(count)], 1).reshape(B * count, Hq, size, D)
+        ks = torch.stack([even(kp, i) for i in range(count)], 1).reshape(B * count, Hkv, size, D)
+        chunk = lambda m: torch.stack([m[:, 2 * i * size:(2 * i + 1) * size] for i in range(count)], 1)  # noqa: E731
+        kv_s = None if key_valid is None and Np == N else chunk(valid).reshape(B * count, size)
+        sink_s = None if sink is None else chunk(sinks).reshape(B * count, size)
+        sub = noncausal_log_weights(qs, ks, kv_s, p, level + 1, sink_s, sched.strip).view(B, count, Hq, size, size)
         for i in range(count):
             logw[:, :, (2 * i + 1) * size:(2 * i + 2) * size, 2 * i * size:(2 * i + 1) * size] = sub[:, i]
     logw = logw.masked_fill(~valid[:, None, None, :], NEG_INF)
     return logw[:, :, :N, :N]
 
 
-def log_weights(q, k, key_valid, is_causal, block_size, sample_size, num_projs, min_seq_len, causal_depth, seed):
-    """Log-weights of the whole call, including the bottom-right causal split for n_q < n_k."""
-    Nq, Nk = q.shape[2], k.shape[2]
+def log_weights(q, k, key_valid, is_causal, p):
+    """Log-weights of the whole call (``p``: a `HyperConfig`), including the bottom-right causal split for
+    n_q < n_k: the queries see the prefix keys as one non-causal sub-problem (stream -1) whose last w - 1 keys
+    are exact, and the rest causally."""
+    B, _, Nq, _ = q.shape
+    Nk = k.shape[2]
+    sink = sink_mask(key_valid, B, Nk, p.sink_keys, q.device)
     if not is_causal:
-        return noncausal_log_weights(q, k, key_valid, block_size, sample_size, num_projs, min_seq_len, seed, 0)
+        return noncausal_log_weights(q, k, key_valid, p, 0, sink, 0, window=(Nq == Nk))
     if Nq > Nk:
         raise ValueError("causal attention needs n_q <= n_k (bottom-right aligned)")
     prefix = Nk - Nq
-    kv_tail = None if key_valid is None else key_valid[:, prefix:]
-    tail = causal_log_weights(q, k[:, :, prefix:], kv_tail, block_size, sample_size, num_projs,
-                              min_seq_len, causal_depth, seed)
+    part = lambda m, sl: None if m is None else m[:, sl]  # noqa: E731
+    tail = causal_log_weights(q, k[:, :, prefix:], part(key_valid, slice(prefix, None)), p,
+                              part(sink, slice(prefix, None)))
     if prefix == 0:
         return tail
-    kv_head = None if key_valid is None else key_valid[:, :prefix]
-    head = noncausal_log_weights(q, k[:, :, :prefix], kv_head, block_size, sample_size, num_projs,
-                                 min_seq_len, seed, stream=-1)
+    head = noncausal_log_weights(q, k[:, :, :prefix], part(key_valid, slice(None, prefix)), p, -1,
+                                 part(sink, slice(None, prefix)), window_strip(p))
     return torch.cat([head, tail], dim=-1)
 
 
-def hyper_attention_reference(q, k, v, key_valid=None, is_causal=False, scale=None, *, block_size=256,
-                              sample_size=256, num_projs=7, min_seq_len=4096, causal_depth=None, seed=0):
-    """Reference HyperAttention. ``q [B,Hq,Nq,D]``, ``k, v [B,Hkv,Nk,D]``, ``key_valid [B,Nk]`` bool.
+def hyper_attention_reference(q, k, v, key_valid=None, is_causal=False, scale=None, config=None):
+    """Reference HyperAttention. ``q [B,Hq,Nq,D]``, ``k, v [B,Hkv,Nk,D]``, ``key_valid [B,Nk]`` bool,
+    ``config``: a `hyper_backend.HyperConfig` (the defaults when None).
 
     Returns ``(out [B,Hq,Nq,D], lse [B,Hq,Nq])``, computed in float64 and cast back to q's dtype.
     Differentiable with autograd.
     """
+    from hyper_backend.config import DEFAULTS
+
+    p = DEFAULTS if config is None else config
     Hq, Hkv = q.shape[1], k.shape[1]
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
     with torch.no_grad():
-        logw = log_weights(q.detach(), k.detach(), key_valid, is_causal, block_size, sample_size, num_projs,
-                           min_seq_len, causal_depth, seed)
+        logw = log_weights(q.detach(), k.detach(), key_valid, is_causal, p)
     k64 = k.double().repeat_interleave(Hq // Hkv, dim=1)
     v64 = v.double().repeat_interleave(Hq // Hkv, dim=1)
     scores = (q.double() @ k64.transpose(-1, -2)) * scale + logw

@@ -70,7 +70,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .plan import Plan, _chunks, _depth, _pad_rows, _use_hyper, lse_dtype, make_plan
+from .plan import Plan, _chunks, _pad_rows, causal_levels, hyper_applies, lse_dtype, make_plan
 
 try:  # optional: the [cuda] extra
     from flash_attn import flash_attn_func as _flash_attn_func
@@ -661,8 +661,8 @@ def _launch_bwd(q, k, v, key_valid, sub: _Sub, g: _Grads, scale, accumulate_q: b
 def _noncausal_sub(q, k, key_valid, p, stream) -> _Sub:
     Nq, Nk = q.shape[2], k.shape[2]
     plan = None
-    if _use_hyper(Nq, Nk, p):
-        plan = make_plan(q, k, key_valid, p.block_size, p.sample_size, p.num_projs, p.seed, stream)
+    if hyper_applies(Nq, Nk, p):
+        plan = make_plan(q, k, key_valid, p.block_size, p.sample_size, p.lsh_num_projs, p.seed, stream)
     return _Sub(1, 0, 0, 0, Nq, Nk, False, plan)
 
 
@@ -672,7 +672,7 @@ def _causal_subs(q, k, key_valid, p):
     Plans are drawn from the same batched ``[B * 2**level, H, size, D]`` chunks as `cpu.causal_forward`.
     """
     B, _, N, _ = q.shape
-    depth = _depth(N, p)
+    depth = causal_levels(N, p)
     pieces = 2**depth
     Np = math.ceil(N / pieces) * pieces
     leaf = Np // pieces
@@ -687,10 +687,10 @@ def _causal_subs(q, k, key_valid, p):
     for level in range(depth):
         count, size = 2**level, Np // 2 ** (level + 1)
         plan = None
-        if _use_hyper(size, size, p):
+        if hyper_applies(size, size, p):
             kv_s = None if valid is None else valid.reshape(B, count, 2, size)[:, :, 0].reshape(B * count, size)
             plan = make_plan(_chunks(qp, count, size, 1), _chunks(kp, count, size, 0), kv_s, p.block_size,
-                             p.sample_size, p.num_projs, p.seed, stream=level + 1)
+                             p.sample_size, p.lsh_num_projs, p.seed, stream=level + 1)
         levels.append(_Sub(count, 2 * size, size, 0, size, size, False, plan))
     return leaves, levels
 
@@ -732,19 +732,22 @@ def _split(key_valid, prefix):
     return key_valid[:, :prefix], key_valid[:, prefix:]
 
 
-def _check(q, k, v):
+def _check(q, k, v, p=None):
     if v.shape[-1] != q.shape[-1] or k.shape[-1] != q.shape[-1]:
         raise NotImplementedError("the Triton path needs one head dim for query, key and value")
+    if p is not None and (p.sink_keys or p.local_window or p.residual != "uniform"):
+        raise NotImplementedError("the Triton kernels do not implement sink_keys, local_window or the stratified "
+                                  "residual yet: use HYPER_KERNELS=cpu or set them to 0 / 'uniform'")
 
 
 def attention_forward(q, k, v, key_valid, is_causal, scale, p):
     """HyperAttention with Triton kernels: same contract as `cpu.attention_forward`.
 
     ``q [B,Hq,Nq,D]``, ``k, v [B,Hkv,Nk,D]`` (Hq a multiple of Hkv), ``key_valid [B,Nk]`` bool or None; causal
-    is bottom-right aligned (n_q <= n_k). ``p``: `cpu.Params`. Returns ``(out [B,Hq,Nq,D], lse [B,Hq,Nq])``,
+    is bottom-right aligned (n_q <= n_k). ``p``: a `HyperConfig`. Returns ``(out [B,Hq,Nq,D], lse [B,Hq,Nq])``,
     lse float32 (float64 for float64 inputs), -inf for rows without any key.
     """
-    _check(q, k, v)
+    _check(q, k, v, p)
     B, Hq, Nq, D = q.shape
     scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
     q, k, v = _rowmajor(q), _rowmajor(k), _rowmajor(v)
@@ -771,7 +774,7 @@ def attention_backward(do, q, k, v, out, lse, key_valid, is_causal, scale, p):
 
     Shapes as in `attention_forward`; ``do`` like ``out``. Same contract as `cpu.attention_backward`.
     """
-    _check(q, k, v)
+    _check(q, k, v, p)
     B, Hq, Nq, D = q.shape
     scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
     q, k, v, do = _rowmajor(q), _rowmajor(k), _rowmajor(v), _rowmajor(do)

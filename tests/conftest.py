@@ -93,5 +93,5 @@ def call_delta():
     """``delta()`` returns how many times each path of ``torch.ops.hyper.attention`` ran since the fixture."""
     from hyper_backend.kernels import op
 
-    start = dict(op.call_counts)
-    return lambda: {key: op.call_counts[key] - start.get(key, 0) for key in op.call_counts}
+    start = op.path_counts()
+    return lambda: {key: op.path_counts()[key] - start.get(key, 0) for key in start}

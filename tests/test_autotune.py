@@ -17,8 +17,7 @@ from hyper_backend import HyperConfig, hyper_attention
 from hyper_backend.autotune import cache, cost, measure
 from hyper_backend.autotune.cli import main, parse_seq
 from hyper_backend.autotune.inputs import InputError, Sample, load_inputs, synthetic
-from hyper_backend.autotune.measure import Candidate
-from hyper_backend.config import UNSET
+from hyper_backend.config import FIELDS, UNSET
 from hyper_backend.kernels import cpu
 
 CPU = torch.device("cpu")
@@ -46,7 +45,7 @@ def test_causal_closed_form_matches_level_by_level_evaluation():
     # with a flash rate of 1 FLOP/s and free memory, predicted seconds are FLOPs
     unit = cost.Rates(flash={(1, 1, False, False): 1.0}, bandwidth=1e300, sort=1e300, call=0.0)
     n, d, b, m, r, L = 1 << 16, 64, 256, 128, 5, 4
-    c = Candidate(b, m, r, min_seq_len=n >> L, causal_depth=None)
+    c = HyperConfig(b, m, r, min_seq_len=n >> L, causal_depth=None)
     f, o = cost.predict_parts(n, True, c, head_dim=d, elem_bytes=4, batch_heads=1, rates=unit)
     closed = cost.total_flops(cost.causal_hyper()).subs(
         {cost.n: n, cost.d: d, cost.b: b, cost.m: m, cost.r: r, cost.depth: L})
@@ -57,10 +56,10 @@ def test_predicted_time_is_monotone_in_n_and_a_crossover_exists():
     rates = _rates()
     kw = dict(head_dim=64, elem_bytes=4, batch_heads=1, rates=rates)
     for causal in (False, True):
-        c = Candidate(256, 256, 7, 4096, None)
+        c = HyperConfig(256, 256, 7, 4096, None)
         times = [cost.predict_time(1 << k, causal, c, **kw) for k in range(13, 21)]
         assert all(a < b for a, b in zip(times, times[1:])), times
-    c = Candidate(256, 256, 7, 1, None)
+    c = HyperConfig(256, 256, 7, 1, None)
     x = cost.crossover(c, **kw)
     assert x is not None and 2 * 256 < x < 1 << 20
     hyper = lambda n: sum(cost.predict_parts(n, False, c, **kw))  # noqa: E731
@@ -186,7 +185,7 @@ def test_corrupted_or_foreign_cache_is_ignored_with_a_warning(tmp_path, content)
         assert _lookup(path, 4096) is None
     # the op still runs, on defaults
     q = torch.randn(1, 1, 64, 16)
-    out = torch.ops.hyper.attention(q, q, q, None, True, None, *([UNSET] * 6), path)[0]
+    out = torch.ops.hyper.attention(q, q, q, None, True, None, [UNSET] * len(FIELDS), path)[0]
     assert out.shape == q.shape
     # the next write sets the unusable file aside and starts a valid cache
     with warnings.catch_warnings(record=True):
@@ -278,17 +277,16 @@ def test_tune_writes_cache_and_the_op_uses_it(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("HYPER_TUNE_CACHE", path)
     q = torch.randn(1, 1, 7000, 64)  # bucket 8192
     hyper_attention(q, q, q)
-    expected = cpu.Params(tuned["block_size"], tuned["sample_size"], tuned["lsh_num_projs"], tuned["min_seq_len"],
-                          tuned["causal_depth"], tuned["seed"])
+    expected = HyperConfig(**tuned)
     assert seen[-1] == expected
 
     # explicit values win over tuned ones, field by field
-    torch.ops.hyper.attention(q, q, q, None, False, None, 64, UNSET, UNSET, UNSET, UNSET, UNSET, path)
-    assert seen[-1] == expected._replace(block_size=64)
+    torch.ops.hyper.attention(q, q, q, None, False, None, [64] + [UNSET] * (len(FIELDS) - 1), path)
+    assert seen[-1] == expected.replace(block_size=64)
     # a full config bypasses the cache
     cfg = HyperConfig(block_size=32, sample_size=16, lsh_num_projs=3, min_seq_len=512, causal_depth=2)
     hyper_attention(q, q, q, config=cfg)
-    assert seen[-1] == cpu.Params(32, 16, 3, 512, 2, 0)
+    assert seen[-1] == HyperConfig(32, 16, 3, 512, 2, 0)
 
 
 def test_written_params_reach_the_op(tmp_path, monkeypatch):
@@ -303,11 +301,11 @@ def test_written_params_reach_the_op(tmp_path, monkeypatch):
     monkeypatch.setenv("HYPER_TUNE_CACHE", path)
     q = torch.randn(1, 1, 1000, 64)
     hyper_attention(q, q, q)
-    assert seen[-1] == cpu.Params(96, 48, 4, 300, 3, 5)
+    assert seen[-1] == HyperConfig(96, 48, 4, 300, 3, 5)
     monkeypatch.setenv("HYPER_TUNE_CACHE", str(tmp_path / "missing.json"))
     hyper_attention(q, q, q)
     d = HyperConfig()
-    assert seen[-1] == cpu.Params(d.block_size, d.sample_size, d.lsh_num_projs, d.min_seq_len, None, d.seed)
+    assert seen[-1] == HyperConfig(d.block_size, d.sample_size, d.lsh_num_projs, d.min_seq_len, None, d.seed)
 
 
 def test_compiled_backend_uses_tuned_params_and_explicit_settings_win(tmp_path, monkeypatch):
@@ -332,10 +330,10 @@ def test_compiled_backend_uses_tuned_params_and_explicit_settings_win(tmp_path, 
         torch.compile(f, backend="hyper", options={"tune_cache": path, "inner_backend": "eager", **options})(q, q, q)
         return seen[-1]
 
-    assert run() == cpu.Params(96, 48, 4, 300, 3, 5)
-    assert run(block_size=64) == cpu.Params(64, 48, 4, 300, 3, 5)
+    assert run() == HyperConfig(96, 48, 4, 300, 3, 5)
+    assert run(block_size=64) == HyperConfig(64, 48, 4, 300, 3, 5)
     monkeypatch.setenv("HYPER_SAMPLE_SIZE", "32")
-    assert run() == cpu.Params(96, 32, 4, 300, 3, 5)
+    assert run() == HyperConfig(96, 32, 4, 300, 3, 5)
     torch._dynamo.reset()
 
 

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 import hyper_backend
 from hyper_backend.backend import hyper_backend as backend_fn, resolve_settings, validate_options
-from hyper_backend.config import UNSET, EnvError, LayerSelection
+from hyper_backend.config import FIELDS, UNSET, EnvError, LayerSelection
 
 import zoo
 
@@ -85,8 +85,8 @@ def test_entry_point_in_a_fresh_process():
                                    "inner_backend": "eager"})
         q = torch.randn(1, 2, 64, 16)
         f(q, q, q)
-        from hyper_backend.kernels.op import call_counts
-        print(json.dumps({"loaded": "hyper_backend" in sys.modules, **call_counts}))
+        from hyper_backend.kernels.op import path_counts
+        print(json.dumps({"loaded": "hyper_backend" in sys.modules, **path_counts()}))
     """, {})
     assert out == {"loaded": True, "hyper": 1, "exact": 0, "backward": 0}
 
@@ -118,8 +118,10 @@ def test_precedence_options_over_env(monkeypatch):
     monkeypatch.setenv("HYPER_CAUSAL_DEPTH", "none")
     monkeypatch.setenv("HYPER_TUNE_CACHE", "/tmp/tune-a.json")
     s = resolve_settings({"block_size": 16, "tune_cache": "/tmp/tune-b.json"})
-    # op args: block, sample, projs, min_seq_len, depth, seed, cache; unset fields stay UNSET (tuned at run time)
-    assert s.op_args == (16, UNSET, UNSET, UNSET, -2, 7, "/tmp/tune-b.json")
+    # op args: one int per HyperConfig field (block, sample, projs, min_seq_len, depth, seed, ...), then the cache;
+    # unset fields stay UNSET (tuned at run time)
+    rest = [UNSET] * (len(FIELDS) - 6)
+    assert s.op_args == ([16, UNSET, UNSET, UNSET, -2, 7] + rest, "/tmp/tune-b.json")
     assert resolve_settings().tune_cache == "/tmp/tune-a.json"
     monkeypatch.delenv("HYPER_TUNE_CACHE")
     assert resolve_settings().tune_cache.endswith(os.path.join("hyper_backend", "tune.json"))
@@ -139,7 +141,9 @@ def test_op_args_in_the_graph():
 
     q = torch.randn(1, 2, 8, 16)
     torch.compile(lambda q: F.scaled_dot_product_attention(q, q, q), backend=spy)(q)
-    assert len(seen) == 1 and tuple(seen[0][6:]) == (UNSET, UNSET, UNSET, 48, UNSET, UNSET, "")
+    expected = [UNSET] * len(FIELDS)
+    expected[FIELDS.index("min_seq_len")] = 48
+    assert len(seen) == 1 and tuple(seen[0][6:]) == (expected, "")
 
 
 @pytest.mark.parametrize("var,value,accepted", [
@@ -192,7 +196,7 @@ def test_env_read_at_compile_time(monkeypatch, call_delta):
 
 _CACHE_SCRIPT = """
     import json, torch, zoo
-    from hyper_backend.kernels.op import call_counts
+    from hyper_backend.kernels.op import path_counts
 
     class Both(torch.nn.Module):  # a hand-written site (inductor pattern pass) and an SDPA site (Dynamo rewrite)
         def __init__(self):
@@ -209,7 +213,7 @@ _CACHE_SCRIPT = """
     with torch.no_grad():
         torch.compile(Both().eval(), backend="hyper")(torch.randn(1, 64, 32))
     counters = torch._dynamo.utils.counters
-    print(json.dumps({**call_counts, "fx_hit": counters["inductor"]["fxgraph_cache_hit"],
+    print(json.dumps({**path_counts(), "fx_hit": counters["inductor"]["fxgraph_cache_hit"],
                       "aot_hit": counters["aot_autograd"]["autograd_cache_hit"]}))
 """
 
@@ -252,8 +256,8 @@ def test_changed_setting_not_served_from_inductor_cache(tmp_path, monkeypatch):
 def _delta_from_now():
     from hyper_backend.kernels import op
 
-    start = dict(op.call_counts)
-    return lambda: {key: op.call_counts[key] - start[key] for key in op.call_counts}
+    start = op.path_counts()
+    return lambda: {key: op.path_counts()[key] - start[key] for key in start}
 
 
 # ----------------------------------------------------------------------------------------------------------

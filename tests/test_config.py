@@ -9,12 +9,13 @@ import pytest
 from hyper_backend import HyperConfig
 from hyper_backend.config import (
     AUTO_DEPTH,
+    FIELDS,
     UNSET,
     EnvError,
     LayerSelection,
     default_tune_cache,
     kernel_choice,
-    op_params,
+    encode,
     read_env,
 )
 
@@ -81,18 +82,20 @@ def test_values_beyond_int64_are_rejected_naming_the_field(field):
 
 
 def test_op_params_from_config_is_fully_explicit():
-    p = op_params(HyperConfig(block_size=64, causal_depth=None, seed=5))
-    assert tuple(p) == (64, 256, 7, 4096, AUTO_DEPTH, 5)
-    assert op_params(HyperConfig(causal_depth=2)).causal_depth == 2
+    p = encode(HyperConfig(block_size=64, causal_depth=None, seed=5))
+    d = HyperConfig()
+    assert tuple(p[:6]) == (64, d.sample_size, d.lsh_num_projs, d.min_seq_len, AUTO_DEPTH, 5)
+    assert UNSET not in p and len(p) == len(FIELDS)
+    assert encode(HyperConfig(causal_depth=2))[FIELDS.index("causal_depth")] == 2
 
 
 def test_op_params_partial_explicit_leaves_the_rest_unset():
-    p = op_params(explicit={"sample_size": 32, "causal_depth": None})
-    assert tuple(p) == (UNSET, 32, UNSET, UNSET, AUTO_DEPTH, UNSET)
+    p = encode(explicit={"sample_size": 32, "causal_depth": None})
+    assert tuple(p) == (UNSET, 32, UNSET, UNSET, AUTO_DEPTH) + (UNSET,) * (len(FIELDS) - 5)
 
 
 def test_op_params_nothing_given_is_all_unset():
-    assert tuple(op_params()) == (UNSET,) * 6
+    assert tuple(encode()) == (UNSET,) * len(FIELDS)
     assert UNSET != AUTO_DEPTH and UNSET < 0 and AUTO_DEPTH < 0
 
 

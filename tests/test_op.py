@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from hyper_backend import HyperConfig, hyper_attention
-from hyper_backend.config import op_params
+from hyper_backend.config import encode
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -23,7 +23,7 @@ TINY = HyperConfig(block_size=4, sample_size=4, lsh_num_projs=3, min_seq_len=4) 
 
 def op(q, k, v, key_valid=None, is_causal=False, config=SMALL, scale=None):
     """``torch.ops.hyper.attention`` with every parameter explicit."""
-    return torch.ops.hyper.attention(q, k, v, key_valid, is_causal, scale, *op_params(config), "")
+    return torch.ops.hyper.attention(q, k, v, key_valid, is_causal, scale, encode(config), "")
 
 
 def exact(q, k, v, key_valid=None, is_causal=False, scale=None):
@@ -259,7 +259,7 @@ def test_opcheck(case, make_qkv, call_delta):
     assert q.is_contiguous() != transposed
     key_valid = ones_value_mask(2, Nk, 3) if padded else None
     cfg = HyperConfig(block_size=8, sample_size=8, min_seq_len=16)
-    args = (q, k, v, key_valid, causal, None, *op_params(cfg), "")
+    args = (q, k, v, key_valid, causal, None, encode(cfg), "")
     torch.library.opcheck(torch.ops.hyper.attention, args)
     assert call_delta()["hyper"] > 0 and call_delta()["backward"] > 0
 
@@ -270,7 +270,7 @@ def test_opcheck_backward_op(make_qkv):
     cfg = HyperConfig(block_size=8, sample_size=8, min_seq_len=16)
     out, lse = op(q, k, v, key_valid, True, config=cfg)
     do = torch.randn_like(out)
-    args = (do, q, k, v, out, lse, key_valid, True, None, *op_params(cfg), "")
+    args = (do, q, k, v, out, lse, key_valid, True, None, encode(cfg), "")
     torch.library.opcheck(torch.ops.hyper.attention_backward, args)
 
 
@@ -528,5 +528,5 @@ def test_value_head_dim_may_differ_with_the_approximation(make_qkv):
     q, k, v = make_qkv(1, 2, 2, 300, 300, 64, F64, Dv=32)
     for causal in (False, True):
         out = hyper_attention(q, k, v, is_causal=causal, config=SMALL)
-        ref, _ = hyper_attention_reference(q, k, v, None, causal, block_size=16, sample_size=16, min_seq_len=32)
+        ref, _ = hyper_attention_reference(q, k, v, None, causal, config=SMALL)
         torch.testing.assert_close(out, ref, rtol=0, atol=1e-10)

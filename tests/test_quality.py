@@ -179,23 +179,23 @@ def test_swap_nothing_is_eager(gemma, data):
 
 
 def test_swap_below_min_seq_len_is_exact(gemma, data):
-    before = dict(hyper_op.call_counts)
+    before = hyper_op.path_counts()
     with swap_attention("5", config=HyperConfig()) as swapped:  # N=64 < min_seq_len=4096
         p = ppl(gemma, data[:1])
     assert swapped.sites == [GLOBAL]
-    assert hyper_op.call_counts["hyper"] == before["hyper"] and hyper_op.call_counts["exact"] == before["exact"] + 1
+    assert hyper_op.path_counts()["hyper"] == before["hyper"] and hyper_op.path_counts()["exact"] == before["exact"] + 1
     assert p == pytest.approx(ppl(gemma, data[:1]), rel=1e-5)
 
 
 def test_swap_runs_hyper_on_global_site_only(gemma, data):
     """A selected sliding layer reaches hyper_attention with its mask and stays exact; the global one runs hyper."""
     exact = ppl(gemma, data)
-    before = dict(hyper_op.call_counts)
+    before = hyper_op.path_counts()
     with swap_attention("0,5", config=SMALL, module=gemma.model) as swapped:  # ppl() calls the body
         p = ppl(gemma, data)
     assert swapped.sites == [0, GLOBAL] * 3
-    assert hyper_op.call_counts["hyper"] - before["hyper"] == 3  # one per window: site 5
-    assert hyper_op.call_counts["exact"] == before["exact"]  # site 0's mask never reaches the op
+    assert hyper_op.path_counts()["hyper"] - before["hyper"] == 3  # one per window: site 5
+    assert hyper_op.path_counts()["exact"] == before["exact"]  # site 0's mask never reaches the op
     assert math.isfinite(p) and p != exact and abs(p / exact - 1) < 0.5
 
 
@@ -238,13 +238,13 @@ def test_backend_disabled_is_eager(gemma, data, monkeypatch):
     monkeypatch.setenv("HYPER_INNER_BACKEND", "eager")
     torch._dynamo.reset()
     body = quality.body_and_head(gemma)[0]
-    before = dict(hyper_op.call_counts)
+    before = hyper_op.path_counts()
     compiled = torch.compile(body, backend="hyper", dynamic=False)
     try:
         p = ppl(gemma, data, quality.plain_runner(compiled))
     finally:
         torch._dynamo.reset()
-    assert hyper_op.call_counts == before
+    assert hyper_op.path_counts() == before
     assert p == pytest.approx(ppl(gemma, data), rel=1e-6)
 
 
@@ -258,13 +258,13 @@ def test_backend_matches_direct_path(data, monkeypatch):
     body = quality.body_and_head(model)[0]
     with swap_attention("5", config=SMALL, module=body):
         direct = ppl(model, data)
-    before = dict(hyper_op.call_counts)
+    before = hyper_op.path_counts()
     run, done = quality.make_runner(quality.Row("backend:5", "backend", "5", SMALL), body, 6)
     try:
         compiled = ppl(model, data, run)
     finally:
         done()
-    assert hyper_op.call_counts["hyper"] - before["hyper"] == 3
+    assert hyper_op.path_counts()["hyper"] - before["hyper"] == 3
     assert compiled == pytest.approx(direct, rel=1e-5)
 
 
@@ -301,9 +301,9 @@ def test_sink_variant_is_exact_when_the_op_is(record, sinks):
 def test_sink_variant_approximates_and_keeps_row_zero(record):
     q, k, v = record["q"], record["k"], record["v"]
     cfg = SMALL.replace(min_seq_len=64)
-    before = hyper_op.call_counts["hyper"]
+    before = hyper_op.path_counts()["hyper"]
     out = error_study.sink_hyper_attention(q, k, v, is_causal=True, scale=record["scale"], config=cfg, sinks=1)
-    assert hyper_op.call_counts["hyper"] == before + 1 and torch.isfinite(out).all()
+    assert hyper_op.path_counts()["hyper"] == before + 1 and torch.isfinite(out).all()
     assert torch.allclose(out[:, :, 0], v[:, :, 0].expand_as(out[:, :, 0]), atol=1e-6)  # row 0 sees only key 0
 
 

@@ -7,12 +7,12 @@ plan (``ref64``). The fast path must stay within ``C_*`` times that error.
 from __future__ import annotations
 
 import math
-from typing import NamedTuple
-
 import pytest
 import torch
 import torch.nn.functional as F
 
+from hyper_backend import HyperConfig
+from hyper_backend.config import encode
 from hyper_backend.kernels import cpu, reference
 from hyper_backend.kernels.plan import make_plan
 
@@ -21,21 +21,9 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 F64, F32, BF16 = torch.float64, torch.float32, torch.bfloat16
 
 
-class Cfg(NamedTuple):
-    block_size: int
-    sample_size: int
-    min_seq_len: int
-    num_projs: int = 7
-    causal_depth: int = None
-    seed: int = 0
-
-    def params(self) -> cpu.Params:
-        return cpu.Params(self.block_size, self.sample_size, self.num_projs, self.min_seq_len, self.causal_depth,
-                          self.seed)
-
-    def ref_kwargs(self) -> dict:
-        return dict(block_size=self.block_size, sample_size=self.sample_size, num_projs=self.num_projs,
-                    min_seq_len=self.min_seq_len, causal_depth=self.causal_depth, seed=self.seed)
+def Cfg(block_size, sample_size, min_seq_len, num_projs=7, causal_depth=None, seed=0, **more) -> HyperConfig:
+    """A `HyperConfig` from the fields these sweeps vary, in their order."""
+    return HyperConfig(block_size, sample_size, num_projs, min_seq_len, causal_depth, seed, **more)
 
 
 SMALL, MID, BIG = Cfg(16, 16, 32), Cfg(64, 64, 256), Cfg(256, 32, 256)
@@ -70,8 +58,7 @@ def oracle(q, k, v, key_valid, is_causal, cfg: Cfg, dense_attention, scale=None)
     1024 queries it is measured on every 4th row and the last 64 (low-precision eager is slow on CPU).
     """
     with torch.no_grad():
-        logw = reference.log_weights(q, k, key_valid, is_causal, cfg.block_size, cfg.sample_size, cfg.num_projs,
-                                     cfg.min_seq_len, cfg.causal_depth, cfg.seed)
+        logw = reference.log_weights(q, k, key_valid, is_causal, cfg)
         o64, l64 = dense_attention(q, k, v, logw, scale, torch.float64)
         if q.dtype == torch.float64:
             return o64, l64, 0.0, 0.0
@@ -130,13 +117,12 @@ def run_forward_case(case, make_qkv, padding_mask, dense_attention, call_delta):
     B, Hq, Hkv, Nq, Nk, D, causal, padded, dtype, cfg = case
     q, k, v = make_qkv(B, Hq, Hkv, Nq, Nk, D, dtype, seed=Nq + D)
     key_valid = padding_mask(B, Nk, seed=Nk) if padded else None
-    out, lse = cpu.attention_forward(q, k, v, key_valid, causal, None, cfg.params())
+    out, lse = cpu.attention_forward(q, k, v, key_valid, causal, None, cfg)
     assert out.shape == (B, Hq, Nq, D) and out.dtype == dtype and out.is_contiguous()
     assert lse.shape == (B, Hq, Nq) and lse.dtype == (F64 if dtype == F64 else F32)
 
     # the op runs the same code: identical bits, and its counter says the approximation ran
-    op_out, op_lse = torch.ops.hyper.attention(q, k, v, key_valid, causal, None, *cfg.params()[:4],
-                                               -2 if cfg.causal_depth is None else cfg.causal_depth, cfg.seed, "")
+    op_out, op_lse = torch.ops.hyper.attention(q, k, v, key_valid, causal, None, encode(cfg), "")
     assert torch.equal(op_out, out) and torch.equal(op_lse, lse)
     assert call_delta()["hyper"] == 1 and call_delta()["exact"] == 0
 
@@ -165,14 +151,14 @@ def test_dense_helper_is_the_reference(make_qkv, padding_mask, dense_attention):
     kv = padding_mask(2, 300)
     for causal in (False, True):
         o64, l64, _, _ = oracle(q, k, v, kv, causal, SMALL, dense_attention)
-        ro, rl = reference.hyper_attention_reference(q, k, v, kv, causal, **SMALL.ref_kwargs())
+        ro, rl = reference.hyper_attention_reference(q, k, v, kv, causal, config=SMALL)
         torch.testing.assert_close(ro, o64, rtol=0, atol=1e-12)
         torch.testing.assert_close(rl, l64, rtol=0, atol=1e-12)
 
 
 def test_custom_scale(make_qkv, dense_attention):
     q, k, v = make_qkv(1, 2, 2, 257, 257, 64, F64)
-    out, lse = cpu.attention_forward(q, k, v, None, True, 0.3, SMALL.params())
+    out, lse = cpu.attention_forward(q, k, v, None, True, 0.3, SMALL)
     o64, l64, _, _ = oracle(q, k, v, None, True, SMALL, dense_attention, scale=0.3)
     torch.testing.assert_close(out, o64, rtol=0, atol=FP64_ATOL)
     torch.testing.assert_close(lse, l64, rtol=0, atol=FP64_ATOL)
@@ -201,18 +187,17 @@ def test_fast_backward_matches_autograd_through_reference(case, make_qkv, paddin
     g = torch.Generator().manual_seed(11)
     do = torch.randn(B, Hq, Nq, D, generator=g, dtype=torch.float64).to(dtype)
 
-    out, _ = torch.ops.hyper.attention(q, k, v, key_valid, causal, None, *cfg.params()[:4], -2, cfg.seed, "")
+    out, _ = torch.ops.hyper.attention(q, k, v, key_valid, causal, None, encode(cfg.replace(causal_depth=None)), "")
     fast = torch.autograd.grad(out, (q, k, v), do)
     assert call_delta() == {"hyper": 1, "exact": 0, "backward": 1}
 
     with torch.no_grad():
-        logw = reference.log_weights(q, k, key_valid, causal, cfg.block_size, cfg.sample_size, cfg.num_projs,
-                                     cfg.min_seq_len, None, cfg.seed)
+        logw = reference.log_weights(q, k, key_valid, causal, cfg.replace(causal_depth=None))
 
     def grads(dt):
         qq, kk, vv = (x.detach().to(dt).requires_grad_(True) for x in (q, k, v))
         if dtype == torch.float64:  # autograd through the reference itself
-            o, _ = reference.hyper_attention_reference(qq, kk, vv, key_valid, causal, **cfg.ref_kwargs())
+            o, _ = reference.hyper_attention_reference(qq, kk, vv, key_valid, causal, config=cfg)
         else:  # the same weighted attention on the low-precision inputs' plan, in dt
             o, _ = dense_attention(qq, kk, vv, logw, None, dt)
         return torch.autograd.grad(o, (qq, kk, vv), do.to(dt))
@@ -237,13 +222,13 @@ def test_reference_is_exact_where_the_approximation_does_not_apply(limit, causal
     q, k, v = make_qkv(2, 4, 2, 200, 257, 40, F64)
     kv = padding_mask(2, 257)
     cfg = Cfg(256, 16, 32) if limit == "block_size" else Cfg(16, 16, 258)
-    ro, _ = reference.hyper_attention_reference(q, k, v, kv, causal, **cfg.ref_kwargs())
+    ro, _ = reference.hyper_attention_reference(q, k, v, kv, causal, config=cfg)
     torch.testing.assert_close(ro, exact64(q, k, v, kv, causal), rtol=0, atol=1e-12)
 
 
 def test_reference_weights_are_causal_bottom_right(make_qkv):
     q, k, _ = make_qkv(1, 2, 1, 300, 1000, 16, F64)
-    logw = reference.log_weights(q, k, None, True, 16, 16, 7, 32, None, 0)
+    logw = reference.log_weights(q, k, None, True, HyperConfig(16, 16, 7, 32, None, 0))
     future = ~torch.ones(300, 1000, dtype=torch.bool).tril(700)
     assert torch.all(torch.isneginf(logw[..., future]))
     # the leaves are exact: every query sees its own key with weight 1
@@ -299,8 +284,8 @@ def test_estimator_is_what_the_fast_path_and_reference_compute(padded):
         cfg = Cfg(16, 8, 1, seed=seed)
         plan = make_plan(q, k, key_valid, 16, 8, 7, seed)
         z = plan_denominator(plan, s, key_valid)
-        _, lse = cpu.attention_forward(q, k, v, key_valid, False, None, cfg.params())
-        _, rlse = reference.hyper_attention_reference(q, k, v, key_valid, False, **cfg.ref_kwargs())
+        _, lse = cpu.attention_forward(q, k, v, key_valid, False, None, cfg)
+        _, rlse = reference.hyper_attention_reference(q, k, v, key_valid, False, config=cfg)
         torch.testing.assert_close(lse, z.log(), rtol=0, atol=1e-12)
         torch.testing.assert_close(rlse, z.log(), rtol=0, atol=1e-12)
 

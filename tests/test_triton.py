@@ -23,7 +23,8 @@ import os
 import pytest
 import torch
 
-from hyper_backend.kernels.cpu import Params
+from hyper_backend import HyperConfig
+from hyper_backend.config import encode
 from hyper_backend.kernels.reference import hyper_attention_reference, log_weights
 
 # find_spec, not importorskip: the test process must not import triton (see above)
@@ -79,15 +80,10 @@ def _inputs(B, Hq, Hkv, Nq, Nk, D, dtype, masked, seed=0):
     return q, k, v, do, key_valid
 
 
-def _kwargs(p: Params):
-    return dict(block_size=p.block_size, sample_size=p.sample_size, num_projs=p.num_projs,
-                min_seq_len=p.min_seq_len, causal_depth=p.causal_depth, seed=p.seed)
-
-
 def _truth(q, k, v, do, key_valid, causal, p):
     """Reference out, lse, dq, dk, dv (float64 arithmetic on float32 copies)."""
     leaves = [x.float().requires_grad_() for x in (q, k, v)]
-    out, lse = hyper_attention_reference(*leaves, key_valid, causal, None, **_kwargs(p))
+    out, lse = hyper_attention_reference(*leaves, key_valid, causal, None, p)
     out.backward(do.float())
     return (out.detach(), lse) + tuple(x.grad for x in leaves)
 
@@ -95,8 +91,7 @@ def _truth(q, k, v, do, key_valid, causal, p):
 def _eager(q, k, v, do, key_valid, causal, p):
     """The same attention written densely in torch at the inputs' precision: eager's own error."""
     with torch.no_grad():
-        logw = log_weights(q.float(), k.float(), key_valid, causal, p.block_size, p.sample_size, p.num_projs,
-                           p.min_seq_len, p.causal_depth, p.seed)
+        logw = log_weights(q.float(), k.float(), key_valid, causal, p)
     leaves = [x.detach().clone().requires_grad_() for x in (q, k, v)]
     qq, kk, vv = leaves
     group = q.shape[1] // k.shape[1]
@@ -131,17 +126,17 @@ def _check(q, k, v, do, key_valid, causal, p):
         assert err_fast <= bound, f"{name}: |triton - ref| = {err_fast:.3g} > {bound:.3g} (eager {err_eager:.3g})"
 
 
-# name -> (B, Hq, Hkv, Nq, Nk, D, causal, dtype, masked, Params(block_size, sample_size, num_projs,
+# name -> (B, Hq, Hkv, Nq, Nk, D, causal, dtype, masked, HyperConfig(block_size, sample_size, lsh_num_projs,
 # min_seq_len, causal_depth, seed)). Small blocks so that every case approximates; together they cover
 # n in {63, 200, 513}, d in {40, 64}, causal and not, GQA, key masks, n_q != n_k, fp32 and bf16.
 CASES = {
-    "noncausal-gqa-masked-n200-d40": (2, 4, 2, 200, 200, 40, False, torch.float32, True, Params(64, 40, 4, 64, None, 0)),
-    "exact-nq!=nk-n63-d64": (1, 2, 1, 63, 90, 64, False, torch.float32, False, Params(64, 32, 4, 64, None, 0)),
-    "causal-n513-d64-multitile": (1, 2, 1, 513, 513, 64, True, torch.float32, False, Params(128, 96, 5, 128, None, 1)),
-    "causal-prefix-masked-gqa-n200": (1, 4, 2, 150, 200, 40, True, torch.float32, True, Params(32, 24, 4, 32, 2, 2)),
-    "noncausal-bf16-n513-d40-gqa": (1, 2, 1, 513, 513, 40, False, torch.bfloat16, False, Params(64, 64, 5, 64, None, 3)),
-    "causal-bf16-n200-d64-masked": (1, 2, 2, 200, 200, 64, True, torch.bfloat16, True, Params(32, 32, 4, 32, None, 4)),
-    "causal-fp64-n63-d40-gqa": (1, 2, 1, 63, 63, 40, True, torch.float64, False, Params(16, 8, 3, 16, None, 5)),
+    "noncausal-gqa-masked-n200-d40": (2, 4, 2, 200, 200, 40, False, torch.float32, True, HyperConfig(64, 40, 4, 64, None, 0)),
+    "exact-nq!=nk-n63-d64": (1, 2, 1, 63, 90, 64, False, torch.float32, False, HyperConfig(64, 32, 4, 64, None, 0)),
+    "causal-n513-d64-multitile": (1, 2, 1, 513, 513, 64, True, torch.float32, False, HyperConfig(128, 96, 5, 128, None, 1)),
+    "causal-prefix-masked-gqa-n200": (1, 4, 2, 150, 200, 40, True, torch.float32, True, HyperConfig(32, 24, 4, 32, 2, 2)),
+    "noncausal-bf16-n513-d40-gqa": (1, 2, 1, 513, 513, 40, False, torch.bfloat16, False, HyperConfig(64, 64, 5, 64, None, 3)),
+    "causal-bf16-n200-d64-masked": (1, 2, 2, 200, 200, 64, True, torch.bfloat16, True, HyperConfig(32, 32, 4, 32, None, 4)),
+    "causal-fp64-n63-d40-gqa": (1, 2, 1, 63, 63, 40, True, torch.float64, False, HyperConfig(16, 8, 3, 16, None, 5)),
 }
 
 
@@ -155,7 +150,7 @@ def _sweep():
                     for dtype in (torch.float32, torch.bfloat16, torch.float16):
                         name = f"n{n}-d{d}-{'causal' if causal else 'full'}-h{hq}/{hkv}-{str(dtype)[6:]}"
                         out[name] = (1, hq, hkv, n, n + (0 if causal else 7), d, causal, dtype, n != 200,
-                                     Params(48, 40, 5, 48, None, n + d))
+                                     HyperConfig(48, 40, 5, 48, None, n + d))
     return out
 
 
@@ -181,7 +176,7 @@ def test_matches_reference_sweep(worker, name):
 
 def _run_rows_without_keys():
     """A batch whose keys are all masked: out 0, lse -inf, zero gradients; the other batch unaffected."""
-    p = Params(32, 16, 4, 32, None, 0)
+    p = HyperConfig(32, 16, 4, 32, None, 0)
     for causal in (False, True):  # causal with n_q < n_k: the masks of the tail are strided slices
         q, k, v, do, key_valid = _inputs(2, 2, 1, 80 if causal else 100, 100, 40, torch.float32, True)
         key_valid[1] = False
@@ -204,17 +199,17 @@ def _run_dispatch():
     from hyper_backend.kernels import op
 
     q, k, v, do, key_valid = _inputs(1, 4, 2, 200, 200, 40, torch.float32, True, seed=7)
-    args = (key_valid, False, None, 64, 32, 4, 64, -2, 0, "")
+    args = (key_valid, False, None, encode(HyperConfig(64, 32, 4, 64, None, 0)), "")
     results = {}
     for choice in ("triton", "cpu"):
         os.environ["HYPER_KERNELS"] = choice
         try:
             leaves = [x.clone().requires_grad_() for x in (q, k, v)]
-            before = dict(op.call_counts)
+            before = op.path_counts()
             out, lse = torch.ops.hyper.attention(*leaves, *args)
             out.backward(do)
-            assert op.call_counts["hyper"] == before["hyper"] + 1
-            assert op.call_counts["backward"] == before["backward"] + 1
+            assert op.path_counts()["hyper"] == before["hyper"] + 1
+            assert op.path_counts()["backward"] == before["backward"] + 1
             results[choice] = (out.detach(), lse) + tuple(x.grad for x in leaves)
         finally:
             del os.environ["HYPER_KERNELS"]
@@ -243,7 +238,7 @@ def _fake_flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=Fal
 def _run_flash_leaves():
     """The flash-attn leaf path (no GPU here: a stand-in with flash_attn_func's convention) matches ours."""
     ta = _triton()
-    p = Params(32, 16, 4, 32, None, 0)
+    p = HyperConfig(32, 16, 4, 32, None, 0)
     q, k, v, _, _ = _inputs(2, 2, 1, 90, 90, 40, torch.bfloat16, False)  # 4 padded leaves of 23 rows
     ours = ta.attention_forward(q, k, v, None, True, None, p)
     saved = ta._flash_attn_func, ta._flash_leaves_ok
