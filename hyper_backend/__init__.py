@@ -3,7 +3,8 @@
 ``torch.compile(model, backend="hyper")`` works without importing this package (entry point
 ``torch_dynamo_backends``). Direct use: `hyper_attention`, a drop-in for
 ``F.scaled_dot_product_attention``; `HyperConfig` holds the parameters; `explain` reports what the
-backend would do to a model.
+backend would do to a model; `check_env` validates the ``HYPER_*`` environment (also
+``python -m hyper_backend.check``).
 """
 from hyper_backend.config import HyperConfig
 from hyper_backend.attention import hyper_attention
@@ -18,4 +19,12 @@ def explain(model, *args, **kwargs):
     return _explain(model, *args, **kwargs)
 
 
-__all__ = ["HyperConfig", "hyper_attention", "explain", "__version__"]
+def check_env():
+    """Validate every ``HYPER_*`` variable and return the resolved settings (`hyper_backend.check.EnvReport`);
+    a bad or unknown variable raises ``EnvError`` naming it, its value and the accepted forms."""
+    from hyper_backend.check import check_env as _check_env  # lazily: ``python -m hyper_backend.check``
+
+    return _check_env()
+
+
+__all__ = ["HyperConfig", "hyper_attention", "explain", "check_env", "__version__"]

@@ -305,7 +305,15 @@ def hyper_backend(gm: fx.GraphModule, example_inputs: List[Any], options: Option
                   mode: Optional[str] = None) -> Callable:
     """The ``torch.compile`` backend. ``options``: `HyperConfig` fields plus ``enabled``, ``layers``,
     ``inner_backend`` and ``tune_cache`` (``''`` disables tuned lookups); see the module docstring."""
-    settings = resolve_settings(options)
+    from hyper_backend.config import EnvError
+
+    try:
+        settings = resolve_settings(options)
+    except EnvError as e:
+        # torch wraps this in a long BackendCompilerFailed traceback: say it first, in one line, on stderr too
+        message = f"{e} (read at compile time; `python -m hyper_backend.check` checks the environment)"
+        log.error("hyper_backend: %s", message)
+        raise EnvError(message) from None
     return compile_graph(gm, example_inputs, settings, session_for(_session_owner()), mode)
 
 
