@@ -59,6 +59,7 @@ RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 CONFIG_FLAGS = {  # CLI flag -> HyperConfig field
     "block_size": "block_size", "sample_size": "sample_size", "lsh_projs": "lsh_num_projs",
     "min_seq_len": "min_seq_len", "causal_depth": "causal_depth", "seed": "seed",
+    "sink_keys": "sink_keys", "local_window": "local_window", "residual": "residual",
 }
 
 
@@ -108,17 +109,18 @@ def load_text(spec: str) -> str:
         return f.read()
 
 
-def text_tokens(tokenizer, text: str, count: int) -> torch.Tensor:
-    """The first ``count`` tokens of ``text`` (no special tokens), tokenizing only a long enough prefix."""
-    chars = max(4096, count * 8)
+def text_tokens(tokenizer, text: str, count: int, offset: int = 0) -> torch.Tensor:
+    """Tokens ``offset .. offset + count`` of ``text`` (no special tokens), tokenizing only a long enough prefix."""
+    need = offset + count
+    chars = max(4096, need * 8)
     while True:
         ids = tokenizer(text[:chars], add_special_tokens=False)["input_ids"]
-        if len(ids) > count + 64 or chars >= len(text):
+        if len(ids) > need + 64 or chars >= len(text):
             break
         chars *= 2
-    if len(ids) < count:
-        raise ValueError(f"the text has only {len(ids)} tokens, fewer than --tokens {count}")
-    return torch.tensor(ids[:count], dtype=torch.long)
+    if len(ids) < need:
+        raise ValueError(f"the text has only {len(ids)} tokens, fewer than --offset + --tokens = {need}")
+    return torch.tensor(ids[offset:need], dtype=torch.long)
 
 
 def windows(tokens: torch.Tensor, context: int, bos: Optional[int]) -> torch.Tensor:
@@ -327,7 +329,7 @@ def config_text(config: Optional[HyperConfig]) -> str:
         return "tuned"
     text = f"{config.block_size}/{config.sample_size}/{config.lsh_num_projs}"
     default = HyperConfig()
-    for name in ("min_seq_len", "causal_depth", "seed"):
+    for name in ("min_seq_len", "causal_depth", "seed", "sink_keys", "local_window", "residual"):
         if getattr(config, name) != getattr(default, name):
             text += f" {name}={getattr(config, name)}"
     return text
@@ -344,7 +346,10 @@ def parse_overrides(text: str) -> dict:
         name, _, value = part.partition("=")
         if name not in CONFIG_FLAGS.values():
             raise SystemExit(f"--configs: unknown field {name!r}; fields: {', '.join(CONFIG_FLAGS.values())}")
-        out[name] = None if (name == "causal_depth" and value.lower() in ("none", "auto")) else int(value)
+        if name == "residual":
+            out[name] = value
+        else:
+            out[name] = None if (name == "causal_depth" and value.lower() in ("none", "auto")) else int(value)
     return out
 
 
@@ -396,6 +401,10 @@ def main(argv=None) -> dict:
     p.add_argument("--min-seq-len", type=int)
     p.add_argument("--causal-depth", type=int, help="-1 for automatic")
     p.add_argument("--seed", type=int)
+    p.add_argument("--sink-keys", type=int)
+    p.add_argument("--local-window", type=int)
+    p.add_argument("--residual", choices=("uniform", "stratified"))
+    p.add_argument("--offset", type=int, default=0, help="skip this many text tokens first (a held-out slice)")
     p.add_argument("--sinks", type=int, nargs="*", default=[0],
                    help="direct path: also rows whose first SINKS keys are attended exactly by every query "
                         "(an emulated variant, bench/error_study.py); 0 = plain HyperAttention")
@@ -414,7 +423,7 @@ def main(argv=None) -> dict:
     bos = None if args.no_bos else tokenizer.bos_token_id
     text = load_text(args.text)
     ntok = args.tokens or (args.context - (bos is not None))
-    data = windows(text_tokens(tokenizer, text, ntok), args.context, bos)
+    data = windows(text_tokens(tokenizer, text, ntok, args.offset), args.context, bos)
     head_err = check_head(model, data, args.loss_chunk)
     total_sites = count_sites(lambda: plain_runner(body_and_head(model)[0])(data[:1, :16]))
     console.print(f"loaded {os.path.basename(path)} in {time.perf_counter() - t0:.0f} s: {total_sites} attention "
@@ -441,10 +450,11 @@ def main(argv=None) -> dict:
 
     results = evaluate(rows, model, data, args.loss_chunk, console, total_sites)
     name = os.path.basename(path).split(".")[0]
-    title = f"{name}, {args.text}, context {args.context}, {results[0]['tokens']} tokens"
+    title = f"{name}, {args.text} from token {args.offset}, context {args.context}, {results[0]['tokens']} tokens"
     console.print(table(results, title))
     payload = {
-        "model": path, "model_type": model.config.model_type, "text": args.text, "context": args.context,
+        "model": path, "model_type": model.config.model_type, "text": args.text, "offset": args.offset,
+        "context": args.context,
         "windows": data.shape[0], "tokens_scored": results[0]["tokens"], "bos": bos, "dtype": args.dtype,
         "dynamic": args.dynamic,
         "configs": ["tuned" if c is None else dataclasses.asdict(c) for c in configs],

@@ -27,6 +27,11 @@ def Cfg(block_size, sample_size, min_seq_len, num_projs=7, causal_depth=None, se
 
 
 SMALL, MID, BIG = Cfg(16, 16, 32), Cfg(64, 64, 256), Cfg(256, 32, 256)
+# the estimator with exact parts: sinks, a local window, the stratified residual
+SINKS = Cfg(16, 16, 32, sink_keys=4)
+WINDOW = Cfg(16, 16, 32, local_window=9)
+ALL = Cfg(16, 16, 32, sink_keys=3, local_window=40, residual="stratified")
+STRAT = Cfg(64, 64, 256, residual="stratified", sink_keys=1, local_window=64)
 
 # fast-path error allowed, in units of eager's own error at the same precision
 C_OUT, C_LSE = 4.0, 4.0
@@ -95,8 +100,20 @@ FORWARD_CASES = [
     (1, 2, 1, 1000, 1000, 40, True, False, F32, Cfg(64, 64, 128, causal_depth=1)),  # explicit depth
     (1, 1, 1, 4097, 4097, 64, True, False, F32, BIG),
     (1, 1, 1, 4097, 4097, 80, False, True, BF16, BIG),
+    (2, 2, 2, 63, 63, 40, True, True, F64, SINKS),
+    (1, 4, 2, 257, 257, 80, False, True, F64, SINKS),
+    (2, 2, 1, 257, 257, 40, True, False, F64, WINDOW),
+    (1, 2, 1, 257, 257, 64, False, True, F32, WINDOW),  # non-causal self-attention: centred window
+    (1, 2, 1, 257, 1000, 40, False, False, F64, WINDOW),  # cross-attention: no window
+    (2, 4, 2, 200, 257, 80, True, True, F64, ALL),  # causal, bottom-right, window reaches into the prefix
+    (1, 2, 2, 1000, 1000, 40, True, True, BF16, ALL),
+    (1, 2, 1, 1000, 1000, 64, False, False, F64, ALL),
+    (1, 1, 1, 4097, 4097, 40, True, False, F32, STRAT),
 ]
 SLOW_FORWARD_CASES = [
+    (2, 4, 2, 4097, 4097, 80, True, True, F32, STRAT),
+    (1, 2, 1, 1000, 4097, 64, True, True, F64, STRAT),
+    (1, 2, 1, 4097, 4097, 40, False, True, BF16, STRAT),
     (1, 1, 1, 1000, 4097, 128, True, True, F64, BIG),
     (2, 2, 1, 4097, 4097, 40, True, True, F32, BIG),
     (1, 4, 2, 1000, 1000, 80, True, True, BF16, SMALL),
@@ -110,7 +127,9 @@ def case_id(case):
     B, Hq, Hkv, Nq, Nk, D, causal, padded, dtype, cfg = case
     return (f"B{B}-H{Hq}/{Hkv}-n{Nq}x{Nk}-d{D}-{'causal' if causal else 'full'}{'-pad' if padded else ''}-"
             f"{str(dtype)[6:]}-b{cfg.block_size}m{cfg.sample_size}" + ("" if cfg.causal_depth is None else
-                                                                      f"-depth{cfg.causal_depth}"))
+                                                                      f"-depth{cfg.causal_depth}")
+            + (f"-s{cfg.sink_keys}" if cfg.sink_keys else "") + (f"-w{cfg.local_window}" if cfg.local_window else "")
+            + ("-strat" if cfg.residual == "stratified" else ""))
 
 
 def run_forward_case(case, make_qkv, padding_mask, dense_attention, call_delta):
@@ -175,6 +194,11 @@ BACKWARD_CASES = [
     (1, 2, 1, 1000, 1000, 64, True, False, F32, MID),
     (2, 2, 1, 257, 257, 40, False, True, F32, SMALL),
     (1, 2, 1, 257, 257, 64, True, True, BF16, SMALL),
+    (1, 4, 2, 257, 257, 40, True, True, F64, ALL),
+    (2, 2, 1, 150, 257, 64, True, False, F64, ALL),
+    (1, 2, 1, 257, 257, 80, False, True, F64, ALL),
+    (1, 2, 2, 257, 130, 40, False, True, F64, SINKS),
+    (1, 2, 1, 1000, 1000, 40, True, True, F32, STRAT),
 ]
 
 
