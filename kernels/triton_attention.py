@@ -8,23 +8,6 @@ q_off = size): each level of the recursion is one launch, and no chunk of Q/K/V 
 Row indices go through the plan's permutations inside the kernels (gather on load, scatter on store): no
 sorted copy of Q, K, V, dO or O is ever made. GQA maps query head h to key head h // (Hq / Hkv).
 
-Kernels (a plain-torch oracle is `reference.hyper_attention_reference`; `cpu` is the other fast path)
-- ``_hyper_fwd_kernel``: one program per query tile, in LSH-sorted order. One online-softmax pass over (a) the
-  tile's diagonal key block and (b) the m sampled keys with keys of the same block excluded and log(n/m) added
-  to their scores. Writes out and lse (natural log) straight to the original rows, or, for the causal levels
-  and the bottom-right prefix, resumes the softmax from the accumulator's (out, lse) and merges in place.
-  With no plan (``PERMUTED=False``) the same kernel is exact attention, optionally causal: exact calls, leaves.
-- ``_hyper_bwd_dq_kernel``: the forward's loop again, accumulating dQ (query-major, no atomics).
-- ``_hyper_bwd_dkdv_kernel``: one program per key tile of a diagonal block; loops over that block's queries of
-  every query head of the group, so each key row has exactly one owner: no atomics.
-- ``_hyper_bwd_sample_kernel``: dK/dV of the sampled keys. **Two-pass, not atomics**: each sampled key is
-  seen by every query tile of every head in its group, so atomics would put all nb * g query tiles on the same
-  m x D lines (heavy contention, and non-deterministic sums). Instead pass 1 splits the query rows into
-  ``splits`` ranges and each program writes an fp32 partial for (split, sample tile); pass 2 sums the partials
-  in torch and ``index_put_(accumulate=True)`` adds them to the sampled rows (a key drawn twice gets both).
-  Deterministic, and the partials cost ``splits * m * D * 8`` bytes per (batch, kv head).
-  The backward is fed the *final* out and lse of each row (the split-softmax identity, as in `cpu`), with
-  Delta = rowsum(dO * O) computed once in torch.
 
 Causal: exact leaves use ``flash_attn.flash_attn_func`` when the optional ``[cuda]`` extra is installed
 (fp16/bf16 CUDA tensors without a key mask), else ``_hyper_fwd_kernel`` with ``IS_CAUSAL``. The backward of the
@@ -57,9 +40,8 @@ Design targets (non-causal, defaults b = m = 256, D = 128, fp16, BLOCK_M = 128, 
   ahead of time to sm_80/sm_90 cubins with Triton's bundled ptxas (shared memory per block within limits):
   see tests/test_triton.py.
 
-Interpreter note: Triton 3.9's interpreter multiplies bf16 operands of ``tl.dot`` as raw 16-bit integers.
-Under the interpreter only, bf16 operands are widened to fp32 before ``tl.dot`` (``WIDEN``, a constexpr that is
-False on GPU, so compiled kernels use bf16 tensor cores).
+The kernels themselves (``@triton.jit``) live in `triton_kernels`; this module holds their launch
+configurations, the autotuning wrappers and pruning, the host launchers and the public entry points.
 """
 from __future__ import annotations
 
@@ -70,6 +52,7 @@ import torch
 import triton
 import triton.language as tl
 
+from . import triton_kernels as tk
 from .plan import Plan, _chunks, _pad_rows, causal_levels, hyper_applies, lse_dtype, make_plan
 
 try:  # optional: the [cuda] extra
@@ -77,14 +60,8 @@ try:  # optional: the [cuda] extra
 except ImportError:  # pragma: no cover - depends on the machine
     _flash_attn_func = None
 
-# decided when this module is imported, like the @triton.jit decorators below
-_INTERPRET = bool(triton.knobs.runtime.interpret)
-
-# kernels may read only constexpr globals
-LOG2E = tl.constexpr(1.4426950408889634)
-LN2 = tl.constexpr(0.6931471805599453)
-_LENGTHS = ["HQ", "GROUP", "COUNT", "CHUNK", "Q_OFF", "K_OFF", "SQ", "SK", "NQ_T", "NK_T", "BQ", "BK", "M"]
-
+# whether the kernels run under the interpreter (decided when `triton_kernels` is imported)
+_INTERPRET = tk.INTERPRET
 
 # ----------------------------------------------------------------------------------------------------------
 # launch configurations
@@ -143,384 +120,20 @@ _KEYS = ["BQ_BUCKET", "BK_BUCKET", "M_BUCKET", "BLOCK_D", "PERMUTED", "IS_CAUSAL
 
 
 # ----------------------------------------------------------------------------------------------------------
-# shared device helpers
+# the kernels of `triton_kernels`, autotuned
 # ----------------------------------------------------------------------------------------------------------
 
-# The interpreter re-patches triton.language on every call of a jitted helper (~0.6 ms each, most of the
-# interpreter's time here); under it, helpers run as plain Python inside the already patched kernel.
-_device = (lambda fn: fn) if _INTERPRET else triton.jit
-
-
-@_device
-def _rows_of(PERM, pos, inside, row0, N_T, PERMUTED: tl.constexpr):
-    """Tensor rows of sub-problem positions ``pos`` (through ``PERM`` if permuted) and which exist."""
-    if PERMUTED:
-        idx = tl.load(PERM + pos, mask=inside, other=0)
-    else:
-        idx = pos
-    rows = row0 + idx
-    return rows, inside & (rows < N_T)
-
-
-@_device
-def _valid_keys(KVALID, rows, ok, HAS_VALID: tl.constexpr):
-    if HAS_VALID:
-        ok = ok & (tl.load(KVALID + rows, mask=ok, other=0) != 0)
-    return ok
-
-
-@_device
-def _load_rows(base, rows, ok, stride_n, D: tl.constexpr, BLOCK_D: tl.constexpr):
-    """``[R, BLOCK_D]`` tile of rows ``rows`` (zero where masked or past D)."""
-    offs_d = tl.arange(0, BLOCK_D)
-    ptrs = base + rows.to(tl.int64)[:, None] * stride_n + offs_d[None, :]
-    return tl.load(ptrs, mask=ok[:, None] & (offs_d[None, :] < D), other=0.0)
-
-
-@_device
-def _store_rows(base, rows, ok, stride_n, x, D: tl.constexpr, BLOCK_D: tl.constexpr):
-    offs_d = tl.arange(0, BLOCK_D)
-    ptrs = base + rows.to(tl.int64)[:, None] * stride_n + offs_d[None, :]
-    tl.store(ptrs, x, mask=ok[:, None] & (offs_d[None, :] < D))
-
-
-@_device
-def _query_tile(pid, QPERM, HQ, GROUP, COUNT, CHUNK, Q_OFF, SQ, NQ_T, BQ,
-                PERMUTED: tl.constexpr, BLOCK_M: tl.constexpr):
-    """Query-major program -> (sub-problem, query head, its kv head's row in the plan, block, first row of the
-    tile in the block, sorted positions [BM], tensor rows [BM], rows that exist). Tiles of a head are adjacent,
-    so the programs sharing a diagonal K/V block and the samples run together (L2 reuse)."""
-    tiles = tl.cdiv(BQ, BLOCK_M)
-    per_head = tl.cdiv(SQ, BQ) * tiles
-    sh = pid // per_head
-    sub = sh // HQ
-    h = sh % HQ
-    blk = (pid % per_head) // tiles
-    t0 = (pid % per_head) % tiles * BLOCK_M
-    r = t0 + tl.arange(0, BLOCK_M)
-    pos = blk * BQ + r
-    q_row0 = (sub % COUNT) * CHUNK + Q_OFF
-    qrow, q_ok = _rows_of(QPERM + sh.to(tl.int64) * SQ, pos, (r < BQ) & (pos < SQ), q_row0, NQ_T, PERMUTED)
-    kv_head = (sub * (HQ // GROUP) + h // GROUP).to(tl.int64)
-    return sub, h.to(tl.int64), kv_head, blk, t0, pos, qrow, q_ok
-
-
-@_device
-def _diag_keys(KPERM, kv_head, SK, kpos, k_hi, k_row0, NK_T, valid,
-               PERMUTED: tl.constexpr, HAS_VALID: tl.constexpr):
-    """Tensor rows of diagonal-block key positions ``kpos`` below ``k_hi``, and which are attended to."""
-    krow, k_ok = _rows_of(KPERM + kv_head * SK, kpos, kpos < k_hi, k_row0, NK_T, PERMUTED)
-    return krow, _valid_keys(valid, krow, k_ok, HAS_VALID)
-
-
-@_device
-def _sample_keys(SAMP, SBLK, kv_head, M, sp, k_row0, NK_T, valid, HAS_VALID: tl.constexpr):
-    """Tensor rows of samples ``sp``, which are attended to, and the block each sits in (-1 past M)."""
-    inside = sp < M
-    krow, k_ok = _rows_of(SAMP + kv_head * M, sp, inside, k_row0, NK_T, True)
-    sblk = tl.load(SBLK + kv_head * M + sp, mask=inside, other=-1)
-    return krow, _valid_keys(valid, krow, k_ok, HAS_VALID), sblk
-
-
-@_device
-def _load_kv(k_base, v_base, krow, k_ok, skn, svn, D: tl.constexpr, BLOCK_D: tl.constexpr):
-    return _load_rows(k_base, krow, k_ok, skn, D, BLOCK_D), _load_rows(v_base, krow, k_ok, svn, D, BLOCK_D)
-
-
-@_device
-def _grad_rows(q_base, do_base, LSE, DELTA, row_base, qrow, q_ok, sqn, sdon,
-               D: tl.constexpr, BLOCK_D: tl.constexpr, ACC: tl.constexpr):
-    """What the backward reads per query row: q, dO [R, BLOCK_D], lse (base 2) and Delta [R]."""
-    q = _load_rows(q_base, qrow, q_ok, sqn, D, BLOCK_D)
-    do = _load_rows(do_base, qrow, q_ok, sdon, D, BLOCK_D)
-    row_off = row_base + qrow.to(tl.int64)
-    lse2 = tl.load(LSE + row_off, mask=q_ok, other=0.0).to(ACC) * LOG2E
-    delta = tl.load(DELTA + row_off, mask=q_ok, other=0.0).to(ACC)
-    return q, do, lse2, delta
-
-
-@_device
-def _dot(a, b, ACC: tl.constexpr, PRECISION: tl.constexpr, WIDEN: tl.constexpr):
-    if WIDEN:  # interpreter only, see the module docstring
-        a = a.to(tl.float32)
-        b = b.to(tl.float32)
-    return tl.dot(a, b, input_precision=PRECISION, out_dtype=ACC)
-
-
-@_device
-def _fwd_step(acc, m_i, l_i, q, k, v, ok, bias2, scale2,
-              ACC: tl.constexpr, PRECISION: tl.constexpr, WIDEN: tl.constexpr):
-    """One online-softmax step (base-2 scores) over a key tile; ``ok [BM, BN]`` masks pairs."""
-    s = _dot(q, tl.trans(k), ACC, PRECISION, WIDEN) * scale2 + bias2  # [BM, BN]
-    s = tl.where(ok, s, float("-inf"))
-    m_new = tl.maximum(m_i, tl.max(s, 1))
-    empty = m_new == float("-inf")  # no key yet: keep (m, l, acc) = (-inf, 1, 0)
-    m_safe = tl.where(empty, 0.0, m_new)
-    alpha = tl.where(empty, 1.0, tl.math.exp2(m_i - m_safe))
-    p = tl.math.exp2(s - m_safe[:, None])
-    l_i = l_i * alpha + tl.sum(p, 1)
-    acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, ACC, PRECISION, WIDEN)
-    return acc, m_new, l_i
-
-
-@_device
-def _dq_step(dq, q, do, lse2, delta, k, v, ok, bias2, scale2,
-             ACC: tl.constexpr, PRECISION: tl.constexpr, WIDEN: tl.constexpr):
-    s = _dot(q, tl.trans(k), ACC, PRECISION, WIDEN) * scale2 + bias2  # [BM, BN]
-    p = tl.where(ok, tl.math.exp2(s - lse2[:, None]), 0.0)
-    dp = _dot(do, tl.trans(v), ACC, PRECISION, WIDEN)
-    ds = p * (dp - delta[:, None])
-    return dq + _dot(ds.to(k.dtype), k, ACC, PRECISION, WIDEN)
-
-
-@_device
-def _dkdv_step(dk, dv, k, v, q, do, lse2, delta, ok, bias2, scale2,
-               ACC: tl.constexpr, PRECISION: tl.constexpr, WIDEN: tl.constexpr):
-    """Key-major step: ``ok [BN, BM]`` masks (key, query) pairs."""
-    st = _dot(k, tl.trans(q), ACC, PRECISION, WIDEN) * scale2 + bias2  # [BN, BM]
-    pt = tl.where(ok, tl.math.exp2(st - lse2[None, :]), 0.0)
-    dv = dv + _dot(pt.to(do.dtype), do, ACC, PRECISION, WIDEN)
-    dpt = _dot(v, tl.trans(do), ACC, PRECISION, WIDEN)
-    dst = pt * (dpt - delta[None, :])
-    dk = dk + _dot(dst.to(q.dtype), q, ACC, PRECISION, WIDEN)
-    return dk, dv
-
-
-# ----------------------------------------------------------------------------------------------------------
-# forward
-# ----------------------------------------------------------------------------------------------------------
-
-@triton.autotune(configs=_QUERY_MAJOR, key=_KEYS, prune_configs_by={"early_config_prune": _prune_query_major},
-                 restore_value=["O", "LSE"])
-@triton.jit(do_not_specialize=_LENGTHS)
-def _hyper_fwd_kernel(
-    Q, K, V, O, LSE, KVALID, QPERM, KPERM, SAMP, SBLK, LOGW,
-    sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sob, soh, son, slb, slh, svalb,
-    HQ, GROUP, COUNT, CHUNK, Q_OFF, K_OFF, SQ, SK, NQ_T, NK_T, BQ, BK, M, scale2,
-    BQ_BUCKET, BK_BUCKET, M_BUCKET,
-    D: tl.constexpr, BLOCK_D: tl.constexpr, PERMUTED: tl.constexpr, HAS_SAMPLES: tl.constexpr,
-    HAS_VALID: tl.constexpr, IS_CAUSAL: tl.constexpr, ACCUMULATE: tl.constexpr, ACC: tl.constexpr,
-    PRECISION: tl.constexpr, WIDEN: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-):
-    sub, h, kv_head, blk, t0, pos, qrow, q_ok = _query_tile(
-        tl.program_id(0), QPERM, HQ, GROUP, COUNT, CHUNK, Q_OFF, SQ, NQ_T, BQ, PERMUTED, BLOCK_M)
-    b = (sub // COUNT).to(tl.int64)
-    hk = kv_head % (HQ // GROUP)
-    k_row0 = (sub % COUNT) * CHUNK + K_OFF
-    q = _load_rows(Q + b * sqb + h * sqh, qrow, q_ok, sqn, D, BLOCK_D)  # [BM, BD]
-    k_base = K + b * skb + hk * skh
-    v_base = V + b * svb + hk * svh
-    valid = KVALID + b * svalb
-    o_base = O + b * sob + h * soh
-    l_ptrs = LSE + b * slb + h * slh + qrow.to(tl.int64)
-
-    l_i = tl.full([BLOCK_M], 1.0, ACC)
-    if ACCUMULATE:  # resume the softmax of earlier parts: (m, l, acc) = (lse, 1, out)
-        m_i = tl.load(l_ptrs, mask=q_ok, other=float("-inf")).to(ACC) * LOG2E
-        acc = _load_rows(o_base, qrow, q_ok, son, D, BLOCK_D).to(ACC)
-    else:
-        m_i = tl.full([BLOCK_M], float("-inf"), ACC)
-        acc = tl.zeros([BLOCK_M, BLOCK_D], ACC)
-
-    # (a) the diagonal key block
-    k_lo = blk * BK
-    k_hi = tl.minimum(k_lo + BK, SK)
-    if IS_CAUSAL:  # bottom-right aligned: position i sees keys <= i + SK - SQ
-        k_hi = tl.minimum(k_hi, blk * BQ + t0 + BLOCK_M + SK - SQ)
-    for start in range(k_lo, k_hi, BLOCK_N):
-        kpos = start + tl.arange(0, BLOCK_N)
-        krow, k_ok = _diag_keys(KPERM, kv_head, SK, kpos, k_hi, k_row0, NK_T, valid, PERMUTED, HAS_VALID)
-        k, v = _load_kv(k_base, v_base, krow, k_ok, skn, svn, D, BLOCK_D)
-        ok = tl.broadcast_to(k_ok[None, :], (BLOCK_M, BLOCK_N))
-        if IS_CAUSAL:
-            ok = ok & (kpos[None, :] <= pos[:, None] + (SK - SQ))
-        acc, m_i, l_i = _fwd_step(acc, m_i, l_i, q, k, v, ok, 0.0, scale2, ACC, PRECISION, WIDEN)
-
-    # (b) the sampled keys of other blocks, weighted by n/m
-    if HAS_SAMPLES:
-        lw2 = tl.load(LOGW + sub).to(ACC) * LOG2E
-        for start in range(0, M, BLOCK_N):
-            sp = start + tl.arange(0, BLOCK_N)
-            krow, k_ok, sblk = _sample_keys(SAMP, SBLK, kv_head, M, sp, k_row0, NK_T, valid, HAS_VALID)
-            k_ok = k_ok & (sblk != blk)
-            k, v = _load_kv(k_base, v_base, krow, k_ok, skn, svn, D, BLOCK_D)
-            ok = tl.broadcast_to(k_ok[None, :], (BLOCK_M, BLOCK_N))
-            acc, m_i, l_i = _fwd_step(acc, m_i, l_i, q, k, v, ok, lw2, scale2, ACC, PRECISION, WIDEN)
-
-    out = acc / l_i[:, None]
-    lse = (m_i + tl.math.log2(l_i)) * LN2  # -inf for rows that saw no key
-    _store_rows(o_base, qrow, q_ok, son, out.to(O.dtype.element_ty), D, BLOCK_D)
-    tl.store(l_ptrs, lse, mask=q_ok)
-
-
-# ----------------------------------------------------------------------------------------------------------
-# backward
-# ----------------------------------------------------------------------------------------------------------
-
-@triton.autotune(configs=_QUERY_MAJOR, key=_KEYS, prune_configs_by={"early_config_prune": _prune_query_major},
-                 restore_value=["DQ"])
-@triton.jit(do_not_specialize=_LENGTHS)
-def _hyper_bwd_dq_kernel(
-    Q, K, V, DO, LSE, DELTA, DQ, KVALID, QPERM, KPERM, SAMP, SBLK, LOGW,
-    sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sdob, sdoh, sdon, sdqb, sdqh, sdqn, slb, slh, svalb,
-    HQ, GROUP, COUNT, CHUNK, Q_OFF, K_OFF, SQ, SK, NQ_T, NK_T, BQ, BK, M, scale, scale2,
-    BQ_BUCKET, BK_BUCKET, M_BUCKET,
-    D: tl.constexpr, BLOCK_D: tl.constexpr, PERMUTED: tl.constexpr, HAS_SAMPLES: tl.constexpr,
-    HAS_VALID: tl.constexpr, IS_CAUSAL: tl.constexpr, ACCUMULATE: tl.constexpr, ACC: tl.constexpr,
-    PRECISION: tl.constexpr, WIDEN: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-):
-    # the forward's loops again, accumulating dQ
-    sub, h, kv_head, blk, t0, pos, qrow, q_ok = _query_tile(
-        tl.program_id(0), QPERM, HQ, GROUP, COUNT, CHUNK, Q_OFF, SQ, NQ_T, BQ, PERMUTED, BLOCK_M)
-    b = (sub // COUNT).to(tl.int64)
-    hk = kv_head % (HQ // GROUP)
-    k_row0 = (sub % COUNT) * CHUNK + K_OFF
-    q, do, lse2, delta = _grad_rows(Q + b * sqb + h * sqh, DO + b * sdob + h * sdoh, LSE, DELTA,
-                                    b * slb + h * slh, qrow, q_ok, sqn, sdon, D, BLOCK_D, ACC)
-    k_base = K + b * skb + hk * skh
-    v_base = V + b * svb + hk * svh
-    valid = KVALID + b * svalb
-    dq = tl.zeros([BLOCK_M, BLOCK_D], ACC)
-
-    k_lo = blk * BK
-    k_hi = tl.minimum(k_lo + BK, SK)
-    if IS_CAUSAL:
-        k_hi = tl.minimum(k_hi, blk * BQ + t0 + BLOCK_M + SK - SQ)
-    for start in range(k_lo, k_hi, BLOCK_N):
-        kpos = start + tl.arange(0, BLOCK_N)
-        krow, k_ok = _diag_keys(KPERM, kv_head, SK, kpos, k_hi, k_row0, NK_T, valid, PERMUTED, HAS_VALID)
-        k, v = _load_kv(k_base, v_base, krow, k_ok, skn, svn, D, BLOCK_D)
-        ok = q_ok[:, None] & k_ok[None, :]
-        if IS_CAUSAL:
-            ok = ok & (kpos[None, :] <= pos[:, None] + (SK - SQ))
-        dq = _dq_step(dq, q, do, lse2, delta, k, v, ok, 0.0, scale2, ACC, PRECISION, WIDEN)
-
-    if HAS_SAMPLES:
-        lw2 = tl.load(LOGW + sub).to(ACC) * LOG2E
-        for start in range(0, M, BLOCK_N):
-            sp = start + tl.arange(0, BLOCK_N)
-            krow, k_ok, sblk = _sample_keys(SAMP, SBLK, kv_head, M, sp, k_row0, NK_T, valid, HAS_VALID)
-            k_ok = k_ok & (sblk != blk)
-            k, v = _load_kv(k_base, v_base, krow, k_ok, skn, svn, D, BLOCK_D)
-            ok = q_ok[:, None] & k_ok[None, :]
-            dq = _dq_step(dq, q, do, lse2, delta, k, v, ok, lw2, scale2, ACC, PRECISION, WIDEN)
-
-    dq = dq * scale
-    dq_base = DQ + b * sdqb + h * sdqh
-    if ACCUMULATE:
-        dq += _load_rows(dq_base, qrow, q_ok, sdqn, D, BLOCK_D)
-    _store_rows(dq_base, qrow, q_ok, sdqn, dq, D, BLOCK_D)
-
-
-@triton.autotune(configs=_KEY_MAJOR, key=_KEYS, prune_configs_by={"early_config_prune": _prune_key_major},
-                 restore_value=["DK", "DV"])
-@triton.jit(do_not_specialize=_LENGTHS)
-def _hyper_bwd_dkdv_kernel(
-    Q, K, V, DO, LSE, DELTA, DK, DV, KVALID, QPERM, KPERM,
-    sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sdob, sdoh, sdon, sdkb, sdkh, sdkn, slb, slh, svalb,
-    HQ, GROUP, COUNT, CHUNK, Q_OFF, K_OFF, SQ, SK, NQ_T, NK_T, BQ, BK, M, scale, scale2,
-    BQ_BUCKET, BK_BUCKET, M_BUCKET,
-    D: tl.constexpr, BLOCK_D: tl.constexpr, PERMUTED: tl.constexpr, HAS_SAMPLES: tl.constexpr,
-    HAS_VALID: tl.constexpr, IS_CAUSAL: tl.constexpr, ACCUMULATE: tl.constexpr, ACC: tl.constexpr,
-    PRECISION: tl.constexpr, WIDEN: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-):
-    # program -> (sub-problem, kv head, diagonal block, key tile); loops over the block's queries of every
-    # query head of the group, so it owns its key rows
-    tiles = tl.cdiv(BK, BLOCK_N)
-    per_head = tl.cdiv(SQ, BQ) * tiles
-    pid = tl.program_id(0)
-    kv_head = (pid // per_head).to(tl.int64)
-    sub = kv_head // (HQ // GROUP)
-    hk = kv_head % (HQ // GROUP)
-    b = sub // COUNT
-    q_row0 = (sub % COUNT) * CHUNK + Q_OFF
-    k_row0 = (sub % COUNT) * CHUNK + K_OFF
-    blk = (pid % per_head) // tiles
-    t0 = (pid % per_head) % tiles * BLOCK_N
-    r = t0 + tl.arange(0, BLOCK_N)
-    kpos = blk * BK + r  # [BN]
-    krow, k_in = _rows_of(KPERM + kv_head * SK, kpos, (r < BK) & (kpos < SK), k_row0, NK_T, PERMUTED)
-    k_ok = _valid_keys(KVALID + b * svalb, krow, k_in, HAS_VALID)
-    k, v = _load_kv(K + b * skb + hk * skh, V + b * svb + hk * svh, krow, k_ok, skn, svn, D, BLOCK_D)
-    dk = tl.zeros([BLOCK_N, BLOCK_D], ACC)
-    dv = tl.zeros([BLOCK_N, BLOCK_D], ACC)
-
-    q_lo = blk * BQ
-    q_hi = tl.minimum(q_lo + BQ, SQ)
-    if IS_CAUSAL:  # queries before the tile's first key see none of it
-        q_lo = tl.maximum(q_lo, blk * BK + t0 - (SK - SQ))
-    for hh in range(0, GROUP):
-        h = hk * GROUP + hh
-        qperm = QPERM + (sub * HQ + h) * SQ
-        for start in range(q_lo, q_hi, BLOCK_M):
-            pos = start + tl.arange(0, BLOCK_M)
-            qrow, q_ok = _rows_of(qperm, pos, pos < q_hi, q_row0, NQ_T, PERMUTED)
-            q, do, lse2, delta = _grad_rows(Q + b * sqb + h * sqh, DO + b * sdob + h * sdoh, LSE, DELTA,
-                                            b * slb + h * slh, qrow, q_ok, sqn, sdon, D, BLOCK_D, ACC)
-            ok = k_ok[:, None] & q_ok[None, :]
-            if IS_CAUSAL:
-                ok = ok & (kpos[:, None] <= pos[None, :] + (SK - SQ))
-            dk, dv = _dkdv_step(dk, dv, k, v, q, do, lse2, delta, ok, 0.0, scale2, ACC, PRECISION, WIDEN)
-
-    dk = dk * scale
-    dk_base = DK + b * sdkb + hk * sdkh
-    dv_base = DV + b * sdkb + hk * sdkh
-    if ACCUMULATE:
-        dk += _load_rows(dk_base, krow, k_in, sdkn, D, BLOCK_D)
-        dv += _load_rows(dv_base, krow, k_in, sdkn, D, BLOCK_D)
-    _store_rows(dk_base, krow, k_in, sdkn, dk, D, BLOCK_D)
-    _store_rows(dv_base, krow, k_in, sdkn, dv, D, BLOCK_D)
-
-
-@triton.autotune(configs=_KEY_MAJOR, key=_KEYS, prune_configs_by={"early_config_prune": _prune_samples})
-@triton.jit(do_not_specialize=_LENGTHS + ["ROWS_PER_SPLIT"])
-def _hyper_bwd_sample_kernel(
-    Q, K, V, DO, LSE, DELTA, PART, KVALID, QPERM, SAMP, SBLK, LOGW,
-    sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sdob, sdoh, sdon, slb, slh, svalb,
-    HQ, GROUP, COUNT, CHUNK, Q_OFF, K_OFF, SQ, SK, NQ_T, NK_T, BQ, BK, M, scale, scale2, ROWS_PER_SPLIT,
-    BQ_BUCKET, BK_BUCKET, M_BUCKET,
-    D: tl.constexpr, BLOCK_D: tl.constexpr, PERMUTED: tl.constexpr, HAS_SAMPLES: tl.constexpr,
-    HAS_VALID: tl.constexpr, IS_CAUSAL: tl.constexpr, ACC: tl.constexpr,
-    PRECISION: tl.constexpr, WIDEN: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-):
-    # pass 1 of the sampled keys' dK/dV: program -> (sub-problem, kv head, split of query rows, sample tile);
-    # PART [splits, n_sub * Hkv, 2, M, BLOCK_D] fp32 partials (dK then dV)
-    tiles = tl.cdiv(M, BLOCK_N)
-    splits = tl.cdiv(SQ, ROWS_PER_SPLIT)
-    pid = tl.program_id(0)
-    kv_head = (pid // (splits * tiles)).to(tl.int64)
-    split = (pid // tiles) % splits
-    sub = kv_head // (HQ // GROUP)
-    hk = kv_head % (HQ // GROUP)
-    b = sub // COUNT
-    q_row0 = (sub % COUNT) * CHUNK + Q_OFF
-    k_row0 = (sub % COUNT) * CHUNK + K_OFF
-    sp = (pid % tiles) * BLOCK_N + tl.arange(0, BLOCK_N)
-    krow, k_ok, sblk = _sample_keys(SAMP, SBLK, kv_head, M, sp, k_row0, NK_T, KVALID + b * svalb, HAS_VALID)
-    k, v = _load_kv(K + b * skb + hk * skh, V + b * svb + hk * svh, krow, k_ok, skn, svn, D, BLOCK_D)
-    lw2 = tl.load(LOGW + sub).to(ACC) * LOG2E
-    dk = tl.zeros([BLOCK_N, BLOCK_D], ACC)
-    dv = tl.zeros([BLOCK_N, BLOCK_D], ACC)
-    p_lo = split * ROWS_PER_SPLIT
-    p_hi = tl.minimum(p_lo + ROWS_PER_SPLIT, SQ)
-    for hh in range(0, GROUP):
-        h = hk * GROUP + hh
-        qperm = QPERM + (sub * HQ + h) * SQ
-        for start in range(p_lo, p_hi, BLOCK_M):
-            pos = start + tl.arange(0, BLOCK_M)
-            qrow, q_ok = _rows_of(qperm, pos, pos < p_hi, q_row0, NQ_T, True)
-            q, do, lse2, delta = _grad_rows(Q + b * sqb + h * sqh, DO + b * sdob + h * sdoh, LSE, DELTA,
-                                            b * slb + h * slh, qrow, q_ok, sqn, sdon, D, BLOCK_D, ACC)
-            ok = k_ok[:, None] & q_ok[None, :] & (sblk[:, None] != (pos // BQ)[None, :])
-            dk, dv = _dkdv_step(dk, dv, k, v, q, do, lse2, delta, ok, lw2, scale2, ACC, PRECISION, WIDEN)
-
-    offs_d = tl.arange(0, BLOCK_D)
-    heads = tl.num_programs(0) // (splits * tiles)  # n_sub * Hkv
-    row = ((split.to(tl.int64) * heads + kv_head) * 2) * M + sp  # [BN] rows of PART viewed as [-1, BLOCK_D]
-    ptrs = PART + row[:, None] * BLOCK_D + offs_d[None, :]
-    inside = (sp < M)[:, None]
-    tl.store(ptrs, dk * scale, mask=inside)
-    tl.store(ptrs + M * BLOCK_D, dv, mask=inside)
+_hyper_fwd_kernel = triton.autotune(
+    configs=_QUERY_MAJOR, key=_KEYS, prune_configs_by={"early_config_prune": _prune_query_major},
+    restore_value=["O", "LSE"])(tk.hyper_fwd)
+_hyper_bwd_dq_kernel = triton.autotune(
+    configs=_QUERY_MAJOR, key=_KEYS, prune_configs_by={"early_config_prune": _prune_query_major},
+    restore_value=["DQ"])(tk.hyper_bwd_dq)
+_hyper_bwd_dkdv_kernel = triton.autotune(
+    configs=_KEY_MAJOR, key=_KEYS, prune_configs_by={"early_config_prune": _prune_key_major},
+    restore_value=["DK", "DV"])(tk.hyper_bwd_dkdv)
+_hyper_bwd_sample_kernel = triton.autotune(
+    configs=_KEY_MAJOR, key=_KEYS, prune_configs_by={"early_config_prune": _prune_samples})(tk.hyper_bwd_sample)
 
 
 # ----------------------------------------------------------------------------------------------------------
