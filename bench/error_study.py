@@ -5,6 +5,9 @@ moves with block size, sample size and LSH projections.
     python bench/error_study.py --capture --context 8192 --sites 5,11,17 --inputs bench/results/qkv_gemma_8k.pt
     # sweep again on the saved tensors (no model needed)
     python bench/error_study.py --inputs bench/results/qkv_gemma_8k.pt --seeds 3
+    # the error/time frontier: listed configs, timed against exact SDPA on the same tensors, drawn as a picture
+    python bench/error_study.py --inputs bench/results/qkv_gemma_8k.pt --frontier "sink_keys=4,local_window=128" \
+        "block_size=512,sample_size=512" --plot bench/results/frontier.png
 
 Inputs: the capture format of ``hyper_backend.capture`` (the autotuner's ``--inputs`` format): a dict or a list
 of dicts with ``q [B, Hq, N, D]``, ``k, v [B, Hkv, N, D]``, ``causal``, ``scale``, ``layer``.
@@ -42,7 +45,10 @@ GRID = {  # one parameter at a time
     "block_size": [64, 128, 256, 512, 1024],
     "sample_size": [0, 128, 256, 512, 1024, 2048],
     "lsh_num_projs": [2, 4, 7, 10],
-    "sinks": [1, 4],  # not a HyperConfig field: an emulated variant, see `sink_hyper_attention`
+    "sink_keys": [0, 1, 4, 16],
+    "local_window": [0, 64, 128, 256, 512],
+    "residual": ["uniform", "stratified"],
+    "min_seq_len": [1024, 2048, 4096],
 }
 LOCAL = 512
 
@@ -148,50 +154,21 @@ def make_problem(record: dict, num_rows: int, base: HyperConfig, seed: int = 0) 
     return Problem(record, rows, approx, exact_out(p, v), profile)
 
 
-def sink_hyper_attention(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False, *,
-                         config: Optional[HyperConfig] = None, sinks: int = 1):
-    """HyperAttention in which the first ``sinks`` keys are attended exactly by every query (emulated).
-
-    The approximation runs on the other keys (the sinks are masked out through the op's key-padding mask), the
-    sinks' exact part is computed densely, and the two merge through their log-sum-exps. This is what a kernel
-    that always adds the first keys to every block would compute; here it costs O(n * sinks) extra.
-    ``q [B, Hq, N, D]``, ``k, v [B, Hkv, N, D]`` -> ``[B, Hq, N, Dv]``; SDPA's signature, so it can stand in
-    for `hyper_attention` in ``swap_attention(..., attention=...)``. Masks and dropout go to `hyper_attention`
-    (which is exact for them).
-    """
-    from hyper_backend.config import encode
-
-    if attn_mask is not None or dropout_p > 0.0 or (is_causal and q.shape[2] > k.shape[2]):
-        return hyper_attention(q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa, config=config)
-    scale = scale if scale is not None else 1.0 / math.sqrt(q.shape[-1])
-    B, Hq, Nq, _ = q.shape
-    Nk = k.shape[2]
-    keep = torch.ones(B, Nk, dtype=torch.bool)
-    keep[:, :sinks] = False
-    out, lse = torch.ops.hyper.attention(q, k, v, keep, is_causal, scale, encode(config), "")
-    group = Hq // k.shape[1]
-    ks, vs = (x[:, :, :sinks].repeat_interleave(group, 1).float() for x in (k, v))  # [B, Hq, S, D]
-    s = (q.float() @ ks.transpose(-1, -2)) * scale  # [B, Hq, Nq, S]
-    if is_causal:
-        row = torch.arange(Nq)[:, None] + (Nk - Nq)
-        s = s.masked_fill(torch.arange(sinks)[None, :] > row, float("-inf"))
-    lse_s = torch.logsumexp(s, -1)  # [B, Hq, Nq]; finite: key 0 is visible to every row
-    out_s = torch.softmax(s, -1) @ vs
-    total = torch.logaddexp(lse.float(), lse_s)
-    merged = out.float() * torch.exp(lse.float() - total)[..., None] + out_s * torch.exp(lse_s - total)[..., None]
-    return merged.to(q.dtype)
-
-
-def errors(problem: Problem, config: HyperConfig, sinks: int = 0) -> dict:
-    r = problem.record
-    t0 = time.perf_counter()
+def run(record: dict, config: Optional[HyperConfig]) -> torch.Tensor:
+    """The site's attention: HyperAttention with ``config``, or exact SDPA for None."""
+    r = record
+    gqa = r["q"].shape[1] != r["k"].shape[1]
     with torch.no_grad():
-        if sinks:
-            out = sink_hyper_attention(r["q"], r["k"], r["v"], is_causal=r["causal"], scale=r["scale"],
-                                       config=config, sinks=sinks)
-        else:
-            out = hyper_attention(r["q"], r["k"], r["v"], is_causal=r["causal"], scale=r["scale"],
-                                  enable_gqa=r["q"].shape[1] != r["k"].shape[1], config=config)
+        if config is None:
+            return torch.nn.functional.scaled_dot_product_attention(r["q"], r["k"], r["v"], is_causal=r["causal"],
+                                                                    scale=r["scale"], enable_gqa=gqa)
+        return hyper_attention(r["q"], r["k"], r["v"], is_causal=r["causal"], scale=r["scale"], enable_gqa=gqa,
+                               config=config)
+
+
+def errors(problem: Problem, config: HyperConfig) -> dict:
+    t0 = time.perf_counter()
+    out = run(problem.record, config)
     seconds = time.perf_counter() - t0
     o = out[:, :, problem.rows].double()
     diff = (o - problem.ref).norm(dim=-1)  # [B, Hq, r]
@@ -205,21 +182,90 @@ def errors(problem: Problem, config: HyperConfig, sinks: int = 0) -> dict:
     }
 
 
-def mean_over_seeds(problem: Problem, config: HyperConfig, seeds: int, sinks: int = 0) -> dict:
-    runs = [errors(problem, config.replace(seed=config.seed + s), sinks) for s in range(seeds)]
-    return {key: sum(run[key] for run in runs) / len(runs) for key in runs[0]}
+def mean_over_seeds(problem: Problem, config: HyperConfig, seeds: int) -> dict:
+    runs = [errors(problem, config.replace(seed=config.seed + s)) for s in range(seeds)]
+    return {key: sum(r[key] for r in runs) / len(runs) for key in runs[0]}
 
 
-def configs(base: HyperConfig, grid: Dict[str, list], sinks: int = 0):
-    """``(parameter, value, config, sinks)``: the base first, then one parameter moved at a time."""
-    yield "base", None, base, sinks
+def configs(base: HyperConfig, grid: Dict[str, list]):
+    """``(parameter, value, config)``: the base first, then one parameter moved at a time."""
+    yield "base", None, base
     for name, values in grid.items():
         for value in values:
-            if name == "sinks":
-                if value != sinks:
-                    yield name, value, base, value
-            elif value != getattr(base, name):
-                yield name, value, base.replace(**{name: value}), sinks
+            if value != getattr(base, name):
+                yield name, value, base.replace(**{name: value})
+
+
+def parse_value(name: str, text: str):
+    if name == "residual":
+        return text
+    if name == "causal_depth" and text.lower() in ("none", "auto"):
+        return None
+    return int(text)
+
+
+def parse_config(base: HyperConfig, text: str) -> HyperConfig:
+    """``"sink_keys=4,local_window=128"`` applied to ``base``."""
+    fields = {}
+    for part in filter(None, text.replace(" ", "").split(",")):
+        name, _, value = part.partition("=")
+        fields[name] = parse_value(name, value)
+    return base.replace(**fields)
+
+
+def median_seconds(record: dict, config: Optional[HyperConfig], repeats: int) -> List[float]:
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        run(record, config)
+        times.append(time.perf_counter() - t0)
+    return times
+
+
+def frontier(problems: List[Problem], points: List[HyperConfig], seeds: int, repeats: int, progress) -> List[dict]:
+    """Error and time of each config, with exact SDPA timed alternately on the same tensors: one row a config,
+    errors averaged over sites and seeds, time summed over sites (median of ``repeats``)."""
+    task = progress.add_task("frontier", total=len(points))
+    rows = []
+    for cfg in points:
+        per_site, hyper_s, exact_s = {}, [], []
+        for pr in problems:
+            per_site[str(pr.record["layer"])] = mean_over_seeds(pr, cfg, seeds)
+            h = median_seconds(pr.record, cfg, repeats)
+            e = median_seconds(pr.record, None, repeats)
+            hyper_s.append(sorted(h)[len(h) // 2])
+            exact_s.append(sorted(e)[len(e) // 2])
+        err = sum(s["row_rel_mean"] for s in per_site.values()) / len(per_site)
+        rows.append({"config": dataclasses.asdict(cfg), "label": cfg.label(), "row_rel_mean": err,
+                     "hyper_seconds": sum(hyper_s), "exact_seconds": sum(exact_s),
+                     "speedup": sum(exact_s) / sum(hyper_s), "sites": per_site})
+        progress.advance(task)
+    return rows
+
+
+def plot_frontier(rows: List[dict], default: HyperConfig, path: str, title: str) -> None:
+    """Error against speed-up over exact, one point a config, the default marked."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 5.5), dpi=110)
+    for r in rows:
+        is_default = r["config"] == dataclasses.asdict(default)
+        ax.scatter(r["speedup"], r["row_rel_mean"], s=80 if is_default else 30,
+                   c="crimson" if is_default else "steelblue", marker="*" if is_default else "o", zorder=3)
+        ax.annotate(r["label"].replace(" depth=auto", "") + (" (default)" if is_default else ""),
+                    (r["speedup"], r["row_rel_mean"]), fontsize=6.5, xytext=(4, 3), textcoords="offset points")
+    ax.set_xlabel("attention speed-up over exact SDPA on the same tensors (same run)")
+    ax.set_ylabel("mean relative error of approximated rows")
+    ax.set_yscale("log")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -240,34 +286,44 @@ def main(argv=None) -> dict:
     p.add_argument("--sample-size", type=int, default=HyperConfig.sample_size)
     p.add_argument("--lsh-projs", type=int, default=HyperConfig.lsh_num_projs)
     p.add_argument("--min-seq-len", type=int, default=HyperConfig.min_seq_len)
-    p.add_argument("--sinks", type=int, default=0, help="base: the first SINKS keys attended exactly (emulated)")
+    p.add_argument("--sink-keys", type=int, default=HyperConfig.sink_keys)
+    p.add_argument("--local-window", type=int, default=HyperConfig.local_window)
+    p.add_argument("--residual", choices=("uniform", "stratified"), default=HyperConfig.residual)
     p.add_argument("--grid", nargs="*", default=None, metavar="NAME=V1,V2",
                    help="override the sweep, e.g. block_size=128,256 sample_size=512")
+    p.add_argument("--frontier", nargs="*", default=None, metavar="FIELD=V,...",
+                   help="instead of the sweep: these configs (over the base; 'base' for the base itself), timed "
+                        "against exact SDPA, plus the HyperConfig defaults")
+    p.add_argument("--repeats", type=int, default=3, help="timing repeats per config and site (--frontier)")
+    p.add_argument("--plot", default=None, help="PNG of the frontier (needs matplotlib: the bench extra)")
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
     console = Console()
     records = capture_from_model(args, console) if args.capture else load_records(args.inputs)
     base = HyperConfig(block_size=args.block_size, sample_size=args.sample_size, lsh_num_projs=args.lsh_projs,
-                       min_seq_len=args.min_seq_len)
+                       min_seq_len=args.min_seq_len, sink_keys=args.sink_keys, local_window=args.local_window,
+                       residual=args.residual)
     grid = GRID if args.grid is None else {
-        kv.split("=")[0]: [int(x) for x in kv.split("=")[1].split(",")] for kv in args.grid}
+        kv.split("=")[0]: [parse_value(kv.split("=")[0], x) for x in kv.split("=")[1].split(",")] for kv in args.grid}
     problems = [make_problem(r, args.rows, base) for r in records]
     for pr in problems:
         prof = ", ".join(f"{k} {v:.3f}" for k, v in pr.profile.items())
         console.print(f"site {pr.record['layer']} n={pr.record['q'].shape[2]} causal={pr.record['causal']}: {prof}")
 
     errors(problems[0], base)  # warm-up, so the first timing is not the first call's
-    todo = list(configs(base, grid, args.sinks))
+    if args.frontier is not None:
+        return frontier_main(args, problems, base, console)
+    todo = list(configs(base, grid))
     results = []
     with Progress(console=console) as progress:
         task = progress.add_task("configs", total=len(todo) * len(problems))
-        for name, value, cfg, sinks in todo:
+        for name, value, cfg in todo:
             per_site = {}
             for pr in problems:
-                per_site[str(pr.record["layer"])] = mean_over_seeds(pr, cfg, args.seeds, sinks)
+                per_site[str(pr.record["layer"])] = mean_over_seeds(pr, cfg, args.seeds)
                 progress.advance(task)
             results.append({"parameter": name, "value": value, "config": dataclasses.asdict(cfg),
-                            "sinks": sinks, "sites": per_site})
+                            "sites": per_site})
 
     t = Table(title=f"HyperAttention vs exact on captured Q/K/V ({args.inputs}), mean row rel. error of "
                     f"approximated rows (p90), {args.seeds} seed(s)")
@@ -282,13 +338,43 @@ def main(argv=None) -> dict:
         t.add_row(res["parameter"], "" if res["value"] is None else str(res["value"]), *cells, f"{ms:.0f}")
     console.print(t)
     payload = {"inputs": args.inputs, "rows": args.rows, "seeds": args.seeds, "base": dataclasses.asdict(base),
-               "base_sinks": args.sinks,
                "profiles": {str(pr.record["layer"]): pr.profile for pr in problems},
                "shapes": {str(pr.record["layer"]): list(pr.record["q"].shape) for pr in problems},
                "results": results, "device": device_stamp()}
     out = args.out or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "error_study.json")
     write_json(out, payload)
     console.print(f"wrote {out}")
+    return payload
+
+
+def frontier_main(args, problems: List[Problem], base: HyperConfig, console: Console) -> dict:
+    default = HyperConfig()
+    points = [base if text == "base" else parse_config(base, text) for text in args.frontier]
+    if default not in points:
+        points.insert(0, default)
+    load_before = os.getloadavg()[0]
+    with Progress(console=console) as progress:
+        rows = frontier(problems, points, args.seeds, args.repeats, progress)
+    load_after = os.getloadavg()[0]
+    shapes = ", ".join(f"site {pr.record['layer']} {list(pr.record['q'].shape)}" for pr in problems)
+    t = Table(title=f"error/time frontier on {args.inputs} ({shapes}); load {load_before:.2f} -> {load_after:.2f}")
+    for col in ("config", "mean row rel. err", "hyper s", "exact s", "speed-up"):
+        t.add_column(col, justify="right")
+    for r in sorted(rows, key=lambda r: r["speedup"]):
+        mark = " (default)" if r["config"] == dataclasses.asdict(default) else ""
+        t.add_row(r["label"] + mark, f"{r['row_rel_mean']:.4f}", f"{r['hyper_seconds']:.3f}",
+                  f"{r['exact_seconds']:.3f}", f"{r['speedup']:.2f}x")
+    console.print(t)
+    payload = {"inputs": args.inputs, "rows": args.rows, "seeds": args.seeds, "repeats": args.repeats,
+               "load": [load_before, load_after], "default": dataclasses.asdict(default), "frontier": rows,
+               "device": device_stamp()}
+    out = args.out or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "frontier.json")
+    write_json(out, payload)
+    console.print(f"wrote {out}")
+    if args.plot:
+        plot_frontier(rows, default, args.plot, f"HyperAttention on captured Q/K/V: {shapes}\n"
+                                                f"{device_stamp().get('cpu', '')} load {load_before:.2f}")
+        console.print(f"wrote {args.plot}")
     return payload
 
 

@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import functools
 import importlib.metadata
 import json
 import math
@@ -182,7 +181,6 @@ class Row:
     sites: Optional[str] = None  # LayerSelection text, None for exact
     config: Optional[HyperConfig] = None  # None: the autotuner's cache / defaults, resolved in the op
     dynamic: bool = False  # backend path: compile with dynamic shapes
-    sinks: int = 0  # direct path: the first keys attended exactly (error_study.sink_hyper_attention)
 
 
 def backend_available() -> Optional[str]:
@@ -207,14 +205,8 @@ def make_runner(row: Row, body, total_sites: int):
     if row.path == "exact":
         return run, lambda: None
     if row.path == "direct":
-        attention = hyper_attention
-        if row.sinks:
-            from error_study import sink_hyper_attention
-
-            attention = functools.partial(sink_hyper_attention, sinks=row.sinks)
-
         def direct(ids):
-            with swap_attention(row.sites, config=row.config, total=total_sites, attention=attention):
+            with swap_attention(row.sites, config=row.config, total=total_sites, attention=hyper_attention):
                 return run(ids)
         return direct, lambda: None
     torch._dynamo.reset()
@@ -266,7 +258,7 @@ def evaluate(rows: List[Row], model, data: torch.Tensor, chunk: int, console: Co
                               f"to exact attention (too short for min_seq_len, masked, or not lowered)[/bold red]")
             results.append({
                 "label": row.label, "path": row.path, "sites": row.sites, "num_sites": num_sites,
-                "config": None if row.path == "exact" else config_text(row.config) + sink_text(row.sinks),
+                "config": None if row.path == "exact" else config_text(row.config),
                 "nll_sum": nll, "tokens": count, "ppl": math.exp(nll / count),
                 "seconds_per_window": seconds, "hyper_calls_per_window": calls["hyper"] / data.shape[0],
                 "exact_op_calls_per_window": calls["exact"] / data.shape[0],
@@ -335,10 +327,6 @@ def config_text(config: Optional[HyperConfig]) -> str:
     return text
 
 
-def sink_text(sinks: int) -> str:
-    return f" sinks={sinks}" if sinks else ""
-
-
 def parse_overrides(text: str) -> dict:
     """``"block_size=128,sample_size=512"`` -> ``{"block_size": 128, "sample_size": 512}`` (HyperConfig fields)."""
     out = {}
@@ -405,9 +393,6 @@ def main(argv=None) -> dict:
     p.add_argument("--local-window", type=int)
     p.add_argument("--residual", choices=("uniform", "stratified"))
     p.add_argument("--offset", type=int, default=0, help="skip this many text tokens first (a held-out slice)")
-    p.add_argument("--sinks", type=int, nargs="*", default=[0],
-                   help="direct path: also rows whose first SINKS keys are attended exactly by every query "
-                        "(an emulated variant, bench/error_study.py); 0 = plain HyperAttention")
     p.add_argument("--configs", nargs="*", default=None, metavar="FIELD=V,...",
                    help="several configurations in one run, each overriding the flags above, e.g. "
                         "block_size=128 sample_size=1024,lsh_num_projs=4 (rows: every config x every site set)")
@@ -441,12 +426,9 @@ def main(argv=None) -> dict:
     else:
         configs = [config.replace(**parse_overrides(c)) for c in args.configs] if args.configs else [config]
     rows = [Row("exact", "exact")]
-    if any(args.sinks) and "direct" not in paths:
-        raise SystemExit("--sinks is emulated on the direct path only: add --path direct (or both)")
-    multi = len(configs) * len(args.sinks) > 1
-    rows += [Row(f"{pth}:{s}" + (f" {config_text(c)}{sink_text(k)}" if multi else ""), pth, s, c, args.dynamic, k)
-             for c in configs for k in args.sinks for pth in paths for s in selections
-             if s != "none" and not (k and pth != "direct")]
+    multi = len(configs) > 1
+    rows += [Row(f"{pth}:{s}" + (f" {config_text(c)}" if multi else ""), pth, s, c, args.dynamic)
+             for c in configs for pth in paths for s in selections if s != "none"]
 
     results = evaluate(rows, model, data, args.loss_chunk, console, total_sites)
     name = os.path.basename(path).split(".")[0]

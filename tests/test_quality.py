@@ -216,7 +216,7 @@ def test_config_from_args_precedence():
     import argparse
 
     args = argparse.Namespace(tuned=False, block_size=128, sample_size=None, lsh_projs=None, min_seq_len=None,
-                              causal_depth=-1, seed=None)
+                              causal_depth=-1, seed=None, sink_keys=None, local_window=None, residual=None)
     cfg = quality.config_from_args(args, {"sample_size": 512, "block_size": 64})
     assert cfg == HyperConfig(block_size=128, sample_size=512, causal_depth=None)
     assert quality.config_from_args(argparse.Namespace(tuned=True), {}) is None
@@ -287,24 +287,14 @@ def record(gemma):
     return records[0]
 
 
-@pytest.mark.parametrize("sinks", [1, 3])
-def test_sink_variant_is_exact_when_the_op_is(record, sinks):
-    """With the op exact (n < min_seq_len), exact sinks merged with the rest through lse is exact attention."""
+def test_sink_keys_on_a_captured_site_keep_row_zero_exact(record):
+    """The op's sinks on real captured Q/K/V: it approximates, and row 0 (which sees only key 0) is exact."""
     q, k, v = record["q"], record["k"], record["v"]
-    out = error_study.sink_hyper_attention(q, k, v, is_causal=True, scale=record["scale"], enable_gqa=True,
-                                           config=HyperConfig(), sinks=sinks)
-    ref = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, scale=record["scale"],
-                                                           enable_gqa=True)
-    assert (out - ref).abs().max() < 1e-5
-
-
-def test_sink_variant_approximates_and_keeps_row_zero(record):
-    q, k, v = record["q"], record["k"], record["v"]
-    cfg = SMALL.replace(min_seq_len=64)
+    cfg = SMALL.replace(min_seq_len=64, sink_keys=1)
     before = hyper_op.path_counts()["hyper"]
-    out = error_study.sink_hyper_attention(q, k, v, is_causal=True, scale=record["scale"], config=cfg, sinks=1)
+    out = error_study.run({**record, "causal": True}, cfg)
     assert hyper_op.path_counts()["hyper"] == before + 1 and torch.isfinite(out).all()
-    assert torch.allclose(out[:, :, 0], v[:, :, 0].expand_as(out[:, :, 0]), atol=1e-6)  # row 0 sees only key 0
+    assert torch.allclose(out[:, :, 0], v[:, :, 0].expand_as(out[:, :, 0]), atol=1e-6)
 
 
 def test_error_study_measures_zero_error_when_exact(record):
@@ -316,6 +306,25 @@ def test_error_study_measures_zero_error_when_exact(record):
     assert exact["frob_rel"] < 1e-5 and exact["row_rel_mean"] < 1e-5
     approx = error_study.errors(problem, SMALL.replace(min_seq_len=64))
     assert approx["row_rel_mean"] > 1e-3
-    names = [(name, value, sinks) for name, value, _, sinks in error_study.configs(SMALL, {"block_size": [8, 16],
-                                                                                          "sinks": [0, 2]})]
-    assert names == [("base", None, 0), ("block_size", 16, 0), ("sinks", 2, 2)]
+    names = [(name, value) for name, value, _ in error_study.configs(SMALL, {"block_size": [8, 16],
+                                                                             "sink_keys": [0, 2]})]
+    assert names == [("base", None), ("block_size", 16), ("sink_keys", 2)]
+    assert error_study.parse_config(SMALL, "sink_keys=4, residual=stratified") == SMALL.replace(
+        sink_keys=4, residual="stratified")
+
+
+def test_frontier_rows_and_plot(record, tmp_path):
+    pytest.importorskip("matplotlib", reason="the frontier picture needs matplotlib (the bench extra)")
+    base = SMALL.replace(min_seq_len=64)
+    problems = [error_study.make_problem(record, num_rows=16, base=base)]
+    from rich.console import Console
+    from rich.progress import Progress
+
+    with Progress(console=Console(quiet=True)) as progress:
+        rows = error_study.frontier(problems, [base, base.replace(sink_keys=1)], seeds=1, repeats=1,
+                                    progress=progress)
+    assert [r["config"]["sink_keys"] for r in rows] == [0, 1]
+    assert all(r["speedup"] > 0 and r["hyper_seconds"] > 0 and r["row_rel_mean"] > 0 for r in rows)
+    path = tmp_path / "frontier.png"
+    error_study.plot_frontier(rows, base, str(path), "test")
+    assert path.stat().st_size > 1000
