@@ -1,12 +1,20 @@
-"""`explain`: what the hyper backend does to each attention site of a model, as a table."""
+"""`explain`: what the hyper backend does to each attention site of a model, as a table.
+
+A lowered site calls ``torch.ops.hyper.attention``, and the op decides at run time, for each call's actual
+length, whether to approximate: a site shown as lowered may still run exact (below ``min_seq_len``, which may
+come from the tuning cache). `explain` therefore also records every op call of its run, and shows the op's own
+decision with the length and the threshold that made it (column "at run time").
+"""
 from __future__ import annotations
 
 import contextlib
+import io
 import logging
 from dataclasses import dataclass, field
-from typing import Any, List, Mapping, Optional
+from typing import Any, Dict, List, Mapping, Optional
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from hyper_backend.backend import Session, Settings, compile_graph, resolve_settings
 from hyper_backend.lowering.sites import Site
@@ -20,23 +28,38 @@ class Report:
     settings: Optional[Settings] = None
     graphs: int = 0
     tuning: List[str] = field(default_factory=list)  # the autotuner entries the run used (one line each)
+    runtime: Dict[int, "RunTime"] = field(default_factory=dict)  # site index -> the op's decision in the run
 
     @property
     def rewritten(self) -> int:
         return sum(s.decision == "hyper" for s in self.sites)
 
+    @property
+    def approximated(self) -> int:
+        """Lowered sites whose op calls approximated in the run (the rest ran exact at that length)."""
+        return sum(r.decision == "hyper" for r in self.runtime.values())
+
     def table(self):
         from rich.table import Table
 
         title = f"hyper backend: {self.rewritten}/{len(self.sites)} attention sites lowered"
+        if self.runtime:
+            title += f", {self.approximated} approximate at run time"
         if self.graphs > 1:
             title += f" ({self.graphs} graphs)"
         t = Table(title=title)
-        for col, style in (("#", "dim"), ("site", ""), ("kind", "cyan"), ("decision", ""), ("reason", "dim")):
+        columns = [("#", "dim"), ("site", ""), ("kind", "cyan"), ("decision", ""), ("reason", "dim")]
+        if self.runtime:
+            columns.append(("at run time", ""))
+        for col, style in columns:
             t.add_column(col, style=style or None, overflow="fold")
         for s in self.sites:
             colour = "green" if s.decision == "hyper" else "yellow"
-            t.add_row(str(s.index), s.name, s.kind, f"[{colour}]{s.decision}[/{colour}]", s.reason)
+            row = [str(s.index), s.name, s.kind, f"[{colour}]{s.decision}[/{colour}]", s.reason]
+            if self.runtime:
+                r = self.runtime.get(s.index)
+                row.append("" if r is None else r.text())
+            t.add_row(*row)
         if self.tuning:
             t.caption = "tuned: " + "; ".join(self.tuning)
         return t
@@ -47,7 +70,7 @@ class Report:
     def __str__(self) -> str:
         from rich.console import Console
 
-        console = Console(width=140, record=True, file=open("/dev/null", "w"))
+        console = Console(width=140, record=True, file=io.StringIO())  # recorded, not shown
         console.print(self.table())
         return console.export_text()
 
@@ -62,25 +85,129 @@ def explain(model, *args, options: Optional[Mapping[str, Any]] = None, dynamic: 
         dynamic: passed to ``torch.compile``.
 
     The compile bypasses inductor's FX-graph and AOTAutograd caches, so every decision is made (and seen)
-    now. Site numbers start at 0 for this call.
+    now. Site numbers start at 0 for this call. ``Report.runtime`` holds, per lowered site, the decision the op
+    made for these inputs (`RunTime`).
     """
     settings = resolve_settings(options)
     session = Session()
+    graphs: List[tuple] = []  # (lowered sites of one compiled graph in index order, op calls of its runs)
 
     def backend(gm, example_inputs):
-        return compile_graph(gm, example_inputs, settings, session)
+        before = {id(s) for s in session.sites.values()}
+        compiled = compile_graph(gm, example_inputs, settings, session)
+        lowered = sorted((s for s in session.sites.values() if id(s) not in before and s.decision == "hyper"),
+                         key=lambda s: s.index)
+        if not lowered:
+            return compiled
+        calls: List[RunTime] = []
+        graphs.append((lowered, calls))
+
+        def run(*inputs):
+            with _OpCalls(calls):
+                return compiled(*inputs)
+
+        return run
 
     from hyper_backend.kernels import op
 
-    op.tuning_lookups = lookups = []
-    try:
+    with op.record_tuning() as lookups:
         with torch._inductor.config.patch(fx_graph_cache=False), \
                 torch._functorch.config.patch(enable_autograd_cache=False), torch.no_grad():
             torch.compile(model, backend=backend, dynamic=dynamic)(*args, **kwargs)
-    finally:
-        op.tuning_lookups = None
+    runtime = {}
+    for lowered, calls in graphs:
+        runtime.update(_match(lowered, calls))
     return Report(sorted(session.sites.values(), key=lambda s: s.index), settings, session.graphs,
-                  _tuning_lines(lookups))
+                  _tuning_lines(lookups), runtime)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the op's run-time decisions
+# ----------------------------------------------------------------------------------------------------------
+
+@dataclass
+class RunTime:
+    """One ``hyper::attention`` call as the op decided it: ``decision`` is ``"hyper"`` or ``"exact"``;
+    ``min_seq_len`` the threshold the op used and ``source`` where it came from (``"explicit"``: options or
+    ``HYPER_*``; ``"tuned"``: the tuning cache; ``"default"``). ``calls``: how many calls agree (a graph run
+    several times, or shared by repeated modules, calls each site once per run)."""
+
+    decision: str
+    n_q: int
+    n_k: int
+    causal: bool
+    min_seq_len: int
+    source: str
+    calls: int = 1
+    of: int = 1
+
+    def text(self) -> str:
+        n = f"n={self.n_q}" if self.n_q == self.n_k else f"n_q={self.n_q}, n_k={self.n_k}"
+        above = min(self.n_q, self.n_k) >= self.min_seq_len
+        line = f"{self.decision}: {n} {'>=' if above else '<'} min_seq_len {self.min_seq_len} ({self.source})"
+        if self.decision == "exact" and above:
+            line += ", but the causal quadrants are shorter" if self.causal else ", but one block holds every key"
+        colour = "green" if self.decision == "hyper" else "yellow"
+        more = "" if self.of == 1 else f" in {self.calls} of {self.of} calls"
+        return f"[{colour}]{line}[/{colour}]{more}"
+
+
+def _min_seq_len(bound: dict):
+    """The threshold the op resolves for this call (its arguments by name), and where it comes from."""
+    from hyper_backend import config
+    from hyper_backend.kernels import op
+
+    given = list(bound["params"])
+    q, k, causal, cache = bound["query"], bound["key"], bound["is_causal"], bound["tune_cache"]
+    resolved = op.resolve_params(q, k, causal, given, cache).min_seq_len
+    if given[config.FIELDS.index("min_seq_len")] != config.UNSET:
+        return resolved, "explicit"
+    if cache:
+        from hyper_backend.autotune.cache import describe_entry
+
+        entry = describe_entry(cache, device=q.device, dtype=q.dtype, head_dim=q.shape[-1], causal=causal,
+                               seq_len=max(q.shape[2], k.shape[2]))
+        if entry is not None and entry["params"].get("min_seq_len") == resolved:
+            return resolved, "tuned" if entry["source"] == "entry" else "tuned device default"
+    return resolved, "default"
+
+
+class _OpCalls(TorchDispatchMode):
+    """While a compiled graph runs: records each ``hyper::attention`` call and the decision the op made."""
+
+    def __init__(self, calls: List[RunTime]):
+        super().__init__()
+        self.calls = calls
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is not torch.ops.hyper.attention.default:
+            return func(*args, **kwargs)
+        from hyper_backend.kernels import op
+
+        before = op.path_counts()["hyper"]
+        out = func(*args, **kwargs)
+        decision = "hyper" if op.path_counts()["hyper"] > before else "exact"  # the op's own count
+        bound = {**dict(zip((a.name for a in func._schema.arguments), args)), **kwargs}
+        threshold, source = _min_seq_len(bound)
+        self.calls.append(RunTime(decision, bound["query"].shape[2], bound["key"].shape[2], bool(bound["is_causal"]),
+                                  threshold, source))
+        return out
+
+
+def _match(lowered: List[Site], calls: List[RunTime]) -> Dict[int, RunTime]:
+    """Site index -> its run-time decision. A graph calls the op once per lowered site per run, in site order;
+    a count that does not fit (a graph that did not run) leaves its sites without one."""
+    if not calls or len(calls) % len(lowered):
+        return {}
+    out = {}
+    for j, site in enumerate(lowered):
+        mine = calls[j::len(lowered)]
+        first = mine[0]
+        same = [c for c in mine if c.decision == first.decision]
+        out[site.index] = RunTime(first.decision, first.n_q, first.n_k, first.causal, first.min_seq_len,
+                                  first.source, len(same), len(mine))
+    return out
 
 
 def _tuning_lines(lookups) -> List[str]:
