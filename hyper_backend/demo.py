@@ -2,7 +2,11 @@
 
 The model is built from a ``LlamaConfig`` (random weights, nothing downloaded), small enough that exact
 attention at 16k tokens finishes on two CPU cores in seconds. Both backends compile and run the same prefill
-in this process; the demo prints what the hyper backend did to each attention site and the times.
+of its decoder in this process; the demo prints what the hyper backend did to each attention site, the times,
+and how far the output moved: the top-1 next-token agreement over all positions and the relative error of
+the last hidden state, against inductor's exact attention.
+
+Through a pipe (not a terminal) it prints one line per phase instead of progress bars.
 
 Options: ``--seq N`` (default 16384), ``--quick`` (n = 2048, one timed run: a smoke test), ``--layers``,
 ``--heads``, ``--repeats``.
@@ -28,8 +32,61 @@ def build_model(layers: int = 2, heads: int = 4, kv_heads: int = 2, head_dim: in
 
 
 def prefill(model, ids):
+    """Last-token logits of a full-model prefill (what ``bench/e2e.py`` times)."""
     with torch.no_grad():
         return model(input_ids=ids, logits_to_keep=1).logits
+
+
+def decode_hidden(decoder, ids):
+    """The prefill the demo times: the decoder's last hidden state ``[1, N, hidden]``.
+
+    The KV cache stays on as in a real prefill: without one, HF builds an explicit N x N causal mask under
+    ``torch.compile``, which the backend cannot prove causal at 16k tokens, so attention would stay exact."""
+    with torch.no_grad():
+        return decoder(input_ids=ids).last_hidden_state
+
+
+def agreement(hidden, reference, lm_head) -> dict:
+    """How far ``hidden`` is from ``reference`` (``[B, N, hidden]`` last hidden states), in terms a user can judge.
+
+    ``top1``: the fraction of positions whose most likely next token (``lm_head(hidden).argmax(-1)``) is the
+    same; ``hidden_rel_err``: ``|hidden - reference| / |reference|`` (Frobenius, all positions).
+    """
+    with torch.no_grad():
+        same = lm_head(hidden).argmax(-1) == lm_head(reference).argmax(-1)
+        err = (hidden.double() - reference.double()).norm() / reference.double().norm().clamp_min(1e-30)
+    return {"top1": same.double().mean().item(), "hidden_rel_err": err.item(), "positions": same.numel()}
+
+
+class PhaseLines:
+    """Progress as plain lines, for a pipe or a log: one line per phase (``add_task`` or a new description),
+    stamped with the seconds since the start. Implements the part of ``rich.progress.Progress`` used here."""
+
+    def __init__(self, console):
+        self.console = console
+        self.start = time.perf_counter()
+        self.tasks = {}
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+    def _say(self, description: str) -> None:
+        self.console.print(f"[{time.perf_counter() - self.start:7.1f} s] {description}", markup=False,
+                           highlight=False)
+
+    def add_task(self, description: str, total=None) -> int:
+        task = len(self.tasks)
+        self.tasks[task] = description
+        self._say(description)
+        return task
+
+    def update(self, task: int, advance: int = 0, description=None) -> None:
+        if description is not None and description != self.tasks[task]:
+            self.tasks[task] = description
+            self._say(description)
 
 
 def _timed(fn, *args):
@@ -38,26 +95,35 @@ def _timed(fn, *args):
     return time.perf_counter() - t, out
 
 
-def measure(model, ids, short, backend: str, repeats: int, progress) -> dict:
+def measure(decoder, ids, short, backend: str, repeats: int, progress) -> dict:
     """Compile time (a cold compile at a short length: first call minus a second), then ``repeats`` timed
     prefills at full length after one compiling call."""
-    task = progress.add_task(f"backend={backend!r}: compiling", total=repeats + 2)
+    task = progress.add_task(f"backend={backend!r}: compiling at {short.shape[1]} tokens", total=repeats + 2)
     torch._dynamo.reset()
-    compiled = torch.compile(model, backend=backend)
-    first, _ = _timed(prefill, compiled, short)
-    compile_s = max(first - _timed(prefill, compiled, short)[0], 0.0)
+    compiled = torch.compile(decoder, backend=backend)
+    first, _ = _timed(decode_hidden, compiled, short)
+    compile_s = max(first - _timed(decode_hidden, compiled, short)[0], 0.0)
+    progress.update(task, advance=1, description=f"backend={backend!r}: compiling at {ids.shape[1]} tokens")
+    torch._dynamo.reset()
+    compiled = torch.compile(decoder, backend=backend)
+    _, hidden = _timed(decode_hidden, compiled, ids)
     progress.update(task, advance=1)
-    torch._dynamo.reset()
-    compiled = torch.compile(model, backend=backend)
-    _, out = _timed(prefill, compiled, ids)
-    progress.update(task, advance=1, description=f"backend={backend!r}: running")
     runs = []
-    for _ in range(repeats):
-        runs.append(_timed(prefill, compiled, ids)[0])
+    for i in range(repeats):
+        progress.update(task, description=f"backend={backend!r}: timed prefill {i + 1}/{repeats}")
+        runs.append(_timed(decode_hidden, compiled, ids)[0])
         progress.update(task, advance=1)
-    progress.update(task, description=f"backend={backend!r}: done")
+    progress.update(task, description=f"backend={backend!r}: done, median {statistics.median(runs):.2f} s")
     return {"median": statistics.median(runs), "min": min(runs), "max": max(runs), "compile": compile_s,
-            "logits": out}
+            "hidden": hidden}
+
+
+# measured on this model (seed 0) against exact attention: 8192 tokens 76% / 0.23, 16384 tokens 57% / 0.35
+EXPECT = ("what to expect: below min_seq_len (4096 by default) attention is exact: 100% agreement and an error at "
+          "float rounding (under 1e-5). Above it, this random-weight model is the approximation's hardest case "
+          "(its attention is nearly flat, see 'Limits' in the README): about 57% agreement and a relative error "
+          "of 0.35 at 16384 tokens (76% and 0.23 at 8192). What it costs a trained model: 'Quality on a real "
+          "model' in the README.")
 
 
 def main(argv=None) -> None:
@@ -87,17 +153,17 @@ def main(argv=None) -> None:
                TimeElapsedColumn())
     # cold compiles for both (no FX-graph / AOTAutograd cache hits), after one warm-up compile each, so that
     # neither pays the process's one-time costs in its compile time
-    with Progress(*columns, console=console) as progress, \
-            torch._inductor.config.patch(fx_graph_cache=False), \
+    progress = Progress(*columns, console=console) if console.is_terminal else PhaseLines(console)
+    with progress, torch._inductor.config.patch(fx_graph_cache=False), \
             torch._functorch.config.patch(enable_autograd_cache=False):
         warm = progress.add_task("warming up the compilers", total=2)
         for backend in ("hyper", "inductor"):
             torch._dynamo.reset()
-            prefill(torch.compile(model, backend=backend), ids[:, :128])
+            decode_hidden(torch.compile(model.model, backend=backend), ids[:, :128])
             progress.update(warm, advance=1)
         with collect() as report:
-            hyper = measure(model, ids, ids[:, :128], "hyper", repeats, progress)
-        inductor = measure(model, ids, ids[:, :128], "inductor", repeats, progress)
+            hyper = measure(model.model, ids, ids[:, :128], "hyper", repeats, progress)
+        inductor = measure(model.model, ids, ids[:, :128], "inductor", repeats, progress)
 
     console.print(report)
     table = Table(title=f"prefill of {seq} tokens: median of {repeats} (min-max); cold compile at 128 tokens")
@@ -107,11 +173,13 @@ def main(argv=None) -> None:
         table.add_row(name, f"{r['median']:.2f} ({r['min']:.2f}-{r['max']:.2f})", f"{r['compile']:.1f}")
     console.print(table)
     speedup = inductor["median"] / hyper["median"]
-    drift = (hyper["logits"] - inductor["logits"]).abs().max().item()
-    scale = inductor["logits"].abs().max().item()
+    q = agreement(hyper["hidden"], inductor["hidden"], model.lm_head)
     console.print(f"prefill speedup: [bold]{speedup:.2f}x[/bold]; compile time ratio "
-                  f"{hyper['compile'] / max(inductor['compile'], 1e-9):.2f}; last-token logits differ by at most "
-                  f"{drift:.3g} (largest logit {scale:.3g}; exact below min_seq_len, approximate above)")
+                  f"{hyper['compile'] / max(inductor['compile'], 1e-9):.2f}")
+    console.print(f"against exact attention (inductor): the most likely next token agrees at "
+                  f"[bold]{100 * q['top1']:.1f}%[/bold] of the {q['positions']} positions; the last hidden state "
+                  f"has a relative error of [bold]{q['hidden_rel_err']:.2g}[/bold]")
+    console.print(EXPECT)
 
 
 if __name__ == "__main__":
