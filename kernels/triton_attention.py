@@ -8,10 +8,17 @@ q_off = size): each level of the recursion is one launch, and no chunk of Q/K/V 
 Row indices go through the plan's permutations inside the kernels (gather on load, scatter on store): no
 sorted copy of Q, K, V, dO or O is ever made. GQA maps query head h to key head h // (Hq / Hkv).
 
+Exact parts (sink_keys, local_window), laid out as in `cpu` and `reference`: every planned sub-problem splits
+its keys with `plan.exact_keys` into the estimator's keys (the only ones blocked and sampled: they are the
+kernels' key mask) and exact extras, appended to the residual draws as side keys of weight 1 (`_Side`). Causal:
+each level's extras are the last ``w - 1`` keys of every even chunk and its sinks, and a KV prefix (n_q < n_k)
+is a non-causal sub-problem with the same strip. Non-causal self-attention: the hyper launch leaves each
+query's centred window out of its blocks and draws, and one exact banded launch (``BAND_ONLY``) merges it in.
+The residual's per-draw log-weights serve the uniform and the stratified schemes alike.
 
 Causal: exact leaves use ``flash_attn.flash_attn_func`` when the optional ``[cuda]`` extra is installed
-(fp16/bf16 CUDA tensors without a key mask), else ``_hyper_fwd_kernel`` with ``IS_CAUSAL``. The backward of the
-leaves is always ours (flash-attn's backward entry points are private and change between versions).
+(fp16/bf16 CUDA tensors without a key mask), else `triton_kernels.hyper_fwd` with ``IS_CAUSAL``. The backward
+of the leaves is always ours (flash-attn's backward entry points are private and change between versions).
 
 LSH hashing stays in torch ops (`plan.make_plan`): the projection is an [N, D] x [D, r] product with r = 7,
 bandwidth-bound at one read of Q and K, which cuBLAS already does at memory speed; the sign/Gray-rank step is
@@ -53,12 +60,15 @@ import triton
 import triton.language as tl
 
 from . import triton_kernels as tk
-from .plan import Plan, _chunks, _pad_rows, causal_levels, hyper_applies, lse_dtype, make_plan
+from .plan import (Plan, _chunks, _pad_rows, causal_schedule, exact_keys, hyper_applies, lse_dtype, lsh_ranks,
+                   make_plan, plan_from_ranks, sink_mask, window_strip)
 
 try:  # optional: the [cuda] extra
     from flash_attn import flash_attn_func as _flash_attn_func
 except ImportError:  # pragma: no cover - depends on the machine
     _flash_attn_func = None
+
+NEG_INF = float("-inf")
 
 # whether the kernels run under the interpreter (decided when `triton_kernels` is imported)
 _INTERPRET = tk.INTERPRET
@@ -116,7 +126,7 @@ def _prune_samples(configs, named_args, **kwargs):
     return _prune(configs, named_args, "SQ", ("M",), **kwargs)
 
 
-_KEYS = ["BQ_BUCKET", "BK_BUCKET", "M_BUCKET", "BLOCK_D", "PERMUTED", "IS_CAUSAL", "HAS_SAMPLES"]
+_KEYS = ["BQ_BUCKET", "BK_BUCKET", "M_BUCKET", "BLOCK_D", "PERMUTED", "IS_CAUSAL", "HAS_SAMPLES", "BAND"]
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -140,6 +150,16 @@ _hyper_bwd_sample_kernel = triton.autotune(
 # host launchers
 # ----------------------------------------------------------------------------------------------------------
 
+class _Side(NamedTuple):
+    """Keys every query of a sub-problem attends to besides its own block: the residual draws (excluded from the
+    block they sit in, log-weighted), then the exact extras (`plan.exact_keys`: sinks and the window strip;
+    block -1 so that no block excludes them, log-weight 0). One pass over them serves both."""
+
+    pos: torch.Tensor  # [n_sub, Hkv, t] key positions in the sub-problem
+    blk: torch.Tensor  # [n_sub, Hkv, t] block of each draw (sorted position // k_block); -1 for the extras
+    lw: torch.Tensor  # [n_sub, Hkv, t] float32 log-weight; -inf: not attended (masked key, empty stratum)
+
+
 class _Sub(NamedTuple):
     """The sub-problems of one launch: ``count`` per batch; see the module docstring."""
 
@@ -151,6 +171,10 @@ class _Sub(NamedTuple):
     sk: int  # key rows per sub-problem
     causal: bool
     plan: Optional[Plan]  # None: exact attention, one block
+    valid: Optional[torch.Tensor] = None  # [B, >= key rows] bool, by tensor row: the keys blocks may attend
+    side: Optional[_Side] = None
+    band: int = 0  # BAND_NONE / BAND_EXCLUDE / BAND_ONLY (`triton_kernels`)
+    window: tuple = (0, 0)  # (a, b): the window of query i is keys i - a .. i + b
 
 
 class _Grads(NamedTuple):
@@ -166,59 +190,55 @@ def _rowmajor(x: torch.Tensor) -> torch.Tensor:
     return x if x.stride(-1) == 1 else x.contiguous()
 
 
-def _acc_dtype(dtype):
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-def _common(q, k, v, key_valid, sub: _Sub, scale):
-    """Keyword arguments shared by every kernel, and the grid geometry ``(heads, nb, bq, bk, m)``."""
+def _common(q, k, v, sub: _Sub, scale):
+    """Keyword arguments shared by every kernel, and the grid geometry ``(heads, nb, bq, bk, t)``."""
     B, Hq, NQ_T, D = q.shape
     Hkv, NK_T = k.shape[1], k.shape[2]
-    plan = sub.plan
+    plan, side = sub.plan, sub.side
     dev = q.device
     dummy_i = torch.zeros(1, dtype=torch.int32, device=dev)
     if plan is None:
         nb, bq, bk = 1, sub.sq, sub.sk
     else:
         nb, bq, bk = plan.num_blocks, plan.q_block, plan.k_block
-    has_samples = plan is not None and plan.samples is not None
-    m = plan.samples.shape[-1] if has_samples else 0
-    i32 = lambda t: t.to(torch.int32).contiguous()  # noqa: E731
-    if key_valid is None:
+    t = side.pos.shape[-1] if side is not None else 0
+    i32 = lambda x: x.to(torch.int32).contiguous()  # noqa: E731
+    if sub.valid is None:
         valid = torch.zeros(1, 1, dtype=torch.uint8, device=dev)
     else:  # rows may be strided (slices, broadcasts), keys must be adjacent
-        valid = key_valid.to(torch.bool)
+        valid = sub.valid.to(torch.bool)
         valid = (valid if valid.stride(-1) == 1 else valid.contiguous()).view(torch.uint8)
     args = dict(
         KVALID=valid,
         QPERM=i32(plan.q_perm) if plan is not None else dummy_i,
         KPERM=i32(plan.k_perm) if plan is not None else dummy_i,
-        SAMP=i32(plan.samples) if has_samples else dummy_i,
-        SBLK=i32(plan.sample_block) if has_samples else dummy_i,
-        LOGW=plan.log_weight.float().contiguous() if plan is not None else dummy_i.float(),
+        SAMP=i32(side.pos) if t else dummy_i,
+        SBLK=i32(side.blk) if t else dummy_i,
+        SLW=side.lw.float().contiguous() if t else dummy_i.float(),
         sqb=q.stride(0), sqh=q.stride(1), sqn=q.stride(2),
         skb=k.stride(0), skh=k.stride(1), skn=k.stride(2),
         svb=v.stride(0), svh=v.stride(1), svn=v.stride(2), svalb=valid.stride(0),
         HQ=Hq, GROUP=Hq // Hkv, COUNT=sub.count, CHUNK=sub.chunk, Q_OFF=sub.q_off, K_OFF=sub.k_off,
-        SQ=sub.sq, SK=sub.sk, NQ_T=NQ_T, NK_T=NK_T, BQ=bq, BK=bk, M=m,
+        SQ=sub.sq, SK=sub.sk, NQ_T=NQ_T, NK_T=NK_T, BQ=bq, BK=bk, M=t,
+        BAND_LO=sub.window[0], BAND_HI=sub.window[1],
         scale=scale, scale2=scale * math.log2(math.e),
-        BQ_BUCKET=_bucket(bq), BK_BUCKET=_bucket(bk), M_BUCKET=_bucket(m),
-        D=D, BLOCK_D=max(16, _next_pow2(D)), PERMUTED=plan is not None, HAS_SAMPLES=has_samples,
-        HAS_VALID=key_valid is not None, IS_CAUSAL=sub.causal,
+        BQ_BUCKET=_bucket(bq), BK_BUCKET=_bucket(bk), M_BUCKET=_bucket(t),
+        D=D, BLOCK_D=max(16, _next_pow2(D)), PERMUTED=plan is not None, HAS_SAMPLES=t > 0,
+        HAS_VALID=sub.valid is not None, IS_CAUSAL=sub.causal, BAND=sub.band,
         ACC=tl.float64 if q.dtype == torch.float64 else tl.float32,
         PRECISION="ieee" if q.dtype in (torch.float32, torch.float64) else "tf32",
         WIDEN=_INTERPRET and q.dtype == torch.bfloat16,
     )
-    return args, (B * sub.count, nb, bq, bk, m)
+    return args, (B * sub.count, nb, bq, bk, t)
 
 
 def _launch(kernel, grid, args):
     kernel[grid](**{name: value for name, value in args.items() if name in kernel.arg_names})
 
 
-def _launch_fwd(q, k, v, key_valid, sub: _Sub, out, lse, scale, accumulate: bool):
+def _launch_fwd(q, k, v, sub: _Sub, out, lse, scale, accumulate: bool):
     """Attention of the sub-problems into ``out [B,Hq,Nq,D]``, ``lse [B,Hq,Nq]`` (merged in if accumulate)."""
-    args, (n_sub, nb, bq, _, _) = _common(q, k, v, key_valid, sub, scale)
+    args, (n_sub, nb, bq, _, _) = _common(q, k, v, sub, scale)
     args.update(Q=q, K=k, V=v, O=out, LSE=lse, sob=out.stride(0), soh=out.stride(1), son=out.stride(2),
                 slb=lse.stride(0), slh=lse.stride(1), ACCUMULATE=accumulate)
     heads = n_sub * q.shape[1]
@@ -226,16 +246,16 @@ def _launch_fwd(q, k, v, key_valid, sub: _Sub, out, lse, scale, accumulate: bool
 
 
 def _rows_per_split(sq: int, heads: int, m: int, device) -> int:
-    """Query rows per split of the sampled keys' dK/dV: about 4 programs per SM, at most 64 splits."""
+    """Query rows per split of the side keys' dK/dV: about 4 programs per SM, at most 64 splits."""
     sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
     want = max(1, math.ceil(4 * sms / (heads * math.ceil(m / 64))))
     rows = math.ceil(sq / min(want, 64))
     return max(128, math.ceil(rows / 128) * 128)
 
 
-def _launch_bwd(q, k, v, key_valid, sub: _Sub, g: _Grads, scale, accumulate_q: bool, accumulate_k: bool):
+def _launch_bwd(q, k, v, sub: _Sub, g: _Grads, scale, accumulate_q: bool, accumulate_k: bool):
     """Adds the sub-problems' gradients into ``g.dq, g.dk, g.dv``."""
-    args, (n_sub, nb, bq, bk, m) = _common(q, k, v, key_valid, sub, scale)
+    args, (n_sub, nb, bq, bk, t) = _common(q, k, v, sub, scale)
     Hq, Hkv, D = q.shape[1], k.shape[1], q.shape[-1]
     args.update(Q=q, K=k, V=v, DO=g.do, LSE=g.lse, DELTA=g.delta, DQ=g.dq, DK=g.dk, DV=g.dv,
                 sdob=g.do.stride(0), sdoh=g.do.stride(1), sdon=g.do.stride(2),
@@ -248,19 +268,18 @@ def _launch_bwd(q, k, v, key_valid, sub: _Sub, g: _Grads, scale, accumulate_q: b
             dict(args, ACCUMULATE=accumulate_k))
     if not args["HAS_SAMPLES"]:
         return
-    rows = _rows_per_split(sub.sq, n_sub * Hkv, m, q.device)
+    rows = _rows_per_split(sub.sq, n_sub * Hkv, t, q.device)
     splits = math.ceil(sub.sq / rows)
-    part = torch.empty(splits, n_sub * Hkv, 2, m, args["BLOCK_D"], dtype=g.dk.dtype, device=q.device)
+    part = torch.empty(splits, n_sub * Hkv, 2, t, args["BLOCK_D"], dtype=g.dk.dtype, device=q.device)
     _launch(_hyper_bwd_sample_kernel,
-            lambda meta: (n_sub * Hkv * splits * triton.cdiv(m, meta["BLOCK_N"]),),
+            lambda meta: (n_sub * Hkv * splits * triton.cdiv(t, meta["BLOCK_N"]),),
             dict(args, PART=part, ROWS_PER_SPLIT=rows))
-    # pass 2: sum the splits, add each sampled key's gradient to its row (repeated draws add up)
-    grad = part.sum(0)[..., :D].view(n_sub, Hkv, 2, m, D)
-    plan = sub.plan
+    # pass 2: sum the splits, add each side key's gradient to its row (repeated draws add up)
+    grad = part.sum(0)[..., :D].view(n_sub, Hkv, 2, t, D)
     s = torch.arange(n_sub, device=q.device)
-    b = (s // sub.count).view(n_sub, 1, 1).expand(n_sub, Hkv, m)
-    h = torch.arange(Hkv, device=q.device).view(1, Hkv, 1).expand(n_sub, Hkv, m)
-    row = ((s % sub.count) * sub.chunk + sub.k_off).view(n_sub, 1, 1) + plan.samples
+    b = (s // sub.count).view(n_sub, 1, 1).expand(n_sub, Hkv, t)
+    h = torch.arange(Hkv, device=q.device).view(1, Hkv, 1).expand(n_sub, Hkv, t)
+    row = ((s % sub.count) * sub.chunk + sub.k_off).view(n_sub, 1, 1) + sub.side.pos
     # a sub-problem without valid keys may draw a padding row past the tensor: its gradient is 0, add it anywhere
     index = (b, h, row.clamp(max=k.shape[2] - 1))
     g.dk.index_put_(index, grad[:, :, 0], accumulate=True)
@@ -268,43 +287,89 @@ def _launch_bwd(q, k, v, key_valid, sub: _Sub, g: _Grads, scale, accumulate_q: b
 
 
 # ----------------------------------------------------------------------------------------------------------
-# non-causal and causal HyperAttention
+# the sub-problems: non-causal and causal HyperAttention, with the exact parts of `plan.exact_keys`
 # ----------------------------------------------------------------------------------------------------------
 
-def _noncausal_sub(q, k, key_valid, p, stream) -> _Sub:
-    Nq, Nk = q.shape[2], k.shape[2]
-    plan = None
-    if hyper_applies(Nq, Nk, p):
-        plan = make_plan(q, k, key_valid, p.block_size, p.sample_size, p.lsh_num_projs, p.seed, stream)
-    return _Sub(1, 0, 0, 0, Nq, Nk, False, plan)
+def _side(plan: Plan, est, pos, ok, Hkv) -> Optional[_Side]:
+    """The side keys of a planned sub-problem: the plan's draws (log-weighted, -inf for a draw outside the
+    estimator's keys ``est [n_sub, sk]``), then the exact extras ``pos, ok [n_sub, e]`` (log-weight 0)."""
+    n_sub = plan.q_perm.shape[0]
+    parts = []
+    if plan.samples is not None:
+        lw = plan.sample_log_weight.float()
+        if est is not None:
+            drawn = torch.gather(est[:, None, :].expand(n_sub, Hkv, est.shape[-1]), 2, plan.samples)
+            lw = lw.masked_fill(~drawn, NEG_INF)
+        parts.append((plan.samples, plan.sample_block, lw))
+    if pos is not None:
+        e = pos.shape[-1]
+        zero = torch.zeros(ok.shape, dtype=torch.float32, device=ok.device).masked_fill_(~ok, NEG_INF)
+        heads = lambda x: x[:, None, :].expand(n_sub, Hkv, e)  # noqa: E731
+        parts.append((heads(pos), heads(torch.full_like(pos, -1)), heads(zero)))
+    if not parts:
+        return None
+    return _Side(*(torch.cat(x, -1) for x in zip(*parts)))
 
 
-def _causal_subs(q, k, key_valid, p):
-    """The launches of causal attention with n_q == n_k, in order: ``(leaves, leaf geometry), [levels]``.
+def _window(q, k, p):
+    """The centred local window ``(a, b)`` of non-causal self-attention (keys i - a .. i + b, w in all), or None:
+    cross-attention has none. The same band as the reference's ``-(w - 1) // 2 <= j - i <= w // 2``."""
+    w = p.local_window
+    return ((w - 1) // 2, w // 2) if w > 0 and q.shape[2] == k.shape[2] else None
 
-    Plans are drawn from the same batched ``[B * 2**level, H, size, D]`` chunks as `cpu.causal_forward`.
+
+def _noncausal_subs(q, k, key_valid, p, stream, sink=None, strip=0, window=None):
+    """The launches of one non-causal sub-problem (q on k, whole tensors), in order.
+
+    Exact when it does not approximate. Otherwise the estimator's keys (`plan.exact_keys`) are blocked and
+    sampled, the extras ride with the samples, and with ``window`` a second, exact banded launch follows (its
+    pairs are left out of the first)."""
+    B, Nq, Nk = q.shape[0], q.shape[2], k.shape[2]
+    if not hyper_applies(Nq, Nk, p):
+        return [_Sub(1, 0, 0, 0, Nq, Nk, False, None, key_valid)]
+    est, pos, ok = exact_keys(key_valid, sink, strip, B, Nk, q.device)
+    plan = make_plan(q, k, est, p.block_size, p.sample_size, p.lsh_num_projs, p.seed, stream, p.residual)
+    side = _side(plan, est, pos, ok, k.shape[1])
+    if window is None:
+        return [_Sub(1, 0, 0, 0, Nq, Nk, False, plan, est, side)]
+    return [_Sub(1, 0, 0, 0, Nq, Nk, False, plan, est, side, tk.BAND_EXCLUDE.value, window),
+            _Sub(1, 0, 0, 0, Nq, Nk, False, None, est, None, tk.BAND_ONLY.value, window)]
+
+
+def _causal_subs(q, k, key_valid, sink, p):
+    """The launches of causal attention with n_q == n_k, in order: ``leaves, [levels]`` (`plan.causal_schedule`).
+
+    Plans are drawn from the same batched ``[B * 2**level, H, size, D]`` chunks as `cpu.causal_forward`; each
+    level's last ``strip`` keys of every even chunk and its sinks are exact extras.
     """
     B, _, N, _ = q.shape
-    depth = causal_levels(N, p)
-    pieces = 2**depth
-    Np = math.ceil(N / pieces) * pieces
-    leaf = Np // pieces
-    leaves = _Sub(pieces, leaf, 0, 0, leaf, leaf, True, None)
+    sched = causal_schedule(N, p)
+    Np, leaf = sched.Np, sched.leaf
+    leaves = _Sub(Np // leaf, leaf, 0, 0, leaf, leaf, True, None, key_valid)
     levels = []
-    if depth:
+    if sched.depth:
         valid = key_valid
         if Np != N:
             valid = torch.zeros(B, Np, dtype=torch.bool, device=q.device)
             valid[:, :N] = True if key_valid is None else key_valid
-        qp, kp = _pad_rows(q, Np), _pad_rows(k, Np)
-    for level in range(depth):
-        count, size = 2**level, Np // 2 ** (level + 1)
-        plan = None
-        if hyper_applies(size, size, p):
-            kv_s = None if valid is None else valid.reshape(B, count, 2, size)[:, :, 0].reshape(B * count, size)
-            plan = make_plan(_chunks(qp, count, size, 1), _chunks(kp, count, size, 0), kv_s, p.block_size,
-                             p.sample_size, p.lsh_num_projs, p.seed, stream=level + 1)
-        levels.append(_Sub(count, 2 * size, size, 0, size, size, False, plan))
+        if sink is not None and Np != N:
+            sink = torch.nn.functional.pad(sink, (0, Np - N))
+        q_rank, k_rank = lsh_ranks(_pad_rows(q, Np), _pad_rows(k, Np), p.lsh_num_projs, p.seed)
+    for level, (count, size) in enumerate(sched.levels):
+        if not hyper_applies(size, size, p):
+            levels.append(_Sub(count, 2 * size, size, 0, size, size, False, None, key_valid))
+            continue
+        even = lambda m: None if m is None else _chunks(m[:, None], count, size, 0)[:, 0]  # noqa: E731
+        est, pos, ok = exact_keys(even(valid), even(sink), sched.strip, B * count, size, q.device)
+        plan = plan_from_ranks(_chunks(q_rank, count, size, 1), _chunks(k_rank, count, size, 0), est, p.block_size,
+                               p.sample_size, p.lsh_num_projs, p.seed, level + 1, p.residual)
+        rows = None  # the estimator's keys by tensor row (the even chunks; odd chunks are never keys here)
+        if est is not None:
+            rows = torch.zeros(B, count, 2, size, dtype=torch.bool, device=q.device)
+            rows[:, :, 0] = est.view(B, count, size)
+            rows = rows.view(B, Np)
+        levels.append(_Sub(count, 2 * size, size, 0, size, size, False, plan, rows,
+                           _side(plan, est, pos, ok, k.shape[1])))
     return leaves, levels
 
 
@@ -329,28 +394,35 @@ def _flash_leaves(q, k, v, leaves: _Sub, scale, out, lse):
     lse.copy_(l[..., :leaf].reshape(B, pieces, Hq, leaf).permute(0, 2, 1, 3).reshape(B, Hq, Np)[:, :, :N])
 
 
-def _causal_forward(q, k, v, key_valid, scale, p, out, lse):
-    leaves, levels = _causal_subs(q, k, key_valid, p)
-    if _flash_leaves_ok(q, key_valid):
-        _flash_leaves(q, k, v, leaves, scale, out, lse)
-    else:
-        _launch_fwd(q, k, v, key_valid, leaves, out, lse, scale, accumulate=False)
-    for sub in levels:  # one launch per level, merged into the leaves' result
-        _launch_fwd(q, k, v, key_valid, sub, out, lse, scale, accumulate=True)
-
-
-def _split(key_valid, prefix):
-    if key_valid is None:
+def _split(mask, prefix):
+    if mask is None:
         return None, None
-    return key_valid[:, :prefix], key_valid[:, prefix:]
+    return mask[:, :prefix], mask[:, prefix:]
 
 
-def _check(q, k, v, p=None):
+def _check(q, k, v):
     if v.shape[-1] != q.shape[-1] or k.shape[-1] != q.shape[-1]:
         raise NotImplementedError("the Triton path needs one head dim for query, key and value")
-    if p is not None and (p.sink_keys or p.local_window or p.residual != "uniform"):
-        raise NotImplementedError("the Triton kernels do not implement sink_keys, local_window or the stratified "
-                                  "residual yet: use HYPER_KERNELS=cpu or set them to 0 / 'uniform'")
+
+
+def _launches(q, k, key_valid, is_causal, p):
+    """Every launch of the call, in order, as ``(keys, subs)`` pairs: the key rows (a slice of the sequence) that
+    the sub-problems address, and their `_Sub` list. The first launch writes, the rest merge in."""
+    B, _, Nq, _ = q.shape
+    sink = sink_mask(key_valid, B, k.shape[2], p.sink_keys, q.device)
+    if not is_causal:
+        return [(slice(None), _noncausal_subs(q, k, key_valid, p, 0, sink, 0, _window(q, k, p)))]
+    prefix = k.shape[2] - Nq
+    if prefix < 0:
+        raise ValueError("causal attention needs n_q <= n_k (bottom-right aligned)")
+    (kv_head, kv_tail), (s_head, s_tail) = _split(key_valid, prefix), _split(sink, prefix)
+    tail = slice(prefix, None)
+    leaves, levels = _causal_subs(q, k[:, :, tail], kv_tail, s_tail, p)
+    out = [(tail, [leaves] + levels)]
+    if prefix:
+        head = slice(None, prefix)
+        out.append((head, _noncausal_subs(q, k[:, :, head], kv_head, p, -1, s_head, window_strip(p))))
+    return out
 
 
 def attention_forward(q, k, v, key_valid, is_causal, scale, p):
@@ -360,25 +432,26 @@ def attention_forward(q, k, v, key_valid, is_causal, scale, p):
     is bottom-right aligned (n_q <= n_k). ``p``: a `HyperConfig`. Returns ``(out [B,Hq,Nq,D], lse [B,Hq,Nq])``,
     lse float32 (float64 for float64 inputs), -inf for rows without any key.
     """
-    _check(q, k, v, p)
+    _check(q, k, v)
     B, Hq, Nq, D = q.shape
     scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
     q, k, v = _rowmajor(q), _rowmajor(k), _rowmajor(v)
     lse = torch.empty(B, Hq, Nq, dtype=lse_dtype(q.dtype), device=q.device)
-    if not is_causal:
+    launches = _launches(q, k, key_valid, is_causal, p)
+    if not is_causal and len(launches[0][1]) == 1:  # one launch: write the output in its dtype
         out = torch.empty(B, Hq, Nq, D, dtype=q.dtype, device=q.device)
-        _launch_fwd(q, k, v, key_valid, _noncausal_sub(q, k, key_valid, p, 0), out, lse, scale, accumulate=False)
+        _launch_fwd(q, k, v, launches[0][1][0], out, lse, scale, accumulate=False)
         return out, lse
-    prefix = k.shape[2] - Nq
-    if prefix < 0:
-        raise ValueError("causal attention needs n_q <= n_k (bottom-right aligned)")
-    acc = torch.empty(B, Hq, Nq, D, dtype=_acc_dtype(q.dtype), device=q.device)
-    kv_head, kv_tail = _split(key_valid, prefix)
-    kt, vt = k[:, :, prefix:], v[:, :, prefix:]
-    _causal_forward(q, kt, vt, kv_tail, scale, p, acc, lse)
-    if prefix:
-        kh, vh = k[:, :, :prefix], v[:, :, :prefix]
-        _launch_fwd(q, kh, vh, kv_head, _noncausal_sub(q, kh, kv_head, p, -1), acc, lse, scale, accumulate=True)
+    acc = torch.empty(B, Hq, Nq, D, dtype=lse_dtype(q.dtype), device=q.device)
+    first = True
+    for keys, subs in launches:
+        kk, vv = k[:, :, keys], v[:, :, keys]
+        for i, sub in enumerate(subs):
+            if first and is_causal and i == 0 and _flash_leaves_ok(q, key_valid):
+                _flash_leaves(q, kk, vv, sub, scale, acc, lse)
+            else:  # one launch per level, merged into the leaves' result
+                _launch_fwd(q, kk, vv, sub, acc, lse, scale, accumulate=not first)
+            first = False
     return acc.to(q.dtype), lse
 
 
@@ -387,11 +460,11 @@ def attention_backward(do, q, k, v, out, lse, key_valid, is_causal, scale, p):
 
     Shapes as in `attention_forward`; ``do`` like ``out``. Same contract as `cpu.attention_backward`.
     """
-    _check(q, k, v, p)
+    _check(q, k, v)
     B, Hq, Nq, D = q.shape
     scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
     q, k, v, do = _rowmajor(q), _rowmajor(k), _rowmajor(v), _rowmajor(do)
-    acc_dt = _acc_dtype(q.dtype)
+    acc_dt = lse_dtype(q.dtype)
     g = _Grads(
         do=do,
         lse=lse.to(acc_dt).masked_fill(torch.isneginf(lse), 0.0).contiguous(),  # rows with no keys: no NaN
@@ -400,19 +473,10 @@ def attention_backward(do, q, k, v, out, lse, key_valid, is_causal, scale, p):
         dk=torch.empty(k.shape, dtype=acc_dt, device=q.device),
         dv=torch.empty(v.shape, dtype=acc_dt, device=q.device),
     )
-    if not is_causal:
-        _launch_bwd(q, k, v, key_valid, _noncausal_sub(q, k, key_valid, p, 0), g, scale, False, False)
-    else:
-        prefix = k.shape[2] - Nq
-        kv_head, kv_tail = _split(key_valid, prefix)
-        kt, vt = k[:, :, prefix:], v[:, :, prefix:]
-        gt = g._replace(dk=g.dk[:, :, prefix:], dv=g.dv[:, :, prefix:])
-        leaves, levels = _causal_subs(q, kt, kv_tail, p)
-        _launch_bwd(q, kt, vt, kv_tail, leaves, gt, scale, False, False)
-        for sub in levels:
-            _launch_bwd(q, kt, vt, kv_tail, sub, gt, scale, True, True)
-        if prefix:
-            kh, vh = k[:, :, :prefix], v[:, :, :prefix]
-            gh = g._replace(dk=g.dk[:, :, :prefix], dv=g.dv[:, :, :prefix])
-            _launch_bwd(q, kh, vh, kv_head, _noncausal_sub(q, kh, kv_head, p, -1), gh, scale, True, False)
+    first_q = True
+    for keys, subs in _launches(q, k, key_valid, is_causal, p):
+        gk = g._replace(dk=g.dk[:, :, keys], dv=g.dv[:, :, keys])
+        for i, sub in enumerate(subs):  # the first launch on a key range writes its dK/dV, the rest add
+            _launch_bwd(q, k[:, :, keys], v[:, :, keys], sub, gk, scale, not first_q, i > 0)
+            first_q = False
     return g.dq.to(q.dtype), g.dk.to(k.dtype), g.dv.to(v.dtype)

@@ -5,21 +5,32 @@ each kernel here in ``triton.autotune``. See its docstring for the sub-problem l
 
 Kernels (a plain-torch oracle is `reference.hyper_attention_reference`; `cpu` is the other fast path)
 - `hyper_fwd`: one program per query tile, in LSH-sorted order. One online-softmax pass over (a) the
-  tile's diagonal key block and (b) the m sampled keys with keys of the same block excluded and log(n/m) added
-  to their scores. Writes out and lse (natural log) straight to the original rows, or, for the causal levels
-  and the bottom-right prefix, resumes the softmax from the accumulator's (out, lse) and merges in place.
-  With no plan (``PERMUTED=False``) the same kernel is exact attention, optionally causal: exact calls, leaves.
+  tile's diagonal key block and (b) the *side keys*: the residual draws, with draws of the tile's own block
+  excluded and each draw's log-weight (``SLW``: log(n'/m) uniform, log(stratum size) stratified) added to its
+  score, followed by the exact extras of `plan.exact_keys` (sinks, the window strip of a causal quadrant or
+  KV prefix) with block -1 (never excluded) and log-weight 0. Writes out and lse (natural log) straight to the
+  original rows, or, for the causal levels, the prefix and the band, resumes the softmax from the
+  accumulator's (out, lse) and merges in place. With no plan (``PERMUTED=False``) the same kernel is exact
+  attention, optionally causal: exact calls, leaves.
 - `hyper_bwd_dq`: the forward's loop again, accumulating dQ (query-major, no atomics).
 - `hyper_bwd_dkdv`: one program per key tile of a diagonal block; loops over that block's queries of
   every query head of the group, so each key row has exactly one owner: no atomics.
-- `hyper_bwd_sample`: dK/dV of the sampled keys. **Two-pass, not atomics**: each sampled key is
+- `hyper_bwd_sample`: dK/dV of the side keys. **Two-pass, not atomics**: each side key is
   seen by every query tile of every head in its group, so atomics would put all nb * g query tiles on the same
-  m x D lines (heavy contention, and non-deterministic sums). Instead pass 1 splits the query rows into
-  ``splits`` ranges and each program writes an fp32 partial for (split, sample tile); pass 2 sums the partials
-  in torch and ``index_put_(accumulate=True)`` adds them to the sampled rows (a key drawn twice gets both).
-  Deterministic, and the partials cost ``splits * m * D * 8`` bytes per (batch, kv head).
+  t x D lines (heavy contention, and non-deterministic sums). Instead pass 1 splits the query rows into
+  ``splits`` ranges and each program writes an fp32 partial for (split, side-key tile); pass 2 sums the
+  partials in torch and ``index_put_(accumulate=True)`` adds them to the keys' rows (a key drawn twice gets
+  both). Deterministic, and the partials cost ``splits * t * D * 8`` bytes per (batch, kv head).
   The backward is fed the *final* out and lse of each row (the split-softmax identity, as in `cpu`), with
   Delta = rowsum(dO * O) computed once in torch.
+
+Validity of a side key rides in its log-weight (-inf: a masked key, or an empty stratum); the key mask
+``KVALID`` applies to the blocks only, and holds the estimator's keys when a plan is given.
+
+The local window of non-causal self-attention (``BAND``, a constexpr): ``BAND_EXCLUDE`` leaves the (query, key)
+pairs with ``-BAND_LO <= j - i <= BAND_HI`` out of the blocks and the residual draws (not the extras), and
+``BAND_ONLY`` (unpermuted, one block) attends exactly those pairs, visiting only the key (or query) tiles a
+tile's window can reach. Every kernel does both, so the band's forward, dQ and dK/dV are the same kernels.
 
 Interpreter note: Triton 3.9's interpreter multiplies bf16 operands of ``tl.dot`` as raw 16-bit integers.
 Under the interpreter only, bf16 operands are widened to fp32 before ``tl.dot`` (``WIDEN``, a constexpr that is
@@ -36,7 +47,12 @@ INTERPRET = bool(triton.knobs.runtime.interpret)
 # kernels may read only constexpr globals
 LOG2E = tl.constexpr(1.4426950408889634)
 LN2 = tl.constexpr(0.6931471805599453)
-LENGTHS = ["HQ", "GROUP", "COUNT", "CHUNK", "Q_OFF", "K_OFF", "SQ", "SK", "NQ_T", "NK_T", "BQ", "BK", "M"]
+LENGTHS = ["HQ", "GROUP", "COUNT", "CHUNK", "Q_OFF", "K_OFF", "SQ", "SK", "NQ_T", "NK_T", "BQ", "BK", "M",
+           "BAND_LO", "BAND_HI"]
+# BAND modes (constexpr) of non-causal self-attention with a local window
+BAND_NONE = tl.constexpr(0)
+BAND_EXCLUDE = tl.constexpr(1)  # the hyper parts: (query, key) pairs inside the query's window are left out
+BAND_ONLY = tl.constexpr(2)  # the exact band: only the pairs inside the window (unpermuted, one block)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -111,12 +127,23 @@ def _diag_keys(KPERM, kv_head, SK, kpos, k_hi, k_row0, NK_T, valid,
 
 
 @_device
-def _sample_keys(SAMP, SBLK, kv_head, M, sp, k_row0, NK_T, valid, HAS_VALID: tl.constexpr):
-    """Tensor rows of samples ``sp``, which are attended to, and the block each sits in (-1 past M)."""
+def _side_keys(SAMP, SBLK, SLW, kv_head, M, sp, k_row0, NK_T, ACC: tl.constexpr):
+    """Side keys ``sp`` (the residual draws, then the exact extras): tensor rows, which are attended to, the
+    block each sits in (-1 for an extra, which no block excludes) and the base-2 log-weight of each.
+
+    Validity rides in the log-weight: -inf marks a key that is not attended (masked, or an empty stratum)."""
     inside = sp < M
     krow, k_ok = _rows_of(SAMP + kv_head * M, sp, inside, k_row0, NK_T, True)
     sblk = tl.load(SBLK + kv_head * M + sp, mask=inside, other=-1)
-    return krow, _valid_keys(valid, krow, k_ok, HAS_VALID), sblk
+    lw = tl.load(SLW + kv_head * M + sp, mask=inside, other=0.0).to(ACC)
+    k_ok = k_ok & (lw > float("-inf"))
+    return krow, k_ok, sblk, tl.where(k_ok, lw * LOG2E, 0.0)
+
+
+@_device
+def _in_band(d, BAND_LO, BAND_HI):
+    """Whether key offset ``d = j - i`` lies in query i's local window: ``-BAND_LO <= d <= BAND_HI``."""
+    return (d >= -BAND_LO) & (d <= BAND_HI)
 
 
 @_device
@@ -189,19 +216,21 @@ def _dkdv_step(dk, dv, k, v, q, do, lse2, delta, ok, bias2, scale2,
 
 @triton.jit(do_not_specialize=LENGTHS)
 def hyper_fwd(
-    Q, K, V, O, LSE, KVALID, QPERM, KPERM, SAMP, SBLK, LOGW,
+    Q, K, V, O, LSE, KVALID, QPERM, KPERM, SAMP, SBLK, SLW,
     sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sob, soh, son, slb, slh, svalb,
-    HQ, GROUP, COUNT, CHUNK, Q_OFF, K_OFF, SQ, SK, NQ_T, NK_T, BQ, BK, M, scale2,
+    HQ, GROUP, COUNT, CHUNK, Q_OFF, K_OFF, SQ, SK, NQ_T, NK_T, BQ, BK, M, BAND_LO, BAND_HI, scale2,
     BQ_BUCKET, BK_BUCKET, M_BUCKET,
     D: tl.constexpr, BLOCK_D: tl.constexpr, PERMUTED: tl.constexpr, HAS_SAMPLES: tl.constexpr,
-    HAS_VALID: tl.constexpr, IS_CAUSAL: tl.constexpr, ACCUMULATE: tl.constexpr, ACC: tl.constexpr,
-    PRECISION: tl.constexpr, WIDEN: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    HAS_VALID: tl.constexpr, IS_CAUSAL: tl.constexpr, BAND: tl.constexpr, ACCUMULATE: tl.constexpr,
+    ACC: tl.constexpr, PRECISION: tl.constexpr, WIDEN: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
 ):
     sub, h, kv_head, blk, t0, pos, qrow, q_ok = _query_tile(
         tl.program_id(0), QPERM, HQ, GROUP, COUNT, CHUNK, Q_OFF, SQ, NQ_T, BQ, PERMUTED, BLOCK_M)
     b = (sub // COUNT).to(tl.int64)
     hk = kv_head % (HQ // GROUP)
     k_row0 = (sub % COUNT) * CHUNK + K_OFF
+    qidx = qrow - ((sub % COUNT) * CHUNK + Q_OFF)  # query positions in the sub-problem (the window test)
     q = _load_rows(Q + b * sqb + h * sqh, qrow, q_ok, sqn, D, BLOCK_D)  # [BM, BD]
     k_base = K + b * skb + hk * skh
     v_base = V + b * svb + hk * svh
@@ -222,6 +251,9 @@ def hyper_fwd(
     k_hi = tl.minimum(k_lo + BK, SK)
     if IS_CAUSAL:  # bottom-right aligned: position i sees keys <= i + SK - SQ
         k_hi = tl.minimum(k_hi, blk * BQ + t0 + BLOCK_M + SK - SQ)
+    if BAND == BAND_ONLY:  # unpermuted: the tile's rows reach keys [first - lo, first + BLOCK_M + hi)
+        k_lo = tl.maximum(k_lo, blk * BQ + t0 - BAND_LO)
+        k_hi = tl.minimum(k_hi, blk * BQ + t0 + BLOCK_M + BAND_HI)
     for start in range(k_lo, k_hi, BLOCK_N):
         kpos = start + tl.arange(0, BLOCK_N)
         krow, k_ok = _diag_keys(KPERM, kv_head, SK, kpos, k_hi, k_row0, NK_T, valid, PERMUTED, HAS_VALID)
@@ -229,18 +261,24 @@ def hyper_fwd(
         ok = tl.broadcast_to(k_ok[None, :], (BLOCK_M, BLOCK_N))
         if IS_CAUSAL:
             ok = ok & (kpos[None, :] <= pos[:, None] + (SK - SQ))
+        if BAND == BAND_EXCLUDE:
+            ok = ok & ~_in_band((krow - k_row0)[None, :] - qidx[:, None], BAND_LO, BAND_HI)
+        if BAND == BAND_ONLY:
+            ok = ok & _in_band((krow - k_row0)[None, :] - qidx[:, None], BAND_LO, BAND_HI)
         acc, m_i, l_i = _fwd_step(acc, m_i, l_i, q, k, v, ok, 0.0, scale2, ACC, PRECISION, WIDEN)
 
-    # (b) the sampled keys of other blocks, weighted by n/m
+    # (b) the side keys: residual draws of other blocks (log-weighted), then the exact extras (weight 1)
     if HAS_SAMPLES:
-        lw2 = tl.load(LOGW + sub).to(ACC) * LOG2E
         for start in range(0, M, BLOCK_N):
             sp = start + tl.arange(0, BLOCK_N)
-            krow, k_ok, sblk = _sample_keys(SAMP, SBLK, kv_head, M, sp, k_row0, NK_T, valid, HAS_VALID)
+            krow, k_ok, sblk, lw2 = _side_keys(SAMP, SBLK, SLW, kv_head, M, sp, k_row0, NK_T, ACC)
             k_ok = k_ok & (sblk != blk)
             k, v = _load_kv(k_base, v_base, krow, k_ok, skn, svn, D, BLOCK_D)
             ok = tl.broadcast_to(k_ok[None, :], (BLOCK_M, BLOCK_N))
-            acc, m_i, l_i = _fwd_step(acc, m_i, l_i, q, k, v, ok, lw2, scale2, ACC, PRECISION, WIDEN)
+            if BAND == BAND_EXCLUDE:  # a draw in a query's window is the band's; the extras never are
+                inside = _in_band((krow - k_row0)[None, :] - qidx[:, None], BAND_LO, BAND_HI)
+                ok = ok & ~(inside & (sblk >= 0)[None, :])
+            acc, m_i, l_i = _fwd_step(acc, m_i, l_i, q, k, v, ok, lw2[None, :], scale2, ACC, PRECISION, WIDEN)
 
     out = acc / l_i[:, None]
     lse = (m_i + tl.math.log2(l_i)) * LN2  # -inf for rows that saw no key
@@ -254,13 +292,14 @@ def hyper_fwd(
 
 @triton.jit(do_not_specialize=LENGTHS)
 def hyper_bwd_dq(
-    Q, K, V, DO, LSE, DELTA, DQ, KVALID, QPERM, KPERM, SAMP, SBLK, LOGW,
+    Q, K, V, DO, LSE, DELTA, DQ, KVALID, QPERM, KPERM, SAMP, SBLK, SLW,
     sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sdob, sdoh, sdon, sdqb, sdqh, sdqn, slb, slh, svalb,
-    HQ, GROUP, COUNT, CHUNK, Q_OFF, K_OFF, SQ, SK, NQ_T, NK_T, BQ, BK, M, scale, scale2,
+    HQ, GROUP, COUNT, CHUNK, Q_OFF, K_OFF, SQ, SK, NQ_T, NK_T, BQ, BK, M, BAND_LO, BAND_HI, scale, scale2,
     BQ_BUCKET, BK_BUCKET, M_BUCKET,
     D: tl.constexpr, BLOCK_D: tl.constexpr, PERMUTED: tl.constexpr, HAS_SAMPLES: tl.constexpr,
-    HAS_VALID: tl.constexpr, IS_CAUSAL: tl.constexpr, ACCUMULATE: tl.constexpr, ACC: tl.constexpr,
-    PRECISION: tl.constexpr, WIDEN: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    HAS_VALID: tl.constexpr, IS_CAUSAL: tl.constexpr, BAND: tl.constexpr, ACCUMULATE: tl.constexpr,
+    ACC: tl.constexpr, PRECISION: tl.constexpr, WIDEN: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
 ):
     # the forward's loops again, accumulating dQ
     sub, h, kv_head, blk, t0, pos, qrow, q_ok = _query_tile(
@@ -268,6 +307,7 @@ def hyper_bwd_dq(
     b = (sub // COUNT).to(tl.int64)
     hk = kv_head % (HQ // GROUP)
     k_row0 = (sub % COUNT) * CHUNK + K_OFF
+    qidx = qrow - ((sub % COUNT) * CHUNK + Q_OFF)
     q, do, lse2, delta = _grad_rows(Q + b * sqb + h * sqh, DO + b * sdob + h * sdoh, LSE, DELTA,
                                     b * slb + h * slh, qrow, q_ok, sqn, sdon, D, BLOCK_D, ACC)
     k_base = K + b * skb + hk * skh
@@ -279,6 +319,9 @@ def hyper_bwd_dq(
     k_hi = tl.minimum(k_lo + BK, SK)
     if IS_CAUSAL:
         k_hi = tl.minimum(k_hi, blk * BQ + t0 + BLOCK_M + SK - SQ)
+    if BAND == BAND_ONLY:
+        k_lo = tl.maximum(k_lo, blk * BQ + t0 - BAND_LO)
+        k_hi = tl.minimum(k_hi, blk * BQ + t0 + BLOCK_M + BAND_HI)
     for start in range(k_lo, k_hi, BLOCK_N):
         kpos = start + tl.arange(0, BLOCK_N)
         krow, k_ok = _diag_keys(KPERM, kv_head, SK, kpos, k_hi, k_row0, NK_T, valid, PERMUTED, HAS_VALID)
@@ -286,17 +329,23 @@ def hyper_bwd_dq(
         ok = q_ok[:, None] & k_ok[None, :]
         if IS_CAUSAL:
             ok = ok & (kpos[None, :] <= pos[:, None] + (SK - SQ))
+        if BAND == BAND_EXCLUDE:
+            ok = ok & ~_in_band((krow - k_row0)[None, :] - qidx[:, None], BAND_LO, BAND_HI)
+        if BAND == BAND_ONLY:
+            ok = ok & _in_band((krow - k_row0)[None, :] - qidx[:, None], BAND_LO, BAND_HI)
         dq = _dq_step(dq, q, do, lse2, delta, k, v, ok, 0.0, scale2, ACC, PRECISION, WIDEN)
 
     if HAS_SAMPLES:
-        lw2 = tl.load(LOGW + sub).to(ACC) * LOG2E
         for start in range(0, M, BLOCK_N):
             sp = start + tl.arange(0, BLOCK_N)
-            krow, k_ok, sblk = _sample_keys(SAMP, SBLK, kv_head, M, sp, k_row0, NK_T, valid, HAS_VALID)
+            krow, k_ok, sblk, lw2 = _side_keys(SAMP, SBLK, SLW, kv_head, M, sp, k_row0, NK_T, ACC)
             k_ok = k_ok & (sblk != blk)
             k, v = _load_kv(k_base, v_base, krow, k_ok, skn, svn, D, BLOCK_D)
             ok = q_ok[:, None] & k_ok[None, :]
-            dq = _dq_step(dq, q, do, lse2, delta, k, v, ok, lw2, scale2, ACC, PRECISION, WIDEN)
+            if BAND == BAND_EXCLUDE:
+                inside = _in_band((krow - k_row0)[None, :] - qidx[:, None], BAND_LO, BAND_HI)
+                ok = ok & ~(inside & (sblk >= 0)[None, :])
+            dq = _dq_step(dq, q, do, lse2, delta, k, v, ok, lw2[None, :], scale2, ACC, PRECISION, WIDEN)
 
     dq = dq * scale
     dq_base = DQ + b * sdqb + h * sdqh
@@ -309,11 +358,12 @@ def hyper_bwd_dq(
 def hyper_bwd_dkdv(
     Q, K, V, DO, LSE, DELTA, DK, DV, KVALID, QPERM, KPERM,
     sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sdob, sdoh, sdon, sdkb, sdkh, sdkn, slb, slh, svalb,
-    HQ, GROUP, COUNT, CHUNK, Q_OFF, K_OFF, SQ, SK, NQ_T, NK_T, BQ, BK, M, scale, scale2,
+    HQ, GROUP, COUNT, CHUNK, Q_OFF, K_OFF, SQ, SK, NQ_T, NK_T, BQ, BK, M, BAND_LO, BAND_HI, scale, scale2,
     BQ_BUCKET, BK_BUCKET, M_BUCKET,
     D: tl.constexpr, BLOCK_D: tl.constexpr, PERMUTED: tl.constexpr, HAS_SAMPLES: tl.constexpr,
-    HAS_VALID: tl.constexpr, IS_CAUSAL: tl.constexpr, ACCUMULATE: tl.constexpr, ACC: tl.constexpr,
-    PRECISION: tl.constexpr, WIDEN: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    HAS_VALID: tl.constexpr, IS_CAUSAL: tl.constexpr, BAND: tl.constexpr, ACCUMULATE: tl.constexpr,
+    ACC: tl.constexpr, PRECISION: tl.constexpr, WIDEN: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
 ):
     # program -> (sub-problem, kv head, diagonal block, key tile); loops over the block's queries of every
     # query head of the group, so it owns its key rows
@@ -333,6 +383,7 @@ def hyper_bwd_dkdv(
     krow, k_in = _rows_of(KPERM + kv_head * SK, kpos, (r < BK) & (kpos < SK), k_row0, NK_T, PERMUTED)
     k_ok = _valid_keys(KVALID + b * svalb, krow, k_in, HAS_VALID)
     k, v = _load_kv(K + b * skb + hk * skh, V + b * svb + hk * svh, krow, k_ok, skn, svn, D, BLOCK_D)
+    kidx = krow - k_row0  # key positions in the sub-problem (the window test)
     dk = tl.zeros([BLOCK_N, BLOCK_D], ACC)
     dv = tl.zeros([BLOCK_N, BLOCK_D], ACC)
 
@@ -340,6 +391,9 @@ def hyper_bwd_dkdv(
     q_hi = tl.minimum(q_lo + BQ, SQ)
     if IS_CAUSAL:  # queries before the tile's first key see none of it
         q_lo = tl.maximum(q_lo, blk * BK + t0 - (SK - SQ))
+    if BAND == BAND_ONLY:  # unpermuted: the tile's keys are in the windows of queries [first - hi, ... + lo)
+        q_lo = tl.maximum(q_lo, blk * BK + t0 - BAND_HI)
+        q_hi = tl.minimum(q_hi, blk * BK + t0 + BLOCK_N + BAND_LO)
     for hh in range(0, GROUP):
         h = hk * GROUP + hh
         qperm = QPERM + (sub * HQ + h) * SQ
@@ -351,6 +405,10 @@ def hyper_bwd_dkdv(
             ok = k_ok[:, None] & q_ok[None, :]
             if IS_CAUSAL:
                 ok = ok & (kpos[:, None] <= pos[None, :] + (SK - SQ))
+            if BAND == BAND_EXCLUDE:
+                ok = ok & ~_in_band(kidx[:, None] - (qrow - q_row0)[None, :], BAND_LO, BAND_HI)
+            if BAND == BAND_ONLY:
+                ok = ok & _in_band(kidx[:, None] - (qrow - q_row0)[None, :], BAND_LO, BAND_HI)
             dk, dv = _dkdv_step(dk, dv, k, v, q, do, lse2, delta, ok, 0.0, scale2, ACC, PRECISION, WIDEN)
 
     dk = dk * scale
@@ -365,15 +423,15 @@ def hyper_bwd_dkdv(
 
 @triton.jit(do_not_specialize=LENGTHS + ["ROWS_PER_SPLIT"])
 def hyper_bwd_sample(
-    Q, K, V, DO, LSE, DELTA, PART, KVALID, QPERM, SAMP, SBLK, LOGW,
-    sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sdob, sdoh, sdon, slb, slh, svalb,
-    HQ, GROUP, COUNT, CHUNK, Q_OFF, K_OFF, SQ, SK, NQ_T, NK_T, BQ, BK, M, scale, scale2, ROWS_PER_SPLIT,
-    BQ_BUCKET, BK_BUCKET, M_BUCKET,
+    Q, K, V, DO, LSE, DELTA, PART, QPERM, SAMP, SBLK, SLW,
+    sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sdob, sdoh, sdon, slb, slh,
+    HQ, GROUP, COUNT, CHUNK, Q_OFF, K_OFF, SQ, SK, NQ_T, NK_T, BQ, BK, M, BAND_LO, BAND_HI, scale, scale2,
+    ROWS_PER_SPLIT, BQ_BUCKET, BK_BUCKET, M_BUCKET,
     D: tl.constexpr, BLOCK_D: tl.constexpr, PERMUTED: tl.constexpr, HAS_SAMPLES: tl.constexpr,
-    HAS_VALID: tl.constexpr, IS_CAUSAL: tl.constexpr, ACC: tl.constexpr,
+    IS_CAUSAL: tl.constexpr, BAND: tl.constexpr, ACC: tl.constexpr,
     PRECISION: tl.constexpr, WIDEN: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    # pass 1 of the sampled keys' dK/dV: program -> (sub-problem, kv head, split of query rows, sample tile);
+    # pass 1 of the side keys' dK/dV: program -> (sub-problem, kv head, split of query rows, side-key tile);
     # PART [splits, n_sub * Hkv, 2, M, BLOCK_D] fp32 partials (dK then dV)
     tiles = tl.cdiv(M, BLOCK_N)
     splits = tl.cdiv(SQ, ROWS_PER_SPLIT)
@@ -386,9 +444,9 @@ def hyper_bwd_sample(
     q_row0 = (sub % COUNT) * CHUNK + Q_OFF
     k_row0 = (sub % COUNT) * CHUNK + K_OFF
     sp = (pid % tiles) * BLOCK_N + tl.arange(0, BLOCK_N)
-    krow, k_ok, sblk = _sample_keys(SAMP, SBLK, kv_head, M, sp, k_row0, NK_T, KVALID + b * svalb, HAS_VALID)
+    krow, k_ok, sblk, lw2 = _side_keys(SAMP, SBLK, SLW, kv_head, M, sp, k_row0, NK_T, ACC)
     k, v = _load_kv(K + b * skb + hk * skh, V + b * svb + hk * svh, krow, k_ok, skn, svn, D, BLOCK_D)
-    lw2 = tl.load(LOGW + sub).to(ACC) * LOG2E
+    kidx = krow - k_row0
     dk = tl.zeros([BLOCK_N, BLOCK_D], ACC)
     dv = tl.zeros([BLOCK_N, BLOCK_D], ACC)
     p_lo = split * ROWS_PER_SPLIT
@@ -402,7 +460,10 @@ def hyper_bwd_sample(
             q, do, lse2, delta = _grad_rows(Q + b * sqb + h * sqh, DO + b * sdob + h * sdoh, LSE, DELTA,
                                             b * slb + h * slh, qrow, q_ok, sqn, sdon, D, BLOCK_D, ACC)
             ok = k_ok[:, None] & q_ok[None, :] & (sblk[:, None] != (pos // BQ)[None, :])
-            dk, dv = _dkdv_step(dk, dv, k, v, q, do, lse2, delta, ok, lw2, scale2, ACC, PRECISION, WIDEN)
+            if BAND == BAND_EXCLUDE:
+                inside = _in_band(kidx[:, None] - (qrow - q_row0)[None, :], BAND_LO, BAND_HI)
+                ok = ok & ~(inside & (sblk >= 0)[:, None])
+            dk, dv = _dkdv_step(dk, dv, k, v, q, do, lse2, delta, ok, lw2[:, None], scale2, ACC, PRECISION, WIDEN)
 
     offs_d = tl.arange(0, BLOCK_D)
     heads = tl.num_programs(0) // (splits * tiles)  # n_sub * Hkv

@@ -298,7 +298,7 @@ def compiler():
 
 _GPU_TYPES = {"float16": "fp16", "bfloat16": "bf16", "float32": "fp32", "float64": "fp64"}
 _INT_PTRS = {"KVALID": "*u8", "QPERM": "*i32", "KPERM": "*i32", "SAMP": "*i32", "SBLK": "*i32"}
-_ACC_PTRS = ("LSE", "DELTA", "PART", "DQ", "DK", "DV", "LOGW")
+_ACC_PTRS = ("LSE", "DELTA", "PART", "DQ", "DK", "DV", "SLW")
 
 
 def _compile_for_gpu(kernel_name, dtype, flags, arch, block_d=64, d=40):
@@ -322,7 +322,7 @@ def _compile_for_gpu(kernel_name, dtype, flags, arch, block_d=64, d=40):
              "Q": torch.empty(1, dtype=getattr(torch, dtype))}
     config = kernel.early_config_prune(configs, probe)[0]
     elt, acc = _GPU_TYPES[dtype], ("fp64" if dtype == "float64" else "fp32")
-    const = dict(D=d, BLOCK_D=block_d, PERMUTED=True, HAS_SAMPLES=True, HAS_VALID=True, IS_CAUSAL=False,
+    const = dict(D=d, BLOCK_D=block_d, PERMUTED=True, HAS_SAMPLES=True, HAS_VALID=True, IS_CAUSAL=False, BAND=1,
                  ACCUMULATE=True, ACC=tl.float64 if acc == "fp64" else tl.float32,
                  PRECISION="ieee" if elt in ("fp32", "fp64") else "tf32", WIDEN=False, **config.kwargs)
     const.update(flags)
@@ -334,7 +334,7 @@ def _compile_for_gpu(kernel_name, dtype, flags, arch, block_d=64, d=40):
         elif name in _INT_PTRS:
             signature[name] = _INT_PTRS[name]
         elif name in _ACC_PTRS or (name == "O" and const["ACCUMULATE"]):
-            signature[name] = "*" + ("fp32" if name == "LOGW" else acc)
+            signature[name] = "*" + ("fp32" if name == "SLW" else acc)
         elif name in ("Q", "K", "V", "DO", "O"):
             signature[name] = "*" + elt
         elif name.startswith("scale"):
@@ -347,13 +347,16 @@ def _compile_for_gpu(kernel_name, dtype, flags, arch, block_d=64, d=40):
     return config.kwargs, compiled.metadata.shared
 
 
-# (kernel, dtype, constexpr overrides): the hyper paths with every option on, and the exact causal leaves
+# (kernel, dtype, constexpr overrides): the hyper paths with every option on (window pairs excluded), the exact
+# causal leaves, and the exact band of non-causal self-attention
 _GPU_BUILDS = [
     ("_hyper_fwd_kernel", "bfloat16", {}),
     ("_hyper_fwd_kernel", "bfloat16", dict(PERMUTED=False, HAS_SAMPLES=False, HAS_VALID=False, IS_CAUSAL=True,
-                                           ACCUMULATE=False)),
+                                           BAND=0, ACCUMULATE=False)),
+    ("_hyper_fwd_kernel", "bfloat16", dict(PERMUTED=False, HAS_SAMPLES=False, BAND=2)),
     ("_hyper_bwd_dq_kernel", "bfloat16", {}),
-    ("_hyper_bwd_dkdv_kernel", "bfloat16", dict(PERMUTED=False, HAS_SAMPLES=False, IS_CAUSAL=True)),
+    ("_hyper_bwd_dkdv_kernel", "bfloat16", {}),
+    ("_hyper_bwd_dkdv_kernel", "bfloat16", dict(PERMUTED=False, HAS_SAMPLES=False, IS_CAUSAL=True, BAND=0)),
     ("_hyper_bwd_sample_kernel", "bfloat16", {}),
 ]
 _SHARED_LIMIT = {80: 163 * 1024, 90: 227 * 1024}  # bytes per block, A100 and H100
@@ -383,9 +386,11 @@ def test_kernels_compile_for_gpu(compiler, arch):
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16", "float32", "float64"])
 def test_kernels_compile_for_gpu_sweep(compiler, arch, dtype):
     builds = [(k, dtype, f) for k, _, f in _GPU_BUILDS]
-    builds += [("_hyper_fwd_kernel", dtype, dict(ACCUMULATE=False, HAS_VALID=False)),
-               ("_hyper_bwd_dq_kernel", dtype, dict(PERMUTED=False, HAS_SAMPLES=False, IS_CAUSAL=True,
-                                                    ACCUMULATE=False))]
+    builds += [("_hyper_fwd_kernel", dtype, dict(ACCUMULATE=False, HAS_VALID=False, BAND=0)),
+               ("_hyper_bwd_dq_kernel", dtype, dict(PERMUTED=False, HAS_SAMPLES=False, IS_CAUSAL=True, BAND=0,
+                                                    ACCUMULATE=False)),
+               ("_hyper_bwd_dq_kernel", dtype, dict(PERMUTED=False, HAS_SAMPLES=False, BAND=2)),
+               ("_hyper_bwd_dkdv_kernel", dtype, dict(PERMUTED=False, HAS_SAMPLES=False, BAND=2))]
     built = compiler.submit(_run_gpu_builds, builds, arch).result()
     if built is None:
         pytest.skip("this Triton ships no ptxas: cannot build cubins without a GPU toolchain")
