@@ -156,6 +156,54 @@ def _sweep():
 
 SWEEP = _sweep()
 
+# The estimator with exact parts (sink_keys, local_window, the stratified residual), same layout. Together: sinks
+# (with and without key padding), the causal window across leaves and quadrants, the strip of a KV prefix
+# (n_q < n_k), the centred band of non-causal self-attention (odd and even w, w >= n), cross-attention (no
+# window), GQA, ragged n in {63, 200, 513}, d in {40, 64}, fp32, bf16 and fp64.
+_X = HyperConfig
+EXACT_PARTS = {
+    "sinks-stratified-noncausal-gqa-masked-n200-d40":
+        (1, 4, 2, 200, 200, 40, False, torch.float32, True, _X(64, 40, 4, 64, None, 10, sink_keys=4,
+                                                                residual="stratified")),
+    "window-even-sinks-noncausal-masked-n63-d64":
+        (1, 2, 1, 63, 63, 64, False, torch.float32, True, _X(16, 12, 3, 16, None, 11, sink_keys=2, local_window=10)),
+    "window-covers-all-noncausal-n63-d40":
+        (1, 2, 2, 63, 63, 40, False, torch.float32, False, _X(16, 12, 3, 16, None, 12, local_window=126)),
+    "window-cross-attention-nq!=nk-masked-d40":
+        (1, 2, 1, 100, 130, 40, False, torch.float32, True, _X(32, 16, 4, 32, None, 13, sink_keys=2, local_window=9)),
+    "window-sinks-causal-gqa-n513-d64":
+        (1, 2, 1, 513, 513, 64, True, torch.float32, False, _X(96, 64, 5, 256, None, 14, sink_keys=4, local_window=33)),
+    "window-stratified-causal-prefix-gqa-masked-n200":
+        (1, 4, 2, 150, 200, 40, True, torch.float32, True, _X(32, 24, 4, 32, 2, 15, sink_keys=3, local_window=20,
+                                                              residual="stratified")),
+    "window-sinks-stratified-noncausal-bf16-n200-d64":
+        (1, 2, 1, 200, 200, 64, False, torch.bfloat16, False, _X(32, 32, 4, 32, None, 16, sink_keys=1,
+                                                                 local_window=15, residual="stratified")),
+    "window-sinks-stratified-causal-fp64-n63-masked":
+        (1, 2, 1, 63, 63, 40, True, torch.float64, True, _X(16, 8, 3, 16, None, 17, sink_keys=2, local_window=5,
+                                                            residual="stratified")),
+}
+
+
+def _sweep_exact_parts():
+    """The larger sweep of the exact parts: every n, d, layout (non-causal self, causal, causal with a prefix)
+    and dtype, with sinks, a window and both residuals."""
+    out = {}
+    for n in (63, 200, 513):
+        for d in (40, 64):
+            for layout in ("full", "causal", "prefix"):
+                for dtype in (torch.float32, torch.bfloat16):
+                    residual = "stratified" if (n + d) % 2 else "uniform"
+                    name = f"n{n}-d{d}-{layout}-{str(dtype)[6:]}-{residual}"
+                    nq = n - n // 4 if layout == "prefix" else n
+                    out[name] = (1, 4, 2, nq, n, d, layout != "full", dtype, n != 200,
+                                 HyperConfig(48, 40, 5, 48, None, n + d, sink_keys=1 + n % 4,
+                                             local_window=8 + n % 9, residual=residual))
+    return out
+
+
+SWEEP_EXACT_PARTS = _sweep_exact_parts()
+
 
 def _run_case(table, name):
     B, Hq, Hkv, Nq, Nk, D, causal, dtype, masked, p = table[name]
@@ -174,9 +222,19 @@ def test_matches_reference_sweep(worker, name):
     worker.submit(_run_case, SWEEP, name).result()
 
 
-def _run_rows_without_keys():
+@pytest.mark.parametrize("name", list(EXACT_PARTS))
+def test_exact_parts_match_reference(worker, name):
+    worker.submit(_run_case, EXACT_PARTS, name).result()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", list(SWEEP_EXACT_PARTS))
+def test_exact_parts_match_reference_sweep(worker, name):
+    worker.submit(_run_case, SWEEP_EXACT_PARTS, name).result()
+
+
+def _run_rows_without_keys(p=HyperConfig(32, 16, 4, 32, None, 0)):
     """A batch whose keys are all masked: out 0, lse -inf, zero gradients; the other batch unaffected."""
-    p = HyperConfig(32, 16, 4, 32, None, 0)
     for causal in (False, True):  # causal with n_q < n_k: the masks of the tail are strided slices
         q, k, v, do, key_valid = _inputs(2, 2, 1, 80 if causal else 100, 100, 40, torch.float32, True)
         key_valid[1] = False
@@ -194,12 +252,18 @@ def test_rows_without_keys(worker):
     worker.submit(_run_rows_without_keys).result()
 
 
-def _run_dispatch():
+def test_rows_without_keys_exact_parts(worker):
+    """The same with sinks (none in the masked batch), a window and stratified draws (all of weight 0 there)."""
+    p = HyperConfig(32, 16, 4, 32, None, 0, sink_keys=2, local_window=6, residual="stratified")
+    worker.submit(_run_rows_without_keys, p).result()
+
+
+def _run_dispatch(p=HyperConfig(64, 32, 4, 64, None, 0)):
     """torch.ops.hyper.attention with HYPER_KERNELS=triton runs the Triton path, forward and backward."""
     from hyper_backend.kernels import op
 
     q, k, v, do, key_valid = _inputs(1, 4, 2, 200, 200, 40, torch.float32, True, seed=7)
-    args = (key_valid, False, None, encode(HyperConfig(64, 32, 4, 64, None, 0)), "")
+    args = (key_valid, False, None, encode(p), "")
     results = {}
     for choice in ("triton", "cpu"):
         os.environ["HYPER_KERNELS"] = choice
@@ -219,6 +283,12 @@ def _run_dispatch():
 
 def test_dispatch_through_op(worker):
     worker.submit(_run_dispatch).result()
+
+
+def test_dispatch_through_op_exact_parts(worker):
+    """The op's Triton path serves sinks, the window and the stratified residual (as the CPU path does)."""
+    p = HyperConfig(64, 32, 4, 64, None, 0, sink_keys=2, local_window=16, residual="stratified")
+    worker.submit(_run_dispatch, p).result()
 
 
 def _fake_flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, return_attn_probs=False):
