@@ -65,8 +65,14 @@ def hyper_attention(
                          f"key {tuple(key.shape)}, value {tuple(value.shape)}")
     B, Hq, Nq, _ = query.shape
     Hkv, Nk = key.shape[1], key.shape[2]
-    if Hq != Hkv and not (enable_gqa and Hq % Hkv == 0):
+    if Hq != Hkv and not (enable_gqa and Hkv and Hq % Hkv == 0):
         raise ValueError(f"query has {Hq} heads and key/value {Hkv}: pass enable_gqa=True with Hq a multiple of Hkv")
+    _op.check_inputs(query, key, value, None, False, where="hyper_attention")
+    if not (isinstance(dropout_p, (int, float)) and 0.0 <= dropout_p <= 1.0):  # NaN fails both comparisons
+        raise ValueError(f"hyper_attention: dropout_p must be a probability in [0, 1], got {dropout_p!r}")
+    if any(torch.autograd.forward_ad.unpack_dual(x).tangent is not None for x in (query, key, value)):
+        raise NotImplementedError("hyper_attention has no forward-mode AD (jvp) formula; use reverse mode "
+                                  "(backward / torch.func.vjp / grad)")
     kpm = key_padding_mask(attn_mask, B, Nk)
     if dropout_p > 0.0 or (attn_mask is not None and kpm is None) or (is_causal and Nq > Nk):
         return _exact(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, return_lse)

@@ -76,13 +76,63 @@ def _path(query: Tensor):
     return cpu
 
 
-def _check(query, key, value, is_causal):
+def check_inputs(query: Tensor, key: Tensor, value: Tensor, key_padding_mask: Optional[Tensor], is_causal: bool,
+                 where: str = "hyper::attention") -> None:
+    """Every shape, dtype and device relation SDPA checks, as a clear ValueError (never a read out of bounds)."""
     if query.dim() != 4 or key.dim() != 4 or value.dim() != 4:
-        raise ValueError("hyper::attention takes [B, H, N, D] query, key and value")
-    if query.shape[1] % key.shape[1]:
-        raise ValueError(f"query heads ({query.shape[1]}) must be a multiple of key/value heads ({key.shape[1]})")
-    if is_causal and query.shape[2] > key.shape[2]:
-        raise ValueError("causal hyper::attention needs n_q <= n_k (it aligns the diagonal bottom-right)")
+        raise ValueError(f"{where} takes [B, H, N, D] query, key and value, got {tuple(query.shape)}, "
+                         f"{tuple(key.shape)}, {tuple(value.shape)}")
+    (B, Hq, _, D), (Bk, Hk, Nk, Dk), (Bv, Hv, Nv, _) = query.shape, key.shape, value.shape
+    if not (query.device == key.device == value.device):
+        raise ValueError(f"{where}: query, key and value must be on one device, got {query.device}, {key.device}, "
+                         f"{value.device}")
+    if not (query.dtype == key.dtype == value.dtype):
+        raise ValueError(f"{where}: query, key and value must have one dtype, got {query.dtype}, {key.dtype}, "
+                         f"{value.dtype}")
+    if not (B == Bk == Bv):
+        raise ValueError(f"{where}: batch sizes differ: query {B}, key {Bk}, value {Bv}")
+    if Hk != Hv:
+        raise ValueError(f"{where}: key has {Hk} heads and value {Hv}; they must be equal")
+    if D != Dk:
+        raise ValueError(f"{where}: query head dim {D} differs from key head dim {Dk}")
+    if Nk != Nv:
+        raise ValueError(f"{where}: key length {Nk} differs from value length {Nv}")
+    if Hk == 0 and Hq != 0 or Hk and Hq % Hk:
+        raise ValueError(f"{where}: query heads ({Hq}) must be a multiple of key/value heads ({Hk})")
+    if is_causal and query.shape[2] > Nk:
+        raise ValueError(f"causal {where} needs n_q <= n_k (it aligns the diagonal bottom-right)")
+    if key_padding_mask is not None:
+        if key_padding_mask.dtype != torch.bool or tuple(key_padding_mask.shape) != (B, Nk):
+            raise ValueError(f"{where}: key_padding_mask must be bool [B, Nk] = [{B}, {Nk}], got "
+                             f"{key_padding_mask.dtype} {tuple(key_padding_mask.shape)}")
+        if key_padding_mask.device != query.device:
+            raise ValueError(f"{where}: key_padding_mask is on {key_padding_mask.device}, query on {query.device}")
+
+
+def _degenerate(query: Tensor, key: Tensor, value: Tensor) -> bool:
+    """Empty batch, heads, lengths or head dim: served by `_dense_math`, as SDPA serves them."""
+    return query.numel() == 0 or key.numel() == 0 or value.shape[2] == 0 or query.shape[-1] == 0
+
+
+def _dense_math(query, key, value, key_padding_mask, is_causal, scale):
+    """Attention written out (only for degenerate shapes): ``(out, lse, probs)``, float math at the inputs'
+    precision; zero keys give zeros and lse -inf."""
+    Hq, Hk = query.shape[1], key.shape[1]
+    k, v = key, value
+    if Hk and Hq != Hk:
+        k, v = key.repeat_interleave(Hq // Hk, 1), value.repeat_interleave(Hq // Hk, 1)
+    scale = query.shape[-1] ** -0.5 if scale is None and query.shape[-1] else (1.0 if scale is None else scale)
+    s = (query.to(lse_dtype(query.dtype)) @ k.to(lse_dtype(query.dtype)).transpose(-1, -2)) * scale
+    nq, nk = query.shape[2], key.shape[2]
+    if is_causal:
+        keep = torch.ones(nq, nk, dtype=torch.bool, device=query.device).tril(nk - nq)
+        s = s.masked_fill(~keep, float("-inf"))
+    if key_padding_mask is not None:
+        s = s.masked_fill(~key_padding_mask[:, None, None, :], float("-inf"))
+    lse = torch.logsumexp(s, -1) if nk else s.new_full(s.shape[:-1], float("-inf"))
+    p = torch.exp(s - lse[..., None]).nan_to_num(0.0) if nk else s
+    out = (p @ v.to(p.dtype)).to(query.dtype) if nk else query.new_zeros(*query.shape[:3], value.shape[-1])
+    return out.contiguous(), lse.contiguous(), p
 
 
 def _pad_last(x: Tensor, size: int) -> Tensor:
@@ -107,7 +157,11 @@ def attention(
 
     ``params``: `hyper_backend.config.encode` of the settings (one int per `HyperConfig` field, -1 = tuned or
     default); ``tune_cache``: the autotuner's cache path, or "" for none."""
-    _check(query, key, value, is_causal)
+    check_inputs(query, key, value, key_padding_mask, is_causal)
+    if _degenerate(query, key, value):
+        counters["hyper"]["op_exact"] += 1
+        out, lse, _ = _dense_math(query, key, value, key_padding_mask, is_causal, scale)
+        return out, lse
     p = resolve_params(query, key, is_causal, params, tune_cache)
     counters["hyper"]["op_hyper" if approximates(query.shape[2], key.shape[2], is_causal, p) else "op_exact"] += 1
     dv = value.shape[-1]
@@ -119,6 +173,7 @@ def attention(
 
 @attention.register_fake
 def _(query, key, value, key_padding_mask, is_causal, scale, params, tune_cache):
+    check_inputs(query, key, value, key_padding_mask, is_causal)
     B, H, N, _ = query.shape
     out = query.new_empty(B, H, N, value.shape[-1])
     lse = query.new_empty(B, H, N, dtype=lse_dtype(query.dtype))
@@ -131,8 +186,10 @@ def attention_backward(
     key_padding_mask: Optional[Tensor], is_causal: bool, scale: Optional[float], params: List[int],
     tune_cache: str,
 ) -> Tuple[Tensor, Tensor, Tensor]:
-    p = resolve_params(query, key, is_causal, params, tune_cache)
     counters["hyper"]["op_backward"] += 1
+    if _degenerate(query, key, value):
+        return _dense_math_backward(grad_out, query, key, value, key_padding_mask, is_causal, scale)
+    p = resolve_params(query, key, is_causal, params, tune_cache)
     d, d_v = query.shape[-1], value.shape[-1]
     q, k, v = query, key, value
     if d != d_v:
@@ -141,6 +198,20 @@ def attention_backward(
     dq, dk, dv = _path(q).attention_backward(grad_out, q, k, v, out, lse, key_padding_mask, is_causal, scale, p)
     return (dq[..., :d].to(query.dtype).contiguous(), dk[..., :d].to(key.dtype).contiguous(),
             dv[..., :d_v].to(value.dtype).contiguous())
+
+
+def _dense_math_backward(grad_out, query, key, value, key_padding_mask, is_causal, scale):
+    """Gradients of `_dense_math` (degenerate shapes only): with no keys, or a zero-sized side, they are zeros
+    except dv = P^T dO (a zero head dim gives uniform attention over the keys)."""
+    dq = torch.zeros_like(query, memory_format=torch.contiguous_format)
+    dk = torch.zeros_like(key, memory_format=torch.contiguous_format)
+    dv = torch.zeros_like(value, memory_format=torch.contiguous_format)
+    if query.numel() and key.shape[2] and value.numel() and query.shape[-1] == 0:
+        _, _, p = _dense_math(query, key, value, key_padding_mask, is_causal, scale)
+        g = query.shape[1] // key.shape[1]
+        full = p.transpose(-1, -2) @ grad_out.to(p.dtype)  # [B, Hq, Nk, Dv]
+        dv = full.view(key.shape[0], key.shape[1], g, *full.shape[2:]).sum(2).to(value.dtype).contiguous()
+    return dq, dk, dv
 
 
 @attention_backward.register_fake

@@ -530,3 +530,87 @@ def test_value_head_dim_may_differ_with_the_approximation(make_qkv):
         out = hyper_attention(q, k, v, is_causal=causal, config=SMALL)
         ref, _ = hyper_attention_reference(q, k, v, None, causal, config=SMALL)
         torch.testing.assert_close(out, ref, rtol=0, atol=1e-10)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# degenerate and inconsistent inputs: what SDPA returns or raises, never a crash or garbage
+# ----------------------------------------------------------------------------------------------------------
+
+DEGENERATE = [  # (q shape, k shape, Dv)
+    ((1, 2, 0, 8), (1, 2, 5, 8), 8),  # no queries
+    ((1, 2, 5, 8), (1, 2, 0, 8), 8),  # no keys: zeros
+    ((1, 0, 5, 8), (1, 0, 5, 8), 8),  # no heads
+    ((1, 2, 5, 0), (1, 2, 5, 0), 8),  # zero head dim: uniform attention
+    ((0, 2, 5, 8), (0, 2, 5, 8), 8),  # empty batch
+]
+
+
+@pytest.mark.parametrize("shapes", DEGENERATE, ids=str)
+@pytest.mark.parametrize("path", ["eager", "compiled"])
+def test_empty_and_zero_sized_inputs_behave_as_sdpa(shapes, path):
+    (qs, ks, dv) = shapes
+    q, k = torch.randn(*qs, requires_grad=True), torch.randn(*ks, requires_grad=True)
+    v = torch.randn(*ks[:3], dv, requires_grad=True)
+    for causal in (False, True):
+        if causal and q.shape[2] > k.shape[2]:
+            continue
+        if path == "eager":
+            out = hyper_attention(q, k, v, is_causal=causal, config=SMALL)
+        else:
+            torch._dynamo.reset()
+            fn = torch.compile(lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=causal),
+                               backend="hyper", options={"min_seq_len": 1, "inner_backend": "aot_eager",
+                                                         "tune_cache": ""})
+            out = fn(q, k, v)
+        ref = F.scaled_dot_product_attention(q, k, v, is_causal=causal and q.shape[2] == k.shape[2])
+        assert out.shape == ref.shape
+        torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
+        out.sum().backward()  # gradients exist and have the inputs' shapes
+        assert q.grad.shape == q.shape and k.grad.shape == k.shape and v.grad.shape == v.shape
+        q.grad = k.grad = v.grad = None
+    torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("make,match", [
+    (lambda: (torch.randn(1, 4, 32, 16), torch.randn(1, 2, 32, 16), torch.randn(1, 1, 32, 16)), "heads"),
+    (lambda: (torch.randn(1, 2, 32, 16), torch.randn(1, 2, 32, 16, device="meta"), torch.randn(1, 2, 32, 16)),
+     "one device"),
+    (lambda: (torch.randn(2, 2, 32, 16), torch.randn(1, 2, 32, 16), torch.randn(1, 2, 32, 16)), "batch"),
+    (lambda: (torch.randn(1, 2, 32, 16), torch.randn(1, 2, 32, 8), torch.randn(1, 2, 32, 16)), "head dim"),
+    (lambda: (torch.randn(1, 2, 32, 16), torch.randn(1, 2, 32, 16), torch.randn(1, 2, 30, 16)), "length"),
+    (lambda: (torch.randn(1, 2, 32, 16), torch.randn(1, 2, 32, 16).double(), torch.randn(1, 2, 32, 16)), "dtype"),
+])
+def test_inconsistent_inputs_raise_clear_errors(make, match):
+    q, k, v = make()
+    with pytest.raises(ValueError, match=match):
+        hyper_attention(q, k, v, enable_gqa=True, config=SMALL)
+    with pytest.raises(ValueError, match=match):
+        torch.ops.hyper.attention(q, k, v, None, False, None, encode(SMALL), "")
+
+
+@pytest.mark.parametrize("p", [-0.5, float("nan"), 1.5])
+def test_dropout_outside_0_1_raises(p):
+    q = torch.randn(1, 2, 64, 16)
+    with pytest.raises(ValueError, match="dropout_p"):
+        hyper_attention(q, q, q, dropout_p=p, config=SMALL)
+
+
+def test_forward_mode_ad_raises_instead_of_a_zero_tangent():
+    q = torch.randn(1, 1, 64, 8, dtype=F64)
+    with pytest.raises(NotImplementedError, match="forward-mode"):
+        torch.func.jvp(lambda x: hyper_attention(x, x, x, config=SMALL), (q,), (torch.ones_like(q),))
+    from torch.autograd import forward_ad
+
+    with forward_ad.dual_level(), pytest.raises(NotImplementedError, match="forward-mode"):
+        hyper_attention(forward_ad.make_dual(q, torch.ones_like(q)), q, q, config=SMALL)
+
+
+def test_oversized_settings_are_fitted_to_the_call():
+    """A sample or block size far beyond the call (as a hostile tuning entry could hold) allocates O(n)."""
+    from hyper_backend.kernels.op import fit
+
+    p = fit(HyperConfig(block_size=2**31 - 1, sample_size=2**31 - 1, sink_keys=10**6, local_window=10**9), 64, 80)
+    assert (p.block_size, p.sample_size, p.sink_keys, p.local_window) == (80, 80, 80, 160)
+    q = torch.randn(1, 1, 64, 16)
+    out = hyper_attention(q, q, q, config=HyperConfig(sample_size=2**31 - 1, min_seq_len=16, block_size=16))
+    assert torch.isfinite(out).all()
