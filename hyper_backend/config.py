@@ -254,22 +254,53 @@ def default_tune_cache() -> str:
 # HYPER_LAYERS / options["layers"]: which attention sites, numbered in model execution order, are swapped.
 # ----------------------------------------------------------------------------------------------------------
 
-_RANGE = re.compile(r"^(\d+)(?:-(\d+))?$")
+_RANGE = re.compile(r"^([0-9]{1,100})(?:-([0-9]{1,100}))?$")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, init=False)
 class LayerSelection:
     """A set of attention-site indices: ``all``, ``none``, ``first:K``, ``last:K`` or ``0,2,10-13``.
 
     ``last:K`` needs the total number of sites, which is known only once they are all numbered; see
     :meth:`contains`.
+
+    A set is stored as sorted, disjoint, non-adjacent inclusive ranges (``ranges``), never expanded, so
+    ``0-100000000000000000`` costs two integers. ``LayerSelection("set", indices={0, 2})`` and
+    ``LayerSelection("set", ranges=[(10, 13)])`` both build one; equal sets compare equal however written.
     """
 
     kind: str  # "all" | "none" | "first" | "last" | "set"
     count: int = 0
-    indices: frozenset = frozenset()
+    ranges: tuple = ()  # ((lo, hi), ...) inclusive, for "set"
 
     ACCEPTED = "'all', 'none', 'first:K', 'last:K', or a list of indices and ranges such as '0,2,10-13'"
+    KEY_EXPANDED = 4096  # sets of at most this many indices keep the expanded key "set:0,1,2,3" (stable)
+
+    def __init__(self, kind: str, count: int = 0, indices=(), ranges=()):
+        spans = sorted([(int(lo), int(hi)) for lo, hi in ranges] + [(int(i), int(i)) for i in indices])
+        merged: list = []
+        for lo, hi in spans:
+            if hi < lo:
+                raise ValueError(f"range {lo}-{hi} is reversed")
+            if merged and lo <= merged[-1][1] + 1:
+                merged[-1] = (merged[-1][0], max(merged[-1][1], hi))
+            else:
+                merged.append((lo, hi))
+        object.__setattr__(self, "kind", kind)
+        object.__setattr__(self, "count", count)
+        object.__setattr__(self, "ranges", tuple(merged))
+
+    @property
+    def size(self) -> int:
+        """How many indices a set holds."""
+        return sum(hi - lo + 1 for lo, hi in self.ranges)
+
+    @property
+    def indices(self) -> frozenset:
+        """A set's indices, expanded; refused (ValueError) above 2**20 of them."""
+        if self.size > 1 << 20:
+            raise ValueError(f"{self.key()} holds {self.size} indices, too many to expand")
+        return frozenset(i for lo, hi in self.ranges for i in range(lo, hi + 1))
 
     @classmethod
     def parse(cls, text) -> "LayerSelection":
@@ -278,7 +309,7 @@ class LayerSelection:
         if isinstance(text, (list, tuple, set, frozenset)):
             if not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in text):
                 raise ValueError(f"expected non-negative ints; accepted forms: {cls.ACCEPTED}")
-            return cls("set", indices=frozenset(text))
+            return cls("set", indices=text)
         if not isinstance(text, str):
             raise ValueError(f"expected a string; accepted forms: {cls.ACCEPTED}")
         s = text.strip().lower().replace(" ", "")
@@ -290,16 +321,16 @@ class LayerSelection:
                 if not k.isdigit():
                     raise ValueError(f"{kind}:K needs a non-negative integer K; accepted forms: {cls.ACCEPTED}")
                 return cls(kind, count=int(k))
-        idx = set()
+        spans = []
         for part in s.split(","):
             m = _RANGE.match(part)
             if not m:
-                raise ValueError(f"cannot read {part!r}; accepted forms: {cls.ACCEPTED}")
+                raise ValueError(f"cannot read {part[:120]!r}; accepted forms: {cls.ACCEPTED}")
             lo, hi = int(m.group(1)), int(m.group(2) or m.group(1))
             if hi < lo:
                 raise ValueError(f"range {part!r} is reversed; accepted forms: {cls.ACCEPTED}")
-            idx.update(range(lo, hi + 1))
-        return cls("set", indices=frozenset(idx))
+            spans.append((lo, hi))
+        return cls("set", ranges=spans)
 
     def contains(self, index: int, total: Optional[int]) -> bool:
         if self.kind == "all":
@@ -312,12 +343,18 @@ class LayerSelection:
             if total is None:
                 raise ValueError("last:K needs the total number of attention sites")
             return index >= total - self.count
-        return index in self.indices
+        import bisect
+
+        at = bisect.bisect_right(self.ranges, index, key=lambda r: r[0]) - 1
+        return at >= 0 and index <= self.ranges[at][1]
 
     def key(self) -> str:
-        """A stable text form, used in cache keys."""
+        """A stable text form, used in cache keys: ``set:0,1,2,3`` for sets of at most `KEY_EXPANDED` indices
+        (as before ranges were stored), else the ranges, ``set:0-5,7,10-100000``."""
         if self.kind in ("all", "none"):
             return self.kind
         if self.kind in ("first", "last"):
             return f"{self.kind}:{self.count}"
-        return "set:" + ",".join(str(i) for i in sorted(self.indices))
+        if self.size <= self.KEY_EXPANDED:
+            return "set:" + ",".join(str(i) for lo, hi in self.ranges for i in range(lo, hi + 1))
+        return "set:" + ",".join(str(lo) if lo == hi else f"{lo}-{hi}" for lo, hi in self.ranges)
