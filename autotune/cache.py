@@ -24,10 +24,24 @@ takes the entry of the nearest tuned bucket for the same device, dtype, head dim
 device default ``min_seq_len`` if there is one. Devices are named ``cpu:<model name from /proc/cpuinfo>`` or
 ``cuda:<torch.cuda.get_device_name()>:sm<major><minor>``.
 
+Reading never fails a call: a missing file means no tuning; anything else that is not a well-formed cache of
+this version (not a regular file, not JSON, nested too deeply, numbers of more than 4300 digits, foreign JSON,
+another schema version) is ignored with a `CacheWarning`, and so is each entry or default whose fields are
+out of range (bucket < 1, params `HyperConfig` refuses, ...).
+
 Writes (`record`) merge into the file under an exclusive ``fcntl.flock`` on ``<path>.lock`` and replace it
 atomically (temporary file in the same directory, then ``os.replace``), so concurrent tuning runs never
-corrupt it or lose each other's entries. A malformed or foreign-version file is ignored with a warning when
-read, and set aside (``<path>.bad`` / ``<path>.v<N>``) before the first write replaces it.
+corrupt it or lose each other's entries. A write only ever replaces a file that is ours:
+
+- the path may be absent, an empty regular file, or a regular file holding a cache of our schema;
+- anything else (a directory, a device node, a FIFO, a socket, a text file, JSON of another program, a file
+  that cannot be read) is refused with `CachePathError` and left untouched; `check_writable` makes the same
+  check, and probes the directory, so the tuner can refuse before it tunes;
+- a file of our schema but another version (or malformed) is set aside next to it as ``<path>.v<N>`` (or
+  ``<path>.bad``) under a name that does not exist yet (``<path>.v<N>.1``, ... if it does); nothing else is
+  ever renamed or deleted;
+- symlinks are followed: the target is updated and the link kept;
+- a new file gets mode ``0o666 & ~umask``; an updated file keeps its mode (and, best effort, its owner).
 
 This module imports neither the kernels nor the search code: the op imports it.
 """
@@ -39,6 +53,7 @@ import json
 import math
 import os
 import platform
+import stat
 import tempfile
 import warnings
 from typing import Dict, Iterable, List, Optional, Tuple
@@ -58,6 +73,14 @@ except ImportError:  # not POSIX: writes stay atomic, but concurrent writers may
 
 class CacheWarning(UserWarning):
     """The tuning cache could not be used (it is then ignored, never fatal)."""
+
+
+class CachePathError(OSError):
+    """The cache path names something the tuner must not write; nothing was touched. ``str()`` is one line."""
+
+
+MAX_BYTES = 64 << 20  # a larger file is not a tuning cache (an entry is well under a kilobyte)
+MAX_INT_DIGITS = 4300  # longer integer literals are kept as strings (and so fail validation), never parsed
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -116,7 +139,170 @@ def entry_key(device: str, dtype: str, head_dim: int, causal: bool, bucket_: int
 
 
 # ----------------------------------------------------------------------------------------------------------
-# reading: parsed once per (path, mtime, size), then dictionary lookups
+# loading and classifying a file: shared by the op's reads and the tuner's writes
+# ----------------------------------------------------------------------------------------------------------
+
+def _shown(text: str, limit: int = 200) -> str:
+    """``text`` on one line, at most ``limit`` characters (warnings and errors quote untrusted content)."""
+    text = " ".join(str(text).split())
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+def _shown_path(path: str) -> str:
+    return path if path.isprintable() else repr(path)
+
+
+_KINDS = ((stat.S_ISDIR, "a directory"), (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
+          (stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"), (stat.S_ISLNK, "a symlink"))
+
+
+def _kind(mode: int) -> str:
+    for test, name in _KINDS:
+        if test(mode):
+            return name
+    return "not a regular file"
+
+
+class _Unusable(Exception):
+    """The file exists but is not something this module can read as JSON (the message says why)."""
+
+
+def _parse_int(text: str):
+    # Python refuses int() of more than 4300 digits (ValueError); keep such literals as strings instead, so one
+    # hostile number costs one entry, not the file
+    return text if len(text) > MAX_INT_DIGITS else int(text)
+
+
+_EMPTY = object()
+
+
+def _load(path: str):
+    """The JSON content of the regular file at ``path`` (symlinks followed), or `_EMPTY` for an empty file.
+
+    Raises FileNotFoundError when nothing is there, `_Unusable` for anything else that is not readable JSON.
+    Only a regular file is ever opened (a FIFO would block, a device node may have side effects)."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        raise
+    except (OSError, ValueError) as e:
+        raise _Unusable(f"cannot be inspected ({_shown(e)})") from None
+    if not stat.S_ISREG(st.st_mode):
+        raise _Unusable(f"is {_kind(st.st_mode)}, not a regular file")
+    if st.st_size > MAX_BYTES:
+        raise _Unusable(f"is {st.st_size} bytes, larger than a tuning cache can be ({MAX_BYTES})")
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
+    except FileNotFoundError:
+        raise
+    except OSError as e:
+        raise _Unusable(f"cannot be read ({_shown(e)})") from None
+    with os.fdopen(fd, "rb") as f:
+        if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):  # replaced between stat and open
+            raise _Unusable("is not a regular file")
+        try:
+            raw = f.read(MAX_BYTES + 1)
+        except OSError as e:
+            raise _Unusable(f"cannot be read ({_shown(e)})") from None
+    if len(raw) > MAX_BYTES:
+        raise _Unusable(f"is larger than a tuning cache can be ({MAX_BYTES} bytes)")
+    if not raw:
+        return _EMPTY
+    try:
+        return json.loads(raw.decode("utf-8"), parse_int=_parse_int)
+    except RecursionError:
+        raise _Unusable("is not JSON this module can read (nested too deeply)") from None
+    except (UnicodeDecodeError, ValueError) as e:  # JSONDecodeError is a ValueError
+        raise _Unusable(f"is not JSON ({_shown(e)})") from None
+
+
+def _classify(data) -> Tuple[str, str]:
+    """(``"current"`` | ``"ours"`` | ``"foreign"``, why). ``"ours"``: our schema, unusable by this version."""
+    if not isinstance(data, dict) or data.get("schema") != SCHEMA:
+        return "foreign", "holds JSON that is not a hyper_backend tuning cache"
+    version = data.get("version")
+    if version != VERSION or isinstance(version, bool):
+        return "ours", f"schema version {_shown(repr(version), 40)}, this hyper_backend reads version {VERSION}"
+    if not isinstance(data.get("entries", {}), dict) or not isinstance(data.get("defaults", {}), dict):
+        return "ours", "malformed (entries/defaults are not objects)"
+    return "current", ""
+
+
+# ----------------------------------------------------------------------------------------------------------
+# validating entries: every field an entry or default must have, with the types and ranges a lookup needs
+# ----------------------------------------------------------------------------------------------------------
+
+def _int_field(name: str, value, lo: int, hi: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
+        raise ValueError(f"{name} must be an int in [{lo}, {hi}], got {_shown(repr(value), 60)}")
+    return value
+
+
+def _str_field(name: str, value) -> str:
+    if not isinstance(value, str):
+        raise ValueError(f"{name} must be a string, got {_shown(repr(value), 60)}")
+    return value
+
+
+def _valid_params(params) -> dict:
+    """Only `HyperConfig` fields, with values it accepts. Raises ValueError otherwise."""
+    if not isinstance(params, dict):
+        raise ValueError("params is not an object")
+    unknown = set(params) - set(FIELDS)
+    if unknown:
+        raise ValueError(f"unknown fields {_shown(sorted(map(str, unknown)), 120)}")
+    try:
+        HyperConfig(**params)  # range checks
+    except (TypeError, ValueError) as e:
+        raise ValueError(_shown(e, 160)) from None
+    return dict(params)
+
+
+def _entry_fields(e) -> Tuple[Tuple[str, str, int, bool], int, dict]:
+    """((device, dtype, head_dim, causal), bucket, params) of an ``entries`` value; ValueError if unusable."""
+    if not isinstance(e, dict):
+        raise ValueError("not an object")
+    try:
+        group = (_str_field("device", e["device"]), _str_field("dtype", e["dtype"]),
+                 _int_field("head_dim", e["head_dim"], 1, 2**31 - 1), e["causal"])
+        if not isinstance(group[3], bool):
+            raise ValueError(f"causal must be true or false, got {_shown(repr(group[3]), 60)}")
+        b = _int_field("bucket", e["bucket"], 1, 2**62)
+        params = _valid_params(e["params"])
+    except KeyError as missing:
+        raise ValueError(f"no field {_shown(missing, 60)}") from None
+    if not isinstance(e.get("tuned", {}), dict):
+        raise ValueError("tuned is not an object")
+    return group, b, params
+
+
+def _default_fields(e) -> Tuple[Tuple[str, str, int], dict]:
+    """((device, dtype, head_dim), params) of a ``defaults`` value; ValueError if unusable."""
+    if not isinstance(e, dict):
+        raise ValueError("not an object")
+    try:
+        group = (_str_field("device", e["device"]), _str_field("dtype", e["dtype"]),
+                 _int_field("head_dim", e["head_dim"], 1, 2**31 - 1))
+        params = _valid_params({"min_seq_len": e["min_seq_len"]})
+    except KeyError as missing:
+        raise ValueError(f"no field {_shown(missing, 60)}") from None
+    if not isinstance(e.get("crossover", {}), dict):
+        raise ValueError("crossover is not an object")
+    return group, params
+
+
+def _warn_ignored(path: str, what: str, problems: List[Tuple[str, str]], stacklevel: int) -> None:
+    """One warning for every ignored entry of a file (a hostile file may hold millions)."""
+    if not problems:
+        return
+    shown = "; ".join(f"{_shown(repr(key), 60)} ({why})" for key, why in problems[:3])
+    more = f"; and {len(problems) - 3} more" if len(problems) > 3 else ""
+    warnings.warn(f"tuning cache {_shown_path(path)}: {len(problems)} {what} ignored: {shown}{more}", CacheWarning,
+                  stacklevel=stacklevel)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# reading: parsed once per (path, inode, mtime, size), then dictionary lookups
 # ----------------------------------------------------------------------------------------------------------
 
 class _Index:
@@ -125,21 +311,26 @@ class _Index:
     def __init__(self, data: dict, path: str):
         self.groups: Dict[Tuple[str, str, int, bool], List[Tuple[int, dict, dict]]] = {}
         self.defaults: Dict[Tuple[str, str, int], dict] = {}
+        bad: List[Tuple[str, str]] = []
         for key, e in data.get("entries", {}).items():
             try:
-                params = _valid_params(e["params"])
-                group = (str(e["device"]), str(e["dtype"]), int(e["head_dim"]), bool(e["causal"]))
-                self.groups.setdefault(group, []).append((int(e["bucket"]), params, e))
-            except (KeyError, TypeError, ValueError) as err:
-                warnings.warn(f"tuning cache {path}: entry {key!r} ignored ({err})", CacheWarning, stacklevel=4)
+                group, b, params = _entry_fields(e)
+            except ValueError as err:
+                bad.append((key, str(err)))
+                continue
+            self.groups.setdefault(group, []).append((b, params, e))
+        _warn_ignored(path, "entries", bad, stacklevel=5)
         for group in self.groups.values():
             group.sort(key=lambda item: item[0])
+        bad = []
         for key, e in data.get("defaults", {}).items():
             try:
-                params = _valid_params({"min_seq_len": e["min_seq_len"]})
-                self.defaults[(str(e["device"]), str(e["dtype"]), int(e["head_dim"]))] = dict(e, params=params)
-            except (KeyError, TypeError, ValueError) as err:
-                warnings.warn(f"tuning cache {path}: default {key!r} ignored ({err})", CacheWarning, stacklevel=4)
+                group, params = _default_fields(e)
+            except ValueError as err:
+                bad.append((key, str(err)))
+                continue
+            self.defaults[group] = dict(e, params=params)
+        _warn_ignored(path, "defaults", bad, stacklevel=5)
 
     def find(self, device, dtype, head_dim, causal, seq_len) -> Optional[Tuple[str, dict, dict]]:
         entries = self.groups.get((device, dtype, head_dim, causal))
@@ -154,55 +345,48 @@ class _Index:
         return None
 
 
-def _valid_params(params) -> dict:
-    """Only `HyperConfig` fields, with values it accepts. Raises ValueError otherwise."""
-    if not isinstance(params, dict):
-        raise ValueError("params is not an object")
-    unknown = set(params) - set(FIELDS)
-    if unknown:
-        raise ValueError(f"unknown fields {sorted(unknown)}")
-    HyperConfig(**params)  # range checks
-    return dict(params)
-
-
-_parsed: Dict[str, Tuple[Tuple[int, int], Optional[_Index]]] = {}
+_parsed: Dict[str, Tuple[tuple, Optional[_Index]]] = {}
 
 
 def _index(path: str) -> Optional[_Index]:
     try:
         st = os.stat(path)
-    except OSError:
+    except (OSError, ValueError):  # absent, unreachable, or not a path at all (NUL byte)
         return None
-    stamp = (st.st_mtime_ns, st.st_size)
+    stamp = (st.st_dev, st.st_ino, st.st_mtime_ns, st.st_size, st.st_mode)
     hit = _parsed.get(path)
     if hit is not None and hit[0] == stamp:
         return hit[1]
-    data = _read(path)
-    index = _Index(data, path) if data is not None else None
+    try:
+        data = _read(path)
+        index = _Index(data, path) if data is not None else None
+    except Exception as e:  # noqa: BLE001 - a cache must never break a call; say what happened and go on
+        warnings.warn(f"tuning cache {_shown_path(path)} ignored: {type(e).__name__}: {_shown(e)}", CacheWarning,
+                      stacklevel=3)
+        index = None
     _parsed[path] = (stamp, index)
     return index
 
 
 def _read(path: str, *, quiet: bool = False) -> Optional[dict]:
-    """The file's content if it is a cache of this version; None (with a warning) otherwise."""
+    """The file's content if it is a cache of this version; None (with a warning unless ``quiet``) otherwise.
+    A missing or empty file is None without a warning (nothing tuned yet)."""
     problem = None
     try:
-        with open(path, encoding="utf-8") as f:
-            data = json.load(f)
+        data = _load(path)
     except FileNotFoundError:
         return None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        data, problem = None, f"unreadable ({e})"
+    except _Unusable as e:
+        data, problem = None, str(e)
+    if data is _EMPTY:
+        return None
     if problem is None:
-        if not isinstance(data, dict) or data.get("schema") != SCHEMA:
-            problem = "not a hyper_backend tuning cache"
-        elif data.get("version") != VERSION:
-            problem = f"schema version {data.get('version')!r}, this hyper_backend reads version {VERSION}"
-        elif not isinstance(data.get("entries", {}), dict) or not isinstance(data.get("defaults", {}), dict):
-            problem = "malformed (entries/defaults are not objects)"
+        kind, why = _classify(data)
+        if kind != "current":
+            problem = why
     if problem is not None:
         if not quiet:
-            warnings.warn(f"tuning cache {path} ignored: {problem}", CacheWarning, stacklevel=4)
+            warnings.warn(f"tuning cache {_shown_path(path)} ignored: {problem}", CacheWarning, stacklevel=4)
         return None
     return data
 
@@ -212,16 +396,21 @@ def lookup_tuned(path: str, *, device: torch.device, dtype: torch.dtype, head_di
     """Tuned parameters for a call, or None.
 
     Returns a dict with some of the `HyperConfig` field names (``block_size``, ``sample_size``,
-    ``lsh_num_projs``, ``min_seq_len``, ``causal_depth`` (may be None), ``seed``) from the entry of the
+    ``lsh_num_projs``, ``min_seq_len``, ``causal_depth`` (may be None), ``seed``, ...) from the entry of the
     nearest tuned length bucket for this device, dtype, head dim and causality, else ``{"min_seq_len": ...}``
     from the device default, else None (no file, no match, or an unusable file, which warns once per version
-    of the file). The parsed file is kept per path and modification time, so a call costs one ``os.stat``.
+    of the file). Every value returned is one `HyperConfig` accepts; entries it refuses are ignored with a
+    `CacheWarning`. The parsed file is kept per path and version, so a call costs one ``os.stat``.
     """
     index = _index(path)
     if index is None:
         return None
     hit = index.find(device_key(device), dtype_name(dtype), int(head_dim), bool(causal), int(seq_len))
     return None if hit is None else dict(hit[1])
+
+
+def _number(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
 
 
 def describe_entry(path: str, *, device: torch.device, dtype: torch.dtype, head_dim: int, causal: bool,
@@ -247,8 +436,8 @@ def describe_entry(path: str, *, device: torch.device, dtype: torch.dtype, head_
         shown = ", ".join(f"{k}={v}" for k, v in params.items())
         how = out["tuned"]
         extra = ""
-        if "time_s" in how and "error" in how:
-            extra = f"; tuned at n={how.get('seq_len')}: {how['time_s']:.3g} s, error {how['error']:.3g}"
+        if _number(how.get("time_s")) and _number(how.get("error")):
+            extra = f"; tuned at n={_shown(how.get('seq_len'), 40)}: {how['time_s']:.3g} s, error {how['error']:.3g}"
         out["summary"] = (f"tuned entry {'causal' if causal else 'non-causal'} bucket {raw['bucket']} for "
                           f"n={seq_len}: {shown}{extra} ({path})")
     else:
@@ -258,37 +447,138 @@ def describe_entry(path: str, *, device: torch.device, dtype: torch.dtype, head_
 
 
 # ----------------------------------------------------------------------------------------------------------
-# writing: merge under a lock, replace atomically
+# writing: only a file that is ours; merge under a lock, replace atomically
 # ----------------------------------------------------------------------------------------------------------
 
+def _real(path: str) -> str:
+    """The file a write to ``path`` updates: symlinks resolved, so the link is kept and its target updated."""
+    if not isinstance(path, str) or not path or "\0" in path:
+        raise CachePathError(f"tuning cache path {path!r} is not a file path")
+    return os.path.realpath(path)
+
+
+def _refuse(path: str, why: str) -> CachePathError:
+    return CachePathError(f"tuning cache {_shown_path(path)} {why}; refusing to write it (nothing was changed). "
+                          f"Move it away or choose another path (--cache or HYPER_TUNE_CACHE)")
+
+
+class _Target:
+    """What is at the real cache path: ``kind`` is "absent", "empty", "current" (``data`` holds it) or "aside"
+    (ours but unusable: ``suffix`` is where it goes); ``st`` is its stat (None when absent)."""
+
+    def __init__(self, kind, data=None, suffix=None, st=None):
+        self.kind, self.data, self.suffix, self.st = kind, data, suffix, st
+
+
+def _inspect(path: str, real: str) -> _Target:
+    """Classify the file at ``real`` for a write, or raise `CachePathError` if it is not ours."""
+    try:
+        data = _load(real)
+    except FileNotFoundError:
+        return _Target("absent")
+    except _Unusable as e:
+        raise _refuse(path, str(e)) from None
+    st = os.stat(real)
+    if data is _EMPTY:
+        return _Target("empty", st=st)
+    kind, why = _classify(data)
+    if kind == "foreign":
+        raise _refuse(path, why)
+    if kind == "current":
+        return _Target("current", data=data, st=st)
+    version = data.get("version")
+    ok = isinstance(version, int) and not isinstance(version, bool) and 0 <= version < 10**9
+    return _Target("aside", suffix=f".v{version}" if ok and version != VERSION else ".bad", st=st)
+
+
 @contextlib.contextmanager
-def _locked(path: str):
-    directory = os.path.dirname(os.path.abspath(path))
+def _locked(real: str, path: Optional[str] = None):
+    """An exclusive lock on ``<real>.lock``, which must be a regular file (created if missing)."""
+    path = real if path is None else path
+    directory = os.path.dirname(real)
     os.makedirs(directory, exist_ok=True)
-    with open(path + ".lock", "a+") as lock:
+    lock_path = real + ".lock"
+    try:
+        st = os.lstat(lock_path)
+        if not stat.S_ISREG(st.st_mode):
+            raise _refuse(path, f"has a lock path {_shown_path(lock_path)} that is {_kind(st.st_mode)}")
+    except FileNotFoundError:
+        pass
+    flags = (os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0)
+             | getattr(os, "O_CLOEXEC", 0))
+    fd = os.open(lock_path, flags, 0o666)
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise _refuse(path, f"has a lock path {_shown_path(lock_path)} that is not a regular file")
         if fcntl is not None:
-            fcntl.flock(lock.fileno(), fcntl.LOCK_EX)
+            fcntl.flock(fd, fcntl.LOCK_EX)
         try:
             yield
         finally:
             if fcntl is not None:
-                fcntl.flock(lock.fileno(), fcntl.LOCK_UN)
+                fcntl.flock(fd, fcntl.LOCK_UN)
+    finally:
+        os.close(fd)
 
 
-def _set_aside(path: str) -> None:
-    """Keep an unusable file next to the cache before replacing it (``.bad``, or ``.v<N>`` for another
-    version of the schema, which a newer hyper_backend may still want)."""
-    suffix = ".bad"
+def _umask() -> int:
     try:
-        with open(path, encoding="utf-8") as f:
-            data = json.load(f)
-        if isinstance(data, dict) and data.get("schema") == SCHEMA and data.get("version") != VERSION:
-            suffix = f".v{data.get('version')}"
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
         pass
-    os.replace(path, path + suffix)
-    warnings.warn(f"tuning cache {path}: unusable file moved to {path + suffix}; starting a new cache",
-                  CacheWarning, stacklevel=4)
+    mask = os.umask(0o022)  # no /proc: read it the only portable way (and put it back at once)
+    os.umask(mask)
+    return mask
+
+
+def check_writable(path: str) -> str:
+    """Raise `CachePathError` (one line, naming the path and the reason) unless `record` may write ``path``:
+    it must be absent, an empty regular file, or a cache of our schema, and its directory writable (created if
+    missing, then probed with a temporary file). Returns the real path (symlinks resolved). Changes nothing
+    else. The tuner calls this before it tunes."""
+    real = _real(path)
+    directory = os.path.dirname(real)
+    try:
+        os.makedirs(directory, exist_ok=True)
+    except OSError as e:
+        raise CachePathError(f"tuning cache {_shown_path(path)}: cannot create its directory "
+                             f"{_shown_path(directory)} ({e.strerror or _shown(e)})") from None
+    _inspect(path, real)  # first without the lock: a refused path gets no lock file next to it
+    try:
+        with _locked(real, path):
+            _inspect(path, real)
+            fd, probe = tempfile.mkstemp(prefix=".tune-probe-", suffix=".json", dir=directory)
+            os.close(fd)
+            os.unlink(probe)
+    except CachePathError:
+        raise
+    except OSError as e:
+        raise CachePathError(f"tuning cache {_shown_path(path)}: its directory {_shown_path(directory)} is not "
+                             f"writable ({e.strerror or _shown(e)})") from None
+    return real
+
+
+def _set_aside(path: str, real: str, suffix: str) -> str:
+    """Keep a file of our schema that this version cannot use next to the cache, under a name that does not
+    exist yet, before the write replaces it. Returns that name."""
+    base = real + suffix
+    for i in range(1000):
+        candidate = base if i == 0 else f"{base}.{i}"
+        try:
+            os.link(real, candidate)  # fails if candidate exists: never overwrites; the write then replaces real
+        except FileExistsError:
+            continue
+        except OSError:  # no hard links here: rename, after checking (we hold the lock)
+            if os.path.lexists(candidate):
+                continue
+            os.rename(real, candidate)
+        warnings.warn(f"tuning cache {_shown_path(path)}: a file of schema {SCHEMA} that this version cannot use "
+                      f"was kept as {_shown_path(candidate)}; starting a new cache", CacheWarning, stacklevel=4)
+        return candidate
+    raise _refuse(path, f"cannot be set aside (every name {_shown_path(base)}[.N] is taken)")
 
 
 def make_entry(*, device: str, dtype: str, head_dim: int, causal: bool, seq_len: int, params: dict,
@@ -306,38 +596,49 @@ def make_default(*, device: str, dtype: str, head_dim: int, min_seq_len: int, cr
 
 def record(path: str, entries: Iterable[dict] = (), defaults: Iterable[dict] = ()) -> None:
     """Merge ``entries`` (from `make_entry`) and ``defaults`` (from `make_default`) into the cache at ``path``,
-    replacing those with the same key. Atomic and serialized across processes."""
+    replacing those with the same key. Atomic and serialized across processes.
+
+    Raises `CachePathError` (and changes nothing) if ``path`` names something that is not ours; see the module
+    docstring for the rules."""
     entries, defaults = list(entries), list(defaults)
-    with _locked(path):
-        data = _read(path, quiet=True) if os.path.exists(path) else None
-        if data is None and os.path.exists(path):
-            _set_aside(path)
-        if data is None:
-            data = {"schema": SCHEMA, "version": VERSION, "entries": {}, "defaults": {}}
+    real = _real(path)
+    _inspect(path, real)  # first without the lock: a refused path gets no lock file next to it
+    with _locked(real, path):
+        target = _inspect(path, real)
+        if target.kind == "aside":
+            _set_aside(path, real, target.suffix)
+        data = target.data if target.kind == "current" else {"schema": SCHEMA, "version": VERSION}
+        data.setdefault("entries", {})
+        data.setdefault("defaults", {})
         _drop_invalid(path, data)
         for e in entries:
             data["entries"][entry_key(e["device"], e["dtype"], e["head_dim"], e["causal"], e["bucket"])] = e
         for e in defaults:
             data["defaults"][_group(e["device"], e["dtype"], e["head_dim"])] = e
-        _write_atomic(path, data)
+        _write_atomic(real, data, like=target.st if target.kind in ("current", "empty") else None)
 
 
 def _drop_invalid(path: str, data: dict) -> None:
     """Remove entries and defaults a lookup would ignore, so they do not warn forever."""
-    for section, check in (("entries", lambda e: _valid_params(e["params"]) and e["bucket"] > 0),
-                           ("defaults", lambda e: _valid_params({"min_seq_len": e["min_seq_len"]}))):
-        kept = {}
-        for key, e in data.setdefault(section, {}).items():
+    for section, check in (("entries", _entry_fields), ("defaults", _default_fields)):
+        kept, bad = {}, []
+        for key, e in data[section].items():
             try:
                 check(e)
                 kept[key] = e
-            except (KeyError, TypeError, ValueError) as err:
-                warnings.warn(f"tuning cache {path}: dropping {section[:-1]} {key!r} ({err})", CacheWarning,
-                              stacklevel=4)
+            except ValueError as err:
+                bad.append((key, str(err)))
+        if bad:
+            shown = "; ".join(f"{_shown(repr(key), 60)} ({why})" for key, why in bad[:3])
+            more = f"; and {len(bad) - 3} more" if len(bad) > 3 else ""
+            warnings.warn(f"tuning cache {_shown_path(path)}: dropping {len(bad)} {section}: {shown}{more}",
+                          CacheWarning, stacklevel=4)
         data[section] = kept
 
 
-def _write_atomic(path: str, data: dict) -> None:
+def _write_atomic(path: str, data: dict, like: Optional[os.stat_result] = None) -> None:
+    """Replace the regular file ``path`` (already resolved) with ``data``. Mode: ``like``'s (the file being
+    updated), else ``0o666 & ~umask`` as for any new file; ``like``'s owner too, where we may set it."""
     directory = os.path.dirname(os.path.abspath(path))
     fd, tmp = tempfile.mkstemp(prefix=".tune-", suffix=".json", dir=directory)
     try:
@@ -345,8 +646,11 @@ def _write_atomic(path: str, data: dict) -> None:
             json.dump(data, f, indent=1, sort_keys=True)
             f.write("\n")
             f.flush()
+            if like is not None and hasattr(os, "fchown"):
+                with contextlib.suppress(OSError):
+                    os.fchown(f.fileno(), like.st_uid, like.st_gid)
+            os.fchmod(f.fileno(), stat.S_IMODE(like.st_mode) if like is not None else 0o666 & ~_umask())
             os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):

@@ -176,10 +176,20 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parser.parse_args(argv)
     settings = settings_from_args(args, parser)
 
+    from .cache import check_writable
+
+    # refuse a cache path we must not write (a directory, a device, someone else's file) or cannot write
+    # (an unwritable directory) now, not after the whole tuning run
+    try:
+        check_writable(settings.cache_path)
+    except OSError as e:
+        print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
+        return 1
+
     from rich.console import Console
 
     from . import display
-    from .cache import CacheWarning
+    from .cache import CachePathError, CacheWarning
     from .search import Tuner
 
     console = Console(width=None if sys.stdout.isatty() else 160)
@@ -192,8 +202,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         try:
             with display.RichProgress(console) as progress:
                 results, cross = Tuner(settings, progress).run()
-        except OSError as e:
-            console.print(f"[red]error:[/red] cannot write the tuning cache {settings.cache_path}: {e}")
+        except OSError as e:  # e.g. the path changed while tuning (`record` checks it again)
+            from rich.markup import escape
+
+            text = str(e)
+            if not isinstance(e, CachePathError):
+                text = f"cannot write the tuning cache {settings.cache_path}: {text}"
+            console.print(f"[red]error:[/red] {escape(text)}")
             return 1
     for w in caught:
         console.print(f"[yellow]warning:[/yellow] {w.message}")

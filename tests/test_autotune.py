@@ -187,15 +187,19 @@ def test_corrupted_or_foreign_cache_is_ignored_with_a_warning(tmp_path, content)
     q = torch.randn(1, 1, 64, 16)
     out = torch.ops.hyper.attention(q, q, q, None, True, None, [UNSET] * len(FIELDS), path)[0]
     assert out.shape == q.shape
-    # the next write sets the unusable file aside and starts a valid cache
+    if content.startswith(("{not", "[")):  # not ours: the tuner refuses to replace it (issue 12; see
+        with pytest.raises(cache.CachePathError):  # tests/test_reliability.py)
+            cache.record(path, [_entry(4096)])
+        assert open(path).read() == content and os.listdir(tmp_path) == ["tune.json"]
+        return
+    # the next write sets a file of our schema it cannot use aside and starts a valid cache
     with warnings.catch_warnings(record=True):
         warnings.simplefilter("always")
         cache.record(path, [_entry(4096)])
     assert _lookup(path, 4096)["block_size"] == 128
     assert len(json.load(open(path))["entries"]) == 1
     set_aside = [name for name in os.listdir(tmp_path) if name.startswith("tune.json.") and name != "tune.json.lock"]
-    assert set_aside == ([] if "entries" in content and "params" in content else
-                         ["tune.json.v99"] if "99" in content else ["tune.json.bad"])
+    assert set_aside == ([] if "entries" in content and "params" in content else ["tune.json.v99"])
 
 
 _WRITER = textwrap.dedent("""
