@@ -121,6 +121,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--block-sizes", type=_int_list, default=None, metavar="B,B,...")
     p.add_argument("--sample-sizes", type=_int_list, default=None, metavar="M,M,...")
     p.add_argument("--lsh-projs", type=_int_list, default=None, metavar="R,R,...")
+    p.add_argument("--sink-keys", type=_int_list, default=None, metavar="S,S,...",
+                   help="exact first keys to try (default: the HyperConfig default only)")
+    p.add_argument("--local-windows", type=_int_list, default=None, metavar="W,W,...",
+                   help="exact local windows to try (default: the HyperConfig default only)")
+    p.add_argument("--residuals", type=lambda t: tuple(x.strip() for x in t.split(",")), default=None,
+                   metavar="uniform,stratified", help="residual schemes to try (default: the HyperConfig default)")
     p.add_argument("--no-crossover-check", action="store_true",
                    help="skip timing exact vs approximate attention around the predicted crossover")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
@@ -162,10 +168,12 @@ def settings_from_args(args, parser):
                  cache_path=args.cache or default_tune_cache(), inputs_path=args.inputs, family=args.family,
                  race_rounds=max(args.rounds, 3), race_size=args.race_size, error_rows=args.error_rows, check_crossover=not args.no_crossover_check,
                  device=device)
-    for name in ("block_sizes", "sample_sizes", "lsh_projs"):
+    for name in ("block_sizes", "sample_sizes", "lsh_projs", "sink_keys", "local_windows", "residuals"):
         value = getattr(args, name)
         if value is not None:
             setattr(s, name, value)
+    if any(r not in ("uniform", "stratified") for r in s.residuals):
+        parser.error(f"--residuals takes uniform and/or stratified, got {','.join(s.residuals)}")
     if max(s.lsh_projs) > 30:
         parser.error("--lsh-projs values must be at most 30")
     return s

@@ -63,6 +63,10 @@ class Settings:
     block_sizes: Tuple[int, ...] = (128, 256, 512, 1024)
     sample_sizes: Tuple[int, ...] = (128, 256, 384, 512, 768, 1024, 1536)
     lsh_projs: Tuple[int, ...] = (4, 7, 10)
+    # the exact parts of the estimator: every candidate takes each of these (the defaults unless given)
+    sink_keys: Tuple[int, ...] = (DEFAULTS.sink_keys,)
+    local_windows: Tuple[int, ...] = (DEFAULTS.local_window,)
+    residuals: Tuple[str, ...] = (DEFAULTS.residual,)
     race_size: int = 3  # contenders besides the default
     race_rounds: int = 7  # at most
     check_crossover: bool = True
@@ -158,16 +162,17 @@ def _pow2_ceil(x: int) -> int:
 def structure(n: int, causal: bool, c: HyperConfig) -> tuple:
     """What ``c`` computes at length ``n``: the leaf size and the approximated quadrant sizes (causal), or
     whether it approximates (non-causal), with the sizes that matter. Equal structures give equal outputs."""
+    exact_parts = (c.sink_keys, c.local_window, c.residual)
     if not causal:
         approx = hyper_applies(n, n, c)
-        return ("full", approx) + ((c.block_size, c.sample_size, c.lsh_num_projs) if approx else ())
+        return ("full", approx) + ((c.block_size, c.sample_size, c.lsh_num_projs) + exact_parts if approx else ())
     L = causal_levels(n, c)
     leaf = math.ceil(n / 2**L)
     sizes = tuple(leaf * 2**(L - 1 - lvl) for lvl in range(L) if hyper_applies(leaf * 2**(L - 1 - lvl),
                                                                              leaf * 2**(L - 1 - lvl), c))
     if not sizes:
         return ("causal", leaf)
-    return ("causal", leaf, sizes, c.block_size, c.sample_size, c.lsh_num_projs)
+    return ("causal", leaf, sizes, c.block_size, c.sample_size, c.lsh_num_projs) + exact_parts
 
 
 def _thresholds(n: int, block: int, crossover: int) -> List[int]:
@@ -183,6 +188,8 @@ def no_more_accurate(a: HyperConfig, b: HyperConfig, n: int, causal: bool) -> bo
     sa, sb = structure(n, causal, a), structure(n, causal, b)
     if len(sa) < 3 or len(sb) < 3 or a.lsh_num_projs != b.lsh_num_projs:
         return False
+    if (a.sink_keys, a.local_window, a.residual) != (b.sink_keys, b.local_window, b.residual):
+        return False
     if a.block_size > b.block_size or a.sample_size > b.sample_size:
         return False
     if causal:
@@ -197,29 +204,30 @@ def grid(n: int, causal: bool, s: Settings, crossover_of) -> List[HyperConfig]:
     """
     out: Dict[tuple, HyperConfig] = {}
     r = DEFAULTS.lsh_num_projs
-    for bs in s.block_sizes:
-        for m in s.sample_sizes:
-            if bs >= n:
-                continue
-            base = HyperConfig(bs, m, r, 1, None)
-            c = crossover_of(base)
-            if not causal:
-                cands = [replace(base, min_seq_len=min(c, n))]
-            else:
-                cands = []
-                for msl in _thresholds(n, bs, _pow2_ceil(c)):
-                    auto = replace(base, min_seq_len=msl)
-                    cands.append(auto)
-                    L = causal_levels(n, auto)
-                    for depth in (L - 1, L - 2):
-                        if depth >= 1:
-                            cands.append(replace(auto, causal_depth=depth))
-            for cand in cands:
-                key = structure(n, causal, cand)
-                if len(key) < 3:
-                    continue  # exact at n: that option is measured separately
-                if key not in out or (out[key].causal_depth is not None and cand.causal_depth is None):
-                    out[key] = cand
+    exact_parts = [dict(sink_keys=k, local_window=w, residual=res)
+                   for k in s.sink_keys for w in s.local_windows for res in s.residuals]
+    for bs, m, parts in ((bs, m, e) for bs in s.block_sizes for m in s.sample_sizes for e in exact_parts):
+        if bs >= n:
+            continue
+        base = HyperConfig(bs, m, r, 1, None, **parts)
+        c = crossover_of(base)
+        if not causal:
+            cands = [replace(base, min_seq_len=min(c, n))]
+        else:
+            cands = []
+            for msl in _thresholds(n, bs, _pow2_ceil(c)):
+                auto = replace(base, min_seq_len=msl)
+                cands.append(auto)
+                L = causal_levels(n, auto)
+                for depth in (L - 1, L - 2):
+                    if depth >= 1:
+                        cands.append(replace(auto, causal_depth=depth))
+        for cand in cands:
+            key = structure(n, causal, cand)
+            if len(key) < 3:
+                continue  # exact at n: that option is measured separately
+            if key not in out or (out[key].causal_depth is not None and cand.causal_depth is None):
+                out[key] = cand
     return list(out.values())
 
 

@@ -2,6 +2,7 @@
 
     python bench/attention.py                      # fwd 2k..131k, fwd+bwd up to 32k, causal and not
     python bench/attention.py --seq 16384 --modes fwd --causal no --repeats 5
+    python bench/attention.py --seq 131072 --modes fwd --causal yes --contend   # with a competing CPU-bound process
 
 For every (n, causal, mode) it times ``hyper_attention`` (default `HyperConfig`) and
 ``F.scaled_dot_product_attention`` alternately, reports median and spread, the ratio exact / hyper, the
@@ -17,8 +18,10 @@ with the machine and versions. Only same-run ratios are meaningful on a shared, 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 import os
+import subprocess
 import sys
 
 import torch
@@ -102,6 +105,36 @@ def bench_case(n, causal, mode, cfg, repeats, dtype, d, exact_budget):
     }
 
 
+COMPETITOR = """
+import torch
+torch.set_num_threads({threads})
+q = torch.randn(1, 1, 8192, 64)
+while True:
+    torch.nn.functional.scaled_dot_product_attention(q, q, q)
+"""
+
+
+@contextlib.contextmanager
+def competitor(threads: int):
+    """A second CPU-bound process (an exact SDPA loop on ``threads`` threads) for as long as the block runs: the
+    shared-machine condition, made reproducible."""
+    proc = subprocess.Popen([sys.executable, "-c", COMPETITOR.format(threads=threads)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        yield proc
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def parse_config(text: str) -> HyperConfig:
+    fields = {}
+    for part in filter(None, text.replace(" ", "").split(",")):
+        name, _, value = part.partition("=")
+        fields[name] = value if name == "residual" else (None if value.lower() in ("none", "auto") else int(value))
+    return HyperConfig(**fields)
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--seq", type=int, nargs="+", default=[2048, 4096, 8192, 16384, 32768, 65536, 131072])
@@ -112,25 +145,33 @@ def main(argv=None):
     ap.add_argument("--exact-budget", type=float, default=60.0, help="seconds of exact timing per case, after 1 run")
     ap.add_argument("--head-dim", type=int, default=64)
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    ap.add_argument("--config", default="", metavar="FIELD=V,...", help="HyperConfig fields over the defaults")
+    ap.add_argument("--contend", type=int, nargs="?", const=2, default=0, metavar="THREADS",
+                    help="run a competing exact-SDPA loop on THREADS threads (default 2) during the benchmark")
     ap.add_argument("--out", default="bench/results/attention.json")
     args = ap.parse_args(argv)
 
-    cfg = HyperConfig()
+    cfg = parse_config(args.config)
     dtype = getattr(torch, args.dtype)
     causals = {"yes": [True], "no": [False], "both": [False, True]}[args.causal]
     cases = [(n, c, m) for m in args.modes for c in causals for n in args.seq if m == "fwd" or n <= args.bwd_max]
     console = Console()
     stamp = device_stamp()
     console.print(f"[bold]HyperAttention vs exact SDPA[/] on {stamp['cpu']} ({stamp['torch_threads']} threads), "
-                  f"torch {stamp['torch']}, B=H=1, d={args.head_dim}, {args.dtype}, {cfg}")
+                  f"torch {stamp['torch']}, B=H=1, d={args.head_dim}, {args.dtype}, {cfg.label()}"
+                  + (f", competing process on {args.contend} threads" if args.contend else ""))
     results = []
-    with Progress(console=console) as progress:
+    load_before = os.getloadavg()[0]
+    with Progress(console=console) as progress, \
+            (competitor(args.contend) if args.contend else contextlib.nullcontext()):
         task = progress.add_task("benchmarking", total=len(cases))
         for n, causal, mode in cases:
             progress.update(task, description=f"n={n} {'causal' if causal else 'non-causal'} {mode}")
             results.append(bench_case(n, causal, mode, cfg, args.repeats, dtype, args.head_dim, args.exact_budget))
             progress.advance(task)
-    table = Table(title="exact SDPA time / HyperAttention time, same run (median [min-max], runs)")
+    load_after = os.getloadavg()[0]
+    table = Table(title=f"exact SDPA time / HyperAttention time, same run (median [min-max], runs); {cfg.label()}; "
+                        f"load {load_before:.2f} -> {load_after:.2f}" + (" (contended)" if args.contend else ""))
     for col in ("mode", "causal", "n", "exact s", "hyper s", "speed-up", "err iid", "err clustered",
                 "extra peak MiB"):
         table.add_column(col, justify="right")
@@ -143,7 +184,7 @@ def main(argv=None):
                       f"{r['rel_error']:.3f}", f"{r['rel_error_clustered']:.3f}", f"{r['hyper_extra_peak_mib']:.0f}")
     console.print(table)
     write_json(args.out, {"device": stamp, "config": cfg.__dict__, "dtype": args.dtype, "head_dim": args.head_dim,
-                          "results": results})
+                          "contend_threads": args.contend, "load": [load_before, load_after], "results": results})
     console.print(f"wrote {args.out}")
 
 
