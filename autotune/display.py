@@ -3,6 +3,7 @@ and the final table (config, time, error, speed against exact and against the de
 from __future__ import annotations
 
 import os
+import time
 from typing import List, Optional
 
 import torch
@@ -47,8 +48,10 @@ class RichProgress:
 
     def __init__(self, console: Console):
         self.console = console
+        # transient: the bar is gone once tuning ends, so the final tables are not followed by a stale
+        # "race 0/63" line; on a pipe rich draws no bar and the logged lines carry the story
         self.bar = Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                            TimeElapsedColumn(), console=console, transient=False)
+                            TimeElapsedColumn(), console=console, transient=True)
         self.task = None
 
     def __enter__(self):
@@ -59,8 +62,12 @@ class RichProgress:
     def __exit__(self, *exc):
         return self.bar.__exit__(*exc)
 
+    def _log(self, text: str) -> None:
+        """A timestamped line (without rich's ``file.py:line`` suffix, which points into this module)."""
+        self.console.print(f"[dim]{time.strftime('%H:%M:%S')}[/dim] {text}")
+
     def phase(self, text: str) -> None:
-        self.console.log(text)
+        self._log(text)
         self.bar.update(self.task, description=text, total=None, completed=0)
 
     def start_trials(self, total: int) -> None:
@@ -69,12 +76,12 @@ class RichProgress:
     def trial(self, t: Trial) -> None:
         self.bar.advance(self.task)
         if t.score is not None:
-            self.console.log(f"screen {t.candidate.label():48s} predicted {_s(t.predicted):>9s}  measured "
+            self._log(f"screen {t.candidate.label():48s} predicted {_s(t.predicted):>9s}  measured "
                              f"{_s(t.time):>9s} (x{t.ratio:.2f} default)  error {t.score.error:.3f}  {t.status}")
 
     def race_round(self, index: int, race: List[Contender]) -> None:
         parts = [f"{c.name} {_s(c.rounds[-1])} x{c.ratios[-1]:.2f}" for c in race if len(c.rounds) == index + 1]
-        self.console.log(f"race round {index + 1}: " + ", ".join(parts))
+        self._log(f"race round {index + 1}: " + ", ".join(parts))
 
 
 def _label(c: Contender) -> str:
