@@ -147,6 +147,42 @@ def _in_band(d, BAND_LO, BAND_HI):
 
 
 @_device
+def _block_pairs(ok, dpos, didx, SQ, SK, BAND_LO, BAND_HI, IS_CAUSAL: tl.constexpr, BAND: tl.constexpr):
+    """(query, key) pairs of a block pass: ``ok`` with the causal test on the key - query offsets ``dpos`` of
+    sorted positions and the window test on the offsets ``didx`` of positions in the sub-problem."""
+    if IS_CAUSAL:  # bottom-right aligned: position i sees keys <= i + SK - SQ
+        ok = ok & (dpos <= SK - SQ)
+    if BAND == BAND_EXCLUDE:
+        ok = ok & ~_in_band(didx, BAND_LO, BAND_HI)
+    if BAND == BAND_ONLY:
+        ok = ok & _in_band(didx, BAND_LO, BAND_HI)
+    return ok
+
+
+@_device
+def _side_pairs(ok, didx, extra, BAND_LO, BAND_HI, BAND: tl.constexpr):
+    """(query, key) pairs of a side-key pass: a residual draw in a query's window is the band's, an exact
+    extra (``extra``) never is."""
+    if BAND == BAND_EXCLUDE:
+        ok = ok & ~(_in_band(didx, BAND_LO, BAND_HI) & ~extra)
+    return ok
+
+
+@_device
+def _key_span(blk, first, BQ, BK, SQ, SK, BAND_LO, BAND_HI,
+              IS_CAUSAL: tl.constexpr, BAND: tl.constexpr, BLOCK_M: tl.constexpr):
+    """Diagonal-block key positions ``[k_lo, k_hi)`` that a query tile (sorted positions from ``first``) sees."""
+    k_lo = blk * BK
+    k_hi = tl.minimum(k_lo + BK, SK)
+    if IS_CAUSAL:
+        k_hi = tl.minimum(k_hi, first + BLOCK_M + SK - SQ)
+    if BAND == BAND_ONLY:  # unpermuted: the tile's rows reach keys [first - lo, first + BLOCK_M + hi)
+        k_lo = tl.maximum(k_lo, first - BAND_LO)
+        k_hi = tl.minimum(k_hi, first + BLOCK_M + BAND_HI)
+    return k_lo, k_hi
+
+
+@_device
 def _load_kv(k_base, v_base, krow, k_ok, skn, svn, D: tl.constexpr, BLOCK_D: tl.constexpr):
     return _load_rows(k_base, krow, k_ok, skn, D, BLOCK_D), _load_rows(v_base, krow, k_ok, svn, D, BLOCK_D)
 
@@ -247,24 +283,14 @@ def hyper_fwd(
         acc = tl.zeros([BLOCK_M, BLOCK_D], ACC)
 
     # (a) the diagonal key block
-    k_lo = blk * BK
-    k_hi = tl.minimum(k_lo + BK, SK)
-    if IS_CAUSAL:  # bottom-right aligned: position i sees keys <= i + SK - SQ
-        k_hi = tl.minimum(k_hi, blk * BQ + t0 + BLOCK_M + SK - SQ)
-    if BAND == BAND_ONLY:  # unpermuted: the tile's rows reach keys [first - lo, first + BLOCK_M + hi)
-        k_lo = tl.maximum(k_lo, blk * BQ + t0 - BAND_LO)
-        k_hi = tl.minimum(k_hi, blk * BQ + t0 + BLOCK_M + BAND_HI)
+    k_lo, k_hi = _key_span(blk, blk * BQ + t0, BQ, BK, SQ, SK, BAND_LO, BAND_HI, IS_CAUSAL, BAND, BLOCK_M)
     for start in range(k_lo, k_hi, BLOCK_N):
         kpos = start + tl.arange(0, BLOCK_N)
         krow, k_ok = _diag_keys(KPERM, kv_head, SK, kpos, k_hi, k_row0, NK_T, valid, PERMUTED, HAS_VALID)
         k, v = _load_kv(k_base, v_base, krow, k_ok, skn, svn, D, BLOCK_D)
         ok = tl.broadcast_to(k_ok[None, :], (BLOCK_M, BLOCK_N))
-        if IS_CAUSAL:
-            ok = ok & (kpos[None, :] <= pos[:, None] + (SK - SQ))
-        if BAND == BAND_EXCLUDE:
-            ok = ok & ~_in_band((krow - k_row0)[None, :] - qidx[:, None], BAND_LO, BAND_HI)
-        if BAND == BAND_ONLY:
-            ok = ok & _in_band((krow - k_row0)[None, :] - qidx[:, None], BAND_LO, BAND_HI)
+        ok = _block_pairs(ok, kpos[None, :] - pos[:, None], (krow - k_row0)[None, :] - qidx[:, None], SQ, SK,
+                          BAND_LO, BAND_HI, IS_CAUSAL, BAND)
         acc, m_i, l_i = _fwd_step(acc, m_i, l_i, q, k, v, ok, 0.0, scale2, ACC, PRECISION, WIDEN)
 
     # (b) the side keys: residual draws of other blocks (log-weighted), then the exact extras (weight 1)
@@ -275,9 +301,7 @@ def hyper_fwd(
             k_ok = k_ok & (sblk != blk)
             k, v = _load_kv(k_base, v_base, krow, k_ok, skn, svn, D, BLOCK_D)
             ok = tl.broadcast_to(k_ok[None, :], (BLOCK_M, BLOCK_N))
-            if BAND == BAND_EXCLUDE:  # a draw in a query's window is the band's; the extras never are
-                inside = _in_band((krow - k_row0)[None, :] - qidx[:, None], BAND_LO, BAND_HI)
-                ok = ok & ~(inside & (sblk >= 0)[None, :])
+            ok = _side_pairs(ok, (krow - k_row0)[None, :] - qidx[:, None], (sblk < 0)[None, :], BAND_LO, BAND_HI, BAND)
             acc, m_i, l_i = _fwd_step(acc, m_i, l_i, q, k, v, ok, lw2[None, :], scale2, ACC, PRECISION, WIDEN)
 
     out = acc / l_i[:, None]
@@ -315,24 +339,14 @@ def hyper_bwd_dq(
     valid = KVALID + b * svalb
     dq = tl.zeros([BLOCK_M, BLOCK_D], ACC)
 
-    k_lo = blk * BK
-    k_hi = tl.minimum(k_lo + BK, SK)
-    if IS_CAUSAL:
-        k_hi = tl.minimum(k_hi, blk * BQ + t0 + BLOCK_M + SK - SQ)
-    if BAND == BAND_ONLY:
-        k_lo = tl.maximum(k_lo, blk * BQ + t0 - BAND_LO)
-        k_hi = tl.minimum(k_hi, blk * BQ + t0 + BLOCK_M + BAND_HI)
+    k_lo, k_hi = _key_span(blk, blk * BQ + t0, BQ, BK, SQ, SK, BAND_LO, BAND_HI, IS_CAUSAL, BAND, BLOCK_M)
     for start in range(k_lo, k_hi, BLOCK_N):
         kpos = start + tl.arange(0, BLOCK_N)
         krow, k_ok = _diag_keys(KPERM, kv_head, SK, kpos, k_hi, k_row0, NK_T, valid, PERMUTED, HAS_VALID)
         k, v = _load_kv(k_base, v_base, krow, k_ok, skn, svn, D, BLOCK_D)
         ok = q_ok[:, None] & k_ok[None, :]
-        if IS_CAUSAL:
-            ok = ok & (kpos[None, :] <= pos[:, None] + (SK - SQ))
-        if BAND == BAND_EXCLUDE:
-            ok = ok & ~_in_band((krow - k_row0)[None, :] - qidx[:, None], BAND_LO, BAND_HI)
-        if BAND == BAND_ONLY:
-            ok = ok & _in_band((krow - k_row0)[None, :] - qidx[:, None], BAND_LO, BAND_HI)
+        ok = _block_pairs(ok, kpos[None, :] - pos[:, None], (krow - k_row0)[None, :] - qidx[:, None], SQ, SK,
+                          BAND_LO, BAND_HI, IS_CAUSAL, BAND)
         dq = _dq_step(dq, q, do, lse2, delta, k, v, ok, 0.0, scale2, ACC, PRECISION, WIDEN)
 
     if HAS_SAMPLES:
@@ -342,9 +356,7 @@ def hyper_bwd_dq(
             k_ok = k_ok & (sblk != blk)
             k, v = _load_kv(k_base, v_base, krow, k_ok, skn, svn, D, BLOCK_D)
             ok = q_ok[:, None] & k_ok[None, :]
-            if BAND == BAND_EXCLUDE:
-                inside = _in_band((krow - k_row0)[None, :] - qidx[:, None], BAND_LO, BAND_HI)
-                ok = ok & ~(inside & (sblk >= 0)[None, :])
+            ok = _side_pairs(ok, (krow - k_row0)[None, :] - qidx[:, None], (sblk < 0)[None, :], BAND_LO, BAND_HI, BAND)
             dq = _dq_step(dq, q, do, lse2, delta, k, v, ok, lw2[None, :], scale2, ACC, PRECISION, WIDEN)
 
     dq = dq * scale
@@ -403,12 +415,8 @@ def hyper_bwd_dkdv(
             q, do, lse2, delta = _grad_rows(Q + b * sqb + h * sqh, DO + b * sdob + h * sdoh, LSE, DELTA,
                                             b * slb + h * slh, qrow, q_ok, sqn, sdon, D, BLOCK_D, ACC)
             ok = k_ok[:, None] & q_ok[None, :]
-            if IS_CAUSAL:
-                ok = ok & (kpos[:, None] <= pos[None, :] + (SK - SQ))
-            if BAND == BAND_EXCLUDE:
-                ok = ok & ~_in_band(kidx[:, None] - (qrow - q_row0)[None, :], BAND_LO, BAND_HI)
-            if BAND == BAND_ONLY:
-                ok = ok & _in_band(kidx[:, None] - (qrow - q_row0)[None, :], BAND_LO, BAND_HI)
+            ok = _block_pairs(ok, kpos[:, None] - pos[None, :], kidx[:, None] - (qrow - q_row0)[None, :], SQ, SK,
+                              BAND_LO, BAND_HI, IS_CAUSAL, BAND)
             dk, dv = _dkdv_step(dk, dv, k, v, q, do, lse2, delta, ok, 0.0, scale2, ACC, PRECISION, WIDEN)
 
     dk = dk * scale
@@ -460,9 +468,7 @@ def hyper_bwd_sample(
             q, do, lse2, delta = _grad_rows(Q + b * sqb + h * sqh, DO + b * sdob + h * sdoh, LSE, DELTA,
                                             b * slb + h * slh, qrow, q_ok, sqn, sdon, D, BLOCK_D, ACC)
             ok = k_ok[:, None] & q_ok[None, :] & (sblk[:, None] != (pos // BQ)[None, :])
-            if BAND == BAND_EXCLUDE:
-                inside = _in_band(kidx[:, None] - (qrow - q_row0)[None, :], BAND_LO, BAND_HI)
-                ok = ok & ~(inside & (sblk >= 0)[:, None])
+            ok = _side_pairs(ok, kidx[:, None] - (qrow - q_row0)[None, :], (sblk < 0)[:, None], BAND_LO, BAND_HI, BAND)
             dk, dv = _dkdv_step(dk, dv, k, v, q, do, lse2, delta, ok, lw2[:, None], scale2, ACC, PRECISION, WIDEN)
 
     offs_d = tl.arange(0, BLOCK_D)
