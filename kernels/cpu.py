@@ -25,7 +25,7 @@ import torch
 from hyper_backend.config import HyperConfig
 
 from .plan import (Plan, _chunks, _pad_rows, causal_schedule, exact_keys, hyper_applies, lse_dtype, lsh_ranks,
-                   make_plan, plan_from_ranks, sink_mask, window_strip)
+                   make_plan, plan_from_ranks, sink_mask, window_band, window_strip)
 
 aten = torch.ops.aten
 NEG_INF = float("-inf")
@@ -239,11 +239,6 @@ def _sub_problem(B, Nk, key_valid, sink, strip, device, approx: bool):
         return key_valid, None
     est, pos, ok = exact_keys(key_valid, sink, strip, B, Nk, device)
     return est, (None if pos is None else (pos, ok))
-
-
-def window_band(w: int):
-    """``(a, b)``: the centred window of w keys of non-causal self-attention, ``i - a <= j <= i + b``."""
-    return (w - 1) // 2, w // 2
 
 
 class _Band(NamedTuple):
@@ -569,4 +564,4 @@ def attention_backward(do, q, k, v, out, lse, key_valid, is_causal, scale, p: Hy
 
 def _band(q, k, p):
     """The centred local window of non-causal self-attention, or None (cross-attention has none)."""
-    return window_band(p.local_window) if p.local_window > 0 and q.shape[2] == k.shape[2] else None
+    return window_band(q.shape[2], k.shape[2], p)

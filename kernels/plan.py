@@ -228,6 +228,14 @@ def causal_schedule(N: int, p) -> CausalSchedule:
     return CausalSchedule(depth, Np, Np // pieces, levels, window_strip(p))
 
 
+def window_band(q_len: int, k_len: int, p) -> Optional[Tuple[int, int]]:
+    """The centred local window of non-causal self-attention: key j is in query i's window iff
+    ``i - a <= j <= i + b`` with ``(a, b) = ((w - 1) // 2, w // 2)``; None without a window or for
+    cross-attention (``q_len != k_len``), which has none."""
+    w = p.local_window
+    return ((w - 1) // 2, w // 2) if w > 0 and q_len == k_len else None
+
+
 def window_strip(p) -> int:
     """Keys before a boundary that the local window keeps exact for every query after it: ``w - 1``."""
     return max(p.local_window - 1, 0)

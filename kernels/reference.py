@@ -24,7 +24,7 @@ from typing import Optional
 
 import torch
 
-from .plan import causal_schedule, exact_keys, hyper_applies, make_plan, sink_mask, window_strip
+from .plan import causal_schedule, exact_keys, hyper_applies, make_plan, sink_mask, window_band, window_strip
 
 NEG_INF = float("-inf")
 
@@ -76,10 +76,11 @@ def noncausal_log_weights(q, k, key_valid, p, stream, sink=None, strip=0, window
         for b in range(B):
             cols = pos[b][ok[b]]
             weights[b, :, :, cols] = 1.0
-    if window and p.local_window > 0:
+    ab = window_band(Nq, Nk, p) if window else None
+    if ab is not None:
         i = torch.arange(Nq, device=q.device)[:, None]
         j = torch.arange(Nk, device=q.device)[None, :]
-        band = (j - i >= -((p.local_window - 1) // 2)) & (j - i <= p.local_window // 2)
+        band = (j - i >= -ab[0]) & (j - i <= ab[1])
         weights = torch.where(band & valid[:, None, None, :], torch.ones((), dtype=torch.float64), weights)
     weights.masked_fill_(~valid[:, None, None, :], 0.0)
     return weights.log()

@@ -61,7 +61,7 @@ import triton.language as tl
 
 from . import triton_kernels as tk
 from .plan import (Plan, _chunks, _pad_rows, causal_schedule, exact_keys, hyper_applies, lse_dtype, lsh_ranks,
-                   make_plan, plan_from_ranks, sink_mask, window_strip)
+                   make_plan, plan_from_ranks, sink_mask, window_band, window_strip)
 
 try:  # optional: the [cuda] extra
     from flash_attn import flash_attn_func as _flash_attn_func
@@ -311,13 +311,6 @@ def _side(plan: Plan, est, pos, ok, Hkv) -> Optional[_Side]:
     return _Side(*(torch.cat(x, -1) for x in zip(*parts)))
 
 
-def _window(q, k, p):
-    """The centred local window ``(a, b)`` of non-causal self-attention (keys i - a .. i + b, w in all), or None:
-    cross-attention has none. The same band as the reference's ``-(w - 1) // 2 <= j - i <= w // 2``."""
-    w = p.local_window
-    return ((w - 1) // 2, w // 2) if w > 0 and q.shape[2] == k.shape[2] else None
-
-
 def _noncausal_subs(q, k, key_valid, p, stream, sink=None, strip=0, window=None):
     """The launches of one non-causal sub-problem (q on k, whole tensors), in order.
 
@@ -411,7 +404,7 @@ def _launches(q, k, key_valid, is_causal, p):
     B, _, Nq, _ = q.shape
     sink = sink_mask(key_valid, B, k.shape[2], p.sink_keys, q.device)
     if not is_causal:
-        return [(slice(None), _noncausal_subs(q, k, key_valid, p, 0, sink, 0, _window(q, k, p)))]
+        return [(slice(None), _noncausal_subs(q, k, key_valid, p, 0, sink, 0, window_band(q.shape[2], k.shape[2], p)))]
     prefix = k.shape[2] - Nq
     if prefix < 0:
         raise ValueError("causal attention needs n_q <= n_k (bottom-right aligned)")
