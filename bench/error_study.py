@@ -243,6 +243,15 @@ def frontier(problems: List[Problem], points: List[HyperConfig], seeds: int, rep
     return rows
 
 
+def short_label(config: dict, default: HyperConfig) -> str:
+    """The fields where ``config`` differs from ``default``, e.g. ``sink_keys=4 local_window=128``."""
+    names = {"block_size": "b", "sample_size": "m", "lsh_num_projs": "r", "min_seq_len": "min",
+             "causal_depth": "depth", "sink_keys": "sinks", "local_window": "w", "residual": ""}
+    parts = [f"{names[k]}={v}" if names[k] else str(v) for k, v in config.items()
+             if k in names and v != getattr(default, k)]
+    return " ".join(parts) or "default"
+
+
 def plot_frontier(rows: List[dict], default: HyperConfig, path: str, title: str) -> None:
     """Error against speed-up over exact, one point a config, the default marked."""
     import matplotlib
@@ -255,8 +264,8 @@ def plot_frontier(rows: List[dict], default: HyperConfig, path: str, title: str)
         is_default = r["config"] == dataclasses.asdict(default)
         ax.scatter(r["speedup"], r["row_rel_mean"], s=80 if is_default else 30,
                    c="crimson" if is_default else "steelblue", marker="*" if is_default else "o", zorder=3)
-        ax.annotate(r["label"].replace(" depth=auto", "") + (" (default)" if is_default else ""),
-                    (r["speedup"], r["row_rel_mean"]), fontsize=6.5, xytext=(4, 3), textcoords="offset points")
+        ax.annotate("default" if is_default else short_label(r["config"], default),
+                    (r["speedup"], r["row_rel_mean"]), fontsize=7, xytext=(4, 3), textcoords="offset points")
     ax.set_xlabel("attention speed-up over exact SDPA on the same tensors (same run)")
     ax.set_ylabel("mean relative error of approximated rows")
     ax.set_yscale("log")
