@@ -242,6 +242,15 @@ def kernel_choice(environ: Optional[Mapping[str, str]] = None) -> str:
     return _env_choice("HYPER_KERNELS", env["HYPER_KERNELS"], KERNEL_CHOICES)
 
 
+def serial_bookkeeping(environ: Optional[Mapping[str, str]] = None) -> bool:
+    """``HYPER_SERIAL_BOOKKEEPING`` (default on): the CPU path runs its gathers, masks and merges on one
+    thread and only the fused attention calls on all of them. Read by the op at each call, like HYPER_KERNELS."""
+    env = os.environ if environ is None else environ
+    if "HYPER_SERIAL_BOOKKEEPING" not in env:
+        return True
+    return _env_bool("HYPER_SERIAL_BOOKKEEPING", env["HYPER_SERIAL_BOOKKEEPING"])
+
+
 def default_tune_cache() -> str:
     """``$HYPER_TUNE_CACHE``, else ``$XDG_CACHE_HOME/hyper_backend/tune.json`` (``~/.cache`` by default)."""
     if os.environ.get("HYPER_TUNE_CACHE", "").strip():

@@ -17,12 +17,13 @@ keys' gradients are scattered back with ``index_add_``.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import NamedTuple, Optional
 
 import torch
 
-from hyper_backend.config import HyperConfig
+from hyper_backend.config import HyperConfig, serial_bookkeeping
 
 from .plan import (Plan, _chunks, _pad_rows, causal_schedule, exact_keys, hyper_applies, lse_dtype, lsh_ranks,
                    make_plan, plan_from_ranks, sink_mask, window_band, window_strip)
@@ -35,14 +36,52 @@ NEG_INF = float("-inf")
 # exact attention parts
 # ----------------------------------------------------------------------------------------------------------
 
+class _Threads:
+    """Bookkeeping (gathers, masks, merges) runs on one thread; the fused attention calls on all of them.
+
+    On a shared machine every parallel region of a small op is a fork-join that waits for a descheduled
+    thread: a 1M-element merge took 44 ms on two busy cores instead of about 1 ms. The attention calls are
+    the work worth splitting; the rest is memory-bound and gains little from a second thread even when idle.
+    `serial()` wraps an entry point; `_flash` and `_flash_bwd` restore the caller's thread count inside."""
+
+    full = 0  # the caller's thread count while a serial() block runs, else 0
+
+    @staticmethod
+    @contextlib.contextmanager
+    def serial():
+        if _Threads.full or not serial_bookkeeping():
+            yield
+            return
+        _Threads.full = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            yield
+        finally:
+            torch.set_num_threads(_Threads.full)
+            _Threads.full = 0
+
+    @staticmethod
+    @contextlib.contextmanager
+    def parallel():
+        if not _Threads.full:
+            yield
+            return
+        torch.set_num_threads(_Threads.full)
+        try:
+            yield
+        finally:
+            torch.set_num_threads(1)
+
+
 def _flash(q, k, v, mask, causal, scale):
-    out, lse = aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, causal, attn_mask=mask, scale=scale)
-    return out, lse
+    with _Threads.parallel():
+        return aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, causal, attn_mask=mask, scale=scale)
 
 
 def _flash_bwd(do, q, k, v, out, lse, mask, causal, scale):
-    return aten._scaled_dot_product_flash_attention_for_cpu_backward(
-        do, q, k, v, out, lse, 0.0, causal, attn_mask=mask, scale=scale)
+    with _Threads.parallel():
+        return aten._scaled_dot_product_flash_attention_for_cpu_backward(
+            do, q, k, v, out, lse, 0.0, causal, attn_mask=mask, scale=scale)
 
 
 def _key_bias(key_valid, dtype):
@@ -533,6 +572,16 @@ def _sinks(q, k, key_valid, p):
 
 def attention_forward(q, k, v, key_valid, is_causal, scale, p: HyperConfig):
     """HyperAttention on CPU tensors. Returns contiguous ``(out, lse fp32)``."""
+    with _Threads.serial():
+        return _attention_forward(q, k, v, key_valid, is_causal, scale, p)
+
+
+def attention_backward(do, q, k, v, out, lse, key_valid, is_causal, scale, p: HyperConfig):
+    with _Threads.serial():
+        return _attention_backward(do, q, k, v, out, lse, key_valid, is_causal, scale, p)
+
+
+def _attention_forward(q, k, v, key_valid, is_causal, scale, p: HyperConfig):
     sink = _sinks(q, k, key_valid, p)
     if not is_causal:
         return noncausal_forward(q, k, v, key_valid, scale, p, sink=sink, band=_band(q, k, p))
@@ -548,7 +597,7 @@ def attention_forward(q, k, v, key_valid, is_causal, scale, p: HyperConfig):
     return acc.to(q.dtype), lse
 
 
-def attention_backward(do, q, k, v, out, lse, key_valid, is_causal, scale, p: HyperConfig):
+def _attention_backward(do, q, k, v, out, lse, key_valid, is_causal, scale, p: HyperConfig):
     sink = _sinks(q, k, key_valid, p)
     if not is_causal:
         return noncausal_backward(do, q, k, v, out, lse, key_valid, scale, p, sink=sink, band=_band(q, k, p))

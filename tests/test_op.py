@@ -614,3 +614,20 @@ def test_oversized_settings_are_fitted_to_the_call():
     q = torch.randn(1, 1, 64, 16)
     out = hyper_attention(q, q, q, config=HyperConfig(sample_size=2**31 - 1, min_seq_len=16, block_size=16))
     assert torch.isfinite(out).all()
+
+
+def test_serial_bookkeeping_changes_no_bits_and_restores_the_thread_count(make_qkv, monkeypatch):
+    """The CPU path's one-thread bookkeeping (HYPER_SERIAL_BOOKKEEPING) is a scheduling choice only."""
+    q, k, v = make_qkv(1, 2, 1, 300, 300, 32, F32)
+    cfg = SMALL.replace(sink_keys=2, local_window=16)
+    before = torch.get_num_threads()
+    outs = []
+    for flag in ("1", "0"):
+        monkeypatch.setenv("HYPER_SERIAL_BOOKKEEPING", flag)
+        outs.append(hyper_attention(q, k, v, is_causal=True, enable_gqa=True, config=cfg))
+        assert torch.get_num_threads() == before
+    assert torch.equal(outs[0], outs[1])
+    monkeypatch.setenv("HYPER_SERIAL_BOOKKEEPING", "maybe")
+    with pytest.raises(ValueError, match="HYPER_SERIAL_BOOKKEEPING"):
+        hyper_attention(q, k, v, is_causal=True, enable_gqa=True, config=cfg)
+    assert torch.get_num_threads() == before
