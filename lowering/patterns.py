@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import inspect
 import math
 import os
 from dataclasses import dataclass
@@ -107,9 +108,10 @@ def _body(form: Form, a: dict):
     return torch.bmm(p, v) if form.matmul != "4d" else p @ v
 
 
-def _replacement(form: Form, a: dict):
-    """The same attention as one ``hyper::attention`` call; settings come from the active `AttentionPass`."""
-    decision = _ACTIVE.pending
+def _replacement(ctx: "AttentionPass", form: Form, a: dict):
+    """The same attention as one ``hyper::attention`` call, with the settings of the pass ``ctx`` and the decision
+    its check just made for this match."""
+    decision = ctx.pending
     q, k, v = a["query"], a["key"], a["value"]
     if decision.prescale == "mul":
         q = q * a["scale"]
@@ -117,16 +119,20 @@ def _replacement(form: Form, a: dict):
         q = q / a["scale"]
     if form.matmul != "4d":  # [B*H, N, D]: one batch of B*H heads
         q, k, v = q.unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0)
-    out = torch.ops.hyper.attention.default(q, k, v, None, decision.causal, decision.scale, *_ACTIVE.op_args)[0]
+    out = torch.ops.hyper.attention.default(q, k, v, None, decision.causal, decision.scale, *ctx.op_args)[0]
     return out.squeeze(0) if form.matmul != "4d" else out
 
 
 def _with_signature(fn: Callable, argnames: Tuple[str, ...]) -> Callable:
-    """``fn(dict)`` as a function of exactly ``argnames`` (register_replacement reads the signature)."""
-    params = ", ".join(argnames)
-    namespace = {"fn": fn}
-    exec(f"def f({params}):\n    return fn(dict({', '.join(f'{n}={n}' for n in argnames)}))", namespace)
-    return namespace["f"]
+    """``fn(dict)`` as a function of exactly ``argnames``: register_replacement reads ``inspect.signature``."""
+
+    def f(*args, **kwargs):
+        bound = f.__signature__.bind(*args, **kwargs)
+        return fn(dict(bound.arguments))
+
+    f.__signature__ = inspect.Signature(
+        [inspect.Parameter(n, inspect.Parameter.POSITIONAL_OR_KEYWORD) for n in argnames])
+    return f
 
 
 def _example_inputs(form: Form) -> Tuple[list, dict]:
@@ -157,28 +163,21 @@ def _example_inputs(form: Form) -> Tuple[list, dict]:
     return inputs, workaround
 
 
-FWD_PATTERNS = PatternMatcherPass(pass_name="hyper_attention")
-JOINT_PATTERNS = PatternMatcherPass(pass_name="hyper_attention_joint")
-_registered: Dict[Form, bool] = {}
+_traced: Dict[Form, object] = {}  # form -> its search pattern: pure, traced once per process
 
 
-def ensure_registered(form: Form) -> None:
-    """Trace and register the pattern for ``form`` (once per process)."""
-    if form in _registered:
-        return
-    inputs, workaround = _example_inputs(form)
-    search = _with_signature(lambda a: _body(form, a), form.argnames)
-    replace = _with_signature(lambda a: _replacement(form, a), form.argnames)
-    trace = joint_fwd_bwd if form.joint else fwd_only
-    with torch.no_grad() if not form.joint else contextlib.nullcontext():
-        # The generic pattern (integers ignored) is also the one matched with the real shapes: torch's own
-        # re-trace with the real shapes fails under dynamic shapes with several size symbols. `_check`
-        # verifies the integers that matter (transposed dims, reduction dims).
-        pattern = gen_pattern(search, inputs, trace, workaround)
-        _registered[form] = register_replacement(
-            search, replace, inputs, trace, [JOINT_PATTERNS if form.joint else FWD_PATTERNS],
-            extra_check=lambda m: _check(form, m), scalar_workaround=workaround, search_fn_pattern=pattern,
-            pattern_name=form.name)
+def search_pattern(form: Form):
+    """The pattern-matcher pattern of ``form``'s hand-written attention (traced once, then cached)."""
+    if form not in _traced:
+        inputs, workaround = _example_inputs(form)
+        search = _with_signature(lambda a: _body(form, a), form.argnames)
+        trace = joint_fwd_bwd if form.joint else fwd_only
+        with torch.no_grad() if not form.joint else contextlib.nullcontext():
+            # The generic pattern (integers ignored) is also the one matched with the real shapes: torch's own
+            # re-trace with the real shapes fails under dynamic shapes with several size symbols. `_check`
+            # verifies the integers that matter (transposed dims, reduction dims).
+            _traced[form] = gen_pattern(search, inputs, trace, workaround)
+    return _traced[form]
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -310,17 +309,6 @@ class Decision:
     prescale: str = ""  # "mul" / "div": a symbolic float scale folded into q (the op scale is then 1)
 
 
-class _Active:
-    """State of the `AttentionPass` running now (the pattern matcher's callbacks have no other channel)."""
-
-    ctx: Optional["AttentionPass"] = None
-    pending: Optional[Decision] = None
-    op_args: tuple = ()
-
-
-_ACTIVE = _Active()
-
-
 def _origin_names(node: fx.Node) -> List[str]:
     names, stack = [], list(node.meta.get("from_node") or [])
     while stack:
@@ -349,6 +337,24 @@ class AttentionPass(CustomGraphPass):
         self.ran = False
         self.reasons: Dict[str, str] = {}
         self._aten_constants: Dict[fx.Node, torch.Tensor] = {}
+        # this pass's own matchers: their checks and replacements are bound to it, so the decision a check
+        # makes reaches its replacement through `pending` on this object, never through module state
+        self._matchers = {False: PatternMatcherPass(pass_name="hyper_attention"),
+                          True: PatternMatcherPass(pass_name="hyper_attention_joint")}
+        self._forms: set = set()
+        self.pending: Optional[Decision] = None
+
+    def _register(self, form: Form) -> None:
+        if form in self._forms:
+            return
+        self._forms.add(form)
+        inputs, workaround = _example_inputs(form)
+        search = _with_signature(lambda a: _body(form, a), form.argnames)
+        replace = _with_signature(lambda a: _replacement(self, form, a), form.argnames)
+        register_replacement(search, replace, inputs, joint_fwd_bwd if form.joint else fwd_only,
+                             [self._matchers[form.joint]], extra_check=lambda m: _check(self, form, m),
+                             scalar_workaround=workaround, search_fn_pattern=search_pattern(form),
+                             pattern_name=form.name)
 
     def uuid(self) -> str:
         here = os.path.dirname(os.path.abspath(__file__))
@@ -402,18 +408,15 @@ class AttentionPass(CustomGraphPass):
                 if form.startswith("softmax over dim"):
                     _shield(core)
             else:
-                ensure_registered(form)
+                self._register(form)
                 if site is not None:
                     forms[site.node] = form
         if not cores:
             return
-        prev = (_ACTIVE.ctx, _ACTIVE.op_args)
-        _ACTIVE.ctx, _ACTIVE.op_args = self, self.op_args
         try:
-            (JOINT_PATTERNS if joint else FWD_PATTERNS).apply(graph)
+            self._matchers[joint].apply(graph)
         finally:
-            _ACTIVE.ctx, _ACTIVE.op_args = prev
-            _ACTIVE.pending = None
+            self.pending = None
         stable_topological_sort(graph)  # joint replacements put backward ops where the forward was
         graph.eliminate_dead_code()
         for site in self.sites.values():
@@ -501,10 +504,7 @@ def _integers_wrong(match: Match, key: fx.Node, rank: int) -> str:
     return ""
 
 
-def _check(form: Form, match: Match) -> bool:
-    ctx = _ACTIVE.ctx
-    if ctx is None:  # another compile using inductor's pattern passes: never rewrite outside our pass
-        return False
+def _check(ctx: "AttentionPass", form: Form, match: Match) -> bool:
     try:
         return _check_match(ctx, form, match)
     except Exception as e:  # an analysis we cannot finish leaves the site exact
@@ -558,6 +558,6 @@ def _check_match(ctx: "AttentionPass", form: Form, match: Match) -> bool:
             return ctx.reject(site, reason)
     else:
         op_scale = float(scale) if form.scale != "div" else 1.0 / float(scale)
-    _ACTIVE.pending = Decision(causal, op_scale, prescale)
+    ctx.pending = Decision(causal, op_scale, prescale)
     site.decide("hyper", "causal" if causal else "non-causal", kind=form.name)
     return True
