@@ -135,7 +135,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def settings_from_args(args, parser):
-    from .search import Settings
+    from .search import TuneSettings
 
     seq = sorted({n for group in args.seq for n in group})
     try:
@@ -163,7 +163,7 @@ def settings_from_args(args, parser):
         if head_dim < 8 or head_dim % 4:
             parser.error(f"--head-dim must be a multiple of 4 and at least 8 for synthetic inputs, got {head_dim}")
         heads, batch = args.heads, args.batch
-    s = Settings(seq_lens=seq, causal=args.causal, dtype=DTYPES[args.dtype], head_dim=head_dim, heads=heads,
+    s = TuneSettings(seq_lens=seq, causal=args.causal, dtype=DTYPES[args.dtype], head_dim=head_dim, heads=heads,
                  batch=batch, max_error=args.max_error, time_budget=args.time_budget,
                  cache_path=args.cache or default_tune_cache(), inputs_path=args.inputs, family=args.family,
                  race_rounds=max(args.rounds, 3), race_size=args.race_size, error_rows=args.error_rows, check_crossover=not args.no_crossover_check,

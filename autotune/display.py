@@ -14,7 +14,7 @@ from rich.table import Table
 import hyper_backend
 
 from . import cache, cost, measure
-from .search import Contender, CrossoverResult, LengthResult, Settings, Trial
+from .search import Contender, CrossoverResult, LengthResult, TuneSettings, Trial
 
 
 def _s(x: float) -> str:
@@ -23,7 +23,7 @@ def _s(x: float) -> str:
     return f"{x * 1e3:.1f} ms" if x < 1 else f"{x:.2f} s"
 
 
-def header(console: Console, s: Settings) -> None:
+def header(console: Console, s: TuneSettings) -> None:
     console.print(f"[bold]hyper_backend {hyper_backend.__version__} autotune[/bold] on "
                   f"{cache.device_key(s.device)} (torch {torch.__version__}, {torch.get_num_threads()} threads, "
                   f"{os.cpu_count()} cores; other processes running at the same time slow and scatter timings)")
@@ -113,7 +113,7 @@ def trials(console: Console, r: LengthResult) -> None:
     console.print(t)
 
 
-def summary(console: Console, s: Settings, results: List[LengthResult], cross: Optional[CrossoverResult],
+def summary(console: Console, s: TuneSettings, results: List[LengthResult], cross: Optional[CrossoverResult],
             elapsed: float) -> None:
     t = Table(title="result (times: medians over the race rounds; vs default: median of per-round ratios)")
     for col in ("n", "choice", "config", "time", "error", "budget", "vs exact", "vs default"):

@@ -35,7 +35,7 @@ import torch
 
 import hyper_backend
 from hyper_backend.config import HyperConfig
-from hyper_backend.kernels.plan import causal_levels, hyper_applies
+from hyper_backend.kernels.plan import causal_levels, hyper_applies, next_pow2
 
 from . import cache, cost, measure
 from .inputs import Sample, load_inputs, synthetic
@@ -45,7 +45,7 @@ DEFAULTS = DEFAULT = HyperConfig()
 
 
 @dataclass
-class Settings:
+class TuneSettings:
     """What to tune (the CLI's arguments)."""
 
     seq_lens: List[int]
@@ -155,10 +155,6 @@ class Progress:
 # the grid
 # ----------------------------------------------------------------------------------------------------------
 
-def _pow2_ceil(x: int) -> int:
-    return 1 << max(0, math.ceil(math.log2(max(x, 1))))
-
-
 def structure(n: int, causal: bool, c: HyperConfig) -> tuple:
     """What ``c`` computes at length ``n``: the leaf size and the approximated quadrant sizes (causal), or
     whether it approximates (non-causal), with the sizes that matter. Equal structures give equal outputs."""
@@ -197,7 +193,7 @@ def no_more_accurate(a: HyperConfig, b: HyperConfig, n: int, causal: bool) -> bo
     return True
 
 
-def grid(n: int, causal: bool, s: Settings, crossover_of) -> List[HyperConfig]:
+def grid(n: int, causal: bool, s: TuneSettings, crossover_of) -> List[HyperConfig]:
     """Candidates at length ``n``, one per distinct structure (auto depth preferred on ties).
 
     ``crossover_of(candidate) -> int`` predicts the length where that candidate starts beating exact.
@@ -215,7 +211,7 @@ def grid(n: int, causal: bool, s: Settings, crossover_of) -> List[HyperConfig]:
             cands = [replace(base, min_seq_len=min(c, n))]
         else:
             cands = []
-            for msl in _thresholds(n, bs, _pow2_ceil(c)):
+            for msl in _thresholds(n, bs, next_pow2(c)):
                 auto = replace(base, min_seq_len=msl)
                 cands.append(auto)
                 L = causal_levels(n, auto)
@@ -236,7 +232,7 @@ def grid(n: int, causal: bool, s: Settings, crossover_of) -> List[HyperConfig]:
 # ----------------------------------------------------------------------------------------------------------
 
 class Tuner:
-    def __init__(self, settings: Settings, progress: Optional[Progress] = None):
+    def __init__(self, settings: TuneSettings, progress: Optional[Progress] = None):
         self.s = settings
         self.progress = progress or Progress()
         self.rates: Optional[cost.Rates] = None
@@ -479,7 +475,7 @@ class Tuner:
         self.progress.phase("crossover: exact vs approximate around the predicted length")
         raw = self.crossover_of(c)
         forced = replace(c, min_seq_len=1, causal_depth=None)
-        center = min(max(_pow2_ceil(raw), 8 * c.block_size), 4096)  # probes up to 8192: a few seconds
+        center = min(max(next_pow2(raw), 8 * c.block_size), 4096)  # probes up to 8192: a few seconds
         kw = self._kw()
         probes = []
         for x in (center // 2, center, center * 2):
@@ -557,7 +553,7 @@ def _auto_threshold(n: int, causal: bool) -> int:
     return max(2 * DEFAULTS.block_size, n // 4 if causal else n)
 
 
-def _stamp(s: Settings) -> dict:
+def _stamp(s: TuneSettings) -> dict:
     return {"torch": torch.__version__, "hyper_backend": hyper_backend.__version__,
             "threads": torch.get_num_threads(), "host": platform.node(),
             "date": time.strftime("%Y-%m-%dT%H:%M:%S%z")}

@@ -26,7 +26,7 @@ import torch
 from hyper_backend.config import HyperConfig, serial_bookkeeping
 
 from .plan import (Plan, _chunks, _pad_rows, causal_schedule, exact_keys, hyper_applies, lse_dtype, lsh_ranks,
-                   make_plan, plan_from_ranks, sink_mask, window_band, window_strip)
+                   make_plan, plan_from_ranks, sink_mask, split_keys, window_band, window_strip)
 
 aten = torch.ops.aten
 NEG_INF = float("-inf")
@@ -507,7 +507,7 @@ def causal_forward(q, k, v, key_valid, scale, p: HyperConfig, sink=None):
     o, lse = _flash(_leaf_view(q, pieces), _leaf_view(k, pieces), _leaf_view(v, pieces), leaf_bias, True, scale)
     if valid is not None:  # a row whose visible keys are all masked
         lse = _no_keys(lse, (valid.view(B * pieces, 1, leaf).cumsum(-1) > 0).expand_as(lse))
-    acc_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+    acc_dtype = lse_dtype(q.dtype)
     out = o.to(acc_dtype).reshape(B, pieces, Hq, leaf, D).transpose(1, 2).reshape(B, Hq, Np, D).contiguous()
     lse_all = lse.reshape(B, pieces, Hq, leaf).transpose(1, 2).reshape(B, Hq, Np).contiguous()
     if c.sched.depth:  # hashed once; each level takes its chunks
@@ -560,12 +560,6 @@ def causal_backward(do, q, k, v, out, lse, key_valid, scale, p: HyperConfig, sin
 # entry points: any n_q <= n_k when causal (bottom-right aligned), any lengths otherwise
 # ----------------------------------------------------------------------------------------------------------
 
-def _split(mask, prefix):
-    if mask is None:
-        return None, None
-    return mask[:, :prefix], mask[:, prefix:]
-
-
 def _sinks(q, k, key_valid, p):
     return sink_mask(key_valid, q.shape[0], k.shape[2], p.sink_keys, q.device)
 
@@ -588,11 +582,11 @@ def _attention_forward(q, k, v, key_valid, is_causal, scale, p: HyperConfig):
     prefix = k.shape[2] - q.shape[2]
     if prefix == 0:
         return causal_forward(q, k, v, key_valid, scale, p, sink)
-    (kv_head, kv_tail), (s_head, s_tail) = _split(key_valid, prefix), _split(sink, prefix)
+    (kv_head, kv_tail), (s_head, s_tail) = split_keys(key_valid, prefix), split_keys(sink, prefix)
     out, lse = causal_forward(q, k[:, :, prefix:], v[:, :, prefix:], kv_tail, scale, p, s_tail)
     o2, l2 = noncausal_forward(q, k[:, :, :prefix], v[:, :, :prefix], kv_head, scale, p, -1, None, s_head,
                                window_strip(p))
-    acc = out.to(torch.float64 if q.dtype == torch.float64 else torch.float32)
+    acc = out.to(lse_dtype(q.dtype))
     merge_(acc, lse, o2, l2)
     return acc.to(q.dtype), lse
 
@@ -604,7 +598,7 @@ def _attention_backward(do, q, k, v, out, lse, key_valid, is_causal, scale, p: H
     prefix = k.shape[2] - q.shape[2]
     if prefix == 0:
         return causal_backward(do, q, k, v, out, lse, key_valid, scale, p, sink)
-    (kv_head, kv_tail), (s_head, s_tail) = _split(key_valid, prefix), _split(sink, prefix)
+    (kv_head, kv_tail), (s_head, s_tail) = split_keys(key_valid, prefix), split_keys(sink, prefix)
     dq, dk2, dv2 = causal_backward(do, q, k[:, :, prefix:], v[:, :, prefix:], out, lse, kv_tail, scale, p, s_tail)
     dq1, dk1, dv1 = noncausal_backward(do, q, k[:, :, :prefix], v[:, :, :prefix], out, lse, kv_head, scale, p,
                                        -1, None, s_head, window_strip(p))

@@ -190,8 +190,20 @@ def causal_depth_for(n: int, min_seq_len: int, causal_depth: Optional[int]) -> i
 # ----------------------------------------------------------------------------------------------------------
 
 def lse_dtype(dtype):
-    """The log-sum-exp is float32, or float64 for float64 inputs (as aten's)."""
+    """The log-sum-exp and the accumulators are float32, or float64 for float64 inputs (as aten's)."""
     return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def next_pow2(n: int) -> int:
+    """The smallest power of two >= n (1 for n <= 1)."""
+    return 1 << max(0, math.ceil(math.log2(max(int(n), 1))))
+
+
+def split_keys(mask: Optional[torch.Tensor], prefix: int):
+    """A ``[B, Nk]`` key mask cut into the KV prefix and the causal tail (both None for None)."""
+    if mask is None:
+        return None, None
+    return mask[:, :prefix], mask[:, prefix:]
 
 
 def hyper_applies(nq: int, nk: int, p) -> bool:

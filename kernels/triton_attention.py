@@ -61,7 +61,7 @@ import triton.language as tl
 
 from . import triton_kernels as tk
 from .plan import (Plan, _chunks, _pad_rows, causal_schedule, exact_keys, hyper_applies, lse_dtype, lsh_ranks,
-                   make_plan, plan_from_ranks, sink_mask, window_band, window_strip)
+                   make_plan, next_pow2, plan_from_ranks, sink_mask, split_keys, window_band, window_strip)
 
 try:  # optional: the [cuda] extra
     from flash_attn import flash_attn_func as _flash_attn_func
@@ -77,13 +77,9 @@ _INTERPRET = tk.INTERPRET
 # launch configurations
 # ----------------------------------------------------------------------------------------------------------
 
-def _next_pow2(n: int) -> int:
-    return 1 << max(0, math.ceil(math.log2(max(int(n), 1))))
-
-
 def _bucket(n: int, cap: int = 16384) -> int:
     """Autotune key for a length: its next power of two, capped."""
-    return min(_next_pow2(n), cap)
+    return min(next_pow2(n), cap)
 
 
 def _config(bm, bn, warps, stages):
@@ -102,8 +98,8 @@ def _prune(configs, named_args, rows_arg, keys_args, **kwargs):
     small = [c for c in configs if c.kwargs["BLOCK_M"] == 32 and c.kwargs["BLOCK_N"] == 32]
     if _INTERPRET:  # one config, no benchmarking; every op costs the same at any tile size there
         return [c for c in configs if c.kwargs["BLOCK_M"] == 64 and c.kwargs["BLOCK_N"] == 64][:1]
-    rows = max(32, _next_pow2(args[rows_arg]))
-    keys = max(32, _next_pow2(max(args[k] for k in keys_args)))
+    rows = max(32, next_pow2(args[rows_arg]))
+    keys = max(32, next_pow2(max(args[k] for k in keys_args)))
     # tile bytes: BLOCK_M * BLOCK_N * BLOCK_D * 2 <= 2 MiB for 16-bit inputs; fp32 counts double, and fp64
     # (no tensor cores, 8-byte operands) keeps to the smallest tiles, which stay under 100 KiB of shared memory
     itemsize = args["Q"].element_size()
@@ -223,7 +219,7 @@ def _common(q, k, v, sub: _Sub, scale):
         BAND_LO=sub.window[0], BAND_HI=sub.window[1],
         scale=scale, scale2=scale * math.log2(math.e),
         BQ_BUCKET=_bucket(bq), BK_BUCKET=_bucket(bk), M_BUCKET=_bucket(t),
-        D=D, BLOCK_D=max(16, _next_pow2(D)), PERMUTED=plan is not None, HAS_SAMPLES=t > 0,
+        D=D, BLOCK_D=max(16, next_pow2(D)), PERMUTED=plan is not None, HAS_SAMPLES=t > 0,
         HAS_VALID=sub.valid is not None, IS_CAUSAL=sub.causal, BAND=sub.band,
         ACC=tl.float64 if q.dtype == torch.float64 else tl.float32,
         PRECISION="ieee" if q.dtype in (torch.float32, torch.float64) else "tf32",
@@ -387,12 +383,6 @@ def _flash_leaves(q, k, v, leaves: _Sub, scale, out, lse):
     lse.copy_(l[..., :leaf].reshape(B, pieces, Hq, leaf).permute(0, 2, 1, 3).reshape(B, Hq, Np)[:, :, :N])
 
 
-def _split(mask, prefix):
-    if mask is None:
-        return None, None
-    return mask[:, :prefix], mask[:, prefix:]
-
-
 def _check(q, k, v):
     if v.shape[-1] != q.shape[-1] or k.shape[-1] != q.shape[-1]:
         raise NotImplementedError("the Triton path needs one head dim for query, key and value")
@@ -408,7 +398,7 @@ def _launches(q, k, key_valid, is_causal, p):
     prefix = k.shape[2] - Nq
     if prefix < 0:
         raise ValueError("causal attention needs n_q <= n_k (bottom-right aligned)")
-    (kv_head, kv_tail), (s_head, s_tail) = _split(key_valid, prefix), _split(sink, prefix)
+    (kv_head, kv_tail), (s_head, s_tail) = split_keys(key_valid, prefix), split_keys(sink, prefix)
     tail = slice(prefix, None)
     leaves, levels = _causal_subs(q, k[:, :, tail], kv_tail, s_tail, p)
     out = [(tail, [leaves] + levels)]

@@ -40,8 +40,11 @@ class Verdict:
     reason: str = ""
 
 
-def _val(node: fx.Node):
-    return node.meta.get("val", node.meta.get("example_value"))
+def meta_val(n):
+    """The fake value of a node (``val`` in aten graphs, ``example_value`` in Dynamo graphs); non-nodes as is."""
+    if not isinstance(n, fx.Node):
+        return n
+    return n.meta.get("val", n.meta.get("example_value"))
 
 
 def _is_scalar(v) -> bool:
@@ -57,7 +60,7 @@ def ancestors(node: fx.Node, constants: Dict[fx.Node, torch.Tensor]) -> List[fx.
             continue
         seen.add(n)
         order.append(n)
-        if n in constants or _is_scalar(_val(n)) or n.op in ("placeholder", "get_attr"):
+        if n in constants or _is_scalar(meta_val(n)) or n.op in ("placeholder", "get_attr"):
             continue
         stack.extend(n.all_input_nodes)
     return order
@@ -65,7 +68,7 @@ def ancestors(node: fx.Node, constants: Dict[fx.Node, torch.Tensor]) -> List[fx.
 
 def input_free(node: fx.Node, constants: Dict[fx.Node, torch.Tensor]) -> bool:
     for n in ancestors(node, constants):
-        if n.op == "placeholder" and n not in constants and not _is_scalar(_val(n)):
+        if n.op == "placeholder" and n not in constants and not _is_scalar(meta_val(n)):
             return False
     return True
 
@@ -114,7 +117,7 @@ def evaluate(node: fx.Node, subs: dict, constants: Dict[fx.Node, torch.Tensor]):
     nodes = ancestors(node, constants)
     order = {n: i for i, n in enumerate(node.graph.nodes)}
     for n in sorted(nodes, key=order.__getitem__):
-        v = _val(n)
+        v = meta_val(n)
         if n in constants:
             cache[n] = constants[n].to(CPU)
         elif _is_scalar(v):
@@ -257,7 +260,7 @@ def _classify(mask, use, nq, nk, constants, fill) -> Verdict:
     if not input_free(mask, constants) or (isinstance(fill, fx.Node) and not input_free(fill, constants)):
         return Verdict(None, "mask depends on a tensor input")
     nodes = ancestors(mask, constants) + (ancestors(fill, constants) if isinstance(fill, fx.Node) else [])
-    values = [_val(n) for n in nodes] + [nq, nk]
+    values = [meta_val(n) for n in nodes] + [nq, nk]
     seq = symbols_of([nq, nk])
     other = symbols_of(values) - seq
     env = shape_env_of(values)

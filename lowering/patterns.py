@@ -188,9 +188,6 @@ def _is(n, *targets) -> bool:
     return isinstance(n, fx.Node) and n.op == "call_function" and n.target in targets
 
 
-def _val(n):
-    return n.meta.get("val") if isinstance(n, fx.Node) else n
-
 
 @dataclass
 class Core:
@@ -236,7 +233,7 @@ def _scores_source(s) -> Optional[Tuple[str, str, bool, fx.Node]]:
     scale, tensor = "none", False
     if _is(s, aten.mul.Tensor, aten.div.Tensor):
         scale = "mul" if s.target == aten.mul.Tensor else "div"
-        tensor = isinstance(_val(s.args[1]), torch.Tensor)
+        tensor = isinstance(masks.meta_val(s.args[1]), torch.Tensor)
         s = s.args[0]
     if _is(s, aten.baddbmm.default):
         return ("baddbmm", "none", False, s) if scale == "none" else None
@@ -246,20 +243,20 @@ def _scores_source(s) -> Optional[Tuple[str, str, bool, fx.Node]]:
         bmm = s.args[0]
         q, _ = _unview(bmm.args[0])
         if scale == "none" and _is(q, aten.mul.Tensor):
-            scale, tensor = "q_mul", isinstance(_val(q.args[1]), torch.Tensor)
+            scale, tensor = "q_mul", isinstance(masks.meta_val(q.args[1]), torch.Tensor)
         return "4d", scale, tensor, bmm
     return None
 
 
 def form_of(core: Core, joint: bool):
     """The `Form` of the attention around ``core``, or a reason string why it is not attention we lower."""
-    xv = _val(core.x)
+    xv = masks.meta_val(core.x)
     if not isinstance(xv, torch.Tensor):
         return "softmax input has no shape"
     if core.dim not in (-1, xv.dim() - 1):
         return f"softmax over dim {core.dim}, not the key dim"
     x, half = core.x, False
-    if _is(x, prims.convert_element_type.default) and _val(x.args[0]).dtype in HALF:
+    if _is(x, prims.convert_element_type.default) and masks.meta_val(x.args[0]).dtype in HALF:
         x, half = x.args[0], True
     mask = "none"
     if _is(x, aten.add.Tensor) and _scores_source(x.args[0]):
@@ -378,7 +375,7 @@ class AttentionPass(CustomGraphPass):
         for pos, tensor in self.constants.items():
             if pos >= len(inputs):
                 continue
-            v = _val(inputs[pos])
+            v = masks.meta_val(inputs[pos])
             if (isinstance(v, torch.Tensor) and v.dtype == tensor.dtype and v.dim() == tensor.dim()
                     and all(statically_known_true(a == b) for a, b in zip(v.shape, tensor.shape))):
                 self._aten_constants[inputs[pos]] = tensor
@@ -464,8 +461,8 @@ def _scale_of(node: fx.Node, form: Form, head_dim, constants) -> Tuple[bool, Opt
 def _scale_value(node, form, head_dim, constants):
     if not masks.input_free(node, constants):
         return False, None, "the scale depends on a tensor input"
-    syms = masks.symbols_of([_val(n) for n in masks.ancestors(node, constants)] + [head_dim])
-    env = masks.shape_env_of([head_dim] + [_val(n) for n in masks.ancestors(node, constants)])
+    syms = masks.symbols_of([masks.meta_val(n) for n in masks.ancestors(node, constants)] + [head_dim])
+    env = masks.shape_env_of([head_dim] + [masks.meta_val(n) for n in masks.ancestors(node, constants)])
     tests = [{}] if not syms else [{s: (masks.size_hints(env).get(s, 16) if t == 0 else t) for s in syms}
                                    for t in (0, 16, 64)]
     values, defaults = [], []
@@ -485,7 +482,7 @@ def _scale_value(node, form, head_dim, constants):
 
 
 def _runtime_scalar(node: fx.Node, constants) -> bool:
-    v = _val(node)
+    v = masks.meta_val(node)
     if isinstance(v, torch.SymFloat):
         return True
     return isinstance(v, torch.Tensor) and v.dim() == 0 and not masks.input_free(node, constants)
@@ -498,7 +495,7 @@ def _integers_wrong(match: Match, key: fx.Node, rank: int) -> str:
         if _is(n, aten.permute.default) and n.args[0] is key and [d % rank for d in n.args[1]] != swap:
             return "k is permuted, not transposed in its last two dims"
         if _is(n, aten.amax.default, aten.sum.dim_IntList):
-            r = _val(n.args[0]).dim()
+            r = masks.meta_val(n.args[0]).dim()
             if [d % r for d in n.args[1]] != [r - 1]:
                 return f"a softmax reduction over dims {list(n.args[1])}, not the key dim"
     return ""
@@ -521,7 +518,7 @@ def _check_match(ctx: "AttentionPass", form: Form, match: Match) -> bool:
     if not ctx.selected(site):
         return ctx.reject(site, "not selected by layers")
     kw = match.kwargs
-    q, k, v = (_val(kw[n]) for n in ("query", "key", "value"))
+    q, k, v = (masks.meta_val(kw[n]) for n in ("query", "key", "value"))
     if not all(isinstance(t, torch.Tensor) for t in (q, k, v)):
         return ctx.reject(site, "q/k/v are not tensors")
     bad = _integers_wrong(match, kw["key"], q.dim())

@@ -59,9 +59,6 @@ def sdpa_args(node: fx.Node) -> dict:
     return out
 
 
-def _val(n):
-    return n.meta.get("example_value", n.meta.get("val")) if isinstance(n, fx.Node) else n
-
 
 def _eq(a, b) -> bool:
     return statically_known_true(a == b)
@@ -79,7 +76,7 @@ def _mask_terms(mask: fx.Node) -> List[fx.Node]:
 
 
 def _padding_shape_ok(term: fx.Node, batch, n_k) -> bool:
-    v = _val(term)
+    v = masks.meta_val(term)
     if not isinstance(v, torch.Tensor) or v.dim() > 4 or v.dim() == 0:
         return False
     shape = (1,) * (4 - v.dim()) + tuple(v.shape)
@@ -87,63 +84,63 @@ def _padding_shape_ok(term: fx.Node, batch, n_k) -> bool:
             and (_eq(shape[0], 1) or _eq(shape[0], batch)))
 
 
-class Plan:
+class SdpaPlan:
     """What to emit for one SDPA node, or why it stays exact."""
 
     def __init__(self, reason: str = "", padding: Tuple[fx.Node, ...] = (), causal: bool = False):
         self.reason, self.padding, self.causal = reason, padding, causal
 
 
-def plan_sdpa(node: fx.Node, constants: Dict[fx.Node, torch.Tensor]) -> Plan:
+def plan_sdpa(node: fx.Node, constants: Dict[fx.Node, torch.Tensor]) -> SdpaPlan:
     a = sdpa_args(node)
-    q, k, v = (_val(a[x]) for x in ("query", "key", "value"))
+    q, k, v = (masks.meta_val(a[x]) for x in ("query", "key", "value"))
     if not all(isinstance(t, torch.Tensor) and t.dim() == 4 for t in (q, k, v)):
-        return Plan("query/key/value are not [B, H, N, D]")
-    if isinstance(a["dropout_p"], fx.Node) and isinstance(_val(a["dropout_p"]), torch.SymFloat):
+        return SdpaPlan("query/key/value are not [B, H, N, D]")
+    if isinstance(a["dropout_p"], fx.Node) and isinstance(masks.meta_val(a["dropout_p"]), torch.SymFloat):
         # dynamic=True makes float attributes symbolic; decide on the value seen, under a guard (a model
         # whose dropout probability changes recompiles)
-        a["dropout_p"] = 0.0 if bool(_val(a["dropout_p"]) == 0.0) else float(_val(a["dropout_p"]))
+        a["dropout_p"] = 0.0 if bool(masks.meta_val(a["dropout_p"]) == 0.0) else float(masks.meta_val(a["dropout_p"]))
     for name in ("dropout_p", "is_causal", "enable_gqa"):
         if isinstance(a[name], fx.Node):
-            return Plan(f"{name} is not a compile-time constant")
-    if isinstance(a["scale"], fx.Node) and not isinstance(_val(a["scale"]), (torch.SymFloat, float)):
-        return Plan("scale is neither a number nor a symbolic float")
+            return SdpaPlan(f"{name} is not a compile-time constant")
+    if isinstance(a["scale"], fx.Node) and not isinstance(masks.meta_val(a["scale"]), (torch.SymFloat, float)):
+        return SdpaPlan("scale is neither a number nor a symbolic float")
     if a["dropout_p"] > 0.0:
-        return Plan(f"dropout_p={a['dropout_p']} (dropout is kept exact)")
+        return SdpaPlan(f"dropout_p={a['dropout_p']} (dropout is kept exact)")
     hq, hkv = q.shape[1], k.shape[1]
     if not _eq(hq, hkv) and not a["enable_gqa"]:
-        return Plan("query and key head counts differ without enable_gqa")
+        return SdpaPlan("query and key head counts differ without enable_gqa")
     nq, nk, batch = q.shape[2], k.shape[2], q.shape[0]
     causal = bool(a["is_causal"])
     padding: List[fx.Node] = []
     mask = a["attn_mask"]
     if mask is not None:
         if causal:
-            return Plan("attn_mask together with is_causal")
-        mval = _val(mask)
+            return SdpaPlan("attn_mask together with is_causal")
+        mval = masks.meta_val(mask)
         if not isinstance(mval, torch.Tensor):
-            return Plan("attn_mask is not a tensor")
+            return SdpaPlan("attn_mask is not a tensor")
         if mval.dtype != torch.bool:
             verdict = masks.classify(mask, "add", nq, nk, constants)
             if verdict.kind is None:
-                return Plan(f"float attn_mask: {verdict.reason}")
+                return SdpaPlan(f"float attn_mask: {verdict.reason}")
             causal = verdict.kind == "causal"
         else:
             for term in _mask_terms(mask):
                 if masks.input_free(term, constants):
                     verdict = masks.classify(term, "keep", nq, nk, constants, fill=float("-inf"))
                     if verdict.kind is None:
-                        return Plan(f"attn_mask: {verdict.reason}")
+                        return SdpaPlan(f"attn_mask: {verdict.reason}")
                     causal = causal or verdict.kind == "causal"
                 elif _padding_shape_ok(term, batch, nk):
                     padding.append(term)
                 else:
-                    return Plan("general attn_mask (not a key-padding mask broadcastable to [B, 1, 1, Nk])")
+                    return SdpaPlan("general attn_mask (not a key-padding mask broadcastable to [B, 1, 1, Nk])")
         if causal and not statically_known_true(nq <= nk):
-            return Plan("causal mask where n_q may exceed n_k")
+            return SdpaPlan("causal mask where n_q may exceed n_k")
     elif causal and not _eq(nq, nk):
-        return Plan("is_causal with n_q != n_k: SDPA aligns the diagonal top-left, the op bottom-right")
-    return Plan(padding=tuple(padding), causal=causal)
+        return SdpaPlan("is_causal with n_q != n_k: SDPA aligns the diagonal top-left, the op bottom-right")
+    return SdpaPlan(padding=tuple(padding), causal=causal)
 
 
 def _emit(graph: fx.Graph, like: fx.Node, target, args, op: str = "call_function") -> fx.Node:
@@ -153,12 +150,12 @@ def _emit(graph: fx.Graph, like: fx.Node, target, args, op: str = "call_function
             node.meta[key] = like.meta[key]
     fake_mode = None
     for a in like.all_input_nodes:
-        fv = _val(a)
+        fv = masks.meta_val(a)
         if isinstance(fv, torch.Tensor) and hasattr(fv, "fake_mode"):
             fake_mode = fv.fake_mode
             break
     if fake_mode is not None:
-        fake_args = fx.node.map_arg(args, _val)
+        fake_args = fx.node.map_arg(args, masks.meta_val)
         with fake_mode:
             node.meta["example_value"] = target(*fake_args) if op == "call_function" else None
     return node
