@@ -53,9 +53,9 @@ class HyperConfig:
     min_seq_len: int = 4096
     causal_depth: Optional[int] = None
     seed: int = 0
-    sink_keys: int = 0
-    local_window: int = 0
-    residual: str = "uniform"
+    sink_keys: int = 16
+    local_window: int = 128
+    residual: str = "stratified"
 
     def __post_init__(self):
         _check_int("block_size", self.block_size, lo=1, hi=2**31 - 1)
