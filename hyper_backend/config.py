@@ -19,6 +19,7 @@ UNSET = -1  # "not set explicitly": the op uses the tuned value for its length, 
 AUTO_DEPTH = -2  # causal_depth=None given explicitly: halve until a piece is at most min_seq_len
 
 RESIDUALS = ("uniform", "stratified")  # how the residual keys are drawn; the op carries the index
+PUBLISHED = {"sink_keys": 0, "local_window": 0, "residual": "uniform"}  # see `HyperConfig.published`
 
 
 @dataclass(frozen=True)
@@ -72,6 +73,12 @@ class HyperConfig:
 
     def replace(self, **changes) -> "HyperConfig":
         return dataclasses.replace(self, **changes)
+
+    @classmethod
+    def published(cls, *args, **fields) -> "HyperConfig":
+        """The estimator of the paper and its code: no exact sinks or window, a uniform residual (any field
+        may still be given)."""
+        return cls(*args, **{**PUBLISHED, **fields})
 
     def as_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -14,11 +14,11 @@ from hyper_backend.config import encode
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 F64, F32, BF16 = torch.float64, torch.float32, torch.bfloat16
-SMALL = HyperConfig(block_size=16, sample_size=16, min_seq_len=32)
-MID = HyperConfig(block_size=64, sample_size=64, min_seq_len=256)
-MID128 = HyperConfig(block_size=64, sample_size=64, min_seq_len=128)
-BIG = HyperConfig(block_size=256, sample_size=32, min_seq_len=256)
-TINY = HyperConfig(block_size=4, sample_size=4, lsh_num_projs=3, min_seq_len=4)  # for gradcheck / opcheck
+SMALL = HyperConfig.published(block_size=16, sample_size=16, min_seq_len=32)
+MID = HyperConfig.published(block_size=64, sample_size=64, min_seq_len=256)
+MID128 = HyperConfig.published(block_size=64, sample_size=64, min_seq_len=128)
+BIG = HyperConfig.published(block_size=256, sample_size=32, min_seq_len=256)
+TINY = HyperConfig.published(block_size=4, sample_size=4, lsh_num_projs=3, min_seq_len=4)  # for gradcheck / opcheck
 
 
 def op(q, k, v, key_valid=None, is_causal=False, config=SMALL, scale=None):
@@ -258,7 +258,7 @@ def test_opcheck(case, make_qkv, call_delta):
     q, k, v = make_qkv(2, Hq, Hkv, Nq, Nk, 16, dtype, transposed=transposed, requires_grad=True)
     assert q.is_contiguous() != transposed
     key_valid = ones_value_mask(2, Nk, 3) if padded else None
-    cfg = HyperConfig(block_size=8, sample_size=8, min_seq_len=16)
+    cfg = HyperConfig.published(block_size=8, sample_size=8, min_seq_len=16)
     args = (q, k, v, key_valid, causal, None, encode(cfg), "")
     torch.library.opcheck(torch.ops.hyper.attention, args)
     assert call_delta()["hyper"] > 0 and call_delta()["backward"] > 0
@@ -267,7 +267,7 @@ def test_opcheck(case, make_qkv, call_delta):
 def test_opcheck_backward_op(make_qkv):
     q, k, v = make_qkv(2, 4, 2, 40, 40, 16, F32, transposed=True)
     key_valid = ones_value_mask(2, 40, 4)
-    cfg = HyperConfig(block_size=8, sample_size=8, min_seq_len=16)
+    cfg = HyperConfig.published(block_size=8, sample_size=8, min_seq_len=16)
     out, lse = op(q, k, v, key_valid, True, config=cfg)
     do = torch.randn_like(out)
     args = (do, q, k, v, out, lse, key_valid, True, None, encode(cfg), "")

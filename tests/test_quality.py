@@ -22,7 +22,7 @@ _spec.loader.exec_module(quality)
 
 N = 64  # window length: longer than the sliding window, so sliding layers get an explicit mask
 GLOBAL = 5  # the one full-attention layer of the tiny Gemma-3 below
-SMALL = HyperConfig(block_size=8, sample_size=8, lsh_num_projs=3, min_seq_len=16)  # makes HyperAttention run at N
+SMALL = HyperConfig.published(block_size=8, sample_size=8, lsh_num_projs=3, min_seq_len=16)  # makes HyperAttention run at N
 
 
 def tiny_gemma(softcap=None, kv_heads=1):

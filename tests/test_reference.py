@@ -22,8 +22,9 @@ F64, F32, BF16 = torch.float64, torch.float32, torch.bfloat16
 
 
 def Cfg(block_size, sample_size, min_seq_len, num_projs=7, causal_depth=None, seed=0, **more) -> HyperConfig:
-    """A `HyperConfig` from the fields these sweeps vary, in their order."""
-    return HyperConfig(block_size, sample_size, num_projs, min_seq_len, causal_depth, seed, **more)
+    """A `HyperConfig` from the fields these sweeps vary, in their order (the published estimator unless the
+    exact parts are given)."""
+    return HyperConfig.published(block_size, sample_size, num_projs, min_seq_len, causal_depth, seed, **more)
 
 
 SMALL, MID, BIG = Cfg(16, 16, 32), Cfg(64, 64, 256), Cfg(256, 32, 256)
@@ -252,7 +253,7 @@ def test_reference_is_exact_where_the_approximation_does_not_apply(limit, causal
 
 def test_reference_weights_are_causal_bottom_right(make_qkv):
     q, k, _ = make_qkv(1, 2, 1, 300, 1000, 16, F64)
-    logw = reference.log_weights(q, k, None, True, HyperConfig(16, 16, 7, 32, None, 0))
+    logw = reference.log_weights(q, k, None, True, HyperConfig.published(16, 16, 7, 32, None, 0))
     future = ~torch.ones(300, 1000, dtype=torch.bool).tril(700)
     assert torch.all(torch.isneginf(logw[..., future]))
     # the leaves are exact: every query sees its own key with weight 1

@@ -130,13 +130,13 @@ def _check(q, k, v, do, key_valid, causal, p):
 # min_seq_len, causal_depth, seed)). Small blocks so that every case approximates; together they cover
 # n in {63, 200, 513}, d in {40, 64}, causal and not, GQA, key masks, n_q != n_k, fp32 and bf16.
 CASES = {
-    "noncausal-gqa-masked-n200-d40": (2, 4, 2, 200, 200, 40, False, torch.float32, True, HyperConfig(64, 40, 4, 64, None, 0)),
-    "exact-nq!=nk-n63-d64": (1, 2, 1, 63, 90, 64, False, torch.float32, False, HyperConfig(64, 32, 4, 64, None, 0)),
-    "causal-n513-d64-multitile": (1, 2, 1, 513, 513, 64, True, torch.float32, False, HyperConfig(128, 96, 5, 128, None, 1)),
-    "causal-prefix-masked-gqa-n200": (1, 4, 2, 150, 200, 40, True, torch.float32, True, HyperConfig(32, 24, 4, 32, 2, 2)),
-    "noncausal-bf16-n513-d40-gqa": (1, 2, 1, 513, 513, 40, False, torch.bfloat16, False, HyperConfig(64, 64, 5, 64, None, 3)),
-    "causal-bf16-n200-d64-masked": (1, 2, 2, 200, 200, 64, True, torch.bfloat16, True, HyperConfig(32, 32, 4, 32, None, 4)),
-    "causal-fp64-n63-d40-gqa": (1, 2, 1, 63, 63, 40, True, torch.float64, False, HyperConfig(16, 8, 3, 16, None, 5)),
+    "noncausal-gqa-masked-n200-d40": (2, 4, 2, 200, 200, 40, False, torch.float32, True, HyperConfig.published(64, 40, 4, 64, None, 0)),
+    "exact-nq!=nk-n63-d64": (1, 2, 1, 63, 90, 64, False, torch.float32, False, HyperConfig.published(64, 32, 4, 64, None, 0)),
+    "causal-n513-d64-multitile": (1, 2, 1, 513, 513, 64, True, torch.float32, False, HyperConfig.published(128, 96, 5, 128, None, 1)),
+    "causal-prefix-masked-gqa-n200": (1, 4, 2, 150, 200, 40, True, torch.float32, True, HyperConfig.published(32, 24, 4, 32, 2, 2)),
+    "noncausal-bf16-n513-d40-gqa": (1, 2, 1, 513, 513, 40, False, torch.bfloat16, False, HyperConfig.published(64, 64, 5, 64, None, 3)),
+    "causal-bf16-n200-d64-masked": (1, 2, 2, 200, 200, 64, True, torch.bfloat16, True, HyperConfig.published(32, 32, 4, 32, None, 4)),
+    "causal-fp64-n63-d40-gqa": (1, 2, 1, 63, 63, 40, True, torch.float64, False, HyperConfig.published(16, 8, 3, 16, None, 5)),
 }
 
 
@@ -150,7 +150,7 @@ def _sweep():
                     for dtype in (torch.float32, torch.bfloat16, torch.float16):
                         name = f"n{n}-d{d}-{'causal' if causal else 'full'}-h{hq}/{hkv}-{str(dtype)[6:]}"
                         out[name] = (1, hq, hkv, n, n + (0 if causal else 7), d, causal, dtype, n != 200,
-                                     HyperConfig(48, 40, 5, 48, None, n + d))
+                                     HyperConfig.published(48, 40, 5, 48, None, n + d))
     return out
 
 
@@ -197,7 +197,7 @@ def _sweep_exact_parts():
                     name = f"n{n}-d{d}-{layout}-{str(dtype)[6:]}-{residual}"
                     nq = n - n // 4 if layout == "prefix" else n
                     out[name] = (1, 4, 2, nq, n, d, layout != "full", dtype, n != 200,
-                                 HyperConfig(48, 40, 5, 48, None, n + d, sink_keys=1 + n % 4,
+                                 HyperConfig.published(48, 40, 5, 48, None, n + d, sink_keys=1 + n % 4,
                                              local_window=8 + n % 9, residual=residual))
     return out
 
@@ -233,7 +233,7 @@ def test_exact_parts_match_reference_sweep(worker, name):
     worker.submit(_run_case, SWEEP_EXACT_PARTS, name).result()
 
 
-def _run_rows_without_keys(p=HyperConfig(32, 16, 4, 32, None, 0)):
+def _run_rows_without_keys(p=HyperConfig.published(32, 16, 4, 32, None, 0)):
     """A batch whose keys are all masked: out 0, lse -inf, zero gradients; the other batch unaffected."""
     for causal in (False, True):  # causal with n_q < n_k: the masks of the tail are strided slices
         q, k, v, do, key_valid = _inputs(2, 2, 1, 80 if causal else 100, 100, 40, torch.float32, True)
@@ -254,11 +254,11 @@ def test_rows_without_keys(worker):
 
 def test_rows_without_keys_exact_parts(worker):
     """The same with sinks (none in the masked batch), a window and stratified draws (all of weight 0 there)."""
-    p = HyperConfig(32, 16, 4, 32, None, 0, sink_keys=2, local_window=6, residual="stratified")
+    p = HyperConfig.published(32, 16, 4, 32, None, 0, sink_keys=2, local_window=6, residual="stratified")
     worker.submit(_run_rows_without_keys, p).result()
 
 
-def _run_dispatch(p=HyperConfig(64, 32, 4, 64, None, 0)):
+def _run_dispatch(p=HyperConfig.published(64, 32, 4, 64, None, 0)):
     """torch.ops.hyper.attention with HYPER_KERNELS=triton runs the Triton path, forward and backward."""
     from hyper_backend.kernels import op
 
@@ -287,7 +287,7 @@ def test_dispatch_through_op(worker):
 
 def test_dispatch_through_op_exact_parts(worker):
     """The op's Triton path serves sinks, the window and the stratified residual (as the CPU path does)."""
-    p = HyperConfig(64, 32, 4, 64, None, 0, sink_keys=2, local_window=16, residual="stratified")
+    p = HyperConfig.published(64, 32, 4, 64, None, 0, sink_keys=2, local_window=16, residual="stratified")
     worker.submit(_run_dispatch, p).result()
 
 
@@ -308,7 +308,7 @@ def _fake_flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=Fal
 def _run_flash_leaves():
     """The flash-attn leaf path (no GPU here: a stand-in with flash_attn_func's convention) matches ours."""
     ta = _triton()
-    p = HyperConfig(32, 16, 4, 32, None, 0)
+    p = HyperConfig.published(32, 16, 4, 32, None, 0)
     q, k, v, _, _ = _inputs(2, 2, 1, 90, 90, 40, torch.bfloat16, False)  # 4 padded leaves of 23 rows
     ours = ta.attention_forward(q, k, v, None, True, None, p)
     saved = ta._flash_attn_func, ta._flash_leaves_ok
