@@ -173,7 +173,8 @@ class _Layout(NamedTuple):
     side_pos: Optional[torch.Tensor]  # [B, Hkv, t] logical positions of the residual draws, then the exact keys
     res_bias: Optional[torch.Tensor]  # [B, Hkv*nb*g, 1, t]
     res_any: Optional[torch.Tensor]  # [B, Hkv*nb*g, 1]
-    q_pad: int  # padded query slots at the end of the last block
+    q_padded: Optional[torch.Tensor]  # [B, Hkv, nb, g, bq] bool: padding slots (None when there are none); with
+    # n_q > n_k whole trailing blocks can be padding
 
 
 def _inverse(dest: torch.Tensor, total: int) -> torch.Tensor:
@@ -220,7 +221,8 @@ def _layout(plan: Plan, B, Hq, Hkv, Nq, Nk, key_valid, mask_dtype, extras=None, 
         block_any = ok.any(-1).reshape(B, Hkv * nb * g, 1)
     side_pos, res_bias, res_any = _side_keys(plan, B, Hkv, g, key_valid, extras, mask_dtype,
                                              None if band is None else (q_pos, band))
-    return _Layout(q_pos, q_inv, kp.clamp(min=0), k_inv, block_bias, block_any, side_pos, res_bias, res_any, q_pad)
+    return _Layout(q_pos, q_inv, kp.clamp(min=0), k_inv, block_bias, block_any, side_pos, res_bias, res_any,
+                   (qp < 0) if q_pad else None)
 
 
 def _side_keys(plan: Plan, B, Hkv, g, key_valid, extras, mask_dtype, band=None):
@@ -425,8 +427,8 @@ def noncausal_backward(do, q, k, v, out, lse, key_valid, scale, p: HyperConfig, 
     o_s = out.data.index_select(0, _folded_rows(out, L.q_pos, Hkv)).view(fold)
     lse_rows = Rows.of(lse[..., None])
     lse_s = lse_rows.data.index_select(0, _folded_rows(lse_rows, L.q_pos, Hkv)).view(fold[:3])
-    if L.q_pad:  # padded query slots gathered row 0: silence them
-        do_s.view(B, Hkv, nb, g, bq, D)[:, :, -1, :, bq - L.q_pad:] = 0
+    if L.q_padded is not None:  # padding slots gathered row 0: silence them
+        do_s.view(B, Hkv, nb, g, bq, D).masked_fill_(L.q_padded[..., None], 0)
     k_b = k.gather(L.k_pos).view(B, Hkv * nb, bk, D)
     v_b = v.gather(L.k_pos).view(B, Hkv * nb, bk, D)
     dq_s, dk_b, dv_b = _flash_bwd(do_s, q_s, k_b, v_b, o_s, lse_s, L.block_bias, False, scale)
