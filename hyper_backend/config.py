@@ -56,7 +56,7 @@ class HyperConfig:
     seed: int = 0
     sink_keys: int = 16
     local_window: int = 128
-    residual: str = "stratified"
+    residual: str = "uniform"
 
     def __post_init__(self):
         _check_int("block_size", self.block_size, lo=1, hi=2**31 - 1)
