@@ -20,6 +20,7 @@ AUTO_DEPTH = -2  # causal_depth=None given explicitly: halve until a piece is at
 
 RESIDUALS = ("uniform", "stratified")  # how the residual keys are drawn; the op carries the index
 PUBLISHED = {"sink_keys": 0, "local_window": 0, "residual": "uniform"}  # see `HyperConfig.published`
+CAUSAL_WINDOW = 128  # local_window=None: the window of causal attention (non-causal attention gets none)
 
 
 @dataclass(frozen=True)
@@ -43,7 +44,9 @@ class HyperConfig:
         local_window: w. Causal: every query attends exactly to the w most recent keys, ending at itself,
             across every leaf and quadrant boundary. Non-causal self-attention (n_q == n_k): to the w keys
             centred on its own position, clipped at the ends. Cross-attention (n_q != n_k, non-causal): no
-            window. Window keys are removed from the estimator for the queries that see them exactly.
+            window. Window keys are removed from the estimator for the queries that see them exactly. ``None``
+            (the default) is `CAUSAL_WINDOW` keys for causal attention and no window for non-causal attention,
+            whose banded exact part costs per-pair masks (see the README's Performance section).
         residual: ``"uniform"`` (i.i.d. uniform draws, weight n'/m) or ``"stratified"`` (one draw from each
             of m equal strata of the LSH-sorted key order, weight = stratum size).
     """
@@ -55,7 +58,7 @@ class HyperConfig:
     causal_depth: Optional[int] = None
     seed: int = 0
     sink_keys: int = 16
-    local_window: int = 128
+    local_window: Optional[int] = None
     residual: str = "uniform"
 
     def __post_init__(self):
@@ -67,7 +70,8 @@ class HyperConfig:
             _check_int("causal_depth", self.causal_depth, lo=0, hi=30)
         _check_int("seed", self.seed, lo=0, hi=2**62)
         _check_int("sink_keys", self.sink_keys, lo=0, hi=2**31 - 1)
-        _check_int("local_window", self.local_window, lo=0, hi=2**31 - 1)
+        if self.local_window is not None:
+            _check_int("local_window", self.local_window, lo=0, hi=2**31 - 1)
         if self.residual not in RESIDUALS:
             raise ValueError(f"HyperConfig.residual must be one of {', '.join(RESIDUALS)}, got {self.residual!r}")
 
@@ -111,7 +115,7 @@ DEFAULTS = HyperConfig()
 
 
 def _to_int(name: str, value) -> int:
-    if name == "causal_depth" and value is None:
+    if name in ("causal_depth", "local_window") and value is None:
         return AUTO_DEPTH
     if name == "residual":
         return RESIDUALS.index(value)
@@ -119,7 +123,7 @@ def _to_int(name: str, value) -> int:
 
 
 def _from_int(name: str, value: int):
-    if name == "causal_depth" and value == AUTO_DEPTH:
+    if name in ("causal_depth", "local_window") and value == AUTO_DEPTH:
         return None
     if name == "residual":
         return RESIDUALS[value]
@@ -226,7 +230,7 @@ def read_env(environ: Optional[Mapping[str, str]] = None) -> dict:
         out["enabled"] = _env_bool("HYPER_ATTENTION", env["HYPER_ATTENTION"])
     for var, field in ENV_FIELDS.items():
         if var in env:
-            out[field] = _env_int(var, env[var], field, allow_none=(field == "causal_depth"))
+            out[field] = _env_int(var, env[var], field, allow_none=(field in ("causal_depth", "local_window")))
     if "HYPER_RESIDUAL" in env:
         out["residual"] = _env_choice("HYPER_RESIDUAL", env["HYPER_RESIDUAL"], RESIDUALS)
     if "HYPER_LAYERS" in env:

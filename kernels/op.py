@@ -49,7 +49,7 @@ def fit(p: HyperConfig, n_q: int, n_k: int) -> HyperConfig:
     allocate more than O(n (b + m)). Results are unchanged except for ``sample_size > n_k`` (then n_k draws)."""
     n = max(n_q, n_k, 1)
     return p.replace(block_size=min(p.block_size, n), sample_size=min(p.sample_size, max(n_k, 1)),
-                     sink_keys=min(p.sink_keys, n_k), local_window=min(p.local_window, 2 * n))
+                     sink_keys=min(p.sink_keys, n_k), local_window=None if p.local_window is None else min(p.local_window, 2 * n))
 
 
 def resolve_params(query: Tensor, key: Tensor, is_causal: bool, params: List[int], tune_cache: str) -> HyperConfig:

@@ -244,13 +244,16 @@ def window_band(q_len: int, k_len: int, p) -> Optional[Tuple[int, int]]:
     """The centred local window of non-causal self-attention: key j is in query i's window iff
     ``i - a <= j <= i + b`` with ``(a, b) = ((w - 1) // 2, w // 2)``; None without a window or for
     cross-attention (``q_len != k_len``), which has none."""
-    w = p.local_window
+    w = p.local_window or 0  # None (the default): no window for non-causal attention
     return ((w - 1) // 2, w // 2) if w > 0 and q_len == k_len else None
 
 
 def window_strip(p) -> int:
     """Keys before a boundary that the local window keeps exact for every query after it: ``w - 1``."""
-    return max(p.local_window - 1, 0)
+    from hyper_backend.config import CAUSAL_WINDOW
+
+    w = CAUSAL_WINDOW if p.local_window is None else p.local_window
+    return max(w - 1, 0)
 
 
 def causal_approximates(N: int, p) -> bool:
