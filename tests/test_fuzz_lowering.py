@@ -351,6 +351,14 @@ def documented_lowered(att: Att, case: Case) -> bool:
     return att.mask not in ("padding", "padding_causal", "data_pad")  # padding in hand-written stays exact
 
 
+def resumed_causal_gap(att: Att, index: int, case: Case) -> bool:
+    """Known bug (`test_causal_sdpa_after_graph_break_with_dynamic_shapes`, xfail): in a graph that resumes after
+    a graph break, dynamic shapes give q's and k's lengths different symbols, so SDPA's ``is_causal=True`` is
+    kept exact ("is_causal with n_q != n_k") although n_q == n_k."""
+    resumed = case.brk == "before" or (case.brk == "between" and index == 1)
+    return att.form == "sdpa" and att.mask == "causal_flag" and bool(case.dynamic) and resumed
+
+
 def bf16_training_gap(att: Att, case: Case) -> bool:
     """Known bug (`test_bf16_softmax_in_training_is_lowered`, xfail): hand-written attention with a bf16 softmax
     (no explicit fp32 upcast) is lowered in inference graphs but not in training graphs, so `explain` says
@@ -404,7 +412,7 @@ def _assert_like_eager(name, compiled, eager, truth, dtype):
 
 def check_case(case: Case, known_gaps: bool = True):
     """Run one example and check 1-3 of the module docstring. ``known_gaps=False``: do not tolerate the known
-    bug `bf16_training_gap` (its regression test)."""
+    bugs `bf16_training_gap` and `resumed_causal_gap` (their regression tests)."""
     torch._dynamo.reset()
     torch._dynamo.utils.counters.clear()
     model = Fuzzed(case).train(case.training)
@@ -436,7 +444,7 @@ def check_case(case: Case, known_gaps: bool = True):
     assert len(report.sites) == len(case.atts), [(s.kind, s.decision, s.reason) for s in report.sites]
     note = event if currently_in_test_context() else (lambda _: None)  # statistics (--hypothesis-show-statistics)
     note(f"inner backend {case.inner}, dynamic={case.dynamic}")
-    for att, site in zip(case.atts, report.sites):
+    for index, (att, site) in enumerate(zip(case.atts, report.sites)):
         note(f"{'sdpa' if att.form == 'sdpa' else 'hand-written'} site {site.decision}")
         what = f"site {site.index} ({site.kind}): {site.decision} ({site.reason!r}) for {att}"
         assert site.decision in ("hyper", "exact"), what
@@ -444,7 +452,8 @@ def check_case(case: Case, known_gaps: bool = True):
             assert may_lower(att, case), "lowered a site the op cannot compute: " + what
         else:
             assert site.reason.strip(), "kept exact without a reason: " + what
-            assert not documented_lowered(att, case), "a documented form was not lowered: " + what
+            if not (known_gaps and resumed_causal_gap(att, index, case)):
+                assert not documented_lowered(att, case), "a documented form was not lowered: " + what
 
     # 3. the training compile made the same decisions, and the op ran once per lowered site
     lowered = sum(s.decision == "hyper" for s in report.sites)
@@ -541,3 +550,27 @@ BF16_TRAINING = Case(atts=(Att(form="at", scale="mul", scale_value=None, mask="n
                                        "match), so explain() reports 'hyper' for a site whose training step runs exact")
 def test_bf16_softmax_in_training_is_lowered():
     check_case(BF16_TRAINING, known_gaps=False)
+
+
+class _BreakThenCausal(torch.nn.Module):
+    def forward(self, q, k, v):
+        q = q * 1.0
+        torch._dynamo.graph_break()
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+
+
+@pytest.mark.xfail(strict=True, reason="bug: in a graph that resumes after a graph break, dynamic shapes give q's and "
+                                       "k's lengths different symbols, so SDPA is_causal=True stays exact ('is_causal "
+                                       "with n_q != n_k') although n_q == n_k; with a plain torch.compile this starts "
+                                       "at the second sequence length (automatic dynamic shapes)")
+def test_causal_sdpa_after_graph_break_with_dynamic_shapes():
+    compiled = torch.compile(_BreakThenCausal(), backend="hyper",
+                             options={"min_seq_len": 32, "block_size": 16, "sample_size": 16, "tune_cache": "",
+                                      "inner_backend": "aot_eager"})
+    approximated = []
+    with torch.no_grad():
+        for n in (64, 96):  # the second length recompiles with dynamic shapes
+            before = hyper_op.path_counts()["hyper"]
+            compiled(*(torch.randn(1, 2, n, 16) for _ in range(3)))
+            approximated.append(hyper_op.path_counts()["hyper"] - before)
+    assert approximated == [1, 1], f"op calls that approximated, per length: {approximated}"
