@@ -2,12 +2,13 @@
 
 ``torch.compile(model, backend="hyper")`` works without importing this package (entry point
 ``torch_dynamo_backends``). Direct use: `hyper_attention`, a drop-in for
-``F.scaled_dot_product_attention``; `HyperConfig` holds the parameters; `explain` reports what the
+``F.scaled_dot_product_attention``; `window_attention`, exact sliding-window (banded) attention at
+O(n w); `HyperConfig` holds the parameters; `explain` reports what the
 backend would do to a model; `check_env` validates the ``HYPER_*`` environment (also
 ``python -m hyper_backend.check``).
 """
 from hyper_backend.config import HyperConfig
-from hyper_backend.attention import hyper_attention
+from hyper_backend.attention import hyper_attention, window_attention
 
 __version__ = "0.1.0"
 
@@ -27,4 +28,4 @@ def check_env():
     return _check_env()
 
 
-__all__ = ["HyperConfig", "hyper_attention", "explain", "check_env", "__version__"]
+__all__ = ["HyperConfig", "hyper_attention", "window_attention", "explain", "check_env", "__version__"]

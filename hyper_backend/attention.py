@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -82,6 +82,27 @@ def hyper_attention(
         params, tune_cache = encode(explicit=explicit_settings()), default_tune_cache()
     out, lse = torch.ops.hyper.attention(query, key, value, kpm, is_causal, scale, params, tune_cache)
     return (out, lse) if return_lse else out
+
+
+def window_attention(query: Tensor, key: Tensor, value: Tensor, window: Tuple[int, int],
+                     key_padding_mask: Optional[Tensor] = None, scale: Optional[float] = None) -> Tensor:
+    """Exact attention to a band of keys (sliding-window attention) at O(n w) cost: ``torch.ops.hyper.window_attention``.
+
+    Args:
+        query: ``[B, Hq, Nq, D]``.
+        key: ``[B, Hkv, Nk, D]``, with ``Hq`` a multiple of ``Hkv`` (GQA needs no flag).
+        value: ``[B, Hkv, Nk, Dv]``.
+        window: ``(left, right)``, both >= 0: query i attends key j iff ``-left <= j - i - (Nk - Nq) <= right``
+            (bottom-right aligned, like `hyper_attention`'s causal). ``(w - 1, 0)`` is a causal sliding window of
+            w keys (HF ``sliding_window=w``), ``(w, w)`` a symmetric band, ``(Nk, 0)`` plain causal; values
+            >= Nk are unbounded.
+        key_padding_mask: ``[B, Nk]`` bool (True = attend), or None.
+        scale: defaults to ``1 / sqrt(D)``.
+
+    Returns:
+        ``out [B, Hq, Nq, Dv]``, contiguous. A query row with no allowed key gets zeros (and no gradient).
+    """
+    return torch.ops.hyper.window_attention(query, key, value, key_padding_mask, *window, scale)[0]
 
 
 def _exact(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, return_lse):

@@ -282,74 +282,177 @@ def _sub_problem(B, Nk, key_valid, sink, strip, device, approx: bool):
     return est, (None if pos is None else (pos, ok))
 
 
+# ----------------------------------------------------------------------------------------------------------
+# exact banded attention: tiles of queries against the keys their windows reach, batched into few fused
+# calls. Serves the centred local window of `noncausal_forward` and the whole of hyper::window_attention.
+# ----------------------------------------------------------------------------------------------------------
+
+class _BandGroup(NamedTuple):
+    """Tiles attended in one fused call, and their bias.
+
+    ``b is None``: tiles ``t`` (a slice) of every batch row, all sharing ``bias [1, 1, tile, S]`` (interior tiles:
+    one pattern serves them all). Else tiles ``(b[g], t[g])`` (index tensors ``[G]``) with ``bias [G, 1, tile, S]``
+    (edges, and tiles that hold a key the band may not use)."""
+
+    b: Optional[torch.Tensor]
+    t: object
+    bias: torch.Tensor
+
+
 class _Band(NamedTuple):
     tile: int  # queries per tile
-    key_pos: torch.Tensor  # [nt, S] clamped key position of each tile slot
-    bias: torch.Tensor  # [B*nt, 1, tile, S]
-    any_key: torch.Tensor  # [B*nt, 1, tile]
+    nt: int  # tiles
+    S: int  # key slots per tile: tile + a + b
+    start: int  # key position of slot 0 of tile 0; slot s of tile t is key start + t * tile + s
+    pad: tuple  # (front, back): zero rows added to K/V so that every slot addresses a row
+    groups: tuple  # of _BandGroup
 
 
-def _band_layout(B, N, band, keys, mask_dtype, device, tile: int = 128) -> _Band:
-    """Tiles of ``tile`` queries, each against the ``tile + a + b`` keys that its rows' windows can reach.
-    ``keys [B, N]`` (or None): the keys the band part may use."""
+def _band_layout(B, Nq, Nk, band, keys, mask_dtype, device, tile: int = 128) -> _Band:
+    """Tiles of ``tile`` queries, each against the ``tile + a + b`` key slots its rows' windows can reach.
+
+    ``band = (a, b)``, bottom-right aligned: query i sees key j iff ``-a <= j - i - (Nk - Nq) <= b`` (with
+    Nq == Nk, the keys i - a .. i + b). ``keys [B, Nk]`` bool (or None): the keys the band may use.
+
+    Row r of any tile sees slot s iff ``0 <= s - r <= a + b``: one ``[tile, S]`` pattern. Tiles whose slots lie
+    inside the keys and hold no unusable key (the interior, almost all of them when the band is narrow) share
+    it as a broadcast ``[1, 1, tile, S]`` bias, so no per-tile mask is built for them; the rest (the first and
+    last tiles, whose slots run past the ends, and tiles with a padded key) get their own ``[G, 1, tile, S]``."""
     a, b = band
-    tile = max(1, min(tile, N))
-    nt = math.ceil(N / tile)
-    t0 = torch.arange(nt, device=device)[:, None] * tile
-    kpos = t0 - a + torch.arange(tile + a + b, device=device)[None, :]  # [nt, S]
-    qpos = t0 + torch.arange(tile, device=device)[None, :]  # [nt, tile]
-    ok = _in_band(qpos[:, :, None], kpos[:, None, :], band) & (kpos[:, None, :] >= 0) & (kpos[:, None, :] < N)
-    ok = ok & (qpos[:, :, None] < N)
-    kc = kpos.clamp(0, N - 1)
-    ok = ok[None] if keys is None else ok[None] & keys[:, kc][:, :, None, :]  # [B or 1, nt, tile, S]
-    ok = ok.expand(B, *ok.shape[1:]).reshape(B * nt, 1, tile, kpos.shape[1])
-    bias = torch.zeros(ok.shape, dtype=mask_dtype, device=device).masked_fill_(~ok, NEG_INF)
-    return _Band(tile, kc, bias, ok.any(-1))
+    tile = max(1, min(tile, Nq))
+    nt = math.ceil(Nq / tile)
+    S = tile + a + b
+    start = Nk - Nq - a
+    r = torch.arange(tile, device=device)
+    s = torch.arange(S, device=device)
+    pattern = _in_band(r[:, None], s[None, :], (0, a + b))  # [tile, S]
+    # tiles whose slots all lie in [0, Nk): t_lo <= t < t_hi
+    t_lo = min(nt, max(0, -(start // tile)) if start < 0 else 0)
+    t_hi = max(t_lo, min(nt, (Nk - S - start) // tile + 1 if Nk - S - start >= 0 else 0))
+    t_all = torch.arange(nt, device=device)
+    inner = (t_all >= t_lo) & (t_all < t_hi)  # [nt]
+    if keys is None:
+        inner = inner[None].expand(B, nt)
+    else:  # a tile is interior only if every slot in range is a usable key
+        bad = torch.nn.functional.pad((~keys).to(torch.int32).cumsum(-1), (1, 0))  # [B, Nk + 1]
+        lo = (start + t_all * tile).clamp(0, Nk)
+        hi = (start + t_all * tile + S).clamp(0, Nk)
+        inner = inner[None] & (bad[:, hi] == bad[:, lo])  # [B, nt]
+    groups = []
+    n_inner = int(inner.sum())
+    if n_inner:
+        bias = torch.zeros(1, 1, tile, S, dtype=mask_dtype, device=device).masked_fill_(~pattern, NEG_INF)
+        if n_inner == B * (t_hi - t_lo) and t_hi > t_lo:
+            groups.append(_BandGroup(None, slice(t_lo, t_hi), bias))
+        else:
+            bi, ti = inner.nonzero(as_tuple=True)
+            groups.append(_BandGroup(bi, ti, bias.expand(bi.numel(), 1, tile, S)))
+    if n_inner < B * nt:
+        bi, ti = (~inner).nonzero(as_tuple=True)
+        kpos = start + ti[:, None] * tile + s[None, :]  # [G, S]
+        ok = pattern[None] & ((kpos >= 0) & (kpos < Nk))[:, None, :]
+        if keys is not None:
+            ok = ok & keys[bi[:, None], kpos.clamp(0, Nk - 1)][:, None, :]
+        bias = torch.zeros(ok.shape, dtype=mask_dtype, device=device).masked_fill_(~ok, NEG_INF)[:, None]
+        groups.append(_BandGroup(bi, ti, bias))
+    pad = (max(0, -start), max(0, start + (nt - 1) * tile + S - Nk))
+    return _Band(tile, nt, S, start, pad, tuple(groups))
 
 
-def _tiles(x, tile, nt):
-    """``[B, H, N, ...]`` -> ``[B*nt, H, tile, ...]`` (rows padded to nt * tile)."""
+def _row_tiles(x, L: _Band):
+    """``[B, H, Nq, ...]`` -> the view ``[B, nt, H, tile, ...]`` of its rows (padded to nt * tile)."""
     B, H = x.shape[:2]
-    x = _pad_rows(x, nt * tile) if x.dim() == 4 else torch.nn.functional.pad(x, (0, nt * tile - x.shape[2]))
-    return x.reshape(B, H, nt, tile, *x.shape[3:]).transpose(1, 2).reshape(B * nt, H, tile, *x.shape[3:])
+    x = _pad_rows(x, L.nt * L.tile) if x.dim() == 4 else torch.nn.functional.pad(x, (0, L.nt * L.tile - x.shape[2]))
+    return x.reshape(B, H, L.nt, L.tile, *x.shape[3:]).transpose(1, 2)
 
 
-def _untile(x, B, N):
-    Bn, H, tile = x.shape[:3]
-    nt = Bn // B
-    return x.reshape(B, nt, H, tile, *x.shape[3:]).transpose(1, 2).reshape(B, H, nt * tile, *x.shape[3:])[:, :, :N]
+def _slot_tiles(x, L: _Band):
+    """``[B, H, Nk, D]`` -> the overlapping view ``[B, nt, H, S, D]`` of the tiles' key slots (zero-padded rows)."""
+    front, back = L.pad
+    x = torch.nn.functional.pad(x, (0, 0, front, back)) if front or back else x.contiguous()
+    B, H, R, D = x.shape
+    return x.as_strided((B, L.nt, H, L.S, D), (H * R * D, L.tile * D, R * D, D, 1),
+                        x.storage_offset() + (L.start + front) * D)
 
 
-def _band_keys(x, L: _Band):
-    """``[B, H, N, D]`` -> the tiles' key slots ``[B*nt, H, S, D]``."""
-    B, H, _, D = x.shape
-    nt, S = L.key_pos.shape
-    return x[:, :, L.key_pos.reshape(-1)].view(B, H, nt, S, D).transpose(1, 2).reshape(B * nt, H, S, D)
+def _pick(x5, g: _BandGroup):
+    """The group's tiles of a ``[B, nt, H, R, ...]`` view: ``[G, H, R, ...]`` (a view for one batch row)."""
+    if g.b is not None:
+        return x5[g.b, g.t]
+    sub = x5[:, g.t]
+    return sub[0] if sub.shape[0] == 1 else sub.reshape(-1, *sub.shape[2:])
 
 
-def band_forward(q, k, v, keys, band, scale):
-    """Exact attention of every query to the keys of its local window (non-causal self-attention):
-    ``(out [B,Hq,N,D], lse [B,Hq,N])``; ``keys [B, N]`` bool (or None) are the keys it may use."""
-    B, Hq, N, D = q.shape
-    L = _band_layout(B, N, band, keys, _mask_dtype(q.dtype), q.device)
-    nt = L.key_pos.shape[0]
-    o, lse = _flash(_tiles(q, L.tile, nt), _band_keys(k, L), _band_keys(v, L), L.bias, False, scale)
-    lse = _no_keys(lse, L.any_key)
-    return _untile(o, B, N), _untile(lse, B, N)
+def _put(dst5, g: _BandGroup, x):
+    """Writes the group's tiles ``x [G, H, R, ...]`` into ``dst5 [B, nt, H, R, ...]``."""
+    if g.b is not None:
+        dst5[g.b, g.t] = x.to(dst5.dtype)
+    else:
+        dst5[:, g.t] = x.reshape(dst5.shape[0], -1, *x.shape[1:]).to(dst5.dtype)
 
 
-def band_backward(do, q, k, v, out, lse, keys, band, scale):
-    B, Hq, N, D = q.shape
-    Hkv = k.shape[1]
-    L = _band_layout(B, N, band, keys, _mask_dtype(q.dtype), q.device)
-    nt, S = L.key_pos.shape
-    t = lambda x: _tiles(x, L.tile, nt)  # noqa: E731
-    dq, dk_t, dv_t = _flash_bwd(t(do), t(q), _band_keys(k, L), _band_keys(v, L), t(out), t(lse).contiguous(),
-                                L.bias, False, scale)
-    rows = ((torch.arange(B * Hkv, device=q.device) * N).view(B, 1, Hkv, 1) + L.key_pos.view(1, nt, 1, S)).reshape(-1)
-    dk = torch.zeros(B * Hkv * N, D, dtype=dk_t.dtype, device=q.device).index_add_(0, rows, dk_t.reshape(-1, D))
-    dv = torch.zeros(B * Hkv * N, D, dtype=dv_t.dtype, device=q.device).index_add_(0, rows, dv_t.reshape(-1, D))
-    return _untile(dq, B, N), dk.view(B, Hkv, N, D), dv.view(B, Hkv, N, D)
+def _tiled(B, H, L: _Band, width, dtype, device):
+    """A ``[B, H, nt * tile, width]`` buffer (``width=None``: no last dim) and its ``[B, nt, H, tile, ...]`` view."""
+    shape = (B, H, L.nt * L.tile) + (() if width is None else (width,))
+    full = torch.empty(shape, dtype=dtype, device=device)
+    return full, full.view(B, H, L.nt, L.tile, *shape[3:]).transpose(1, 2)
+
+
+def _window_any(B, Nq, Nk, band, keys, device):
+    """``[B or 1, 1, Nq]``: rows with at least one key in their window (an interval) that the band may use."""
+    a, b = band
+    p = torch.arange(Nq, device=device) + (Nk - Nq)
+    lo, hi = (p - a).clamp(0, Nk), (p + b + 1).clamp(0, Nk)
+    if keys is None:
+        return (hi > lo)[None, None]
+    cnt = torch.nn.functional.pad(keys.to(torch.int32).cumsum(-1), (1, 0))  # [B, Nk + 1]
+    return (cnt[:, hi] > cnt[:, lo])[:, None]
+
+
+def band_forward(q, k, v, keys, band, scale, tile: int = 128):
+    """Exact attention of every query to the keys of its window ``band = (a, b)`` (see `_band_layout`):
+    ``(out [B,Hq,Nq,D], lse [B,Hq,Nq])``; ``keys [B, Nk]`` bool (or None) are the keys it may use. Rows with no
+    such key get out 0 and lse -inf. One fused call per group of tiles (`_band_layout`)."""
+    B, Hq, Nq, D = q.shape
+    Nk = k.shape[2]
+    L = _band_layout(B, Nq, Nk, band, keys, _mask_dtype(q.dtype), q.device, tile)
+    q5, k5, v5 = _row_tiles(q, L), _slot_tiles(k, L), _slot_tiles(v, L)
+    out, out5 = _tiled(B, Hq, L, D, q.dtype, q.device)
+    lse, lse5 = _tiled(B, Hq, L, None, torch.float64 if q.dtype == torch.float64 else torch.float32, q.device)
+    for g in L.groups:
+        o, l = _flash(_pick(q5, g), _pick(k5, g), _pick(v5, g), g.bias, False, scale)
+        _put(out5, g, o)
+        _put(lse5, g, l)
+    lse = _no_keys(lse[:, :, :Nq], _window_any(B, Nq, Nk, band, keys, q.device))
+    return out[:, :, :Nq], lse
+
+
+def band_backward(do, q, k, v, out, lse, keys, band, scale, tile: int = 128, acc_dtype=None):
+    """Gradients of `band_forward` given the *final* ``out``/``lse`` of the rows (which may include other parts
+    merged in by the caller; lse -inf must already be 0). Overlapping slots' dK/dV are summed in ``acc_dtype``
+    (default: the kernel's output dtype) in tile order."""
+    B, Hq, Nq, D = q.shape
+    Hkv, Nk = k.shape[1], k.shape[2]
+    L = _band_layout(B, Nq, Nk, band, keys, _mask_dtype(q.dtype), q.device, tile)
+    q5, do5, o5, l5 = _row_tiles(q, L), _row_tiles(do, L), _row_tiles(out, L), _row_tiles(lse, L)
+    k5, v5 = _slot_tiles(k, L), _slot_tiles(v, L)
+    dq, dq5 = _tiled(B, Hq, L, D, q.dtype, q.device)
+    slots = torch.empty(2, B, L.nt, Hkv, L.S, D, dtype=acc_dtype or q.dtype, device=q.device)
+    for g in L.groups:
+        dq_t, dk_t, dv_t = _flash_bwd(_pick(do5, g), _pick(q5, g), _pick(k5, g), _pick(v5, g), _pick(o5, g),
+                                      _pick(l5, g).contiguous(), g.bias, False, scale)
+        _put(dq5, g, dq_t)
+        _put(slots[0], g, dk_t)
+        _put(slots[1], g, dv_t)
+    # every slot row (b, t, h, s) adds into its key row, in (b, t, h, s) order
+    R = L.pad[0] + Nk + L.pad[1]
+    pos = (L.start + L.pad[0]) + torch.arange(L.nt, device=q.device)[:, None] * L.tile + torch.arange(L.S, device=q.device)
+    rows = ((torch.arange(B * Hkv, device=q.device) * R).view(B, 1, Hkv, 1) + pos.view(1, L.nt, 1, L.S)).reshape(-1)
+    grads = []
+    for x in slots:
+        acc = torch.zeros(B * Hkv * R, D, dtype=x.dtype, device=q.device).index_add_(0, rows, x.view(-1, D))
+        grads.append(acc.view(B, Hkv, R, D)[:, :, L.pad[0]:L.pad[0] + Nk])
+    return dq[:, :, :Nq], grads[0], grads[1]
 
 
 def noncausal_forward(q, k, v, key_valid, scale, p: HyperConfig, stream: int = 0, ranks=None, sink=None, strip=0,
@@ -610,3 +713,116 @@ def _attention_backward(do, q, k, v, out, lse, key_valid, is_causal, scale, p: H
 def _band(q, k, p):
     """The centred local window of non-causal self-attention, or None (cross-attention has none)."""
     return window_band(q.shape[2], k.shape[2], p)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# hyper::window_attention: exact attention to a band of keys (`band_forward`), or one plain call when the band
+# covers (nearly) every key
+# ----------------------------------------------------------------------------------------------------------
+
+_DENSE_BIAS_ELEMENTS = 1 << 25  # the dense schedule's bias is built for this many (query, key) pairs at a time
+
+
+_TILES = (32, 64, 128, 256, 512, 1024)
+_BAND_MARGIN = 0.8  # tiles are used only when the model predicts them at least 1/0.8 = 1.25x cheaper
+
+
+def band_cost(Nq: int, band, tile: int) -> float:
+    """Modelled cost of `band_forward` in (query, key) pairs of one dense fused call: every tile computes all of
+    its ``tile + a + b`` slots, and a tile of t rows runs at about ``1 / (1 + 64 / t)`` of the dense kernel's
+    rate (aten's CPU kernel splits a tile below 192 rows into 32-row blocks; per-tile overhead), fitted to
+    timings of 32..512-row tiles at n = 256..32768, w = 128, 512, H = 8, d = 64, fp32 (bench/attention.py
+    --window)."""
+    a, b = band
+    t = max(1, min(tile, Nq))
+    return math.ceil(Nq / t) * t * (t + a + b) * (1.0 + 64.0 / t)
+
+
+def window_schedule(Nq: int, Nk: int, band) -> tuple:
+    """How `window_forward` computes a band ``(a, b)`` (already clamped: a <= Nk - 1, b <= Nq - 1):
+
+    - ``("full", 0)``: the band holds every key: one plain fused call (key padding as a [B, 1, 1, Nk] bias);
+    - ``("causal", 0)``: it is exactly top-left causal (j <= i; unbounded left and Nk - Nq + b == 0): one fused
+      causal call, which skips the blocks above the diagonal;
+    - ``("band", tile)``: `band_forward` with the tile of least `band_cost`, when that is below
+      ``_BAND_MARGIN`` times the dense call's Nq * Nk pairs;
+    - ``("dense", 0)``: otherwise (the band covers most keys, or n is small): one fused call per chunk of query
+      rows with the band as a dense bias, which costs what SDPA with the dense mask costs.
+    """
+    a, b = band
+    if a >= Nk - 1 and b >= Nq - 1:
+        return "full", 0
+    if a >= Nk - 1 and Nk - Nq + b == 0:
+        return "causal", 0  # aten's causal flag is top-left aligned: key j <= query i
+    cost, tile = min((band_cost(Nq, band, t), t) for t in _TILES if t < 2 * Nq)
+    return ("band", tile) if cost < _BAND_MARGIN * Nq * Nk else ("dense", 0)
+
+
+def _dense_window_bias(B, rows, Nq, Nk, band, keys, dtype, device):
+    """``[B or 1, 1, len(rows), Nk]`` bias of query rows ``rows`` (a range) for the band and the usable keys."""
+    i = torch.arange(rows.start, rows.stop, device=device)[:, None] + (Nk - Nq)
+    ok = _in_band(i, torch.arange(Nk, device=device)[None, :], band)[None]
+    if keys is not None:
+        ok = ok & keys[:, None, :]
+    return torch.zeros(ok.shape, dtype=dtype, device=device).masked_fill_(~ok, NEG_INF)[:, None]
+
+
+def _row_chunks(Nq, Nk, batch):
+    step = max(1, _DENSE_BIAS_ELEMENTS // max(1, Nk * batch))
+    return [range(i, min(Nq, i + step)) for i in range(0, Nq, step)]
+
+
+def window_forward(q, k, v, key_valid, band, scale, schedule=None):
+    """Exact banded attention on CPU tensors: ``q [B,Hq,Nq,D]``, ``k, v [B,Hkv,Nk,D]``, ``key_valid [B,Nk]`` or
+    None, ``band = (a, b)`` as in `_band_layout` (clamped). Returns contiguous ``(out, lse)``; rows with no key:
+    out 0, lse -inf."""
+    with _Threads.serial():
+        B, Hq, Nq, D = q.shape
+        Nk = k.shape[2]
+        kind, tile = schedule or window_schedule(Nq, Nk, band)
+        mdt = _mask_dtype(q.dtype)
+        q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+        if kind == "band":
+            out, lse = band_forward(q, k, v, key_valid, band, scale, tile)
+        elif kind in ("full", "causal"):
+            out, lse = _flash(q, k, v, _key_bias(key_valid, mdt), kind == "causal", scale)
+        else:
+            out = torch.empty(B, Hq, Nq, D, dtype=q.dtype, device=q.device)
+            lse = torch.empty(B, Hq, Nq, dtype=lse_dtype(q.dtype), device=q.device)
+            for rows in _row_chunks(Nq, Nk, 1 if key_valid is None else B):
+                sl = slice(rows.start, rows.stop)
+                bias = _dense_window_bias(B, rows, Nq, Nk, band, key_valid, mdt, q.device)
+                o, l = _flash(q[:, :, sl], k, v, bias, False, scale)
+                out[:, :, sl], lse[:, :, sl] = o, l
+        lse = _no_keys(lse, _window_any(B, Nq, Nk, band, key_valid, q.device))
+        return out.contiguous(), lse.to(lse_dtype(q.dtype)).contiguous()
+
+
+def window_backward(do, q, k, v, out, lse, key_valid, band, scale, schedule=None):
+    """Gradients ``(dq, dk, dv)`` of `window_forward` (contiguous, in the inputs' dtypes)."""
+    with _Threads.serial():
+        B, Hq, Nq, D = q.shape
+        Nk = k.shape[2]
+        kind, tile = schedule or window_schedule(Nq, Nk, band)
+        mdt = _mask_dtype(q.dtype)
+        lse = lse.to(lse_dtype(q.dtype)).masked_fill(torch.isneginf(lse), 0.0).contiguous()
+        do, q, k, v, out = (x.contiguous() for x in (do, q, k, v, out))
+        if kind == "band":
+            acc = lse_dtype(q.dtype)
+            dq, dk, dv = band_backward(do, q, k, v, out, lse, key_valid, band, scale, tile, acc)
+        elif kind in ("full", "causal"):
+            dq, dk, dv = _flash_bwd(do, q, k, v, out, lse, _key_bias(key_valid, mdt), kind == "causal", scale)
+        else:
+            acc = lse_dtype(q.dtype)
+            dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+            dk = torch.zeros(k.shape, dtype=acc, device=q.device)
+            dv = torch.zeros(v.shape, dtype=acc, device=q.device)
+            for rows in _row_chunks(Nq, Nk, 1 if key_valid is None else B):
+                sl = slice(rows.start, rows.stop)
+                bias = _dense_window_bias(B, rows, Nq, Nk, band, key_valid, mdt, q.device)
+                dq_c, dk_c, dv_c = _flash_bwd(do[:, :, sl], q[:, :, sl], k, v, out[:, :, sl], lse[:, :, sl].contiguous(),
+                                              bias, False, scale)
+                dq[:, :, sl] = dq_c
+                dk += dk_c
+                dv += dv_c
+        return (dq.to(q.dtype).contiguous(), dk.to(k.dtype).contiguous(), dv.to(v.dtype).contiguous())

@@ -37,11 +37,17 @@ def record_tuning():
         _tuning_records.remove(seen)
 
 
-def path_counts() -> dict:
+def path_counts(window: bool = False) -> dict:
     """Calls of the op since import, per path: ``{"hyper": .., "exact": .., "backward": ..}`` (from
-    ``torch._dynamo.utils.counters["hyper"]``, which survives ``torch._dynamo.reset()``)."""
+    ``torch._dynamo.utils.counters["hyper"]``, which survives ``torch._dynamo.reset()``).
+
+    ``window=True`` adds the calls of ``hyper::window_attention`` (``"window"``) and of its backward
+    (``"window_backward"``); they are opt-in so that the three-key dict callers compare against stays as it was."""
     c = counters["hyper"]
-    return {"hyper": c["op_hyper"], "exact": c["op_exact"], "backward": c["op_backward"]}
+    out = {"hyper": c["op_hyper"], "exact": c["op_exact"], "backward": c["op_backward"]}
+    if window:
+        out.update(window=c["op_window"], window_backward=c["op_window_backward"])
+    return out
 
 
 def fit(p: HyperConfig, n_q: int, n_k: int) -> HyperConfig:
@@ -114,9 +120,10 @@ def _degenerate(query: Tensor, key: Tensor, value: Tensor) -> bool:
     return query.numel() == 0 or key.numel() == 0 or value.shape[2] == 0 or query.shape[-1] == 0
 
 
-def _dense_math(query, key, value, key_padding_mask, is_causal, scale):
+def _dense_math(query, key, value, key_padding_mask, is_causal, scale, keep=None):
     """Attention written out (only for degenerate shapes): ``(out, lse, probs)``, float math at the inputs'
-    precision; zero keys give zeros and lse -inf."""
+    precision; zero keys give zeros and lse -inf. ``keep [Nq, Nk]`` bool (or None): the (query, key) pairs
+    allowed besides the causal and padding masks (hyper::window_attention's band)."""
     Hq, Hk = query.shape[1], key.shape[1]
     k, v = key, value
     if Hk and Hq != Hk:
@@ -129,6 +136,8 @@ def _dense_math(query, key, value, key_padding_mask, is_causal, scale):
         s = s.masked_fill(~keep, float("-inf"))
     if key_padding_mask is not None:
         s = s.masked_fill(~key_padding_mask[:, None, None, :], float("-inf"))
+    if keep is not None:
+        s = s.masked_fill(~keep, float("-inf"))
     lse = torch.logsumexp(s, -1) if nk else s.new_full(s.shape[:-1], float("-inf"))
     p = torch.exp(s - lse[..., None]).nan_to_num(0.0) if nk else s
     out = (p @ v.to(p.dtype)).to(query.dtype) if nk else query.new_zeros(*query.shape[:3], value.shape[-1])
@@ -200,14 +209,14 @@ def attention_backward(
             dv[..., :d_v].to(value.dtype).contiguous())
 
 
-def _dense_math_backward(grad_out, query, key, value, key_padding_mask, is_causal, scale):
+def _dense_math_backward(grad_out, query, key, value, key_padding_mask, is_causal, scale, keep=None):
     """Gradients of `_dense_math` (degenerate shapes only): with no keys, or a zero-sized side, they are zeros
-    except dv = P^T dO (a zero head dim gives uniform attention over the keys)."""
+    except dv = P^T dO (a zero head dim gives uniform attention over the allowed keys)."""
     dq = torch.zeros_like(query, memory_format=torch.contiguous_format)
     dk = torch.zeros_like(key, memory_format=torch.contiguous_format)
     dv = torch.zeros_like(value, memory_format=torch.contiguous_format)
     if query.numel() and key.shape[2] and value.numel() and query.shape[-1] == 0:
-        _, _, p = _dense_math(query, key, value, key_padding_mask, is_causal, scale)
+        _, _, p = _dense_math(query, key, value, key_padding_mask, is_causal, scale, keep)
         g = query.shape[1] // key.shape[1]
         full = p.transpose(-1, -2) @ grad_out.to(p.dtype)  # [B, Hq, Nk, Dv]
         dv = full.view(key.shape[0], key.shape[1], g, *full.shape[2:]).sum(2).to(value.dtype).contiguous()
@@ -239,3 +248,116 @@ def _backward(ctx, grad_out, grad_lse):
 
 
 attention.register_autograd(_backward, setup_context=_setup_context)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# hyper::window_attention: exact attention to a band of keys (sliding windows), O(n w)
+# ----------------------------------------------------------------------------------------------------------
+
+def window_bounds(n_q: int, n_k: int, left: int, right: int) -> Tuple[int, int]:
+    """``(a, b)``: ``left``/``right`` clamped to the widest reach they can have (a <= n_k - 1, b <= n_q - 1),
+    which leaves the band unchanged: query i sees key j iff ``-a <= j - i - (n_k - n_q) <= b``."""
+    return min(int(left), max(n_k - 1, 0)), min(int(right), max(n_q - 1, 0))
+
+
+def window_keep(n_q: int, n_k: int, left: int, right: int, device=None) -> Tensor:
+    """``[n_q, n_k]`` bool: the band of hyper::window_attention (bottom-right aligned, like the op's causal)."""
+    d = torch.arange(n_k, device=device)[None, :] - torch.arange(n_q, device=device)[:, None] - (n_k - n_q)
+    return (d >= -left) & (d <= right)
+
+
+def _check_window(query, key, value, key_padding_mask, left, right, where="hyper::window_attention"):
+    check_inputs(query, key, value, key_padding_mask, False, where=where)
+    if left < 0 or right < 0:
+        raise ValueError(f"{where}: left and right must be >= 0 (keys before / after the diagonal), got "
+                         f"left={left}, right={right}")
+
+
+@torch.library.custom_op("hyper::window_attention", mutates_args=())
+def window_attention(
+    query: Tensor, key: Tensor, value: Tensor, key_padding_mask: Optional[Tensor], left: int, right: int,
+    scale: Optional[float],
+) -> Tuple[Tensor, Tensor]:
+    """Exact attention to a band of keys: query i attends key j iff ``-left <= j - i - (Nk - Nq) <= right``
+    and ``key_padding_mask[b, j]`` (True = attend; None: every key). Bottom-right aligned like the causal
+    hyper::attention: ``left=w-1, right=0`` is a causal sliding window of w keys (HF ``sliding_window=w``),
+    ``left=Nk, right=0`` plain causal, ``left=right=w`` a symmetric band; left/right >= Nk are unbounded.
+
+    ``query [B, Hq, Nq, D]``, ``key [B, Hkv, Nk, D]``, ``value [B, Hkv, Nk, Dv]`` (Hq a multiple of Hkv),
+    ``key_padding_mask [B, Nk]`` bool or None. Returns ``out [B, Hq, Nq, Dv]`` (contiguous) and ``lse
+    [B, Hq, Nq]`` (float32, float64 for float64 inputs). A row with no allowed key gets out 0 and lse -inf
+    (as hyper::attention gives a row whose keys are all padded), and no gradient.
+
+    Cost O(Nq (w + tile) D) with w = left + right + 1: CPU `cpu.window_forward`, CUDA the Triton band kernels.
+    """
+    _check_window(query, key, value, key_padding_mask, left, right)
+    counters["hyper"]["op_window"] += 1
+    Nq, Nk = query.shape[2], key.shape[2]
+    if _degenerate(query, key, value):
+        out, lse, _ = _dense_math(query, key, value, key_padding_mask, False, scale,
+                                  window_keep(Nq, Nk, left, right, query.device))
+        return out, lse
+    dv = value.shape[-1]
+    if query.shape[-1] != dv:
+        query, key, value, scale, _ = _common_head_dim(query, key, value, scale)
+    elif scale is None:
+        scale = query.shape[-1] ** -0.5
+    out, lse = _path(query).window_forward(query, key, value, key_padding_mask, window_bounds(Nq, Nk, left, right),
+                                           scale)
+    return out[..., :dv].contiguous(), lse.contiguous()
+
+
+@window_attention.register_fake
+def _(query, key, value, key_padding_mask, left, right, scale):
+    _check_window(query, key, value, key_padding_mask, left, right)
+    B, H, N, _ = query.shape
+    return (query.new_empty(B, H, N, value.shape[-1]),
+            query.new_empty(B, H, N, dtype=lse_dtype(query.dtype)))
+
+
+@torch.library.custom_op("hyper::window_attention_backward", mutates_args=())
+def window_attention_backward(
+    grad_out: Tensor, query: Tensor, key: Tensor, value: Tensor, out: Tensor, lse: Tensor,
+    key_padding_mask: Optional[Tensor], left: int, right: int, scale: Optional[float],
+) -> Tuple[Tensor, Tensor, Tensor]:
+    counters["hyper"]["op_window_backward"] += 1
+    Nq, Nk = query.shape[2], key.shape[2]
+    if _degenerate(query, key, value):
+        return _dense_math_backward(grad_out, query, key, value, key_padding_mask, False, scale,
+                                    window_keep(Nq, Nk, left, right, query.device))
+    d, d_v = query.shape[-1], value.shape[-1]
+    q, k, v = query, key, value
+    if d != d_v:
+        q, k, v, scale, width = _common_head_dim(query, key, value, scale)
+        grad_out, out = _pad_last(grad_out, width), _pad_last(out, width)
+    elif scale is None:
+        scale = d**-0.5
+    dq, dk, dv = _path(q).window_backward(grad_out, q, k, v, out, lse, key_padding_mask,
+                                          window_bounds(Nq, Nk, left, right), scale)
+    return (dq[..., :d].to(query.dtype).contiguous(), dk[..., :d].to(key.dtype).contiguous(),
+            dv[..., :d_v].to(value.dtype).contiguous())
+
+
+@window_attention_backward.register_fake
+def _(grad_out, query, key, value, out, lse, key_padding_mask, left, right, scale):
+    return (torch.empty_like(query, memory_format=torch.contiguous_format),
+            torch.empty_like(key, memory_format=torch.contiguous_format),
+            torch.empty_like(value, memory_format=torch.contiguous_format))
+
+
+def _window_setup_context(ctx, inputs, output):
+    query, key, value, key_padding_mask, left, right, scale = inputs
+    out, lse = output
+    ctx.save_for_backward(query, key, value, out, lse)
+    ctx.key_padding_mask, ctx.left, ctx.right, ctx.scale = key_padding_mask, left, right, scale
+    ctx.mark_non_differentiable(lse)
+
+
+def _window_backward(ctx, grad_out, grad_lse):
+    query, key, value, out, lse = ctx.saved_tensors
+    dq, dk, dv = torch.ops.hyper.window_attention_backward(
+        grad_out, query, key, value, out, lse, ctx.key_padding_mask, ctx.left, ctx.right, ctx.scale)
+    return dq, dk, dv, None, None, None, None
+
+
+window_attention.register_autograd(_window_backward, setup_context=_window_setup_context)

@@ -168,3 +168,27 @@ def _pad(x: torch.Tensor, n: int) -> torch.Tensor:
     if x.shape[2] == n:
         return x
     return torch.nn.functional.pad(x, (0, 0, 0, n - x.shape[2]))
+
+
+def window_attention_reference(q, k, v, key_padding_mask=None, left=0, right=0, scale=None):
+    """Reference of ``hyper::window_attention``: dense masked softmax attention in float64.
+
+    ``q [B,Hq,Nq,D]``, ``k [B,Hkv,Nk,D]``, ``v [B,Hkv,Nk,Dv]`` (GQA by repetition), ``key_padding_mask [B,Nk]``
+    bool or None. Query i attends key j iff ``-left <= j - i - (Nk - Nq) <= right`` and the key is not padded.
+    Returns ``(out [B,Hq,Nq,Dv]`` in q's dtype, ``lse [B,Hq,Nq]`` float32, float64 for float64 inputs); a row with
+    no allowed key gets out 0 and lse -inf. Differentiable with autograd. O(Nq Nk) memory: test sizes only.
+    """
+    B, Hq, Nq, D = q.shape
+    Hkv, Nk = k.shape[1], k.shape[2]
+    scale = 1.0 / math.sqrt(D) if scale is None else scale
+    d = torch.arange(Nk, device=q.device)[None, :] - torch.arange(Nq, device=q.device)[:, None] - (Nk - Nq)
+    keep = ((d >= -left) & (d <= right))[None, None]
+    if key_padding_mask is not None:
+        keep = keep & key_padding_mask[:, None, None, :]
+    group = Hq // Hkv if Hkv else 1
+    k64 = k.double().repeat_interleave(group, dim=1)
+    v64 = v.double().repeat_interleave(group, dim=1)
+    scores = ((q.double() @ k64.transpose(-1, -2)) * scale).masked_fill(~keep, NEG_INF)
+    lse = torch.logsumexp(scores, dim=-1)
+    probs = torch.exp(scores - lse[..., None]).nan_to_num(0.0)
+    return (probs @ v64).to(q.dtype), lse.detach().to(torch.float64 if q.dtype == torch.float64 else torch.float32)
