@@ -463,3 +463,52 @@ def attention_backward(do, q, k, v, out, lse, key_valid, is_causal, scale, p):
             _launch_bwd(q, k[:, :, keys], v[:, :, keys], sub, gk, scale, not first_q, i > 0)
             first_q = False
     return g.dq.to(q.dtype), g.dk.to(k.dtype), g.dv.to(v.dtype)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# hyper::window_attention: exact banded attention, one launch of the BAND_ONLY kernels
+# ----------------------------------------------------------------------------------------------------------
+
+def _window_sub(Nq: int, Nk: int, key_valid, band) -> _Sub:
+    """One unpermuted sub-problem whose (query, key) pairs are the band ``band = (a, b)``: query i sees key j iff
+    ``-a <= j - i - (Nk - Nq) <= b`` (clamped as `op.window_bounds` clamps it). The kernels' window test is
+    ``-BAND_LO <= j - i <= BAND_HI``, so the bottom-right offset moves into the bounds. Each query tile visits
+    only the key tiles its rows' windows reach (`triton_kernels._key_span`), each key tile of the dK/dV kernel
+    only the query tiles whose windows reach it; edges are masked per pair, padded keys by ``KVALID``."""
+    a, b = band
+    off = Nk - Nq
+    return _Sub(1, 0, 0, 0, Nq, Nk, False, None, key_valid, None, tk.BAND_ONLY.value, (a - off, b + off))
+
+
+def window_forward(q, k, v, key_valid, band, scale):
+    """Exact banded attention (hyper::window_attention) with the Triton kernels: same contract as
+    `cpu.window_forward`. ``q [B,Hq,Nq,D]``, ``k, v [B,Hkv,Nk,D]``, ``band = (a, b)``. Returns ``(out, lse)``;
+    a row with no key in its band gets out 0 and lse -inf."""
+    _check(q, k, v)
+    B, Hq, Nq, D = q.shape
+    scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
+    q, k, v = _rowmajor(q), _rowmajor(k), _rowmajor(v)
+    out = torch.empty(B, Hq, Nq, D, dtype=q.dtype, device=q.device)
+    lse = torch.empty(B, Hq, Nq, dtype=lse_dtype(q.dtype), device=q.device)
+    _launch_fwd(q, k, v, _window_sub(Nq, k.shape[2], key_valid, band), out, lse, scale, accumulate=False)
+    return out, lse
+
+
+def window_backward(do, q, k, v, out, lse, key_valid, band, scale):
+    """Gradients ``(dq, dk, dv)`` of `window_forward` given its ``out`` and ``lse``: the dQ kernel (query-major)
+    and the dK/dV kernel (key-major, each key row owned by one program: no atomics)."""
+    _check(q, k, v)
+    B, Hq, Nq, D = q.shape
+    scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
+    q, k, v, do = _rowmajor(q), _rowmajor(k), _rowmajor(v), _rowmajor(do)
+    acc_dt = lse_dtype(q.dtype)
+    g = _Grads(
+        do=do,
+        lse=lse.to(acc_dt).masked_fill(torch.isneginf(lse), 0.0).contiguous(),  # rows with no keys: no NaN
+        delta=(do.to(acc_dt) * out.to(acc_dt)).sum(-1).contiguous(),
+        dq=torch.empty(q.shape, dtype=acc_dt, device=q.device),
+        dk=torch.empty(k.shape, dtype=acc_dt, device=q.device),
+        dv=torch.empty(v.shape, dtype=acc_dt, device=q.device),
+    )
+    _launch_bwd(q, k, v, _window_sub(Nq, k.shape[2], key_valid, band), g, scale, False, False)
+    return g.dq.to(q.dtype), g.dk.to(k.dtype), g.dv.to(v.dtype)

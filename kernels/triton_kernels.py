@@ -31,6 +31,9 @@ The local window of non-causal self-attention (``BAND``, a constexpr): ``BAND_EX
 pairs with ``-BAND_LO <= j - i <= BAND_HI`` out of the blocks and the residual draws (not the extras), and
 ``BAND_ONLY`` (unpermuted, one block) attends exactly those pairs, visiting only the key (or query) tiles a
 tile's window can reach. Every kernel does both, so the band's forward, dQ and dK/dV are the same kernels.
+``BAND_ONLY`` is also the whole of ``hyper::window_attention`` (`triton_attention.window_forward`): there the
+bounds are any integers (asymmetric, negative when the bottom-right offset Nk - Nq is folded in), and the key
+(query) span of a tile is empty when its rows' windows miss the block.
 
 Interpreter note: Triton 3.9's interpreter multiplies bf16 operands of ``tl.dot`` as raw 16-bit integers.
 Under the interpreter only, bf16 operands are widened to fp32 before ``tl.dot`` (``WIDEN``, a constexpr that is
