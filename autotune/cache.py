@@ -16,8 +16,23 @@ Schema (``"schema": "hyper_backend.tune"``, ``"version": 1``)::
       "defaults": {                     # one per (device, dtype, head_dim): the predicted crossover
         "cpu:AMD EPYC|float32|d64": {"device": ..., "dtype": ..., "head_dim": 64, "min_seq_len": 4792,
                                      "crossover": {...}}
+      },
+      "models": {                       # per-site calibrations, one per (model fingerprint, dtype, length bucket)
+        "9c1e...|float32|8192": {
+          "fingerprint": "9c1e...", "config_hash": "51d0...", "num_sites": 18, "model_type": "gemma3_text",
+          "dtype": "float32", "bucket": 8192,
+          "sites": {"5": {"exact": "fragile: ..."},           # calibrated exact
+                    "11": {"params": {...every HyperConfig field}},
+                    "0": {"exact": "masked (sliding window): never lowered"}},
+          "calibrated": {...}           # how: budget, slices, verified perplexities, times, device, versions
+        }
       }
     }
+
+``models`` is optional and additive (written by ``python -m hyper_backend.autotune --model``, read by the
+backend at compile time with ``layers="auto"``; `model_fingerprint` says what identifies a model): a file
+without it is a valid version-1 cache, and a reader that predates it ignores it and keeps it when it writes,
+so the section did not need a new schema version.
 
 Buckets are powers of two: a length falls in the bucket of the nearest power of two (in log scale). A lookup
 takes the entry of the nearest tuned bucket for the same device, dtype, head dim and causality; with none, the
@@ -49,6 +64,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import hashlib
 import json
 import math
 import os
@@ -223,8 +239,8 @@ def _classify(data) -> Tuple[str, str]:
     version = data.get("version")
     if version != VERSION or isinstance(version, bool):
         return "ours", f"schema version {_shown(repr(version), 40)}, this hyper_backend reads version {VERSION}"
-    if not isinstance(data.get("entries", {}), dict) or not isinstance(data.get("defaults", {}), dict):
-        return "ours", "malformed (entries/defaults are not objects)"
+    if not all(isinstance(data.get(section, {}), dict) for section in ("entries", "defaults", "models")):
+        return "ours", "malformed (entries/defaults/models are not objects)"
     return "current", ""
 
 
@@ -331,6 +347,16 @@ class _Index:
                 continue
             self.defaults[group] = dict(e, params=params)
         _warn_ignored(path, "defaults", bad, stacklevel=5)
+        self.models: Dict[Tuple[str, str], List[dict]] = {}  # (config_hash, dtype) -> model records
+        bad = []
+        for key, m in data.get("models", {}).items():
+            try:
+                _model_fields(m)
+            except ValueError as err:
+                bad.append((key, str(err)))
+                continue
+            self.models.setdefault((m["config_hash"], m["dtype"]), []).append(m)
+        _warn_ignored(path, "models", bad, stacklevel=5)
 
     def find(self, device, dtype, head_dim, causal, seq_len) -> Optional[Tuple[str, dict, dict]]:
         entries = self.groups.get((device, dtype, head_dim, causal))
@@ -594,13 +620,16 @@ def make_default(*, device: str, dtype: str, head_dim: int, min_seq_len: int, cr
             "crossover": crossover}
 
 
-def record(path: str, entries: Iterable[dict] = (), defaults: Iterable[dict] = ()) -> None:
-    """Merge ``entries`` (from `make_entry`) and ``defaults`` (from `make_default`) into the cache at ``path``,
-    replacing those with the same key. Atomic and serialized across processes.
+def record(path: str, entries: Iterable[dict] = (), defaults: Iterable[dict] = (), models: Iterable[dict] = ()) -> None:
+    """Merge ``entries`` (from `make_entry`), ``defaults`` (from `make_default`) and ``models`` (from
+    `make_model`) into the cache at ``path``, replacing those with the same key. Atomic and serialized across
+    processes.
 
     Raises `CachePathError` (and changes nothing) if ``path`` names something that is not ours; see the module
     docstring for the rules."""
-    entries, defaults = list(entries), list(defaults)
+    entries, defaults, models = list(entries), list(defaults), list(models)
+    for m in models:
+        _model_fields(m)
     real = _real(path)
     _inspect(path, real)  # first without the lock: a refused path gets no lock file next to it
     with _locked(real, path):
@@ -610,17 +639,20 @@ def record(path: str, entries: Iterable[dict] = (), defaults: Iterable[dict] = (
         data = target.data if target.kind == "current" else {"schema": SCHEMA, "version": VERSION}
         data.setdefault("entries", {})
         data.setdefault("defaults", {})
+        data.setdefault("models", {})
         _drop_invalid(path, data)
         for e in entries:
             data["entries"][entry_key(e["device"], e["dtype"], e["head_dim"], e["causal"], e["bucket"])] = e
         for e in defaults:
             data["defaults"][_group(e["device"], e["dtype"], e["head_dim"])] = e
+        for m in models:
+            data["models"][model_key(m["fingerprint"], m["dtype"], m["bucket"])] = m
         _write_atomic(real, data, like=target.st if target.kind in ("current", "empty") else None)
 
 
 def _drop_invalid(path: str, data: dict) -> None:
     """Remove entries and defaults a lookup would ignore, so they do not warn forever."""
-    for section, check in (("entries", _entry_fields), ("defaults", _default_fields)):
+    for section, check in (("entries", _entry_fields), ("defaults", _default_fields), ("models", _model_fields)):
         kept, bad = {}, []
         for key, e in data[section].items():
             try:
@@ -656,3 +688,117 @@ def _write_atomic(path: str, data: dict, like: Optional[os.stat_result] = None) 
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
+
+
+# ----------------------------------------------------------------------------------------------------------
+# per-model calibrations: the "models" section
+# ----------------------------------------------------------------------------------------------------------
+
+# config keys that do not change what the model computes per site: where the weights came from, the
+# library version, the dtype (a key of its own), how attention is dispatched, output switches
+_VOLATILE = {"_name_or_path", "name_or_path", "transformers_version", "torch_dtype", "dtype", "_commit_hash",
+             "attn_implementation", "_attn_implementation", "_attn_implementation_internal",
+             "_attn_implementation_autoset", "architectures", "use_cache", "return_dict", "output_attentions",
+             "output_hidden_states", "torchscript", "use_return_dict", "_experts_implementation"}
+
+
+def _plain(value, depth: int = 0):
+    """A JSON-able, order-independent form of a config value (nested configs and dicts included)."""
+    if depth > 20:
+        return repr(value)
+    if hasattr(value, "to_dict") and callable(value.to_dict):
+        value = value.to_dict()
+    if isinstance(value, dict):
+        return {str(k): _plain(v, depth + 1) for k, v in value.items() if str(k) not in _VOLATILE}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v, depth + 1) for v in value]
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    return repr(value)
+
+
+def config_hash(config) -> str:
+    """A hash of a model's configuration: an HF ``PretrainedConfig`` (``to_dict()``), a dict, or any object
+    (its ``vars()``), without the keys in `_VOLATILE`. Weights and their path do not enter it."""
+    body = _plain(config if hasattr(config, "to_dict") or isinstance(config, dict) else vars(config))
+    text = json.dumps(body, sort_keys=True, separators=(",", ":"), default=repr)
+    return hashlib.sha256(text.encode()).hexdigest()[:20]
+
+
+def model_fingerprint(config, num_sites: int) -> str:
+    """What identifies a model for ``layers="auto"``: `config_hash` of its configuration and its number of
+    attention sites per forward. The calibration computes it from ``model.config`` and the SDPA calls of one
+    forward; the backend, at compile time, from the ``config`` of the module being compiled and the sites it
+    numbered (see ``hyper_backend.backend``)."""
+    return hashlib.sha256(f"{config_hash(config)}|sites={int(num_sites)}".encode()).hexdigest()[:20]
+
+
+def model_key(fingerprint: str, dtype: str, bucket_: int) -> str:
+    return f"{fingerprint}|{dtype}|{bucket_}"
+
+
+def make_model(*, config, num_sites: int, dtype: str, seq_len: int, sites: Dict[int, dict], model_type: str = "",
+               calibrated: Optional[dict] = None) -> dict:
+    """A ``models`` value (validated). ``sites``: site index -> ``{"params": {...}}`` (HyperAttention with these
+    `HyperConfig` fields) or ``{"exact": "why"}``, plus any free-form fields (error, times)."""
+    m = {"fingerprint": model_fingerprint(config, num_sites), "config_hash": config_hash(config),
+         "num_sites": int(num_sites), "model_type": str(model_type), "dtype": dtype, "bucket": bucket(seq_len),
+         "seq_len": int(seq_len), "sites": {str(i): dict(v) for i, v in sorted(sites.items())},
+         "calibrated": dict(calibrated or {})}
+    _model_fields(m)
+    return m
+
+
+def _model_fields(m) -> None:
+    """ValueError unless ``m`` is a usable ``models`` value."""
+    if not isinstance(m, dict):
+        raise ValueError("not an object")
+    try:
+        for name in ("fingerprint", "config_hash", "dtype"):
+            _str_field(name, m[name])
+        n = _int_field("num_sites", m["num_sites"], 1, 2**31 - 1)
+        _int_field("bucket", m["bucket"], 1, 2**62)
+        sites = m["sites"]
+    except KeyError as missing:
+        raise ValueError(f"no field {_shown(missing, 60)}") from None
+    if m["fingerprint"] != hashlib.sha256(f"{m['config_hash']}|sites={n}".encode()).hexdigest()[:20]:
+        raise ValueError("fingerprint does not match config_hash and num_sites")
+    if not isinstance(sites, dict):
+        raise ValueError("sites is not an object")
+    for key, site in sites.items():
+        if not (isinstance(key, str) and key.isdigit() and int(key) < n):
+            raise ValueError(f"site {_shown(repr(key), 40)} is not an index below num_sites={n}")
+        if not isinstance(site, dict) or ("params" in site) == ("exact" in site):
+            raise ValueError(f"site {key} must hold exactly one of params, exact")
+        if "params" in site:
+            _valid_params(site["params"])
+        else:
+            _str_field(f"site {key} exact", site["exact"])
+    if not isinstance(m.get("calibrated", {}), dict):
+        raise ValueError("calibrated is not an object")
+
+
+def lookup_model(path: str, *, config, dtype: torch.dtype, seq_len: int, sites_seen: int) -> Optional[dict]:
+    """The calibration of this model for ``layers="auto"``, or None.
+
+    Among the records of this `config_hash` and dtype, those with ``num_sites`` equal to ``sites_seen`` (the
+    sites numbered so far: all of them when the model compiles to one graph), else the fewest above it (with
+    graph breaks, later graphs add sites); of those, the nearest length bucket (in log scale; ties go to the
+    larger). The returned record carries ``path``."""
+    if not path:
+        return None
+    index = _index(path)
+    if index is None:
+        return None
+    found = index.models.get((config_hash(config), dtype_name(dtype)), [])
+    found = [m for m in found if m["num_sites"] >= sites_seen]
+    if not found:
+        return None
+    target = math.log2(max(int(seq_len), 1))
+    best = min(found, key=lambda m: (m["num_sites"], abs(math.log2(m["bucket"]) - target), -m["bucket"]))
+    return dict(best, path=path)
+
+
+def length_text(n: int) -> str:
+    """``8192`` -> ``8k``, ``131072`` -> ``128k``, ``1000`` -> ``1000``."""
+    return f"{n // 1024}k" if n >= 1024 and n % 1024 == 0 else str(n)

@@ -21,6 +21,17 @@ recompiled graph (new shapes, failed guards) keeps the numbers it had. A graph s
 graph break inside a repeated block compiles the block once) gets one set of numbers for all of them.
 ``last:K`` needs the total count: it is exact when the model compiles to one graph; with graph breaks it is
 resolved against the sites seen so far and a warning is logged (use explicit indices from `explain` then).
+
+``layers="auto"`` (``HYPER_LAYERS=auto``): the per-site calibration written by ``python -m hyper_backend.autotune
+--model PATH`` (`hyper_backend.autotune.calibrate`). The model is identified at compile time by
+`hyper_backend.autotune.cache.model_fingerprint`: a hash of the ``config`` of the module being compiled (the
+first ``nn.Module`` with a ``config`` among the compiled frame's locals: an HF model, its base model or one of
+its layers all carry the model's config; see `compiled_config`) and the number of sites numbered so far, with
+the dtype of the sites and the length bucket nearest to their key length. With graph breaks the site count is
+checked against the sites seen so far (a calibration with at least that many is taken). A site with a tuned
+config gets every field of it, except those set by options or ``HYPER_*``, which win field by field; a site
+calibrated exact stays exact (its reason says why); without a calibration for the model (or a module without a
+``config``) the backend warns once per model and process and swaps every site, as ``layers="all"``.
 """
 from __future__ import annotations
 
@@ -127,6 +138,7 @@ class Session:
     sites: Dict[int, _sites.Site] = field(default_factory=dict)  # by site number: the latest decision
     calls: Dict[tuple, int] = field(default_factory=dict)  # (frame, compile, attempt) -> backend calls so far
     seen: set = field(default_factory=set)  # (frame, compile, nth graph) compiled
+    configs: Dict[int, str] = field(default_factory=dict)  # layers="auto": site -> its config and its source
     lock: threading.Lock = field(default_factory=threading.Lock)
 
 
@@ -247,6 +259,114 @@ def _inner_compile(gm, example_inputs, settings: Settings, patterns_pass, mode: 
     return compile_fx(gm, example_inputs, config_patches=patches)
 
 
+# ----------------------------------------------------------------------------------------------------------
+# layers="auto": the per-site calibration of this model, from the tuning cache
+# ----------------------------------------------------------------------------------------------------------
+
+_auto_warned: set = set()
+
+
+class AutoLayersWarning(UserWarning):
+    """``layers="auto"`` found no calibration for the model being compiled (it then swaps every site)."""
+
+
+def compiled_config():
+    """The ``config`` of the module being compiled: the first ``nn.Module`` with a ``config`` attribute among
+    the compiled frame's locals (``self``, or ``args[0]`` when a decorator wraps ``forward``; HF models and
+    their submodules carry the model's config), or None."""
+    try:
+        from torch._dynamo.symbolic_convert import InstructionTranslator
+
+        tx = InstructionTranslator.current_tx()
+    except Exception:  # noqa: BLE001 - not inside Dynamo (a direct compile_graph call)
+        return None
+    if tx is None:
+        return None
+    values = list(tx.f_locals.values())
+    for v in list(values):
+        if isinstance(v, (tuple, list)):
+            values.extend(v[:4])
+        elif isinstance(v, dict):
+            values.extend(list(v.values())[:8])
+    for v in values:
+        if isinstance(v, torch.nn.Module) and getattr(v, "config", None) is not None:
+            return v.config
+    return None
+
+
+def _site_shape(gm: fx.GraphModule, site: _sites.Site):
+    """(dtype, key length) of a site from the node's fake value, without a guard (a symbolic length: its hint)."""
+    from hyper_backend.lowering.masks import meta_val
+
+    node = next((n for n in gm.graph.nodes if n.name == site.node), None)
+    if node is None:
+        return None, None
+    if site.kind == "sdpa" and len(node.args) >= 2:
+        q, k = meta_val(node.args[0]), meta_val(node.args[1])
+        dtype, n = (getattr(q, "dtype", None), k.shape[-2] if isinstance(k, torch.Tensor) else None)
+    else:
+        v = meta_val(node)
+        dtype, n = (v.dtype, v.shape[-1]) if isinstance(v, torch.Tensor) else (None, None)
+    if isinstance(n, torch.SymInt):
+        n = n.node.hint
+    return dtype, (int(n) if n is not None else None)
+
+
+def auto_layers(gm: fx.GraphModule, found: List[_sites.Site], settings: Settings, session: Session,
+                total: int):
+    """``(selected, op_args, notes)`` for ``layers="auto"``: a site with a calibrated config gets it (explicit
+    options / ``HYPER_*`` fields still win, field by field), a site calibrated exact stays exact (``notes``
+    holds why), and without a calibration for this model every site is selected at the settings' own config
+    (as ``layers="all"``), with one warning per model and process.
+
+    The model is identified by `hyper_backend.autotune.cache.model_fingerprint`: the ``config`` of the module
+    being compiled (`compiled_config`) and ``total``, the sites numbered so far in this ``torch.compile``
+    call; the length bucket is the nearest to the longest key length among this graph's sites."""
+    from hyper_backend.autotune import cache as _cache
+    from hyper_backend.config import HyperConfig
+
+    config = compiled_config()
+    shapes = [_site_shape(gm, s) for s in found]
+    dtype = next((d for d, _ in shapes if d is not None), None)
+    lengths = [n for _, n in shapes if n is not None]
+    entry = None
+    if config is not None and dtype is not None and lengths and settings.tune_cache:
+        entry = _cache.lookup_model(settings.tune_cache, config=config, dtype=dtype, seq_len=max(lengths),
+                                    sites_seen=total)
+    if entry is None:
+        why = ("the compiled module has no `config` (see hyper_backend.backend.compiled_config)" if config is None
+               else "tuning disabled (tune_cache='')" if not settings.tune_cache
+               else f"no calibration for this model ({total} sites, {dtype}) in {settings.tune_cache}")
+        key = (why, _cache.config_hash(config) if config is not None else None)
+        if key not in _auto_warned:
+            _auto_warned.add(key)
+            import warnings
+
+            warnings.warn(f"layers='auto': {why}; swapping every site as layers='all' (calibrate with "
+                          f"`python -m hyper_backend.autotune --model PATH --text FILE --seq N`)",
+                          AutoLayersWarning, stacklevel=2)
+        for s in found:
+            session.configs[s.index] = f"auto: no calibration for this model, as layers=all"
+        return (lambda site: True), (lambda site: settings.op_args), {}
+    at = f"auto: tuned for this model at {_cache.length_text(entry['bucket'])}"
+    explicit = dict(settings.explicit)
+    args, notes = {}, {}
+    for s in found:
+        tuned = entry["sites"].get(str(s.index))
+        if tuned is None:
+            notes[s.index] = f"{at}, but the calibration has no entry for site {s.index}: kept exact"
+        elif "exact" in tuned:
+            notes[s.index] = f"{at}: exact ({tuned['exact']})"
+        else:
+            params = {**tuned["params"], **explicit}
+            args[s.index] = (encode(explicit=params), settings.tune_cache)
+            over = f" (explicit: {', '.join(sorted(explicit))})" if explicit else ""
+            session.configs[s.index] = f"{at}: {HyperConfig(**params).label()}{over}"
+        if s.index in notes:
+            session.configs[s.index] = notes[s.index]
+    return (lambda site: site.index in args), (lambda site: args[site.index]), notes
+
+
 def compile_graph(gm: fx.GraphModule, example_inputs: Sequence, settings: Settings, session: Session,
                   mode: Optional[str] = None) -> Callable:
     """Rewrite and compile one Dynamo graph (the body of `hyper_backend`)."""
@@ -269,6 +389,9 @@ def compile_graph(gm: fx.GraphModule, example_inputs: Sequence, settings: Settin
     def selected(site: _sites.Site) -> bool:
         return settings.layers.contains(site.index, total)
 
+    op_args, auto_notes = (lambda site: settings.op_args), {}
+    if settings.layers.kind == "auto" and settings.enabled and found:
+        selected, op_args, auto_notes = auto_layers(gm, found, settings, session, total)
     by_node = {s.node: s for s in found}
     patterns_pass = None
     if not settings.enabled:
@@ -277,12 +400,12 @@ def compile_graph(gm: fx.GraphModule, example_inputs: Sequence, settings: Settin
     elif found:
         constants = find_constants(gm, example_inputs)
         placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
-        rewrite_sdpa(gm, by_node, selected, settings.op_args, {placeholders[p]: t for p, t in constants.items()})
+        rewrite_sdpa(gm, by_node, selected, op_args, {placeholders[p]: t for p, t in constants.items()})
         handwritten = [s for s in found if s.kind != "sdpa"]
         if handwritten and settings.inner_backend == "inductor":
             from hyper_backend.lowering.patterns import AttentionPass
 
-            patterns_pass = AttentionPass(settings.op_args, settings.key(), by_node, selected, constants,
+            patterns_pass = AttentionPass(op_args, settings.key(), by_node, selected, constants,
                                           constants_key(constants))
         for s in handwritten:
             if settings.inner_backend != "inductor":
@@ -296,6 +419,8 @@ def compile_graph(gm: fx.GraphModule, example_inputs: Sequence, settings: Settin
             if s.kind != "sdpa":
                 s.decide("cached", "graph served from inductor's cache; hyper_backend.explain compiles afresh")
     for s in found:
+        if s.index in auto_notes and s.decision == "exact" and s.reason == "not selected by layers":
+            s.decide("exact", auto_notes[s.index])
         session.sites[s.index] = s
         _sites.record(s)
     return compiled

@@ -279,7 +279,11 @@ _RANGE = re.compile(r"^([0-9]{1,100})(?:-([0-9]{1,100}))?$")
 
 @dataclass(frozen=True, init=False)
 class LayerSelection:
-    """A set of attention-site indices: ``all``, ``none``, ``first:K``, ``last:K`` or ``0,2,10-13``.
+    """A set of attention-site indices: ``all``, ``none``, ``first:K``, ``last:K`` or ``0,2,10-13``; or ``auto``.
+
+    ``auto``: the per-site assignment the calibration (``python -m hyper_backend.autotune --model ...``) wrote
+    to the tuning cache for this model (`hyper_backend.autotune.cache.model_fingerprint`). The backend
+    resolves it at compile time; anything that has no calibration to read (`contains`) treats it as ``all``.
 
     ``last:K`` needs the total number of sites, which is known only once they are all numbered; see
     :meth:`contains`.
@@ -289,11 +293,11 @@ class LayerSelection:
     ``LayerSelection("set", ranges=[(10, 13)])`` both build one; equal sets compare equal however written.
     """
 
-    kind: str  # "all" | "none" | "first" | "last" | "set"
+    kind: str  # "all" | "none" | "first" | "last" | "set" | "auto"
     count: int = 0
     ranges: tuple = ()  # ((lo, hi), ...) inclusive, for "set"
 
-    ACCEPTED = "'all', 'none', 'first:K', 'last:K', or a list of indices and ranges such as '0,2,10-13'"
+    ACCEPTED = "'all', 'none', 'auto', 'first:K', 'last:K', or a list of indices and ranges such as '0,2,10-13'"
     KEY_EXPANDED = 4096  # sets of at most this many indices keep the expanded key "set:0,1,2,3" (stable)
 
     def __init__(self, kind: str, count: int = 0, indices=(), ranges=()):
@@ -333,7 +337,7 @@ class LayerSelection:
         if not isinstance(text, str):
             raise ValueError(f"expected a string; accepted forms: {cls.ACCEPTED}")
         s = text.strip().lower().replace(" ", "")
-        if s in ("all", "none"):
+        if s in ("all", "none", "auto"):
             return cls(s)
         for kind in ("first", "last"):
             if s.startswith(kind + ":"):
@@ -353,7 +357,7 @@ class LayerSelection:
         return cls("set", ranges=spans)
 
     def contains(self, index: int, total: Optional[int]) -> bool:
-        if self.kind == "all":
+        if self.kind in ("all", "auto"):
             return True
         if self.kind == "none":
             return False
@@ -371,7 +375,7 @@ class LayerSelection:
     def key(self) -> str:
         """A stable text form, used in cache keys: ``set:0,1,2,3`` for sets of at most `KEY_EXPANDED` indices
         (as before ranges were stored), else the ranges, ``set:0-5,7,10-100000``."""
-        if self.kind in ("all", "none"):
+        if self.kind in ("all", "none", "auto"):
             return self.kind
         if self.kind in ("first", "last"):
             return f"{self.kind}:{self.count}"

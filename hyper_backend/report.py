@@ -17,6 +17,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from hyper_backend.backend import Session, Settings, compile_graph, resolve_settings
+from hyper_backend.config import FIELDS
 from hyper_backend.lowering.sites import Site
 
 
@@ -29,6 +30,21 @@ class Report:
     graphs: int = 0
     tuning: List[str] = field(default_factory=list)  # the autotuner entries the run used (one line each)
     runtime: Dict[int, "RunTime"] = field(default_factory=dict)  # site index -> the op's decision in the run
+    configs: Dict[int, str] = field(default_factory=dict)  # site index -> its config and where it came from
+
+    def config_of(self, site: Site) -> str:
+        """Where a site's parameters come from and what they are: ``auto: tuned for this model at 8k: b=...``
+        (``layers="auto"``), else the explicit fields (options / ``HYPER_*``) and what the op resolves at run
+        time for the rest (the tuning cache's entry for the length, else the defaults)."""
+        if site.index in self.configs:
+            return self.configs[site.index]
+        if site.decision != "hyper":
+            return ""
+        explicit = dict(self.settings.explicit) if self.settings is not None else {}
+        if not explicit:
+            return "run time: tuning cache, else defaults"
+        shown = ", ".join(f"{k}={v}" for k, v in explicit.items())
+        return f"options/env: {shown}" + ("" if len(explicit) == len(FIELDS) else "; rest at run time")
 
     @property
     def rewritten(self) -> int:
@@ -40,6 +56,7 @@ class Report:
         return sum(r.decision == "hyper" for r in self.runtime.values())
 
     def table(self):
+        from rich.markup import escape
         from rich.table import Table
 
         title = f"hyper backend: {self.rewritten}/{len(self.sites)} attention sites lowered"
@@ -48,14 +65,16 @@ class Report:
         if self.graphs > 1:
             title += f" ({self.graphs} graphs)"
         t = Table(title=title)
-        columns = [("#", "dim"), ("site", ""), ("kind", "cyan"), ("decision", ""), ("reason", "dim")]
+        columns = [("#", "dim"), ("site", ""), ("kind", "cyan"), ("decision", ""), ("reason", "dim"),
+                   ("config", "")]
         if self.runtime:
             columns.append(("at run time", ""))
         for col, style in columns:
             t.add_column(col, style=style or None, overflow="fold")
         for s in self.sites:
             colour = "green" if s.decision == "hyper" else "yellow"
-            row = [str(s.index), s.name, s.kind, f"[{colour}]{s.decision}[/{colour}]", s.reason]
+            row = [str(s.index), s.name, s.kind, f"[{colour}]{s.decision}[/{colour}]", s.reason,
+                   escape(self.config_of(s))]
             if self.runtime:
                 r = self.runtime.get(s.index)
                 row.append("" if r is None else r.text())
@@ -118,7 +137,7 @@ def explain(model, *args, options: Optional[Mapping[str, Any]] = None, dynamic: 
     for lowered, calls in graphs:
         runtime.update(_match(lowered, calls))
     return Report(sorted(session.sites.values(), key=lambda s: s.index), settings, session.graphs,
-                  _tuning_lines(lookups), runtime)
+                  _tuning_lines(lookups), runtime, dict(session.configs))
 
 
 # ----------------------------------------------------------------------------------------------------------

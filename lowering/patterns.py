@@ -119,7 +119,7 @@ def _replacement(ctx: "AttentionPass", form: Form, a: dict):
         q = q / a["scale"]
     if form.matmul != "4d":  # [B*H, N, D]: one batch of B*H heads
         q, k, v = q.unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0)
-    out = torch.ops.hyper.attention.default(q, k, v, None, decision.causal, decision.scale, *ctx.op_args)[0]
+    out = torch.ops.hyper.attention.default(q, k, v, None, decision.causal, decision.scale, *ctx.op_args(decision.site))[0]
     return out.squeeze(0) if form.matmul != "4d" else out
 
 
@@ -304,6 +304,7 @@ class Decision:
     causal: bool
     scale: Optional[float]
     prescale: str = ""  # "mul" / "div": a symbolic float scale folded into q (the op scale is then 1)
+    site: Optional[Site] = None  # the matched site: its op arguments are ``AttentionPass.op_args(site)``
 
 
 def _origin_names(node: fx.Node) -> List[str]:
@@ -319,7 +320,8 @@ class AttentionPass(CustomGraphPass):
     """The inductor pass. One per compiled graph: it carries that graph's settings and site table.
 
     Args:
-        op_args: the op's trailing arguments ``(block_size, ..., seed, tune_cache)``.
+        op_args: ``op_args(site)`` gives a site's trailing op arguments ``(params, tune_cache)`` (per site:
+            ``layers="auto"`` gives each site its own config).
         settings_key: text of every setting that changes the rewrite (goes into `uuid`).
         sites: the Dynamo graph's sites by node name.
         selected: whether a site may be lowered (``layers``).
@@ -327,7 +329,7 @@ class AttentionPass(CustomGraphPass):
         constants_key: a fingerprint of those constants' values.
     """
 
-    def __init__(self, op_args: tuple, settings_key: str, sites: Dict[str, Site], selected: Callable[[Site], bool],
+    def __init__(self, op_args: Callable[[Site], tuple], settings_key: str, sites: Dict[str, Site], selected: Callable[[Site], bool],
                  constants: Dict[int, torch.Tensor], constants_key: str):
         self.op_args, self.settings_key, self.sites = op_args, settings_key, sites
         self.selected, self.constants, self.constants_key = selected, constants, constants_key
@@ -357,7 +359,8 @@ class AttentionPass(CustomGraphPass):
         here = os.path.dirname(os.path.abspath(__file__))
         files = tuple(os.path.join(here, f) for f in ("patterns.py", "masks.py", "sites.py"))
         h = hashlib.sha256(get_hash_for_files(files))
-        selection = sorted((name, s.index, self.selected(s)) for name, s in self.sites.items())
+        selection = sorted((name, s.index, self.selected(s), repr(self.op_args(s)) if self.selected(s) else "")
+                           for name, s in self.sites.items())
         h.update(repr((self.settings_key, selection, self.constants_key)).encode())
         return h.hexdigest()
 
@@ -555,6 +558,6 @@ def _check_match(ctx: "AttentionPass", form: Form, match: Match) -> bool:
             return ctx.reject(site, reason)
     else:
         op_scale = float(scale) if form.scale != "div" else 1.0 / float(scale)
-    ctx.pending = Decision(causal, op_scale, prescale)
+    ctx.pending = Decision(causal, op_scale, prescale, site=site)
     site.decide("hyper", "causal" if causal else "non-causal", kind=form.name)
     return True

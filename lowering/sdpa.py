@@ -162,10 +162,10 @@ def _emit(graph: fx.Graph, like: fx.Node, target, args, op: str = "call_function
 
 
 def rewrite_sdpa(gm: fx.GraphModule, sites: Dict[str, Site], selected: Callable[[Site], bool],
-                 op_args: tuple, constants: Dict[fx.Node, torch.Tensor]) -> int:
+                 op_args: Callable[[Site], tuple], constants: Dict[fx.Node, torch.Tensor]) -> int:
     """Lower the selected, eligible SDPA sites of ``gm`` in place; record every decision on its `Site`.
 
-    ``op_args`` are the op's trailing arguments ``(block_size, ..., seed, tune_cache)``. Returns the number of
+    ``op_args(site)`` gives that site's trailing op arguments ``(params, tune_cache)``. Returns the number of
     rewritten calls.
     """
     done = 0
@@ -190,7 +190,7 @@ def rewrite_sdpa(gm: fx.GraphModule, sites: Dict[str, Site], selected: Callable[
             if isinstance(scale, fx.Node):  # a symbolic float (dynamic=True): fold it into q, op scale 1
                 query, scale = _emit(graph, node, operator.mul, (query, scale)), 1.0
             call = _emit(graph, node, torch.ops.hyper.attention.default,
-                         (query, a["key"], a["value"], kpm, plan.causal, scale, *op_args))
+                         (query, a["key"], a["value"], kpm, plan.causal, scale, *op_args(site)))
             out = _emit(graph, node, operator.getitem, (call, 0))
         node.replace_all_uses_with(out)
         graph.erase_node(node)
