@@ -3,6 +3,15 @@
     python bench/attention.py                      # fwd 2k..131k, fwd+bwd up to 32k, causal and not
     python bench/attention.py --seq 16384 --modes fwd --causal no --repeats 5
     python bench/attention.py --seq 131072 --modes fwd --causal yes --contend   # with a competing CPU-bound process
+    python bench/attention.py --window 512 --seq 32768 --heads 8             # exact window attention vs masked SDPA
+    python bench/attention.py --window 128 512 --seq 64 256 1024 4096 --modes fwd   # the length sweep
+
+``--window W [W ...]`` times ``hyper_backend.window_attention`` instead, for a causal sliding window of W keys
+(left=W-1, right=0) and a symmetric band (left=right=W), against ``F.scaled_dot_product_attention(q, k, v,
+attn_mask=band)`` with the dense [n, n] bool band, built once outside the timed region (as a model builds it once
+per forward). Its error column is the max absolute difference on 256 sampled rows against float64 attention to
+the band, divided by the largest absolute value of those exact rows; with fwd+bwd, the gradients' max difference
+from SDPA's (over the largest SDPA gradient) is reported too.
 
 For every (n, causal, mode) it times ``hyper_attention`` (default `HyperConfig`) and
 ``F.scaled_dot_product_attention`` alternately, reports median and spread, the ratio exact / hyper, the
@@ -105,6 +114,103 @@ def bench_case(n, causal, mode, cfg, repeats, dtype, d, exact_budget):
     }
 
 
+def band_mask(n_q, n_k, left, right):
+    """The band as SDPA's dense bool mask: query i attends key j iff -left <= j - i - (n_k - n_q) <= right."""
+    d = torch.arange(n_k)[None, :] - torch.arange(n_q)[:, None] - (n_k - n_q)
+    return (d >= -left) & (d <= right)
+
+
+def bench_window(n, kind, w, mode, repeats, dtype, d, heads, exact_budget):
+    """One (n, kind, w, mode) case of the window mode: `window_attention` against SDPA with the dense band mask."""
+    from hyper_backend import window_attention
+    from hyper_backend.kernels import cpu
+    from hyper_backend.kernels.op import window_bounds
+
+    left, right = (w - 1, 0) if kind == "causal" else (w, w)
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(1, heads, n, d, dtype=dtype) for _ in range(3))
+    mask = band_mask(n, n, left, right)
+    grad = torch.randn(1, heads, n, d, dtype=dtype) if mode == "fwd+bwd" else None
+    last = {}
+
+    def run(name, fn):
+        def go():
+            if mode == "fwd":
+                with torch.no_grad():
+                    return fn(q, k, v)
+            leaves = [x.detach().requires_grad_() for x in (q, k, v)]
+            out = fn(*leaves)
+            out.backward(grad)
+            last[name] = [x.grad for x in leaves]
+            return out
+        return go
+
+    ours = run("window", lambda q, k, v: window_attention(q, k, v, (left, right)))
+    exact = run("sdpa", lambda q, k, v: F.scaled_dot_product_attention(q, k, v, attn_mask=mask))
+    before = path_counts(window=True)["window"]
+    stats = interleave({"window": ours, "sdpa": exact}, repeats, budget_s={"sdpa": exact_budget})
+    assert path_counts(window=True)["window"] > before  # the op ran
+    with torch.no_grad():
+        out = window_attention(q, k, v, (left, right))
+        g = torch.Generator().manual_seed(0)
+        rows = torch.randperm(n, generator=g)[:256].sort().values
+        s = (q[:, :, rows].double() @ k.double().transpose(-1, -2)) / math.sqrt(d)
+        s = s.masked_fill(~mask[rows], float("-inf"))
+        ref = torch.softmax(s, -1) @ v.double()
+        err = ((out[:, :, rows].double() - ref).abs().max() / ref.abs().max()).item()
+    grad_err = None
+    if mode == "fwd+bwd":
+        grad_err = max(((a.double() - b.double()).abs().max() / b.double().abs().max()).item()
+                       for a, b in zip(last["window"], last["sdpa"]))
+    return {
+        "n": n, "kind": kind, "w": w, "left": left, "right": right, "mode": mode, "heads": heads,
+        "schedule": list(cpu.window_schedule(n, n, window_bounds(n, n, left, right))),
+        "window_s": stats["window"], "sdpa_s": stats["sdpa"],
+        "speedup": stats["sdpa"]["median"] / stats["window"]["median"],
+        "max_rel_error": err, "grad_rel_error_vs_sdpa": grad_err, "load_after": os.getloadavg()[0],
+    }
+
+
+def main_window(args, console, stamp):
+    dtype = getattr(torch, args.dtype)
+    kinds = {"yes": ["causal"], "no": ["symmetric"], "both": ["causal", "symmetric"]}[args.causal]
+    cases = [(n, kind, w, m) for m in args.modes for w in args.window for kind in kinds for n in args.seq
+             if m == "fwd" or n <= args.bwd_max]
+    console.print(f"[bold]window_attention vs SDPA with the dense band mask[/] on {stamp['cpu']} "
+                  f"({stamp['torch_threads']} threads), torch {stamp['torch']}, B=1, H={args.heads}, d={args.head_dim}, "
+                  f"{args.dtype}")
+    uptime = lambda: subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()  # noqa: E731
+    up_before = uptime()
+    load_before = os.getloadavg()[0]
+    results = []
+    with Progress(console=console) as progress:
+        task = progress.add_task("benchmarking", total=len(cases))
+        for n, kind, w, mode in cases:
+            progress.update(task, description=f"n={n} {kind} w={w} {mode}")
+            results.append(bench_window(n, kind, w, mode, args.repeats, dtype, args.head_dim, args.heads,
+                                        args.exact_budget))
+            progress.advance(task)
+    load_after = os.getloadavg()[0]
+    up_after = uptime()
+    table = Table(title=f"SDPA(dense band mask) time / window_attention time, same run (median [min-max], runs); "
+                        f"H={args.heads}, d={args.head_dim}, {args.dtype}; load {load_before:.2f} -> {load_after:.2f}")
+    for col in ("mode", "band", "w", "n", "schedule", "sdpa s", "window s", "speed-up", "max rel err", "grad err"):
+        table.add_column(col, justify="right")
+    for r in results:
+        e, h = r["sdpa_s"], r["window_s"]
+        table.add_row(r["mode"], r["kind"], str(r["w"]), str(r["n"]), "/".join(map(str, r["schedule"])),
+                      f"{e['median']:.4f} [{e['min']:.4f}-{e['max']:.4f}] x{e['n']}",
+                      f"{h['median']:.4f} [{h['min']:.4f}-{h['max']:.4f}] x{h['n']}", f"{r['speedup']:.2f}x",
+                      f"{r['max_rel_error']:.1e}",
+                      "" if r["grad_rel_error_vs_sdpa"] is None else f"{r['grad_rel_error_vs_sdpa']:.1e}")
+    console.print(table)
+    console.print(f"uptime before: {up_before}\nuptime after:  {up_after}")
+    write_json(args.out, {"device": stamp, "mode": "window", "dtype": args.dtype, "head_dim": args.head_dim,
+                          "heads": args.heads, "load": [load_before, load_after], "uptime": [up_before, up_after],
+                          "results": results})
+    console.print(f"wrote {args.out}")
+
+
 COMPETITOR = """
 import torch
 torch.set_num_threads({threads})
@@ -148,8 +254,17 @@ def main(argv=None):
     ap.add_argument("--config", default="", metavar="FIELD=V,...", help="HyperConfig fields over the defaults")
     ap.add_argument("--contend", type=int, nargs="?", const=2, default=0, metavar="THREADS",
                     help="run a competing exact-SDPA loop on THREADS threads (default 2) during the benchmark")
-    ap.add_argument("--out", default="bench/results/attention.json")
+    ap.add_argument("--window", type=int, nargs="+", default=None, metavar="W",
+                    help="time exact window attention (causal window of W keys, symmetric band of half-width W) "
+                         "against SDPA with the dense band mask; --causal yes/no/both picks causal/symmetric")
+    ap.add_argument("--heads", type=int, default=1, help="heads (B=1); window mode")
+    ap.add_argument("--out", default=None, help="JSON output (default bench/results/attention.json, "
+                                                "bench/results/window.json with --window)")
     args = ap.parse_args(argv)
+    if args.window:
+        args.out = args.out or "bench/results/window.json"
+        return main_window(args, Console(width=200), device_stamp())
+    args.out = args.out or "bench/results/attention.json"
 
     cfg = parse_config(args.config)
     dtype = getattr(torch, args.dtype)
