@@ -297,6 +297,7 @@ class _BandGroup(NamedTuple):
     b: Optional[torch.Tensor]
     t: object
     bias: torch.Tensor
+    interior: bool  # every tile's slots lie in [0, Nk) and the bias is the shared pattern
 
 
 class _Band(NamedTuple):
@@ -304,7 +305,7 @@ class _Band(NamedTuple):
     nt: int  # tiles
     S: int  # key slots per tile: tile + a + b
     start: int  # key position of slot 0 of tile 0; slot s of tile t is key start + t * tile + s
-    pad: tuple  # (front, back): zero rows added to K/V so that every slot addresses a row
+    inner: tuple  # (t_lo, t_hi): the tiles whose slots all lie in [0, Nk)
     groups: tuple  # of _BandGroup
 
 
@@ -343,10 +344,10 @@ def _band_layout(B, Nq, Nk, band, keys, mask_dtype, device, tile: int = 128) -> 
     if n_inner:
         bias = torch.zeros(1, 1, tile, S, dtype=mask_dtype, device=device).masked_fill_(~pattern, NEG_INF)
         if n_inner == B * (t_hi - t_lo) and t_hi > t_lo:
-            groups.append(_BandGroup(None, slice(t_lo, t_hi), bias))
+            groups.append(_BandGroup(None, slice(t_lo, t_hi), bias, True))
         else:
             bi, ti = inner.nonzero(as_tuple=True)
-            groups.append(_BandGroup(bi, ti, bias.expand(bi.numel(), 1, tile, S)))
+            groups.append(_BandGroup(bi, ti, bias.expand(bi.numel(), 1, tile, S), True))
     if n_inner < B * nt:
         bi, ti = (~inner).nonzero(as_tuple=True)
         kpos = start + ti[:, None] * tile + s[None, :]  # [G, S]
@@ -354,9 +355,8 @@ def _band_layout(B, Nq, Nk, band, keys, mask_dtype, device, tile: int = 128) -> 
         if keys is not None:
             ok = ok & keys[bi[:, None], kpos.clamp(0, Nk - 1)][:, None, :]
         bias = torch.zeros(ok.shape, dtype=mask_dtype, device=device).masked_fill_(~ok, NEG_INF)[:, None]
-        groups.append(_BandGroup(bi, ti, bias))
-    pad = (max(0, -start), max(0, start + (nt - 1) * tile + S - Nk))
-    return _Band(tile, nt, S, start, pad, tuple(groups))
+        groups.append(_BandGroup(bi, ti, bias, False))
+    return _Band(tile, nt, S, start, (t_lo, t_hi), tuple(groups))
 
 
 def _row_tiles(x, L: _Band):
@@ -366,21 +366,28 @@ def _row_tiles(x, L: _Band):
     return x.reshape(B, H, L.nt, L.tile, *x.shape[3:]).transpose(1, 2)
 
 
-def _slot_tiles(x, L: _Band):
-    """``[B, H, Nk, D]`` -> the overlapping view ``[B, nt, H, S, D]`` of the tiles' key slots (zero-padded rows)."""
-    front, back = L.pad
-    x = torch.nn.functional.pad(x, (0, 0, front, back)) if front or back else x.contiguous()
-    B, H, R, D = x.shape
-    return x.as_strided((B, L.nt, H, L.S, D), (H * R * D, L.tile * D, R * D, D, 1),
-                        x.storage_offset() + (L.start + front) * D)
-
-
-def _pick(x5, g: _BandGroup):
-    """The group's tiles of a ``[B, nt, H, R, ...]`` view: ``[G, H, R, ...]`` (a view for one batch row)."""
+def _pick(x5, g: _BandGroup, t0: int = 0):
+    """The group's tiles of a ``[B, nt, H, R, ...]`` view (tile t at index t - t0): ``[G, H, R, ...]``, a view for
+    one batch row."""
     if g.b is not None:
-        return x5[g.b, g.t]
-    sub = x5[:, g.t]
+        return x5[g.b, g.t - t0]
+    sub = x5[:, g.t.start - t0:g.t.stop - t0]
     return sub[0] if sub.shape[0] == 1 else sub.reshape(-1, *sub.shape[2:])
+
+
+def _slots(x, L: _Band, g: _BandGroup):
+    """The key slots of the group's tiles, ``[G, H, S, D]``, from ``x [B, H, Nk, D]`` (contiguous).
+
+    Interior tiles (the shared-pattern groups) read an overlapping strided view of ``x`` itself: no copy for one
+    batch row. Other tiles gather their slots, clamped to the keys (the bias masks the slots past either end)."""
+    B, H, Nk, D = x.shape
+    if g.interior:
+        t_lo, t_hi = L.inner
+        view = x.as_strided((B, t_hi - t_lo, H, L.S, D), (H * Nk * D, L.tile * D, Nk * D, D, 1),
+                            x.storage_offset() + (L.start + t_lo * L.tile) * D)
+        return _pick(view, g, t_lo)
+    pos = (L.start + g.t[:, None] * L.tile + torch.arange(L.S, device=x.device)).clamp_(0, Nk - 1)  # [G, S]
+    return x.transpose(1, 2)[g.b[:, None], pos].transpose(1, 2)  # [G, H, S, D], rows [G, S, H, D]
 
 
 def _put(dst5, g: _BandGroup, x):
@@ -416,11 +423,11 @@ def band_forward(q, k, v, keys, band, scale, tile: int = 128):
     B, Hq, Nq, D = q.shape
     Nk = k.shape[2]
     L = _band_layout(B, Nq, Nk, band, keys, _mask_dtype(q.dtype), q.device, tile)
-    q5, k5, v5 = _row_tiles(q, L), _slot_tiles(k, L), _slot_tiles(v, L)
+    q5, k, v = _row_tiles(q, L), k.contiguous(), v.contiguous()
     out, out5 = _tiled(B, Hq, L, D, q.dtype, q.device)
     lse, lse5 = _tiled(B, Hq, L, None, torch.float64 if q.dtype == torch.float64 else torch.float32, q.device)
     for g in L.groups:
-        o, l = _flash(_pick(q5, g), _pick(k5, g), _pick(v5, g), g.bias, False, scale)
+        o, l = _flash(_pick(q5, g), _slots(k, L, g), _slots(v, L, g), g.bias, False, scale)
         _put(out5, g, o)
         _put(lse5, g, l)
     lse = _no_keys(lse[:, :, :Nq], _window_any(B, Nq, Nk, band, keys, q.device))
@@ -429,30 +436,43 @@ def band_forward(q, k, v, keys, band, scale, tile: int = 128):
 
 def band_backward(do, q, k, v, out, lse, keys, band, scale, tile: int = 128, acc_dtype=None):
     """Gradients of `band_forward` given the *final* ``out``/``lse`` of the rows (which may include other parts
-    merged in by the caller; lse -inf must already be 0). Overlapping slots' dK/dV are summed in ``acc_dtype``
-    (default: the kernel's output dtype) in tile order."""
+    merged in by the caller; lse -inf must already be 0).
+
+    Slot s of tile t is key ``start + t * tile + s``; cut the slots into chunks of ``tile``: chunk j of tile t
+    lands on key block t + j. So the overlapping slots' dK/dV are ``ceil(S / tile)`` shifted block adds, with
+    chunk j descending: every key row sums its tiles in ascending tile order, in ``acc_dtype`` (default: the
+    kernel's output dtype)."""
     B, Hq, Nq, D = q.shape
     Hkv, Nk = k.shape[1], k.shape[2]
     L = _band_layout(B, Nq, Nk, band, keys, _mask_dtype(q.dtype), q.device, tile)
     q5, do5, o5, l5 = _row_tiles(q, L), _row_tiles(do, L), _row_tiles(out, L), _row_tiles(lse, L)
-    k5, v5 = _slot_tiles(k, L), _slot_tiles(v, L)
+    k, v = k.contiguous(), v.contiguous()
     dq, dq5 = _tiled(B, Hq, L, D, q.dtype, q.device)
-    slots = torch.empty(2, B, L.nt, Hkv, L.S, D, dtype=acc_dtype or q.dtype, device=q.device)
+    T, nt, S = L.tile, L.nt, L.S
+    chunks = math.ceil(S / T)
+    base = min(L.start, 0)  # accumulator row r is key r + base
+    first = L.start - base  # accumulator row of slot 0 of tile 0
+    rows = max(first + (nt + chunks - 1) * T, Nk - base)
+    acc = [torch.zeros(B, rows, Hkv, D, dtype=acc_dtype or q.dtype, device=q.device) for _ in range(2)]  # dK, dV
+    blocks = [a[:, first:first + (nt + chunks - 1) * T].view(B, nt + chunks - 1, T, Hkv, D) for a in acc]
+    parts = []
     for g in L.groups:
-        dq_t, dk_t, dv_t = _flash_bwd(_pick(do5, g), _pick(q5, g), _pick(k5, g), _pick(v5, g), _pick(o5, g),
+        dq_t, dk_t, dv_t = _flash_bwd(_pick(do5, g), _pick(q5, g), _slots(k, L, g), _slots(v, L, g), _pick(o5, g),
                                       _pick(l5, g).contiguous(), g.bias, False, scale)
         _put(dq5, g, dq_t)
-        _put(slots[0], g, dk_t)
-        _put(slots[1], g, dv_t)
-    # every slot row (b, t, h, s) adds into its key row, in (b, t, h, s) order
-    R = L.pad[0] + Nk + L.pad[1]
-    pos = (L.start + L.pad[0]) + torch.arange(L.nt, device=q.device)[:, None] * L.tile + torch.arange(L.S, device=q.device)
-    rows = ((torch.arange(B * Hkv, device=q.device) * R).view(B, 1, Hkv, 1) + pos.view(1, L.nt, 1, L.S)).reshape(-1)
-    grads = []
-    for x in slots:
-        acc = torch.zeros(B * Hkv * R, D, dtype=x.dtype, device=q.device).index_add_(0, rows, x.view(-1, D))
-        grads.append(acc.view(B, Hkv, R, D)[:, :, L.pad[0]:L.pad[0] + Nk])
-    return dq[:, :, :Nq], grads[0], grads[1]
+        parts.append((g, (dk_t.transpose(1, 2), dv_t.transpose(1, 2))))  # [G, S, Hkv, D] views
+    for j in reversed(range(chunks)):
+        w = min(T, S - j * T)
+        for g, grads in parts:
+            for i, d in enumerate(grads):
+                piece = d[:, j * T:j * T + w].to(acc[i].dtype)  # [G, w, Hkv, D]
+                if g.b is None:
+                    n = g.t.stop - g.t.start
+                    blocks[i][:, g.t.start + j:g.t.stop + j, :w] += piece.reshape(B, n, w, Hkv, D)
+                else:
+                    blocks[i][:, :, :w].index_put_((g.b, g.t + j), piece, accumulate=True)
+    dk, dv = (a[:, -base:-base + Nk].transpose(1, 2) for a in acc)  # [B, Hkv, Nk, D]
+    return dq[:, :, :Nq], dk, dv
 
 
 def noncausal_forward(q, k, v, key_valid, scale, p: HyperConfig, stream: int = 0, ranks=None, sink=None, strip=0,
