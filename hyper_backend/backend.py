@@ -49,6 +49,7 @@ import torch.fx as fx
 from hyper_backend.config import (FIELDS, INNER_BACKENDS, HyperConfig, LayerSelection, default_tune_cache,
                                   encode, read_env)
 from hyper_backend.lowering import sites as _sites
+from hyper_backend.lowering.canonical import canonicalize
 from hyper_backend.lowering.sdpa import rewrite_sdpa
 
 log = logging.getLogger("hyper_backend")
@@ -400,6 +401,7 @@ def compile_graph(gm: fx.GraphModule, example_inputs: Sequence, settings: Settin
     elif found:
         constants = find_constants(gm, example_inputs)
         placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+        canonicalize(gm, by_node, {placeholders[p]: t for p, t in constants.items()}, selected)  # einsum, MHA: SDPA
         rewrite_sdpa(gm, by_node, selected, op_args, {placeholders[p]: t for p, t in constants.items()})
         handwritten = [s for s in found if s.kind != "sdpa"]
         if handwritten and settings.inner_backend == "inductor":

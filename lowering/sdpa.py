@@ -13,7 +13,9 @@ A call is lowered when the op computes exactly what SDPA would, up to the approx
   one is multiplied into q and the op gets scale 1;
 - ``attn_mask`` is None, or a bool mask that is an AND of key-padding terms broadcastable to ``[B, 1, 1, Nk]``
   (passed as the op's ``[B, Nk]`` key_padding_mask) and of input-free terms that `masks.classify` proves to be
-  all-True or causal (HF's padded causal mask is exactly that); a float mask only if proven all-zero or causal;
+  all-True or causal (HF's padded causal mask is exactly that); a float mask if proven all-zero or causal,
+  or if it is such a mask plus key-padding terms built from bool masks (``zeros.masked_fill(m, -inf)``, as
+  ``nn.MultiheadAttention`` builds them; `_plan_float_mask`);
 - ``is_causal=True`` only with ``Nq == Nk`` provably: SDPA aligns the diagonal top-left, the op bottom-right,
   and the two agree only when the lengths are equal (``Nq != Nk`` stays exact); a mask proven causal is
   bottom-right by construction and needs ``Nq <= Nk`` provably.
@@ -42,11 +44,15 @@ _MASK_PASSTHROUGH_METHODS = ("expand", "contiguous", "bool", "to", "expand_as")
 def key_padding(batch_like: torch.Tensor, *terms: torch.Tensor) -> torch.Tensor:
     """AND of bool terms broadcastable to ``[B, 1, 1, Nk]`` as one ``[B, Nk]`` bool key-padding mask.
 
+    A float term is an additive one proven to hold only 0 and -inf-like values (`zero_or_masked`): it keeps
+    where it is 0.
+
     ``batch_like`` is a ``[B, ...]`` tensor (the query) giving B. Each term's shape was proven at compile time.
     """
     out = None
     for t in terms:
-        t = t.reshape(t.shape[0] if t.dim() == 4 else 1, t.shape[-1]).to(torch.bool)
+        t = t.reshape(t.shape[0] if t.dim() == 4 else 1, t.shape[-1])
+        t = t == 0 if t.is_floating_point() else t.to(torch.bool)  # an additive term (0 / -inf) keeps at 0
         t = t.expand(batch_like.shape[0], t.shape[-1])
         out = t if out is None else out & t
     return out.contiguous()
@@ -82,6 +88,78 @@ def _padding_shape_ok(term: fx.Node, batch, n_k) -> bool:
     shape = (1,) * (4 - v.dim()) + tuple(v.shape)
     return (_eq(shape[1], 1) and _eq(shape[2], 1) and _eq(shape[3], n_k)
             and (_eq(shape[0], 1) or _eq(shape[0], batch)))
+
+
+# float masks ----------------------------------------------------------------------------------------------
+
+_ADD_TARGETS = (operator.add, torch.add)
+_FLOAT_PASSTHROUGH_METHODS = ("expand", "contiguous", "expand_as")  # shape-only: SDPA broadcasts
+_VIEW_METHODS = ("view", "reshape", "unsqueeze", "expand", "contiguous", "expand_as")
+
+
+def _additive_terms(mask: fx.Node) -> List[fx.Node]:
+    """Split a float mask into its addends, looking through expand / contiguous."""
+    n = mask
+    while n.op == "call_method" and n.target in _FLOAT_PASSTHROUGH_METHODS:
+        n = n.args[0]
+    is_add = (n.op == "call_function" and n.target in _ADD_TARGETS) or (
+        n.op == "call_method" and n.target in ("add", "__add__"))
+    if is_add and len(n.args) == 2 and not n.kwargs and all(
+            isinstance(a, fx.Node) and isinstance(masks.meta_val(a), torch.Tensor) for a in n.args):
+        return _additive_terms(n.args[0]) + _additive_terms(n.args[1])
+    return [n]
+
+
+def zero_or_masked(n: fx.Node, hops: int = 8) -> bool:
+    """``n`` is structurally ``zeros.masked_fill(bool mask, fill)`` with an -inf-like fill, through views and
+    float casts: every value is 0 or masks its key, whatever the bool mask holds. This is how
+    ``F._canonical_mask`` (``nn.MultiheadAttention``, the Transformer layers) turns a bool key_padding_mask into
+    a float one."""
+    for _ in range(hops):
+        if n.op == "call_method" and n.target in _VIEW_METHODS + ("to", "float", "half", "bfloat16") and (
+                masks.meta_val(n).is_floating_point()):
+            n = n.args[0]
+        else:
+            break
+    fill = n.op == "call_method" and n.target in ("masked_fill", "masked_fill_") or (
+        n.op == "call_function" and n.target is torch.masked_fill)
+    if not fill or len(n.args) + len(n.kwargs) != 3:
+        return False
+    args = dict(zip(("self", "mask", "value"), n.args), **n.kwargs)
+    zeros, keep, value = args.get("self"), args.get("mask"), args.get("value")
+    made_of_zeros = isinstance(zeros, fx.Node) and (
+        (zeros.op == "call_function" and zeros.target in (torch.zeros_like, torch.zeros))
+        or (zeros.op == "call_method" and zeros.target == "new_zeros"))
+    kv = masks.meta_val(keep)
+    return (made_of_zeros and isinstance(kv, torch.Tensor) and kv.dtype == torch.bool
+            and isinstance(value, (int, float)) and not isinstance(value, bool) and value <= masks.MASKED)
+
+
+def _plan_float_mask(mask: fx.Node, batch, nq, nk, constants, padding: List[fx.Node]):
+    """``(verdict, reason)`` for an additive float mask; key-padding addends are appended to ``padding``.
+
+    An input-free mask is classified as a whole (`masks.classify`). Otherwise it must be a sum of at most one
+    input-free addend, which classifies, and of key padding addends: `zero_or_masked` (0 or
+    -inf-like by construction) and broadcastable to ``[B, 1, 1, Nk]``. A float mask read from an input with
+    unknown values stays exact."""
+    if masks.input_free(mask, constants):
+        verdict = masks.classify(mask, "add", nq, nk, constants)
+        return verdict, verdict.reason if verdict.kind is None else ""
+    shape, free = masks.Verdict("none"), 0
+    for term in _additive_terms(mask):
+        if masks.input_free(term, constants):
+            free += 1
+            shape = masks.classify(term, "add", nq, nk, constants)
+            if shape.kind is None or free > 1:
+                return shape, shape.reason or "general mask (several input-free addends)"
+        elif zero_or_masked(term):
+            if not _padding_shape_ok(term, batch, nk):
+                return shape, "general mask (a masked_fill(-inf) mask not broadcastable to [B, 1, 1, Nk])"
+            padding.append(term)
+        else:
+            return shape, ("mask depends on a tensor input with unknown values (a float key_padding_mask / "
+                           "attn_mask given as an input; bool masks, or masks built in the model, are lowered)")
+    return shape, ""
 
 
 class SdpaPlan:
@@ -121,10 +199,10 @@ def plan_sdpa(node: fx.Node, constants: Dict[fx.Node, torch.Tensor]) -> SdpaPlan
         if not isinstance(mval, torch.Tensor):
             return SdpaPlan("attn_mask is not a tensor")
         if mval.dtype != torch.bool:
-            verdict = masks.classify(mask, "add", nq, nk, constants)
-            if verdict.kind is None:
-                return SdpaPlan(f"float attn_mask: {verdict.reason}")
-            causal = verdict.kind == "causal"
+            shape, reason = _plan_float_mask(mask, batch, nq, nk, constants, padding)
+            if reason:
+                return SdpaPlan(f"float attn_mask: {reason}")
+            causal = shape.kind == "causal"
         else:
             for term in _mask_terms(mask):
                 if masks.input_free(term, constants):

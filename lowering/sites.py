@@ -1,7 +1,10 @@
 """Attention sites: finding them in a Dynamo graph, numbering them, naming them, recording decisions.
 
-A *site* is one attention computation in the model: an ``F.scaled_dot_product_attention`` call, or a
-hand-written ``softmax`` whose input comes from a matmul and whose output feeds a matmul. Sites are found
+A *site* is one attention computation in the model: an ``F.scaled_dot_product_attention`` call (kind
+``sdpa``), a hand-written ``softmax`` whose input comes from a matmul and whose output feeds a matmul
+(``attention``), an ``F.multi_head_attention_forward`` / ``torch._native_multi_head_attention`` call (``mha``:
+``nn.MultiheadAttention`` and the Transformer layers), or ``torch._transformer_encoder_layer_fwd``
+(``encoder_layer``: ``nn.TransformerEncoderLayer``'s eval-mode fast path). Sites are found
 in the Dynamo graph (before AOTAutograd) so SDPA and hand-written sites share one numbering, in graph order,
 which is the order the model executes them. How numbers continue across graph breaks is decided by the
 backend (`hyper_backend.backend`): each graph gets a base offset.
@@ -11,7 +14,9 @@ Every decision is logged under the ``hyper_backend`` logger and counted in
 
 - ``"graphs"``: graphs compiled by the backend;
 - ``"sites"``: attention sites seen;
-- ``"rewritten"``: sites lowered to ``torch.ops.hyper.attention``; also ``"rewritten:<kind>"`` per kind;
+- ``"rewritten"``: sites lowered to ``torch.ops.hyper.attention``; also ``"rewritten:<kind>"`` per kind
+  (``einsum``, ``mha`` and ``encoder_layer`` for the families `hyper_backend.lowering.canonical` rewrites into
+  SDPA);
 - ``"exact"``: sites left exact;
 - ``"cached"``: hand-written sites of a graph served from inductor's FX-graph cache (the pass did not run, so
   its decisions are unknown to this process; `hyper_backend.explain` always compiles afresh);
@@ -34,6 +39,8 @@ import torch.nn.functional as F
 log = logging.getLogger("hyper_backend")
 
 SDPA_TARGETS = (torch._C._nn.scaled_dot_product_attention, F.scaled_dot_product_attention)
+MHA_TARGETS = (F.multi_head_attention_forward, torch._native_multi_head_attention)
+ENCODER_LAYER_TARGETS = (torch._transformer_encoder_layer_fwd,)
 _SOFTMAX_FUNCS = (torch.softmax, F.softmax)
 _MATMUL_FUNCS = (operator.matmul, torch.matmul, torch.bmm, torch.baddbmm, torch.einsum)
 _MATMUL_METHODS = ("matmul", "bmm", "baddbmm", "__matmul__")
@@ -60,6 +67,7 @@ class Site:
     reason: str = ""
     graph: int = 0
     node: str = ""
+    family: str = ""  # set by `canonical`: the kind reported once the SDPA lowering has decided (see `record`)
 
     def decide(self, decision: str, reason: str, kind: Optional[str] = None) -> None:
         self.decision, self.reason = decision, reason
@@ -112,7 +120,7 @@ def is_sdpa(node: fx.Node) -> bool:
     return node.op == "call_function" and node.target in SDPA_TARGETS
 
 
-def _is_softmax(node: fx.Node) -> bool:
+def is_softmax(node: fx.Node) -> bool:
     return (node.op == "call_function" and node.target in _SOFTMAX_FUNCS) or (
         node.op == "call_method" and node.target == "softmax")
 
@@ -140,7 +148,7 @@ def _reaches_matmul(node: fx.Node, upstream: bool, hops: int = _MAX_HOPS) -> boo
 
 def is_handwritten_candidate(node: fx.Node) -> bool:
     """A softmax between two matmuls (through casts, scales, masks and dropout): hand-written attention."""
-    return _is_softmax(node) and _reaches_matmul(node, upstream=True) and _reaches_matmul(node, upstream=False)
+    return is_softmax(node) and _reaches_matmul(node, upstream=True) and _reaches_matmul(node, upstream=False)
 
 
 def find_sites(gm: fx.GraphModule, base: int, graph_number: int) -> List[Site]:
@@ -149,6 +157,10 @@ def find_sites(gm: fx.GraphModule, base: int, graph_number: int) -> List[Site]:
     for node in gm.graph.nodes:
         if is_sdpa(node):
             kind = "sdpa"
+        elif node.op == "call_function" and node.target in MHA_TARGETS:
+            kind = "mha"
+        elif node.op == "call_function" and node.target in ENCODER_LAYER_TARGETS:
+            kind = "encoder_layer"
         elif is_handwritten_candidate(node):
             kind = "attention"
         else:
@@ -167,7 +179,11 @@ def count(key: str, n: int = 1) -> None:
 
 
 def record(site: Site) -> None:
-    """Log a final decision and bump the counters. The log record carries the `Site` as ``hyper_site``."""
+    """Log a final decision and bump the counters. The log record carries the `Site` as ``hyper_site``.
+
+    A site canonicalised into SDPA is handled as kind ``sdpa`` until here; it is reported as its family."""
+    if site.family and site.kind == "sdpa":
+        site.kind = site.family
     count("sites")
     if site.decision == "hyper":
         count("rewritten")
