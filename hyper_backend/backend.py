@@ -402,8 +402,8 @@ def compile_graph(gm: fx.GraphModule, example_inputs: Sequence, settings: Settin
         constants = find_constants(gm, example_inputs)
         placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
         canonicalize(gm, by_node, {placeholders[p]: t for p, t in constants.items()}, selected)  # einsum, MHA: SDPA
+        handwritten = [s for s in found if s.kind != "sdpa"]  # before the rewrite: it renames band sites "window"
         rewrite_sdpa(gm, by_node, selected, op_args, {placeholders[p]: t for p, t in constants.items()})
-        handwritten = [s for s in found if s.kind != "sdpa"]
         if handwritten and settings.inner_backend == "inductor":
             from hyper_backend.lowering.patterns import AttentionPass
 
@@ -417,9 +417,8 @@ def compile_graph(gm: fx.GraphModule, example_inputs: Sequence, settings: Settin
                 s.decide("exact", "not selected by layers")
     compiled = _inner_compile(gm, example_inputs, settings, patterns_pass, mode)
     if patterns_pass is not None and not patterns_pass.ran:
-        for s in found:
-            if s.kind != "sdpa":
-                s.decide("cached", "graph served from inductor's cache; hyper_backend.explain compiles afresh")
+        for s in handwritten:
+            s.decide("cached", "graph served from inductor's cache; hyper_backend.explain compiles afresh")
     for s in found:
         if s.index in auto_notes and s.decision == "exact" and s.reason == "not selected by layers":
             s.decide("exact", auto_notes[s.index])

@@ -9,7 +9,7 @@ causal pattern the op implements (bottom-right aligned). Test sizes:
   dims) at 5 and 7, at their hint, and above the largest integer literal in the subgraph, so a sliding window
   or any other constant that would break the pattern at long lengths is exceeded at least once;
 - with Nq and Nk distinct symbols, also distinct values, so top-left alignment is told from bottom-right;
-- with static shapes, the one real size (if the mask has at most ``MAX_ELEMENTS`` elements).
+- with static shapes, the one real size (if the mask has at most ``MAX_STATIC_ELEMENTS`` elements: 32k x 32k).
 
 A subgraph that reads a tensor input (a user mask, padding) is not input-free and is never classified by
 value, except placeholders the backend proved constant (causal buffers, see `hyper_backend.backend`).
@@ -18,14 +18,19 @@ from __future__ import annotations
 
 import contextlib
 import math
+import operator
 from dataclasses import dataclass
-from typing import Dict, Iterable, List, Optional, Sequence
+from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
 import sympy
 import torch
 import torch.fx as fx
 
-MAX_ELEMENTS = 1 << 26  # largest mask evaluated at compile time
+MAX_ELEMENTS = 1 << 26  # largest mask evaluated at a test size (dynamic shapes)
+# with static shapes the mask is evaluated once at its real size, as the model builds it at run time (a 32k x 32k
+# bool mask: 1 GiB, checked row-chunk by row-chunk)
+MAX_STATIC_ELEMENTS = 1 << 30
+SLICE_END = 1 << 62  # ``x[a:]`` traces as slice(x, dim, a, 2**63 - 1): a sentinel, not a window width
 MASKED = -1.0e4  # an additive bias (or fill) at or below this excludes the key
 CPU = torch.device("cpu")
 
@@ -34,10 +39,52 @@ class NotInputFree(Exception):
     """The subgraph reads a tensor that is not a compile-time constant."""
 
 
+UNBOUNDED = 1 << 62  # a window side that reaches every key
+
+
 @dataclass(frozen=True)
 class Verdict:
-    kind: Optional[str]  # "none" (attends everywhere), "causal" (bottom-right), or None (anything else)
+    """``kind``: ``"none"`` (attends everywhere), ``"causal"`` (bottom-right), ``"band"`` (see ``window``), or
+    None (anything else, ``reason`` says why).
+
+    ``window = (left, right)`` for a band: query i attends key j iff ``-left <= j - i - (nk - nq) <= right``
+    (bottom-right aligned, as the op's causal); a side equal to `UNBOUNDED` reaches every key. A causal sliding
+    window of w keys is ``(w - 1, 0)``.
+    """
+
+    kind: Optional[str]
     reason: str = ""
+    window: Optional[Tuple[int, int]] = None
+
+    def __and__(self, other: "Verdict") -> "Verdict":
+        """The verdict of the AND of two masks with these verdicts (both classified)."""
+        if self.kind is None:
+            return self
+        if other.kind is None:
+            return other
+        a, b = self.sides(), other.sides()
+        return Verdict.of_sides(min(a[0], b[0]), min(a[1], b[1]))
+
+    def sides(self) -> Tuple[int, int]:
+        return {"none": (UNBOUNDED, UNBOUNDED), "causal": (UNBOUNDED, 0)}.get(self.kind, self.window)
+
+    @staticmethod
+    def of_sides(left: int, right: int) -> "Verdict":
+        if left >= UNBOUNDED:
+            if right >= UNBOUNDED:
+                return Verdict("none")
+            if right == 0:
+                return Verdict("causal")
+        return Verdict("band", window=(left, right))
+
+    def describe(self) -> str:
+        if self.kind != "band":
+            return str(self.kind)
+        left, right = self.window
+        if right == 0:
+            return f"causal sliding window of {left + 1} keys"
+        side = lambda x: "all" if x >= UNBOUNDED else str(x)  # noqa: E731
+        return f"band of {side(left)} keys before and {side(right)} after the diagonal"
 
 
 def meta_val(n):
@@ -64,6 +111,33 @@ def ancestors(node: fx.Node, constants: Dict[fx.Node, torch.Tensor]) -> List[fx.
             continue
         stack.extend(n.all_input_nodes)
     return order
+
+
+def _mutates(n: fx.Node) -> bool:
+    if n.op == "call_function":
+        if n.target is operator.setitem:
+            return True
+        schema = getattr(n.target, "_schema", None)
+        return bool(schema is not None and schema.is_mutable)
+    return n.op == "call_method" and n.target.endswith("_") and not n.target.startswith("__")
+
+
+def mutated(nodes: Sequence[fx.Node]) -> Optional[fx.Node]:
+    """A node of ``nodes`` whose value another node changes in place (``mask[i] = x``, ``masked_fill_``): the
+    value is then not what its ancestors compute, so it is never classified."""
+    # through the chains of first-argument uses (views: select, slice, getitem, view, ...), conservatively
+    seen, stack = set(nodes), [(n, 0) for n in nodes]
+    while stack:
+        n, depth = stack.pop()
+        for u in n.users:
+            if not (u.args and u.args[0] is n):
+                continue
+            if _mutates(u):
+                return u
+            if u not in seen and depth < 6:
+                seen.add(u)
+                stack.append((u, depth + 1))
+    return None
 
 
 def input_free(node: fx.Node, constants: Dict[fx.Node, torch.Tensor]) -> bool:
@@ -146,7 +220,7 @@ def _literal_max(nodes: Sequence[fx.Node], constants) -> int:
 
     def visit(a):
         nonlocal big
-        if isinstance(a, int) and not isinstance(a, bool):
+        if isinstance(a, int) and not isinstance(a, bool) and abs(a) < SLICE_END:
             big = max(big, abs(a))
         return a
 
@@ -154,7 +228,10 @@ def _literal_max(nodes: Sequence[fx.Node], constants) -> int:
         fx.node.map_aggregate(n.args, visit)
         fx.node.map_aggregate(n.kwargs, visit)
         if n in constants:
-            big = max([big, *constants[n].shape])
+            c = constants[n]
+            big = max([big, *c.shape])
+            if c.numel() <= 16 and not c.is_complex() and c.numel():  # a window width kept in a small buffer
+                big = max(big, min(int(c.detach().double().abs().nan_to_num(0, 0, 0).max()), MAX_ELEMENTS))
     return big
 
 
@@ -216,8 +293,7 @@ def _keep_mask(value, use: str, fill) -> Optional[torch.Tensor]:
     if use == "add":
         if value.dtype == torch.bool:
             return None
-        value = value.double()
-        keep, drop = value == 0, value <= MASKED
+        keep, drop = value == 0, value <= MASKED  # in the mask's own dtype: no copy of it in float64
         return keep if bool((keep | drop).all()) else None
     if fill is None or not (float(fill) <= MASKED):
         return None
@@ -225,24 +301,69 @@ def _keep_mask(value, use: str, fill) -> Optional[torch.Tensor]:
     return value if use == "keep" else ~value
 
 
-def _pattern_of(keep: torch.Tensor, nq: int, nk: int) -> str:
+def _pattern_of(keep: torch.Tensor, nq: int, nk: int):
+    """What a keep-mask broadcastable to ``[..., nq, nk]`` is: ``"shape"``, ``"varies"`` (differs across batch or
+    heads), ``"top-left"`` (causal aligned top-left, n_q != n_k), ``"other"``, or ``("band", left, right)`` with
+    the intervals of widths it allows (`_band_of`); all-attend and causal are bands too."""
     if keep.dim() < 2:
         keep = keep.reshape((1,) * (2 - keep.dim()) + tuple(keep.shape))
     if keep.shape[-1] not in (1, nk) or keep.shape[-2] not in (1, nq):
         return "shape"
-    keep = keep.expand(*keep.shape[:-2], nq, nk).reshape(-1, nq, nk)
-    if not bool((keep == keep[:1]).all()):
+    flat = keep.reshape(-1, *keep.shape[-2:])
+    if flat.shape[0] > 1 and not bool((flat == flat[:1]).all()):
         return "varies"
-    keep = keep[0]
-    if bool(keep.all()):
-        return "none"
-    rows = torch.arange(nq)[:, None]
-    cols = torch.arange(nk)[None, :]
-    if torch.equal(keep, cols <= rows + (nk - nq)):
-        return "causal"
-    if torch.equal(keep, cols <= rows):
+    rows = _row_spans(flat[0].expand(nq, nk))
+    first, last, any_key = rows
+    i = torch.arange(nq)
+    if nq != nk and bool(any_key.all()) and bool((first == 0).all()) and torch.equal(last, i.clamp(max=nk - 1)) \
+            and not bool((last == nk - 1).all()):
         return "top-left"
-    return "other"
+    return _band_of(rows, nq, nk)
+
+
+def _row_spans(keep: torch.Tensor, chunk: int = 2048):
+    """``(first, last, any)`` kept key of each row, or None if some row's kept keys are not one contiguous run.
+    Memory O(chunk * nk), so a mask as large as the one the model builds at run time can be checked (a 32k
+    mask in seconds)."""
+    nq, nk = keep.shape
+    first = torch.zeros(nq, dtype=torch.long)
+    last = torch.full((nq,), -1, dtype=torch.long)
+    any_key = torch.zeros(nq, dtype=torch.bool)
+    cols = torch.arange(nk)
+    for r in range(0, nq, chunk):
+        k = keep[r:r + chunk].contiguous().view(torch.uint8)
+        f = k.argmax(1)  # the first maximum: the first kept key, or 0 for a row without one
+        has = k.gather(1, f[:, None])[:, 0].bool()
+        l_ = (nk - 1) - k.flip(1).argmax(1)
+        run = (cols >= f[:, None]) & (cols <= l_[:, None]) & has[:, None]
+        if not torch.equal(run, k.bool()):
+            return None
+        first[r:r + chunk], last[r:r + chunk], any_key[r:r + chunk] = f, l_.where(has, -1), has
+    return first, last, any_key
+
+
+def _band_of(rows, nq: int, nk: int):
+    """``("band", (lo, hi), (lo, hi))``: the intervals of left and right widths that the rows' kept spans allow (a
+    side that reaches the matrix edge is only bounded below), or ``"other"``."""
+    if rows is None:
+        return "other"
+    first, last, any_key = rows
+    if not bool(any_key.any()):
+        return "other"
+    i = torch.arange(nq)
+    diag = i + (nk - nq)  # the bottom-right diagonal's key in each row
+    lo = int((first - diag)[any_key].min())
+    hi = int((last - diag)[any_key].max())
+    if lo > 0 or hi < 0:
+        return "other"
+    want_first, want_last = (diag + lo).clamp(min=0), (diag + hi).clamp(max=nk - 1)
+    want_any = want_first <= want_last
+    if not (torch.equal(any_key, want_any) and torch.equal(first[want_any], want_first[want_any])
+            and torch.equal(last[want_any], want_last[want_any])):
+        return "other"
+    left = (-lo, -lo) if lo > -(nk - 1) else (nk - 1, UNBOUNDED)
+    right = (hi, hi) if hi < nq - 1 else (nq - 1, UNBOUNDED)
+    return ("band", left, right)
 
 
 def classify(mask: fx.Node, use: str, nq, nk, constants: Dict[fx.Node, torch.Tensor], fill=None) -> Verdict:
@@ -260,19 +381,23 @@ def _classify(mask, use, nq, nk, constants, fill) -> Verdict:
     if not input_free(mask, constants) or (isinstance(fill, fx.Node) and not input_free(fill, constants)):
         return Verdict(None, "mask depends on a tensor input")
     nodes = ancestors(mask, constants) + (ancestors(fill, constants) if isinstance(fill, fx.Node) else [])
+    if mutated(nodes) is not None:
+        return Verdict(None, "mask is changed in place (not a pure function of the lengths)")
     values = [meta_val(n) for n in nodes] + [nq, nk]
     seq = symbols_of([nq, nk])
     other = symbols_of(values) - seq
     env = shape_env_of(values)
     lit = _literal_max(nodes, constants)
     max_side = int(math.isqrt(MAX_ELEMENTS // 4))
+    if seq and lit + 3 > max_side:  # the test beyond every constant cannot run: a window that wide is unprovable
+        return Verdict(None, f"mask built with a constant ({lit}) too large to verify at compile time")
     tests = assignments(seq, other, env, lit, max_side)
     if not tests:
         return Verdict(None, f"mask too large to verify at compile time (constant {lit}); use dynamic shapes")
-    seen = set()
+    seen, left, right = set(), (0, UNBOUNDED), (0, UNBOUNDED)
     for subs in tests:
         q, k = concrete(nq, subs), concrete(nk, subs)
-        if q * k > MAX_ELEMENTS:
+        if q * k > (MAX_ELEMENTS if seq else MAX_STATIC_ELEMENTS):
             return Verdict(None, f"mask of {q}x{k} too large to verify at compile time; use dynamic shapes")
         try:
             value = evaluate(mask, subs, constants)
@@ -289,11 +414,19 @@ def _classify(mask, use, nq, nk, constants, fill) -> Verdict:
         if keep is None:
             return Verdict(None, "general mask (values other than 0 / -inf)" if use == "add"
                            else "general mask (fill value is not -inf-like)")
-        seen.add(_pattern_of(keep, q, k))
-    if seen == {"none"}:
-        return Verdict("none")
-    if seen == {"causal"}:
-        return Verdict("causal")
-    if "top-left" in seen and seen <= {"causal", "top-left"}:
+        pattern = _pattern_of(keep, q, k)
+        if isinstance(pattern, tuple):
+            left = (max(left[0], pattern[1][0]), min(left[1], pattern[1][1]))
+            right = (max(right[0], pattern[2][0]), min(right[1], pattern[2][1]))
+            pattern = "band"
+        seen.add(pattern)
+    if "top-left" in seen and seen <= {"band", "top-left"}:
         return Verdict(None, "causal mask aligned top-left with n_q != n_k (the op aligns bottom-right)")
+    if seen == {"band"}:
+        if left[0] > left[1] or right[0] > right[1]:
+            return Verdict(None, "general mask (banded, but its width changes with the length)")
+        # a side never reached the matrix edge is bounded by the widest test; at the largest test size it is
+        # determined exactly whenever it is narrower than the mask (`assignments` exceeds every literal)
+        return Verdict.of_sides(left[0] if left[1] == left[0] else UNBOUNDED,
+                                right[0] if right[1] == right[0] else UNBOUNDED)
     return Verdict(None, "general mask (not causal)")

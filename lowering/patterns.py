@@ -19,6 +19,7 @@ the reason is recorded.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import inspect
 import math
@@ -58,6 +59,9 @@ class Form:
     copies: Tuple[bool, bool, bool]  # the 4-D matmul decomposition copies q / kᵀ / v
     half: bool  # fp16/bf16 inputs: softmax upcasts to fp32 and casts back
     joint: bool  # training graph
+    # with ``half``: the model wrote a plain half softmax, which the joint graph's decomposition upcasts (its
+    # forward is then the explicit upcast's, its backward is not, so training graphs need both patterns)
+    implicit: bool = False
 
     @property
     def name(self) -> str:
@@ -69,7 +73,7 @@ class Form:
             scores = "baddbmm(q, kT, alpha=s)"
         scores = {"none": scores, "add": f"{scores} + mask", "keep": f"where(mask, {scores}, fill)",
                   "drop": f"masked_fill({scores}, mask, fill)"}[self.mask]
-        return f"softmax({scores})@v" + (" (fp32 softmax)" if self.half else "")
+        return f"softmax({scores})@v" + (" (fp32 softmax)" if self.half and not self.implicit else "")
 
     @property
     def argnames(self) -> Tuple[str, ...]:
@@ -104,7 +108,7 @@ def _body(form: Form, a: dict):
         s = torch.where(a["mask"], s, a["fill"])
     elif form.mask == "drop":
         s = torch.where(a["mask"], a["fill"], s)
-    p = torch.softmax(s.float(), dim=-1).to(v.dtype) if form.half else torch.softmax(s, dim=-1)
+    p = torch.softmax(s.float(), dim=-1).to(v.dtype) if form.half and not form.implicit else torch.softmax(s, dim=-1)
     return torch.bmm(p, v) if form.matmul != "4d" else p @ v
 
 
@@ -119,7 +123,10 @@ def _replacement(ctx: "AttentionPass", form: Form, a: dict):
         q = q / a["scale"]
     if form.matmul != "4d":  # [B*H, N, D]: one batch of B*H heads
         q, k, v = q.unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0)
-    out = torch.ops.hyper.attention.default(q, k, v, None, decision.causal, decision.scale, *ctx.op_args(decision.site))[0]
+    if decision.window is not None:
+        out = torch.ops.hyper.window_attention.default(q, k, v, None, *decision.window, decision.scale)[0]
+    else:
+        out = torch.ops.hyper.attention.default(q, k, v, None, decision.causal, decision.scale, *ctx.op_args(decision.site))[0]
     return out.squeeze(0) if form.matmul != "4d" else out
 
 
@@ -304,6 +311,7 @@ class Decision:
     causal: bool
     scale: Optional[float]
     prescale: str = ""  # "mul" / "div": a symbolic float scale folded into q (the op scale is then 1)
+    window: Optional[Tuple[int, int]] = None  # a banded mask: exact ``hyper::window_attention`` (left, right)
     site: Optional[Site] = None  # the matched site: its op arguments are ``AttentionPass.op_args(site)``
 
 
@@ -409,6 +417,8 @@ class AttentionPass(CustomGraphPass):
                     _shield(core)
             else:
                 self._register(form)
+                if form.half and form.joint:
+                    self._register(dataclasses.replace(form, implicit=True))
                 if site is not None:
                     forms[site.node] = form
         if not cores:
@@ -420,7 +430,7 @@ class AttentionPass(CustomGraphPass):
         stable_topological_sort(graph)  # joint replacements put backward ops where the forward was
         graph.eliminate_dead_code()
         for site in self.sites.values():
-            if site.kind != "sdpa" and site.decision != "hyper":
+            if site.kind != "sdpa" and site.decision not in ("hyper", "window"):
                 reason = self.reasons.get(site.node)
                 if reason is None and site.node in forms:
                     reason = (f"form {forms[site.node].name} found but its pattern did not match: scores or "
@@ -518,8 +528,6 @@ def _check_match(ctx: "AttentionPass", form: Form, match: Match) -> bool:
     site = ctx.site_of(core) if core is not None else None
     if site is None:
         return ctx.reject(site, "site not found")
-    if not ctx.selected(site):
-        return ctx.reject(site, "not selected by layers")
     kw = match.kwargs
     q, k, v = (masks.meta_val(kw[n]) for n in ("query", "key", "value"))
     if not all(isinstance(t, torch.Tensor) for t in (q, k, v)):
@@ -532,15 +540,18 @@ def _check_match(ctx: "AttentionPass", form: Form, match: Match) -> bool:
                                     and statically_known_true(q.shape[0] == k.shape[0])):
         return ctx.reject(site, "q/k/v heads or batch broadcast")
     nq, nk = q.shape[-2], k.shape[-2]
-    causal = False
+    causal, window = False, None
     if form.mask != "none":
         use = {"add": "add", "keep": "keep", "drop": "drop"}[form.mask]
         verdict = masks.classify(kw["mask"], use, nq, nk, ctx._aten_constants, fill=kw.get("fill"))
         if verdict.kind is None:
             return ctx.reject(site, verdict.reason)
         causal = verdict.kind == "causal"
-        if causal and not statically_known_true(nq <= nk):
-            return ctx.reject(site, "causal mask where n_q may exceed n_k")
+        window = verdict.window
+    if window is None and not ctx.selected(site):  # a band is exact: served whatever ``layers`` says
+        return ctx.reject(site, "not selected by layers")
+    if causal and not statically_known_true(nq <= nk):
+        return ctx.reject(site, "causal mask where n_q may exceed n_k")
     if form.matmul == "baddbmm":
         bias = kw["bias"]
         if not (_is(bias, aten.full.default) and bias.args[1] == 0):
@@ -558,6 +569,9 @@ def _check_match(ctx: "AttentionPass", form: Form, match: Match) -> bool:
             return ctx.reject(site, reason)
     else:
         op_scale = float(scale) if form.scale != "div" else 1.0 / float(scale)
-    ctx.pending = Decision(causal, op_scale, prescale, site=site)
-    site.decide("hyper", "causal" if causal else "non-causal", kind=form.name)
+    ctx.pending = Decision(causal, op_scale, prescale, window, site=site)
+    if window is not None:
+        site.decide("window", f"{masks.Verdict('band', window=window).describe()} (exact), {form.name}", kind="window")
+    else:
+        site.decide("hyper", "causal" if causal else "non-causal", kind=form.name)
     return True

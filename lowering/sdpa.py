@@ -25,7 +25,7 @@ Anything else stays an SDPA call, and the site's reason says why.
 from __future__ import annotations
 
 import operator
-from typing import Callable, Dict, List, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 import torch.fx as fx
@@ -68,6 +68,16 @@ def sdpa_args(node: fx.Node) -> dict:
 
 def _eq(a, b) -> bool:
     return statically_known_true(a == b)
+
+
+def _equal_under_guard(a, b) -> bool:
+    """``a == b`` for sizes: proven, or, for distinct size symbols (a graph resumed after a graph break gets one
+    per tensor), decided on the sizes seen and guarded, so a call where they differ recompiles."""
+    if _eq(a, b):
+        return True
+    if isinstance(a, torch.SymInt) or isinstance(b, torch.SymInt):
+        return bool(a == b)  # installs the guard
+    return False
 
 
 def _mask_terms(mask: fx.Node) -> List[fx.Node]:
@@ -163,10 +173,15 @@ def _plan_float_mask(mask: fx.Node, batch, nq, nk, constants, padding: List[fx.N
 
 
 class SdpaPlan:
-    """What to emit for one SDPA node, or why it stays exact."""
+    """What to emit for one SDPA node, or why it stays exact.
 
-    def __init__(self, reason: str = "", padding: Tuple[fx.Node, ...] = (), causal: bool = False):
-        self.reason, self.padding, self.causal = reason, padding, causal
+    ``window = (left, right)``: the mask is a band (`masks.Verdict`), served exactly by
+    ``hyper::window_attention``; otherwise ``hyper::attention`` (``causal`` or not).
+    """
+
+    def __init__(self, reason: str = "", padding: Tuple[fx.Node, ...] = (), causal: bool = False,
+                 window: Optional[Tuple[int, int]] = None):
+        self.reason, self.padding, self.causal, self.window = reason, padding, causal, window
 
 
 def plan_sdpa(node: fx.Node, constants: Dict[fx.Node, torch.Tensor]) -> SdpaPlan:
@@ -202,21 +217,24 @@ def plan_sdpa(node: fx.Node, constants: Dict[fx.Node, torch.Tensor]) -> SdpaPlan
             shape, reason = _plan_float_mask(mask, batch, nq, nk, constants, padding)
             if reason:
                 return SdpaPlan(f"float attn_mask: {reason}")
-            causal = shape.kind == "causal"
         else:
+            shape = masks.Verdict("none")
             for term in _mask_terms(mask):
                 if masks.input_free(term, constants):
                     verdict = masks.classify(term, "keep", nq, nk, constants, fill=float("-inf"))
                     if verdict.kind is None:
                         return SdpaPlan(f"attn_mask: {verdict.reason}")
-                    causal = causal or verdict.kind == "causal"
+                    shape = shape & verdict
                 elif _padding_shape_ok(term, batch, nk):
                     padding.append(term)
                 else:
                     return SdpaPlan("general attn_mask (not a key-padding mask broadcastable to [B, 1, 1, Nk])")
+        if shape.kind == "band":
+            return SdpaPlan(padding=tuple(padding), window=shape.window)
+        causal = shape.kind == "causal"
         if causal and not statically_known_true(nq <= nk):
             return SdpaPlan("causal mask where n_q may exceed n_k")
-    elif causal and not _eq(nq, nk):
+    elif causal and not _equal_under_guard(nq, nk):
         return SdpaPlan("is_causal with n_q != n_k: SDPA aligns the diagonal top-left, the op bottom-right")
     return SdpaPlan(padding=tuple(padding), causal=causal)
 
@@ -241,7 +259,8 @@ def _emit(graph: fx.Graph, like: fx.Node, target, args, op: str = "call_function
 
 def rewrite_sdpa(gm: fx.GraphModule, sites: Dict[str, Site], selected: Callable[[Site], bool],
                  op_args: Callable[[Site], tuple], constants: Dict[fx.Node, torch.Tensor]) -> int:
-    """Lower the selected, eligible SDPA sites of ``gm`` in place; record every decision on its `Site`.
+    """Lower the selected, eligible SDPA sites of ``gm`` in place, and every site whose mask is a band (to the exact
+    ``hyper::window_attention``, selected or not); record every decision on its `Site`.
 
     ``op_args(site)`` gives that site's trailing op arguments ``(params, tune_cache)``. Returns the number of
     rewritten calls.
@@ -252,10 +271,10 @@ def rewrite_sdpa(gm: fx.GraphModule, sites: Dict[str, Site], selected: Callable[
         site = sites.get(node.name)
         if site is None or site.kind != "sdpa":
             continue
-        if not selected(site):
+        plan = plan_sdpa(node, constants)
+        if plan.window is None and not selected(site):  # a band is exact: it is served whatever ``layers`` says
             site.decide("exact", "not selected by layers")
             continue
-        plan = plan_sdpa(node, constants)
         if plan.reason:
             site.decide("exact", plan.reason)
             continue
@@ -267,13 +286,21 @@ def rewrite_sdpa(gm: fx.GraphModule, sites: Dict[str, Site], selected: Callable[
             query, scale = a["query"], a["scale"]
             if isinstance(scale, fx.Node):  # a symbolic float (dynamic=True): fold it into q, op scale 1
                 query, scale = _emit(graph, node, operator.mul, (query, scale)), 1.0
-            call = _emit(graph, node, torch.ops.hyper.attention.default,
-                         (query, a["key"], a["value"], kpm, plan.causal, scale, *op_args(site)))
+            if plan.window is not None:
+                call = _emit(graph, node, torch.ops.hyper.window_attention.default,
+                             (query, a["key"], a["value"], kpm, *plan.window, scale))
+            else:
+                call = _emit(graph, node, torch.ops.hyper.attention.default,
+                             (query, a["key"], a["value"], kpm, plan.causal, scale, *op_args(site)))
             out = _emit(graph, node, operator.getitem, (call, 0))
         node.replace_all_uses_with(out)
         graph.erase_node(node)
-        what = ("causal" if plan.causal else "non-causal") + (", key padding" if plan.padding else "")
-        site.decide("hyper", what)
+        padded = ", key padding" if plan.padding else ""
+        if plan.window is not None:
+            site.decide("window", masks.Verdict("band", window=plan.window).describe() + padded + " (exact)",
+                        kind="window")
+        else:
+            site.decide("hyper", ("causal" if plan.causal else "non-causal") + padded)
         done += 1
     if done:
         graph.eliminate_dead_code()

@@ -145,7 +145,6 @@ def test_dropout_in_training_stays_exact(call_delta):
 @pytest.mark.parametrize("cls,reason", [
     (zoo.ScoresReused, "used elsewhere"),
     (zoo.SoftmaxOverQueries, "not the key dim"),
-    (zoo.SlidingWindow, "general mask"),
 ], ids=lambda c: getattr(c, "__name__", ""))
 def test_must_stay_exact(cls, reason, call_delta):
     torch.manual_seed(0)
@@ -304,13 +303,66 @@ def _mask_node(fn, n=12):
     (lambda x: (torch.triu(torch.full((x.shape[0],) * 2, float("-inf")), 0),), "add", None),  # hides the diagonal
     (lambda x: (torch.triu(torch.full((x.shape[0],) * 2, -1.0), 1),), "add", None),  # a bias, not a mask
     (lambda x: (torch.ones(x.shape[0], x.shape[0]).tril(-1).bool(),), "keep", None),
-    (lambda x: (torch.ones(x.shape[0], x.shape[0]).tril().bool()
-                & ~torch.ones(x.shape[0], x.shape[0]).tril(-40).bool(),), "keep", None),  # window of 40
 ])
 def test_mask_classify(fn, use, kind):
     node, n = _mask_node(fn)
     verdict = masks.classify(node, use, n, n, {}, fill=float("-inf"))
     assert verdict.kind == kind, verdict.reason
+
+
+def _arange_band(x, lo, hi):
+    i = torch.arange(x.shape[0])
+    d = i[None, :] - i[:, None]
+    return ((d >= -lo) & (d <= hi),)
+
+
+_ALL = masks.UNBOUNDED
+
+
+@pytest.mark.parametrize("fn,use,window", [
+    (lambda x: (torch.ones(x.shape[0], x.shape[0]).tril().bool()
+                & ~torch.ones(x.shape[0], x.shape[0]).tril(-40).bool(),), "keep", (39, 0)),  # sliding window of 40
+    (lambda x: _arange_band(x, 511, 0), "keep", (511, 0)),  # Gemma's 512: tested beyond the literal
+    (lambda x: _arange_band(x, 7, 7), "keep", (7, 7)),  # symmetric band
+    (lambda x: _arange_band(x, 0, 0), "keep", (0, 0)),  # the diagonal only
+    (lambda x: _arange_band(x, 3, 100), "keep", (3, 100)),
+    (lambda x: (~_arange_band(x, 5, 2)[0],), "drop", (5, 2)),
+    (lambda x: (torch.zeros(x.shape[0], x.shape[0]).masked_fill(~_arange_band(x, 9, 0)[0], float("-inf")),),
+     "add", (9, 0)),
+    (lambda x: (torch.ones(x.shape[0], x.shape[0]).triu(-6).bool(),), "keep", (6, _ALL)),  # anti-causal window
+])
+def test_banded_masks_are_proven_with_their_width(fn, use, window):
+    node, n = _mask_node(fn)
+    verdict = masks.classify(node, use, n, n, {}, fill=float("-inf"))
+    assert (verdict.kind, verdict.window) == ("band", window), verdict.reason
+
+
+def _band_but_one_row(x):
+    keep = _arange_band(x, 4, 0)[0].clone()
+    keep[x.shape[0] // 2, 0] = True  # one row also sees the first key
+    return (keep,)
+
+
+@pytest.mark.parametrize("fn", [
+    lambda x: _arange_band(x, x.shape[0] // 3, 0),  # the width grows with the length
+    _band_but_one_row,
+    lambda x: _arange_band(x, -1, 3),  # the diagonal is masked
+])
+def test_near_bands_are_not_bands(fn):
+    node, n = _mask_node(fn)
+    verdict = masks.classify(node, "keep", n, n, {}, fill=float("-inf"))
+    assert verdict.kind is None and verdict.reason, verdict
+
+
+def test_band_verdicts_combine_as_their_masks_do():
+    V = masks.Verdict
+    assert (V("band", window=(9, 0)) & V("causal")).window == (9, 0)
+    assert (V("band", window=(9, 4)) & V("causal")).window == (9, 0)
+    assert (V("band", window=(9, 4)) & V("band", window=(3, 8))).window == (3, 4)
+    assert (V("none") & V("causal")).kind == "causal"
+    assert (V("band", window=(_ALL, 0)) & V("none")).kind == "causal"
+    assert (V("none") & V(None, "why")).reason == "why"
+    assert V("band", window=(511, 0)).describe() == "causal sliding window of 512 keys"
 
 
 def test_mask_from_input_is_never_classified():
@@ -323,3 +375,109 @@ def test_form_names_are_distinct():
     forms = {Form(mm, sc, False, mk, (False,) * 3, False, False)
              for mm in ("4d", "3d") for sc in ("mul", "div", "q_mul", "none") for mk in ("none", "add", "keep", "drop")}
     assert len({f.name for f in forms}) == len(forms)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# banded masks: exact hyper::window_attention, whatever `layers` says, never approximated
+# ----------------------------------------------------------------------------------------------------------
+
+def _window_delta():
+    from hyper_backend.kernels import op
+
+    start = op.path_counts(window=True)
+    return lambda: {key: op.path_counts(window=True)[key] - start[key] for key in start}
+
+
+class BandSdpa(torch.nn.Module):
+    """SDPA with a band built in the graph from ``arange``s (HF's sliding-window masks are this), optionally AND-ed
+    with a key-padding input."""
+
+    def __init__(self, left, right, gqa=False):
+        super().__init__()
+        self.left, self.right, self.gqa = left, right, gqa
+
+    def forward(self, q, k, v, pad=None):
+        i = torch.arange(q.shape[-2], device=q.device)
+        d = i[None, :] - i[:, None]
+        keep = (d >= -self.left) & (d <= self.right)
+        if pad is not None:
+            keep = keep & pad[:, None, None, :]
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=keep, enable_gqa=self.gqa)
+
+
+@pytest.mark.parametrize("left,right,gqa,padded,dynamic", [
+    (15, 0, False, False, False),  # a causal sliding window of 16 keys
+    (15, 0, True, True, True),
+    (6, 6, False, True, False),  # a symmetric band
+    (3, 40, True, False, True),
+])
+def test_banded_sdpa_runs_the_exact_window_op(left, right, gqa, padded, dynamic):
+    torch.manual_seed(0)
+    model = BandSdpa(left, right, gqa)
+    delta = _window_delta()
+    compiled = torch.compile(model, backend="hyper", dynamic=dynamic, options={**OPTS, "layers": "none"})
+    for n in (100, 137):  # beyond the band, and past min_seq_len: a band is never approximated
+        q = torch.randn(2, 4, n, 16, requires_grad=True)
+        k, v = (torch.randn(2, 2 if gqa else 4, n, 16, requires_grad=True) for _ in range(2))
+        pad = torch.ones(2, n, dtype=torch.bool)
+        pad[1, n - 9:] = False
+        extra = (pad,) if padded else ()
+        out, ref = compiled(q, k, v, *extra), model(q, k, v, *extra)
+        oracle = model(q.double(), k.double(), v.double(), *extra)
+        assert_exact(out, ref, oracle, f"n={n}")
+        g = torch.autograd.grad(out.square().sum(), (q, k, v))
+        gr = torch.autograd.grad(ref.square().sum(), (q, k, v))
+        for a, b in zip(g, gr):
+            torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+    calls = delta()
+    assert calls["window"] == 2 and calls["window_backward"] == 2
+    assert calls["hyper"] == calls["exact"] == 0
+    report = hyper_backend.explain(model, q.detach(), k.detach(), v.detach(), *extra, options=OPTS, dynamic=dynamic)
+    (site,) = report.sites
+    assert (site.kind, site.decision) == ("window", "window")
+    want = f"causal sliding window of {left + 1} keys" if right == 0 else f"{left} keys before and {right} after"
+    assert want in site.reason and ("key padding" in site.reason) == padded
+
+
+def test_handwritten_sliding_window_runs_the_exact_window_op():
+    torch.manual_seed(0)
+    model = zoo.Stack(zoo.SlidingWindow).eval()
+    delta = _window_delta()
+    compiled = torch.compile(model, backend="hyper", dynamic=True, options=OPTS)
+    with torch.no_grad():
+        for n in (40, 80):  # 80 > the window of 48: a window mistaken for causal would show here
+            x = torch.randn(2, n, 64)
+            assert_exact(compiled(x), model(x), oracle_of(model, x), f"n={n}")
+    assert delta()["window"] == 4 and delta()["hyper"] + delta()["exact"] == 0
+    report = hyper_backend.explain(model, torch.randn(2, 40, 64), options=OPTS, dynamic=True)
+    assert [(s.kind, s.decision) for s in report.sites] == [("window", "window")] * 2
+    assert "causal sliding window of 48 keys" in report.sites[0].reason
+
+
+class WidthFromInput(torch.nn.Module):
+    def forward(self, q, k, v, width):
+        i = torch.arange(q.shape[-2])
+        keep = (i[None, :] <= i[:, None]) & (i[None, :] > i[:, None] - width)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=keep)
+
+
+class BandButOneRow(torch.nn.Module):
+    def forward(self, q, k, v):
+        i = torch.arange(q.shape[-2])
+        keep = (i[None, :] <= i[:, None]) & (i[None, :] > i[:, None] - 8)
+        keep[q.shape[-2] - 1, 0] = True  # the last row also sees the first key
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=keep)
+
+
+@pytest.mark.parametrize("model,extra,reason", [
+    (WidthFromInput(), (torch.tensor(8),), "general attn_mask"),  # input-dependent: never classified
+    (BandButOneRow(), (), "changed in place"),
+], ids=["width-from-data", "band-but-one-row"])
+def test_near_bands_stay_exact(model, extra, reason):
+    q, k, v = (torch.randn(1, 2, 64, 16) for _ in range(3))
+    delta = _window_delta()
+    compiled = torch.compile(model, backend="hyper", options=OPTS)
+    torch.testing.assert_close(compiled(q, k, v, *extra), model(q, k, v, *extra))
+    assert all(v == 0 for v in delta().values())
+    report = hyper_backend.explain(model, q, k, v, *extra, options=OPTS)
+    assert report.sites[0].decision == "exact" and reason in report.sites[0].reason
