@@ -22,11 +22,13 @@ block holds every key), so for every example:
 
 1. the compiled output and the gradients of q, k, v equal eager's: the error against the same module run in
    float64 is at most a few times eager's own error at that precision;
-2. every site the backend lowered is one it may lower: an arbitrary float mask, a band, a mask computed from
-   q and k, or dropout in training are never lowered; every site it kept exact has a reason in
+2. every site the backend lowered is one it may lower: an arbitrary float mask, a mask computed from q and k,
+   or dropout in training are never lowered; a band or a sliding window only ever goes to the exact
+   ``hyper::window_attention`` (decision ``window``); every site it kept exact has a reason in
    ``hyper_backend.explain``'s report; and the sites the README documents as lowered are lowered;
-3. the training compile agrees with `explain` (same number of lowered sites) and the op ran once per lowered
-   site (and its backward once per lowered site when there are gradients).
+3. the training compile agrees with `explain` (same number of lowered and windowed sites) and the op ran once
+   per lowered site (and its backward once per lowered site when there are gradients), the window op once per
+   windowed site.
 
 50 derandomized examples run in CI; ``-m slow`` runs 500 more with longer sequences.
 """
@@ -56,7 +58,8 @@ CAUSAL_BUILT = ("causal_tril", "causal_triu_add", "causal_masked_fill", "causal_
 SELF_MASKS = ("none",) + CAUSAL_BUILT + ("padding", "padding_causal", "float_add", "band", "window", "data",
                                         "data_pad")
 CROSS_MASKS = ("none", "padding", "float_add", "data", "data_pad")  # masks that make sense with n_q != n_k
-NEVER_LOWERED = ("float_add", "band", "window", "data")  # the op cannot compute these: lowering is a bug
+NEVER_LOWERED = ("float_add", "data")  # the op cannot compute these: lowering is a bug
+BANDED = ("band", "window")  # served exactly by hyper::window_attention, never approximated
 ANY_FORM = ("sdpa",) * len(HANDWRITTEN) + HANDWRITTEN  # half SDPA, half hand-written
 
 
@@ -337,7 +340,13 @@ def may_lower(att: Att, case: Case) -> bool:
     none, causal, key padding (any values) or causal AND key padding."""
     if case.training and att.dropout:
         return False
-    return att.mask not in NEVER_LOWERED
+    return att.mask not in NEVER_LOWERED + BANDED
+
+
+def may_window(att: Att, case: Case) -> bool:
+    """The window op computes the site exactly: a band or sliding window built in the graph, no dropout in
+    training."""
+    return att.mask in BANDED and not (case.training and att.dropout)
 
 
 def documented_lowered(att: Att, case: Case) -> bool:
@@ -346,24 +355,11 @@ def documented_lowered(att: Att, case: Case) -> bool:
         return False
     if att.form == "sdpa":
         return not (att.mask == "causal_flag" and case.nq != case.nk)
-    if case.inner != "inductor" or att.form == "einsum":
-        return False  # the inductor pass only; einsum is not in the README's list (and is not lowered)
+    if att.form == "einsum":  # canonicalised into SDPA on the Dynamo graph: any inner backend, key padding too
+        return True
+    if case.inner != "inductor":
+        return False  # the inductor pass only
     return att.mask not in ("padding", "padding_causal", "data_pad")  # padding in hand-written stays exact
-
-
-def resumed_causal_gap(att: Att, index: int, case: Case) -> bool:
-    """Known bug (`test_causal_sdpa_after_graph_break_with_dynamic_shapes`, xfail): in a graph that resumes after
-    a graph break, dynamic shapes give q's and k's lengths different symbols, so SDPA's ``is_causal=True`` is
-    kept exact ("is_causal with n_q != n_k") although n_q == n_k."""
-    resumed = case.brk == "before" or (case.brk == "between" and index == 1)
-    return att.form == "sdpa" and att.mask == "causal_flag" and bool(case.dynamic) and resumed
-
-
-def bf16_training_gap(att: Att, case: Case) -> bool:
-    """Known bug (`test_bf16_softmax_in_training_is_lowered`, xfail): hand-written attention with a bf16 softmax
-    (no explicit fp32 upcast) is lowered in inference graphs but not in training graphs, so `explain` says
-    "hyper" for a site whose training step runs exact."""
-    return att.form != "sdpa" and att.softmax != "fp32" and case.dtype == "bfloat16" and case.grad
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -410,9 +406,8 @@ def _assert_like_eager(name, compiled, eager, truth, dtype):
     assert err <= 4 * base + floor, f"{name}: compiled error {err:.3g} > 4 x eager's {base:.3g} + {floor:.2g}"
 
 
-def check_case(case: Case, known_gaps: bool = True):
-    """Run one example and check 1-3 of the module docstring. ``known_gaps=False``: do not tolerate the known
-    bugs `bf16_training_gap` and `resumed_causal_gap` (their regression tests)."""
+def check_case(case: Case):
+    """Run one example and check 1-3 of the module docstring."""
     torch._dynamo.reset()
     torch._dynamo.utils.counters.clear()
     model = Fuzzed(case).train(case.training)
@@ -424,10 +419,10 @@ def check_case(case: Case, known_gaps: bool = True):
 
     with torch._inductor.config.patch(fx_graph_cache=False, fallback_random=True), \
             torch._functorch.config.patch(enable_autograd_cache=False):
-        before = hyper_op.path_counts()
+        before = hyper_op.path_counts(window=True)
         compiled_fn = torch.compile(model, backend="hyper", options=options, dynamic=case.dynamic)
         out, grads = _run(compiled_fn, inputs, w, case.grad, dt, case.seed)
-        calls = {key: hyper_op.path_counts()[key] - before[key] for key in before}
+        calls = {key: hyper_op.path_counts(window=True)[key] - before[key] for key in before}
         counters = dict(torch._dynamo.utils.counters["hyper_backend"])
         torch._dynamo.reset()
         report = hyper_backend.explain(model, *(x if x is None or not x.is_floating_point() else x.to(dt)
@@ -447,23 +442,23 @@ def check_case(case: Case, known_gaps: bool = True):
     for index, (att, site) in enumerate(zip(case.atts, report.sites)):
         note(f"{'sdpa' if att.form == 'sdpa' else 'hand-written'} site {site.decision}")
         what = f"site {site.index} ({site.kind}): {site.decision} ({site.reason!r}) for {att}"
-        assert site.decision in ("hyper", "exact"), what
+        assert site.decision in ("hyper", "exact", "window"), what
         if site.decision == "hyper":
             assert may_lower(att, case), "lowered a site the op cannot compute: " + what
+        elif site.decision == "window":
+            assert may_window(att, case) and site.kind == "window", "windowed a site that is not a band: " + what
         else:
             assert site.reason.strip(), "kept exact without a reason: " + what
-            if not (known_gaps and resumed_causal_gap(att, index, case)):
-                assert not documented_lowered(att, case), "a documented form was not lowered: " + what
+            assert not documented_lowered(att, case), "a documented form was not lowered: " + what
 
     # 3. the training compile made the same decisions, and the op ran once per lowered site
     lowered = sum(s.decision == "hyper" for s in report.sites)
+    windowed = sum(s.decision == "window" for s in report.sites)
     assert counters.get("sites", 0) == len(case.atts)
-    gap = sum(s.decision == "hyper" and known_gaps and bf16_training_gap(a, case)
-              for a, s in zip(case.atts, report.sites))
-    assert lowered - gap <= counters.get("rewritten", 0) <= lowered, counters
-    lowered = counters.get("rewritten", 0)
+    assert counters.get("rewritten", 0) == lowered and counters.get("window", 0) == windowed, counters
     assert calls["hyper"] + calls["exact"] == lowered
     assert calls["backward"] == (lowered if case.grad else 0)
+    assert calls["window"] == windowed
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -535,7 +530,7 @@ def test_fuzz_lowering_slow(case):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# bugs the fuzzer found (kept as regression tests until fixed)
+# bugs the fuzzer found (regression tests)
 # ----------------------------------------------------------------------------------------------------------
 
 BF16_TRAINING = Case(atts=(Att(form="at", scale="mul", scale_value=None, mask="none", gqa="none", softmax="torch",
@@ -544,12 +539,8 @@ BF16_TRAINING = Case(atts=(Att(form="at", scale="mul", scale_value=None, mask="n
                      dynamic=None, inner="inductor", seed=0)
 
 
-@pytest.mark.xfail(strict=True, reason="bug: hand-written attention with a bf16 softmax (no explicit fp32 upcast) "
-                                       "is lowered in inference graphs but not in training graphs (the joint graph's "
-                                       "upcast softmax is seen as the fp32-softmax form and its pattern does not "
-                                       "match), so explain() reports 'hyper' for a site whose training step runs exact")
 def test_bf16_softmax_in_training_is_lowered():
-    check_case(BF16_TRAINING, known_gaps=False)
+    check_case(BF16_TRAINING)
 
 
 class _BreakThenCausal(torch.nn.Module):
@@ -559,10 +550,6 @@ class _BreakThenCausal(torch.nn.Module):
         return F.scaled_dot_product_attention(q, k, v, is_causal=True)
 
 
-@pytest.mark.xfail(strict=True, reason="bug: in a graph that resumes after a graph break, dynamic shapes give q's and "
-                                       "k's lengths different symbols, so SDPA is_causal=True stays exact ('is_causal "
-                                       "with n_q != n_k') although n_q == n_k; with a plain torch.compile this starts "
-                                       "at the second sequence length (automatic dynamic shapes)")
 def test_causal_sdpa_after_graph_break_with_dynamic_shapes():
     compiled = torch.compile(_BreakThenCausal(), backend="hyper",
                              options={"min_seq_len": 32, "block_size": 16, "sample_size": 16, "tune_cache": "",
@@ -574,3 +561,10 @@ def test_causal_sdpa_after_graph_break_with_dynamic_shapes():
             compiled(*(torch.randn(1, 2, n, 16) for _ in range(3)))
             approximated.append(hyper_op.path_counts()["hyper"] - before)
     assert approximated == [1, 1], f"op calls that approximated, per length: {approximated}"
+    # the equality is a guard: unequal lengths recompile and keep SDPA's top-left causal, exactly
+    q, k, v = torch.randn(1, 2, 40, 16), torch.randn(1, 2, 72, 16), torch.randn(1, 2, 72, 16)
+    before = hyper_op.path_counts()["hyper"]
+    with torch.no_grad():
+        out = compiled(q, k, v)
+    assert hyper_op.path_counts()["hyper"] == before
+    torch.testing.assert_close(out, F.scaled_dot_product_attention(q, k, v, is_causal=True))
