@@ -51,6 +51,11 @@ class Report:
         return sum(s.decision == "hyper" for s in self.sites)
 
     @property
+    def windowed(self) -> int:
+        """Sites served by the exact ``hyper::window_attention`` (banded masks)."""
+        return sum(s.decision == "window" for s in self.sites)
+
+    @property
     def approximated(self) -> int:
         """Lowered sites whose op calls approximated in the run (the rest ran exact at that length)."""
         return sum(r.decision == "hyper" for r in self.runtime.values())
@@ -60,6 +65,8 @@ class Report:
         from rich.table import Table
 
         title = f"hyper backend: {self.rewritten}/{len(self.sites)} attention sites lowered"
+        if self.windowed:
+            title += f", {self.windowed} on the exact window op"
         if self.runtime:
             title += f", {self.approximated} approximate at run time"
         if self.graphs > 1:
@@ -72,7 +79,7 @@ class Report:
         for col, style in columns:
             t.add_column(col, style=style or None, overflow="fold")
         for s in self.sites:
-            colour = "green" if s.decision == "hyper" else "yellow"
+            colour = {"hyper": "green", "window": "blue"}.get(s.decision, "yellow")
             row = [str(s.index), s.name, s.kind, f"[{colour}]{s.decision}[/{colour}]", s.reason,
                    escape(self.config_of(s))]
             if self.runtime:

@@ -17,6 +17,7 @@ Every decision is logged under the ``hyper_backend`` logger and counted in
 - ``"rewritten"``: sites lowered to ``torch.ops.hyper.attention``; also ``"rewritten:<kind>"`` per kind
   (``einsum``, ``mha`` and ``encoder_layer`` for the families `hyper_backend.lowering.canonical` rewrites into
   SDPA);
+- ``"window"``: sites whose mask is a band, served exactly by ``torch.ops.hyper.window_attention``;
 - ``"exact"``: sites left exact;
 - ``"cached"``: hand-written sites of a graph served from inductor's FX-graph cache (the pass did not run, so
   its decisions are unknown to this process; `hyper_backend.explain` always compiles afresh);
@@ -63,7 +64,7 @@ class Site:
     index: int
     name: str
     kind: str
-    decision: str = "exact"  # "hyper" | "exact" | "cached"
+    decision: str = "exact"  # "hyper" | "window" | "exact" | "cached"
     reason: str = ""
     graph: int = 0
     node: str = ""
