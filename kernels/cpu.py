@@ -11,6 +11,11 @@ log-sum-exps, and one ``index_copy_`` puts rows back in their original order.
 Causal attention halves recursively: the diagonal leaves are one fused causal call, and each level's
 off-diagonal quadrants are one batched non-causal HyperAttention. Memory stays O(n).
 
+Exact banded attention (``hyper::window_attention``, and the centred local window of non-causal self-attention):
+tiles of queries folded into the batch dim, each against the ``tile + a + b`` key slots its rows can reach, in one
+fused call for the interior tiles (one shared broadcast bias, K/V read through an overlapping strided view) and
+one for the edge tiles; `window_schedule` picks plain, causal or dense calls instead where tiles would not pay.
+
 Backward: the approximation is attention with fixed log-weights, so each part's gradient is aten's flash
 backward for that part, fed the *final* output and log-sum-exp (the standard split-softmax identity). Sampled
 keys' gradients are scattered back with ``index_add_``.

@@ -6,6 +6,10 @@ Layers under one stem: the fast paths (`cpu.attention_forward`, the Triton launc
 Parameters equal to ``UNSET`` (-1) are resolved here, at run time, for the call's actual length: the
 autotuner's cache entry if ``tune_cache`` names one that matches, else the `HyperConfig` default. So one
 compiled graph serves every sequence length. No Triton is imported until a Triton path runs.
+
+``torch.ops.hyper.window_attention`` (same layers: `cpu.window_forward` / `triton_attention.window_forward` ->
+the op -> `hyper_backend.window_attention`) is exact attention to a band of keys, the target for masks proven to
+be sliding windows; it never approximates and has no parameters to resolve.
 """
 from __future__ import annotations
 
