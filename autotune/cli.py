@@ -1,6 +1,7 @@
 """``python -m hyper_backend.autotune``: tune HyperAttention for this device and write the cache.
 
-Example: ``python -m hyper_backend.autotune --seq 131072 --causal`` (see ``--help``).
+Example: ``python -m hyper_backend.autotune --seq 131072 --causal`` (see ``--help``). With ``--model PATH`` it
+calibrates that model per attention site instead (`hyper_backend.autotune.calibrate`).
 """
 from __future__ import annotations
 
@@ -91,7 +92,9 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m hyper_backend.autotune",
         description="Tune HyperAttention's block size, sample size, LSH projections, causal depth and min_seq_len "
                     "for this device, within an error budget, and write them to the tuning cache that "
-                    "hyper_attention and the hyper backend read at run time.")
+                    "hyper_attention and the hyper backend read at run time. With --model PATH instead: calibrate "
+                    "that model per attention site within a perplexity budget, for layers='auto' (see "
+                    "`python -m hyper_backend.autotune --model X --help`).")
     p.add_argument("--seq", type=parse_seq, action="append", required=True, metavar="N",
                    help="sequence length(s) to tune: 131072, 128k, 4096,16384, or a doubling range 4k:128k; "
                         "repeatable")
@@ -180,6 +183,11 @@ def settings_from_args(args, parser):
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if any(a == "--model" or a.startswith("--model=") for a in argv):
+        from .calibrate import main as calibrate_model  # per-model calibration: see hyper_backend.autotune.calibrate
+
+        return calibrate_model(argv)
     parser = build_parser()
     args = parser.parse_args(argv)
     settings = settings_from_args(args, parser)

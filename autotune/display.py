@@ -2,6 +2,7 @@
 and the final table (config, time, error, speed against exact and against the default config)."""
 from __future__ import annotations
 
+import math
 import os
 import time
 from typing import List, Optional
@@ -147,3 +148,52 @@ def summary(console: Console, s: TuneSettings, results: List[LengthResult], cros
                       f"block and sample sizes")
     console.print(f"wrote {s.cache_path} in {elapsed:.0f} s; hyper_attention and the hyper backend use it at run "
                   f"time (explicit config, options and HYPER_* variables still win)")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the per-model calibration (python -m hyper_backend.autotune --model ...)
+# ----------------------------------------------------------------------------------------------------------
+
+class CalibrationProgress(RichProgress):
+    """`calibrate.Quiet` shown as a timestamped line per phase and a bar over a site's candidates."""
+
+    def step(self, text: str, total: Optional[int] = None) -> None:
+        self.bar.update(self.task, description=text, total=total, completed=0)
+
+    def advance(self) -> None:
+        self.bar.advance(self.task)
+
+
+def calibration_table(result) -> Table:
+    """One row per attention site: status, the chosen config or why exact, error, measured/predicted loss
+    effect, time against exact and against the default config."""
+    from hyper_backend.autotune.cache import length_text
+
+    s = result.settings
+    t = Table(title=f"calibration at {length_text(s.seq)}, budget {100 * s.budget:+.2f}% perplexity: "
+                    f"{sum(x.choice is not None for x in result.sites)}/{len(result.sites)} sites on HyperAttention")
+    for col in ("site", "layer", "status", "choice", "row error", "loss effect", "time", "exact", "default cfg",
+                "probe (measured)"):
+        t.add_column(col, overflow="fold")
+    for x in result.sites:
+        if x.status != "candidate":
+            t.add_row(str(x.index), str(x.layer), x.status, f"[dim]{x.reason}[/dim]", "", "", "", "", "", "")
+            continue
+        c = x.choice
+        probe = "" if x.probe is None else f"{x.probe.config.label()}: err {x.probe.error:.3f}, " \
+                                            f"{100 * math.expm1(x.probe.dloss):+.3f}%"
+        default = "-" if x.default_time is None else f"{_s(x.default_time)}, err {x.default_error:.3f}"
+        if c is None:
+            from hyper_backend.autotune.calibrate import exact_reason
+
+            why = exact_reason(x, result)
+            t.add_row(str(x.index), str(x.layer), "[yellow]exact[/yellow]", why, "", "",
+                      _s(x.exact_time), _s(x.exact_time), default, probe)
+        else:
+            how = "measured" if c.measured else "predicted"
+            t.add_row(str(x.index), str(x.layer), "[green]hyper[/green]", c.config.label(), f"{c.error:.3f}",
+                      f"{100 * math.expm1(c.dloss):+.3f}% ({how})", _s(c.time), _s(x.exact_time), default, probe)
+    for i, v in enumerate(result.verifications):
+        t.add_row("", "", f"verify {i + 1}", "sites " + ",".join(map(str, sorted(v.assignment))), "",
+                  f"{100 * v.change:+.2f}% (predicted {100 * v.predicted:+.2f}%)", "", "", "", "")
+    return t

