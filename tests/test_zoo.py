@@ -17,6 +17,7 @@ import copy
 import pytest
 import torch
 
+import hyper_backend
 import zoo
 
 OPTS = dict(min_seq_len=32, block_size=16, sample_size=16, tune_cache="")
@@ -147,3 +148,29 @@ def test_hf_eager_attention_more(name, call_delta):
 @pytest.mark.parametrize("name", zoo.HF_EAGER)
 def test_hf_eager_attention_training(name, call_delta):
     _hf_eager_attention(name, call_delta, train=True)
+
+
+@pytest.mark.parametrize("name,kinds", [
+    ("gemma3", ["window", "sdpa", "window", "sdpa"]),
+    pytest.param("mistral_window", ["window", "window"], marks=pytest.mark.slow),  # the same HF mask code
+])
+def test_hf_sliding_window_layers_run_the_exact_window_op(name, kinds, call_delta):
+    """HF's sliding-window masks (Gemma 3's local layers, Mistral's sliding_window) are proven banded and served
+    by hyper::window_attention, exactly, in inference and training; the global layers still go to HyperAttention."""
+    from hyper_backend.kernels import op
+
+    model, make, sites = zoo.hf_model(name, layers=len(kinds))
+    model.train()  # every dropout is 0
+    before = op.path_counts(window=True)
+    compiled = torch.compile(model, backend="hyper", dynamic=True, options={**OPTS, "inner_backend": "aot_eager"})
+    torch.manual_seed(1)
+    _check_exact(model, compiled, make(24, 2))  # the window (16) inside the sequence
+    _train_step(compiled, make(128, 2))
+    windows = kinds.count("window")
+    calls = {k: op.path_counts(window=True)[k] - before[k] for k in before}
+    assert calls["window"] == 2 * windows and calls["window_backward"] == windows
+    assert calls["hyper"] + calls["exact"] == 2 * (sites - windows)
+    assert all(p.grad is None or torch.isfinite(p.grad).all() for p in model.parameters())
+    report = hyper_backend.explain(model, **make(64, 1), options=OPTS, dynamic=True)
+    assert [s.kind for s in report.sites] == kinds
+    assert all("sliding window of 16 keys" in s.reason for s in report.sites if s.kind == "window")

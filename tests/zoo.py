@@ -241,6 +241,15 @@ def hf_model(name: str, attn: str = "sdpa", layers: int = 2):
         m = T.MistralForCausalLM(T.MistralConfig(**_tiny(layers, num_key_value_heads=2, sliding_window=None),
                                                  attn_implementation=attn))
         return m.eval(), ids, layers
+    if name == "gemma3":  # sliding-window layers (window 16) between global ones: sites 0, 2 band, 1, 3 causal
+        cfg = T.Gemma3TextConfig(**_tiny(layers, num_key_value_heads=1, head_dim=16, sliding_window=16,
+                                         layer_types=["sliding_attention", "full_attention"] * (layers // 2)),
+                                 attn_implementation=attn)
+        return T.Gemma3ForCausalLM(cfg).eval(), ids, layers
+    if name == "mistral_window":  # every layer a sliding window of 16 keys
+        m = T.MistralForCausalLM(T.MistralConfig(**_tiny(layers, num_key_value_heads=2, sliding_window=16),
+                                                 attn_implementation=attn))
+        return m.eval(), ids, layers
     if name == "qwen2":
         m = T.Qwen2ForCausalLM(T.Qwen2Config(**_tiny(layers, num_key_value_heads=2), attn_implementation=attn))
         return m.eval(), ids, layers
