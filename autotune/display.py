@@ -164,6 +164,13 @@ class CalibrationProgress(RichProgress):
         self.bar.advance(self.task)
 
 
+def _spans(indices) -> str:
+    """``[0, 1, 2, 4]`` -> ``0-2,4``."""
+    from hyper_backend.config import LayerSelection
+
+    return ",".join(str(lo) if lo == hi else f"{lo}-{hi}" for lo, hi in LayerSelection("set", indices=indices).ranges)
+
+
 def calibration_table(result) -> Table:
     """One row per attention site: status, the chosen config or why exact, error, measured/predicted loss
     effect, time against exact and against the default config."""
@@ -175,9 +182,16 @@ def calibration_table(result) -> Table:
     for col in ("site", "layer", "status", "choice", "row error", "loss effect", "time", "exact", "default cfg",
                 "probe (measured)"):
         t.add_column(col, overflow="fold")
+    skipped = {}  # sites that cannot approximate, one row per (status, reason)
     for x in result.sites:
         if x.status != "candidate":
-            t.add_row(str(x.index), str(x.layer), x.status, f"[dim]{x.reason}[/dim]", "", "", "", "", "", "")
+            skipped.setdefault((x.status, x.reason), []).append(x)
+    for (status, reason), xs in skipped.items():
+        layers = [x.layer for x in xs if x.layer is not None]
+        t.add_row(_spans([x.index for x in xs]), _spans(layers) if layers else "-", status, f"[dim]{reason}[/dim]",
+                  "", "", "", "", "", "")
+    for x in result.sites:
+        if x.status != "candidate":
             continue
         c = x.choice
         probe = "" if x.probe is None else f"{x.probe.config.label()}: err {x.probe.error:.3f}, " \
