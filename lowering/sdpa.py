@@ -121,13 +121,14 @@ def _additive_terms(mask: fx.Node) -> List[fx.Node]:
 
 
 def zero_or_masked(n: fx.Node, hops: int = 8) -> bool:
-    """``n`` is structurally ``zeros.masked_fill(bool mask, fill)`` with an -inf-like fill, through views and
-    float casts: every value is 0 or masks its key, whatever the bool mask holds. This is how
+    """``n`` is structurally ``zeros.masked_fill(bool mask, fill)`` with an -inf-like fill, through views,
+    indexing and float casts: every value is 0 or masks its key, whatever the bool mask holds. This is how
     ``F._canonical_mask`` (``nn.MultiheadAttention``, the Transformer layers) turns a bool key_padding_mask into
     a float one."""
-    for _ in range(hops):
-        if n.op == "call_method" and n.target in _VIEW_METHODS + ("to", "float", "half", "bfloat16") and (
-                masks.meta_val(n).is_floating_point()):
+    for _ in range(hops):  # views, indexing and float casts keep the values in {0, fill}
+        if (n.op == "call_method" and n.target in _VIEW_METHODS + ("to", "float", "half", "bfloat16")
+                or n.op == "call_function" and n.target is operator.getitem) and isinstance(
+                masks.meta_val(n), torch.Tensor) and masks.meta_val(n).is_floating_point():
             n = n.args[0]
         else:
             break
@@ -148,27 +149,28 @@ def zero_or_masked(n: fx.Node, hops: int = 8) -> bool:
 def _plan_float_mask(mask: fx.Node, batch, nq, nk, constants, padding: List[fx.Node]):
     """``(verdict, reason)`` for an additive float mask; key-padding addends are appended to ``padding``.
 
-    An input-free mask is classified as a whole (`masks.classify`). Otherwise it must be a sum of at most one
-    input-free addend, which classifies, and of key padding addends: `zero_or_masked` (0 or
+    An input-free mask is classified as a whole (`masks.classify`). Otherwise it must be a sum whose input-free
+    addends classify (the verdict is their AND) and whose other addends are key padding: `zero_or_masked` (0 or
     -inf-like by construction) and broadcastable to ``[B, 1, 1, Nk]``. A float mask read from an input with
     unknown values stays exact."""
     if masks.input_free(mask, constants):
         verdict = masks.classify(mask, "add", nq, nk, constants)
         return verdict, verdict.reason if verdict.kind is None else ""
-    shape, free = masks.Verdict("none"), 0
+    shape = masks.Verdict("none")
     for term in _additive_terms(mask):
         if masks.input_free(term, constants):
-            free += 1
-            shape = masks.classify(term, "add", nq, nk, constants)
-            if shape.kind is None or free > 1:
-                return shape, shape.reason or "general mask (several input-free addends)"
+            verdict = masks.classify(term, "add", nq, nk, constants)
+            if verdict.kind is None:
+                return verdict, verdict.reason
+            shape = shape & verdict  # addends of 0 / -inf: keep where every addend keeps
         elif zero_or_masked(term):
             if not _padding_shape_ok(term, batch, nk):
                 return shape, "general mask (a masked_fill(-inf) mask not broadcastable to [B, 1, 1, Nk])"
             padding.append(term)
         else:
-            return shape, ("mask depends on a tensor input with unknown values (a float key_padding_mask / "
-                           "attn_mask given as an input; bool masks, or masks built in the model, are lowered)")
+            return shape, ("mask depends on a tensor input with unknown values (float key padding is lowered "
+                           "when built as zeros.masked_fill(bool mask, -inf), as nn.MultiheadAttention builds it; "
+                           "bool masks are lowered too)")
     return shape, ""
 
 

@@ -452,3 +452,40 @@ def test_decoder_layer_lowered(train, norm_first):
     report = check(Decoder(norm_first=norm_first), (x, mem, pad), "mha", train=train, lowered=2)
     assert [(s.kind, s.decision, s.reason) for s in report.sites] == [
         ("mha", "hyper", "causal"), ("mha", "hyper", "non-causal, key padding")]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# plan_sdpa: float masks that are sums (what nn.MultiheadAttention builds, written by hand)
+# ----------------------------------------------------------------------------------------------------------
+
+class FloatSum(nn.Module):
+    def __init__(self, case):
+        super().__init__()
+        self.case = case
+
+    def forward(self, q, k, v, pad):
+        n = q.shape[-2]
+        causal = torch.triu(torch.full((n, n), float("-inf")), 1)
+        padding = torch.zeros(pad.shape).masked_fill(~pad, float("-inf"))[:, None, None, :]
+        if self.case == "causal+padding":
+            mask = causal + padding
+        elif self.case == "padding+zeros+causal":  # several input-free addends: their AND
+            mask = padding + torch.zeros(n, n) + causal
+        elif self.case == "finfo_min_padding":
+            mask = torch.zeros(pad.shape).masked_fill(~pad, torch.finfo(q.dtype).min)[:, None, None, :]
+        elif self.case == "padding_not_from_bool":  # the same values, but not provably 0 / -inf
+            mask = (pad.float() - 1.0)[:, None, None, :] * 1e9
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+
+
+@pytest.mark.parametrize("case,what", [("causal+padding", "causal, key padding"),
+                                       ("padding+zeros+causal", "causal, key padding"),
+                                       ("finfo_min_padding", "non-causal, key padding"),
+                                       ("padding_not_from_bool", None)])
+def test_sdpa_float_mask_sums(case, what):
+    report = check(FloatSum(case), _qkv(), "sdpa", train=True, lowered=0 if what is None else 1)
+    (site,) = report.sites
+    if what is None:
+        assert site.decision == "exact" and "unknown values" in site.reason, site.reason
+    else:
+        assert (site.kind, site.decision, site.reason) == ("sdpa", "hyper", what)
