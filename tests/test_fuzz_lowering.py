@@ -3,7 +3,8 @@
 Each example builds a module of one or two attention sites, each drawn from:
 
 - the spelling: ``F.scaled_dot_product_attention``, or hand-written ``softmax(q kᵀ) v`` with ``@``,
-  ``torch.matmul``, ``Tensor.matmul``, ``torch.einsum`` or 3-D ``torch.bmm``; softmax as ``torch.softmax``,
+  ``torch.matmul``, ``Tensor.matmul``, ``torch.einsum`` (``bhqd``, heads third ``bqhd``, or ``...`` with the key
+  operand first; the site's drawn width picks it) or 3-D ``torch.bmm``; softmax as ``torch.softmax``,
   ``F.softmax``, ``Tensor.softmax`` or an fp32 upcast cast back;
 - the scale: multiplied into the scores, dividing them, multiplied into q first, none, or SDPA's ``scale=``;
 - the mask: none; causal (``is_causal``, or built in the graph by ``tril``, ``triu(full(-inf))``,
@@ -187,7 +188,11 @@ def _scores(att: Att, q, k):
         return torch.matmul(q, k.transpose(2, 3))
     if att.form == "method":
         return q.matmul(k.transpose(-1, -2))
-    if att.form == "einsum":
+    if att.form == "einsum":  # the spelling, picked by the width (drawn for every site, read by band masks)
+        if att.width % 3 == 1:  # heads third: [B, N, H, D] operands
+            return torch.einsum("bqhd,bkhd->bhqk", q.transpose(1, 2), k.transpose(1, 2))
+        if att.width % 3 == 2:  # ellipsis, key operand first
+            return torch.einsum("...kd,...qd->...qk", k, q)
         return torch.einsum("bhqd,bhkd->bhqk", q, k)
     B, H, nq, d = q.shape
     return torch.bmm(q.reshape(B * H, nq, d), k.reshape(B * H, k.shape[2], d).transpose(1, 2))
@@ -201,6 +206,10 @@ def _pv(att: Att, p, v):
     if att.form == "method":
         return p.matmul(v)
     if att.form == "einsum":
+        if att.width % 3 == 1:
+            return torch.einsum("bhqk,bkhd->bqhd", p, v.transpose(1, 2)).transpose(1, 2)
+        if att.width % 3 == 2:
+            return torch.einsum("...kd,...qk->...qd", v, p)
         return torch.einsum("bhqk,bhkd->bhqd", p, v)
     B, H, nk, d = v.shape
     return torch.bmm(p, v.reshape(B * H, nk, d)).view(B, H, -1, d)
