@@ -103,7 +103,14 @@ def _tensor(n) -> Optional[torch.Tensor]:
 
 
 def _same(a, b) -> bool:
-    return statically_known_true(a == b)
+    """Sizes ``a == b``: proven, or, for symbolic sizes (``dynamic=True`` makes every dim symbolic, the embedding
+    dim too), decided on the sizes seen under a guard. Used only where the original computation requires the
+    equality (it fails otherwise), so the guard specialises nothing that could run."""
+    if statically_known_true(a == b):
+        return True
+    if isinstance(a, torch.SymInt) or isinstance(b, torch.SymInt):
+        return bool(a == b)
+    return False
 
 
 def _bind(node: fx.Node, names: Sequence[str], defaults: dict) -> dict:

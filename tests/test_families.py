@@ -489,3 +489,39 @@ def test_sdpa_float_mask_sums(case, what):
         assert site.decision == "exact" and "unknown values" in site.reason, site.reason
     else:
         assert (site.kind, site.decision, site.reason) == ("sdpa", "hyper", what)
+
+
+@pytest.mark.parametrize("family", ["mha", "encoder_layer", "decoder"])
+def test_dynamic_shapes_one_compile(family, call_delta):
+    """``dynamic=True`` (every dim symbolic, the embedding dim too): one compile serves an exact and two
+    approximate lengths, and the exact length equals eager."""
+    model, kind, sites = {
+        "mha": (Mha(attn="is_causal", kpm="none"), "mha", 1),
+        "encoder_layer": (Encoder(masks=("causal", "float_kpm")), "encoder_layer", 1),
+        "decoder": (Decoder(), "mha", 2),
+    }[family]
+    model.eval()
+    g = torch.Generator().manual_seed(3)
+
+    def inputs(n):
+        x, mem, pad = torch.randn(B, n, E, generator=g), torch.randn(B, n + 3, E, generator=g), None
+        if family == "encoder_layer":
+            pad = torch.zeros(B, n, dtype=torch.bool)
+            pad[1, n - 5:] = True
+            return x, pad
+        if family == "decoder":
+            pad = torch.zeros(B, n + 3, dtype=torch.bool)
+            pad[0, -4:] = True
+            return x, mem, pad
+        return x, None, None
+
+    compiled = torch.compile(model, backend="hyper", dynamic=True, options=APPROX)
+    with torch.no_grad():
+        for n in (24, 80, 100):
+            xs = inputs(n)
+            out = compiled(*xs)
+            if n < 32:
+                _close(out, model(*xs), f"n={n}")
+    counters = _counters()
+    assert counters["graphs"] == 1 and counters[f"rewritten:{kind}"] == sites, counters
+    assert call_delta() == {"hyper": 2 * sites, "exact": sites, "backward": 0}
