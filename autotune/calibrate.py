@@ -375,8 +375,10 @@ def frontier(options: List[Option]) -> List[Option]:
 
 def predict(probe: Option, error: float) -> float:
     """Loss increase of a config with row error ``error`` at a site whose probe measured ``probe.dloss``:
-    scaled by the squared error ratio above the probe's error, by the ratio itself below it."""
-    d = max(probe.dloss, 0.0)
+    scaled by the squared error ratio above the probe's error, by the ratio itself below it. A measured
+    decrease counts as an increase of the same size (a loss that fell by chance is noise of that size, not a
+    free site)."""
+    d = abs(probe.dloss)
     if probe.error <= 0:
         return d
     ratio = error / probe.error
@@ -397,7 +399,7 @@ def solve(sites: List[SiteResult], allowed: float, scale: float = 1.0) -> Dict[i
         for o in s.options:
             if o.dloss is None or o.time >= s.exact_time:
                 continue
-            cost = math.ceil(max(o.dloss * scale, 0.0) / allowed * units - 1e-9)
+            cost = math.ceil(abs(o.dloss) * scale / allowed * units - 1e-9)
             if cost > units:
                 continue
             saved = s.exact_time - o.time
@@ -602,14 +604,14 @@ def calibrate(model, calib_ids: torch.Tensor, verify_ids: torch.Tensor, settings
             break
         key = tuple(sorted((i, o.config) for i, o in picks.items()))
         if key in tried:  # scaling did not change the plan: drop its costliest site
-            worst = max(picks, key=lambda i: picks[i].dloss)
+            worst = max(picks, key=lambda i: abs(picks[i].dloss))
             for site in sites:
                 if site.index == worst:
                     site.status = "exact-only"
                     site.reason = "verification failed with it approximated"
             continue
         tried.add(key)
-        predicted = math.expm1(sum(o.dloss for o in picks.values()) * scale)
+        predicted = math.expm1(sum(abs(o.dloss) for o in picks.values()) * scale)
         progress.phase(f"verification {attempt + 1}: sites {','.join(map(str, sorted(picks)))} on the held-out "
                        f"window (predicted {100 * predicted:+.2f}%)")
         got = _run_assignment(runner, verify_ids, exact_v, {i: o.config for i, o in picks.items()})
@@ -622,7 +624,7 @@ def calibrate(model, calib_ids: torch.Tensor, verify_ids: torch.Tensor, settings
         if observed <= allowed:
             passed = True
             break
-        pred_log = sum(o.dloss for o in picks.values()) * scale
+        pred_log = sum(abs(o.dloss) for o in picks.values()) * scale
         scale *= 1.25 * observed / max(pred_log, 1e-12)
     if not passed:
         picks = {}  # no assignment passed: every site stays exact

@@ -104,6 +104,7 @@ def test_solver_is_a_knapsack_over_sites():
         return s
 
     sites = [site(0, 1.0, (0.2, 0.008), (0.5, 0.001)), site(1, 1.0, (0.3, 0.004)), site(2, 1.0, (0.9, 0.02))]
+    assert C.solve(sites + [site(3, 1.0, (0.1, -0.0045))], allowed=0.005).keys() == {0, 1}  # a decrease is not free
     picks = C.solve(sites, allowed=0.005)
     # best within 0.005: site 0's slower option (0.001) + site 1 (0.004); site 2 exceeds the budget alone
     assert {i: o.time for i, o in picks.items()} == {0: 0.5, 1: 0.3}
@@ -116,7 +117,7 @@ def test_prediction_errs_high_on_both_sides_of_the_probe():
     assert C.predict(probe, 0.2) == pytest.approx(0.01)
     assert C.predict(probe, 0.4) == pytest.approx(0.04)  # squared above
     assert C.predict(probe, 0.1) == pytest.approx(0.005)  # linear below
-    assert C.predict(C.Option(HyperConfig(), 1.0, 0.2, dloss=-0.01), 0.4) == 0.0
+    assert C.predict(C.Option(HyperConfig(), 1.0, 0.2, dloss=-0.01), 0.4) == pytest.approx(0.04)  # noise, not free
 
 
 # ----------------------------------------------------------------------------------------------------------
