@@ -221,11 +221,13 @@ class _EinsumSite:
         self.factors_before: List[Tuple[object, bool]] = []  # (factor, divide)
         self.factors_after: List[Tuple[object, bool]] = []
         self.mask: Optional[Tuple[str, fx.Node]] = None  # ("add", m) / ("keep", m) / ("drop", m)
-        self.mask_node: Optional[fx.Node] = None
+        self.dim = -1  # the softmax dim, normalised
+        self.p: Optional[fx.Node] = None  # the probabilities as the pv einsum reads them
 
 
 def _parse_einsum_site(softmax: fx.Node):
-    """``(site, qk einsum, pv einsum, reason)``: the chain around ``softmax``; raises `Unsupported`."""
+    """``(qk einsum, ops from it to the softmax, ops from the softmax to the pv einsum, pv einsum)``; raises
+    `Unsupported`."""
     # upstream: softmax input back to an einsum, through scale / mask / cast ops
     x = softmax.args[0] if softmax.args else softmax.kwargs.get("input")
     if not isinstance(x, fx.Node):
@@ -234,7 +236,7 @@ def _parse_einsum_site(softmax: fx.Node):
     n = x
     while not _is_call(n, *EINSUM):
         up.append(n)
-        if len(up) > 12 or not isinstance(n, fx.Node) or not n.args or not isinstance(n.args[0], fx.Node):
+        if len(up) > 12 or not n.args:
             raise Unsupported("softmax input is not a (scaled, masked) einsum of q and k")
         if _is_call(n, torch.where) and len(n.args) == 3:
             # where(mask, scores, fill) / where(mask, fill, scores): the scores are the tensor operand
@@ -251,7 +253,7 @@ def _parse_einsum_site(softmax: fx.Node):
                 and _tensor(n.args[0]).shape != _tensor(n).shape:
             n = n.args[1]  # mask + scores
         else:
-            n = n.args[0]
+            n = n.args[0]  # scores * s, scores + mask, masked_fill, casts
         if not isinstance(n, fx.Node):
             raise Unsupported("softmax input is not a (scaled, masked) einsum of q and k")
     qk = n

@@ -113,6 +113,10 @@ class Einsum(nn.Module):
             s = torch.einsum("bhid,bhjd->bihj", q, k) * 0.2
             p = s.softmax(dim=-1)
             return torch.einsum("bihj,bhjd->bihd", p, v).transpose(1, 2)
+        if c == "number_first_scale":  # c * scores, then the mask added first: mask + scores
+            s = 0.125 * torch.einsum("bhid,bhjd->bhij", q, k)
+            s = torch.triu(torch.full((n, n), float("-inf")), diagonal=1) + s
+            return torch.einsum("bhij,bhjd->bhid", s.softmax(-1), v)
         if c == "where_causal":
             keep = torch.arange(n)[None, :] <= torch.arange(n)[:, None]
             s = torch.where(keep, torch.einsum("bhid,bhjd->bhij", q, k), torch.finfo(q.dtype).min)
@@ -163,6 +167,7 @@ EINSUM_CASES = {  # case -> (reason fragment shown by explain, dtype)
     "3d_causal": ("causal", torch.float32),
     "swapped_additive": ("causal", torch.float32),
     "output_layout": ("non-causal", torch.float32),
+    "number_first_scale": ("causal", torch.float32),
     "where_causal": ("causal", torch.float32),
     "padding": ("key padding", torch.float32),
     "fp32_softmax": ("causal", torch.bfloat16),
