@@ -125,19 +125,42 @@ def _mutates(n: fx.Node) -> bool:
 def mutated(nodes: Sequence[fx.Node]) -> Optional[fx.Node]:
     """A node of ``nodes`` whose value another node changes in place (``mask[i] = x``, ``masked_fill_``): the
     value is then not what its ancestors compute, so it is never classified."""
-    # through the chains of first-argument uses (views: select, slice, getitem, view, ...), conservatively
+    # the node itself, and the views of it (select, slice, getitem, view, ...: they share its storage). A mutation
+    # that is itself among ``nodes`` (``zeros(...).masked_fill_(m, -inf)`` feeding the mask) is replayed in graph
+    # order by `evaluate`, so only the others change the value behind the evaluation's back
+    members = set(nodes)
     seen, stack = set(nodes), [(n, 0) for n in nodes]
     while stack:
         n, depth = stack.pop()
         for u in n.users:
             if not (u.args and u.args[0] is n):
                 continue
-            if _mutates(u):
+            if _mutates(u) and u not in members:
                 return u
-            if u not in seen and depth < 6:
+            if _aliases(u) and u not in seen and depth < 8:
                 seen.add(u)
                 stack.append((u, depth + 1))
     return None
+
+
+_VIEW_METHODS = {"view", "view_as", "reshape", "reshape_as", "expand", "expand_as", "transpose", "permute", "t",
+                 "select", "narrow", "unsqueeze", "squeeze", "flatten", "unflatten", "diagonal", "as_strided",
+                 "contiguous", "detach", "unbind", "split", "chunk", "movedim", "swapaxes", "__getitem__", "T", "mT"}
+_VIEW_FUNCTIONS = {operator.getitem, torch.reshape, torch.transpose, torch.permute, torch.select, torch.narrow,
+                   torch.unsqueeze, torch.squeeze, torch.flatten, torch.diagonal, torch.t, torch.detach,
+                   torch.as_strided, torch.unbind, torch.split, torch.chunk, torch.movedim, torch.swapaxes}
+
+
+def _aliases(n: fx.Node) -> bool:
+    """``n`` may share its first argument's storage (a view, or an op that returns its input)."""
+    if n.op == "call_method":
+        return n.target in _VIEW_METHODS
+    if n.op != "call_function":
+        return False
+    schema = getattr(n.target, "_schema", None)
+    if schema is not None:  # aten overloads say so
+        return any(r.alias_info is not None for r in schema.returns)
+    return n.target in _VIEW_FUNCTIONS
 
 
 def input_free(node: fx.Node, constants: Dict[fx.Node, torch.Tensor]) -> bool:
@@ -250,8 +273,10 @@ def size_hints(shape_env) -> dict:
     return hints if hints is not None else shape_env.var_to_val
 
 
-def assignments(seq_symbols: set, other_symbols: set, shape_env, literal_max: int, max_side: int) -> List[dict]:
-    """Concrete values for the size symbols (see the module docstring)."""
+def assignments(seq_symbols: set, other_symbols: set, shape_env, literal_max: int, max_side: int,
+                equal: bool = False) -> List[dict]:
+    """Concrete values for the size symbols (see the module docstring); ``equal``: the sequence symbols are known
+    (guarded) equal, so they always take one value."""
     def bounds(s):
         r = shape_env.var_to_range.get(s) if shape_env is not None else None
         lo = 2 if r is None else max(2, int(r.lower))
@@ -282,7 +307,7 @@ def assignments(seq_symbols: set, other_symbols: set, shape_env, literal_max: in
         if v > max_side:
             continue
         out.append({**base, **{s: clamp(s, v) for s in seq}})
-        if len(seq) > 1:
+        if len(seq) > 1 and not equal:
             out.append({**base, **{s: clamp(s, v + 2 * i) for i, s in enumerate(seq)}})
             out.append({**base, **{s: clamp(s, v + 2 * (len(seq) - 1 - i)) for i, s in enumerate(seq)}})
     return out
@@ -368,10 +393,25 @@ def _band_of(rows, nq: int, nk: int):
 
 def classify(mask: fx.Node, use: str, nq, nk, constants: Dict[fx.Node, torch.Tensor], fill=None) -> Verdict:
     with real_mode():
-        return _classify(mask, use, nq, nk, constants, fill)
+        verdict = _classify(mask, use, nq, nk, constants, fill)
+    if verdict.reason.startswith(TOP_LEFT) and _distinct_symbols(nq, nk) and bool(nq == nk):
+        # A graph resumed after a graph break gives q's and k's lengths their own symbols, so the test sizes
+        # pull them apart and a causal mask looks top-left. Equal when traced: decide it under a guard (a call
+        # with unequal lengths recompiles) and prove the mask for equal lengths.
+        with real_mode():
+            verdict = _classify(mask, use, nq, nk, constants, fill, equal=True)
+    return verdict
 
 
-def _classify(mask, use, nq, nk, constants, fill) -> Verdict:
+TOP_LEFT = "causal mask aligned top-left"
+
+
+def _distinct_symbols(a, b) -> bool:
+    return (isinstance(a, torch.SymInt) and isinstance(b, torch.SymInt)
+            and a.node.expr != b.node.expr)
+
+
+def _classify(mask, use, nq, nk, constants, fill, equal: bool = False) -> Verdict:
     """What ``mask`` does to scores of shape ``[..., nq, nk]`` (SymInts or ints).
 
     ``use``: ``"add"`` (scores + mask), ``"keep"`` (``where(mask, scores, fill)``), ``"drop"``
@@ -391,7 +431,7 @@ def _classify(mask, use, nq, nk, constants, fill) -> Verdict:
     max_side = int(math.isqrt(MAX_ELEMENTS // 4))
     if seq and lit + 3 > max_side:  # the test beyond every constant cannot run: a window that wide is unprovable
         return Verdict(None, f"mask built with a constant ({lit}) too large to verify at compile time")
-    tests = assignments(seq, other, env, lit, max_side)
+    tests = assignments(seq, other, env, lit, max_side, equal)
     if not tests:
         return Verdict(None, f"mask too large to verify at compile time (constant {lit}); use dynamic shapes")
     seen, left, right = set(), (0, UNBOUNDED), (0, UNBOUNDED)
@@ -421,7 +461,7 @@ def _classify(mask, use, nq, nk, constants, fill) -> Verdict:
             pattern = "band"
         seen.add(pattern)
     if "top-left" in seen and seen <= {"band", "top-left"}:
-        return Verdict(None, "causal mask aligned top-left with n_q != n_k (the op aligns bottom-right)")
+        return Verdict(None, TOP_LEFT + " with n_q != n_k (the op aligns bottom-right)")
     if seen == {"band"}:
         if left[0] > left[1] or right[0] > right[1]:
             return Verdict(None, "general mask (banded, but its width changes with the length)")

@@ -213,6 +213,8 @@ def plan_sdpa(node: fx.Node, constants: Dict[fx.Node, torch.Tensor]) -> SdpaPlan
         if causal:
             return SdpaPlan("attn_mask together with is_causal")
         mval = masks.meta_val(mask)
+        if isinstance(mask, fx.Node) and masks.mutated(masks.ancestors(mask, constants)) is not None:
+            return SdpaPlan("attn_mask: mask is changed in place (not a pure function of the lengths)")
         if not isinstance(mval, torch.Tensor):
             return SdpaPlan("attn_mask is not a tensor")
         if mval.dtype != torch.bool:

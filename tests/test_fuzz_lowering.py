@@ -358,18 +358,14 @@ def may_window(att: Att, case: Case) -> bool:
     return att.mask in BANDED and not (case.training and att.dropout)
 
 
-def documented_lowered(att: Att, case: Case, index: int = 0) -> bool:
-    """The README's "Lowered" list: these sites must be lowered (``index``: the site's place in the module)."""
+def documented_lowered(att: Att, case: Case) -> bool:
+    """The README's "Lowered" list: these sites must be lowered."""
     if not may_lower(att, case):
         return False
     if att.form == "sdpa":
         return not (att.mask == "causal_flag" and case.nq != case.nk)
-    if att.form == "einsum":  # canonicalised into SDPA on the Dynamo graph: any inner backend, key padding too,
-        # except a causal mask built from the lengths in a graph resumed after a graph break under dynamic shapes:
-        # q's and k's lengths get distinct symbols there and the mask proof cannot tie them ("causal mask aligned
-        # top-left with n_q != n_k"), so the site stays exact
-        resumed = case.brk == "before" or (case.brk == "between" and index == 1)
-        return not (case.dynamic and resumed and att.mask in CAUSAL_BUILT + ("padding_causal",))
+    if att.form == "einsum":  # canonicalised into SDPA on the Dynamo graph: any inner backend, key padding too
+        return True
     if case.inner != "inductor":
         return False  # the inductor pass only
     return att.mask not in ("padding", "padding_causal", "data_pad")  # padding in hand-written stays exact
@@ -462,7 +458,7 @@ def check_case(case: Case):
             assert may_window(att, case) and site.kind == "window", "windowed a site that is not a band: " + what
         else:
             assert site.reason.strip(), "kept exact without a reason: " + what
-            assert not documented_lowered(att, case, index), "a documented form was not lowered: " + what
+            assert not documented_lowered(att, case), "a documented form was not lowered: " + what
 
     # 3. the training compile made the same decisions, and the op ran once per lowered site
     lowered = sum(s.decision == "hyper" for s in report.sites)
@@ -557,14 +553,22 @@ def test_bf16_softmax_in_training_is_lowered():
 
 
 class _BreakThenCausal(torch.nn.Module):
+    def __init__(self, built_mask: bool = False):
+        super().__init__()
+        self.built_mask = built_mask
+
     def forward(self, q, k, v):
         q = q * 1.0
         torch._dynamo.graph_break()
+        if self.built_mask:  # a causal mask built from the lengths: q's and k's have distinct symbols here
+            i, j = torch.arange(q.shape[-2]), torch.arange(k.shape[-2])
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=j[None, :] <= i[:, None])
         return F.scaled_dot_product_attention(q, k, v, is_causal=True)
 
 
-def test_causal_sdpa_after_graph_break_with_dynamic_shapes():
-    compiled = torch.compile(_BreakThenCausal(), backend="hyper",
+@pytest.mark.parametrize("built_mask", [False, True], ids=["is_causal", "built-mask"])
+def test_causal_sdpa_after_graph_break_with_dynamic_shapes(built_mask):
+    compiled = torch.compile(_BreakThenCausal(built_mask), backend="hyper",
                              options={"min_seq_len": 32, "block_size": 16, "sample_size": 16, "tune_cache": "",
                                       "inner_backend": "aot_eager"})
     approximated = []
@@ -580,4 +584,4 @@ def test_causal_sdpa_after_graph_break_with_dynamic_shapes():
     with torch.no_grad():
         out = compiled(q, k, v)
     assert hyper_op.path_counts()["hyper"] == before
-    torch.testing.assert_close(out, F.scaled_dot_product_attention(q, k, v, is_causal=True))
+    torch.testing.assert_close(out, _BreakThenCausal(built_mask)(q, k, v))
