@@ -435,7 +435,9 @@ def band_forward(q, k, v, keys, band, scale, tile: int = 128):
         o, l = _flash(_pick(q5, g), _slots(k, L, g), _slots(v, L, g), g.bias, False, scale)
         _put(out5, g, o)
         _put(lse5, g, l)
-    lse = _no_keys(lse[:, :, :Nq], _window_any(B, Nq, Nk, band, keys, q.device))
+    lse = lse[:, :, :Nq]
+    if not _every_row_has_a_key(Nq, Nk, band, keys):
+        lse = _no_keys(lse, _window_any(B, Nq, Nk, band, keys, q.device))
     return out[:, :, :Nq], lse
 
 
@@ -799,12 +801,19 @@ def window_schedule(Nq: int, Nk: int, band) -> tuple:
 
 
 def _dense_window_bias(B, rows, Nq, Nk, band, keys, dtype, device):
-    """``[B or 1, 1, len(rows), Nk]`` bias of query rows ``rows`` (a range) for the band and the usable keys."""
-    i = torch.arange(rows.start, rows.stop, device=device)[:, None] + (Nk - Nq)
-    ok = _in_band(i, torch.arange(Nk, device=device)[None, :], band)[None]
+    """``[B or 1, 1, len(rows), Nk]`` bias of query rows ``rows`` (a range) for the band and the usable keys.
+    Row i of the chunk keeps keys ``i + r0 + Nk - Nq - a <= j <= i + r0 + Nk - Nq + b``: two triangles."""
+    a, b = band
+    shift = rows.start + Nk - Nq
+    ok = torch.ones(len(rows), Nk, dtype=torch.bool, device=device).tril_(shift + b).triu_(shift - a)[None]
     if keys is not None:
         ok = ok & keys[:, None, :]
     return torch.zeros(ok.shape, dtype=dtype, device=device).masked_fill_(~ok, NEG_INF)[:, None]
+
+
+def _every_row_has_a_key(Nq, Nk, band, keys) -> bool:
+    """Without key padding row i's window [i + Nk - Nq - a, i + Nk - Nq + b] meets [0, Nk) iff Nk - Nq + b >= 0."""
+    return keys is None and Nk - Nq + band[1] >= 0
 
 
 def _row_chunks(Nq, Nk, batch):
@@ -816,10 +825,11 @@ def window_forward(q, k, v, key_valid, band, scale, schedule=None):
     """Exact banded attention on CPU tensors: ``q [B,Hq,Nq,D]``, ``k, v [B,Hkv,Nk,D]``, ``key_valid [B,Nk]`` or
     None, ``band = (a, b)`` as in `_band_layout` (clamped). Returns contiguous ``(out, lse)``; rows with no key:
     out 0, lse -inf."""
-    with _Threads.serial():
-        B, Hq, Nq, D = q.shape
-        Nk = k.shape[2]
-        kind, tile = schedule or window_schedule(Nq, Nk, band)
+    B, Hq, Nq, D = q.shape
+    Nk = k.shape[2]
+    kind, tile = schedule or window_schedule(Nq, Nk, band)
+    # the band's gathers and masks run on one thread (`_Threads`); the other schedules are one call
+    with _Threads.serial() if kind == "band" else contextlib.nullcontext():
         mdt = _mask_dtype(q.dtype)
         q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
         if kind == "band":
@@ -834,16 +844,17 @@ def window_forward(q, k, v, key_valid, band, scale, schedule=None):
                 bias = _dense_window_bias(B, rows, Nq, Nk, band, key_valid, mdt, q.device)
                 o, l = _flash(q[:, :, sl], k, v, bias, False, scale)
                 out[:, :, sl], lse[:, :, sl] = o, l
-        lse = _no_keys(lse, _window_any(B, Nq, Nk, band, key_valid, q.device))
+        if kind != "band" and not _every_row_has_a_key(Nq, Nk, band, key_valid):  # band_forward did it
+            lse = _no_keys(lse, _window_any(B, Nq, Nk, band, key_valid, q.device))
         return out.contiguous(), lse.to(lse_dtype(q.dtype)).contiguous()
 
 
 def window_backward(do, q, k, v, out, lse, key_valid, band, scale, schedule=None):
     """Gradients ``(dq, dk, dv)`` of `window_forward` (contiguous, in the inputs' dtypes)."""
-    with _Threads.serial():
-        B, Hq, Nq, D = q.shape
-        Nk = k.shape[2]
-        kind, tile = schedule or window_schedule(Nq, Nk, band)
+    B, Hq, Nq, D = q.shape
+    Nk = k.shape[2]
+    kind, tile = schedule or window_schedule(Nq, Nk, band)
+    with _Threads.serial() if kind == "band" else contextlib.nullcontext():
         mdt = _mask_dtype(q.dtype)
         lse = lse.to(lse_dtype(q.dtype)).masked_fill(torch.isneginf(lse), 0.0).contiguous()
         do, q, k, v, out = (x.contiguous() for x in (do, q, k, v, out))
