@@ -23,6 +23,7 @@ keys' gradients are scattered back with ``index_add_``.
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 from typing import NamedTuple, Optional
 
@@ -800,14 +801,29 @@ def window_schedule(Nq: int, Nk: int, band) -> tuple:
     return ("band", tile) if cost < _BAND_MARGIN * Nq * Nk else ("dense", 0)
 
 
+_CACHED_BIAS_ELEMENTS = 1 << 21  # band biases up to this size (8 MiB in fp32) are kept for the next call
+
+
+@functools.lru_cache(maxsize=4)
+def _band_bias(rows: int, Nk: int, shift: int, a: int, b: int, dtype, device) -> torch.Tensor:
+    """``[1, 1, rows, Nk]``: 0 where ``shift + i - a <= j <= shift + i + b``, else -inf (two triangles)."""
+    full = lambda: torch.full((rows, Nk), NEG_INF, dtype=dtype, device=device)  # noqa: E731
+    return (full().triu_(shift + b + 1) + full().tril_(shift - a - 1))[None, None]
+
+
 def _dense_window_bias(B, rows, Nq, Nk, band, keys, dtype, device):
     """``[B or 1, 1, len(rows), Nk]`` bias of query rows ``rows`` (a range) for the band and the usable keys.
-    Row i of the chunk keeps keys ``i + r0 + Nk - Nq - a <= j <= i + r0 + Nk - Nq + b``: two triangles."""
+
+    Without key padding the bias depends on the shapes only; small ones are cached (a model calls every layer
+    with the same length, as it builds its dense mask once per forward), so a repeated call is one fused call."""
     a, b = band
     shift = rows.start + Nk - Nq
+    if keys is None:
+        if len(rows) * Nk <= _CACHED_BIAS_ELEMENTS:
+            return _band_bias(len(rows), Nk, shift, a, b, dtype, device)
+        return _band_bias.__wrapped__(len(rows), Nk, shift, a, b, dtype, device)
     ok = torch.ones(len(rows), Nk, dtype=torch.bool, device=device).tril_(shift + b).triu_(shift - a)[None]
-    if keys is not None:
-        ok = ok & keys[:, None, :]
+    ok = ok & keys[:, None, :]
     return torch.zeros(ok.shape, dtype=dtype, device=device).masked_fill_(~ok, NEG_INF)[:, None]
 
 
@@ -828,8 +844,7 @@ def window_forward(q, k, v, key_valid, band, scale, schedule=None):
     B, Hq, Nq, D = q.shape
     Nk = k.shape[2]
     kind, tile = schedule or window_schedule(Nq, Nk, band)
-    # the band's gathers and masks run on one thread (`_Threads`); the other schedules are one call
-    with _Threads.serial() if kind == "band" else contextlib.nullcontext():
+    with _Threads.serial():  # masks and gathers on one thread, the fused calls on all (`_Threads`)
         mdt = _mask_dtype(q.dtype)
         q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
         if kind == "band":
@@ -854,7 +869,7 @@ def window_backward(do, q, k, v, out, lse, key_valid, band, scale, schedule=None
     B, Hq, Nq, D = q.shape
     Nk = k.shape[2]
     kind, tile = schedule or window_schedule(Nq, Nk, band)
-    with _Threads.serial() if kind == "band" else contextlib.nullcontext():
+    with _Threads.serial():
         mdt = _mask_dtype(q.dtype)
         lse = lse.to(lse_dtype(q.dtype)).masked_fill(torch.isneginf(lse), 0.0).contiguous()
         do, q, k, v, out = (x.contiguous() for x in (do, q, k, v, out))
