@@ -164,7 +164,7 @@ def bench_window(n, kind, w, mode, repeats, dtype, d, heads, exact_budget):
                        for a, b in zip(last["window"], last["sdpa"]))
     return {
         "n": n, "kind": kind, "w": w, "left": left, "right": right, "mode": mode, "heads": heads,
-        "schedule": list(cpu.window_schedule(n, n, window_bounds(n, n, left, right))),
+        "schedule": list(cpu.window_schedule(n, n, window_bounds(n, n, left, right), heads, d)),
         "window_s": stats["window"], "sdpa_s": stats["sdpa"],
         "speedup": stats["sdpa"]["median"] / stats["window"]["median"],
         "max_rel_error": err, "grad_rel_error_vs_sdpa": grad_err, "load_after": os.getloadavg()[0],

@@ -758,6 +758,10 @@ _DENSE_BIAS_ELEMENTS = 1 << 25  # the dense schedule's bias is built for this ma
 
 _TILES = (32, 64, 128, 256, 512, 1024)
 _BAND_MARGIN = 0.8  # tiles are used only when the model predicts them at least 1/0.8 = 1.25x cheaper
+# the band schedule's fixed cost (its gathers, masks and scatters: ~2 ms on the busy 2 cores) in the same units,
+# (query, key) pairs of one head at d = 64: at H = 1 it keeps n = 1024-2048 on the dense call, where tiles measured
+# 0.8-1.0x SDPA (bench/attention.py --window 128 512 --heads 1)
+_BAND_OVERHEAD = 3e5
 
 
 def band_cost(Nq: int, band, tile: int) -> float:
@@ -781,14 +785,15 @@ def band_cost(Nq: int, band, tile: int) -> float:
     return math.ceil(Nq / t) * t * (t + a + b) * (1.0 + 64.0 / t)
 
 
-def window_schedule(Nq: int, Nk: int, band) -> tuple:
+def window_schedule(Nq: int, Nk: int, band, heads: int = 1, head_dim: int = 64) -> tuple:
     """How `window_forward` computes a band ``(a, b)`` (already clamped: a <= Nk - 1, b <= Nq - 1):
 
     - ``("full", 0)``: the band holds every key: one plain fused call (key padding as a [B, 1, 1, Nk] bias);
     - ``("causal", 0)``: it is exactly top-left causal (j <= i; unbounded left and Nk - Nq + b == 0): one fused
       causal call, which skips the blocks above the diagonal;
-    - ``("band", tile)``: `band_forward` with the tile of least `band_cost`, when that is below
-      ``_BAND_MARGIN`` times the dense call's Nq * Nk pairs;
+    - ``("band", tile)``: `band_forward` with the tile of least `band_cost`, when that (times ``heads``, the
+      batch times the query heads, and head_dim / 64, plus ``_BAND_OVERHEAD``) is below ``_BAND_MARGIN`` times
+      the dense call's Nq * Nk pairs (times the same);
     - ``("dense", 0)``: otherwise (the band covers most keys, or n is small): one fused call per chunk of query
       rows with the band as a dense bias, which costs what SDPA with the dense mask costs.
     """
@@ -798,7 +803,8 @@ def window_schedule(Nq: int, Nk: int, band) -> tuple:
     if a >= Nk - 1 and Nk - Nq + b == 0:
         return "causal", 0  # aten's causal flag is top-left aligned: key j <= query i
     cost, tile = min((band_cost(Nq, band, t), t) for t in _TILES if t < 2 * Nq or t == _TILES[0])
-    return ("band", tile) if cost < _BAND_MARGIN * Nq * Nk else ("dense", 0)
+    work = max(1, heads) * max(1, head_dim) / 64.0
+    return ("band", tile) if cost * work + _BAND_OVERHEAD < _BAND_MARGIN * Nq * Nk * work else ("dense", 0)
 
 
 _CACHED_BIAS_ELEMENTS = 1 << 21  # band biases up to this size (8 MiB in fp32) are kept for the next call
@@ -843,7 +849,7 @@ def window_forward(q, k, v, key_valid, band, scale, schedule=None):
     out 0, lse -inf."""
     B, Hq, Nq, D = q.shape
     Nk = k.shape[2]
-    kind, tile = schedule or window_schedule(Nq, Nk, band)
+    kind, tile = schedule or window_schedule(Nq, Nk, band, B * Hq, D)
     with _Threads.serial():  # masks and gathers on one thread, the fused calls on all (`_Threads`)
         mdt = _mask_dtype(q.dtype)
         q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
@@ -868,7 +874,7 @@ def window_backward(do, q, k, v, out, lse, key_valid, band, scale, schedule=None
     """Gradients ``(dq, dk, dv)`` of `window_forward` (contiguous, in the inputs' dtypes)."""
     B, Hq, Nq, D = q.shape
     Nk = k.shape[2]
-    kind, tile = schedule or window_schedule(Nq, Nk, band)
+    kind, tile = schedule or window_schedule(Nq, Nk, band, B * Hq, D)
     with _Threads.serial():
         mdt = _mask_dtype(q.dtype)
         lse = lse.to(lse_dtype(q.dtype)).masked_fill(torch.isneginf(lse), 0.0).contiguous()
