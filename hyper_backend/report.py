@@ -96,7 +96,7 @@ class Report:
     def __str__(self) -> str:
         from rich.console import Console
 
-        console = Console(width=140, record=True, file=io.StringIO())  # recorded, not shown
+        console = Console(width=220, record=True, file=io.StringIO())  # recorded, not shown; wide: six columns
         console.print(self.table())
         return console.export_text()
 
