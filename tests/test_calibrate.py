@@ -2,6 +2,8 @@
 on tiny random HF models (no downloads)."""
 from __future__ import annotations
 
+import io
+
 import json
 import math
 import warnings
@@ -212,7 +214,7 @@ def test_auto_applies_the_calibration_and_explicit_fields_win(tmp_path):
     assert "b=32 " in report.config_of(report.sites[2])
     from rich.console import Console
 
-    console = Console(width=400, record=True, file=open("/dev/null", "w"))
+    console = Console(width=400, record=True, file=io.StringIO())
     console.print(report.table())
     assert "auto: tuned for this model at 64: exact (fragile: over budget)" in console.export_text()
     # explicit options win field by field: sample_size from options, block_size still the tuned one
