@@ -337,7 +337,8 @@ def main(argv=None) -> dict:
     rows = [Row("exact", "exact")]
     multi = len(configs) > 1
     rows += [Row(f"{pth}:{s}" + (f" {config_text(c)}" if multi else ""), pth, s, c, args.dynamic)
-             for c in configs for pth in paths for s in selections if s != "none"]
+             for c in configs for pth in paths for s in selections
+             if s != "none" or pth == "backend"]  # backend, none: only the exact window op (sliding layers)
 
     results = evaluate(rows, model, data, args.loss_chunk, console, total_sites)
     name = os.path.basename(path).split(".")[0]
