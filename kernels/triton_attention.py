@@ -438,14 +438,10 @@ def attention_forward(q, k, v, key_valid, is_causal, scale, p):
     return acc.to(q.dtype), lse
 
 
-def attention_backward(do, q, k, v, out, lse, key_valid, is_causal, scale, p):
-    """Gradients ``(dq, dk, dv)`` of `attention_forward` given its final ``out`` and ``lse``.
-
-    Shapes as in `attention_forward`; ``do`` like ``out``. Same contract as `cpu.attention_backward`.
-    """
+def _backward_setup(do, q, k, v, out, lse, scale):
+    """Row-major operands, the resolved scale and the fp32 (fp64) gradient buffers shared by every backward."""
     _check(q, k, v)
-    B, Hq, Nq, D = q.shape
-    scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     q, k, v, do = _rowmajor(q), _rowmajor(k), _rowmajor(v), _rowmajor(do)
     acc_dt = lse_dtype(q.dtype)
     g = _Grads(
@@ -456,6 +452,15 @@ def attention_backward(do, q, k, v, out, lse, key_valid, is_causal, scale, p):
         dk=torch.empty(k.shape, dtype=acc_dt, device=q.device),
         dv=torch.empty(v.shape, dtype=acc_dt, device=q.device),
     )
+    return q, k, v, g, scale
+
+
+def attention_backward(do, q, k, v, out, lse, key_valid, is_causal, scale, p):
+    """Gradients ``(dq, dk, dv)`` of `attention_forward` given its final ``out`` and ``lse``.
+
+    Shapes as in `attention_forward`; ``do`` like ``out``. Same contract as `cpu.attention_backward`.
+    """
+    q, k, v, g, scale = _backward_setup(do, q, k, v, out, lse, scale)
     first_q = True
     for keys, subs in _launches(q, k, key_valid, is_causal, p):
         gk = g._replace(dk=g.dk[:, :, keys], dv=g.dv[:, :, keys])
@@ -497,18 +502,6 @@ def window_forward(q, k, v, key_valid, band, scale):
 def window_backward(do, q, k, v, out, lse, key_valid, band, scale):
     """Gradients ``(dq, dk, dv)`` of `window_forward` given its ``out`` and ``lse``: the dQ kernel (query-major)
     and the dK/dV kernel (key-major, each key row owned by one program: no atomics)."""
-    _check(q, k, v)
-    B, Hq, Nq, D = q.shape
-    scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
-    q, k, v, do = _rowmajor(q), _rowmajor(k), _rowmajor(v), _rowmajor(do)
-    acc_dt = lse_dtype(q.dtype)
-    g = _Grads(
-        do=do,
-        lse=lse.to(acc_dt).masked_fill(torch.isneginf(lse), 0.0).contiguous(),  # rows with no keys: no NaN
-        delta=(do.to(acc_dt) * out.to(acc_dt)).sum(-1).contiguous(),
-        dq=torch.empty(q.shape, dtype=acc_dt, device=q.device),
-        dk=torch.empty(k.shape, dtype=acc_dt, device=q.device),
-        dv=torch.empty(v.shape, dtype=acc_dt, device=q.device),
-    )
-    _launch_bwd(q, k, v, _window_sub(Nq, k.shape[2], key_valid, band), g, scale, False, False)
+    q, k, v, g, scale = _backward_setup(do, q, k, v, out, lse, scale)
+    _launch_bwd(q, k, v, _window_sub(q.shape[2], k.shape[2], key_valid, band), g, scale, False, False)
     return g.dq.to(q.dtype), g.dk.to(k.dtype), g.dv.to(v.dtype)
