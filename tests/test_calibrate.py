@@ -61,8 +61,10 @@ def test_budget_is_honoured_and_the_fragile_site_stays_exact(fragile_model, tmp_
     result = C.calibrate(fragile_model, ids[:1], ids[1:], _settings(perplexity=True))
     by = {s.index: s for s in result.sites}
     assert result.num_sites == 3 and all(s.status == "candidate" for s in result.sites)
-    # the fragile site is fragile: approximating it alone costs more than the whole budget (measured)
-    assert by[FRAGILE].probe.measured and math.expm1(by[FRAGILE].probe.dloss) > 0.01
+    # the fragile site is fragile: approximating it alone moves the loss by more than the whole budget (measured;
+    # which probe is measured depends on the timings, and a very wrong one can also lower the loss: a cost of
+    # its size for the calibration)
+    assert by[FRAGILE].probe.measured and abs(by[FRAGILE].probe.dloss) > math.log1p(0.01)
     assert by[FRAGILE].choice is None
     # something was approximated, and the verification on the held-out window passed within the budget
     assert result.assignment and FRAGILE not in result.assignment
