@@ -177,17 +177,21 @@ def _parse_equation(eq: str, operands: Sequence[fx.Node]) -> Tuple[List[str], st
     return specs, rhs
 
 
-def _walk_chain(start: fx.Node, stop: fx.Node) -> List[fx.Node]:
-    """The nodes from ``start``'s user up to ``stop`` (exclusive), each the only user of the previous."""
+def _walk_chain(start: fx.Node, is_stop: Callable[[fx.Node], bool], limit: Optional[int] = None,
+                too_long: str = "") -> Tuple[List[fx.Node], fx.Node]:
+    """``(chain, stop)``: the nodes from ``start``'s user up to the first one ``is_stop`` accepts (exclusive), each
+    the only user of the previous; more than ``limit`` of them raises `Unsupported` (``too_long``)."""
     chain, n = [], start
     while True:
         users = list(n.users)
         if len(users) != 1:
             raise Unsupported("scores or probabilities are used elsewhere")
         n = users[0]
-        if n is stop:
-            return chain
+        if is_stop(n):
+            return chain, n
         chain.append(n)
+        if limit is not None and len(chain) > limit:
+            raise Unsupported(too_long)
         if len(chain) > 12:
             raise Unsupported("too many ops between the einsums and the softmax")
 
@@ -257,21 +261,10 @@ def _parse_einsum_site(softmax: fx.Node):
         if not isinstance(n, fx.Node):
             raise Unsupported("softmax input is not a (scaled, masked) einsum of q and k")
     qk = n
-    chain = _walk_chain(qk, softmax)
+    chain, _ = _walk_chain(qk, lambda n: n is softmax)
     # downstream: softmax -> casts / dropout -> einsum
-    down, p = [], softmax
-    while True:
-        users = list(p.users)
-        if len(users) != 1:
-            raise Unsupported("scores or probabilities are used elsewhere")
-        u = users[0]
-        if _is_call(u, *EINSUM):
-            pv = u
-            break
-        down.append(u)
-        p = u
-        if len(down) > 4:
-            raise Unsupported("the probabilities do not feed an einsum with v")
+    down, pv = _walk_chain(softmax, lambda n: _is_call(n, *EINSUM), limit=4,
+                           too_long="the probabilities do not feed an einsum with v")
     return qk, chain, down, pv
 
 
