@@ -354,6 +354,13 @@ def test_near_bands_are_not_bands(fn):
     assert verdict.kind is None and verdict.reason, verdict
 
 
+def test_a_window_wider_than_any_test_size_is_refused():
+    """A width of 5000 cannot be exceeded at a test size (at most 4096 per side): never taken for causal."""
+    node, n = _mask_node(lambda x: _arange_band(x, 4999, 0))
+    verdict = masks.classify(node, "keep", n, n, {}, fill=float("-inf"))
+    assert verdict.kind is None and "too large to verify" in verdict.reason
+
+
 def test_band_verdicts_combine_as_their_masks_do():
     V = masks.Verdict
     assert (V("band", window=(9, 0)) & V("causal")).window == (9, 0)
