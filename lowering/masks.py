@@ -394,7 +394,7 @@ def _band_of(rows, nq: int, nk: int):
 def classify(mask: fx.Node, use: str, nq, nk, constants: Dict[fx.Node, torch.Tensor], fill=None) -> Verdict:
     with real_mode():
         verdict = _classify(mask, use, nq, nk, constants, fill)
-    if verdict.reason.startswith(TOP_LEFT) and _distinct_symbols(nq, nk) and bool(nq == nk):
+    if verdict.reason.startswith(TOP_LEFT) and _distinct_symbols(nq, nk) and equal_under_guard(nq, nk):
         # A graph resumed after a graph break gives q's and k's lengths their own symbols, so the test sizes
         # pull them apart and a causal mask looks top-left. Equal when traced: decide it under a guard (a call
         # with unequal lengths recompiles) and prove the mask for equal lengths.
@@ -404,6 +404,18 @@ def classify(mask: fx.Node, use: str, nq, nk, constants: Dict[fx.Node, torch.Ten
 
 
 TOP_LEFT = "causal mask aligned top-left"
+
+
+def equal_under_guard(a, b) -> bool:
+    """``a == b`` for sizes: proven, or, for distinct size symbols (a graph resumed after a graph break gets one
+    per tensor), decided on the sizes seen and guarded, so a call where they differ recompiles."""
+    from torch.fx.experimental.symbolic_shapes import statically_known_true
+
+    if statically_known_true(a == b):
+        return True
+    if isinstance(a, torch.SymInt) or isinstance(b, torch.SymInt):
+        return bool(a == b)  # installs the guard
+    return False
 
 
 def _distinct_symbols(a, b) -> bool:

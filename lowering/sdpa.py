@@ -70,16 +70,6 @@ def _eq(a, b) -> bool:
     return statically_known_true(a == b)
 
 
-def _equal_under_guard(a, b) -> bool:
-    """``a == b`` for sizes: proven, or, for distinct size symbols (a graph resumed after a graph break gets one
-    per tensor), decided on the sizes seen and guarded, so a call where they differ recompiles."""
-    if _eq(a, b):
-        return True
-    if isinstance(a, torch.SymInt) or isinstance(b, torch.SymInt):
-        return bool(a == b)  # installs the guard
-    return False
-
-
 def _mask_terms(mask: fx.Node) -> List[fx.Node]:
     """Split a bool mask into its AND terms, looking through expand / to / contiguous."""
     n = mask
@@ -238,7 +228,7 @@ def plan_sdpa(node: fx.Node, constants: Dict[fx.Node, torch.Tensor]) -> SdpaPlan
         causal = shape.kind == "causal"
         if causal and not statically_known_true(nq <= nk):
             return SdpaPlan("causal mask where n_q may exceed n_k")
-    elif causal and not _equal_under_guard(nq, nk):
+    elif causal and not masks.equal_under_guard(nq, nk):
         return SdpaPlan("is_causal with n_q != n_k: SDPA aligns the diagonal top-left, the op bottom-right")
     return SdpaPlan(padding=tuple(padding), causal=causal)
 
