@@ -1,4 +1,5 @@
 """``python -m hyper_backend.autotune``: see `hyper_backend.autotune.cli`."""
+
 import sys
 
 from .cli import main

@@ -60,6 +60,7 @@ corrupt it or lose each other's entries. A write only ever replaces a file that 
 
 This module imports neither the kernels nor the search code: the op imports it.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -72,7 +73,7 @@ import platform
 import stat
 import tempfile
 import warnings
-from typing import Dict, Iterable, List, Optional, Tuple
+from collections.abc import Iterable
 
 import torch
 
@@ -103,7 +104,8 @@ MAX_INT_DIGITS = 4300  # longer integer literals are kept as strings (and so fai
 # keys
 # ----------------------------------------------------------------------------------------------------------
 
-@functools.lru_cache(maxsize=None)
+
+@functools.cache
 def cpu_model() -> str:
     """The CPU's model name from ``/proc/cpuinfo`` (else what `platform` knows)."""
     try:
@@ -116,8 +118,8 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine() or "unknown"
 
 
-@functools.lru_cache(maxsize=None)
-def _device_name(kind: str, index: Optional[int]) -> str:
+@functools.cache
+def _device_name(kind: str, index: int | None) -> str:
     if kind == "cuda":
         major, minor = torch.cuda.get_device_capability(index)
         return f"cuda:{torch.cuda.get_device_name(index)}:sm{major}{minor}"
@@ -158,18 +160,25 @@ def entry_key(device: str, dtype: str, head_dim: int, causal: bool, bucket_: int
 # loading and classifying a file: shared by the op's reads and the tuner's writes
 # ----------------------------------------------------------------------------------------------------------
 
+
 def _shown(text: str, limit: int = 200) -> str:
     """``text`` on one line, at most ``limit`` characters (warnings and errors quote untrusted content)."""
     text = " ".join(str(text).split())
-    return text if len(text) <= limit else text[:limit - 3] + "..."
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _shown_path(path: str) -> str:
     return path if path.isprintable() else repr(path)
 
 
-_KINDS = ((stat.S_ISDIR, "a directory"), (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
-          (stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"), (stat.S_ISLNK, "a symlink"))
+_KINDS = (
+    (stat.S_ISDIR, "a directory"),
+    (stat.S_ISCHR, "a character device"),
+    (stat.S_ISBLK, "a block device"),
+    (stat.S_ISFIFO, "a FIFO"),
+    (stat.S_ISSOCK, "a socket"),
+    (stat.S_ISLNK, "a symlink"),
+)
 
 
 def _kind(mode: int) -> str:
@@ -232,7 +241,7 @@ def _load(path: str):
         raise _Unusable(f"is not JSON ({_shown(e)})") from None
 
 
-def _classify(data) -> Tuple[str, str]:
+def _classify(data) -> tuple[str, str]:
     """(``"current"`` | ``"ours"`` | ``"foreign"``, why). ``"ours"``: our schema, unusable by this version."""
     if not isinstance(data, dict) or data.get("schema") != SCHEMA:
         return "foreign", "holds JSON that is not a hyper_backend tuning cache"
@@ -247,6 +256,7 @@ def _classify(data) -> Tuple[str, str]:
 # ----------------------------------------------------------------------------------------------------------
 # validating entries: every field an entry or default must have, with the types and ranges a lookup needs
 # ----------------------------------------------------------------------------------------------------------
+
 
 def _int_field(name: str, value, lo: int, hi: int) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
@@ -274,13 +284,17 @@ def _valid_params(params) -> dict:
     return dict(params)
 
 
-def _entry_fields(e) -> Tuple[Tuple[str, str, int, bool], int, dict]:
+def _entry_fields(e) -> tuple[tuple[str, str, int, bool], int, dict]:
     """((device, dtype, head_dim, causal), bucket, params) of an ``entries`` value; ValueError if unusable."""
     if not isinstance(e, dict):
         raise ValueError("not an object")
     try:
-        group = (_str_field("device", e["device"]), _str_field("dtype", e["dtype"]),
-                 _int_field("head_dim", e["head_dim"], 1, 2**31 - 1), e["causal"])
+        group = (
+            _str_field("device", e["device"]),
+            _str_field("dtype", e["dtype"]),
+            _int_field("head_dim", e["head_dim"], 1, 2**31 - 1),
+            e["causal"],
+        )
         if not isinstance(group[3], bool):
             raise ValueError(f"causal must be true or false, got {_shown(repr(group[3]), 60)}")
         b = _int_field("bucket", e["bucket"], 1, 2**62)
@@ -292,13 +306,16 @@ def _entry_fields(e) -> Tuple[Tuple[str, str, int, bool], int, dict]:
     return group, b, params
 
 
-def _default_fields(e) -> Tuple[Tuple[str, str, int], dict]:
+def _default_fields(e) -> tuple[tuple[str, str, int], dict]:
     """((device, dtype, head_dim), params) of a ``defaults`` value; ValueError if unusable."""
     if not isinstance(e, dict):
         raise ValueError("not an object")
     try:
-        group = (_str_field("device", e["device"]), _str_field("dtype", e["dtype"]),
-                 _int_field("head_dim", e["head_dim"], 1, 2**31 - 1))
+        group = (
+            _str_field("device", e["device"]),
+            _str_field("dtype", e["dtype"]),
+            _int_field("head_dim", e["head_dim"], 1, 2**31 - 1),
+        )
         params = _valid_params({"min_seq_len": e["min_seq_len"]})
     except KeyError as missing:
         raise ValueError(f"no field {_shown(missing, 60)}") from None
@@ -307,27 +324,31 @@ def _default_fields(e) -> Tuple[Tuple[str, str, int], dict]:
     return group, params
 
 
-def _warn_ignored(path: str, what: str, problems: List[Tuple[str, str]], stacklevel: int) -> None:
+def _warn_ignored(path: str, what: str, problems: list[tuple[str, str]], stacklevel: int) -> None:
     """One warning for every ignored entry of a file (a hostile file may hold millions)."""
     if not problems:
         return
     shown = "; ".join(f"{_shown(repr(key), 60)} ({why})" for key, why in problems[:3])
     more = f"; and {len(problems) - 3} more" if len(problems) > 3 else ""
-    warnings.warn(f"tuning cache {_shown_path(path)}: {len(problems)} {what} ignored: {shown}{more}", CacheWarning,
-                  stacklevel=stacklevel)
+    warnings.warn(
+        f"tuning cache {_shown_path(path)}: {len(problems)} {what} ignored: {shown}{more}",
+        CacheWarning,
+        stacklevel=stacklevel,
+    )
 
 
 # ----------------------------------------------------------------------------------------------------------
 # reading: parsed once per (path, inode, mtime, size), then dictionary lookups
 # ----------------------------------------------------------------------------------------------------------
 
+
 class _Index:
     """A parsed cache: entries grouped by (device, dtype, head_dim, causal), sorted by bucket."""
 
     def __init__(self, data: dict, path: str):
-        self.groups: Dict[Tuple[str, str, int, bool], List[Tuple[int, dict, dict]]] = {}
-        self.defaults: Dict[Tuple[str, str, int], dict] = {}
-        bad: List[Tuple[str, str]] = []
+        self.groups: dict[tuple[str, str, int, bool], list[tuple[int, dict, dict]]] = {}
+        self.defaults: dict[tuple[str, str, int], dict] = {}
+        bad: list[tuple[str, str]] = []
         for key, e in data.get("entries", {}).items():
             try:
                 group, b, params = _entry_fields(e)
@@ -347,7 +368,7 @@ class _Index:
                 continue
             self.defaults[group] = dict(e, params=params)
         _warn_ignored(path, "defaults", bad, stacklevel=5)
-        self.models: Dict[Tuple[str, str], List[dict]] = {}  # (config_hash, dtype) -> model records
+        self.models: dict[tuple[str, str], list[dict]] = {}  # (config_hash, dtype) -> model records
         bad = []
         for key, m in data.get("models", {}).items():
             try:
@@ -358,7 +379,7 @@ class _Index:
             self.models.setdefault((m["config_hash"], m["dtype"]), []).append(m)
         _warn_ignored(path, "models", bad, stacklevel=5)
 
-    def find(self, device, dtype, head_dim, causal, seq_len) -> Optional[Tuple[str, dict, dict]]:
+    def find(self, device, dtype, head_dim, causal, seq_len) -> tuple[str, dict, dict] | None:
         entries = self.groups.get((device, dtype, head_dim, causal))
         if entries:
             target = math.log2(max(seq_len, 1))
@@ -371,10 +392,10 @@ class _Index:
         return None
 
 
-_parsed: Dict[str, Tuple[tuple, Optional[_Index]]] = {}
+_parsed: dict[str, tuple[tuple, _Index | None]] = {}
 
 
-def _index(path: str) -> Optional[_Index]:
+def _index(path: str) -> _Index | None:
     try:
         st = os.stat(path)
     except (OSError, ValueError):  # absent, unreachable, or not a path at all (NUL byte)
@@ -387,14 +408,15 @@ def _index(path: str) -> Optional[_Index]:
         data = _read(path)
         index = _Index(data, path) if data is not None else None
     except Exception as e:  # noqa: BLE001 - a cache must never break a call; say what happened and go on
-        warnings.warn(f"tuning cache {_shown_path(path)} ignored: {type(e).__name__}: {_shown(e)}", CacheWarning,
-                      stacklevel=3)
+        warnings.warn(
+            f"tuning cache {_shown_path(path)} ignored: {type(e).__name__}: {_shown(e)}", CacheWarning, stacklevel=3
+        )
         index = None
     _parsed[path] = (stamp, index)
     return index
 
 
-def _read(path: str, *, quiet: bool = False) -> Optional[dict]:
+def _read(path: str, *, quiet: bool = False) -> dict | None:
     """The file's content if it is a cache of this version; None (with a warning unless ``quiet``) otherwise.
     A missing or empty file is None without a warning (nothing tuned yet)."""
     problem = None
@@ -417,8 +439,9 @@ def _read(path: str, *, quiet: bool = False) -> Optional[dict]:
     return data
 
 
-def lookup_tuned(path: str, *, device: torch.device, dtype: torch.dtype, head_dim: int, causal: bool,
-                 seq_len: int) -> Optional[dict]:
+def lookup_tuned(
+    path: str, *, device: torch.device, dtype: torch.dtype, head_dim: int, causal: bool, seq_len: int
+) -> dict | None:
     """Tuned parameters for a call, or None.
 
     Returns a dict with some of the `HyperConfig` field names (``block_size``, ``sample_size``,
@@ -439,8 +462,9 @@ def _number(x) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool)
 
 
-def describe_entry(path: str, *, device: torch.device, dtype: torch.dtype, head_dim: int, causal: bool,
-                   seq_len: int) -> Optional[dict]:
+def describe_entry(
+    path: str, *, device: torch.device, dtype: torch.dtype, head_dim: int, causal: bool, seq_len: int
+) -> dict | None:
     """What `lookup_tuned` would apply, with its provenance, for `hyper_backend.explain`.
 
     Returns None when nothing applies, else a dict: ``path``, ``source`` (``"entry"`` or ``"device default"``),
@@ -464,8 +488,10 @@ def describe_entry(path: str, *, device: torch.device, dtype: torch.dtype, head_
         extra = ""
         if _number(how.get("time_s")) and _number(how.get("error")):
             extra = f"; tuned at n={_shown(how.get('seq_len'), 40)}: {how['time_s']:.3g} s, error {how['error']:.3g}"
-        out["summary"] = (f"tuned entry {'causal' if causal else 'non-causal'} bucket {raw['bucket']} for "
-                          f"n={seq_len}: {shown}{extra} ({path})")
+        out["summary"] = (
+            f"tuned entry {'causal' if causal else 'non-causal'} bucket {raw['bucket']} for "
+            f"n={seq_len}: {shown}{extra} ({path})"
+        )
     else:
         out["tuned"] = dict(raw.get("crossover", {}))
         out["summary"] = f"device default min_seq_len={params['min_seq_len']} for n={seq_len} ({path})"
@@ -476,6 +502,7 @@ def describe_entry(path: str, *, device: torch.device, dtype: torch.dtype, head_
 # writing: only a file that is ours; merge under a lock, replace atomically
 # ----------------------------------------------------------------------------------------------------------
 
+
 def _real(path: str) -> str:
     """The file a write to ``path`` updates: symlinks resolved, so the link is kept and its target updated."""
     if not isinstance(path, str) or not path or "\0" in path:
@@ -484,8 +511,10 @@ def _real(path: str) -> str:
 
 
 def _refuse(path: str, why: str) -> CachePathError:
-    return CachePathError(f"tuning cache {_shown_path(path)} {why}; refusing to write it (nothing was changed). "
-                          f"Move it away or choose another path (--cache or HYPER_TUNE_CACHE)")
+    return CachePathError(
+        f"tuning cache {_shown_path(path)} {why}; refusing to write it (nothing was changed). "
+        f"Move it away or choose another path (--cache or HYPER_TUNE_CACHE)"
+    )
 
 
 class _Target:
@@ -518,7 +547,7 @@ def _inspect(path: str, real: str) -> _Target:
 
 
 @contextlib.contextmanager
-def _locked(real: str, path: Optional[str] = None):
+def _locked(real: str, path: str | None = None):
     """An exclusive lock on ``<real>.lock``, which must be a regular file (created if missing)."""
     path = real if path is None else path
     directory = os.path.dirname(real)
@@ -530,8 +559,13 @@ def _locked(real: str, path: Optional[str] = None):
             raise _refuse(path, f"has a lock path {_shown_path(lock_path)} that is {_kind(st.st_mode)}")
     except FileNotFoundError:
         pass
-    flags = (os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0)
-             | getattr(os, "O_CLOEXEC", 0))
+    flags = (
+        os.O_RDWR
+        | os.O_CREAT
+        | getattr(os, "O_NOFOLLOW", 0)
+        | getattr(os, "O_NONBLOCK", 0)
+        | getattr(os, "O_CLOEXEC", 0)
+    )
     fd = os.open(lock_path, flags, 0o666)
     try:
         if not stat.S_ISREG(os.fstat(fd).st_mode):
@@ -570,8 +604,10 @@ def check_writable(path: str) -> str:
     try:
         os.makedirs(directory, exist_ok=True)
     except OSError as e:
-        raise CachePathError(f"tuning cache {_shown_path(path)}: cannot create its directory "
-                             f"{_shown_path(directory)} ({e.strerror or _shown(e)})") from None
+        raise CachePathError(
+            f"tuning cache {_shown_path(path)}: cannot create its directory "
+            f"{_shown_path(directory)} ({e.strerror or _shown(e)})"
+        ) from None
     _inspect(path, real)  # first without the lock: a refused path gets no lock file next to it
     try:
         with _locked(real, path):
@@ -582,8 +618,10 @@ def check_writable(path: str) -> str:
     except CachePathError:
         raise
     except OSError as e:
-        raise CachePathError(f"tuning cache {_shown_path(path)}: its directory {_shown_path(directory)} is not "
-                             f"writable ({e.strerror or _shown(e)})") from None
+        raise CachePathError(
+            f"tuning cache {_shown_path(path)}: its directory {_shown_path(directory)} is not "
+            f"writable ({e.strerror or _shown(e)})"
+        ) from None
     return real
 
 
@@ -601,23 +639,40 @@ def _set_aside(path: str, real: str, suffix: str) -> str:
             if os.path.lexists(candidate):
                 continue
             os.rename(real, candidate)
-        warnings.warn(f"tuning cache {_shown_path(path)}: a file of schema {SCHEMA} that this version cannot use "
-                      f"was kept as {_shown_path(candidate)}; starting a new cache", CacheWarning, stacklevel=4)
+        warnings.warn(
+            f"tuning cache {_shown_path(path)}: a file of schema {SCHEMA} that this version cannot use "
+            f"was kept as {_shown_path(candidate)}; starting a new cache",
+            CacheWarning,
+            stacklevel=4,
+        )
         return candidate
     raise _refuse(path, f"cannot be set aside (every name {_shown_path(base)}[.N] is taken)")
 
 
-def make_entry(*, device: str, dtype: str, head_dim: int, causal: bool, seq_len: int, params: dict,
-               tuned: dict) -> dict:
+def make_entry(
+    *, device: str, dtype: str, head_dim: int, causal: bool, seq_len: int, params: dict, tuned: dict
+) -> dict:
     """An ``entries`` value (validated). ``params`` holds `HyperConfig` fields; ``tuned`` is free-form JSON."""
-    return {"device": device, "dtype": dtype, "head_dim": int(head_dim), "causal": bool(causal),
-            "bucket": bucket(seq_len), "params": _valid_params(params), "tuned": tuned}
+    return {
+        "device": device,
+        "dtype": dtype,
+        "head_dim": int(head_dim),
+        "causal": bool(causal),
+        "bucket": bucket(seq_len),
+        "params": _valid_params(params),
+        "tuned": tuned,
+    }
 
 
 def make_default(*, device: str, dtype: str, head_dim: int, min_seq_len: int, crossover: dict) -> dict:
     _valid_params({"min_seq_len": int(min_seq_len)})
-    return {"device": device, "dtype": dtype, "head_dim": int(head_dim), "min_seq_len": int(min_seq_len),
-            "crossover": crossover}
+    return {
+        "device": device,
+        "dtype": dtype,
+        "head_dim": int(head_dim),
+        "min_seq_len": int(min_seq_len),
+        "crossover": crossover,
+    }
 
 
 def record(path: str, entries: Iterable[dict] = (), defaults: Iterable[dict] = (), models: Iterable[dict] = ()) -> None:
@@ -663,12 +718,15 @@ def _drop_invalid(path: str, data: dict) -> None:
         if bad:
             shown = "; ".join(f"{_shown(repr(key), 60)} ({why})" for key, why in bad[:3])
             more = f"; and {len(bad) - 3} more" if len(bad) > 3 else ""
-            warnings.warn(f"tuning cache {_shown_path(path)}: dropping {len(bad)} {section}: {shown}{more}",
-                          CacheWarning, stacklevel=4)
+            warnings.warn(
+                f"tuning cache {_shown_path(path)}: dropping {len(bad)} {section}: {shown}{more}",
+                CacheWarning,
+                stacklevel=4,
+            )
         data[section] = kept
 
 
-def _write_atomic(path: str, data: dict, like: Optional[os.stat_result] = None) -> None:
+def _write_atomic(path: str, data: dict, like: os.stat_result | None = None) -> None:
     """Replace the regular file ``path`` (already resolved) with ``data``. Mode: ``like``'s (the file being
     updated), else ``0o666 & ~umask`` as for any new file; ``like``'s owner too, where we may set it."""
     directory = os.path.dirname(os.path.abspath(path))
@@ -696,10 +754,26 @@ def _write_atomic(path: str, data: dict, like: Optional[os.stat_result] = None) 
 
 # config keys that do not change what the model computes per site: where the weights came from, the
 # library version, the dtype (a key of its own), how attention is dispatched, output switches
-_VOLATILE = {"_name_or_path", "name_or_path", "transformers_version", "torch_dtype", "dtype", "_commit_hash",
-             "attn_implementation", "_attn_implementation", "_attn_implementation_internal",
-             "_attn_implementation_autoset", "architectures", "use_cache", "return_dict", "output_attentions",
-             "output_hidden_states", "torchscript", "use_return_dict", "_experts_implementation"}
+_VOLATILE = {
+    "_name_or_path",
+    "name_or_path",
+    "transformers_version",
+    "torch_dtype",
+    "dtype",
+    "_commit_hash",
+    "attn_implementation",
+    "_attn_implementation",
+    "_attn_implementation_internal",
+    "_attn_implementation_autoset",
+    "architectures",
+    "use_cache",
+    "return_dict",
+    "output_attentions",
+    "output_hidden_states",
+    "torchscript",
+    "use_return_dict",
+    "_experts_implementation",
+}
 
 
 def _plain(value, depth: int = 0):
@@ -737,14 +811,29 @@ def model_key(fingerprint: str, dtype: str, bucket_: int) -> str:
     return f"{fingerprint}|{dtype}|{bucket_}"
 
 
-def make_model(*, config, num_sites: int, dtype: str, seq_len: int, sites: Dict[int, dict], model_type: str = "",
-               calibrated: Optional[dict] = None) -> dict:
+def make_model(
+    *,
+    config,
+    num_sites: int,
+    dtype: str,
+    seq_len: int,
+    sites: dict[int, dict],
+    model_type: str = "",
+    calibrated: dict | None = None,
+) -> dict:
     """A ``models`` value (validated). ``sites``: site index -> ``{"params": {...}}`` (HyperAttention with these
     `HyperConfig` fields) or ``{"exact": "why"}``, plus any free-form fields (error, times)."""
-    m = {"fingerprint": model_fingerprint(config, num_sites), "config_hash": config_hash(config),
-         "num_sites": int(num_sites), "model_type": str(model_type), "dtype": dtype, "bucket": bucket(seq_len),
-         "seq_len": int(seq_len), "sites": {str(i): dict(v) for i, v in sorted(sites.items())},
-         "calibrated": dict(calibrated or {})}
+    m = {
+        "fingerprint": model_fingerprint(config, num_sites),
+        "config_hash": config_hash(config),
+        "num_sites": int(num_sites),
+        "model_type": str(model_type),
+        "dtype": dtype,
+        "bucket": bucket(seq_len),
+        "seq_len": int(seq_len),
+        "sites": {str(i): dict(v) for i, v in sorted(sites.items())},
+        "calibrated": dict(calibrated or {}),
+    }
     _model_fields(m)
     return m
 
@@ -778,7 +867,7 @@ def _model_fields(m) -> None:
         raise ValueError("calibrated is not an object")
 
 
-def lookup_model(path: str, *, config, dtype: torch.dtype, seq_len: int, sites_seen: int) -> Optional[dict]:
+def lookup_model(path: str, *, config, dtype: torch.dtype, seq_len: int, sites_seen: int) -> dict | None:
     """The calibration of this model for ``layers="auto"``, or None.
 
     Among the records of this `config_hash` and dtype, those with ``num_sites`` equal to ``sites_seen`` (the

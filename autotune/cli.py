@@ -3,6 +3,7 @@
 Example: ``python -m hyper_backend.autotune --seq 131072 --causal`` (see ``--help``). With ``--model PATH`` it
 calibrates that model per attention site instead (`hyper_backend.autotune.calibrate`).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -10,7 +11,7 @@ import math
 import sys
 import time
 import warnings
-from typing import List, Optional, Sequence
+from collections.abc import Sequence
 
 import torch
 
@@ -35,9 +36,9 @@ def parse_length(text: str) -> int:
     return n
 
 
-def parse_seq(text: str) -> List[int]:
+def parse_seq(text: str) -> list[int]:
     """``N``, ``N,M,...`` or a range ``A:B`` (A, 2A, 4A, ... up to B). ``k``/``m`` suffixes allowed."""
-    out: List[int] = []
+    out: list[int] = []
     for part in text.split(","):
         if ":" in part:
             lo_text, _, hi_text = part.partition(":")
@@ -77,7 +78,7 @@ def _positive_float(text: str, what: str) -> float:
     return v
 
 
-def _max_error(text: str) -> Optional[float]:
+def _max_error(text: str) -> float | None:
     return None if text.strip().lower() == "auto" else _positive_float(text, "--max-error: a number or 'auto'")
 
 
@@ -91,47 +92,107 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m hyper_backend.autotune",
         description="Tune HyperAttention's block size, sample size, LSH projections, causal depth and min_seq_len "
-                    "for this device, within an error budget, and write them to the tuning cache that "
-                    "hyper_attention and the hyper backend read at run time. With --model PATH instead: calibrate "
-                    "that model per attention site within a perplexity budget, for layers='auto' (see "
-                    "`python -m hyper_backend.autotune --model X --help`).")
-    p.add_argument("--seq", type=parse_seq, action="append", required=True, metavar="N",
-                   help="sequence length(s) to tune: 131072, 128k, 4096,16384, or a doubling range 4k:128k; "
-                        "repeatable")
-    p.add_argument("--causal", action=argparse.BooleanOptionalAction, default=True,
-                   help="tune causal (default) or non-causal attention")
+        "for this device, within an error budget, and write them to the tuning cache that "
+        "hyper_attention and the hyper backend read at run time. With --model PATH instead: calibrate "
+        "that model per attention site within a perplexity budget, for layers='auto' (see "
+        "`python -m hyper_backend.autotune --model X --help`).",
+    )
+    p.add_argument(
+        "--seq",
+        type=parse_seq,
+        action="append",
+        required=True,
+        metavar="N",
+        help="sequence length(s) to tune: 131072, 128k, 4096,16384, or a doubling range 4k:128k; repeatable",
+    )
+    p.add_argument(
+        "--causal",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="tune causal (default) or non-causal attention",
+    )
     p.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
     p.add_argument("--head-dim", type=_positive_int, default=None, help="head dimension (default 64, or the file's)")
-    p.add_argument("--heads", type=_positive_int, default=1, help="query heads of the synthetic inputs (default 1; --inputs sets its own)")
-    p.add_argument("--batch", type=_positive_int, default=1, help="batch of the synthetic inputs (default 1; --inputs sets its own)")
-    p.add_argument("--max-error", type=_max_error, default=None, metavar="E",
-                   help="relative Frobenius error allowed on the sampled rows, or 'auto' (default): the error "
-                        "the default HyperConfig itself makes at each length, so the tuned config is never "
-                        "less accurate than the defaults")
-    p.add_argument("--time-budget", type=_seconds, default=540.0, metavar="S",
-                   help="seconds for the whole run, shared by the lengths (default 540); at each length about "
-                        "half of what is left screens candidates and the rest races the best against the default")
-    p.add_argument("--cache", default=None, metavar="PATH",
-                   help="cache file (default $HYPER_TUNE_CACHE, else $XDG_CACHE_HOME/hyper_backend/tune.json)")
-    p.add_argument("--inputs", default=None, metavar="FILE",
-                   help="captured Q/K/V (.pt, torch.load(weights_only=True)): a dict with q, k, v [B, H, N, D] "
-                        "tensors, or a list of them; see hyper_backend.autotune.inputs")
+    p.add_argument(
+        "--heads",
+        type=_positive_int,
+        default=1,
+        help="query heads of the synthetic inputs (default 1; --inputs sets its own)",
+    )
+    p.add_argument(
+        "--batch",
+        type=_positive_int,
+        default=1,
+        help="batch of the synthetic inputs (default 1; --inputs sets its own)",
+    )
+    p.add_argument(
+        "--max-error",
+        type=_max_error,
+        default=None,
+        metavar="E",
+        help="relative Frobenius error allowed on the sampled rows, or 'auto' (default): the error "
+        "the default HyperConfig itself makes at each length, so the tuned config is never "
+        "less accurate than the defaults",
+    )
+    p.add_argument(
+        "--time-budget",
+        type=_seconds,
+        default=540.0,
+        metavar="S",
+        help="seconds for the whole run, shared by the lengths (default 540); at each length about "
+        "half of what is left screens candidates and the rest races the best against the default",
+    )
+    p.add_argument(
+        "--cache",
+        default=None,
+        metavar="PATH",
+        help="cache file (default $HYPER_TUNE_CACHE, else $XDG_CACHE_HOME/hyper_backend/tune.json)",
+    )
+    p.add_argument(
+        "--inputs",
+        default=None,
+        metavar="FILE",
+        help="captured Q/K/V (.pt, torch.load(weights_only=True)): a dict with q, k, v [B, H, N, D] "
+        "tensors, or a list of them; see hyper_backend.autotune.inputs",
+    )
     p.add_argument("--family", choices=FAMILIES, default="mixed", help="synthetic inputs when --inputs is absent")
-    p.add_argument("--rounds", type=_positive_int, default=7,
-                   help="at most this many alternating race rounds (at least 3 are run; default 7)")
+    p.add_argument(
+        "--rounds",
+        type=_positive_int,
+        default=7,
+        help="at most this many alternating race rounds (at least 3 are run; default 7)",
+    )
     p.add_argument("--race-size", type=_positive_int, default=3, help="screened candidates raced against the default")
     p.add_argument("--error-rows", type=_positive_int, default=512, help="query rows sampled for the error")
     p.add_argument("--block-sizes", type=_int_list, default=None, metavar="B,B,...")
     p.add_argument("--sample-sizes", type=_int_list, default=None, metavar="M,M,...")
     p.add_argument("--lsh-projs", type=_int_list, default=None, metavar="R,R,...")
-    p.add_argument("--sink-keys", type=_int_list, default=None, metavar="S,S,...",
-                   help="exact first keys to try (default: the HyperConfig default only)")
-    p.add_argument("--local-windows", type=_int_list, default=None, metavar="W,W,...",
-                   help="exact local windows to try (default: the HyperConfig default only)")
-    p.add_argument("--residuals", type=lambda t: tuple(x.strip() for x in t.split(",")), default=None,
-                   metavar="uniform,stratified", help="residual schemes to try (default: the HyperConfig default)")
-    p.add_argument("--no-crossover-check", action="store_true",
-                   help="skip timing exact vs approximate attention around the predicted crossover")
+    p.add_argument(
+        "--sink-keys",
+        type=_int_list,
+        default=None,
+        metavar="S,S,...",
+        help="exact first keys to try (default: the HyperConfig default only)",
+    )
+    p.add_argument(
+        "--local-windows",
+        type=_int_list,
+        default=None,
+        metavar="W,W,...",
+        help="exact local windows to try (default: the HyperConfig default only)",
+    )
+    p.add_argument(
+        "--residuals",
+        type=lambda t: tuple(x.strip() for x in t.split(",")),
+        default=None,
+        metavar="uniform,stratified",
+        help="residual schemes to try (default: the HyperConfig default)",
+    )
+    p.add_argument(
+        "--no-crossover-check",
+        action="store_true",
+        help="skip timing exact vs approximate attention around the predicted crossover",
+    )
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     p.add_argument("--show-model", action="store_true", help="print the symbolic cost model first")
     return p
@@ -166,11 +227,24 @@ def settings_from_args(args, parser):
         if head_dim < 8 or head_dim % 4:
             parser.error(f"--head-dim must be a multiple of 4 and at least 8 for synthetic inputs, got {head_dim}")
         heads, batch = args.heads, args.batch
-    s = TuneSettings(seq_lens=seq, causal=args.causal, dtype=DTYPES[args.dtype], head_dim=head_dim, heads=heads,
-                 batch=batch, max_error=args.max_error, time_budget=args.time_budget,
-                 cache_path=args.cache or default_tune_cache(), inputs_path=args.inputs, family=args.family,
-                 race_rounds=max(args.rounds, 3), race_size=args.race_size, error_rows=args.error_rows, check_crossover=not args.no_crossover_check,
-                 device=device)
+    s = TuneSettings(
+        seq_lens=seq,
+        causal=args.causal,
+        dtype=DTYPES[args.dtype],
+        head_dim=head_dim,
+        heads=heads,
+        batch=batch,
+        max_error=args.max_error,
+        time_budget=args.time_budget,
+        cache_path=args.cache or default_tune_cache(),
+        inputs_path=args.inputs,
+        family=args.family,
+        race_rounds=max(args.rounds, 3),
+        race_size=args.race_size,
+        error_rows=args.error_rows,
+        check_crossover=not args.no_crossover_check,
+        device=device,
+    )
     for name in ("block_sizes", "sample_sizes", "lsh_projs", "sink_keys", "local_windows", "residuals"):
         value = getattr(args, name)
         if value is not None:
@@ -182,7 +256,7 @@ def settings_from_args(args, parser):
     return s
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if any(a == "--model" or a.startswith("--model=") for a in argv):
         from .calibrate import main as calibrate_model  # per-model calibration: see hyper_backend.autotune.calibrate

@@ -17,11 +17,11 @@ sort work over the measured sort rate, plus a fixed overhead per call (`Rates`, 
 `measure.calibrate`). `predict_time` evaluates the symbolic parts level by level with the op's own
 exact-or-approximate decisions (`kernels.plan`), so quadrants below ``min_seq_len`` count as exact.
 """
+
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Tuple
 
 import sympy as sp
 
@@ -38,27 +38,29 @@ log2 = lambda x: sp.log(x, 2)  # noqa: E731
 _INDEX_BYTES_PER_ROW = 240
 
 
-def noncausal_hyper(x=n) -> Dict[str, sp.Expr]:
+def noncausal_hyper(x=n) -> dict[str, sp.Expr]:
     """Counts of one non-causal HyperAttention of ``x`` queries on ``x`` keys (``b < x``)."""
     return {
         "flops_block": 4 * x * b * d,  # QK^T and PV on the n/b diagonal b x b blocks
         "flops_resid": 4 * x * m * d,  # every query against the m sampled keys
         "flops_lsh": 4 * x * d * r,  # q and k projected on r hyperplanes
-        "bytes": (8 * x * d * s  # gather q, k, v (read + write) and scatter the output back
-                  + 6 * 4 * x * d  # float32 merge of the block and residual parts
-                  + 2 * 4 * (x / b) * m  # the [n/b, m] residual bias, built then read
-                  + _INDEX_BYTES_PER_ROW * x),
+        "bytes": (
+            8 * x * d * s  # gather q, k, v (read + write) and scatter the output back
+            + 6 * 4 * x * d  # float32 merge of the block and residual parts
+            + 2 * 4 * (x / b) * m  # the [n/b, m] residual bias, built then read
+            + _INDEX_BYTES_PER_ROW * x
+        ),
         "sort": 2 * x * log2(x),  # two argsorts (compare-swap work)
         "calls": sp.Integer(1),
     }
 
 
-def exact(x=n, causal: bool = False) -> Dict[str, sp.Expr]:
+def exact(x=n, causal: bool = False) -> dict[str, sp.Expr]:
     """Counts of exact attention of ``x`` queries on ``x`` keys."""
     return {"flops_exact": (2 if causal else 4) * x**2 * d, "bytes": 4 * x * d * s}
 
 
-def causal_hyper(x=n, levels=depth) -> Dict[str, sp.Expr]:
+def causal_hyper(x=n, levels=depth) -> dict[str, sp.Expr]:
     """Causal HyperAttention with ``levels`` halvings, every level approximated (closed form)."""
     leaf = x / 2**levels
     parts = {"flops_leaf": 2 * x * leaf * d}  # 2**L causal leaves of size x / 2**L
@@ -71,7 +73,7 @@ def causal_hyper(x=n, levels=depth) -> Dict[str, sp.Expr]:
     return parts
 
 
-def total_flops(parts: Dict[str, sp.Expr]) -> sp.Expr:
+def total_flops(parts: dict[str, sp.Expr]) -> sp.Expr:
     return sp.simplify(sum((v for k, v in parts.items() if k.startswith("flops")), sp.Integer(0)))
 
 
@@ -84,14 +86,14 @@ _NC = {k: sp.lambdify(_ARGS, v, "math") for k, v in noncausal_hyper().items()}
 # device rates and the time prediction
 # ----------------------------------------------------------------------------------------------------------
 
-TileKey = Tuple[int, int, bool, bool]  # (query rows, keys, keys shared by all tiles (residual), causal)
+TileKey = tuple[int, int, bool, bool]  # (query rows, keys, keys shared by all tiles (residual), causal)
 
 
 @dataclass
 class Rates:
     """Measured device constants (see `measure.calibrate`)."""
 
-    flash: Dict[TileKey, float] = field(default_factory=dict)  # FLOP/s of fused attention by tile shape
+    flash: dict[TileKey, float] = field(default_factory=dict)  # FLOP/s of fused attention by tile shape
     bandwidth: float = 1e10  # bytes/s of a row gather
     sort: float = 1e8  # compare-swap work per second of argsort
     call: float = 1e-3  # seconds of fixed overhead per non-causal HyperAttention call
@@ -110,7 +112,7 @@ class Rates:
         return self.flash[min(same, key=dist)]
 
 
-def tile_shapes(seq_len: int, causal: bool, c) -> List[TileKey]:
+def tile_shapes(seq_len: int, causal: bool, c) -> list[TileKey]:
     """The fused-attention tile shapes `predict_time` will ask `Rates` for (to calibrate them first)."""
     shapes = {(c.block_size, c.block_size, False, False)}
     if c.sample_size:
@@ -133,7 +135,7 @@ def _exact_tile(x: int, causal: bool) -> TileKey:
     return (t, t, False, causal)
 
 
-def _nc_seconds(x: int, c, d_: int, s_: int, rates: Rates) -> Tuple[float, float]:
+def _nc_seconds(x: int, c, d_: int, s_: int, rates: Rates) -> tuple[float, float]:
     """(fused-attention seconds, other seconds) of one non-causal HyperAttention call of x by x, per batch-head."""
     args = (x, d_, c.block_size, c.sample_size, c.lsh_num_projs, s_)
     flash = _NC["flops_block"](*args) / rates.flash_rate(c.block_size, c.block_size)
@@ -144,14 +146,15 @@ def _nc_seconds(x: int, c, d_: int, s_: int, rates: Rates) -> Tuple[float, float
     return flash, other
 
 
-def _exact_seconds(x: int, causal: bool, d_: int, s_: int, rates: Rates) -> Tuple[float, float]:
+def _exact_seconds(x: int, causal: bool, d_: int, s_: int, rates: Rates) -> tuple[float, float]:
     rows, keys, _, _ = _exact_tile(x, causal)
     flops = (2 if causal else 4) * x * x * d_
     return flops / rates.flash_rate(rows, keys, causal=causal), 4 * x * d_ * s_ / rates.bandwidth
 
 
-def predict_parts(seq_len: int, causal: bool, c, *, head_dim: int, elem_bytes: int, batch_heads: int,
-                  rates: Rates) -> Tuple[float, float]:
+def predict_parts(
+    seq_len: int, causal: bool, c, *, head_dim: int, elem_bytes: int, batch_heads: int, rates: Rates
+) -> tuple[float, float]:
     """Unscaled (fused-attention seconds, other seconds) of ``hyper::attention`` with candidate ``c`` (any
     object with the `HyperConfig` field names as attributes) on ``batch_heads`` sequences of ``seq_len``."""
     bh, N = batch_heads, seq_len
@@ -183,22 +186,25 @@ def predict_parts(seq_len: int, causal: bool, c, *, head_dim: int, elem_bytes: i
     return flash, other
 
 
-def predict_time(seq_len: int, causal: bool, c, *, head_dim: int, elem_bytes: int, batch_heads: int,
-                 rates: Rates) -> float:
+def predict_time(
+    seq_len: int, causal: bool, c, *, head_dim: int, elem_bytes: int, batch_heads: int, rates: Rates
+) -> float:
     """Predicted seconds: the parts of `predict_parts`, each scaled by its factor fitted to measurements."""
-    f, o = predict_parts(seq_len, causal, c, head_dim=head_dim, elem_bytes=elem_bytes, batch_heads=batch_heads,
-                         rates=rates)
+    f, o = predict_parts(
+        seq_len, causal, c, head_dim=head_dim, elem_bytes=elem_bytes, batch_heads=batch_heads, rates=rates
+    )
     return rates.scale_flash * f + rates.scale_other * o
 
 
-def exact_parts(seq_len: int, causal: bool, *, head_dim: int, elem_bytes: int, batch_heads: int,
-                rates: Rates) -> Tuple[float, float]:
+def exact_parts(
+    seq_len: int, causal: bool, *, head_dim: int, elem_bytes: int, batch_heads: int, rates: Rates
+) -> tuple[float, float]:
     """Unscaled (fused-attention seconds, other seconds) of exact attention."""
     f, o = _exact_seconds(seq_len, causal, head_dim, elem_bytes, rates)
     return f * batch_heads, o * batch_heads
 
 
-def refit(rates: Rates, points: List[Tuple[float, float, float]]) -> None:
+def refit(rates: Rates, points: list[tuple[float, float, float]]) -> None:
     """Fit ``rates.scale_flash`` and ``rates.scale_other`` to measured ``(flash, other, seconds)`` points by
     least squares on relative error; one common factor (the median ratio) if the two-factor fit is
     ill-conditioned or implausible."""
@@ -220,8 +226,17 @@ def refit(rates: Rates, points: List[Tuple[float, float, float]]) -> None:
     rates.scale_flash = rates.scale_other = ratios[len(ratios) // 2]
 
 
-def crossover(c, *, head_dim: int, elem_bytes: int, batch_heads: int, rates: Rates, exact_scale: float = 1.0,
-              hyper_scale: float = 1.0, hi: int = 1 << 24) -> Optional[int]:
+def crossover(
+    c,
+    *,
+    head_dim: int,
+    elem_bytes: int,
+    batch_heads: int,
+    rates: Rates,
+    exact_scale: float = 1.0,
+    hyper_scale: float = 1.0,
+    hi: int = 1 << 24,
+) -> int | None:
     """The smallest length at which non-causal HyperAttention with ``c``'s block, sample and LSH sizes is
     predicted faster than exact attention (None if not below ``hi``). Causal HyperAttention approximates
     quadrants of at least ``min_seq_len``, so the same length serves as its threshold.
@@ -232,8 +247,7 @@ def crossover(c, *, head_dim: int, elem_bytes: int, batch_heads: int, rates: Rat
     kw = dict(head_dim=head_dim, elem_bytes=elem_bytes, batch_heads=batch_heads, rates=rates)
 
     def hyper_wins(x: int) -> bool:
-        return hyper_scale * sum(predict_parts(x, False, forced, **kw)) < exact_scale * sum(
-            exact_parts(x, False, **kw))
+        return hyper_scale * sum(predict_parts(x, False, forced, **kw)) < exact_scale * sum(exact_parts(x, False, **kw))
 
     lo = 2 * c.block_size  # at least two blocks
     if hyper_wins(lo):
@@ -258,10 +272,10 @@ class _Forced:
     sample_size: int
     lsh_num_projs: int
     min_seq_len: int = 1
-    causal_depth: Optional[int] = None
+    causal_depth: int | None = None
 
 
-def describe(causal: bool) -> Dict[str, str]:
+def describe(causal: bool) -> dict[str, str]:
     """The symbolic FLOP and byte counts, as text (``--show-model``)."""
     hyper = causal_hyper() if causal else noncausal_hyper()
     ex = exact(causal=causal)
@@ -271,4 +285,3 @@ def describe(causal: bool) -> Dict[str, str]:
         "hyper sort work": str(hyper["sort"]),
         "exact FLOPs": str(ex["flops_exact"]),
     }
-

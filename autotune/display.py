@@ -1,11 +1,11 @@
 """Rich output of the autotuner: the stamp, live progress, the trials with predicted beside measured times,
 and the final table (config, time, error, speed against exact and against the default config)."""
+
 from __future__ import annotations
 
 import math
 import os
 import time
-from typing import List, Optional
 
 import torch
 from rich.console import Console
@@ -15,7 +15,7 @@ from rich.table import Table
 import hyper_backend
 
 from . import cache, cost, measure
-from .search import Contender, CrossoverResult, LengthResult, TuneSettings, Trial
+from .search import Contender, CrossoverResult, LengthResult, Trial, TuneSettings
 
 
 def _s(x: float) -> str:
@@ -25,14 +25,18 @@ def _s(x: float) -> str:
 
 
 def header(console: Console, s: TuneSettings) -> None:
-    console.print(f"[bold]hyper_backend {hyper_backend.__version__} autotune[/bold] on "
-                  f"{cache.device_key(s.device)} (torch {torch.__version__}, {torch.get_num_threads()} threads, "
-                  f"{os.cpu_count()} cores; other processes running at the same time slow and scatter timings)")
+    console.print(
+        f"[bold]hyper_backend {hyper_backend.__version__} autotune[/bold] on "
+        f"{cache.device_key(s.device)} (torch {torch.__version__}, {torch.get_num_threads()} threads, "
+        f"{os.cpu_count()} cores; other processes running at the same time slow and scatter timings)"
+    )
     budget = "auto (the default config's own error)" if s.max_error is None else f"{s.max_error:g}"
     inputs = s.inputs_path or f"synthetic '{s.family}'"
-    console.print(f"lengths {s.seq_lens}, {'causal' if s.causal else 'non-causal'}, {cache.dtype_name(s.dtype)}, "
-                  f"head dim {s.head_dim}, batch {s.batch} x heads {s.heads}, inputs {inputs}, "
-                  f"max error {budget}, time budget {s.time_budget:g} s, cache {s.cache_path}")
+    console.print(
+        f"lengths {s.seq_lens}, {'causal' if s.causal else 'non-causal'}, {cache.dtype_name(s.dtype)}, "
+        f"head dim {s.head_dim}, batch {s.batch} x heads {s.heads}, inputs {inputs}, "
+        f"max error {budget}, time budget {s.time_budget:g} s, cache {s.cache_path}"
+    )
 
 
 def model(console: Console, causal: bool) -> None:
@@ -51,8 +55,15 @@ class RichProgress:
         self.console = console
         # transient: the bar is gone once tuning ends, so the final tables are not followed by a stale
         # "race 0/63" line; on a pipe rich draws no bar and the logged lines carry the story
-        self.bar = Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                            TimeElapsedColumn(), console=console, transient=True)
+        self.bar = Progress(
+            SpinnerColumn(),
+            TextColumn("{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            console=console,
+            transient=True,
+        )
         self.task = None
 
     def __enter__(self):
@@ -77,10 +88,12 @@ class RichProgress:
     def trial(self, t: Trial) -> None:
         self.bar.advance(self.task)
         if t.score is not None:
-            self._log(f"screen {t.candidate.label():48s} predicted {_s(t.predicted):>9s}  measured "
-                             f"{_s(t.time):>9s} (x{t.ratio:.2f} default)  error {t.score.error:.3f}  {t.status}")
+            self._log(
+                f"screen {t.candidate.label():48s} predicted {_s(t.predicted):>9s}  measured "
+                f"{_s(t.time):>9s} (x{t.ratio:.2f} default)  error {t.score.error:.3f}  {t.status}"
+            )
 
-    def race_round(self, index: int, race: List[Contender]) -> None:
+    def race_round(self, index: int, race: list[Contender]) -> None:
         parts = [f"{c.name} {_s(c.rounds[-1])} x{c.ratios[-1]:.2f}" for c in race if len(c.rounds) == index + 1]
         self._log(f"race round {index + 1}: " + ", ".join(parts))
 
@@ -90,13 +103,22 @@ def _label(c: Contender) -> str:
 
 
 def trials(console: Console, r: LengthResult) -> None:
-    t = Table(title=f"n={r.seq_len}: screening (one run each, seed 0; model prediction beside measurement; "
-                    f"vs default: against the default re-timed around it)")
+    t = Table(
+        title=f"n={r.seq_len}: screening (one run each, seed 0; model prediction beside measurement; "
+        f"vs default: against the default re-timed around it)"
+    )
     for col in ("config", "predicted", "measured", "predicted vs default", "measured vs default", "error", "status"):
         t.add_column(col, justify="right" if col not in ("config", "status") else "left")
     for x in sorted((x for x in r.trials if x.score is not None), key=lambda x: x.ratio):
-        t.add_row(x.candidate.label(), _s(x.predicted), _s(x.time), f"{x.predicted_ratio:.2f}", f"{x.ratio:.2f}",
-                  f"{x.score.error:.3f}", x.status)
+        t.add_row(
+            x.candidate.label(),
+            _s(x.predicted),
+            _s(x.time),
+            f"{x.predicted_ratio:.2f}",
+            f"{x.ratio:.2f}",
+            f"{x.score.error:.3f}",
+            x.status,
+        )
     console.print(t)
     counts = {}
     for x in r.trials:
@@ -108,14 +130,23 @@ def trials(console: Console, r: LengthResult) -> None:
     for col in ("", "config", "predicted", "rounds", "median time", "spread", "vs default", "error", "status"):
         t.add_column(col, justify="left" if col in ("", "config", "status") else "right")
     for c in r.race:
-        t.add_row(c.name, _label(c), _s(c.predicted), str(len(c.rounds)), _s(c.time),
-                  f"±{measure.spread(c.rounds) * 100:.0f}%" if c.rounds else "-",
-                  f"{c.ratio:.2f}" if c.ratios else "-", f"{c.score.error:.3f}", c.status)
+        t.add_row(
+            c.name,
+            _label(c),
+            _s(c.predicted),
+            str(len(c.rounds)),
+            _s(c.time),
+            f"±{measure.spread(c.rounds) * 100:.0f}%" if c.rounds else "-",
+            f"{c.ratio:.2f}" if c.ratios else "-",
+            f"{c.score.error:.3f}",
+            c.status,
+        )
     console.print(t)
 
 
-def summary(console: Console, s: TuneSettings, results: List[LengthResult], cross: Optional[CrossoverResult],
-            elapsed: float) -> None:
+def summary(
+    console: Console, s: TuneSettings, results: list[LengthResult], cross: CrossoverResult | None, elapsed: float
+) -> None:
     t = Table(title="result (times: medians over the race rounds; vs default: median of per-round ratios)")
     for col in ("n", "choice", "config", "time", "error", "budget", "vs exact", "vs default"):
         t.add_column(col, justify="left" if col in ("choice", "config") else "right")
@@ -123,16 +154,32 @@ def summary(console: Console, s: TuneSettings, results: List[LengthResult], cros
         d, w = r.default, r.winner
         budget = f"{r.max_error:.3f}" + (" auto" if r.budget_auto else "")
         exact_note = " (extrapolated)" if r.exact_extrapolated else ""
-        choice = "exact" if w.candidate is None or "block_size" not in r.params else (
-            "default wins" if w is d else "tuned")
-        rows = [(choice, _label(w) if "block_size" in r.params else f"min_seq_len={r.params['min_seq_len']}",
-                 w.time, w.score.error, w.ratio)]
+        choice = (
+            "exact" if w.candidate is None or "block_size" not in r.params else ("default wins" if w is d else "tuned")
+        )
+        rows = [
+            (
+                choice,
+                _label(w) if "block_size" in r.params else f"min_seq_len={r.params['min_seq_len']}",
+                w.time,
+                w.score.error,
+                w.ratio,
+            )
+        ]
         if w is not d:
             rows.append(("default", _label(d), d.time, d.score.error, 1.0))
         rows.append(("exact" + exact_note, "SDPA", r.exact_time, 0.0, r.exact_time / d.time))
         for name, label, secs, err, ratio in rows:
-            t.add_row(str(r.seq_len), name, label, _s(secs), f"{err:.3f}", budget, f"{r.exact_time / secs:.1f}x",
-                      f"{1 / ratio:.2f}x")
+            t.add_row(
+                str(r.seq_len),
+                name,
+                label,
+                _s(secs),
+                f"{err:.3f}",
+                budget,
+                f"{r.exact_time / secs:.1f}x",
+                f"{1 / ratio:.2f}x",
+            )
     console.print(t)
     if cross is not None and cross.probes:
         c = Table(title="crossover probes: non-causal exact vs HyperAttention (predictions scaled to the probes)")
@@ -144,20 +191,25 @@ def summary(console: Console, s: TuneSettings, results: List[LengthResult], cros
         if cross.measured is not None:
             console.print(f"approximate attention measured faster from n={cross.measured} among the probes")
     if cross is not None and cross.predicted is not None:
-        console.print(f"device default min_seq_len = {cross.predicted}: the crossover predicted for the chosen "
-                      f"block and sample sizes")
-    console.print(f"wrote {s.cache_path} in {elapsed:.0f} s; hyper_attention and the hyper backend use it at run "
-                  f"time (explicit config, options and HYPER_* variables still win)")
+        console.print(
+            f"device default min_seq_len = {cross.predicted}: the crossover predicted for the chosen "
+            f"block and sample sizes"
+        )
+    console.print(
+        f"wrote {s.cache_path} in {elapsed:.0f} s; hyper_attention and the hyper backend use it at run "
+        f"time (explicit config, options and HYPER_* variables still win)"
+    )
 
 
 # ----------------------------------------------------------------------------------------------------------
 # the per-model calibration (python -m hyper_backend.autotune --model ...)
 # ----------------------------------------------------------------------------------------------------------
 
+
 class CalibrationProgress(RichProgress):
     """`calibrate.Quiet` shown as a timestamped line per phase and a bar over a site's candidates."""
 
-    def step(self, text: str, total: Optional[int] = None) -> None:
+    def step(self, text: str, total: int | None = None) -> None:
         self.bar.update(self.task, description=text, total=total, completed=0)
 
     def advance(self) -> None:
@@ -177,10 +229,22 @@ def calibration_table(result) -> Table:
     from hyper_backend.autotune.cache import length_text
 
     s = result.settings
-    t = Table(title=f"calibration at {length_text(s.seq)}, budget {100 * s.budget:+.2f}% perplexity: "
-                    f"{sum(x.choice is not None for x in result.sites)}/{len(result.sites)} sites on HyperAttention")
-    for col in ("site", "layer", "status", "choice", "row error", "loss effect", "time", "exact", "default cfg",
-                "probe (measured)"):
+    t = Table(
+        title=f"calibration at {length_text(s.seq)}, budget {100 * s.budget:+.2f}% perplexity: "
+        f"{sum(x.choice is not None for x in result.sites)}/{len(result.sites)} sites on HyperAttention"
+    )
+    for col in (
+        "site",
+        "layer",
+        "status",
+        "choice",
+        "row error",
+        "loss effect",
+        "time",
+        "exact",
+        "default cfg",
+        "probe (measured)",
+    ):
         t.add_column(col, overflow="fold")
     skipped = {}  # sites that cannot approximate, one row per (status, reason)
     for x in result.sites:
@@ -188,26 +252,69 @@ def calibration_table(result) -> Table:
             skipped.setdefault((x.status, x.reason), []).append(x)
     for (status, reason), xs in skipped.items():
         layers = [x.layer for x in xs if x.layer is not None]
-        t.add_row(_spans([x.index for x in xs]), _spans(layers) if layers else "-", status, f"[dim]{reason}[/dim]",
-                  "", "", "", "", "", "")
+        t.add_row(
+            _spans([x.index for x in xs]),
+            _spans(layers) if layers else "-",
+            status,
+            f"[dim]{reason}[/dim]",
+            "",
+            "",
+            "",
+            "",
+            "",
+            "",
+        )
     for x in result.sites:
         if x.status != "candidate":
             continue
         c = x.choice
-        probe = "" if x.probe is None else f"{x.probe.config.label()}: err {x.probe.error:.3f}, " \
-                                            f"{100 * math.expm1(x.probe.dloss):+.3f}%"
+        probe = (
+            ""
+            if x.probe is None
+            else f"{x.probe.config.label()}: err {x.probe.error:.3f}, {100 * math.expm1(x.probe.dloss):+.3f}%"
+        )
         default = "-" if x.default_time is None else f"{_s(x.default_time)}, err {x.default_error:.3f}"
         if c is None:
             from hyper_backend.autotune.calibrate import exact_reason
 
             why = exact_reason(x, result)
-            t.add_row(str(x.index), str(x.layer), "[yellow]exact[/yellow]", why, "", "",
-                      _s(x.exact_time), _s(x.exact_time), default, probe)
+            t.add_row(
+                str(x.index),
+                str(x.layer),
+                "[yellow]exact[/yellow]",
+                why,
+                "",
+                "",
+                _s(x.exact_time),
+                _s(x.exact_time),
+                default,
+                probe,
+            )
         else:
             how = "measured" if c.measured else "predicted"
-            t.add_row(str(x.index), str(x.layer), "[green]hyper[/green]", c.config.label(), f"{c.error:.3f}",
-                      f"{100 * math.expm1(c.dloss):+.3f}% ({how})", _s(c.time), _s(x.exact_time), default, probe)
+            t.add_row(
+                str(x.index),
+                str(x.layer),
+                "[green]hyper[/green]",
+                c.config.label(),
+                f"{c.error:.3f}",
+                f"{100 * math.expm1(c.dloss):+.3f}% ({how})",
+                _s(c.time),
+                _s(x.exact_time),
+                default,
+                probe,
+            )
     for i, v in enumerate(result.verifications):
-        t.add_row("", "", f"verify {i + 1}", "sites " + ",".join(map(str, sorted(v.assignment))), "",
-                  f"{100 * v.change:+.2f}% (predicted {100 * v.predicted:+.2f}%)", "", "", "", "")
+        t.add_row(
+            "",
+            "",
+            f"verify {i + 1}",
+            "sites " + ",".join(map(str, sorted(v.assignment))),
+            "",
+            f"{100 * v.change:+.2f}% (predicted {100 * v.predicted:+.2f}%)",
+            "",
+            "",
+            "",
+            "",
+        )
     return t

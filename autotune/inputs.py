@@ -26,11 +26,11 @@ look terrible, so the default family, ``mixed``, builds the structure real heads
 * ``mixed``: all three, with head-dependent strengths;
 * ``gaussian``: independent N(0, 1) entries (the near-uniform worst case, for comparison only).
 """
+
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import List, Optional
 
 import torch
 
@@ -44,10 +44,10 @@ class Sample:
     q: torch.Tensor
     k: torch.Tensor
     v: torch.Tensor
-    scale: Optional[float]
+    scale: float | None
     name: str
 
-    def prefix(self, n: int) -> "Sample":
+    def prefix(self, n: int) -> Sample:
         """The first ``n`` positions, contiguous."""
         cut = lambda x: x[:, :, :n].contiguous()  # noqa: E731
         return Sample(cut(self.q), cut(self.k), cut(self.v), self.scale, self.name)
@@ -57,7 +57,7 @@ class InputError(ValueError):
     """A ``--inputs`` file that does not hold Q/K/V in the documented format."""
 
 
-def load_inputs(path: str, *, dtype: torch.dtype, device: torch.device, min_len: int) -> List[Sample]:
+def load_inputs(path: str, *, dtype: torch.dtype, device: torch.device, min_len: int) -> list[Sample]:
     """Read captured Q/K/V (format in the module docstring). Raises `InputError` with the reason."""
     try:
         data = torch.load(path, weights_only=True, map_location="cpu")
@@ -86,8 +86,10 @@ def _sample(item, where, dtype, device, min_len) -> Sample:
         if not isinstance(t, torch.Tensor) or t.dim() != 4 or not t.is_floating_point():
             raise InputError(f"{where}: '{name}' must be a floating [B, H, N, D] tensor")
     if k.shape != v.shape[:3] + k.shape[3:] or q.shape[0] != k.shape[0] or q.shape[2] != k.shape[2]:
-        raise InputError(f"{where}: shapes q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)} "
-                         f"do not agree (expected [B, Hq, N, D], [B, Hkv, N, D], [B, Hkv, N, Dv])")
+        raise InputError(
+            f"{where}: shapes q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)} "
+            f"do not agree (expected [B, Hq, N, D], [B, Hkv, N, D], [B, Hkv, N, Dv])"
+        )
     if q.shape[-1] != k.shape[-1] or q.shape[1] % k.shape[1]:
         raise InputError(f"{where}: q and k need the same D, and Hq a multiple of Hkv")
     if q.shape[2] < min_len:
@@ -104,8 +106,10 @@ def _sample(item, where, dtype, device, min_len) -> Sample:
 # synthetic families
 # ----------------------------------------------------------------------------------------------------------
 
-def synthetic(family: str, *, n: int, head_dim: int, heads: int, batch: int = 1, dtype=torch.float32,
-              device="cpu", seed: int = 0) -> Sample:
+
+def synthetic(
+    family: str, *, n: int, head_dim: int, heads: int, batch: int = 1, dtype=torch.float32, device="cpu", seed: int = 0
+) -> Sample:
     """A ``[batch, heads, n, head_dim]`` problem from ``family`` (see the module docstring). Deterministic in
     ``seed``; a prefix of a longer draw is not the same as a shorter draw."""
     if family not in FAMILIES:
@@ -130,8 +134,9 @@ def _structured(family, g, B, H, n, d):
     w_local = {"local": 1.0, "topics": 0.0, "sink": 0.4, "mixed": 0.5 + 0.5 * u}.get(family)
     w_topic = {"local": 0.0, "topics": 1.0, "sink": 0.4, "mixed": 1.0 - 0.5 * u}.get(family)
     w_sink = {"local": 0.0, "topics": 0.0, "sink": 1.0, "mixed": 1.0}.get(family)
-    w_local, w_topic = (torch.as_tensor(w, dtype=torch.float32).reshape(-1, 1, 1).expand(H, 1, 1)
-                        for w in (w_local, w_topic))
+    w_local, w_topic = (
+        torch.as_tensor(w, dtype=torch.float32).reshape(-1, 1, 1).expand(H, 1, 1) for w in (w_local, w_topic)
+    )
     pos = torch.arange(n, dtype=torch.float64)
     # rotary: q_i . k_j = a^2 * sum_f cos(theta_f (i - j)), large for nearby positions
     freq = 10000.0 ** (-torch.arange(half // 2, dtype=torch.float64) / (half // 2))
@@ -148,7 +153,7 @@ def _structured(family, g, B, H, n, d):
     centers = torch.nn.functional.normalize(torch.randn(H, num_topics, half, generator=g), dim=-1)
     a_topic = math.sqrt(6.0 * math.sqrt(d))  # same-topic logit ~ 6
     out = []
-    for b in range(B):
+    for _ in range(B):
         noise = lambda: torch.randn(H, n, d, generator=g)  # noqa: E731
         feat_rot = rot.expand(H, n, half) * a_rot
         feat_top = centers[:, topic] * a_topic  # [H, n, half]

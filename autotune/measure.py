@@ -1,13 +1,14 @@
 """Measurement: run the op with explicit parameters, time it (median of repeats), and estimate its error
 against exact attention on a random subset of query rows, so tuning at 131k never computes full attention.
 """
+
 from __future__ import annotations
 
 import math
 import statistics
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Callable, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -25,8 +26,9 @@ def run_hyper(s: Sample, causal: bool, c: HyperConfig) -> torch.Tensor:
 
 def run_exact(s: Sample, causal: bool) -> torch.Tensor:
     g = s.q.shape[1] // s.k.shape[1]
-    return torch.nn.functional.scaled_dot_product_attention(s.q, s.k, s.v, is_causal=causal, scale=s.scale,
-                                                            enable_gqa=g > 1)
+    return torch.nn.functional.scaled_dot_product_attention(
+        s.q, s.k, s.v, is_causal=causal, scale=s.scale, enable_gqa=g > 1
+    )
 
 
 def _sync(device: torch.device) -> None:
@@ -55,6 +57,7 @@ def spread(times: Sequence[float]) -> float:
 # error on sampled rows
 # ----------------------------------------------------------------------------------------------------------
 
+
 @dataclass
 class RowReference:
     """Exact attention output of a few query rows of one sample: ``rows [R]`` and ``out [B, Hq, R, Dv]``."""
@@ -77,7 +80,7 @@ def exact_rows(s: Sample, causal: bool, rows: torch.Tensor, chunk: int = 64) -> 
     v = s.v.to(acc).repeat_interleave(g, 1) if g > 1 else s.v.to(acc)
     outs = []
     for start in range(0, rows.numel(), chunk):
-        r = rows[start:start + chunk]
+        r = rows[start : start + chunk]
         logits = (s.q[:, :, r].to(acc) @ k.transpose(-1, -2)) * scale  # [B, Hq, r, N]
         if causal:
             future = torch.arange(N, device=r.device)[None, :] > r[:, None]  # [r, N]
@@ -100,7 +103,7 @@ def row_error(outs: Sequence[torch.Tensor], refs: Sequence[RowReference]) -> flo
     return math.sqrt(num / den) if den > 0 else 0.0
 
 
-def _squares(outs, refs) -> Tuple[float, float]:
+def _squares(outs, refs) -> tuple[float, float]:
     num = den = 0.0
     for out, ref in zip(outs, refs):
         got = out[:, :, ref.rows].double()
@@ -113,12 +116,13 @@ def _squares(outs, refs) -> Tuple[float, float]:
 # accumulated runs of one configuration
 # ----------------------------------------------------------------------------------------------------------
 
+
 @dataclass
 class Score:
     """Accumulated runs of one configuration: times on sample 0 and the squared errors of the sampled rows,
     pooled over runs whose seeds differ (so one lucky draw of samples does not decide)."""
 
-    times: List[float] = field(default_factory=list)
+    times: list[float] = field(default_factory=list)
     num: float = 0.0
     den: float = 0.0
 
@@ -131,8 +135,16 @@ class Score:
         return math.sqrt(self.num / self.den) if self.den > 0 else 0.0
 
 
-def run_and_score(score: Score, samples: Sequence[Sample], refs: Sequence[RowReference], causal: bool,
-                  c: Optional[HyperConfig], seed: int, *, all_samples: bool = False) -> float:
+def run_and_score(
+    score: Score,
+    samples: Sequence[Sample],
+    refs: Sequence[RowReference],
+    causal: bool,
+    c: HyperConfig | None,
+    seed: int,
+    *,
+    all_samples: bool = False,
+) -> float:
     """One timed run of ``c`` (exact attention if None) with ``seed`` on sample 0 (and, with ``all_samples``,
     untimed runs on the others), added to ``score``. Returns the time."""
     device = samples[0].q.device
@@ -140,8 +152,11 @@ def run_and_score(score: Score, samples: Sequence[Sample], refs: Sequence[RowRef
     elapsed = 0.0
     for j, s in enumerate(samples if all_samples else samples[:1]):
         holder = {}
-        fn = (lambda: holder.setdefault("out", run_exact(s, causal))) if run is None else (
-            lambda: holder.setdefault("out", run_hyper(s, causal, run)))
+        fn = (
+            (lambda holder=holder, s=s: holder.setdefault("out", run_exact(s, causal)))
+            if run is None
+            else (lambda holder=holder, s=s: holder.setdefault("out", run_hyper(s, causal, run)))
+        )
         t = time_once(fn, device)
         if j == 0:
             elapsed = t
@@ -154,6 +169,7 @@ def run_and_score(score: Score, samples: Sequence[Sample], refs: Sequence[RowRef
 # ----------------------------------------------------------------------------------------------------------
 # device rates for the cost model
 # ----------------------------------------------------------------------------------------------------------
+
 
 def _best_of(fn, device, repeats=2) -> float:
     """The fastest of ``repeats`` runs after a warm-up: the device's own speed, without the stalls other
@@ -175,7 +191,8 @@ def tile_rate(key, head_dim: int, dtype, device, flops_target: float = 4e8) -> f
     v = torch.randn_like(k)
     bias = torch.zeros(1, tiles, 1, keys, device=device, dtype=dtype) if shared else None
     fn = lambda: torch.nn.functional.scaled_dot_product_attention(  # noqa: E731
-        q, k, v, attn_mask=bias, is_causal=causal, enable_gqa=shared)
+        q, k, v, attn_mask=bias, is_causal=causal, enable_gqa=shared
+    )
     return tiles * flops_per_tile / _best_of(fn, device)
 
 
@@ -205,7 +222,8 @@ def calibrate_base(head_dim: int, dtype, device):
     rates.call = 0.0
     s = Sample(*(torch.randn(1, 1, 1024, head_dim, device=device).to(dtype) for _ in range(3)), None, "calibration")
     t = _best_of(lambda: run_hyper(s, False, small), device, repeats=3)
-    work = cost.predict_time(1024, False, small, head_dim=head_dim, elem_bytes=x.element_size(), batch_heads=1,
-                             rates=rates)
+    work = cost.predict_time(
+        1024, False, small, head_dim=head_dim, elem_bytes=x.element_size(), batch_heads=1, rates=rates
+    )
     rates.call = max(t - work, 0.0)
     return rates

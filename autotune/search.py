@@ -23,13 +23,13 @@ Per length ``n``:
 After all lengths, the crossover predicted for the winner's sizes (the model scaled to timings of exact and
 approximate attention around it, measured first) becomes the device's default ``min_seq_len``.
 """
+
 from __future__ import annotations
 
 import math
 import platform
 import time
 from dataclasses import dataclass, field, replace
-from typing import Dict, List, Optional, Tuple
 
 import torch
 
@@ -48,25 +48,25 @@ DEFAULTS = DEFAULT = HyperConfig()
 class TuneSettings:
     """What to tune (the CLI's arguments)."""
 
-    seq_lens: List[int]
+    seq_lens: list[int]
     causal: bool = True
     dtype: torch.dtype = torch.float32
     head_dim: int = 64
     heads: int = 1
     batch: int = 1
-    max_error: Optional[float] = None  # None: the default parameters' own error at each length
+    max_error: float | None = None  # None: the default parameters' own error at each length
     time_budget: float = 540.0  # seconds for the whole run (setup, screening, race), over all lengths
     cache_path: str = ""
-    inputs_path: Optional[str] = None
+    inputs_path: str | None = None
     family: str = "mixed"
     error_rows: int = 512
-    block_sizes: Tuple[int, ...] = (128, 256, 512, 1024)
-    sample_sizes: Tuple[int, ...] = (128, 256, 384, 512, 768, 1024, 1536)
-    lsh_projs: Tuple[int, ...] = (4, 7, 10)
+    block_sizes: tuple[int, ...] = (128, 256, 512, 1024)
+    sample_sizes: tuple[int, ...] = (128, 256, 384, 512, 768, 1024, 1536)
+    lsh_projs: tuple[int, ...] = (4, 7, 10)
     # the exact parts of the estimator: every candidate takes each of these (the defaults unless given)
-    sink_keys: Tuple[int, ...] = (DEFAULTS.sink_keys,)
-    local_windows: Tuple[int, ...] = (DEFAULTS.local_window,)
-    residuals: Tuple[str, ...] = (DEFAULTS.residual,)
+    sink_keys: tuple[int, ...] = (DEFAULTS.sink_keys,)
+    local_windows: tuple[int, ...] = (DEFAULTS.local_window,)
+    residuals: tuple[str, ...] = (DEFAULTS.residual,)
     race_size: int = 3  # contenders besides the default
     race_rounds: int = 7  # at most
     check_crossover: bool = True
@@ -80,7 +80,7 @@ class Trial:
 
     candidate: HyperConfig
     predicted: float
-    score: Optional[Score] = None
+    score: Score | None = None
     status: str = "untimed"  # pass | near | over budget | dominated | predicted slower | out of time
     ratio: float = math.inf  # its time / the default's, timed just before and after (machine load drifts)
     predicted_ratio: float = math.inf
@@ -95,11 +95,11 @@ class Contender:
     """A configuration in the race (``candidate`` None: exact attention)."""
 
     name: str
-    candidate: Optional[HyperConfig]
+    candidate: HyperConfig | None
     score: Score  # the screening run(s) and every round: errors pooled
     predicted: float
-    rounds: List[float] = field(default_factory=list)  # race times
-    ratios: List[float] = field(default_factory=list)  # race time / default's time in the same round
+    rounds: list[float] = field(default_factory=list)  # race times
+    ratios: list[float] = field(default_factory=list)  # race time / default's time in the same round
     status: str = "racing"
 
     @property
@@ -119,8 +119,8 @@ class LengthResult:
     exact_time: float
     exact_predicted: float
     exact_extrapolated: bool
-    trials: List[Trial]
-    race: List[Contender]  # race[0] is the default
+    trials: list[Trial]
+    race: list[Contender]  # race[0] is the default
     winner: Contender
     params: dict  # written to the cache
     seconds: float
@@ -133,10 +133,10 @@ class LengthResult:
 
 @dataclass
 class CrossoverResult:
-    predicted: Optional[int]  # by the model scaled to the probes
-    probes: List[Tuple[int, float, float, float, float]]  # n, exact measured, hyper measured, exact pred, hyper pred
-    measured: Optional[int]  # the smallest probe from which approximate attention was faster
-    unscaled: Optional[int]  # by the model before the probes
+    predicted: int | None  # by the model scaled to the probes
+    probes: list[tuple[int, float, float, float, float]]  # n, exact measured, hyper measured, exact pred, hyper pred
+    measured: int | None  # the smallest probe from which approximate attention was faster
+    unscaled: int | None  # by the model before the probes
 
 
 class Progress:
@@ -148,12 +148,13 @@ class Progress:
 
     def trial(self, t: Trial) -> None: ...
 
-    def race_round(self, index: int, race: List[Contender]) -> None: ...
+    def race_round(self, index: int, race: list[Contender]) -> None: ...
 
 
 # ----------------------------------------------------------------------------------------------------------
 # the grid
 # ----------------------------------------------------------------------------------------------------------
+
 
 def structure(n: int, causal: bool, c: HyperConfig) -> tuple:
     """What ``c`` computes at length ``n``: the leaf size and the approximated quadrant sizes (causal), or
@@ -164,14 +165,17 @@ def structure(n: int, causal: bool, c: HyperConfig) -> tuple:
         return ("full", approx) + ((c.block_size, c.sample_size, c.lsh_num_projs) + exact_parts if approx else ())
     L = causal_levels(n, c)
     leaf = math.ceil(n / 2**L)
-    sizes = tuple(leaf * 2**(L - 1 - lvl) for lvl in range(L) if hyper_applies(leaf * 2**(L - 1 - lvl),
-                                                                             leaf * 2**(L - 1 - lvl), c))
+    sizes = tuple(
+        leaf * 2 ** (L - 1 - lvl)
+        for lvl in range(L)
+        if hyper_applies(leaf * 2 ** (L - 1 - lvl), leaf * 2 ** (L - 1 - lvl), c)
+    )
     if not sizes:
         return ("causal", leaf)
     return ("causal", leaf, sizes, c.block_size, c.sample_size, c.lsh_num_projs) + exact_parts
 
 
-def _thresholds(n: int, block: int, crossover: int) -> List[int]:
+def _thresholds(n: int, block: int, crossover: int) -> list[int]:
     """Causal ``min_seq_len`` values to try: powers of two from a quarter to four times the crossover, that
     approximate at ``n`` (at most ``n/2``) with at least two blocks; near ``n/2`` if the crossover is above."""
     usable = [1 << k for k in range(n.bit_length()) if 2 * block <= 1 << k <= n // 2]
@@ -193,15 +197,19 @@ def no_more_accurate(a: HyperConfig, b: HyperConfig, n: int, causal: bool) -> bo
     return True
 
 
-def grid(n: int, causal: bool, s: TuneSettings, crossover_of) -> List[HyperConfig]:
+def grid(n: int, causal: bool, s: TuneSettings, crossover_of) -> list[HyperConfig]:
     """Candidates at length ``n``, one per distinct structure (auto depth preferred on ties).
 
     ``crossover_of(candidate) -> int`` predicts the length where that candidate starts beating exact.
     """
-    out: Dict[tuple, HyperConfig] = {}
+    out: dict[tuple, HyperConfig] = {}
     r = DEFAULTS.lsh_num_projs
-    exact_parts = [dict(sink_keys=k, local_window=w, residual=res)
-                   for k in s.sink_keys for w in s.local_windows for res in s.residuals]
+    exact_parts = [
+        dict(sink_keys=k, local_window=w, residual=res)
+        for k in s.sink_keys
+        for w in s.local_windows
+        for res in s.residuals
+    ]
     for bs, m, parts in ((bs, m, e) for bs in s.block_sizes for m in s.sample_sizes for e in exact_parts):
         if bs >= n:
             continue
@@ -231,31 +239,39 @@ def grid(n: int, causal: bool, s: TuneSettings, crossover_of) -> List[HyperConfi
 # one length
 # ----------------------------------------------------------------------------------------------------------
 
+
 class Tuner:
-    def __init__(self, settings: TuneSettings, progress: Optional[Progress] = None):
+    def __init__(self, settings: TuneSettings, progress: Progress | None = None):
         self.s = settings
         self.progress = progress or Progress()
-        self.rates: Optional[cost.Rates] = None
-        self.fit_points: List[Tuple[float, float, float]] = []
+        self.rates: cost.Rates | None = None
+        self.fit_points: list[tuple[float, float, float]] = []
         self.elem = torch.empty((), dtype=settings.dtype).element_size()
-        self.file_samples: Optional[List[Sample]] = None
+        self.file_samples: list[Sample] | None = None
         # measured / modelled times near the crossover (`calibrate_crossover`), for exact and approximate calls
         self.exact_scale = self.hyper_scale = 1.0
 
     # -- model helpers --------------------------------------------------------------------------------------
     def _kw(self):
-        return dict(head_dim=self.s.head_dim, elem_bytes=self.elem, batch_heads=self.s.batch * self.s.heads,
-                    rates=self.rates)
+        return dict(
+            head_dim=self.s.head_dim, elem_bytes=self.elem, batch_heads=self.s.batch * self.s.heads, rates=self.rates
+        )
 
     def predict(self, n: int, c: HyperConfig) -> float:
-        measure.calibrate(self.rates, cost.tile_shapes(n, self.s.causal, c), self.s.head_dim, self.s.dtype,
-                          self.s.device)
+        measure.calibrate(
+            self.rates, cost.tile_shapes(n, self.s.causal, c), self.s.head_dim, self.s.dtype, self.s.device
+        )
         return cost.predict_time(n, self.s.causal, c, **self._kw())
 
     def crossover_of(self, c: HyperConfig) -> int:
         """Predicted crossover for ``c``'s sizes (the model, scaled by the probes near the crossover)."""
-        measure.calibrate(self.rates, cost.tile_shapes(1 << 14, False, replace(c, min_seq_len=1)),
-                          self.s.head_dim, self.s.dtype, self.s.device)
+        measure.calibrate(
+            self.rates,
+            cost.tile_shapes(1 << 14, False, replace(c, min_seq_len=1)),
+            self.s.head_dim,
+            self.s.dtype,
+            self.s.device,
+        )
         found = cost.crossover(c, exact_scale=self.exact_scale, hyper_scale=self.hyper_scale, **self._kw())
         return found if found is not None else 1 << 24
 
@@ -268,24 +284,35 @@ class Tuner:
         cost.refit(self.rates, self.fit_points)
 
     # -- inputs ---------------------------------------------------------------------------------------------
-    def samples(self, n: int) -> List[Sample]:
+    def samples(self, n: int) -> list[Sample]:
         s = self.s
         if s.inputs_path:
             if self.file_samples is None:
-                self.file_samples = load_inputs(s.inputs_path, dtype=s.dtype, device=s.device,
-                                                min_len=max(s.seq_lens))
+                self.file_samples = load_inputs(s.inputs_path, dtype=s.dtype, device=s.device, min_len=max(s.seq_lens))
             return [x.prefix(n) for x in self.file_samples]
-        return [synthetic(s.family, n=n, head_dim=s.head_dim, heads=s.heads, batch=s.batch, dtype=s.dtype,
-                          device=s.device, seed=s.seed)]
+        return [
+            synthetic(
+                s.family,
+                n=n,
+                head_dim=s.head_dim,
+                heads=s.heads,
+                batch=s.batch,
+                dtype=s.dtype,
+                device=s.device,
+                seed=s.seed,
+            )
+        ]
 
     # -- exact attention time -------------------------------------------------------------------------------
-    def exact_time(self, sample: Sample, n: int) -> Tuple[float, bool]:
+    def exact_time(self, sample: Sample, n: int) -> tuple[float, bool]:
         """Measured when predicted under ~20 s, else extrapolated from the last rows' share of the work."""
         predicted = self.predict_exact(n, self.s.causal)
         dev = self.s.device
         if predicted < 20.0:
-            times = [measure.time_once(lambda: measure.run_exact(sample, self.s.causal), dev)
-                     for _ in range(1 if predicted > 5 else 3)]
+            times = [
+                measure.time_once(lambda: measure.run_exact(sample, self.s.causal), dev)
+                for _ in range(1 if predicted > 5 else 3)
+            ]
             return measure.median(times), False
         return self.exact_slice_time(sample, n, repeats=2), True
 
@@ -310,8 +337,11 @@ class Tuner:
         P.phase(f"n={n}: default config")
         default = Contender("default", DEFAULT, Score(), self.predict(n, DEFAULT))
         for seed in (0, 1):
-            self._learn(n, DEFAULT, measure.run_and_score(default.score, samples, refs, s.causal, DEFAULT, seed,
-                                                          all_samples=True))
+            self._learn(
+                n,
+                DEFAULT,
+                measure.run_and_score(default.score, samples, refs, s.causal, DEFAULT, seed, all_samples=True),
+            )
         max_error = s.max_error
         if max_error is None:
             if _approximates(n, s.causal, DEFAULT):
@@ -331,14 +361,27 @@ class Tuner:
         race, exact_t = self._race(n, samples, refs, max_error, default, trials, exact_t, extrapolated, until)
         winner = self._winner(race, max_error)
         params = self._params(n, winner)
-        return LengthResult(n, max_error, s.max_error is None, exact_t, exact_pred, extrapolated, trials, race,
-                            winner, params, time.monotonic() - t_start, samples[0].name)
+        return LengthResult(
+            n,
+            max_error,
+            s.max_error is None,
+            exact_t,
+            exact_pred,
+            extrapolated,
+            trials,
+            race,
+            winner,
+            params,
+            time.monotonic() - t_start,
+            samples[0].name,
+        )
 
-    def _screen(self, n, samples, refs, max_error, default, exact_t, until) -> List[Trial]:
+    def _screen(self, n, samples, refs, max_error, default, exact_t, until) -> list[Trial]:
         s, P = self.s, self.progress
         same_as_default = structure(n, s.causal, DEFAULT)
-        candidates = [c for c in grid(n, s.causal, s, self.crossover_of)
-                      if structure(n, s.causal, c) != same_as_default]
+        candidates = [
+            c for c in grid(n, s.causal, s, self.crossover_of) if structure(n, s.causal, c) != same_as_default
+        ]
         trials = [Trial(c, self.predict(n, c)) for c in candidates]
         trials.sort(key=lambda t: t.predicted)
         # half the remaining time, and at least three race rounds of the default and the contenders, for the race
@@ -346,10 +389,10 @@ class Tuner:
         deadline = min(now + 0.5 * (until - now), until - 3 * (s.race_size + 1) * default.score.time)
         default_ok = _approximates(n, s.causal, DEFAULT) and default.score.error <= max_error
         P.start_trials(len(trials))
-        failures: List[HyperConfig] = []
+        failures: list[HyperConfig] = []
         # the default is re-timed before every third candidate; a candidate's ratio is its time over the mean
         # of the default's times just before and just after it
-        pending: List[Trial] = []
+        pending: list[Trial] = []
         last_default = [default.score.times[-1]]
 
         def time_default() -> None:
@@ -402,27 +445,35 @@ class Tuner:
             time_default()
         return trials
 
-    def _race(self, n, samples, refs, max_error, default, trials, exact_t, extrapolated,
-              until) -> Tuple[List[Contender], float]:
+    def _race(
+        self, n, samples, refs, max_error, default, trials, exact_t, extrapolated, until
+    ) -> tuple[list[Contender], float]:
         s, P = self.s, self.progress
         P.phase(f"n={n}: race against the default")
         # one screening run is noisy and the model is rough: rank by the geometric mean of the measured and the
         # predicted speed relative to the default, those with some error margin first (errors vary with the seed)
-        ranked = sorted((t for t in trials if t.status in ("pass", "near")),
-                        key=lambda t: (t.status != "pass", t.score.error > 0.95 * max_error,
-                                       math.sqrt(t.ratio * t.predicted_ratio)))
-        race = [default] + [Contender(f"#{i + 1}", t.candidate, replace(t.score, times=list(t.score.times)),
-                                      t.predicted) for i, t in enumerate(ranked[:s.race_size])]
+        ranked = sorted(
+            (t for t in trials if t.status in ("pass", "near")),
+            key=lambda t: (
+                t.status != "pass",
+                t.score.error > 0.95 * max_error,
+                math.sqrt(t.ratio * t.predicted_ratio),
+            ),
+        )
+        race = [default] + [
+            Contender(f"#{i + 1}", t.candidate, replace(t.score, times=list(t.score.times)), t.predicted)
+            for i, t in enumerate(ranked[: s.race_size])
+        ]
         if not extrapolated and exact_t < 1.5 * default.score.time:
             race.append(Contender("exact", None, Score(), exact_t))
-        exact_rounds: List[float] = []  # the extrapolated exact time, re-measured under each round's load
+        exact_rounds: list[float] = []  # the extrapolated exact time, re-measured under each round's load
         for rnd in range(s.race_rounds):
             alive = [c for c in race if c.status == "racing"]
             cost_round = sum(c.time if c.rounds else c.score.time for c in alive)
             out_of_time = rnd >= 3 and time.monotonic() + cost_round > until
             if out_of_time or (len(alive) == 1 and rnd >= 1):  # at least one round times the default
                 break
-            order = alive[rnd % len(alive):] + alive[:rnd % len(alive)]  # rotate who runs first
+            order = alive[rnd % len(alive) :] + alive[: rnd % len(alive)]  # rotate who runs first
             times = {}
             for c in order:
                 times[c.name] = measure.run_and_score(c.score, samples, refs, s.causal, c.candidate, 2 + rnd)
@@ -446,7 +497,7 @@ class Tuner:
             exact_t = raced_exact[0]
         return race, (measure.median(exact_rounds) if exact_rounds else exact_t)
 
-    def _winner(self, race: List[Contender], max_error: float) -> Contender:
+    def _winner(self, race: list[Contender], max_error: float) -> Contender:
         default = race[0]
         # a 2% margin: a contender indistinguishable from the default does not replace it
         fine = [c for c in race[1:] if c.status == "finished" and c.score.error <= max_error and c.ratio < 0.98]
@@ -479,14 +530,28 @@ class Tuner:
         kw = self._kw()
         probes = []
         for x in (center // 2, center, center * 2):
-            samp = synthetic("mixed", n=x, head_dim=self.s.head_dim, heads=self.s.heads, batch=self.s.batch,
-                             dtype=self.s.dtype, device=self.s.device)
+            samp = synthetic(
+                "mixed",
+                n=x,
+                head_dim=self.s.head_dim,
+                heads=self.s.heads,
+                batch=self.s.batch,
+                dtype=self.s.dtype,
+                device=self.s.device,
+            )
             ex, hy = [], []
             for _ in range(repeats if x <= 4096 else 3):
-                ex.append(measure.time_once(lambda: measure.run_exact(samp, False), self.s.device))
-                hy.append(measure.time_once(lambda: measure.run_hyper(samp, False, forced), self.s.device))
-            probes.append((x, measure.median(ex), measure.median(hy), sum(cost.exact_parts(x, False, **kw)),
-                           sum(cost.predict_parts(x, False, forced, **kw))))
+                ex.append(measure.time_once(lambda samp=samp: measure.run_exact(samp, False), self.s.device))
+                hy.append(measure.time_once(lambda samp=samp: measure.run_hyper(samp, False, forced), self.s.device))
+            probes.append(
+                (
+                    x,
+                    measure.median(ex),
+                    measure.median(hy),
+                    sum(cost.exact_parts(x, False, **kw)),
+                    sum(cost.predict_parts(x, False, forced, **kw)),
+                )
+            )
         self.exact_scale = measure.median([e / pe for _, e, _, pe, _ in probes])
         self.hyper_scale = measure.median([h / ph for _, _, h, _, ph in probes])
         probes = [(x, e, h, pe * self.exact_scale, ph * self.hyper_scale) for x, e, h, pe, ph in probes]
@@ -498,7 +563,7 @@ class Tuner:
         return CrossoverResult(self.crossover_of(c), probes, measured, raw)
 
     # -- everything -----------------------------------------------------------------------------------------
-    def run(self) -> Tuple[List[LengthResult], CrossoverResult]:
+    def run(self) -> tuple[list[LengthResult], CrossoverResult]:
         s = self.s
         start = time.monotonic()
         dev_key, dt = cache.device_key(s.device), cache.dtype_name(s.dtype)
@@ -513,35 +578,78 @@ class Tuner:
             left = start + s.time_budget - now
             result = self.tune_length(n, now + max(left, 0.0) / (len(s.seq_lens) - i))
             results.append(result)
-            cache.record(s.cache_path, [cache.make_entry(device=dev_key, dtype=dt, head_dim=s.head_dim,
-                                                         causal=s.causal, seq_len=n, params=result.params,
-                                                         tuned=self._provenance(result))])
+            cache.record(
+                s.cache_path,
+                [
+                    cache.make_entry(
+                        device=dev_key,
+                        dtype=dt,
+                        head_dim=s.head_dim,
+                        causal=s.causal,
+                        seq_len=n,
+                        params=result.params,
+                        tuned=self._provenance(result),
+                    )
+                ],
+            )
         winners = [r.winner.candidate for r in results if r.winner.candidate is not None]
         base = winners[-1] if winners else DEFAULT
         predicted = self.crossover_of(base)
-        cross = CrossoverResult(predicted if predicted < 1 << 24 else None, probe.probes if probe else [],
-                                probe.measured if probe else None, None)
+        cross = CrossoverResult(
+            predicted if predicted < 1 << 24 else None,
+            probe.probes if probe else [],
+            probe.measured if probe else None,
+            None,
+        )
         if cross.predicted is not None:
-            info = {"predicted": cross.predicted, "measured_between_probes": cross.measured,
-                    "block_size": base.block_size, "sample_size": base.sample_size,
-                    "lsh_num_projs": base.lsh_num_projs, "exact_scale": self.exact_scale,
-                    "hyper_scale": self.hyper_scale, "batch_heads": s.batch * s.heads,
-                    "probes": [dict(n=x, exact_s=e, hyper_s=h, exact_pred_s=pe, hyper_pred_s=ph)
-                               for x, e, h, pe, ph in cross.probes], **_stamp(s)}
-            cache.record(s.cache_path, defaults=[cache.make_default(device=dev_key, dtype=dt, head_dim=s.head_dim,
-                                                                    min_seq_len=cross.predicted, crossover=info)])
+            info = {
+                "predicted": cross.predicted,
+                "measured_between_probes": cross.measured,
+                "block_size": base.block_size,
+                "sample_size": base.sample_size,
+                "lsh_num_projs": base.lsh_num_projs,
+                "exact_scale": self.exact_scale,
+                "hyper_scale": self.hyper_scale,
+                "batch_heads": s.batch * s.heads,
+                "probes": [
+                    dict(n=x, exact_s=e, hyper_s=h, exact_pred_s=pe, hyper_pred_s=ph)
+                    for x, e, h, pe, ph in cross.probes
+                ],
+                **_stamp(s),
+            }
+            cache.record(
+                s.cache_path,
+                defaults=[
+                    cache.make_default(
+                        device=dev_key, dtype=dt, head_dim=s.head_dim, min_seq_len=cross.predicted, crossover=info
+                    )
+                ],
+            )
         return results, cross
 
     def _provenance(self, r: LengthResult) -> dict:
         w, d = r.winner, r.default
-        choice = "exact" if "min_seq_len" in r.params and len(r.params) == 1 else (
-            "default" if w is d else "tuned")
-        return {"seq_len": r.seq_len, "choice": choice, "time_s": w.time, "error": w.score.error,
-                "time_vs_default": w.ratio, "default_time_s": d.time, "default_error": d.score.error,
-                "rounds": len(d.rounds), "max_error": r.max_error, "max_error_auto": r.budget_auto,
-                "exact_time_s": r.exact_time, "exact_time_extrapolated": r.exact_extrapolated,
-                "predicted_s": w.predicted, "inputs": r.inputs, "heads": self.s.heads, "batch": self.s.batch,
-                "tune_s": r.seconds, **_stamp(self.s)}
+        choice = "exact" if "min_seq_len" in r.params and len(r.params) == 1 else ("default" if w is d else "tuned")
+        return {
+            "seq_len": r.seq_len,
+            "choice": choice,
+            "time_s": w.time,
+            "error": w.score.error,
+            "time_vs_default": w.ratio,
+            "default_time_s": d.time,
+            "default_error": d.score.error,
+            "rounds": len(d.rounds),
+            "max_error": r.max_error,
+            "max_error_auto": r.budget_auto,
+            "exact_time_s": r.exact_time,
+            "exact_time_extrapolated": r.exact_extrapolated,
+            "predicted_s": w.predicted,
+            "inputs": r.inputs,
+            "heads": self.s.heads,
+            "batch": self.s.batch,
+            "tune_s": r.seconds,
+            **_stamp(self.s),
+        }
 
 
 def _approximates(n: int, causal: bool, c: HyperConfig) -> bool:
@@ -554,6 +662,10 @@ def _auto_threshold(n: int, causal: bool) -> int:
 
 
 def _stamp(s: TuneSettings) -> dict:
-    return {"torch": torch.__version__, "hyper_backend": hyper_backend.__version__,
-            "threads": torch.get_num_threads(), "host": platform.node(),
-            "date": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    return {
+        "torch": torch.__version__,
+        "hyper_backend": hyper_backend.__version__,
+        "threads": torch.get_num_threads(),
+        "host": platform.node(),
+        "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }

@@ -1,4 +1,5 @@
 """Shared benchmark plumbing: device/version stamp, interleaved timing, peak-RSS sampling, JSON output."""
+
 from __future__ import annotations
 
 import json
@@ -7,7 +8,7 @@ import platform
 import statistics
 import threading
 import time
-from typing import Callable, Optional
+from collections.abc import Callable
 
 import torch
 
@@ -84,7 +85,7 @@ def timed(fn: Callable[[], object]) -> float:
     return time.perf_counter() - t0
 
 
-def interleave(candidates: dict, repeats: int, budget_s: Optional[dict] = None) -> dict:
+def interleave(candidates: dict, repeats: int, budget_s: dict | None = None) -> dict:
     """Time each candidate ``repeats`` times, alternating between them so both see the same machine load.
 
     ``budget_s[name]``: stop repeating that candidate once its total time passes the budget (slow baselines

@@ -16,6 +16,7 @@ Output: a rich table and a JSON file stamped with device and versions (``--out``
     python bench/e2e.py --model gemma3-270m-gguf --seq 32768 --repeats 1 --compile-seq 1024
                                              # a real model body: sliding layers on the exact window op
 """
+
 from __future__ import annotations
 
 import argparse
@@ -40,9 +41,16 @@ def build(layers: int, heads: int, head_dim: int, seq: int):
 
     torch.manual_seed(0)
     hidden = heads * head_dim
-    cfg = LlamaConfig(hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
-                      num_key_value_heads=heads, intermediate_size=hidden, vocab_size=1024,
-                      max_position_embeddings=max(seq, 4096), attn_implementation="sdpa")
+    cfg = LlamaConfig(
+        hidden_size=hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=heads,
+        intermediate_size=hidden,
+        vocab_size=1024,
+        max_position_embeddings=max(seq, 4096),
+        attn_implementation="sdpa",
+    )
     return LlamaForCausalLM(cfg).eval()
 
 
@@ -50,15 +58,14 @@ def compile_times(model, seq: int, repeats: int) -> dict:
     """Cold compile + first call minus a second call, at length ``seq``; one untimed round first (warm-up)."""
     ids = torch.randint(0, model.config.vocab_size, (1, seq))
     times = {"inductor": [], "hyper": []}
-    with torch._inductor.config.patch(fx_graph_cache=False), \
-            torch._functorch.config.patch(enable_autograd_cache=False):
+    with torch._inductor.config.patch(fx_graph_cache=False), torch._functorch.config.patch(enable_autograd_cache=False):
         for rep in range(repeats + 1):
             for backend in times:
                 torch._dynamo.reset()
                 compiled = torch.compile(model, backend=backend)
-                first = timed(lambda: prefill(compiled, ids))
+                first = timed(lambda compiled=compiled: prefill(compiled, ids))
                 if rep:
-                    times[backend].append(max(first - timed(lambda: prefill(compiled, ids)), 0.0))
+                    times[backend].append(max(first - timed(lambda compiled=compiled: prefill(compiled, ids)), 0.0))
     torch._dynamo.reset()
     return {name: summary(ts) for name, ts in times.items()}
 
@@ -129,9 +136,13 @@ def model_main(args, console) -> dict:
         table.add_column(col)
     for name in rows:
         t = times[name]
-        table.add_row(name, f"{t['median']:.1f} ({t['min']:.1f}-{t['max']:.1f}, {t['n']})",
-                      f"{result['speedup'][name]:.2f}x", f"{result['max_abs_diff_vs_inductor'][name]:.3g} "
-                      f"(of {scale:.3g})", f"{loads[name][0]:.1f}->{loads[name][1]:.1f}")
+        table.add_row(
+            name,
+            f"{t['median']:.1f} ({t['min']:.1f}-{t['max']:.1f}, {t['n']})",
+            f"{result['speedup'][name]:.2f}x",
+            f"{result['max_abs_diff_vs_inductor'][name]:.3g} (of {scale:.3g})",
+            f"{loads[name][0]:.1f}->{loads[name][1]:.1f}",
+        )
     console.print(table)
     console.print(f"written to {args.out}")
     return result
@@ -147,9 +158,12 @@ def main(argv=None) -> dict:
     parser.add_argument("--compile-repeats", type=int, default=3)
     parser.add_argument("--compile-seq", type=int, default=256, help="length at which compile time is measured")
     parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "e2e.json"))
-    parser.add_argument("--model", default=None,
-                        help="time the body of a real model instead (an HF directory, a .gguf file, or "
-                             "gemma3-270m-gguf): inductor, hyper, and hyper with only the windows (layers=none)")
+    parser.add_argument(
+        "--model",
+        default=None,
+        help="time the body of a real model instead (an HF directory, a .gguf file, or "
+        "gemma3-270m-gguf): inductor, hyper, and hyper with only the windows (layers=none)",
+    )
     args = parser.parse_args(argv)
     console = Console()
     if args.model is not None:
@@ -169,8 +183,9 @@ def main(argv=None) -> dict:
     inductor = torch.compile(model, backend="inductor")
     first_inductor = timed(lambda: prefill(inductor, ids))
     console.print(f"first calls: hyper {first_hyper:.1f} s, inductor {first_inductor:.1f} s; timing prefill ...")
-    prefill_stats = interleave({"hyper": lambda: prefill(hyper, ids), "inductor": lambda: prefill(inductor, ids)},
-                               args.repeats)
+    prefill_stats = interleave(
+        {"hyper": lambda: prefill(hyper, ids), "inductor": lambda: prefill(inductor, ids)}, args.repeats
+    )
 
     speedup = prefill_stats["inductor"]["median"] / prefill_stats["hyper"]["median"]
     ratio = compile_stats["hyper"]["median"] / compile_stats["inductor"]["median"]
@@ -193,11 +208,15 @@ def main(argv=None) -> dict:
         table.add_column(col)
     for name in ("hyper", "inductor"):
         p, c = prefill_stats[name], compile_stats[name]
-        table.add_row(name, f"{p['median']:.2f} ({p['min']:.2f}-{p['max']:.2f}, {p['n']})",
-                      f"{c['median']:.2f} ({c['min']:.2f}-{c['max']:.2f}, {c['n']})")
+        table.add_row(
+            name,
+            f"{p['median']:.2f} ({p['min']:.2f}-{p['max']:.2f}, {p['n']})",
+            f"{c['median']:.2f} ({c['min']:.2f}-{c['max']:.2f}, {c['n']})",
+        )
     console.print(table)
-    console.print(f"speedup {speedup:.2f}x (target >= 5), compile ratio {ratio:.2f} (target <= 1.3); "
-                  f"written to {args.out}")
+    console.print(
+        f"speedup {speedup:.2f}x (target >= 5), compile ratio {ratio:.2f} (target <= 1.3); written to {args.out}"
+    )
     return result
 
 

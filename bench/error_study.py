@@ -20,6 +20,7 @@ the Frobenius relative error of all sampled rows. One parameter moves at a time 
 approximated rows lies (on the first key, the attention sink; within the last 512 keys; in the keys the causal
 recursion approximates), which is what decides whether a configuration can work.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -28,7 +29,6 @@ import math
 import os
 import sys
 import time
-from typing import Dict, List, Optional
 
 import torch
 from rich.console import Console
@@ -53,7 +53,7 @@ GRID = {  # one parameter at a time
 LOCAL = 512
 
 
-def load_records(path: str) -> List[dict]:
+def load_records(path: str) -> list[dict]:
     data = torch.load(path, weights_only=True, map_location="cpu")
     records = data if isinstance(data, (list, tuple)) else [data]
     for i, r in enumerate(records):
@@ -63,7 +63,7 @@ def load_records(path: str) -> List[dict]:
     return list(records)
 
 
-def capture_from_model(args, console: Console) -> List[dict]:
+def capture_from_model(args, console: Console) -> list[dict]:
     """One exact forward over the first window of the text, recording ``--sites``; saved to ``--inputs``."""
     import quality
 
@@ -72,14 +72,16 @@ def capture_from_model(args, console: Console) -> List[dict]:
     path = quality.model_path(args.model)
     model, tokenizer = quality.load_model(path)
     bos = tokenizer.bos_token_id
-    data = quality.windows(quality.text_tokens(tokenizer, quality.load_text(args.text), args.context - 1),
-                           args.context, bos)
+    data = quality.windows(
+        quality.text_tokens(tokenizer, quality.load_text(args.text), args.context - 1), args.context, bos
+    )
     body = quality.body_and_head(model)[0]
     t0 = time.perf_counter()
     with torch.no_grad(), capture_attention(args.sites, module=body) as records:
         quality.plain_runner(body)(data[:1])
-    console.print(f"captured sites {[r['layer'] for r in records]} at n={args.context} in "
-                  f"{time.perf_counter() - t0:.0f} s")
+    console.print(
+        f"captured sites {[r['layer'] for r in records]} at n={args.context} in {time.perf_counter() - t0:.0f} s"
+    )
     save_records(records, args.inputs)
     return records
 
@@ -87,6 +89,7 @@ def capture_from_model(args, console: Console) -> List[dict]:
 # ----------------------------------------------------------------------------------------------------------
 # exact rows and the error of a configuration
 # ----------------------------------------------------------------------------------------------------------
+
 
 def exact_probs(q, k, rows, causal, scale):
     """Exact attention probabilities of the chosen query rows in float64: ``[B, Hq, len(rows), Nk]``."""
@@ -114,7 +117,7 @@ class Problem:
     rows: torch.Tensor  # [r] sorted query positions
     approx: torch.Tensor  # [r] bool: the row's attention is (partly) approximated
     ref: torch.Tensor  # [B, Hq, r, Dv] float64
-    profile: Dict[str, float]
+    profile: dict[str, float]
 
 
 def first_exact_rows(n: int, causal: bool, config: HyperConfig) -> int:
@@ -154,16 +157,18 @@ def make_problem(record: dict, num_rows: int, base: HyperConfig, seed: int = 0) 
     return Problem(record, rows, approx, exact_out(p, v), profile)
 
 
-def run(record: dict, config: Optional[HyperConfig]) -> torch.Tensor:
+def run(record: dict, config: HyperConfig | None) -> torch.Tensor:
     """The site's attention: HyperAttention with ``config``, or exact SDPA for None."""
     r = record
     gqa = r["q"].shape[1] != r["k"].shape[1]
     with torch.no_grad():
         if config is None:
-            return torch.nn.functional.scaled_dot_product_attention(r["q"], r["k"], r["v"], is_causal=r["causal"],
-                                                                    scale=r["scale"], enable_gqa=gqa)
-        return hyper_attention(r["q"], r["k"], r["v"], is_causal=r["causal"], scale=r["scale"], enable_gqa=gqa,
-                               config=config)
+            return torch.nn.functional.scaled_dot_product_attention(
+                r["q"], r["k"], r["v"], is_causal=r["causal"], scale=r["scale"], enable_gqa=gqa
+            )
+        return hyper_attention(
+            r["q"], r["k"], r["v"], is_causal=r["causal"], scale=r["scale"], enable_gqa=gqa, config=config
+        )
 
 
 def errors(problem: Problem, config: HyperConfig) -> dict:
@@ -187,7 +192,7 @@ def mean_over_seeds(problem: Problem, config: HyperConfig, seeds: int) -> dict:
     return {key: sum(r[key] for r in runs) / len(runs) for key in runs[0]}
 
 
-def configs(base: HyperConfig, grid: Dict[str, list]):
+def configs(base: HyperConfig, grid: dict[str, list]):
     """``(parameter, value, config)``: the base first, then one parameter moved at a time."""
     yield "base", None, base
     for name, values in grid.items():
@@ -213,7 +218,7 @@ def parse_config(base: HyperConfig, text: str) -> HyperConfig:
     return base.replace(**fields)
 
 
-def median_seconds(record: dict, config: Optional[HyperConfig], repeats: int) -> List[float]:
+def median_seconds(record: dict, config: HyperConfig | None, repeats: int) -> list[float]:
     times = []
     for _ in range(repeats):
         t0 = time.perf_counter()
@@ -222,7 +227,7 @@ def median_seconds(record: dict, config: Optional[HyperConfig], repeats: int) ->
     return times
 
 
-def frontier(problems: List[Problem], points: List[HyperConfig], seeds: int, repeats: int, progress) -> List[dict]:
+def frontier(problems: list[Problem], points: list[HyperConfig], seeds: int, repeats: int, progress) -> list[dict]:
     """Error and time of each config, with exact SDPA timed alternately on the same tensors: one row a config,
     errors averaged over sites and seeds, time summed over sites (median of ``repeats``)."""
     task = progress.add_task("frontier", total=len(points))
@@ -236,23 +241,40 @@ def frontier(problems: List[Problem], points: List[HyperConfig], seeds: int, rep
             hyper_s.append(sorted(h)[len(h) // 2])
             exact_s.append(sorted(e)[len(e) // 2])
         err = sum(s["row_rel_mean"] for s in per_site.values()) / len(per_site)
-        rows.append({"config": dataclasses.asdict(cfg), "label": cfg.label(), "row_rel_mean": err,
-                     "hyper_seconds": sum(hyper_s), "exact_seconds": sum(exact_s),
-                     "speedup": sum(exact_s) / sum(hyper_s), "sites": per_site})
+        rows.append(
+            {
+                "config": dataclasses.asdict(cfg),
+                "label": cfg.label(),
+                "row_rel_mean": err,
+                "hyper_seconds": sum(hyper_s),
+                "exact_seconds": sum(exact_s),
+                "speedup": sum(exact_s) / sum(hyper_s),
+                "sites": per_site,
+            }
+        )
         progress.advance(task)
     return rows
 
 
 def short_label(config: dict, default: HyperConfig) -> str:
     """The fields where ``config`` differs from ``default``, e.g. ``sink_keys=4 local_window=128``."""
-    names = {"block_size": "b", "sample_size": "m", "lsh_num_projs": "r", "min_seq_len": "min",
-             "causal_depth": "depth", "sink_keys": "sinks", "local_window": "w", "residual": ""}
-    parts = [f"{names[k]}={v}" if names[k] else str(v) for k, v in config.items()
-             if k in names and v != getattr(default, k)]
+    names = {
+        "block_size": "b",
+        "sample_size": "m",
+        "lsh_num_projs": "r",
+        "min_seq_len": "min",
+        "causal_depth": "depth",
+        "sink_keys": "sinks",
+        "local_window": "w",
+        "residual": "",
+    }
+    parts = [
+        f"{names[k]}={v}" if names[k] else str(v) for k, v in config.items() if k in names and v != getattr(default, k)
+    ]
     return " ".join(parts) or "default"
 
 
-def plot_frontier(rows: List[dict], default: HyperConfig, path: str, title: str) -> None:
+def plot_frontier(rows: list[dict], default: HyperConfig, path: str, title: str) -> None:
     """Error against speed-up over exact, one point a config, the default marked."""
     import matplotlib
 
@@ -262,10 +284,21 @@ def plot_frontier(rows: List[dict], default: HyperConfig, path: str, title: str)
     fig, ax = plt.subplots(figsize=(8, 5.5), dpi=110)
     for r in rows:
         is_default = r["config"] == dataclasses.asdict(default)
-        ax.scatter(r["speedup"], r["row_rel_mean"], s=80 if is_default else 30,
-                   c="crimson" if is_default else "steelblue", marker="*" if is_default else "o", zorder=3)
-        ax.annotate("default" if is_default else short_label(r["config"], default),
-                    (r["speedup"], r["row_rel_mean"]), fontsize=7, xytext=(4, 3), textcoords="offset points")
+        ax.scatter(
+            r["speedup"],
+            r["row_rel_mean"],
+            s=80 if is_default else 30,
+            c="crimson" if is_default else "steelblue",
+            marker="*" if is_default else "o",
+            zorder=3,
+        )
+        ax.annotate(
+            "default" if is_default else short_label(r["config"], default),
+            (r["speedup"], r["row_rel_mean"]),
+            fontsize=7,
+            xytext=(4, 3),
+            textcoords="offset points",
+        )
     ax.set_xlabel("attention speed-up over exact SDPA on the same tensors (same run)")
     ax.set_ylabel("mean relative error of approximated rows")
     ax.set_yscale("log")
@@ -280,6 +313,7 @@ def plot_frontier(rows: List[dict], default: HyperConfig, path: str, title: str)
 # ----------------------------------------------------------------------------------------------------------
 # CLI
 # ----------------------------------------------------------------------------------------------------------
+
 
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -298,22 +332,44 @@ def main(argv=None) -> dict:
     p.add_argument("--sink-keys", type=int, default=HyperConfig.sink_keys)
     p.add_argument("--local-window", type=int, default=HyperConfig.local_window)
     p.add_argument("--residual", choices=("uniform", "stratified"), default=HyperConfig.residual)
-    p.add_argument("--grid", nargs="*", default=None, metavar="NAME=V1,V2",
-                   help="override the sweep, e.g. block_size=128,256 sample_size=512")
-    p.add_argument("--frontier", nargs="*", default=None, metavar="FIELD=V,...",
-                   help="instead of the sweep: these configs (over the base; 'base' for the base itself), timed "
-                        "against exact SDPA, plus the HyperConfig defaults")
+    p.add_argument(
+        "--grid",
+        nargs="*",
+        default=None,
+        metavar="NAME=V1,V2",
+        help="override the sweep, e.g. block_size=128,256 sample_size=512",
+    )
+    p.add_argument(
+        "--frontier",
+        nargs="*",
+        default=None,
+        metavar="FIELD=V,...",
+        help="instead of the sweep: these configs (over the base; 'base' for the base itself), timed "
+        "against exact SDPA, plus the HyperConfig defaults",
+    )
     p.add_argument("--repeats", type=int, default=3, help="timing repeats per config and site (--frontier)")
     p.add_argument("--plot", default=None, help="PNG of the frontier (needs matplotlib: the bench extra)")
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
     console = Console()
     records = capture_from_model(args, console) if args.capture else load_records(args.inputs)
-    base = HyperConfig(block_size=args.block_size, sample_size=args.sample_size, lsh_num_projs=args.lsh_projs,
-                       min_seq_len=args.min_seq_len, sink_keys=args.sink_keys, local_window=args.local_window,
-                       residual=args.residual)
-    grid = GRID if args.grid is None else {
-        kv.split("=")[0]: [parse_value(kv.split("=")[0], x) for x in kv.split("=")[1].split(",")] for kv in args.grid}
+    base = HyperConfig(
+        block_size=args.block_size,
+        sample_size=args.sample_size,
+        lsh_num_projs=args.lsh_projs,
+        min_seq_len=args.min_seq_len,
+        sink_keys=args.sink_keys,
+        local_window=args.local_window,
+        residual=args.residual,
+    )
+    grid = (
+        GRID
+        if args.grid is None
+        else {
+            kv.split("=")[0]: [parse_value(kv.split("=")[0], x) for x in kv.split("=")[1].split(",")]
+            for kv in args.grid
+        }
+    )
     problems = [make_problem(r, args.rows, base) for r in records]
     for pr in problems:
         prof = ", ".join(f"{k} {v:.3f}" for k, v in pr.profile.items())
@@ -331,11 +387,12 @@ def main(argv=None) -> dict:
             for pr in problems:
                 per_site[str(pr.record["layer"])] = mean_over_seeds(pr, cfg, args.seeds)
                 progress.advance(task)
-            results.append({"parameter": name, "value": value, "config": dataclasses.asdict(cfg),
-                            "sites": per_site})
+            results.append({"parameter": name, "value": value, "config": dataclasses.asdict(cfg), "sites": per_site})
 
-    t = Table(title=f"HyperAttention vs exact on captured Q/K/V ({args.inputs}), mean row rel. error of "
-                    f"approximated rows (p90), {args.seeds} seed(s)")
+    t = Table(
+        title=f"HyperAttention vs exact on captured Q/K/V ({args.inputs}), mean row rel. error of "
+        f"approximated rows (p90), {args.seeds} seed(s)"
+    )
     t.add_column("parameter")
     t.add_column("value", justify="right")
     for pr in problems:
@@ -346,17 +403,23 @@ def main(argv=None) -> dict:
         ms = 1000 * sum(s["seconds"] for s in res["sites"].values()) / len(res["sites"])
         t.add_row(res["parameter"], "" if res["value"] is None else str(res["value"]), *cells, f"{ms:.0f}")
     console.print(t)
-    payload = {"inputs": args.inputs, "rows": args.rows, "seeds": args.seeds, "base": dataclasses.asdict(base),
-               "profiles": {str(pr.record["layer"]): pr.profile for pr in problems},
-               "shapes": {str(pr.record["layer"]): list(pr.record["q"].shape) for pr in problems},
-               "results": results, "device": device_stamp()}
+    payload = {
+        "inputs": args.inputs,
+        "rows": args.rows,
+        "seeds": args.seeds,
+        "base": dataclasses.asdict(base),
+        "profiles": {str(pr.record["layer"]): pr.profile for pr in problems},
+        "shapes": {str(pr.record["layer"]): list(pr.record["q"].shape) for pr in problems},
+        "results": results,
+        "device": device_stamp(),
+    }
     out = args.out or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "error_study.json")
     write_json(out, payload)
     console.print(f"wrote {out}")
     return payload
 
 
-def frontier_main(args, problems: List[Problem], base: HyperConfig, console: Console) -> dict:
+def frontier_main(args, problems: list[Problem], base: HyperConfig, console: Console) -> dict:
     default = HyperConfig()
     points = [base if text == "base" else parse_config(base, text) for text in args.frontier]
     if default not in points:
@@ -371,18 +434,34 @@ def frontier_main(args, problems: List[Problem], base: HyperConfig, console: Con
         t.add_column(col, justify="right")
     for r in sorted(rows, key=lambda r: r["speedup"]):
         mark = " (default)" if r["config"] == dataclasses.asdict(default) else ""
-        t.add_row(r["label"] + mark, f"{r['row_rel_mean']:.4f}", f"{r['hyper_seconds']:.3f}",
-                  f"{r['exact_seconds']:.3f}", f"{r['speedup']:.2f}x")
+        t.add_row(
+            r["label"] + mark,
+            f"{r['row_rel_mean']:.4f}",
+            f"{r['hyper_seconds']:.3f}",
+            f"{r['exact_seconds']:.3f}",
+            f"{r['speedup']:.2f}x",
+        )
     console.print(t)
-    payload = {"inputs": args.inputs, "rows": args.rows, "seeds": args.seeds, "repeats": args.repeats,
-               "load": [load_before, load_after], "default": dataclasses.asdict(default), "frontier": rows,
-               "device": device_stamp()}
+    payload = {
+        "inputs": args.inputs,
+        "rows": args.rows,
+        "seeds": args.seeds,
+        "repeats": args.repeats,
+        "load": [load_before, load_after],
+        "default": dataclasses.asdict(default),
+        "frontier": rows,
+        "device": device_stamp(),
+    }
     out = args.out or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "frontier.json")
     write_json(out, payload)
     console.print(f"wrote {out}")
     if args.plot:
-        plot_frontier(rows, default, args.plot, f"HyperAttention on captured Q/K/V: {shapes}\n"
-                                                f"{device_stamp().get('cpu', '')} load {load_before:.2f}")
+        plot_frontier(
+            rows,
+            default,
+            args.plot,
+            f"HyperAttention on captured Q/K/V: {shapes}\n{device_stamp().get('cpu', '')} load {load_before:.2f}",
+        )
         console.print(f"wrote {args.plot}")
     return payload
 

@@ -17,6 +17,7 @@ diagonal, the samples and the exact leaves) and says how well a kernel uses the 
 exact attention's FLOP count over the time and compares speed across candidates. Results go to a rich table
 and a JSON file stamped with the device and versions (median with min/max/IQR over the repeats).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -80,6 +81,7 @@ def candidates(q, k, v, do, causal, mode, config: HyperConfig):
             out, lse = ta.attention_forward(q, k, v, None, causal, None, p)
             if backward:
                 ta.attention_backward(do, q, k, v, out, lse, None, causal, None, p)
+
         return run
 
     qs, ks, vs = (x.detach().clone().requires_grad_(backward) for x in (q, k, v))
@@ -168,12 +170,26 @@ def main(argv=None) -> int:
                 result = time_interleaved(candidates(q, k, v, do, causal, mode, config), args.repeats)
                 for name, t in result.items():
                     done = work.get(name, exact)
-                    row = dict(n=n, causal=causal, mode=mode, candidate=name, seconds=t,
-                               tflops=done / t["median"] / 1e12, exact_equiv_tflops=exact / t["median"] / 1e12)
+                    row = dict(
+                        n=n,
+                        causal=causal,
+                        mode=mode,
+                        candidate=name,
+                        seconds=t,
+                        tflops=done / t["median"] / 1e12,
+                        exact_equiv_tflops=exact / t["median"] / 1e12,
+                    )
                     rows.append(row)
-                    table.add_row(str(n), str(causal), mode, name, f"{t['median'] * 1e3:.3f}",
-                                  f"{t['min'] * 1e3:.3f}-{t['max'] * 1e3:.3f}", f"{row['tflops']:.1f}",
-                                  f"{row['exact_equiv_tflops']:.1f}")
+                    table.add_row(
+                        str(n),
+                        str(causal),
+                        mode,
+                        name,
+                        f"{t['median'] * 1e3:.3f}",
+                        f"{t['min'] * 1e3:.3f}-{t['max'] * 1e3:.3f}",
+                        f"{row['tflops']:.1f}",
+                        f"{row['exact_equiv_tflops']:.1f}",
+                    )
         del q, k, v, do
         torch.cuda.empty_cache()
     Console().print(table)

@@ -28,17 +28,17 @@ calls per window ran HyperAttention (``hyper_backend.kernels.op.path_counts()``)
 fell back to exact attention shows up there. Output: a rich table and JSON stamped with model, context, config and
 versions (default ``bench/results/quality_<model>_<context>.json``).
 """
+
 from __future__ import annotations
 
 import argparse
 import dataclasses
 import importlib.metadata
-import json
 import math
 import os
 import sys
 import time
-from typing import Callable, List, Optional
+from collections.abc import Callable
 
 import torch
 from rich.console import Console
@@ -49,24 +49,41 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import device_stamp, write_json  # noqa: E402
 
 from hyper_backend import hyper_attention  # noqa: E402
-from hyper_backend.capture import count_sites, swap_attention  # noqa: E402
+
 # model, text and loss: shared with the calibration (python -m hyper_backend.autotune --model)
-from hyper_backend.autotune.calibrate import (DEFAULT_MODEL, body_and_head, chunked_nll, kjv_text,  # noqa: E402,F401
-                                              load_model, load_text, model_path, text_tokens, windows)
+from hyper_backend.autotune.calibrate import (
+    DEFAULT_MODEL,
+    body_and_head,
+    chunked_nll,
+    kjv_text,  # noqa: E402,F401
+    load_model,
+    load_text,
+    model_path,
+    text_tokens,
+    windows,
+)
+from hyper_backend.capture import count_sites, swap_attention  # noqa: E402
 from hyper_backend.config import HyperConfig, LayerSelection, read_env  # noqa: E402
 from hyper_backend.kernels import op as hyper_op  # noqa: E402
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 CONFIG_FLAGS = {  # CLI flag -> HyperConfig field
-    "block_size": "block_size", "sample_size": "sample_size", "lsh_projs": "lsh_num_projs",
-    "min_seq_len": "min_seq_len", "causal_depth": "causal_depth", "seed": "seed",
-    "sink_keys": "sink_keys", "local_window": "local_window", "residual": "residual",
+    "block_size": "block_size",
+    "sample_size": "sample_size",
+    "lsh_projs": "lsh_num_projs",
+    "min_seq_len": "min_seq_len",
+    "causal_depth": "causal_depth",
+    "seed": "seed",
+    "sink_keys": "sink_keys",
+    "local_window": "local_window",
+    "residual": "residual",
 }
 
 
 # ----------------------------------------------------------------------------------------------------------
 # loss in chunks (model, text and `chunked_nll` come from hyper_backend.autotune.calibrate)
 # ----------------------------------------------------------------------------------------------------------
+
 
 def window_nll(run_body: Callable, head, softcap, ids: torch.Tensor, chunk: int):
     """NLL sum and count of one ``[1, N]`` window: every position but the last predicts the next token."""
@@ -83,16 +100,17 @@ def plain_runner(body) -> Callable:
 # the ways to run a row
 # ----------------------------------------------------------------------------------------------------------
 
+
 @dataclasses.dataclass
 class Row:
     label: str
     path: str  # "exact" | "direct" | "backend"
-    sites: Optional[str] = None  # LayerSelection text, None for exact
-    config: Optional[HyperConfig] = None  # None: the autotuner's cache / defaults, resolved in the op
+    sites: str | None = None  # LayerSelection text, None for exact
+    config: HyperConfig | None = None  # None: the autotuner's cache / defaults, resolved in the op
     dynamic: bool = False  # backend path: compile with dynamic shapes
 
 
-def backend_available() -> Optional[str]:
+def backend_available() -> str | None:
     """None when ``hyper_backend.backend`` imports, else the reason it does not."""
     try:
         import hyper_backend.backend  # noqa: F401
@@ -114,9 +132,11 @@ def make_runner(row: Row, body, total_sites: int):
     if row.path == "exact":
         return run, lambda: None
     if row.path == "direct":
+
         def direct(ids):
             with swap_attention(row.sites, config=row.config, total=total_sites, attention=hyper_attention):
                 return run(ids)
+
         return direct, lambda: None
     torch._dynamo.reset()
     options = backend_options(row.sites, row.config or HyperConfig(), tuned=row.config is None)
@@ -132,8 +152,7 @@ def layer_progress(body, progress: Progress, task) -> list:
     return [layer.register_forward_hook(lambda *a: progress.advance(task)) for layer in layers]
 
 
-def evaluate(rows: List[Row], model, data: torch.Tensor, chunk: int, console: Console,
-             total_sites: int) -> List[dict]:
+def evaluate(rows: list[Row], model, data: torch.Tensor, chunk: int, console: Console, total_sites: int) -> list[dict]:
     body, head, softcap = body_and_head(model)
     results = []
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
@@ -149,13 +168,15 @@ def evaluate(rows: List[Row], model, data: torch.Tensor, chunk: int, console: Co
                 for w in range(data.shape[0]):
                     progress.reset(ltask, total=len(hooks) or None)
                     t0 = time.perf_counter()
-                    s, c = window_nll(run, head, softcap, data[w:w + 1], chunk)
+                    s, c = window_nll(run, head, softcap, data[w : w + 1], chunk)
                     seconds.append(time.perf_counter() - t0)
                     nll, count = nll + s.item(), count + c
                     progress.advance(task)
                     if not console.is_terminal:  # a log file: one line per window instead of a live bar
-                        console.print(f"{row.label}: window {w + 1}/{data.shape[0]} in {seconds[-1]:.1f} s, "
-                                      f"running ppl {math.exp(nll / count):.4f}")
+                        console.print(
+                            f"{row.label}: window {w + 1}/{data.shape[0]} in {seconds[-1]:.1f} s, "
+                            f"running ppl {math.exp(nll / count):.4f}"
+                        )
             finally:
                 for h in hooks:
                     h.remove()
@@ -163,15 +184,25 @@ def evaluate(rows: List[Row], model, data: torch.Tensor, chunk: int, console: Co
             calls = {k: hyper_op.path_counts()[k] - before[k] for k in ("hyper", "exact")}
             num_sites = 0 if row.sites is None else _count(row.sites, total_sites)
             if num_sites and calls["hyper"] == 0:
-                console.print(f"[bold red]{row.label}: no call ran HyperAttention: the selected sites fell back "
-                              f"to exact attention (too short for min_seq_len, masked, or not lowered)[/bold red]")
-            results.append({
-                "label": row.label, "path": row.path, "sites": row.sites, "num_sites": num_sites,
-                "config": None if row.path == "exact" else config_text(row.config),
-                "nll_sum": nll, "tokens": count, "ppl": math.exp(nll / count),
-                "seconds_per_window": seconds, "hyper_calls_per_window": calls["hyper"] / data.shape[0],
-                "exact_op_calls_per_window": calls["exact"] / data.shape[0],
-            })
+                console.print(
+                    f"[bold red]{row.label}: no call ran HyperAttention: the selected sites fell back "
+                    f"to exact attention (too short for min_seq_len, masked, or not lowered)[/bold red]"
+                )
+            results.append(
+                {
+                    "label": row.label,
+                    "path": row.path,
+                    "sites": row.sites,
+                    "num_sites": num_sites,
+                    "config": None if row.path == "exact" else config_text(row.config),
+                    "nll_sum": nll,
+                    "tokens": count,
+                    "ppl": math.exp(nll / count),
+                    "seconds_per_window": seconds,
+                    "hyper_calls_per_window": calls["hyper"] / data.shape[0],
+                    "exact_op_calls_per_window": calls["exact"] / data.shape[0],
+                }
+            )
             progress.update(task, description=f"{row.label:>18} ppl {results[-1]['ppl']:.4f}")
             progress.remove_task(ltask)
     exact = results[0]["ppl"]
@@ -189,7 +220,8 @@ def _count(sites: str, total: int) -> int:
 # CLI
 # ----------------------------------------------------------------------------------------------------------
 
-def default_site_rows(model, env_layers: Optional[LayerSelection]) -> List[str]:
+
+def default_site_rows(model, env_layers: LayerSelection | None) -> list[str]:
     """``$HYPER_LAYERS`` if set, else the global-attention layers added one at a time, else ``all``."""
     if env_layers is not None:
         return [env_layers.key().removeprefix("set:")]
@@ -224,7 +256,7 @@ def versions() -> dict:
     return out
 
 
-def config_text(config: Optional[HyperConfig]) -> str:
+def config_text(config: HyperConfig | None) -> str:
     """``block/sample/projs`` plus any non-default min_seq_len, causal_depth, seed; ``tuned`` for None."""
     if config is None:
         return "tuned"
@@ -250,7 +282,7 @@ def parse_overrides(text: str) -> dict:
     return out
 
 
-def config_from_args(args, env: dict) -> Optional[HyperConfig]:
+def config_from_args(args, env: dict) -> HyperConfig | None:
     """CLI flags > ``HYPER_*`` env > defaults, every field explicit; ``--tuned`` gives None (tuning cache)."""
     if args.tuned:
         return None
@@ -262,16 +294,31 @@ def config_from_args(args, env: dict) -> Optional[HyperConfig]:
     return HyperConfig(**fields)
 
 
-def table(results: List[dict], title: str) -> Table:
+def table(results: list[dict], title: str) -> Table:
     t = Table(title=title)
-    for col in ("sites replaced", "which", "path", "block/sample/projs", "ppl", "vs exact", "hyper calls/window",
-                "s/window"):
+    for col in (
+        "sites replaced",
+        "which",
+        "path",
+        "block/sample/projs",
+        "ppl",
+        "vs exact",
+        "hyper calls/window",
+        "s/window",
+    ):
         t.add_column(col, justify="right")
     for r in results:
         secs = sorted(r["seconds_per_window"])
-        t.add_row(str(r["num_sites"]), r["sites"] or "-", r["path"], r["config"] or "-", f"{r['ppl']:.4f}",
-                  "-" if r["path"] == "exact" else f"{100 * r['change_vs_exact']:+.2f}%",
-                  f"{r['hyper_calls_per_window']:g}", f"{secs[len(secs) // 2]:.1f}")
+        t.add_row(
+            str(r["num_sites"]),
+            r["sites"] or "-",
+            r["path"],
+            r["config"] or "-",
+            f"{r['ppl']:.4f}",
+            "-" if r["path"] == "exact" else f"{100 * r['change_vs_exact']:+.2f}%",
+            f"{r['hyper_calls_per_window']:g}",
+            f"{secs[len(secs) // 2]:.1f}",
+        )
     return t
 
 
@@ -281,16 +328,23 @@ def main(argv=None) -> dict:
     p.add_argument("--text", default="kjv", help="kjv, or a UTF-8 text file")
     p.add_argument("--context", type=int, default=8192)
     p.add_argument("--tokens", type=int, default=None, help="text tokens to score (default: one window)")
-    p.add_argument("--sites", nargs="*", default=None,
-                   help="site selections, one row each (all, first:K, 5,11, ...); default $HYPER_LAYERS or "
-                        "the global layers added one at a time")
+    p.add_argument(
+        "--sites",
+        nargs="*",
+        default=None,
+        help="site selections, one row each (all, first:K, 5,11, ...); default $HYPER_LAYERS or "
+        "the global layers added one at a time",
+    )
     p.add_argument("--path", choices=("auto", "backend", "direct", "both"), default="auto")
     p.add_argument("--no-bos", action="store_true", help="do not start each window with BOS")
     p.add_argument("--loss-chunk", type=int, default=512, help="positions per lm_head projection")
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
-    p.add_argument("--dynamic", action="store_true",
-                   help="backend path: compile with dynamic shapes (needed above 8k context: with static shapes "
-                        "the backend verifies a dense causal mask at compile time only up to 2**26 elements)")
+    p.add_argument(
+        "--dynamic",
+        action="store_true",
+        help="backend path: compile with dynamic shapes (needed above 8k context: with static shapes "
+        "the backend verifies a dense causal mask at compile time only up to 2**26 elements)",
+    )
     p.add_argument("--tuned", action="store_true", help="use the autotuner's cache instead of explicit defaults")
     p.add_argument("--block-size", type=int)
     p.add_argument("--sample-size", type=int)
@@ -302,9 +356,14 @@ def main(argv=None) -> dict:
     p.add_argument("--local-window", type=int)
     p.add_argument("--residual", choices=("uniform", "stratified"))
     p.add_argument("--offset", type=int, default=0, help="skip this many text tokens first (a held-out slice)")
-    p.add_argument("--configs", nargs="*", default=None, metavar="FIELD=V,...",
-                   help="several configurations in one run, each overriding the flags above, e.g. "
-                        "block_size=128 sample_size=1024,lsh_num_projs=4 (rows: every config x every site set)")
+    p.add_argument(
+        "--configs",
+        nargs="*",
+        default=None,
+        metavar="FIELD=V,...",
+        help="several configurations in one run, each overriding the flags above, e.g. "
+        "block_size=128 sample_size=1024,lsh_num_projs=4 (rows: every config x every site set)",
+    )
     p.add_argument("--out", default=None, help="JSON path")
     args = p.parse_args(argv)
     console = Console()
@@ -320,8 +379,10 @@ def main(argv=None) -> dict:
     data = windows(text_tokens(tokenizer, text, ntok, args.offset), args.context, bos)
     head_err = check_head(model, data, args.loss_chunk)
     total_sites = count_sites(lambda: plain_runner(body_and_head(model)[0])(data[:1, :16]))
-    console.print(f"loaded {os.path.basename(path)} in {time.perf_counter() - t0:.0f} s: {total_sites} attention "
-                  f"sites, {data.shape[0]} window(s) of {args.context}, chunked-loss check |diff| {head_err:.1e}")
+    console.print(
+        f"loaded {os.path.basename(path)} in {time.perf_counter() - t0:.0f} s: {total_sites} attention "
+        f"sites, {data.shape[0]} window(s) of {args.context}, chunked-loss check |diff| {head_err:.1e}"
+    )
 
     why_not = backend_available()
     paths = {"auto": ["direct" if why_not else "backend"], "both": ["direct", "backend"]}.get(args.path, [args.path])
@@ -336,22 +397,35 @@ def main(argv=None) -> dict:
         configs = [config.replace(**parse_overrides(c)) for c in args.configs] if args.configs else [config]
     rows = [Row("exact", "exact")]
     multi = len(configs) > 1
-    rows += [Row(f"{pth}:{s}" + (f" {config_text(c)}" if multi else ""), pth, s, c, args.dynamic)
-             for c in configs for pth in paths for s in selections
-             if s != "none" or pth == "backend"]  # backend, none: only the exact window op (sliding layers)
+    rows += [
+        Row(f"{pth}:{s}" + (f" {config_text(c)}" if multi else ""), pth, s, c, args.dynamic)
+        for c in configs
+        for pth in paths
+        for s in selections
+        if s != "none" or pth == "backend"
+    ]  # backend, none: only the exact window op (sliding layers)
 
     results = evaluate(rows, model, data, args.loss_chunk, console, total_sites)
     name = os.path.basename(path).split(".")[0]
     title = f"{name}, {args.text} from token {args.offset}, context {args.context}, {results[0]['tokens']} tokens"
     console.print(table(results, title))
     payload = {
-        "model": path, "model_type": model.config.model_type, "text": args.text, "offset": args.offset,
+        "model": path,
+        "model_type": model.config.model_type,
+        "text": args.text,
+        "offset": args.offset,
         "context": args.context,
-        "windows": data.shape[0], "tokens_scored": results[0]["tokens"], "bos": bos, "dtype": args.dtype,
+        "windows": data.shape[0],
+        "tokens_scored": results[0]["tokens"],
+        "bos": bos,
+        "dtype": args.dtype,
         "dynamic": args.dynamic,
         "configs": ["tuned" if c is None else dataclasses.asdict(c) for c in configs],
         "attention_sites": total_sites,
-        "backend_unavailable": why_not, "rows": results, "versions": versions(), "device": device_stamp(),
+        "backend_unavailable": why_not,
+        "rows": results,
+        "versions": versions(),
+        "device": device_stamp(),
     }
     out = args.out or os.path.join(RESULTS, f"quality_{name}_{args.context}.json")
     write_json(out, payload)

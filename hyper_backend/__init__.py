@@ -7,8 +7,9 @@ O(n w); `HyperConfig` holds the parameters; `explain` reports what the
 backend would do to a model; `check_env` validates the ``HYPER_*`` environment (also
 ``python -m hyper_backend.check``).
 """
-from hyper_backend.config import HyperConfig
+
 from hyper_backend.attention import hyper_attention, window_attention
+from hyper_backend.config import HyperConfig
 
 __version__ = "0.1.0"
 

@@ -1,8 +1,8 @@
 """`hyper_attention`: a drop-in for ``F.scaled_dot_product_attention`` that runs HyperAttention where it applies."""
+
 from __future__ import annotations
 
 import math
-from typing import Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -12,7 +12,7 @@ from hyper_backend.config import HyperConfig, default_tune_cache, encode, explic
 from hyper_backend.kernels import op as _op  # noqa: F401  (registers torch.ops.hyper.*)
 
 
-def key_padding_mask(attn_mask: Optional[Tensor], batch: int, n_k: int) -> Optional[Tensor]:
+def key_padding_mask(attn_mask: Tensor | None, batch: int, n_k: int) -> Tensor | None:
     """``[B, Nk]`` bool if ``attn_mask`` is a boolean key-padding mask broadcastable to ``[B, 1, 1, Nk]``, else None."""
     if attn_mask is None or attn_mask.dtype != torch.bool or attn_mask.dim() > 4:
         return None
@@ -26,13 +26,13 @@ def hyper_attention(
     query: Tensor,
     key: Tensor,
     value: Tensor,
-    attn_mask: Optional[Tensor] = None,
+    attn_mask: Tensor | None = None,
     dropout_p: float = 0.0,
     is_causal: bool = False,
-    scale: Optional[float] = None,
+    scale: float | None = None,
     enable_gqa: bool = False,
     *,
-    config: Optional[HyperConfig] = None,
+    config: HyperConfig | None = None,
     return_lse: bool = False,
 ):
     """HyperAttention with the signature of ``torch.nn.functional.scaled_dot_product_attention``.
@@ -61,8 +61,10 @@ def hyper_attention(
     Attention is exact below ``min_seq_len``, and wherever the approximation cannot serve the call as written.
     """
     if query.dim() != 4 or key.dim() != 4 or value.dim() != 4:
-        raise ValueError(f"hyper_attention takes [B, H, N, D] tensors, got query {tuple(query.shape)}, "
-                         f"key {tuple(key.shape)}, value {tuple(value.shape)}")
+        raise ValueError(
+            f"hyper_attention takes [B, H, N, D] tensors, got query {tuple(query.shape)}, "
+            f"key {tuple(key.shape)}, value {tuple(value.shape)}"
+        )
     B, Hq, Nq, _ = query.shape
     Hkv, Nk = key.shape[1], key.shape[2]
     if Hq != Hkv and not (enable_gqa and Hkv and Hq % Hkv == 0):
@@ -71,8 +73,9 @@ def hyper_attention(
     if not (isinstance(dropout_p, (int, float)) and 0.0 <= dropout_p <= 1.0):  # NaN fails both comparisons
         raise ValueError(f"hyper_attention: dropout_p must be a probability in [0, 1], got {dropout_p!r}")
     if any(torch.autograd.forward_ad.unpack_dual(x).tangent is not None for x in (query, key, value)):
-        raise NotImplementedError("hyper_attention has no forward-mode AD (jvp) formula; use reverse mode "
-                                  "(backward / torch.func.vjp / grad)")
+        raise NotImplementedError(
+            "hyper_attention has no forward-mode AD (jvp) formula; use reverse mode (backward / torch.func.vjp / grad)"
+        )
     kpm = key_padding_mask(attn_mask, B, Nk)
     if dropout_p > 0.0 or (attn_mask is not None and kpm is None) or (is_causal and Nq > Nk):
         return _exact(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, return_lse)
@@ -84,9 +87,15 @@ def hyper_attention(
     return (out, lse) if return_lse else out
 
 
-def window_attention(query: Tensor, key: Tensor, value: Tensor, window: Tuple[int, int],
-                     key_padding_mask: Optional[Tensor] = None, scale: Optional[float] = None) -> Tensor:
-    """Exact attention to a band of keys (sliding-window attention) at O(n w) cost: ``torch.ops.hyper.window_attention``.
+def window_attention(
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    window: tuple[int, int],
+    key_padding_mask: Tensor | None = None,
+    scale: float | None = None,
+) -> Tensor:
+    """Exact attention to a band of keys (sliding-window attention) at O(n w): ``torch.ops.hyper.window_attention``.
 
     Args:
         query: ``[B, Hq, Nq, D]``.
@@ -106,8 +115,16 @@ def window_attention(query: Tensor, key: Tensor, value: Tensor, window: Tuple[in
 
 
 def _exact(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, return_lse):
-    out = F.scaled_dot_product_attention(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p,
-                                         is_causal=is_causal, scale=scale, enable_gqa=enable_gqa)
+    out = F.scaled_dot_product_attention(
+        query,
+        key,
+        value,
+        attn_mask=attn_mask,
+        dropout_p=dropout_p,
+        is_causal=is_causal,
+        scale=scale,
+        enable_gqa=enable_gqa,
+    )
     if not return_lse:
         return out
     if dropout_p > 0.0:
@@ -116,7 +133,9 @@ def _exact(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa
     group = query.shape[1] // key.shape[1]
     k = key.repeat_interleave(group, 1) if group > 1 else key
     wide = torch.float64 if query.dtype == torch.float64 else torch.float32
-    s = (query.to(wide) @ k.to(wide).transpose(-1, -2)) * (scale if scale is not None else 1 / math.sqrt(query.shape[-1]))
+    s = (query.to(wide) @ k.to(wide).transpose(-1, -2)) * (
+        scale if scale is not None else 1 / math.sqrt(query.shape[-1])
+    )
     if is_causal:
         s = s.masked_fill(~torch.ones(s.shape[-2:], dtype=torch.bool, device=s.device).tril(), float("-inf"))
     if attn_mask is not None:

@@ -33,6 +33,7 @@ config gets every field of it, except those set by options or ``HYPER_*``, which
 calibrated exact stays exact (its reason says why); without a calibration for the model (or a module without a
 ``config``) the backend warns once per model and process and swaps every site, as ``layers="all"``.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -40,14 +41,22 @@ import logging
 import sys
 import threading
 import weakref
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Any
 
 import torch
 import torch.fx as fx
 
-from hyper_backend.config import (FIELDS, INNER_BACKENDS, HyperConfig, LayerSelection, default_tune_cache,
-                                  encode, read_env)
+from hyper_backend.config import (
+    FIELDS,
+    INNER_BACKENDS,
+    HyperConfig,
+    LayerSelection,
+    default_tune_cache,
+    encode,
+    read_env,
+)
 from hyper_backend.lowering import sites as _sites
 from hyper_backend.lowering.canonical import canonicalize
 from hyper_backend.lowering.sdpa import rewrite_sdpa
@@ -60,6 +69,7 @@ OPTIONS = FIELDS + ("enabled", "layers", "inner_backend", "tune_cache")
 # ----------------------------------------------------------------------------------------------------------
 # settings
 # ----------------------------------------------------------------------------------------------------------
+
 
 @dataclass(frozen=True)
 class Settings:
@@ -81,7 +91,7 @@ class Settings:
         return repr((self.enabled, self.explicit, self.layers.key(), self.inner_backend, self.tune_cache))
 
 
-def validate_options(options: Optional[Mapping[str, Any]]) -> dict:
+def validate_options(options: Mapping[str, Any] | None) -> dict:
     """Check ``options`` of ``torch.compile(..., backend="hyper")``; a ValueError names the bad option."""
     if options is None:
         return {}
@@ -114,36 +124,41 @@ def validate_options(options: Optional[Mapping[str, Any]]) -> dict:
     return out
 
 
-def resolve_settings(options: Optional[Mapping[str, Any]] = None) -> Settings:
+def resolve_settings(options: Mapping[str, Any] | None = None) -> Settings:
     """``options`` > ``HYPER_*`` env (via `hyper_backend.config.read_env`) > defaults."""
     merged = {**read_env(), **validate_options(options)}
     explicit = tuple((f, merged[f]) for f in FIELDS if f in merged)
     tune_cache = merged["tune_cache"] if "tune_cache" in merged else default_tune_cache()
-    return Settings(enabled=merged.get("enabled", True), explicit=explicit,
-                    layers=merged.get("layers", LayerSelection("all")),
-                    inner_backend=merged.get("inner_backend", "inductor"), tune_cache=tune_cache)
+    return Settings(
+        enabled=merged.get("enabled", True),
+        explicit=explicit,
+        layers=merged.get("layers", LayerSelection("all")),
+        inner_backend=merged.get("inner_backend", "inductor"),
+        tune_cache=tune_cache,
+    )
 
 
 # ----------------------------------------------------------------------------------------------------------
 # sessions: site numbering across the graphs of one torch.compile call
 # ----------------------------------------------------------------------------------------------------------
 
+
 @dataclass
 class Session:
     """The graphs compiled for one ``torch.compile`` call (or one `explain`), and their sites."""
 
-    bases: Dict[tuple, int] = field(default_factory=dict)  # graph position -> first site number
-    order: Dict[tuple, int] = field(default_factory=dict)  # graph position -> graph number (compile order)
+    bases: dict[tuple, int] = field(default_factory=dict)  # graph position -> first site number
+    order: dict[tuple, int] = field(default_factory=dict)  # graph position -> graph number (compile order)
     next_index: int = 0
     graphs: int = 0  # distinct graph positions
-    sites: Dict[int, _sites.Site] = field(default_factory=dict)  # by site number: the latest decision
-    calls: Dict[tuple, int] = field(default_factory=dict)  # (frame, compile, attempt) -> backend calls so far
+    sites: dict[int, _sites.Site] = field(default_factory=dict)  # by site number: the latest decision
+    calls: dict[tuple, int] = field(default_factory=dict)  # (frame, compile, attempt) -> backend calls so far
     seen: set = field(default_factory=set)  # (frame, compile, nth graph) compiled
-    configs: Dict[int, str] = field(default_factory=dict)  # layers="auto": site -> its config and its source
+    configs: dict[int, str] = field(default_factory=dict)  # layers="auto": site -> its config and its source
     lock: threading.Lock = field(default_factory=threading.Lock)
 
 
-_sessions: "weakref.WeakKeyDictionary[Any, Session]" = weakref.WeakKeyDictionary()
+_sessions: weakref.WeakKeyDictionary[Any, Session] = weakref.WeakKeyDictionary()
 _process_session = Session()
 
 
@@ -169,7 +184,7 @@ def session_for(owner) -> Session:
         return _process_session
 
 
-def _graph_position(session: Session) -> Tuple[tuple, bool]:
+def _graph_position(session: Session) -> tuple[tuple, bool]:
     """``(position, new)``: the graph's place in the model (stable across recompiles and restarted analyses)
     and whether this (frame, compile) graph was not compiled before."""
     ctx = torch._guards.CompileContext.try_get()
@@ -196,6 +211,7 @@ def reset() -> None:
 # compile-time constants: buffers that hold masks
 # ----------------------------------------------------------------------------------------------------------
 
+
 def _source_name(node: fx.Node) -> str:
     arg = node.meta.get("grapharg")
     src = getattr(arg, "source", None)
@@ -205,7 +221,7 @@ def _source_name(node: fx.Node) -> str:
     return name() if callable(name) else str(name)
 
 
-def find_constants(gm: fx.GraphModule, example_inputs: Sequence) -> Dict[int, torch.Tensor]:
+def find_constants(gm: fx.GraphModule, example_inputs: Sequence) -> dict[int, torch.Tensor]:
     """Placeholders that are module buffers / attributes shaped like masks (``[..., n, n]``): position -> value.
 
     These are read by value when proving a mask causal. A user input is never one of them.
@@ -224,7 +240,7 @@ def find_constants(gm: fx.GraphModule, example_inputs: Sequence) -> Dict[int, to
     return out
 
 
-def constants_key(constants: Dict[int, torch.Tensor]) -> str:
+def constants_key(constants: dict[int, torch.Tensor]) -> str:
     h = hashlib.sha256()
     for pos in sorted(constants):
         t = constants[pos].detach().to("cpu").contiguous()
@@ -237,7 +253,8 @@ def constants_key(constants: Dict[int, torch.Tensor]) -> str:
 # the backend
 # ----------------------------------------------------------------------------------------------------------
 
-def _inner_compile(gm, example_inputs, settings: Settings, patterns_pass, mode: Optional[str]):
+
+def _inner_compile(gm, example_inputs, settings: Settings, patterns_pass, mode: str | None):
     if settings.inner_backend == "eager":
         return gm.forward
     if settings.inner_backend == "aot_eager":
@@ -313,8 +330,7 @@ def _site_shape(gm: fx.GraphModule, site: _sites.Site):
     return dtype, (int(n) if n is not None else None)
 
 
-def auto_layers(gm: fx.GraphModule, found: List[_sites.Site], settings: Settings, session: Session,
-                total: int):
+def auto_layers(gm: fx.GraphModule, found: list[_sites.Site], settings: Settings, session: Session, total: int):
     """``(selected, op_args, notes)`` for ``layers="auto"``: a site with a calibrated config gets it (explicit
     options / ``HYPER_*`` fields still win, field by field), a site calibrated exact stays exact (``notes``
     holds why), and without a calibration for this model every site is selected at the settings' own config
@@ -332,22 +348,30 @@ def auto_layers(gm: fx.GraphModule, found: List[_sites.Site], settings: Settings
     lengths = [n for _, n in shapes if n is not None]
     entry = None
     if config is not None and dtype is not None and lengths and settings.tune_cache:
-        entry = _cache.lookup_model(settings.tune_cache, config=config, dtype=dtype, seq_len=max(lengths),
-                                    sites_seen=total)
+        entry = _cache.lookup_model(
+            settings.tune_cache, config=config, dtype=dtype, seq_len=max(lengths), sites_seen=total
+        )
     if entry is None:
-        why = ("the compiled module has no `config` (see hyper_backend.backend.compiled_config)" if config is None
-               else "tuning disabled (tune_cache='')" if not settings.tune_cache
-               else f"no calibration for this model ({total} sites, {dtype}) in {settings.tune_cache}")
+        why = (
+            "the compiled module has no `config` (see hyper_backend.backend.compiled_config)"
+            if config is None
+            else "tuning disabled (tune_cache='')"
+            if not settings.tune_cache
+            else f"no calibration for this model ({total} sites, {dtype}) in {settings.tune_cache}"
+        )
         key = (why, _cache.config_hash(config) if config is not None else None)
         if key not in _auto_warned:
             _auto_warned.add(key)
             import warnings
 
-            warnings.warn(f"layers='auto': {why}; swapping every site as layers='all' (calibrate with "
-                          f"`python -m hyper_backend.autotune --model PATH --text FILE --seq N`)",
-                          AutoLayersWarning, stacklevel=2)
+            warnings.warn(
+                f"layers='auto': {why}; swapping every site as layers='all' (calibrate with "
+                f"`python -m hyper_backend.autotune --model PATH --text FILE --seq N`)",
+                AutoLayersWarning,
+                stacklevel=2,
+            )
         for s in found:
-            session.configs[s.index] = f"auto: no calibration for this model, as layers=all"
+            session.configs[s.index] = "auto: no calibration for this model, as layers=all"
         return (lambda site: True), (lambda site: settings.op_args), {}
     at = f"auto: tuned for this model at {_cache.length_text(entry['bucket'])}"
     explicit = dict(settings.explicit)
@@ -368,8 +392,9 @@ def auto_layers(gm: fx.GraphModule, found: List[_sites.Site], settings: Settings
     return (lambda site: site.index in args), (lambda site: args[site.index]), notes
 
 
-def compile_graph(gm: fx.GraphModule, example_inputs: Sequence, settings: Settings, session: Session,
-                  mode: Optional[str] = None) -> Callable:
+def compile_graph(
+    gm: fx.GraphModule, example_inputs: Sequence, settings: Settings, session: Session, mode: str | None = None
+) -> Callable:
     """Rewrite and compile one Dynamo graph (the body of `hyper_backend`)."""
     with session.lock:
         position, new = _graph_position(session)
@@ -384,8 +409,12 @@ def compile_graph(gm: fx.GraphModule, example_inputs: Sequence, settings: Settin
         total = session.next_index
         multi_graph = len({b for b in session.bases.values()}) > 1
     if settings.layers.kind == "last" and multi_graph and found:
-        log.warning("layers=last:%d with graph breaks: counted from the %d sites seen so far, not the "
-                    "model's total; use explicit indices (see hyper_backend.explain)", settings.layers.count, total)
+        log.warning(
+            "layers=last:%d with graph breaks: counted from the %d sites seen so far, not the "
+            "model's total; use explicit indices (see hyper_backend.explain)",
+            settings.layers.count,
+            total,
+        )
 
     def selected(site: _sites.Site) -> bool:
         return settings.layers.contains(site.index, total)
@@ -407,12 +436,16 @@ def compile_graph(gm: fx.GraphModule, example_inputs: Sequence, settings: Settin
         if handwritten and settings.inner_backend == "inductor":
             from hyper_backend.lowering.patterns import AttentionPass
 
-            patterns_pass = AttentionPass(op_args, settings.key(), by_node, selected, constants,
-                                          constants_key(constants))
+            patterns_pass = AttentionPass(
+                op_args, settings.key(), by_node, selected, constants, constants_key(constants)
+            )
         for s in handwritten:
             if settings.inner_backend != "inductor":
-                s.decide("exact", f"hand-written attention is rewritten by the inductor pass only "
-                                  f"(inner_backend={settings.inner_backend})")
+                s.decide(
+                    "exact",
+                    f"hand-written attention is rewritten by the inductor pass only "
+                    f"(inner_backend={settings.inner_backend})",
+                )
             elif not selected(s):
                 s.decide("exact", "not selected by layers")
     compiled = _inner_compile(gm, example_inputs, settings, patterns_pass, mode)
@@ -427,8 +460,12 @@ def compile_graph(gm: fx.GraphModule, example_inputs: Sequence, settings: Settin
     return compiled
 
 
-def hyper_backend(gm: fx.GraphModule, example_inputs: List[Any], options: Optional[Mapping[str, Any]] = None,
-                  mode: Optional[str] = None) -> Callable:
+def hyper_backend(
+    gm: fx.GraphModule,
+    example_inputs: list[Any],
+    options: Mapping[str, Any] | None = None,
+    mode: str | None = None,
+) -> Callable:
     """The ``torch.compile`` backend. ``options``: `HyperConfig` fields plus ``enabled``, ``layers``,
     ``inner_backend`` and ``tune_cache`` (``''`` disables tuned lookups); see the module docstring."""
     from hyper_backend.config import EnvError

@@ -20,12 +20,13 @@ The record format is the autotuner's ``--inputs`` format (``hyper_backend.autotu
 ``k, v [B, Hkv, N, D]``, plus ``"causal"``, ``"scale"``, ``"layer"`` (the site index), ``"name"``, ``"masked"``
 (an explicit mask was passed: the sliding-window layers of Gemma, for instance) and ``"enable_gqa"``.
 """
+
 from __future__ import annotations
 
 import contextlib
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable, List, Optional, Union
 
 import torch
 import torch.nn.functional as F
@@ -34,7 +35,7 @@ from torch.overrides import TorchFunctionMode
 from hyper_backend.attention import hyper_attention
 from hyper_backend.config import HyperConfig, LayerSelection
 
-Selection = Union[str, LayerSelection, list, tuple, set, frozenset]
+Selection = str | LayerSelection | list | tuple | set | frozenset
 _SDPA = (F.scaled_dot_product_attention, torch._C._nn.scaled_dot_product_attention)
 _ARG_NAMES = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale")
 
@@ -47,15 +48,20 @@ class SiteCall:
     query: torch.Tensor  # [B, Hq, Nq, D]
     key: torch.Tensor  # [B, Hkv, Nk, D]
     value: torch.Tensor  # [B, Hkv, Nk, Dv]
-    attn_mask: Optional[torch.Tensor] = None
+    attn_mask: torch.Tensor | None = None
     dropout_p: float = 0.0
     is_causal: bool = False
-    scale: Optional[float] = None
+    scale: float | None = None
     enable_gqa: bool = False
 
     def sdpa_kwargs(self) -> dict:
-        return dict(attn_mask=self.attn_mask, dropout_p=self.dropout_p, is_causal=self.is_causal,
-                    scale=self.scale, enable_gqa=self.enable_gqa)
+        return dict(
+            attn_mask=self.attn_mask,
+            dropout_p=self.dropout_p,
+            is_causal=self.is_causal,
+            scale=self.scale,
+            enable_gqa=self.enable_gqa,
+        )
 
 
 class AttentionSites(TorchFunctionMode):
@@ -65,7 +71,7 @@ class AttentionSites(TorchFunctionMode):
     calls seen; `restart` sets it back to 0 (call it between forwards so indices mean sites, not calls).
     """
 
-    def __init__(self, handler: Callable[[SiteCall], Optional[torch.Tensor]]):
+    def __init__(self, handler: Callable[[SiteCall], torch.Tensor | None]):
         super().__init__()
         self.handler = handler
         self.count = 0
@@ -86,7 +92,7 @@ class AttentionSites(TorchFunctionMode):
 
 
 @contextlib.contextmanager
-def _numbered(mode: AttentionSites, module: Optional[torch.nn.Module]):
+def _numbered(mode: AttentionSites, module: torch.nn.Module | None):
     """Activate ``mode``; with ``module``, restart its numbering at each call of the module."""
     hook = None if module is None else module.register_forward_pre_hook(lambda *args: mode.restart())
     try:
@@ -101,7 +107,7 @@ def _selection(sites: Selection) -> LayerSelection:
     return LayerSelection.parse(sites)
 
 
-def _chosen(selection: LayerSelection, index: int, total: Optional[int]) -> bool:
+def _chosen(selection: LayerSelection, index: int, total: int | None) -> bool:
     if selection.kind == "last" and total is None:
         raise ValueError("sites 'last:K' need total= (the number of attention sites per forward)")
     return selection.contains(index, total)
@@ -119,7 +125,7 @@ def resolved_scale(call: SiteCall) -> float:
     return float(call.scale) if call.scale is not None else 1.0 / math.sqrt(call.query.shape[-1])
 
 
-def site_record(call: SiteCall, dtype: Optional[torch.dtype] = None, max_len: Optional[int] = None) -> dict:
+def site_record(call: SiteCall, dtype: torch.dtype | None = None, max_len: int | None = None) -> dict:
     """The autotuner-format dict for one call: detached contiguous CPU copies of q, k, v and metadata."""
 
     def keep(x):
@@ -129,15 +135,27 @@ def site_record(call: SiteCall, dtype: Optional[torch.dtype] = None, max_len: Op
         return x.to(device="cpu", dtype=dtype or x.dtype).contiguous().clone()
 
     return {
-        "q": keep(call.query), "k": keep(call.key), "v": keep(call.value),
-        "causal": bool(call.is_causal), "scale": resolved_scale(call), "layer": call.index,
-        "name": f"site {call.index}", "masked": call.attn_mask is not None, "enable_gqa": bool(call.enable_gqa),
+        "q": keep(call.query),
+        "k": keep(call.key),
+        "v": keep(call.value),
+        "causal": bool(call.is_causal),
+        "scale": resolved_scale(call),
+        "layer": call.index,
+        "name": f"site {call.index}",
+        "masked": call.attn_mask is not None,
+        "enable_gqa": bool(call.enable_gqa),
     }
 
 
 @contextlib.contextmanager
-def capture_attention(sites: Selection = "all", *, total: Optional[int] = None, dtype: Optional[torch.dtype] = None,
-                      max_len: Optional[int] = None, module: Optional[torch.nn.Module] = None):
+def capture_attention(
+    sites: Selection = "all",
+    *,
+    total: int | None = None,
+    dtype: torch.dtype | None = None,
+    max_len: int | None = None,
+    module: torch.nn.Module | None = None,
+):
     """Record Q/K/V of the chosen sites. Yields the list that fills with one dict per recorded call.
 
     Args:
@@ -150,7 +168,7 @@ def capture_attention(sites: Selection = "all", *, total: Optional[int] = None, 
             without it they count on through the block, so wrap one forward per block.
     """
     selection = _selection(sites)
-    records: List[dict] = []
+    records: list[dict] = []
 
     def handler(call: SiteCall):
         if _chosen(selection, call.index, total):
@@ -161,7 +179,7 @@ def capture_attention(sites: Selection = "all", *, total: Optional[int] = None, 
         yield records
 
 
-def save_records(records: List[dict], path: str) -> None:
+def save_records(records: list[dict], path: str) -> None:
     """``torch.save`` the records; ``torch.load(path, weights_only=True)`` reads them back."""
     torch.save(list(records), path)
 
@@ -170,13 +188,19 @@ def save_records(records: List[dict], path: str) -> None:
 class Swapped:
     """What `swap_attention` did: the site index of every call it routed to `hyper_attention`."""
 
-    sites: List[int] = field(default_factory=list)
-    mode: Optional[AttentionSites] = None
+    sites: list[int] = field(default_factory=list)
+    mode: AttentionSites | None = None
 
 
 @contextlib.contextmanager
-def swap_attention(sites: Selection, *, config: Optional[HyperConfig] = None, total: Optional[int] = None,
-                   module: Optional[torch.nn.Module] = None, attention: Callable = hyper_attention):
+def swap_attention(
+    sites: Selection,
+    *,
+    config: HyperConfig | None = None,
+    total: int | None = None,
+    module: torch.nn.Module | None = None,
+    attention: Callable = hyper_attention,
+):
     """Route the chosen SDPA sites to `hyper_attention` (eager; no compilation).
 
     The same calls a ``torch.compile(..., backend="hyper")`` rewrite would reach, with the same arguments:

@@ -7,6 +7,7 @@ with the closest known name.
 
 `check_env` is the same check as a function: it returns the resolved settings, or raises `EnvError`.
 """
+
 from __future__ import annotations
 
 import difflib
@@ -16,7 +17,6 @@ import os
 import re
 import sys
 from dataclasses import dataclass, field
-from typing import List, Optional, Tuple
 
 from hyper_backend import config
 from hyper_backend.config import EnvError
@@ -24,7 +24,7 @@ from hyper_backend.config import EnvError
 _NAME = re.compile(r"""["'](HYPER_[A-Z0-9_]+)["']""")
 
 
-def known_variables() -> Tuple[str, ...]:
+def known_variables() -> tuple[str, ...]:
     """Every ``HYPER_*`` variable hyper_backend reads.
 
     `hyper_backend.config` is the one module that reads them, so its source names them all: this list cannot
@@ -38,7 +38,7 @@ def known_variables() -> Tuple[str, ...]:
 class EnvReport:
     """The outcome of `check_env`: ``rows`` are ``(variable, value set or None, resolved, note)``."""
 
-    rows: List[Tuple[str, Optional[str], str, str]] = field(default_factory=list)
+    rows: list[tuple[str, str | None, str, str]] = field(default_factory=list)
 
     def resolved(self, var: str) -> str:
         return next(r[2] for r in self.rows if r[0] == var)
@@ -58,7 +58,7 @@ class EnvReport:
         return self.table()
 
 
-def _problems(env) -> List[str]:
+def _problems(env) -> list[str]:
     """One line per bad or unknown ``HYPER_*`` variable in ``env``."""
     known = known_variables()
     out = []
@@ -90,7 +90,7 @@ def _cache_status(path: str) -> str:
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         return f"unreadable ({type(e).__name__}): the op ignores it with a warning"
     if not isinstance(data, dict) or data.get("schema") != SCHEMA or data.get("version") != VERSION:
-        return "not a version-%d tuning cache: the op ignores it with a warning" % VERSION
+        return f"not a version-{VERSION} tuning cache: the op ignores it with a warning"
     return f"{len(data.get('entries') or {})} tuned entries, {len(data.get('defaults') or {})} device defaults"
 
 

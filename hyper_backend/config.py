@@ -6,13 +6,14 @@ time), then the `HyperConfig` defaults.
 
 Every environment variable is documented in the README's table and read by :func:`read_env` only.
 """
+
 from __future__ import annotations
 
 import dataclasses
 import os
 import re
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import List, Mapping, Optional, Sequence
 
 # Sentinels carried in the op's integer parameter list.
 UNSET = -1  # "not set explicitly": the op uses the tuned value for its length, else the default
@@ -55,10 +56,10 @@ class HyperConfig:
     sample_size: int = 256
     lsh_num_projs: int = 7
     min_seq_len: int = 4096
-    causal_depth: Optional[int] = None
+    causal_depth: int | None = None
     seed: int = 0
     sink_keys: int = 16
-    local_window: Optional[int] = None
+    local_window: int | None = None
     residual: str = "uniform"
 
     def __post_init__(self):
@@ -75,11 +76,11 @@ class HyperConfig:
         if self.residual not in RESIDUALS:
             raise ValueError(f"HyperConfig.residual must be one of {', '.join(RESIDUALS)}, got {self.residual!r}")
 
-    def replace(self, **changes) -> "HyperConfig":
+    def replace(self, **changes) -> HyperConfig:
         return dataclasses.replace(self, **changes)
 
     @classmethod
-    def published(cls, *args, **fields) -> "HyperConfig":
+    def published(cls, *args, **fields) -> HyperConfig:
         """The estimator of the paper and its code: no exact sinks or window, a uniform residual (any field
         may still be given)."""
         return cls(*args, **{**PUBLISHED, **fields})
@@ -103,7 +104,7 @@ class HyperConfig:
 FIELDS = tuple(f.name for f in dataclasses.fields(HyperConfig))
 
 
-def _check_int(name: str, value, lo: int, hi: Optional[int] = None) -> None:
+def _check_int(name: str, value, lo: int, hi: int | None = None) -> None:
     if isinstance(value, bool) or not isinstance(value, int):
         raise ValueError(f"HyperConfig.{name} must be an int, got {value!r}")
     if value < lo or (hi is not None and value > hi):
@@ -130,7 +131,7 @@ def _from_int(name: str, value: int):
     return int(value)
 
 
-def encode(config: Optional[HyperConfig] = None, explicit: Optional[Mapping[str, object]] = None) -> List[int]:
+def encode(config: HyperConfig | None = None, explicit: Mapping[str, object] | None = None) -> list[int]:
     """Settings -> the op's integer parameter list, one entry per field of `HyperConfig` in `FIELDS` order.
 
     ``config`` given: every field is explicit and tuning is bypassed. ``explicit`` given: only those fields
@@ -140,7 +141,7 @@ def encode(config: Optional[HyperConfig] = None, explicit: Optional[Mapping[str,
     return [_to_int(name, values[name]) if name in values else UNSET for name in FIELDS]
 
 
-def resolve(given: Sequence[int], tuned: Optional[Mapping[str, object]] = None) -> HyperConfig:
+def resolve(given: Sequence[int], tuned: Mapping[str, object] | None = None) -> HyperConfig:
     """The one resolver: explicit values (``given``, from `encode`) > ``tuned`` (a cache entry's params) >
     the defaults. Returns a complete, validated `HyperConfig`."""
     if len(given) != len(FIELDS):
@@ -155,8 +156,9 @@ def resolve(given: Sequence[int], tuned: Optional[Mapping[str, object]] = None) 
     return DEFAULTS.replace(**out)
 
 
-def explicit_settings(options: Optional[Mapping[str, object]] = None,
-                      environ: Optional[Mapping[str, str]] = None) -> dict:
+def explicit_settings(
+    options: Mapping[str, object] | None = None, environ: Mapping[str, str] | None = None
+) -> dict:
     """The explicit `HyperConfig` fields of a call or a compile: ``options`` over ``HYPER_*`` variables.
 
     Both the backend (at compile time) and `hyper_backend.hyper_attention` with ``config=None`` (at call time)
@@ -219,7 +221,7 @@ def _env_choice(var: str, raw: str, choices) -> str:
     return text
 
 
-def read_env(environ: Optional[Mapping[str, str]] = None) -> dict:
+def read_env(environ: Mapping[str, str] | None = None) -> dict:
     """Parse and validate every ``HYPER_*`` variable that is set. Returns a dict of backend option names.
 
     Raises `EnvError` naming the variable and its accepted forms for a bad value.
@@ -245,7 +247,7 @@ def read_env(environ: Optional[Mapping[str, str]] = None) -> dict:
     return out
 
 
-def kernel_choice(environ: Optional[Mapping[str, str]] = None) -> str:
+def kernel_choice(environ: Mapping[str, str] | None = None) -> str:
     """``HYPER_KERNELS``: ``auto`` (CUDA tensors to Triton, CPU to the torch path), ``cpu`` or ``triton``."""
     env = os.environ if environ is None else environ
     if "HYPER_KERNELS" not in env:
@@ -253,7 +255,7 @@ def kernel_choice(environ: Optional[Mapping[str, str]] = None) -> str:
     return _env_choice("HYPER_KERNELS", env["HYPER_KERNELS"], KERNEL_CHOICES)
 
 
-def serial_bookkeeping(environ: Optional[Mapping[str, str]] = None) -> bool:
+def serial_bookkeeping(environ: Mapping[str, str] | None = None) -> bool:
     """``HYPER_SERIAL_BOOKKEEPING`` (default on): the CPU path runs its gathers, masks and merges on one
     thread and only the fused attention calls on all of them. Read by the op at each call, like HYPER_KERNELS."""
     env = os.environ if environ is None else environ
@@ -327,7 +329,7 @@ class LayerSelection:
         return frozenset(i for lo, hi in self.ranges for i in range(lo, hi + 1))
 
     @classmethod
-    def parse(cls, text) -> "LayerSelection":
+    def parse(cls, text) -> LayerSelection:
         if isinstance(text, LayerSelection):
             return text
         if isinstance(text, (list, tuple, set, frozenset)):
@@ -341,7 +343,7 @@ class LayerSelection:
             return cls(s)
         for kind in ("first", "last"):
             if s.startswith(kind + ":"):
-                k = s[len(kind) + 1:]
+                k = s[len(kind) + 1 :]
                 if not k.isdigit():
                     raise ValueError(f"{kind}:K needs a non-negative integer K; accepted forms: {cls.ACCEPTED}")
                 return cls(kind, count=int(k))
@@ -356,7 +358,7 @@ class LayerSelection:
             spans.append((lo, hi))
         return cls("set", ranges=spans)
 
-    def contains(self, index: int, total: Optional[int]) -> bool:
+    def contains(self, index: int, total: int | None) -> bool:
         if self.kind in ("all", "auto"):
             return True
         if self.kind == "none":

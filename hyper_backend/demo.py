@@ -11,6 +11,7 @@ Through a pipe (not a terminal) it prints one line per phase instead of progress
 Options: ``--seq N`` (default 16384), ``--quick`` (n = 2048, one timed run: a smoke test), ``--layers``,
 ``--heads``, ``--repeats``.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -25,9 +26,16 @@ def build_model(layers: int = 2, heads: int = 4, kv_heads: int = 2, head_dim: in
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    cfg = LlamaConfig(hidden_size=heads * head_dim, num_hidden_layers=layers, num_attention_heads=heads,
-                      num_key_value_heads=kv_heads, intermediate_size=2 * heads * head_dim, vocab_size=1024,
-                      max_position_embeddings=max(max_len, 4096), attn_implementation="sdpa")
+    cfg = LlamaConfig(
+        hidden_size=heads * head_dim,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        intermediate_size=2 * heads * head_dim,
+        vocab_size=1024,
+        max_position_embeddings=max(max_len, 4096),
+        attn_implementation="sdpa",
+    )
     return LlamaForCausalLM(cfg).eval()
 
 
@@ -74,8 +82,7 @@ class PhaseLines:
         return False
 
     def _say(self, description: str) -> None:
-        self.console.print(f"[{time.perf_counter() - self.start:7.1f} s] {description}", markup=False,
-                           highlight=False)
+        self.console.print(f"[{time.perf_counter() - self.start:7.1f} s] {description}", markup=False, highlight=False)
 
     def add_task(self, description: str, total=None) -> int:
         task = len(self.tasks)
@@ -114,16 +121,23 @@ def measure(decoder, ids, short, backend: str, repeats: int, progress) -> dict:
         runs.append(_timed(decode_hidden, compiled, ids)[0])
         progress.update(task, advance=1)
     progress.update(task, description=f"backend={backend!r}: done, median {statistics.median(runs):.2f} s")
-    return {"median": statistics.median(runs), "min": min(runs), "max": max(runs), "compile": compile_s,
-            "hidden": hidden}
+    return {
+        "median": statistics.median(runs),
+        "min": min(runs),
+        "max": max(runs),
+        "compile": compile_s,
+        "hidden": hidden,
+    }
 
 
 # measured on this model (seed 0) against exact attention: 8192 tokens 76% / 0.23, 16384 tokens 57% / 0.35
-EXPECT = ("what to expect: below min_seq_len (4096 by default) attention is exact: 100% agreement and an error at "
-          "float rounding (under 1e-5). Above it, this random-weight model is the approximation's hardest case "
-          "(its attention is nearly flat, see 'Limits' in the README): about 57% agreement and a relative error "
-          "of 0.35 at 16384 tokens (76% and 0.23 at 8192). What it costs a trained model: 'Quality on a real "
-          "model' in the README.")
+EXPECT = (
+    "what to expect: below min_seq_len (4096 by default) attention is exact: 100% agreement and an error at "
+    "float rounding (under 1e-5). Above it, this random-weight model is the approximation's hardest case "
+    "(its attention is nearly flat, see 'Limits' in the README): about 57% agreement and a relative error "
+    "of 0.35 at 16384 tokens (76% and 0.23 at 8192). What it costs a trained model: 'Quality on a real "
+    "model' in the README."
+)
 
 
 def main(argv=None) -> None:
@@ -146,16 +160,26 @@ def main(argv=None) -> None:
     console = Console()
     model = build_model(layers=args.layers, heads=args.heads, kv_heads=max(1, args.heads // 2), max_len=seq)
     ids = torch.randint(0, model.config.vocab_size, (1, seq), generator=torch.Generator().manual_seed(0))
-    console.print(f"[bold]hyper-backend {hyper_backend.__version__}[/bold]: Llama-style model, {args.layers} layers, "
-                  f"{args.heads} heads (GQA {args.heads}:{max(1, args.heads // 2)}), head dim 64, random weights, "
-                  f"prefill of {seq} tokens, torch {torch.__version__}, {torch.get_num_threads()} threads")
-    columns = (SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
-               TimeElapsedColumn())
+    console.print(
+        f"[bold]hyper-backend {hyper_backend.__version__}[/bold]: Llama-style model, {args.layers} layers, "
+        f"{args.heads} heads (GQA {args.heads}:{max(1, args.heads // 2)}), head dim 64, random weights, "
+        f"prefill of {seq} tokens, torch {torch.__version__}, {torch.get_num_threads()} threads"
+    )
+    columns = (
+        SpinnerColumn(),
+        TextColumn("{task.description}"),
+        BarColumn(),
+        TextColumn("{task.completed}/{task.total}"),
+        TimeElapsedColumn(),
+    )
     # cold compiles for both (no FX-graph / AOTAutograd cache hits), after one warm-up compile each, so that
     # neither pays the process's one-time costs in its compile time
     progress = Progress(*columns, console=console) if console.is_terminal else PhaseLines(console)
-    with progress, torch._inductor.config.patch(fx_graph_cache=False), \
-            torch._functorch.config.patch(enable_autograd_cache=False):
+    with (
+        progress,
+        torch._inductor.config.patch(fx_graph_cache=False),
+        torch._functorch.config.patch(enable_autograd_cache=False),
+    ):
         warm = progress.add_task("warming up the compilers", total=2)
         for backend in ("hyper", "inductor"):
             torch._dynamo.reset()
@@ -174,11 +198,15 @@ def main(argv=None) -> None:
     console.print(table)
     speedup = inductor["median"] / hyper["median"]
     q = agreement(hyper["hidden"], inductor["hidden"], model.lm_head)
-    console.print(f"prefill speedup: [bold]{speedup:.2f}x[/bold]; compile time ratio "
-                  f"{hyper['compile'] / max(inductor['compile'], 1e-9):.2f}")
-    console.print(f"against exact attention (inductor): the most likely next token agrees at "
-                  f"[bold]{100 * q['top1']:.1f}%[/bold] of the {q['positions']} positions; the last hidden state "
-                  f"has a relative error of [bold]{q['hidden_rel_err']:.2g}[/bold]")
+    console.print(
+        f"prefill speedup: [bold]{speedup:.2f}x[/bold]; compile time ratio "
+        f"{hyper['compile'] / max(inductor['compile'], 1e-9):.2f}"
+    )
+    console.print(
+        f"against exact attention (inductor): the most likely next token agrees at "
+        f"[bold]{100 * q['top1']:.1f}%[/bold] of the {q['positions']} positions; the last hidden state "
+        f"has a relative error of [bold]{q['hidden_rel_err']:.2g}[/bold]"
+    )
     console.print(EXPECT)
 
 

@@ -5,13 +5,15 @@ length, whether to approximate: a site shown as lowered may still run exact (bel
 come from the tuning cache). `explain` therefore also records every op call of its run, and shows the op's own
 decision with the length and the threshold that made it (column "at run time").
 """
+
 from __future__ import annotations
 
 import contextlib
 import io
 import logging
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Mapping, Optional
+from typing import Any
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -25,12 +27,12 @@ from hyper_backend.lowering.sites import Site
 class Report:
     """``sites``: one `Site` per attention site, in execution order (name, kind, decision, reason, ...)."""
 
-    sites: List[Site] = field(default_factory=list)
-    settings: Optional[Settings] = None
+    sites: list[Site] = field(default_factory=list)
+    settings: Settings | None = None
     graphs: int = 0
-    tuning: List[str] = field(default_factory=list)  # the autotuner entries the run used (one line each)
-    runtime: Dict[int, "RunTime"] = field(default_factory=dict)  # site index -> the op's decision in the run
-    configs: Dict[int, str] = field(default_factory=dict)  # site index -> its config and where it came from
+    tuning: list[str] = field(default_factory=list)  # the autotuner entries the run used (one line each)
+    runtime: dict[int, RunTime] = field(default_factory=dict)  # site index -> the op's decision in the run
+    configs: dict[int, str] = field(default_factory=dict)  # site index -> its config and where it came from
 
     def config_of(self, site: Site) -> str:
         """Where a site's parameters come from and what they are: ``auto: tuned for this model at 8k: b=...``
@@ -72,16 +74,21 @@ class Report:
         if self.graphs > 1:
             title += f" ({self.graphs} graphs)"
         t = Table(title=title)
-        columns = [("#", "dim"), ("site", ""), ("kind", "cyan"), ("decision", ""), ("reason", "dim"),
-                   ("config", "")]
+        columns = [("#", "dim"), ("site", ""), ("kind", "cyan"), ("decision", ""), ("reason", "dim"), ("config", "")]
         if self.runtime:
             columns.append(("at run time", ""))
         for col, style in columns:
             t.add_column(col, style=style or None, overflow="fold")
         for s in self.sites:
             colour = {"hyper": "green", "window": "blue"}.get(s.decision, "yellow")
-            row = [str(s.index), s.name, s.kind, f"[{colour}]{s.decision}[/{colour}]", s.reason,
-                   escape(self.config_of(s))]
+            row = [
+                str(s.index),
+                s.name,
+                s.kind,
+                f"[{colour}]{s.decision}[/{colour}]",
+                s.reason,
+                escape(self.config_of(s)),
+            ]
             if self.runtime:
                 r = self.runtime.get(s.index)
                 row.append("" if r is None else r.text())
@@ -101,8 +108,9 @@ class Report:
         return console.export_text()
 
 
-def explain(model, *args, options: Optional[Mapping[str, Any]] = None, dynamic: Optional[bool] = None,
-            **kwargs) -> Report:
+def explain(
+    model, *args, options: Mapping[str, Any] | None = None, dynamic: bool | None = None, **kwargs
+) -> Report:
     """Compile ``model`` with the hyper backend, run it once on ``*args, **kwargs`` (without grad) and report.
 
     Args:
@@ -116,16 +124,17 @@ def explain(model, *args, options: Optional[Mapping[str, Any]] = None, dynamic: 
     """
     settings = resolve_settings(options)
     session = Session()
-    graphs: List[tuple] = []  # (lowered sites of one compiled graph in index order, op calls of its runs)
+    graphs: list[tuple] = []  # (lowered sites of one compiled graph in index order, op calls of its runs)
 
     def backend(gm, example_inputs):
         before = {id(s) for s in session.sites.values()}
         compiled = compile_graph(gm, example_inputs, settings, session)
-        lowered = sorted((s for s in session.sites.values() if id(s) not in before and s.decision == "hyper"),
-                         key=lambda s: s.index)
+        lowered = sorted(
+            (s for s in session.sites.values() if id(s) not in before and s.decision == "hyper"), key=lambda s: s.index
+        )
         if not lowered:
             return compiled
-        calls: List[RunTime] = []
+        calls: list[RunTime] = []
         graphs.append((lowered, calls))
 
         def run(*inputs):
@@ -137,19 +146,29 @@ def explain(model, *args, options: Optional[Mapping[str, Any]] = None, dynamic: 
     from hyper_backend.kernels import op
 
     with op.record_tuning() as lookups:
-        with torch._inductor.config.patch(fx_graph_cache=False), \
-                torch._functorch.config.patch(enable_autograd_cache=False), torch.no_grad():
+        with (
+            torch._inductor.config.patch(fx_graph_cache=False),
+            torch._functorch.config.patch(enable_autograd_cache=False),
+            torch.no_grad(),
+        ):
             torch.compile(model, backend=backend, dynamic=dynamic)(*args, **kwargs)
     runtime = {}
     for lowered, calls in graphs:
         runtime.update(_match(lowered, calls))
-    return Report(sorted(session.sites.values(), key=lambda s: s.index), settings, session.graphs,
-                  _tuning_lines(lookups), runtime, dict(session.configs))
+    return Report(
+        sorted(session.sites.values(), key=lambda s: s.index),
+        settings,
+        session.graphs,
+        _tuning_lines(lookups),
+        runtime,
+        dict(session.configs),
+    )
 
 
 # ----------------------------------------------------------------------------------------------------------
 # the op's run-time decisions
 # ----------------------------------------------------------------------------------------------------------
+
 
 @dataclass
 class RunTime:
@@ -191,8 +210,14 @@ def _min_seq_len(bound: dict):
     if cache:
         from hyper_backend.autotune.cache import describe_entry
 
-        entry = describe_entry(cache, device=q.device, dtype=q.dtype, head_dim=q.shape[-1], causal=causal,
-                               seq_len=max(q.shape[2], k.shape[2]))
+        entry = describe_entry(
+            cache,
+            device=q.device,
+            dtype=q.dtype,
+            head_dim=q.shape[-1],
+            causal=causal,
+            seq_len=max(q.shape[2], k.shape[2]),
+        )
         if entry is not None and entry["params"].get("min_seq_len") == resolved:
             return resolved, "tuned" if entry["source"] == "entry" else "tuned device default"
     return resolved, "default"
@@ -201,7 +226,7 @@ def _min_seq_len(bound: dict):
 class _OpCalls(TorchDispatchMode):
     """While a compiled graph runs: records each ``hyper::attention`` call and the decision the op made."""
 
-    def __init__(self, calls: List[RunTime]):
+    def __init__(self, calls: list[RunTime]):
         super().__init__()
         self.calls = calls
 
@@ -216,27 +241,31 @@ class _OpCalls(TorchDispatchMode):
         decision = "hyper" if op.path_counts()["hyper"] > before else "exact"  # the op's own count
         bound = {**dict(zip((a.name for a in func._schema.arguments), args)), **kwargs}
         threshold, source = _min_seq_len(bound)
-        self.calls.append(RunTime(decision, bound["query"].shape[2], bound["key"].shape[2], bool(bound["is_causal"]),
-                                  threshold, source))
+        self.calls.append(
+            RunTime(
+                decision, bound["query"].shape[2], bound["key"].shape[2], bool(bound["is_causal"]), threshold, source
+            )
+        )
         return out
 
 
-def _match(lowered: List[Site], calls: List[RunTime]) -> Dict[int, RunTime]:
+def _match(lowered: list[Site], calls: list[RunTime]) -> dict[int, RunTime]:
     """Site index -> its run-time decision. A graph calls the op once per lowered site per run, in site order;
     a count that does not fit (a graph that did not run) leaves its sites without one."""
     if not calls or len(calls) % len(lowered):
         return {}
     out = {}
     for j, site in enumerate(lowered):
-        mine = calls[j::len(lowered)]
+        mine = calls[j :: len(lowered)]
         first = mine[0]
         same = [c for c in mine if c.decision == first.decision]
-        out[site.index] = RunTime(first.decision, first.n_q, first.n_k, first.causal, first.min_seq_len,
-                                  first.source, len(same), len(mine))
+        out[site.index] = RunTime(
+            first.decision, first.n_q, first.n_k, first.causal, first.min_seq_len, first.source, len(same), len(mine)
+        )
     return out
 
 
-def _tuning_lines(lookups) -> List[str]:
+def _tuning_lines(lookups) -> list[str]:
     """One line per distinct tuned entry the op applied during the run (``lookup_tuned``'s provenance)."""
     from hyper_backend.autotune.cache import describe_entry
 

@@ -20,19 +20,34 @@ Backward: the approximation is attention with fixed log-weights, so each part's 
 backward for that part, fed the *final* output and log-sum-exp (the standard split-softmax identity). Sampled
 keys' gradients are scattered back with ``index_add_``.
 """
+
 from __future__ import annotations
 
 import contextlib
 import functools
 import math
-from typing import NamedTuple, Optional
+from typing import NamedTuple
 
 import torch
 
 from hyper_backend.config import HyperConfig, serial_bookkeeping
 
-from .plan import (Plan, _chunks, _pad_rows, causal_schedule, exact_keys, hyper_applies, lse_dtype, lsh_ranks,
-                   make_plan, plan_from_ranks, sink_mask, split_keys, window_band, window_strip)
+from .plan import (
+    Plan,
+    _chunks,
+    _pad_rows,
+    causal_schedule,
+    exact_keys,
+    hyper_applies,
+    lse_dtype,
+    lsh_ranks,
+    make_plan,
+    plan_from_ranks,
+    sink_mask,
+    split_keys,
+    window_band,
+    window_strip,
+)
 
 aten = torch.ops.aten
 NEG_INF = float("-inf")
@@ -41,6 +56,7 @@ NEG_INF = float("-inf")
 # ----------------------------------------------------------------------------------------------------------
 # exact attention parts
 # ----------------------------------------------------------------------------------------------------------
+
 
 class _Threads:
     """Bookkeeping (gathers, masks, merges) runs on one thread; the fused attention calls on all of them.
@@ -87,15 +103,17 @@ def _flash(q, k, v, mask, causal, scale):
 def _flash_bwd(do, q, k, v, out, lse, mask, causal, scale):
     with _Threads.parallel():
         return aten._scaled_dot_product_flash_attention_for_cpu_backward(
-            do, q, k, v, out, lse, 0.0, causal, attn_mask=mask, scale=scale)
+            do, q, k, v, out, lse, 0.0, causal, attn_mask=mask, scale=scale
+        )
 
 
 def _key_bias(key_valid, dtype):
     """``[B, Nk]`` bool -> ``[B, 1, 1, Nk]`` additive bias, or None."""
     if key_valid is None:
         return None
-    return torch.zeros(key_valid.shape, dtype=dtype, device=key_valid.device).masked_fill_(
-        ~key_valid, NEG_INF)[:, None, None, :]
+    return torch.zeros(key_valid.shape, dtype=dtype, device=key_valid.device).masked_fill_(~key_valid, NEG_INF)[
+        :, None, None, :
+    ]
 
 
 def _mask_dtype(dtype):
@@ -122,6 +140,7 @@ def merge_(acc_o, acc_l, o, l):
 # non-causal HyperAttention
 # ----------------------------------------------------------------------------------------------------------
 
+
 class Rows(NamedTuple):
     """A logical ``[B', H, S, D]`` operand addressed as rows of a contiguous 2-D tensor:
     row ``(b', h, s)`` is ``data[base[b', h] + s]``. Lets the causal recursion gather quadrant rows straight
@@ -130,10 +149,10 @@ class Rows(NamedTuple):
     data: torch.Tensor  # [R, D]
     base: torch.Tensor  # [B', H] int64
     shape: tuple  # (B', H, S, D)
-    whole: Optional[torch.Tensor] = None  # the operand itself, when it is a whole tensor
+    whole: torch.Tensor | None = None  # the operand itself, when it is a whole tensor
 
     @staticmethod
-    def of(x: torch.Tensor) -> "Rows":
+    def of(x: torch.Tensor) -> Rows:
         """All of ``x [B, H, S, D]``."""
         B, H, S, D = x.shape
         base = (torch.arange(B * H, device=x.device) * S).view(B, H)
@@ -141,7 +160,7 @@ class Rows(NamedTuple):
         return Rows(x.view(-1, D), base, tuple(x.shape), x)
 
     @staticmethod
-    def chunks(x: torch.Tensor, count: int, size: int, parity: int) -> "Rows":
+    def chunks(x: torch.Tensor, count: int, size: int, parity: int) -> Rows:
         """Chunks ``parity, parity + 2, ...`` of length ``size`` of contiguous ``x [B, H, N, D]``, batched as
         ``[B*count, H, size, D]`` (the layout of `plan._chunks`)."""
         B, H, N, D = x.shape
@@ -174,12 +193,12 @@ class _Layout(NamedTuple):
     q_inv: torch.Tensor  # [B*Hq*Nq] folded slot of each logical query row (unsorts with one index_select)
     k_pos: torch.Tensor  # [B, Hkv, nb*bk] logical key position of each sorted slot (pads -> 0)
     k_inv: torch.Tensor  # [B*Hkv*Nk] sorted slot of each logical key row
-    block_bias: Optional[torch.Tensor]  # [B, Hkv*nb*g, 1, bk] or None
-    block_any: Optional[torch.Tensor]  # [B, Hkv*nb*g, 1] rows that have at least one block key
-    side_pos: Optional[torch.Tensor]  # [B, Hkv, t] logical positions of the residual draws, then the exact keys
-    res_bias: Optional[torch.Tensor]  # [B, Hkv*nb*g, 1, t]
-    res_any: Optional[torch.Tensor]  # [B, Hkv*nb*g, 1]
-    q_padded: Optional[torch.Tensor]  # [B, Hkv, nb, g, bq] bool: padding slots (None when there are none); with
+    block_bias: torch.Tensor | None  # [B, Hkv*nb*g, 1, bk] or None
+    block_any: torch.Tensor | None  # [B, Hkv*nb*g, 1] rows that have at least one block key
+    side_pos: torch.Tensor | None  # [B, Hkv, t] logical positions of the residual draws, then the exact keys
+    res_bias: torch.Tensor | None  # [B, Hkv*nb*g, 1, t]
+    res_any: torch.Tensor | None  # [B, Hkv*nb*g, 1]
+    q_padded: torch.Tensor | None  # [B, Hkv, nb, g, bq] bool: padding slots (None when there are none); with
     # n_q > n_k whole trailing blocks can be padding
 
 
@@ -215,8 +234,9 @@ def _layout(plan: Plan, B, Hq, Hkv, Nq, Nk, key_valid, mask_dtype, extras=None, 
         k_ok = k_ok & torch.gather(key_valid[:, None, :].expand(B, Hkv, Nk), 2, kp.clamp(min=0))
     block_bias = block_any = None
     if band is not None:  # per (query, key): a key in the query's window is served by the band part instead
-        ok = k_ok.view(B, Hkv, nb, 1, 1, bk) & ~_in_band(q_pos[..., None], kp.clamp(min=0).view(B, Hkv, nb, 1, 1, bk),
-                                                          band)
+        ok = k_ok.view(B, Hkv, nb, 1, 1, bk) & ~_in_band(
+            q_pos[..., None], kp.clamp(min=0).view(B, Hkv, nb, 1, 1, bk), band
+        )
         block_bias = torch.zeros(ok.shape, dtype=mask_dtype, device=dev).masked_fill_(~ok, NEG_INF)
         block_bias = block_bias.reshape(B, Hkv * nb * g, bq, bk)
         block_any = ok.any(-1).reshape(B, Hkv * nb * g, bq)
@@ -225,10 +245,21 @@ def _layout(plan: Plan, B, Hq, Hkv, Nq, Nk, key_valid, mask_dtype, extras=None, 
         block_bias = torch.zeros(ok.shape, dtype=mask_dtype, device=dev).masked_fill_(~ok, NEG_INF)
         block_bias = block_bias.reshape(B, Hkv * nb * g, 1, bk)
         block_any = ok.any(-1).reshape(B, Hkv * nb * g, 1)
-    side_pos, res_bias, res_any = _side_keys(plan, B, Hkv, g, key_valid, extras, mask_dtype,
-                                             None if band is None else (q_pos, band))
-    return _Layout(q_pos, q_inv, kp.clamp(min=0), k_inv, block_bias, block_any, side_pos, res_bias, res_any,
-                   (qp < 0) if q_pad else None)
+    side_pos, res_bias, res_any = _side_keys(
+        plan, B, Hkv, g, key_valid, extras, mask_dtype, None if band is None else (q_pos, band)
+    )
+    return _Layout(
+        q_pos,
+        q_inv,
+        kp.clamp(min=0),
+        k_inv,
+        block_bias,
+        block_any,
+        side_pos,
+        res_bias,
+        res_any,
+        (qp < 0) if q_pad else None,
+    )
 
 
 def _side_keys(plan: Plan, B, Hkv, g, key_valid, extras, mask_dtype, band=None):
@@ -253,8 +284,9 @@ def _side_keys(plan: Plan, B, Hkv, g, key_valid, extras, mask_dtype, band=None):
         e_pos, e_ok = extras
         e = e_pos.shape[-1]
         pos.append(e_pos[:, None, :].expand(B, Hkv, e))
-        bias.append(torch.where(e_ok, torch.zeros((), dtype=mask_dtype, device=dev), neg)
-                    .view(B, 1, 1, e).expand(B, Hkv, nb, e))
+        bias.append(
+            torch.where(e_ok, torch.zeros((), dtype=mask_dtype, device=dev), neg).view(B, 1, 1, e).expand(B, Hkv, nb, e)
+        )
     if not pos:
         return None, None, None
     bias = torch.cat(bias, -1) if len(bias) > 1 else bias[0]
@@ -268,7 +300,7 @@ def _side_keys(plan: Plan, B, Hkv, g, key_valid, extras, mask_dtype, band=None):
         full = bias[:, :, :, None, None, :].expand(B, Hkv, nb, g, bq, t).clone()
         if plan.samples is not None:
             drop = _in_band(q_pos[..., None], plan.samples[:, :, None, None, None, :], ab)  # [B, Hkv, nb, g, bq, m]
-            full[..., :plan.samples.shape[-1]].masked_fill_(drop, NEG_INF)
+            full[..., : plan.samples.shape[-1]].masked_fill_(drop, NEG_INF)
         bias = full.reshape(B, Hkv * nb * g, bq, t)
     return pos, bias, torch.isfinite(bias).any(-1)
 
@@ -293,6 +325,7 @@ def _sub_problem(B, Nk, key_valid, sink, strip, device, approx: bool):
 # calls. Serves the centred local window of `noncausal_forward` and the whole of hyper::window_attention.
 # ----------------------------------------------------------------------------------------------------------
 
+
 class _BandGroup(NamedTuple):
     """Tiles attended in one fused call, and their bias.
 
@@ -300,7 +333,7 @@ class _BandGroup(NamedTuple):
     one pattern serves them all). Else tiles ``(b[g], t[g])`` (index tensors ``[G]``) with ``bias [G, 1, tile, S]``
     (edges, and tiles that hold a key the band may not use)."""
 
-    b: Optional[torch.Tensor]
+    b: torch.Tensor | None
     t: object
     bias: torch.Tensor
     interior: bool  # every tile's slots lie in [0, Nk) and the bias is the shared pattern
@@ -377,7 +410,7 @@ def _pick(x5, g: _BandGroup, t0: int = 0):
     one batch row."""
     if g.b is not None:
         return x5[g.b, g.t - t0]
-    sub = x5[:, g.t.start - t0:g.t.stop - t0]
+    sub = x5[:, g.t.start - t0 : g.t.stop - t0]
     return sub[0] if sub.shape[0] == 1 else sub.reshape(-1, *sub.shape[2:])
 
 
@@ -389,8 +422,11 @@ def _slots(x, L: _Band, g: _BandGroup):
     B, H, Nk, D = x.shape
     if g.interior:
         t_lo, t_hi = L.inner
-        view = x.as_strided((B, t_hi - t_lo, H, L.S, D), (H * Nk * D, L.tile * D, Nk * D, D, 1),
-                            x.storage_offset() + (L.start + t_lo * L.tile) * D)
+        view = x.as_strided(
+            (B, t_hi - t_lo, H, L.S, D),
+            (H * Nk * D, L.tile * D, Nk * D, D, 1),
+            x.storage_offset() + (L.start + t_lo * L.tile) * D,
+        )
         return _pick(view, g, t_lo)
     pos = (L.start + g.t[:, None] * L.tile + torch.arange(L.S, device=x.device)).clamp_(0, Nk - 1)  # [G, S]
     return x.transpose(1, 2)[g.b[:, None], pos].transpose(1, 2)  # [G, H, S, D], rows [G, S, H, D]
@@ -462,29 +498,39 @@ def band_backward(do, q, k, v, out, lse, keys, band, scale, tile: int = 128, acc
     first = L.start - base  # accumulator row of slot 0 of tile 0
     rows = max(first + (nt + chunks - 1) * T, Nk - base)
     acc = [torch.zeros(B, rows, Hkv, D, dtype=acc_dtype or q.dtype, device=q.device) for _ in range(2)]  # dK, dV
-    blocks = [a[:, first:first + (nt + chunks - 1) * T].view(B, nt + chunks - 1, T, Hkv, D) for a in acc]
+    blocks = [a[:, first : first + (nt + chunks - 1) * T].view(B, nt + chunks - 1, T, Hkv, D) for a in acc]
     parts = []
     for g in L.groups:
-        dq_t, dk_t, dv_t = _flash_bwd(_pick(do5, g), _pick(q5, g), _slots(k, L, g), _slots(v, L, g), _pick(o5, g),
-                                      _pick(l5, g).contiguous(), g.bias, False, scale)
+        dq_t, dk_t, dv_t = _flash_bwd(
+            _pick(do5, g),
+            _pick(q5, g),
+            _slots(k, L, g),
+            _slots(v, L, g),
+            _pick(o5, g),
+            _pick(l5, g).contiguous(),
+            g.bias,
+            False,
+            scale,
+        )
         _put(dq5, g, dq_t)
         parts.append((g, (dk_t.transpose(1, 2), dv_t.transpose(1, 2))))  # [G, S, Hkv, D] views
     for j in reversed(range(chunks)):
         w = min(T, S - j * T)
         for g, grads in parts:
             for i, d in enumerate(grads):
-                piece = d[:, j * T:j * T + w].to(acc[i].dtype)  # [G, w, Hkv, D]
+                piece = d[:, j * T : j * T + w].to(acc[i].dtype)  # [G, w, Hkv, D]
                 if g.b is None:
                     n = g.t.stop - g.t.start
-                    blocks[i][:, g.t.start + j:g.t.stop + j, :w] += piece.reshape(B, n, w, Hkv, D)
+                    blocks[i][:, g.t.start + j : g.t.stop + j, :w] += piece.reshape(B, n, w, Hkv, D)
                 else:
                     blocks[i][:, :, :w].index_put_((g.b, g.t + j), piece, accumulate=True)
-    dk, dv = (a[:, -base:-base + Nk].transpose(1, 2) for a in acc)  # [B, Hkv, Nk, D]
+    dk, dv = (a[:, -base : -base + Nk].transpose(1, 2) for a in acc)  # [B, Hkv, Nk, D]
     return dq[:, :, :Nq], dk, dv
 
 
-def noncausal_forward(q, k, v, key_valid, scale, p: HyperConfig, stream: int = 0, ranks=None, sink=None, strip=0,
-                      band=None):
+def noncausal_forward(
+    q, k, v, key_valid, scale, p: HyperConfig, stream: int = 0, ranks=None, sink=None, strip=0, band=None
+):
     """``q [B,Hq,Nq,D]``, ``k, v [B,Hkv,Nk,D]`` (tensors or `Rows`) -> contiguous ``(out [B,Hq,Nq,D], lse [B,Hq,Nq])``.
 
     ``ranks``: precomputed ``(q_rank, k_rank)`` bucket ranks of these rows (see `plan.lsh_ranks`).
@@ -534,8 +580,9 @@ def _plan(q: Rows, k: Rows, key_valid, p: HyperConfig, stream, ranks):
     return plan_from_ranks(ranks[0], ranks[1], *args)
 
 
-def noncausal_backward(do, q, k, v, out, lse, key_valid, scale, p: HyperConfig, stream: int = 0, ranks=None,
-                       sink=None, strip=0, band=None):
+def noncausal_backward(
+    do, q, k, v, out, lse, key_valid, scale, p: HyperConfig, stream: int = 0, ranks=None, sink=None, strip=0, band=None
+):
     """Gradient of `noncausal_forward` given the *final* ``out``/``lse`` of the rows (which may include other
     parts merged in by the caller). Operands are tensors or `Rows`; returns contiguous ``(dq, dk, dv)``."""
     do, q, k, v, out = (x if isinstance(x, Rows) else Rows.of(x) for x in (do, q, k, v, out))
@@ -545,8 +592,17 @@ def noncausal_backward(do, q, k, v, out, lse, key_valid, scale, p: HyperConfig, 
     mdt = _mask_dtype(dtype)
     lse = lse.to(lse_dtype(dtype)).masked_fill(torch.isneginf(lse), 0.0)  # rows with no keys: no NaN
     if not hyper_applies(Nq, Nk, p):
-        dq, dk, dv = _flash_bwd(do.dense(), q.dense(), k.dense(), v.dense(), out.dense(), lse.contiguous(),
-                                _key_bias(key_valid, mdt), False, scale)
+        dq, dk, dv = _flash_bwd(
+            do.dense(),
+            q.dense(),
+            k.dense(),
+            v.dense(),
+            out.dense(),
+            lse.contiguous(),
+            _key_bias(key_valid, mdt),
+            False,
+            scale,
+        )
         return dq, dk, dv
     est, extras = _sub_problem(B, Nk, key_valid, sink, strip, q.data.device, True)
     plan = _plan(q, k, est, p, stream, ranks)
@@ -571,8 +627,17 @@ def noncausal_backward(do, q, k, v, out, lse, key_valid, scale, p: HyperConfig, 
         # parts are summed in fp32, rounded once.
         acc = torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
         up = lambda x: x.to(acc)  # noqa: E731
-        dq2, dk_s, dv_s = _flash_bwd(up(do_s), up(q_s), up(k.gather(L.side_pos)), up(v.gather(L.side_pos)), up(o_s),
-                                     lse_s, L.res_bias.to(acc) if L.res_bias is not None else None, False, scale)
+        dq2, dk_s, dv_s = _flash_bwd(
+            up(do_s),
+            up(q_s),
+            up(k.gather(L.side_pos)),
+            up(v.gather(L.side_pos)),
+            up(o_s),
+            lse_s,
+            L.res_bias.to(acc) if L.res_bias is not None else None,
+            False,
+            scale,
+        )
         dq_s = dq_s + dq2.to(dtype)
         s_rows = Rows.of(dk).flat_index(L.side_pos)
         dk = up(dk).view(-1, D).index_add_(0, s_rows, dk_s.reshape(-1, D)).to(dtype).view(dk.shape)
@@ -588,6 +653,7 @@ def noncausal_backward(do, q, k, v, out, lse, key_valid, scale, p: HyperConfig, 
 # causal HyperAttention: recursive halving (`plan.causal_schedule`), one batched call per level
 # ----------------------------------------------------------------------------------------------------------
 
+
 def _unchunk_view(x, count, size, parity):
     """A view of ``x [B, H, N, ...]`` onto the same chunks as `_chunks`, shaped ``[B, count, H, size, ...]``."""
     B, H = x.shape[:2]
@@ -597,16 +663,19 @@ def _unchunk_view(x, count, size, parity):
 
 def _leaf_view(x, pieces):
     B, H, N = x.shape[:3]
-    return x.reshape(B, H, pieces, N // pieces, *x.shape[3:]).transpose(1, 2).reshape(
-        B * pieces, H, N // pieces, *x.shape[3:])
+    return (
+        x.reshape(B, H, pieces, N // pieces, *x.shape[3:])
+        .transpose(1, 2)
+        .reshape(B * pieces, H, N // pieces, *x.shape[3:])
+    )
 
 
 class _Causal(NamedTuple):
     q: torch.Tensor
     k: torch.Tensor
     v: torch.Tensor
-    valid: Optional[torch.Tensor]  # [B, Np] (None: every key valid, no padding)
-    sink: Optional[torch.Tensor]  # [B, Np]
+    valid: torch.Tensor | None  # [B, Np] (None: every key valid, no padding)
+    sink: torch.Tensor | None  # [B, Np]
     sched: object  # `plan.CausalSchedule`
 
 
@@ -652,9 +721,18 @@ def causal_forward(q, k, v, key_valid, scale, p: HyperConfig, sink=None):
         q_rank, k_rank = lsh_ranks(q, k, p.lsh_num_projs, p.seed)
     for level, (count, size) in enumerate(c.sched.levels):
         ranks = (_chunks(q_rank, count, size, 1), _chunks(k_rank, count, size, 0))
-        o_l, lse_l = noncausal_forward(Rows.chunks(q, count, size, 1), Rows.chunks(k, count, size, 0),
-                                       Rows.chunks(v, count, size, 0), _even(valid, B, count, size), scale, p,
-                                       level + 1, ranks, _even(c.sink, B, count, size), c.sched.strip)
+        o_l, lse_l = noncausal_forward(
+            Rows.chunks(q, count, size, 1),
+            Rows.chunks(k, count, size, 0),
+            Rows.chunks(v, count, size, 0),
+            _even(valid, B, count, size),
+            scale,
+            p,
+            level + 1,
+            ranks,
+            _even(c.sink, B, count, size),
+            c.sched.strip,
+        )
         acc_o = _unchunk_view(out, count, size, 1)  # [B, count, Hq, size, D] view into out
         acc_l = _unchunk_view(lse_all, count, size, 1)
         merge_(acc_o, acc_l, o_l.view(B, count, Hq, size, D), lse_l.view(B, count, Hq, size))
@@ -682,12 +760,24 @@ def causal_backward(do, q, k, v, out, lse, key_valid, scale, p: HyperConfig, sin
         q_rank, k_rank = lsh_ranks(q, k, p.lsh_num_projs, p.seed)
     do, out, lse = do.contiguous(), out.contiguous(), lse.contiguous()
     for level, (count, size) in enumerate(c.sched.levels):
-        odd = lambda x: Rows.chunks(x, count, size, 1)  # noqa: E731
-        even = lambda x: Rows.chunks(x, count, size, 0)  # noqa: E731
+        odd = lambda x, count=count, size=size: Rows.chunks(x, count, size, 1)
+        even = lambda x, count=count, size=size: Rows.chunks(x, count, size, 0)
         ranks = (_chunks(q_rank, count, size, 1), _chunks(k_rank, count, size, 0))
-        dq_l, dk_l, dv_l = noncausal_backward(odd(do), odd(q), even(k), even(v), odd(out),
-                                              _chunks(lse, count, size, 1), _even(valid, B, count, size), scale,
-                                              p, level + 1, ranks, _even(c.sink, B, count, size), c.sched.strip)
+        dq_l, dk_l, dv_l = noncausal_backward(
+            odd(do),
+            odd(q),
+            even(k),
+            even(v),
+            odd(out),
+            _chunks(lse, count, size, 1),
+            _even(valid, B, count, size),
+            scale,
+            p,
+            level + 1,
+            ranks,
+            _even(c.sink, B, count, size),
+            c.sched.strip,
+        )
         _unchunk_view(dq, count, size, 1).add_(dq_l.view(B, count, Hq, size, D))
         _unchunk_view(dk, count, size, 0).add_(dk_l.view(B, count, Hkv, size, D))
         _unchunk_view(dv, count, size, 0).add_(dv_l.view(B, count, Hkv, size, D))
@@ -697,6 +787,7 @@ def causal_backward(do, q, k, v, out, lse, key_valid, scale, p: HyperConfig, sin
 # ----------------------------------------------------------------------------------------------------------
 # entry points: any n_q <= n_k when causal (bottom-right aligned), any lengths otherwise
 # ----------------------------------------------------------------------------------------------------------
+
 
 def _sinks(q, k, key_valid, p):
     return sink_mask(key_valid, q.shape[0], k.shape[2], p.sink_keys, q.device)
@@ -722,8 +813,9 @@ def _attention_forward(q, k, v, key_valid, is_causal, scale, p: HyperConfig):
         return causal_forward(q, k, v, key_valid, scale, p, sink)
     (kv_head, kv_tail), (s_head, s_tail) = split_keys(key_valid, prefix), split_keys(sink, prefix)
     out, lse = causal_forward(q, k[:, :, prefix:], v[:, :, prefix:], kv_tail, scale, p, s_tail)
-    o2, l2 = noncausal_forward(q, k[:, :, :prefix], v[:, :, :prefix], kv_head, scale, p, -1, None, s_head,
-                               window_strip(p))
+    o2, l2 = noncausal_forward(
+        q, k[:, :, :prefix], v[:, :, :prefix], kv_head, scale, p, -1, None, s_head, window_strip(p)
+    )
     acc = out.to(lse_dtype(q.dtype))
     merge_(acc, lse, o2, l2)
     return acc.to(q.dtype), lse
@@ -738,8 +830,9 @@ def _attention_backward(do, q, k, v, out, lse, key_valid, is_causal, scale, p: H
         return causal_backward(do, q, k, v, out, lse, key_valid, scale, p, sink)
     (kv_head, kv_tail), (s_head, s_tail) = split_keys(key_valid, prefix), split_keys(sink, prefix)
     dq, dk2, dv2 = causal_backward(do, q, k[:, :, prefix:], v[:, :, prefix:], out, lse, kv_tail, scale, p, s_tail)
-    dq1, dk1, dv1 = noncausal_backward(do, q, k[:, :, :prefix], v[:, :, :prefix], out, lse, kv_head, scale, p,
-                                       -1, None, s_head, window_strip(p))
+    dq1, dk1, dv1 = noncausal_backward(
+        do, q, k[:, :, :prefix], v[:, :, :prefix], out, lse, kv_head, scale, p, -1, None, s_head, window_strip(p)
+    )
     return dq + dq1, torch.cat([dk1, dk2], 2), torch.cat([dv1, dv2], 2)
 
 
@@ -892,8 +985,9 @@ def window_backward(do, q, k, v, out, lse, key_valid, band, scale, schedule=None
             for rows in _row_chunks(Nq, Nk, 1 if key_valid is None else B):
                 sl = slice(rows.start, rows.stop)
                 bias = _dense_window_bias(B, rows, Nq, Nk, band, key_valid, mdt, q.device)
-                dq_c, dk_c, dv_c = _flash_bwd(do[:, :, sl], q[:, :, sl], k, v, out[:, :, sl], lse[:, :, sl].contiguous(),
-                                              bias, False, scale)
+                dq_c, dk_c, dv_c = _flash_bwd(
+                    do[:, :, sl], q[:, :, sl], k, v, out[:, :, sl], lse[:, :, sl].contiguous(), bias, False, scale
+                )
                 dq[:, :, sl] = dq_c
                 dk += dk_c
                 dv += dv_c

@@ -11,10 +11,10 @@ compiled graph serves every sequence length. No Triton is imported until a Trito
 the op -> `hyper_backend.window_attention`) is exact attention to a band of keys, the target for masks proven to
 be sliding windows; it never approximates and has no parameters to resolve.
 """
+
 from __future__ import annotations
 
 import contextlib
-from typing import List, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -26,7 +26,7 @@ from . import cpu
 from .plan import approximates, lse_dtype
 
 # `counters["hyper"]` counts calls per path ("op_hyper", "op_exact", "op_backward"); `explain` and tests read it.
-_tuning_records: List[list] = []  # open `record_tuning` lists: every tuned lookup is appended to each
+_tuning_records: list[list] = []  # open `record_tuning` lists: every tuned lookup is appended to each
 
 
 @contextlib.contextmanager
@@ -58,19 +58,28 @@ def fit(p: HyperConfig, n_q: int, n_k: int) -> HyperConfig:
     """Clamp sizes to what a call of ``n_q`` queries on ``n_k`` keys can use, so no setting makes a call
     allocate more than O(n (b + m)). Results are unchanged except for ``sample_size > n_k`` (then n_k draws)."""
     n = max(n_q, n_k, 1)
-    return p.replace(block_size=min(p.block_size, n), sample_size=min(p.sample_size, max(n_k, 1)),
-                     sink_keys=min(p.sink_keys, n_k), local_window=None if p.local_window is None else min(p.local_window, 2 * n))
+    return p.replace(
+        block_size=min(p.block_size, n),
+        sample_size=min(p.sample_size, max(n_k, 1)),
+        sink_keys=min(p.sink_keys, n_k),
+        local_window=None if p.local_window is None else min(p.local_window, 2 * n),
+    )
 
 
-def resolve_params(query: Tensor, key: Tensor, is_causal: bool, params: List[int], tune_cache: str) -> HyperConfig:
+def resolve_params(query: Tensor, key: Tensor, is_causal: bool, params: list[int], tune_cache: str) -> HyperConfig:
     """Explicit values win; then the tuned entry for this (device, dtype, head dim, causal, length); then defaults.
     The result is fitted to the call (`fit`)."""
     tuned = None
     if tune_cache and any(v == -1 for v in params):
         from hyper_backend.autotune.cache import lookup_tuned
 
-        where = dict(device=query.device, dtype=query.dtype, head_dim=query.shape[-1], causal=is_causal,
-                     seq_len=max(query.shape[2], key.shape[2]))
+        where = dict(
+            device=query.device,
+            dtype=query.dtype,
+            head_dim=query.shape[-1],
+            causal=is_causal,
+            seq_len=max(query.shape[2], key.shape[2]),
+        )
         tuned = lookup_tuned(tune_cache, **where)
         for seen in _tuning_records:
             seen.append((tune_cache, where))
@@ -86,19 +95,29 @@ def _path(query: Tensor):
     return cpu
 
 
-def check_inputs(query: Tensor, key: Tensor, value: Tensor, key_padding_mask: Optional[Tensor], is_causal: bool,
-                 where: str = "hyper::attention") -> None:
+def check_inputs(
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    key_padding_mask: Tensor | None,
+    is_causal: bool,
+    where: str = "hyper::attention",
+) -> None:
     """Every shape, dtype and device relation SDPA checks, as a clear ValueError (never a read out of bounds)."""
     if query.dim() != 4 or key.dim() != 4 or value.dim() != 4:
-        raise ValueError(f"{where} takes [B, H, N, D] query, key and value, got {tuple(query.shape)}, "
-                         f"{tuple(key.shape)}, {tuple(value.shape)}")
+        raise ValueError(
+            f"{where} takes [B, H, N, D] query, key and value, got {tuple(query.shape)}, "
+            f"{tuple(key.shape)}, {tuple(value.shape)}"
+        )
     (B, Hq, _, D), (Bk, Hk, Nk, Dk), (Bv, Hv, Nv, _) = query.shape, key.shape, value.shape
     if not (query.device == key.device == value.device):
-        raise ValueError(f"{where}: query, key and value must be on one device, got {query.device}, {key.device}, "
-                         f"{value.device}")
+        raise ValueError(
+            f"{where}: query, key and value must be on one device, got {query.device}, {key.device}, {value.device}"
+        )
     if not (query.dtype == key.dtype == value.dtype):
-        raise ValueError(f"{where}: query, key and value must have one dtype, got {query.dtype}, {key.dtype}, "
-                         f"{value.dtype}")
+        raise ValueError(
+            f"{where}: query, key and value must have one dtype, got {query.dtype}, {key.dtype}, {value.dtype}"
+        )
     if not (B == Bk == Bv):
         raise ValueError(f"{where}: batch sizes differ: query {B}, key {Bk}, value {Bv}")
     if Hk != Hv:
@@ -113,8 +132,10 @@ def check_inputs(query: Tensor, key: Tensor, value: Tensor, key_padding_mask: Op
         raise ValueError(f"causal {where} needs n_q <= n_k (it aligns the diagonal bottom-right)")
     if key_padding_mask is not None:
         if key_padding_mask.dtype != torch.bool or tuple(key_padding_mask.shape) != (B, Nk):
-            raise ValueError(f"{where}: key_padding_mask must be bool [B, Nk] = [{B}, {Nk}], got "
-                             f"{key_padding_mask.dtype} {tuple(key_padding_mask.shape)}")
+            raise ValueError(
+                f"{where}: key_padding_mask must be bool [B, Nk] = [{B}, {Nk}], got "
+                f"{key_padding_mask.dtype} {tuple(key_padding_mask.shape)}"
+            )
         if key_padding_mask.device != query.device:
             raise ValueError(f"{where}: key_padding_mask is on {key_padding_mask.device}, query on {query.device}")
 
@@ -163,9 +184,15 @@ def _common_head_dim(query, key, value, scale):
 
 @torch.library.custom_op("hyper::attention", mutates_args=())
 def attention(
-    query: Tensor, key: Tensor, value: Tensor, key_padding_mask: Optional[Tensor], is_causal: bool,
-    scale: Optional[float], params: List[int], tune_cache: str,
-) -> Tuple[Tensor, Tensor]:
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    key_padding_mask: Tensor | None,
+    is_causal: bool,
+    scale: float | None,
+    params: list[int],
+    tune_cache: str,
+) -> tuple[Tensor, Tensor]:
     """``out [B, Hq, Nq, Dv]`` (contiguous) and ``lse [B, Hq, Nq]`` (float32, float64 for float64 inputs).
 
     ``params``: `hyper_backend.config.encode` of the settings (one int per `HyperConfig` field, -1 = tuned or
@@ -195,10 +222,18 @@ def _(query, key, value, key_padding_mask, is_causal, scale, params, tune_cache)
 
 @torch.library.custom_op("hyper::attention_backward", mutates_args=())
 def attention_backward(
-    grad_out: Tensor, query: Tensor, key: Tensor, value: Tensor, out: Tensor, lse: Tensor,
-    key_padding_mask: Optional[Tensor], is_causal: bool, scale: Optional[float], params: List[int],
+    grad_out: Tensor,
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    out: Tensor,
+    lse: Tensor,
+    key_padding_mask: Tensor | None,
+    is_causal: bool,
+    scale: float | None,
+    params: list[int],
     tune_cache: str,
-) -> Tuple[Tensor, Tensor, Tensor]:
+) -> tuple[Tensor, Tensor, Tensor]:
     counters["hyper"]["op_backward"] += 1
     if _degenerate(query, key, value):
         return _dense_math_backward(grad_out, query, key, value, key_padding_mask, is_causal, scale)
@@ -209,8 +244,11 @@ def attention_backward(
         q, k, v, scale, width = _common_head_dim(query, key, value, scale)
         grad_out, out = _pad_last(grad_out, width), _pad_last(out, width)
     dq, dk, dv = _path(q).attention_backward(grad_out, q, k, v, out, lse, key_padding_mask, is_causal, scale, p)
-    return (dq[..., :d].to(query.dtype).contiguous(), dk[..., :d].to(key.dtype).contiguous(),
-            dv[..., :d_v].to(value.dtype).contiguous())
+    return (
+        dq[..., :d].to(query.dtype).contiguous(),
+        dk[..., :d].to(key.dtype).contiguous(),
+        dv[..., :d_v].to(value.dtype).contiguous(),
+    )
 
 
 def _dense_math_backward(grad_out, query, key, value, key_padding_mask, is_causal, scale, keep=None):
@@ -229,9 +267,11 @@ def _dense_math_backward(grad_out, query, key, value, key_padding_mask, is_causa
 
 @attention_backward.register_fake
 def _(grad_out, query, key, value, out, lse, key_padding_mask, is_causal, scale, *args):
-    return (torch.empty_like(query, memory_format=torch.contiguous_format),
-            torch.empty_like(key, memory_format=torch.contiguous_format),
-            torch.empty_like(value, memory_format=torch.contiguous_format))
+    return (
+        torch.empty_like(query, memory_format=torch.contiguous_format),
+        torch.empty_like(key, memory_format=torch.contiguous_format),
+        torch.empty_like(value, memory_format=torch.contiguous_format),
+    )
 
 
 def _setup_context(ctx, inputs, output):
@@ -246,8 +286,18 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, grad_out, grad_lse):
     query, key, value, out, lse = ctx.saved_tensors
     dq, dk, dv = torch.ops.hyper.attention_backward(
-        grad_out, query, key, value, out, lse, ctx.key_padding_mask, ctx.is_causal, ctx.scale, ctx.params,
-        ctx.tune_cache)
+        grad_out,
+        query,
+        key,
+        value,
+        out,
+        lse,
+        ctx.key_padding_mask,
+        ctx.is_causal,
+        ctx.scale,
+        ctx.params,
+        ctx.tune_cache,
+    )
     return dq, dk, dv, None, None, None, None, None
 
 
@@ -258,7 +308,8 @@ attention.register_autograd(_backward, setup_context=_setup_context)
 # hyper::window_attention: exact attention to a band of keys (sliding windows), O(n w)
 # ----------------------------------------------------------------------------------------------------------
 
-def window_bounds(n_q: int, n_k: int, left: int, right: int) -> Tuple[int, int]:
+
+def window_bounds(n_q: int, n_k: int, left: int, right: int) -> tuple[int, int]:
     """``(a, b)``: ``left``/``right`` clamped to the widest reach they can have (a <= n_k - 1, b <= n_q - 1),
     which leaves the band unchanged: query i sees key j iff ``-a <= j - i - (n_k - n_q) <= b``."""
     return min(int(left), max(n_k - 1, 0)), min(int(right), max(n_q - 1, 0))
@@ -273,15 +324,21 @@ def window_keep(n_q: int, n_k: int, left: int, right: int, device=None) -> Tenso
 def _check_window(query, key, value, key_padding_mask, left, right, where="hyper::window_attention"):
     check_inputs(query, key, value, key_padding_mask, False, where=where)
     if left < 0 or right < 0:
-        raise ValueError(f"{where}: left and right must be >= 0 (keys before / after the diagonal), got "
-                         f"left={left}, right={right}")
+        raise ValueError(
+            f"{where}: left and right must be >= 0 (keys before / after the diagonal), got left={left}, right={right}"
+        )
 
 
 @torch.library.custom_op("hyper::window_attention", mutates_args=())
 def window_attention(
-    query: Tensor, key: Tensor, value: Tensor, key_padding_mask: Optional[Tensor], left: int, right: int,
-    scale: Optional[float],
-) -> Tuple[Tensor, Tensor]:
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    key_padding_mask: Tensor | None,
+    left: int,
+    right: int,
+    scale: float | None,
+) -> tuple[Tensor, Tensor]:
     """Exact attention to a band of keys: query i attends key j iff ``-left <= j - i - (Nk - Nq) <= right``
     and ``key_padding_mask[b, j]`` (True = attend; None: every key). Bottom-right aligned like the causal
     hyper::attention: ``left=w-1, right=0`` is a causal sliding window of w keys (HF ``sliding_window=w``),
@@ -298,16 +355,18 @@ def window_attention(
     counters["hyper"]["op_window"] += 1
     Nq, Nk = query.shape[2], key.shape[2]
     if _degenerate(query, key, value):
-        out, lse, _ = _dense_math(query, key, value, key_padding_mask, False, scale,
-                                  window_keep(Nq, Nk, left, right, query.device))
+        out, lse, _ = _dense_math(
+            query, key, value, key_padding_mask, False, scale, window_keep(Nq, Nk, left, right, query.device)
+        )
         return out, lse
     dv = value.shape[-1]
     if query.shape[-1] != dv:
         query, key, value, scale, _ = _common_head_dim(query, key, value, scale)
     elif scale is None:
         scale = query.shape[-1] ** -0.5
-    out, lse = _path(query).window_forward(query, key, value, key_padding_mask, window_bounds(Nq, Nk, left, right),
-                                           scale)
+    out, lse = _path(query).window_forward(
+        query, key, value, key_padding_mask, window_bounds(Nq, Nk, left, right), scale
+    )
     return out[..., :dv].contiguous(), lse.contiguous()
 
 
@@ -315,20 +374,28 @@ def window_attention(
 def _(query, key, value, key_padding_mask, left, right, scale):
     _check_window(query, key, value, key_padding_mask, left, right)
     B, H, N, _ = query.shape
-    return (query.new_empty(B, H, N, value.shape[-1]),
-            query.new_empty(B, H, N, dtype=lse_dtype(query.dtype)))
+    return (query.new_empty(B, H, N, value.shape[-1]), query.new_empty(B, H, N, dtype=lse_dtype(query.dtype)))
 
 
 @torch.library.custom_op("hyper::window_attention_backward", mutates_args=())
 def window_attention_backward(
-    grad_out: Tensor, query: Tensor, key: Tensor, value: Tensor, out: Tensor, lse: Tensor,
-    key_padding_mask: Optional[Tensor], left: int, right: int, scale: Optional[float],
-) -> Tuple[Tensor, Tensor, Tensor]:
+    grad_out: Tensor,
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    out: Tensor,
+    lse: Tensor,
+    key_padding_mask: Tensor | None,
+    left: int,
+    right: int,
+    scale: float | None,
+) -> tuple[Tensor, Tensor, Tensor]:
     counters["hyper"]["op_window_backward"] += 1
     Nq, Nk = query.shape[2], key.shape[2]
     if _degenerate(query, key, value):
-        return _dense_math_backward(grad_out, query, key, value, key_padding_mask, False, scale,
-                                    window_keep(Nq, Nk, left, right, query.device))
+        return _dense_math_backward(
+            grad_out, query, key, value, key_padding_mask, False, scale, window_keep(Nq, Nk, left, right, query.device)
+        )
     d, d_v = query.shape[-1], value.shape[-1]
     q, k, v = query, key, value
     if d != d_v:
@@ -336,17 +403,23 @@ def window_attention_backward(
         grad_out, out = _pad_last(grad_out, width), _pad_last(out, width)
     elif scale is None:
         scale = d**-0.5
-    dq, dk, dv = _path(q).window_backward(grad_out, q, k, v, out, lse, key_padding_mask,
-                                          window_bounds(Nq, Nk, left, right), scale)
-    return (dq[..., :d].to(query.dtype).contiguous(), dk[..., :d].to(key.dtype).contiguous(),
-            dv[..., :d_v].to(value.dtype).contiguous())
+    dq, dk, dv = _path(q).window_backward(
+        grad_out, q, k, v, out, lse, key_padding_mask, window_bounds(Nq, Nk, left, right), scale
+    )
+    return (
+        dq[..., :d].to(query.dtype).contiguous(),
+        dk[..., :d].to(key.dtype).contiguous(),
+        dv[..., :d_v].to(value.dtype).contiguous(),
+    )
 
 
 @window_attention_backward.register_fake
 def _(grad_out, query, key, value, out, lse, key_padding_mask, left, right, scale):
-    return (torch.empty_like(query, memory_format=torch.contiguous_format),
-            torch.empty_like(key, memory_format=torch.contiguous_format),
-            torch.empty_like(value, memory_format=torch.contiguous_format))
+    return (
+        torch.empty_like(query, memory_format=torch.contiguous_format),
+        torch.empty_like(key, memory_format=torch.contiguous_format),
+        torch.empty_like(value, memory_format=torch.contiguous_format),
+    )
 
 
 def _window_setup_context(ctx, inputs, output):
@@ -360,7 +433,8 @@ def _window_setup_context(ctx, inputs, output):
 def _window_backward(ctx, grad_out, grad_lse):
     query, key, value, out, lse = ctx.saved_tensors
     dq, dk, dv = torch.ops.hyper.window_attention_backward(
-        grad_out, query, key, value, out, lse, ctx.key_padding_mask, ctx.left, ctx.right, ctx.scale)
+        grad_out, query, key, value, out, lse, ctx.key_padding_mask, ctx.left, ctx.right, ctx.scale
+    )
     return dq, dk, dv, None, None, None, None
 
 

@@ -8,11 +8,12 @@ Blocks: ``num_blocks = ceil(n_q / block_size)`` query blocks of ``q_block = bloc
 order, paired with as many key blocks of ``k_block = ceil(n_k / num_blocks)`` sorted keys. The last blocks
 may be ragged: positions past n are padding, never attended to and never returned.
 """
+
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import NamedTuple, Optional, Tuple
+from typing import NamedTuple
 
 import torch
 
@@ -57,10 +58,10 @@ class Plan:
     num_blocks: int
     q_block: int
     k_block: int
-    samples: Optional[torch.Tensor]  # [B, Hkv, m] original key indices, or None when m == 0
-    sample_block: Optional[torch.Tensor]  # [B, Hkv, m] block id of each sampled key (sorted position // k_block)
+    samples: torch.Tensor | None  # [B, Hkv, m] original key indices, or None when m == 0
+    sample_block: torch.Tensor | None  # [B, Hkv, m] block id of each sampled key (sorted position // k_block)
     log_weight: torch.Tensor  # [B] float32: log(n_valid / m), the uniform residual's reweighting
-    sample_log_weight: Optional[torch.Tensor] = None  # [B, Hkv, m] float32: log-weight of each draw (-inf: none)
+    sample_log_weight: torch.Tensor | None = None  # [B, Hkv, m] float32: log-weight of each draw (-inf: none)
 
 
 def block_shape(n_q: int, n_k: int, block_size: int):
@@ -82,7 +83,7 @@ def block_shape(n_q: int, n_k: int, block_size: int):
 def make_plan(
     q: torch.Tensor,
     k: torch.Tensor,
-    key_valid: Optional[torch.Tensor],
+    key_valid: torch.Tensor | None,
     block_size: int,
     sample_size: int,
     num_projs: int,
@@ -110,7 +111,7 @@ def lsh_ranks(q: torch.Tensor, k: torch.Tensor, num_projs: int, seed: int):
 def plan_from_ranks(
     q_rank: torch.Tensor,
     k_rank: torch.Tensor,
-    key_valid: Optional[torch.Tensor],
+    key_valid: torch.Tensor | None,
     block_size: int,
     sample_size: int,
     num_projs: int,
@@ -171,7 +172,7 @@ def _mix(seed: int, stream: int) -> int:
     return (int(seed) * 1_000_003 + int(stream) * 7_919 + 0x9E3779B1) % (2**63 - 1)
 
 
-def causal_depth_for(n: int, min_seq_len: int, causal_depth: Optional[int]) -> int:
+def causal_depth_for(n: int, min_seq_len: int, causal_depth: int | None) -> int:
     """Levels of halving: explicit, or until a piece is at most ``min_seq_len``."""
     if causal_depth is not None:
         depth = causal_depth
@@ -189,6 +190,7 @@ def causal_depth_for(n: int, min_seq_len: int, causal_depth: Optional[int]) -> i
 # geometry shared by the fast paths (CPU torch, Triton): the exact/approximate decision and the causal layout
 # ----------------------------------------------------------------------------------------------------------
 
+
 def lse_dtype(dtype):
     """The log-sum-exp and the accumulators are float32, or float64 for float64 inputs (as aten's)."""
     return torch.float64 if dtype == torch.float64 else torch.float32
@@ -199,7 +201,7 @@ def next_pow2(n: int) -> int:
     return 1 << max(0, math.ceil(math.log2(max(int(n), 1))))
 
 
-def split_keys(mask: Optional[torch.Tensor], prefix: int):
+def split_keys(mask: torch.Tensor | None, prefix: int):
     """A ``[B, Nk]`` key mask cut into the KV prefix and the causal tail (both None for None)."""
     if mask is None:
         return None, None
@@ -228,7 +230,7 @@ class CausalSchedule(NamedTuple):
     depth: int
     Np: int
     leaf: int
-    levels: Tuple[Tuple[int, int], ...]
+    levels: tuple[tuple[int, int], ...]
     strip: int
 
 
@@ -240,7 +242,7 @@ def causal_schedule(N: int, p) -> CausalSchedule:
     return CausalSchedule(depth, Np, Np // pieces, levels, window_strip(p))
 
 
-def window_band(q_len: int, k_len: int, p) -> Optional[Tuple[int, int]]:
+def window_band(q_len: int, k_len: int, p) -> tuple[int, int] | None:
     """The centred local window of non-causal self-attention: key j is in query i's window iff
     ``i - a <= j <= i + b`` with ``(a, b) = ((w - 1) // 2, w // 2)``; None without a window or for
     cross-attention (``q_len != k_len``), which has none."""
@@ -269,7 +271,9 @@ def approximates(nq: int, nk: int, is_causal: bool, p) -> bool:
     return hyper_applies(nq, nk, p)
 
 
-def sink_mask(key_valid: Optional[torch.Tensor], batch: int, n_k: int, sink_keys: int, device) -> Optional[torch.Tensor]:
+def sink_mask(
+    key_valid: torch.Tensor | None, batch: int, n_k: int, sink_keys: int, device
+) -> torch.Tensor | None:
     """``[B, Nk]`` bool marking the first ``sink_keys`` valid keys of each batch row, or None when there are none."""
     if sink_keys <= 0 or n_k == 0:
         return None
@@ -280,8 +284,9 @@ def sink_mask(key_valid: Optional[torch.Tensor], batch: int, n_k: int, sink_keys
     return key_valid & (key_valid.cumsum(-1) <= sink_keys)
 
 
-def exact_keys(key_valid: Optional[torch.Tensor], sink: Optional[torch.Tensor], strip: int, batch: int, n_k: int,
-               device):
+def exact_keys(
+    key_valid: torch.Tensor | None, sink: torch.Tensor | None, strip: int, batch: int, n_k: int, device
+):
     """Split the keys of one non-causal sub-problem into the estimator's keys and keys kept exact for every query.
 
     The exact keys are the last ``strip`` keys (the window across a causal boundary) and the sinks
@@ -293,8 +298,9 @@ def exact_keys(key_valid: Optional[torch.Tensor], sink: Optional[torch.Tensor], 
     est = key_valid
     if strip:
         pos_parts.append(torch.arange(lo, n_k, device=device).expand(batch, strip))
-        ok_parts.append(torch.ones(batch, strip, dtype=torch.bool, device=device) if key_valid is None
-                        else key_valid[:, lo:])
+        ok_parts.append(
+            torch.ones(batch, strip, dtype=torch.bool, device=device) if key_valid is None else key_valid[:, lo:]
+        )
         est = torch.ones(batch, n_k, dtype=torch.bool, device=device) if est is None else est.clone()
         est[:, lo:] = False
     if sink is not None:

@@ -17,10 +17,10 @@ exact gradient of the approximation for a fixed plan. Every fast path is checked
 The causal recursion and the n_q < n_k prefix split are laid out exactly as :mod:`cpu` lays them out, so both
 draw the same plans from :func:`plan.make_plan`.
 """
+
 from __future__ import annotations
 
 import math
-from typing import Optional
 
 import torch
 
@@ -43,8 +43,8 @@ def _estimator_weights(q, k, est_valid, p, stream):
         for h in range(Hq):
             hk = h // group
             for i in range(plan.num_blocks):
-                rows = plan.q_perm[b, h, i * plan.q_block:(i + 1) * plan.q_block]
-                cols = plan.k_perm[b, hk, i * plan.k_block:(i + 1) * plan.k_block]
+                rows = plan.q_perm[b, h, i * plan.q_block : (i + 1) * plan.q_block]
+                cols = plan.k_perm[b, hk, i * plan.k_block : (i + 1) * plan.k_block]
                 weights[b, h, rows[:, None], cols[None, :]] = 1.0
             if plan.samples is not None:
                 q_block_of = torch.empty(Nq, dtype=torch.long, device=q.device)
@@ -69,7 +69,8 @@ def noncausal_log_weights(q, k, key_valid, p, stream, sink=None, strip=0, window
     valid = torch.ones(B, Nk, dtype=torch.bool, device=q.device) if key_valid is None else key_valid
     if not hyper_applies(Nq, Nk, p):
         return torch.zeros(B, Hq, Nq, Nk, dtype=torch.float64, device=q.device).masked_fill_(
-            ~valid[:, None, None, :], NEG_INF)
+            ~valid[:, None, None, :], NEG_INF
+        )
     est_valid, pos, ok = exact_keys(key_valid, sink, strip, B, Nk, q.device)
     weights = _estimator_weights(q, k, est_valid, p, stream)
     if pos is not None:
@@ -106,16 +107,18 @@ def causal_log_weights(q, k, key_valid, p, sink=None):
         logw[:, :, sl, sl] = torch.where(tril, 0.0, NEG_INF).to(torch.float64)
     # off-diagonal quadrants, one batched sub-problem per level (as the fast path batches them)
     for level, (count, size) in enumerate(sched.levels):
-        odd = lambda x, i: x[:, :, (2 * i + 1) * size:(2 * i + 2) * size]  # noqa: E731
-        even = lambda x, i: x[:, :, 2 * i * size:(2 * i + 1) * size]  # noqa: E731
+        odd = lambda x, i, size=size: x[:, :, (2 * i + 1) * size : (2 * i + 2) * size]
+        even = lambda x, i, size=size: x[:, :, 2 * i * size : (2 * i + 1) * size]
         qs = torch.stack([odd(qp, i) for i in range(count)], 1).reshape(B * count, Hq, size, D)
         ks = torch.stack([even(kp, i) for i in range(count)], 1).reshape(B * count, Hkv, size, D)
-        chunk = lambda m: torch.stack([m[:, 2 * i * size:(2 * i + 1) * size] for i in range(count)], 1)  # noqa: E731
+        chunk = lambda m, count=count, size=size: torch.stack(
+            [m[:, 2 * i * size : (2 * i + 1) * size] for i in range(count)], 1
+        )
         kv_s = None if key_valid is None and Np == N else chunk(valid).reshape(B * count, size)
         sink_s = None if sink is None else chunk(sinks).reshape(B * count, size)
         sub = noncausal_log_weights(qs, ks, kv_s, p, level + 1, sink_s, sched.strip).view(B, count, Hq, size, size)
         for i in range(count):
-            logw[:, :, (2 * i + 1) * size:(2 * i + 2) * size, 2 * i * size:(2 * i + 1) * size] = sub[:, i]
+            logw[:, :, (2 * i + 1) * size : (2 * i + 2) * size, 2 * i * size : (2 * i + 1) * size] = sub[:, i]
     logw = logw.masked_fill(~valid[:, None, None, :], NEG_INF)
     return logw[:, :, :N, :N]
 
@@ -133,12 +136,20 @@ def log_weights(q, k, key_valid, is_causal, p):
         raise ValueError("causal attention needs n_q <= n_k (bottom-right aligned)")
     prefix = Nk - Nq
     part = lambda m, sl: None if m is None else m[:, sl]  # noqa: E731
-    tail = causal_log_weights(q, k[:, :, prefix:], part(key_valid, slice(prefix, None)), p,
-                              part(sink, slice(prefix, None)))
+    tail = causal_log_weights(
+        q, k[:, :, prefix:], part(key_valid, slice(prefix, None)), p, part(sink, slice(prefix, None))
+    )
     if prefix == 0:
         return tail
-    head = noncausal_log_weights(q, k[:, :, :prefix], part(key_valid, slice(None, prefix)), p, -1,
-                                 part(sink, slice(None, prefix)), window_strip(p))
+    head = noncausal_log_weights(
+        q,
+        k[:, :, :prefix],
+        part(key_valid, slice(None, prefix)),
+        p,
+        -1,
+        part(sink, slice(None, prefix)),
+        window_strip(p),
+    )
     return torch.cat([head, tail], dim=-1)
 
 

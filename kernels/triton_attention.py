@@ -50,18 +50,34 @@ Design targets (non-causal, defaults b = m = 256, D = 128, fp16, BLOCK_M = 128, 
 The kernels themselves (``@triton.jit``) live in `triton_kernels`; this module holds their launch
 configurations, the autotuning wrappers and pruning, the host launchers and the public entry points.
 """
+
 from __future__ import annotations
 
 import math
-from typing import NamedTuple, Optional
+from typing import NamedTuple
 
 import torch
 import triton
 import triton.language as tl
 
 from . import triton_kernels as tk
-from .plan import (Plan, _chunks, _pad_rows, causal_schedule, exact_keys, hyper_applies, lse_dtype, lsh_ranks,
-                   make_plan, next_pow2, plan_from_ranks, sink_mask, split_keys, window_band, window_strip)
+from .plan import (
+    Plan,
+    _chunks,
+    _pad_rows,
+    causal_schedule,
+    exact_keys,
+    hyper_applies,
+    lse_dtype,
+    lsh_ranks,
+    make_plan,
+    next_pow2,
+    plan_from_ranks,
+    sink_mask,
+    split_keys,
+    window_band,
+    window_strip,
+)
 
 try:  # optional: the [cuda] extra
     from flash_attn import flash_attn_func as _flash_attn_func
@@ -77,6 +93,7 @@ _INTERPRET = tk.INTERPRET
 # launch configurations
 # ----------------------------------------------------------------------------------------------------------
 
+
 def _bucket(n: int, cap: int = 16384) -> int:
     """Autotune key for a length: its next power of two, capped."""
     return min(next_pow2(n), cap)
@@ -87,10 +104,20 @@ def _config(bm, bn, warps, stages):
 
 
 # (BLOCK_M query rows, BLOCK_N keys, warps, stages); the (32, 32) entry is the interpreter's and a fallback
-_QUERY_MAJOR = [_config(*c) for c in [(128, 64, 8, 3), (128, 64, 4, 3), (128, 128, 8, 2), (128, 32, 4, 4),
-                                      (64, 64, 4, 3), (64, 128, 4, 2), (64, 32, 4, 4), (32, 32, 4, 2)]]
-_KEY_MAJOR = [_config(*c) for c in [(64, 128, 8, 2), (32, 128, 8, 3), (64, 64, 4, 3), (32, 64, 4, 3),
-                                    (32, 32, 4, 2)]]
+_QUERY_MAJOR = [
+    _config(*c)
+    for c in [
+        (128, 64, 8, 3),
+        (128, 64, 4, 3),
+        (128, 128, 8, 2),
+        (128, 32, 4, 4),
+        (64, 64, 4, 3),
+        (64, 128, 4, 2),
+        (64, 32, 4, 4),
+        (32, 32, 4, 2),
+    ]
+]
+_KEY_MAJOR = [_config(*c) for c in [(64, 128, 8, 2), (32, 128, 8, 3), (64, 64, 4, 3), (32, 64, 4, 3), (32, 32, 4, 2)]]
 
 
 def _prune(configs, named_args, rows_arg, keys_args, **kwargs):
@@ -104,9 +131,13 @@ def _prune(configs, named_args, rows_arg, keys_args, **kwargs):
     # (no tensor cores, 8-byte operands) keeps to the smallest tiles, which stay under 100 KiB of shared memory
     itemsize = args["Q"].element_size()
     budget = 2**21 if itemsize <= 4 else 2**18
-    keep = [c for c in configs
-            if c.kwargs["BLOCK_M"] <= rows and c.kwargs["BLOCK_N"] <= keys
-            and c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] * args["BLOCK_D"] * max(2, itemsize) <= budget]
+    keep = [
+        c
+        for c in configs
+        if c.kwargs["BLOCK_M"] <= rows
+        and c.kwargs["BLOCK_N"] <= keys
+        and c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] * args["BLOCK_D"] * max(2, itemsize) <= budget
+    ]
     return keep or small[:1]
 
 
@@ -130,21 +161,26 @@ _KEYS = ["BQ_BUCKET", "BK_BUCKET", "M_BUCKET", "BLOCK_D", "PERMUTED", "IS_CAUSAL
 # ----------------------------------------------------------------------------------------------------------
 
 _hyper_fwd_kernel = triton.autotune(
-    configs=_QUERY_MAJOR, key=_KEYS, prune_configs_by={"early_config_prune": _prune_query_major},
-    restore_value=["O", "LSE"])(tk.hyper_fwd)
+    configs=_QUERY_MAJOR,
+    key=_KEYS,
+    prune_configs_by={"early_config_prune": _prune_query_major},
+    restore_value=["O", "LSE"],
+)(tk.hyper_fwd)
 _hyper_bwd_dq_kernel = triton.autotune(
-    configs=_QUERY_MAJOR, key=_KEYS, prune_configs_by={"early_config_prune": _prune_query_major},
-    restore_value=["DQ"])(tk.hyper_bwd_dq)
+    configs=_QUERY_MAJOR, key=_KEYS, prune_configs_by={"early_config_prune": _prune_query_major}, restore_value=["DQ"]
+)(tk.hyper_bwd_dq)
 _hyper_bwd_dkdv_kernel = triton.autotune(
-    configs=_KEY_MAJOR, key=_KEYS, prune_configs_by={"early_config_prune": _prune_key_major},
-    restore_value=["DK", "DV"])(tk.hyper_bwd_dkdv)
+    configs=_KEY_MAJOR, key=_KEYS, prune_configs_by={"early_config_prune": _prune_key_major}, restore_value=["DK", "DV"]
+)(tk.hyper_bwd_dkdv)
 _hyper_bwd_sample_kernel = triton.autotune(
-    configs=_KEY_MAJOR, key=_KEYS, prune_configs_by={"early_config_prune": _prune_samples})(tk.hyper_bwd_sample)
+    configs=_KEY_MAJOR, key=_KEYS, prune_configs_by={"early_config_prune": _prune_samples}
+)(tk.hyper_bwd_sample)
 
 
 # ----------------------------------------------------------------------------------------------------------
 # host launchers
 # ----------------------------------------------------------------------------------------------------------
+
 
 class _Side(NamedTuple):
     """Keys every query of a sub-problem attends to besides its own block: the residual draws (excluded from the
@@ -166,9 +202,9 @@ class _Sub(NamedTuple):
     sq: int  # query rows per sub-problem (padded coordinates)
     sk: int  # key rows per sub-problem
     causal: bool
-    plan: Optional[Plan]  # None: exact attention, one block
-    valid: Optional[torch.Tensor] = None  # [B, >= key rows] bool, by tensor row: the keys blocks may attend
-    side: Optional[_Side] = None
+    plan: Plan | None  # None: exact attention, one block
+    valid: torch.Tensor | None = None  # [B, >= key rows] bool, by tensor row: the keys blocks may attend
+    side: _Side | None = None
     band: int = 0  # BAND_NONE / BAND_EXCLUDE / BAND_ONLY (`triton_kernels`)
     window: tuple = (0, 0)  # (a, b): the window of query i is keys i - a .. i + b
 
@@ -211,16 +247,43 @@ def _common(q, k, v, sub: _Sub, scale):
         SAMP=i32(side.pos) if t else dummy_i,
         SBLK=i32(side.blk) if t else dummy_i,
         SLW=side.lw.float().contiguous() if t else dummy_i.float(),
-        sqb=q.stride(0), sqh=q.stride(1), sqn=q.stride(2),
-        skb=k.stride(0), skh=k.stride(1), skn=k.stride(2),
-        svb=v.stride(0), svh=v.stride(1), svn=v.stride(2), svalb=valid.stride(0),
-        HQ=Hq, GROUP=Hq // Hkv, COUNT=sub.count, CHUNK=sub.chunk, Q_OFF=sub.q_off, K_OFF=sub.k_off,
-        SQ=sub.sq, SK=sub.sk, NQ_T=NQ_T, NK_T=NK_T, BQ=bq, BK=bk, M=t,
-        BAND_LO=sub.window[0], BAND_HI=sub.window[1],
-        scale=scale, scale2=scale * math.log2(math.e),
-        BQ_BUCKET=_bucket(bq), BK_BUCKET=_bucket(bk), M_BUCKET=_bucket(t),
-        D=D, BLOCK_D=max(16, next_pow2(D)), PERMUTED=plan is not None, HAS_SAMPLES=t > 0,
-        HAS_VALID=sub.valid is not None, IS_CAUSAL=sub.causal, BAND=sub.band,
+        sqb=q.stride(0),
+        sqh=q.stride(1),
+        sqn=q.stride(2),
+        skb=k.stride(0),
+        skh=k.stride(1),
+        skn=k.stride(2),
+        svb=v.stride(0),
+        svh=v.stride(1),
+        svn=v.stride(2),
+        svalb=valid.stride(0),
+        HQ=Hq,
+        GROUP=Hq // Hkv,
+        COUNT=sub.count,
+        CHUNK=sub.chunk,
+        Q_OFF=sub.q_off,
+        K_OFF=sub.k_off,
+        SQ=sub.sq,
+        SK=sub.sk,
+        NQ_T=NQ_T,
+        NK_T=NK_T,
+        BQ=bq,
+        BK=bk,
+        M=t,
+        BAND_LO=sub.window[0],
+        BAND_HI=sub.window[1],
+        scale=scale,
+        scale2=scale * math.log2(math.e),
+        BQ_BUCKET=_bucket(bq),
+        BK_BUCKET=_bucket(bk),
+        M_BUCKET=_bucket(t),
+        D=D,
+        BLOCK_D=max(16, next_pow2(D)),
+        PERMUTED=plan is not None,
+        HAS_SAMPLES=t > 0,
+        HAS_VALID=sub.valid is not None,
+        IS_CAUSAL=sub.causal,
+        BAND=sub.band,
         ACC=tl.float64 if q.dtype == torch.float64 else tl.float32,
         PRECISION="ieee" if q.dtype in (torch.float32, torch.float64) else "tf32",
         WIDEN=_INTERPRET and q.dtype == torch.bfloat16,
@@ -235,8 +298,19 @@ def _launch(kernel, grid, args):
 def _launch_fwd(q, k, v, sub: _Sub, out, lse, scale, accumulate: bool):
     """Attention of the sub-problems into ``out [B,Hq,Nq,D]``, ``lse [B,Hq,Nq]`` (merged in if accumulate)."""
     args, (n_sub, nb, bq, _, _) = _common(q, k, v, sub, scale)
-    args.update(Q=q, K=k, V=v, O=out, LSE=lse, sob=out.stride(0), soh=out.stride(1), son=out.stride(2),
-                slb=lse.stride(0), slh=lse.stride(1), ACCUMULATE=accumulate)
+    args.update(
+        Q=q,
+        K=k,
+        V=v,
+        O=out,
+        LSE=lse,
+        sob=out.stride(0),
+        soh=out.stride(1),
+        son=out.stride(2),
+        slb=lse.stride(0),
+        slh=lse.stride(1),
+        ACCUMULATE=accumulate,
+    )
     heads = n_sub * q.shape[1]
     _launch(_hyper_fwd_kernel, lambda meta: (heads * nb * triton.cdiv(bq, meta["BLOCK_M"]),), args)
 
@@ -253,23 +327,48 @@ def _launch_bwd(q, k, v, sub: _Sub, g: _Grads, scale, accumulate_q: bool, accumu
     """Adds the sub-problems' gradients into ``g.dq, g.dk, g.dv``."""
     args, (n_sub, nb, bq, bk, t) = _common(q, k, v, sub, scale)
     Hq, Hkv, D = q.shape[1], k.shape[1], q.shape[-1]
-    args.update(Q=q, K=k, V=v, DO=g.do, LSE=g.lse, DELTA=g.delta, DQ=g.dq, DK=g.dk, DV=g.dv,
-                sdob=g.do.stride(0), sdoh=g.do.stride(1), sdon=g.do.stride(2),
-                sdqb=g.dq.stride(0), sdqh=g.dq.stride(1), sdqn=g.dq.stride(2),
-                sdkb=g.dk.stride(0), sdkh=g.dk.stride(1), sdkn=g.dk.stride(2),
-                slb=g.lse.stride(0), slh=g.lse.stride(1))
-    _launch(_hyper_bwd_dq_kernel, lambda meta: (n_sub * Hq * nb * triton.cdiv(bq, meta["BLOCK_M"]),),
-            dict(args, ACCUMULATE=accumulate_q))
-    _launch(_hyper_bwd_dkdv_kernel, lambda meta: (n_sub * Hkv * nb * triton.cdiv(bk, meta["BLOCK_N"]),),
-            dict(args, ACCUMULATE=accumulate_k))
+    args.update(
+        Q=q,
+        K=k,
+        V=v,
+        DO=g.do,
+        LSE=g.lse,
+        DELTA=g.delta,
+        DQ=g.dq,
+        DK=g.dk,
+        DV=g.dv,
+        sdob=g.do.stride(0),
+        sdoh=g.do.stride(1),
+        sdon=g.do.stride(2),
+        sdqb=g.dq.stride(0),
+        sdqh=g.dq.stride(1),
+        sdqn=g.dq.stride(2),
+        sdkb=g.dk.stride(0),
+        sdkh=g.dk.stride(1),
+        sdkn=g.dk.stride(2),
+        slb=g.lse.stride(0),
+        slh=g.lse.stride(1),
+    )
+    _launch(
+        _hyper_bwd_dq_kernel,
+        lambda meta: (n_sub * Hq * nb * triton.cdiv(bq, meta["BLOCK_M"]),),
+        dict(args, ACCUMULATE=accumulate_q),
+    )
+    _launch(
+        _hyper_bwd_dkdv_kernel,
+        lambda meta: (n_sub * Hkv * nb * triton.cdiv(bk, meta["BLOCK_N"]),),
+        dict(args, ACCUMULATE=accumulate_k),
+    )
     if not args["HAS_SAMPLES"]:
         return
     rows = _rows_per_split(sub.sq, n_sub * Hkv, t, q.device)
     splits = math.ceil(sub.sq / rows)
     part = torch.empty(splits, n_sub * Hkv, 2, t, args["BLOCK_D"], dtype=g.dk.dtype, device=q.device)
-    _launch(_hyper_bwd_sample_kernel,
-            lambda meta: (n_sub * Hkv * splits * triton.cdiv(t, meta["BLOCK_N"]),),
-            dict(args, PART=part, ROWS_PER_SPLIT=rows))
+    _launch(
+        _hyper_bwd_sample_kernel,
+        lambda meta: (n_sub * Hkv * splits * triton.cdiv(t, meta["BLOCK_N"]),),
+        dict(args, PART=part, ROWS_PER_SPLIT=rows),
+    )
     # pass 2: sum the splits, add each side key's gradient to its row (repeated draws add up)
     grad = part.sum(0)[..., :D].view(n_sub, Hkv, 2, t, D)
     s = torch.arange(n_sub, device=q.device)
@@ -286,7 +385,8 @@ def _launch_bwd(q, k, v, sub: _Sub, g: _Grads, scale, accumulate_q: bool, accumu
 # the sub-problems: non-causal and causal HyperAttention, with the exact parts of `plan.exact_keys`
 # ----------------------------------------------------------------------------------------------------------
 
-def _side(plan: Plan, est, pos, ok, Hkv) -> Optional[_Side]:
+
+def _side(plan: Plan, est, pos, ok, Hkv) -> _Side | None:
     """The side keys of a planned sub-problem: the plan's draws (log-weighted, -inf for a draw outside the
     estimator's keys ``est [n_sub, sk]``), then the exact extras ``pos, ok [n_sub, e]`` (log-weight 0)."""
     n_sub = plan.q_perm.shape[0]
@@ -321,8 +421,10 @@ def _noncausal_subs(q, k, key_valid, p, stream, sink=None, strip=0, window=None)
     side = _side(plan, est, pos, ok, k.shape[1])
     if window is None:
         return [_Sub(1, 0, 0, 0, Nq, Nk, False, plan, est, side)]
-    return [_Sub(1, 0, 0, 0, Nq, Nk, False, plan, est, side, tk.BAND_EXCLUDE.value, window),
-            _Sub(1, 0, 0, 0, Nq, Nk, False, None, est, None, tk.BAND_ONLY.value, window)]
+    return [
+        _Sub(1, 0, 0, 0, Nq, Nk, False, plan, est, side, tk.BAND_EXCLUDE.value, window),
+        _Sub(1, 0, 0, 0, Nq, Nk, False, None, est, None, tk.BAND_ONLY.value, window),
+    ]
 
 
 def _causal_subs(q, k, key_valid, sink, p):
@@ -348,24 +450,39 @@ def _causal_subs(q, k, key_valid, sink, p):
         if not hyper_applies(size, size, p):
             levels.append(_Sub(count, 2 * size, size, 0, size, size, False, None, key_valid))
             continue
-        even = lambda m: None if m is None else _chunks(m[:, None], count, size, 0)[:, 0]  # noqa: E731
+        even = lambda m, count=count, size=size: None if m is None else _chunks(m[:, None], count, size, 0)[:, 0]
         est, pos, ok = exact_keys(even(valid), even(sink), sched.strip, B * count, size, q.device)
-        plan = plan_from_ranks(_chunks(q_rank, count, size, 1), _chunks(k_rank, count, size, 0), est, p.block_size,
-                               p.sample_size, p.lsh_num_projs, p.seed, level + 1, p.residual)
+        plan = plan_from_ranks(
+            _chunks(q_rank, count, size, 1),
+            _chunks(k_rank, count, size, 0),
+            est,
+            p.block_size,
+            p.sample_size,
+            p.lsh_num_projs,
+            p.seed,
+            level + 1,
+            p.residual,
+        )
         rows = None  # the estimator's keys by tensor row (the even chunks; odd chunks are never keys here)
         if est is not None:
             rows = torch.zeros(B, count, 2, size, dtype=torch.bool, device=q.device)
             rows[:, :, 0] = est.view(B, count, size)
             rows = rows.view(B, Np)
-        levels.append(_Sub(count, 2 * size, size, 0, size, size, False, plan, rows,
-                           _side(plan, est, pos, ok, k.shape[1])))
+        levels.append(
+            _Sub(count, 2 * size, size, 0, size, size, False, plan, rows, _side(plan, est, pos, ok, k.shape[1]))
+        )
     return leaves, levels
 
 
 def _flash_leaves_ok(q, key_valid) -> bool:
     """flash-attn runs the exact leaves: installed, CUDA, fp16/bf16, no key mask, head dim <= 256."""
-    return (_flash_attn_func is not None and q.is_cuda and key_valid is None
-            and q.dtype in (torch.float16, torch.bfloat16) and q.shape[-1] <= 256)
+    return (
+        _flash_attn_func is not None
+        and q.is_cuda
+        and key_valid is None
+        and q.dtype in (torch.float16, torch.bfloat16)
+        and q.shape[-1] <= 256
+    )
 
 
 def _flash_leaves(q, k, v, leaves: _Sub, scale, out, lse):
@@ -473,6 +590,7 @@ def attention_backward(do, q, k, v, out, lse, key_valid, is_causal, scale, p):
 # ----------------------------------------------------------------------------------------------------------
 # hyper::window_attention: exact banded attention, one launch of the BAND_ONLY kernels
 # ----------------------------------------------------------------------------------------------------------
+
 
 def _window_sub(Nq: int, Nk: int, key_valid, band) -> _Sub:
     """One unpermuted sub-problem whose (query, key) pairs are the band ``band = (a, b)``: query i sees key j iff

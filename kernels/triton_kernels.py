@@ -39,6 +39,7 @@ Interpreter note: Triton 3.9's interpreter multiplies bf16 operands of ``tl.dot`
 Under the interpreter only, bf16 operands are widened to fp32 before ``tl.dot`` (``WIDEN``, a constexpr that is
 False on GPU, so compiled kernels use bf16 tensor cores).
 """
+
 from __future__ import annotations
 
 import triton
@@ -50,8 +51,23 @@ INTERPRET = bool(triton.knobs.runtime.interpret)
 # kernels may read only constexpr globals
 LOG2E = tl.constexpr(1.4426950408889634)
 LN2 = tl.constexpr(0.6931471805599453)
-LENGTHS = ["HQ", "GROUP", "COUNT", "CHUNK", "Q_OFF", "K_OFF", "SQ", "SK", "NQ_T", "NK_T", "BQ", "BK", "M",
-           "BAND_LO", "BAND_HI"]
+LENGTHS = [
+    "HQ",
+    "GROUP",
+    "COUNT",
+    "CHUNK",
+    "Q_OFF",
+    "K_OFF",
+    "SQ",
+    "SK",
+    "NQ_T",
+    "NK_T",
+    "BQ",
+    "BK",
+    "M",
+    "BAND_LO",
+    "BAND_HI",
+]
 # BAND modes (constexpr) of non-causal self-attention with a local window
 BAND_NONE = tl.constexpr(0)
 BAND_EXCLUDE = tl.constexpr(1)  # the hyper parts: (query, key) pairs inside the query's window are left out
@@ -101,8 +117,9 @@ def _store_rows(base, rows, ok, stride_n, x, D: tl.constexpr, BLOCK_D: tl.conste
 
 
 @_device
-def _query_tile(pid, QPERM, HQ, GROUP, COUNT, CHUNK, Q_OFF, SQ, NQ_T, BQ,
-                PERMUTED: tl.constexpr, BLOCK_M: tl.constexpr):
+def _query_tile(
+    pid, QPERM, HQ, GROUP, COUNT, CHUNK, Q_OFF, SQ, NQ_T, BQ, PERMUTED: tl.constexpr, BLOCK_M: tl.constexpr
+):
     """Query-major program -> (sub-problem, query head, its kv head's row in the plan, block, first row of the
     tile in the block, sorted positions [BM], tensor rows [BM], rows that exist). Tiles of a head are adjacent,
     so the programs sharing a diagonal K/V block and the samples run together (L2 reuse)."""
@@ -122,8 +139,7 @@ def _query_tile(pid, QPERM, HQ, GROUP, COUNT, CHUNK, Q_OFF, SQ, NQ_T, BQ,
 
 
 @_device
-def _diag_keys(KPERM, kv_head, SK, kpos, k_hi, k_row0, NK_T, valid,
-               PERMUTED: tl.constexpr, HAS_VALID: tl.constexpr):
+def _diag_keys(KPERM, kv_head, SK, kpos, k_hi, k_row0, NK_T, valid, PERMUTED: tl.constexpr, HAS_VALID: tl.constexpr):
     """Tensor rows of diagonal-block key positions ``kpos`` below ``k_hi``, and which are attended to."""
     krow, k_ok = _rows_of(KPERM + kv_head * SK, kpos, kpos < k_hi, k_row0, NK_T, PERMUTED)
     return krow, _valid_keys(valid, krow, k_ok, HAS_VALID)
@@ -172,8 +188,9 @@ def _side_pairs(ok, didx, extra, BAND_LO, BAND_HI, BAND: tl.constexpr):
 
 
 @_device
-def _key_span(blk, first, BQ, BK, SQ, SK, BAND_LO, BAND_HI,
-              IS_CAUSAL: tl.constexpr, BAND: tl.constexpr, BLOCK_M: tl.constexpr):
+def _key_span(
+    blk, first, BQ, BK, SQ, SK, BAND_LO, BAND_HI, IS_CAUSAL: tl.constexpr, BAND: tl.constexpr, BLOCK_M: tl.constexpr
+):
     """Diagonal-block key positions ``[k_lo, k_hi)`` that a query tile (sorted positions from ``first``) sees."""
     k_lo = blk * BK
     k_hi = tl.minimum(k_lo + BK, SK)
@@ -191,8 +208,20 @@ def _load_kv(k_base, v_base, krow, k_ok, skn, svn, D: tl.constexpr, BLOCK_D: tl.
 
 
 @_device
-def _grad_rows(q_base, do_base, LSE, DELTA, row_base, qrow, q_ok, sqn, sdon,
-               D: tl.constexpr, BLOCK_D: tl.constexpr, ACC: tl.constexpr):
+def _grad_rows(
+    q_base,
+    do_base,
+    LSE,
+    DELTA,
+    row_base,
+    qrow,
+    q_ok,
+    sqn,
+    sdon,
+    D: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    ACC: tl.constexpr,
+):
     """What the backward reads per query row: q, dO [R, BLOCK_D], lse (base 2) and Delta [R]."""
     q = _load_rows(q_base, qrow, q_ok, sqn, D, BLOCK_D)
     do = _load_rows(do_base, qrow, q_ok, sdon, D, BLOCK_D)
@@ -211,8 +240,9 @@ def _dot(a, b, ACC: tl.constexpr, PRECISION: tl.constexpr, WIDEN: tl.constexpr):
 
 
 @_device
-def _fwd_step(acc, m_i, l_i, q, k, v, ok, bias2, scale2,
-              ACC: tl.constexpr, PRECISION: tl.constexpr, WIDEN: tl.constexpr):
+def _fwd_step(
+    acc, m_i, l_i, q, k, v, ok, bias2, scale2, ACC: tl.constexpr, PRECISION: tl.constexpr, WIDEN: tl.constexpr
+):
     """One online-softmax step (base-2 scores) over a key tile; ``ok [BM, BN]`` masks pairs."""
     s = _dot(q, tl.trans(k), ACC, PRECISION, WIDEN) * scale2 + bias2  # [BM, BN]
     s = tl.where(ok, s, float("-inf"))
@@ -227,8 +257,9 @@ def _fwd_step(acc, m_i, l_i, q, k, v, ok, bias2, scale2,
 
 
 @_device
-def _dq_step(dq, q, do, lse2, delta, k, v, ok, bias2, scale2,
-             ACC: tl.constexpr, PRECISION: tl.constexpr, WIDEN: tl.constexpr):
+def _dq_step(
+    dq, q, do, lse2, delta, k, v, ok, bias2, scale2, ACC: tl.constexpr, PRECISION: tl.constexpr, WIDEN: tl.constexpr
+):
     s = _dot(q, tl.trans(k), ACC, PRECISION, WIDEN) * scale2 + bias2  # [BM, BN]
     p = tl.where(ok, tl.math.exp2(s - lse2[:, None]), 0.0)
     dp = _dot(do, tl.trans(v), ACC, PRECISION, WIDEN)
@@ -237,8 +268,9 @@ def _dq_step(dq, q, do, lse2, delta, k, v, ok, bias2, scale2,
 
 
 @_device
-def _dkdv_step(dk, dv, k, v, q, do, lse2, delta, ok, bias2, scale2,
-               ACC: tl.constexpr, PRECISION: tl.constexpr, WIDEN: tl.constexpr):
+def _dkdv_step(
+    dk, dv, k, v, q, do, lse2, delta, ok, bias2, scale2, ACC: tl.constexpr, PRECISION: tl.constexpr, WIDEN: tl.constexpr
+):
     """Key-major step: ``ok [BN, BM]`` masks (key, query) pairs."""
     st = _dot(k, tl.trans(q), ACC, PRECISION, WIDEN) * scale2 + bias2  # [BN, BM]
     pt = tl.where(ok, tl.math.exp2(st - lse2[None, :]), 0.0)
@@ -253,19 +285,71 @@ def _dkdv_step(dk, dv, k, v, q, do, lse2, delta, ok, bias2, scale2,
 # forward
 # ----------------------------------------------------------------------------------------------------------
 
+
 @triton.jit(do_not_specialize=LENGTHS)
 def hyper_fwd(
-    Q, K, V, O, LSE, KVALID, QPERM, KPERM, SAMP, SBLK, SLW,
-    sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sob, soh, son, slb, slh, svalb,
-    HQ, GROUP, COUNT, CHUNK, Q_OFF, K_OFF, SQ, SK, NQ_T, NK_T, BQ, BK, M, BAND_LO, BAND_HI, scale2,
-    BQ_BUCKET, BK_BUCKET, M_BUCKET,
-    D: tl.constexpr, BLOCK_D: tl.constexpr, PERMUTED: tl.constexpr, HAS_SAMPLES: tl.constexpr,
-    HAS_VALID: tl.constexpr, IS_CAUSAL: tl.constexpr, BAND: tl.constexpr, ACCUMULATE: tl.constexpr,
-    ACC: tl.constexpr, PRECISION: tl.constexpr, WIDEN: tl.constexpr, BLOCK_M: tl.constexpr,
+    Q,
+    K,
+    V,
+    O,
+    LSE,
+    KVALID,
+    QPERM,
+    KPERM,
+    SAMP,
+    SBLK,
+    SLW,
+    sqb,
+    sqh,
+    sqn,
+    skb,
+    skh,
+    skn,
+    svb,
+    svh,
+    svn,
+    sob,
+    soh,
+    son,
+    slb,
+    slh,
+    svalb,
+    HQ,
+    GROUP,
+    COUNT,
+    CHUNK,
+    Q_OFF,
+    K_OFF,
+    SQ,
+    SK,
+    NQ_T,
+    NK_T,
+    BQ,
+    BK,
+    M,
+    BAND_LO,
+    BAND_HI,
+    scale2,
+    BQ_BUCKET,
+    BK_BUCKET,
+    M_BUCKET,
+    D: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    PERMUTED: tl.constexpr,
+    HAS_SAMPLES: tl.constexpr,
+    HAS_VALID: tl.constexpr,
+    IS_CAUSAL: tl.constexpr,
+    BAND: tl.constexpr,
+    ACCUMULATE: tl.constexpr,
+    ACC: tl.constexpr,
+    PRECISION: tl.constexpr,
+    WIDEN: tl.constexpr,
+    BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
     sub, h, kv_head, blk, t0, pos, qrow, q_ok = _query_tile(
-        tl.program_id(0), QPERM, HQ, GROUP, COUNT, CHUNK, Q_OFF, SQ, NQ_T, BQ, PERMUTED, BLOCK_M)
+        tl.program_id(0), QPERM, HQ, GROUP, COUNT, CHUNK, Q_OFF, SQ, NQ_T, BQ, PERMUTED, BLOCK_M
+    )
     b = (sub // COUNT).to(tl.int64)
     hk = kv_head % (HQ // GROUP)
     k_row0 = (sub % COUNT) * CHUNK + K_OFF
@@ -292,8 +376,17 @@ def hyper_fwd(
         krow, k_ok = _diag_keys(KPERM, kv_head, SK, kpos, k_hi, k_row0, NK_T, valid, PERMUTED, HAS_VALID)
         k, v = _load_kv(k_base, v_base, krow, k_ok, skn, svn, D, BLOCK_D)
         ok = tl.broadcast_to(k_ok[None, :], (BLOCK_M, BLOCK_N))
-        ok = _block_pairs(ok, kpos[None, :] - pos[:, None], (krow - k_row0)[None, :] - qidx[:, None], SQ, SK,
-                          BAND_LO, BAND_HI, IS_CAUSAL, BAND)
+        ok = _block_pairs(
+            ok,
+            kpos[None, :] - pos[:, None],
+            (krow - k_row0)[None, :] - qidx[:, None],
+            SQ,
+            SK,
+            BAND_LO,
+            BAND_HI,
+            IS_CAUSAL,
+            BAND,
+        )
         acc, m_i, l_i = _fwd_step(acc, m_i, l_i, q, k, v, ok, 0.0, scale2, ACC, PRECISION, WIDEN)
 
     # (b) the side keys: residual draws of other blocks (log-weighted), then the exact extras (weight 1)
@@ -317,26 +410,96 @@ def hyper_fwd(
 # backward
 # ----------------------------------------------------------------------------------------------------------
 
+
 @triton.jit(do_not_specialize=LENGTHS)
 def hyper_bwd_dq(
-    Q, K, V, DO, LSE, DELTA, DQ, KVALID, QPERM, KPERM, SAMP, SBLK, SLW,
-    sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sdob, sdoh, sdon, sdqb, sdqh, sdqn, slb, slh, svalb,
-    HQ, GROUP, COUNT, CHUNK, Q_OFF, K_OFF, SQ, SK, NQ_T, NK_T, BQ, BK, M, BAND_LO, BAND_HI, scale, scale2,
-    BQ_BUCKET, BK_BUCKET, M_BUCKET,
-    D: tl.constexpr, BLOCK_D: tl.constexpr, PERMUTED: tl.constexpr, HAS_SAMPLES: tl.constexpr,
-    HAS_VALID: tl.constexpr, IS_CAUSAL: tl.constexpr, BAND: tl.constexpr, ACCUMULATE: tl.constexpr,
-    ACC: tl.constexpr, PRECISION: tl.constexpr, WIDEN: tl.constexpr, BLOCK_M: tl.constexpr,
+    Q,
+    K,
+    V,
+    DO,
+    LSE,
+    DELTA,
+    DQ,
+    KVALID,
+    QPERM,
+    KPERM,
+    SAMP,
+    SBLK,
+    SLW,
+    sqb,
+    sqh,
+    sqn,
+    skb,
+    skh,
+    skn,
+    svb,
+    svh,
+    svn,
+    sdob,
+    sdoh,
+    sdon,
+    sdqb,
+    sdqh,
+    sdqn,
+    slb,
+    slh,
+    svalb,
+    HQ,
+    GROUP,
+    COUNT,
+    CHUNK,
+    Q_OFF,
+    K_OFF,
+    SQ,
+    SK,
+    NQ_T,
+    NK_T,
+    BQ,
+    BK,
+    M,
+    BAND_LO,
+    BAND_HI,
+    scale,
+    scale2,
+    BQ_BUCKET,
+    BK_BUCKET,
+    M_BUCKET,
+    D: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    PERMUTED: tl.constexpr,
+    HAS_SAMPLES: tl.constexpr,
+    HAS_VALID: tl.constexpr,
+    IS_CAUSAL: tl.constexpr,
+    BAND: tl.constexpr,
+    ACCUMULATE: tl.constexpr,
+    ACC: tl.constexpr,
+    PRECISION: tl.constexpr,
+    WIDEN: tl.constexpr,
+    BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
     # the forward's loops again, accumulating dQ
     sub, h, kv_head, blk, t0, pos, qrow, q_ok = _query_tile(
-        tl.program_id(0), QPERM, HQ, GROUP, COUNT, CHUNK, Q_OFF, SQ, NQ_T, BQ, PERMUTED, BLOCK_M)
+        tl.program_id(0), QPERM, HQ, GROUP, COUNT, CHUNK, Q_OFF, SQ, NQ_T, BQ, PERMUTED, BLOCK_M
+    )
     b = (sub // COUNT).to(tl.int64)
     hk = kv_head % (HQ // GROUP)
     k_row0 = (sub % COUNT) * CHUNK + K_OFF
     qidx = qrow - ((sub % COUNT) * CHUNK + Q_OFF)
-    q, do, lse2, delta = _grad_rows(Q + b * sqb + h * sqh, DO + b * sdob + h * sdoh, LSE, DELTA,
-                                    b * slb + h * slh, qrow, q_ok, sqn, sdon, D, BLOCK_D, ACC)
+    q, do, lse2, delta = _grad_rows(
+        Q + b * sqb + h * sqh,
+        DO + b * sdob + h * sdoh,
+        LSE,
+        DELTA,
+        b * slb + h * slh,
+        qrow,
+        q_ok,
+        sqn,
+        sdon,
+        D,
+        BLOCK_D,
+        ACC,
+    )
     k_base = K + b * skb + hk * skh
     v_base = V + b * svb + hk * svh
     valid = KVALID + b * svalb
@@ -348,8 +511,17 @@ def hyper_bwd_dq(
         krow, k_ok = _diag_keys(KPERM, kv_head, SK, kpos, k_hi, k_row0, NK_T, valid, PERMUTED, HAS_VALID)
         k, v = _load_kv(k_base, v_base, krow, k_ok, skn, svn, D, BLOCK_D)
         ok = q_ok[:, None] & k_ok[None, :]
-        ok = _block_pairs(ok, kpos[None, :] - pos[:, None], (krow - k_row0)[None, :] - qidx[:, None], SQ, SK,
-                          BAND_LO, BAND_HI, IS_CAUSAL, BAND)
+        ok = _block_pairs(
+            ok,
+            kpos[None, :] - pos[:, None],
+            (krow - k_row0)[None, :] - qidx[:, None],
+            SQ,
+            SK,
+            BAND_LO,
+            BAND_HI,
+            IS_CAUSAL,
+            BAND,
+        )
         dq = _dq_step(dq, q, do, lse2, delta, k, v, ok, 0.0, scale2, ACC, PRECISION, WIDEN)
 
     if HAS_SAMPLES:
@@ -371,13 +543,67 @@ def hyper_bwd_dq(
 
 @triton.jit(do_not_specialize=LENGTHS)
 def hyper_bwd_dkdv(
-    Q, K, V, DO, LSE, DELTA, DK, DV, KVALID, QPERM, KPERM,
-    sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sdob, sdoh, sdon, sdkb, sdkh, sdkn, slb, slh, svalb,
-    HQ, GROUP, COUNT, CHUNK, Q_OFF, K_OFF, SQ, SK, NQ_T, NK_T, BQ, BK, M, BAND_LO, BAND_HI, scale, scale2,
-    BQ_BUCKET, BK_BUCKET, M_BUCKET,
-    D: tl.constexpr, BLOCK_D: tl.constexpr, PERMUTED: tl.constexpr, HAS_SAMPLES: tl.constexpr,
-    HAS_VALID: tl.constexpr, IS_CAUSAL: tl.constexpr, BAND: tl.constexpr, ACCUMULATE: tl.constexpr,
-    ACC: tl.constexpr, PRECISION: tl.constexpr, WIDEN: tl.constexpr, BLOCK_M: tl.constexpr,
+    Q,
+    K,
+    V,
+    DO,
+    LSE,
+    DELTA,
+    DK,
+    DV,
+    KVALID,
+    QPERM,
+    KPERM,
+    sqb,
+    sqh,
+    sqn,
+    skb,
+    skh,
+    skn,
+    svb,
+    svh,
+    svn,
+    sdob,
+    sdoh,
+    sdon,
+    sdkb,
+    sdkh,
+    sdkn,
+    slb,
+    slh,
+    svalb,
+    HQ,
+    GROUP,
+    COUNT,
+    CHUNK,
+    Q_OFF,
+    K_OFF,
+    SQ,
+    SK,
+    NQ_T,
+    NK_T,
+    BQ,
+    BK,
+    M,
+    BAND_LO,
+    BAND_HI,
+    scale,
+    scale2,
+    BQ_BUCKET,
+    BK_BUCKET,
+    M_BUCKET,
+    D: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    PERMUTED: tl.constexpr,
+    HAS_SAMPLES: tl.constexpr,
+    HAS_VALID: tl.constexpr,
+    IS_CAUSAL: tl.constexpr,
+    BAND: tl.constexpr,
+    ACCUMULATE: tl.constexpr,
+    ACC: tl.constexpr,
+    PRECISION: tl.constexpr,
+    WIDEN: tl.constexpr,
+    BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
     # program -> (sub-problem, kv head, diagonal block, key tile); loops over the block's queries of every
@@ -415,11 +641,32 @@ def hyper_bwd_dkdv(
         for start in range(q_lo, q_hi, BLOCK_M):
             pos = start + tl.arange(0, BLOCK_M)
             qrow, q_ok = _rows_of(qperm, pos, pos < q_hi, q_row0, NQ_T, PERMUTED)
-            q, do, lse2, delta = _grad_rows(Q + b * sqb + h * sqh, DO + b * sdob + h * sdoh, LSE, DELTA,
-                                            b * slb + h * slh, qrow, q_ok, sqn, sdon, D, BLOCK_D, ACC)
+            q, do, lse2, delta = _grad_rows(
+                Q + b * sqb + h * sqh,
+                DO + b * sdob + h * sdoh,
+                LSE,
+                DELTA,
+                b * slb + h * slh,
+                qrow,
+                q_ok,
+                sqn,
+                sdon,
+                D,
+                BLOCK_D,
+                ACC,
+            )
             ok = k_ok[:, None] & q_ok[None, :]
-            ok = _block_pairs(ok, kpos[:, None] - pos[None, :], kidx[:, None] - (qrow - q_row0)[None, :], SQ, SK,
-                              BAND_LO, BAND_HI, IS_CAUSAL, BAND)
+            ok = _block_pairs(
+                ok,
+                kpos[:, None] - pos[None, :],
+                kidx[:, None] - (qrow - q_row0)[None, :],
+                SQ,
+                SK,
+                BAND_LO,
+                BAND_HI,
+                IS_CAUSAL,
+                BAND,
+            )
             dk, dv = _dkdv_step(dk, dv, k, v, q, do, lse2, delta, ok, 0.0, scale2, ACC, PRECISION, WIDEN)
 
     dk = dk * scale
@@ -434,13 +681,63 @@ def hyper_bwd_dkdv(
 
 @triton.jit(do_not_specialize=LENGTHS + ["ROWS_PER_SPLIT"])
 def hyper_bwd_sample(
-    Q, K, V, DO, LSE, DELTA, PART, QPERM, SAMP, SBLK, SLW,
-    sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sdob, sdoh, sdon, slb, slh,
-    HQ, GROUP, COUNT, CHUNK, Q_OFF, K_OFF, SQ, SK, NQ_T, NK_T, BQ, BK, M, BAND_LO, BAND_HI, scale, scale2,
-    ROWS_PER_SPLIT, BQ_BUCKET, BK_BUCKET, M_BUCKET,
-    D: tl.constexpr, BLOCK_D: tl.constexpr, PERMUTED: tl.constexpr, HAS_SAMPLES: tl.constexpr,
-    IS_CAUSAL: tl.constexpr, BAND: tl.constexpr, ACC: tl.constexpr,
-    PRECISION: tl.constexpr, WIDEN: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    Q,
+    K,
+    V,
+    DO,
+    LSE,
+    DELTA,
+    PART,
+    QPERM,
+    SAMP,
+    SBLK,
+    SLW,
+    sqb,
+    sqh,
+    sqn,
+    skb,
+    skh,
+    skn,
+    svb,
+    svh,
+    svn,
+    sdob,
+    sdoh,
+    sdon,
+    slb,
+    slh,
+    HQ,
+    GROUP,
+    COUNT,
+    CHUNK,
+    Q_OFF,
+    K_OFF,
+    SQ,
+    SK,
+    NQ_T,
+    NK_T,
+    BQ,
+    BK,
+    M,
+    BAND_LO,
+    BAND_HI,
+    scale,
+    scale2,
+    ROWS_PER_SPLIT,
+    BQ_BUCKET,
+    BK_BUCKET,
+    M_BUCKET,
+    D: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    PERMUTED: tl.constexpr,
+    HAS_SAMPLES: tl.constexpr,
+    IS_CAUSAL: tl.constexpr,
+    BAND: tl.constexpr,
+    ACC: tl.constexpr,
+    PRECISION: tl.constexpr,
+    WIDEN: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
 ):
     # pass 1 of the side keys' dK/dV: program -> (sub-problem, kv head, split of query rows, side-key tile);
     # PART [splits, n_sub * Hkv, 2, M, BLOCK_D] fp32 partials (dK then dV)
@@ -468,8 +765,20 @@ def hyper_bwd_sample(
         for start in range(p_lo, p_hi, BLOCK_M):
             pos = start + tl.arange(0, BLOCK_M)
             qrow, q_ok = _rows_of(qperm, pos, pos < p_hi, q_row0, NQ_T, True)
-            q, do, lse2, delta = _grad_rows(Q + b * sqb + h * sqh, DO + b * sdob + h * sdoh, LSE, DELTA,
-                                            b * slb + h * slh, qrow, q_ok, sqn, sdon, D, BLOCK_D, ACC)
+            q, do, lse2, delta = _grad_rows(
+                Q + b * sqb + h * sqh,
+                DO + b * sdob + h * sdoh,
+                LSE,
+                DELTA,
+                b * slb + h * slh,
+                qrow,
+                q_ok,
+                sqn,
+                sdon,
+                D,
+                BLOCK_D,
+                ACC,
+            )
             ok = k_ok[:, None] & q_ok[None, :] & (sblk[:, None] != (pos // BQ)[None, :])
             ok = _side_pairs(ok, kidx[:, None] - (qrow - q_row0)[None, :], (sblk < 0)[:, None], BAND_LO, BAND_HI, BAND)
             dk, dv = _dkdv_step(dk, dv, k, v, q, do, lse2, delta, ok, lw2[:, None], scale2, ACC, PRECISION, WIDEN)

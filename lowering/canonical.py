@@ -24,11 +24,12 @@ it). Otherwise the graph keeps its own computation and the site its reason. A ca
 ``kind="sdpa"`` while `sdpa.rewrite_sdpa` handles it, and ``family`` (the kind `explain` shows) from then on
 (`sites.record`).
 """
+
 from __future__ import annotations
 
 import operator
 import string
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.fx as fx
@@ -52,14 +53,21 @@ class Unsupported(Exception):
 # emitting nodes with fake values
 # ----------------------------------------------------------------------------------------------------------
 
+
 class Builder:
     """Creates nodes before ``anchor``, each with its ``example_value`` computed on the graph's fake tensors."""
 
     def __init__(self, graph: fx.Graph, anchor: fx.Node, like: fx.Node):
         self.graph, self.anchor, self.like = graph, anchor, like
-        self.created: List[fx.Node] = []
-        self.fake_mode = next((v.fake_mode for v in map(masks.meta_val, graph.nodes)
-                               if isinstance(v, torch.Tensor) and hasattr(v, "fake_mode")), None)
+        self.created: list[fx.Node] = []
+        self.fake_mode = next(
+            (
+                v.fake_mode
+                for v in map(masks.meta_val, graph.nodes)
+                if isinstance(v, torch.Tensor) and hasattr(v, "fake_mode")
+            ),
+            None,
+        )
         if self.fake_mode is None:
             raise Unsupported("the graph has no fake values")
 
@@ -97,7 +105,7 @@ def _val(n):
     return masks.meta_val(n)
 
 
-def _tensor(n) -> Optional[torch.Tensor]:
+def _tensor(n) -> torch.Tensor | None:
     v = _val(n)
     return v if isinstance(v, torch.Tensor) else None
 
@@ -132,7 +140,8 @@ def _is_method(n, *names) -> bool:
 # einsum
 # ----------------------------------------------------------------------------------------------------------
 
-def _einsum_parts(node: fx.Node) -> Optional[Tuple[str, List[fx.Node]]]:
+
+def _einsum_parts(node: fx.Node) -> tuple[str, list[fx.Node]] | None:
     if not _is_call(node, *EINSUM) or not node.args or not isinstance(node.args[0], str):
         return None
     ops = list(node.args[1:])
@@ -143,7 +152,7 @@ def _einsum_parts(node: fx.Node) -> Optional[Tuple[str, List[fx.Node]]]:
     return node.args[0], ops
 
 
-def _parse_equation(eq: str, operands: Sequence[fx.Node]) -> Tuple[List[str], str]:
+def _parse_equation(eq: str, operands: Sequence[fx.Node]) -> tuple[list[str], str]:
     """``(specs of the operands, spec of the output)`` with ``...`` expanded to letters; raises `Unsupported`."""
     eq = eq.replace(" ", "")
     lhs, arrow, rhs = eq.partition("->")
@@ -161,7 +170,7 @@ def _parse_equation(eq: str, operands: Sequence[fx.Node]) -> Tuple[List[str], st
             raise Unsupported(f"einsum {eq!r}: operand rank does not match")
     if widths and len(set(widths)) != 1:
         raise Unsupported(f"einsum {eq!r}: the '...' dims differ between operands (broadcast)")
-    ell = "".join(spare[:widths[0]]) if widths else ""
+    ell = "".join(spare[: widths[0]]) if widths else ""
     specs = [s.replace("...", ell) for s in specs]
     if not arrow:  # implicit output: the letters that appear once, sorted
         counts = {c: sum(s.count(c) for s in specs) for c in set("".join(specs))}
@@ -177,8 +186,9 @@ def _parse_equation(eq: str, operands: Sequence[fx.Node]) -> Tuple[List[str], st
     return specs, rhs
 
 
-def _walk_chain(start: fx.Node, is_stop: Callable[[fx.Node], bool], limit: Optional[int] = None,
-                too_long: str = "") -> Tuple[List[fx.Node], fx.Node]:
+def _walk_chain(
+    start: fx.Node, is_stop: Callable[[fx.Node], bool], limit: int | None = None, too_long: str = ""
+) -> tuple[list[fx.Node], fx.Node]:
     """``(chain, stop)``: the nodes from ``start``'s user up to the first one ``is_stop`` accepts (exclusive), each
     the only user of the previous; more than ``limit`` of them raises `Unsupported` (``too_long``)."""
     chain, n = [], start
@@ -203,10 +213,10 @@ def _is_cast(n: fx.Node, prev: fx.Node) -> bool:
     if not _is_method(n, *_CASTS) or n.args[0] is not prev:
         return False
     a, b = _tensor(n), _tensor(prev)
-    return (a is not None and b is not None and a.shape == b.shape and a.device == b.device)
+    return a is not None and b is not None and a.shape == b.shape and a.device == b.device
 
 
-def _scalar_factor(x) -> Optional[object]:
+def _scalar_factor(x) -> object | None:
     """A number, or a node holding a symbolic float/int (``dynamic=True`` makes float attributes symbolic)."""
     if isinstance(x, bool):
         return None
@@ -222,11 +232,11 @@ class _EinsumSite:
 
     def __init__(self, softmax: fx.Node):
         self.softmax = softmax
-        self.factors_before: List[Tuple[object, bool]] = []  # (factor, divide)
-        self.factors_after: List[Tuple[object, bool]] = []
-        self.mask: Optional[Tuple[str, fx.Node]] = None  # ("add", m) / ("keep", m) / ("drop", m)
+        self.factors_before: list[tuple[object, bool]] = []  # (factor, divide)
+        self.factors_after: list[tuple[object, bool]] = []
+        self.mask: tuple[str, fx.Node] | None = None  # ("add", m) / ("keep", m) / ("drop", m)
         self.dim = -1  # the softmax dim, normalised
-        self.p: Optional[fx.Node] = None  # the probabilities as the pv einsum reads them
+        self.p: fx.Node | None = None  # the probabilities as the pv einsum reads them
 
 
 def _parse_einsum_site(softmax: fx.Node):
@@ -244,17 +254,28 @@ def _parse_einsum_site(softmax: fx.Node):
             raise Unsupported("softmax input is not a (scaled, masked) einsum of q and k")
         if _is_call(n, torch.where) and len(n.args) == 3:
             # where(mask, scores, fill) / where(mask, fill, scores): the scores are the tensor operand
-            cand = [a for a in n.args[1:] if isinstance(a, fx.Node) and _tensor(a) is not None
-                    and _tensor(a).shape == _tensor(n).shape]
+            cand = [
+                a
+                for a in n.args[1:]
+                if isinstance(a, fx.Node) and _tensor(a) is not None and _tensor(a).shape == _tensor(n).shape
+            ]
             if len(cand) != 1:
                 raise Unsupported("torch.where with two score-shaped operands")
             n = cand[0]
-        elif n.op in ("call_function", "call_method") and n.target in (operator.mul, torch.mul, "mul", "__mul__") \
-                and isinstance(n.args[1], fx.Node) and not isinstance(n.args[0], fx.Node):
+        elif (
+            n.op in ("call_function", "call_method")
+            and n.target in (operator.mul, torch.mul, "mul", "__mul__")
+            and isinstance(n.args[1], fx.Node)
+            and not isinstance(n.args[0], fx.Node)
+        ):
             n = n.args[1]
-        elif n.op in ("call_function", "call_method") and n.target in (operator.add, torch.add, "add", "__add__") \
-                and isinstance(n.args[1], fx.Node) and _tensor(n.args[0]) is not None \
-                and _tensor(n.args[0]).shape != _tensor(n).shape:
+        elif (
+            n.op in ("call_function", "call_method")
+            and n.target in (operator.add, torch.add, "add", "__add__")
+            and isinstance(n.args[1], fx.Node)
+            and _tensor(n.args[0]) is not None
+            and _tensor(n.args[0]).shape != _tensor(n).shape
+        ):
             n = n.args[1]  # mask + scores
         else:
             n = n.args[0]  # scores * s, scores + mask, masked_fill, casts
@@ -263,12 +284,13 @@ def _parse_einsum_site(softmax: fx.Node):
     qk = n
     chain, _ = _walk_chain(qk, lambda n: n is softmax)
     # downstream: softmax -> casts / dropout -> einsum
-    down, pv = _walk_chain(softmax, lambda n: _is_call(n, *EINSUM), limit=4,
-                           too_long="the probabilities do not feed an einsum with v")
+    down, pv = _walk_chain(
+        softmax, lambda n: _is_call(n, *EINSUM), limit=4, too_long="the probabilities do not feed an einsum with v"
+    )
     return qk, chain, down, pv
 
 
-def _read_einsum_chain(site: _EinsumSite, qk: fx.Node, chain: List[fx.Node], down: List[fx.Node]):
+def _read_einsum_chain(site: _EinsumSite, qk: fx.Node, chain: list[fx.Node], down: list[fx.Node]):
     """Fill ``site`` from the ops between the einsums; raises `Unsupported`."""
     base = _tensor(qk)
     prev = qk
@@ -280,7 +302,15 @@ def _read_einsum_chain(site: _EinsumSite, qk: fx.Node, chain: List[fx.Node], dow
             if out.dtype not in (torch.float32, base.dtype):
                 raise Unsupported(f"scores cast to {out.dtype}")
         elif n.op in ("call_function", "call_method") and n.target in (
-                operator.mul, torch.mul, "mul", "__mul__", operator.truediv, torch.div, "div", "__truediv__"):
+            operator.mul,
+            torch.mul,
+            "mul",
+            "__mul__",
+            operator.truediv,
+            torch.div,
+            "div",
+            "__truediv__",
+        ):
             other = n.args[1] if n.args[0] is prev else n.args[0]
             divide = n.target in (operator.truediv, torch.div, "div", "__truediv__")
             if divide and n.args[0] is not prev:
@@ -319,8 +349,11 @@ def _read_einsum_chain(site: _EinsumSite, qk: fx.Node, chain: List[fx.Node], dow
             site.mask = (kind, cond)
         else:
             raise Unsupported(f"unsupported op between the einsum and the softmax ({n.target})")
-        if site.mask and site.mask[0] != "add" and any(not isinstance(f, float) or f <= 0
-                                                       for f, _ in site.factors_after):
+        if (
+            site.mask
+            and site.mask[0] != "add"
+            and any(not isinstance(f, float) or f <= 0 for f, _ in site.factors_after)
+        ):
             raise Unsupported("a scale after a -inf mask that is not a positive number")
         prev = n
     # the softmax
@@ -342,8 +375,11 @@ def _read_einsum_chain(site: _EinsumSite, qk: fx.Node, chain: List[fx.Node], dow
             if _tensor(n).dtype not in (torch.float32, base.dtype):
                 raise Unsupported(f"probabilities cast to {_tensor(n).dtype}")
         elif _is_call(n, F.dropout, torch.dropout) and n.args and n.args[0] is prev:
-            d = _bind(n, ("input", "p", "training", "inplace") if n.target is F.dropout else ("input", "p", "train"),
-                      {"p": 0.5, "training": True, "train": True})
+            d = _bind(
+                n,
+                ("input", "p", "training", "inplace") if n.target is F.dropout else ("input", "p", "train"),
+                {"p": 0.5, "training": True, "train": True},
+            )
             active = d.get("training", d.get("train"))
             if not isinstance(d["p"], (int, float)) or not isinstance(active, bool):
                 raise Unsupported("dropout with a symbolic probability or mode")
@@ -355,7 +391,7 @@ def _read_einsum_chain(site: _EinsumSite, qk: fx.Node, chain: List[fx.Node], dow
     site.p = prev
 
 
-def _roles(specs: List[str], out: str, eq: str):
+def _roles(specs: list[str], out: str, eq: str):
     a, b = specs
     contracted = (set(a) & set(b)) - set(out)
     if len(contracted) != 1:
@@ -397,7 +433,7 @@ def _mask_to_canonical(b: Builder, m: fx.Node, out: str, canon: str) -> fx.Node:
     return _permute(b, m, out, canon)
 
 
-def _fold_scale(b: Builder, factors: List[Tuple[object, bool]]):
+def _fold_scale(b: Builder, factors: list[tuple[object, bool]]):
     """The product of the factors: a number, or a node holding a symbolic float."""
     number, node = 1.0, None
     for f, divide in factors:
@@ -411,7 +447,7 @@ def _fold_scale(b: Builder, factors: List[Tuple[object, bool]]):
     return node if number == 1.0 else b.fn(operator.mul, node, number)
 
 
-def einsum_sdpa(b: Builder, softmax: fx.Node) -> Tuple[fx.Node, fx.Node, List[fx.Node]]:
+def einsum_sdpa(b: Builder, softmax: fx.Node) -> tuple[fx.Node, fx.Node, list[fx.Node]]:
     """Emit the SDPA form of the einsum attention around ``softmax``: ``(sdpa node, output node, replaced nodes)``;
     the output node replaces the pv einsum (the first replaced node), the others die with it. Raises
     `Unsupported`."""
@@ -486,8 +522,10 @@ def einsum_sdpa(b: Builder, softmax: fx.Node) -> Tuple[fx.Node, fx.Node, List[fx
         elif kind == "keep":
             m = m if _tensor(m).dtype == torch.bool else b.method("bool", m)
         else:  # drop: keep is its negation (~~x is x)
-            if _is_call(m, operator.invert, torch.logical_not, torch.bitwise_not) and \
-                    _tensor(m.args[0]).dtype == torch.bool:
+            if (
+                _is_call(m, operator.invert, torch.logical_not, torch.bitwise_not)
+                and _tensor(m.args[0]).dtype == torch.bool
+            ):
                 m = m.args[0]
             else:
                 m = b.fn(operator.invert, m if _tensor(m).dtype == torch.bool else b.method("bool", m))
@@ -505,19 +543,84 @@ def einsum_sdpa(b: Builder, softmax: fx.Node) -> Tuple[fx.Node, fx.Node, List[fx
 # nn.MultiheadAttention: F.multi_head_attention_forward and the native op
 # ----------------------------------------------------------------------------------------------------------
 
-_MHA_PARAMS = ("query", "key", "value", "embed_dim_to_check", "num_heads", "in_proj_weight", "in_proj_bias",
-               "bias_k", "bias_v", "add_zero_attn", "dropout_p", "out_proj_weight", "out_proj_bias", "training",
-               "key_padding_mask", "need_weights", "attn_mask", "use_separate_proj_weight", "q_proj_weight",
-               "k_proj_weight", "v_proj_weight", "static_k", "static_v", "average_attn_weights", "is_causal")
-_MHA_DEFAULTS = {"training": True, "key_padding_mask": None, "need_weights": True, "attn_mask": None,
-                 "use_separate_proj_weight": False, "q_proj_weight": None, "k_proj_weight": None,
-                 "v_proj_weight": None, "static_k": None, "static_v": None, "average_attn_weights": True,
-                 "is_causal": False}
-_NATIVE_PARAMS = ("query", "key", "value", "embed_dim", "num_head", "qkv_weight", "qkv_bias", "proj_weight",
-                  "proj_bias", "mask", "need_weights", "average_attn_weights", "mask_type")
-_ENCODER_PARAMS = ("src", "embed_dim", "num_heads", "qkv_weight", "qkv_bias", "proj_weight", "proj_bias",
-                   "use_gelu", "norm_first", "eps", "norm_weight_1", "norm_bias_1", "norm_weight_2", "norm_bias_2",
-                   "ffn_weight_1", "ffn_bias_1", "ffn_weight_2", "ffn_bias_2", "mask", "mask_type")
+_MHA_PARAMS = (
+    "query",
+    "key",
+    "value",
+    "embed_dim_to_check",
+    "num_heads",
+    "in_proj_weight",
+    "in_proj_bias",
+    "bias_k",
+    "bias_v",
+    "add_zero_attn",
+    "dropout_p",
+    "out_proj_weight",
+    "out_proj_bias",
+    "training",
+    "key_padding_mask",
+    "need_weights",
+    "attn_mask",
+    "use_separate_proj_weight",
+    "q_proj_weight",
+    "k_proj_weight",
+    "v_proj_weight",
+    "static_k",
+    "static_v",
+    "average_attn_weights",
+    "is_causal",
+)
+_MHA_DEFAULTS = {
+    "training": True,
+    "key_padding_mask": None,
+    "need_weights": True,
+    "attn_mask": None,
+    "use_separate_proj_weight": False,
+    "q_proj_weight": None,
+    "k_proj_weight": None,
+    "v_proj_weight": None,
+    "static_k": None,
+    "static_v": None,
+    "average_attn_weights": True,
+    "is_causal": False,
+}
+_NATIVE_PARAMS = (
+    "query",
+    "key",
+    "value",
+    "embed_dim",
+    "num_head",
+    "qkv_weight",
+    "qkv_bias",
+    "proj_weight",
+    "proj_bias",
+    "mask",
+    "need_weights",
+    "average_attn_weights",
+    "mask_type",
+)
+_ENCODER_PARAMS = (
+    "src",
+    "embed_dim",
+    "num_heads",
+    "qkv_weight",
+    "qkv_bias",
+    "proj_weight",
+    "proj_bias",
+    "use_gelu",
+    "norm_first",
+    "eps",
+    "norm_weight_1",
+    "norm_bias_1",
+    "norm_weight_2",
+    "norm_bias_2",
+    "ffn_weight_1",
+    "ffn_bias_1",
+    "ffn_weight_2",
+    "ffn_bias_2",
+    "mask",
+    "mask_type",
+)
 
 
 def _check_users(node: fx.Node, need_weights) -> None:
@@ -538,7 +641,11 @@ def _pure(b: Builder, n: fx.Node, hops: int = 6) -> fx.Node:
     """``n``, with ``F._canonical_mask``'s in-place ``zeros_like(m).masked_fill_(m, -inf)`` (through views)
     re-emitted out of place, so the mask proofs can evaluate it (they never evaluate a value changed in place).
     Same values: the zeros are fresh and used by nothing else."""
-    if hops and _is_method(n, "view", "expand", "reshape", "unsqueeze", "contiguous") and isinstance(n.args[0], fx.Node):
+    if (
+        hops
+        and _is_method(n, "view", "expand", "reshape", "unsqueeze", "contiguous")
+        and isinstance(n.args[0], fx.Node)
+    ):
         inner = _pure(b, n.args[0], hops - 1)
         return n if inner is n.args[0] else b.method(n.target, inner, *n.args[1:], **n.kwargs)
     if _is_method(n, "masked_fill_") and len(n.args) == 3 and not n.kwargs:
@@ -578,15 +685,19 @@ def _projections(b: Builder, a: dict, E: int):
             return q, b.fn(operator.getitem, kv, 0), b.fn(operator.getitem, kv, 1)
         ws = b.method("chunk", w, 3)
         bs = b.method("chunk", bias, 3) if bias is not None else None
-        return tuple(b.fn(F.linear, x, b.fn(operator.getitem, ws, t), bs and b.fn(operator.getitem, bs, t))
-                     for t, x in enumerate((query, key, value)))
+        return tuple(
+            b.fn(F.linear, x, b.fn(operator.getitem, ws, t), bs and b.fn(operator.getitem, bs, t))
+            for t, x in enumerate((query, key, value))
+        )
     ws = [a[f"{x}_proj_weight"] for x in "qkv"]
     if not all(isinstance(w, fx.Node) for w in ws):
         raise Unsupported("use_separate_proj_weight without q/k/v_proj_weight")
     bias = a["in_proj_bias"]
     bs = b.method("chunk", bias, 3) if bias is not None else None
-    return tuple(b.fn(F.linear, x, w, bs and b.fn(operator.getitem, bs, t))
-                 for t, (x, w) in enumerate(zip((a["query"], a["key"], a["value"]), ws)))
+    return tuple(
+        b.fn(F.linear, x, w, bs and b.fn(operator.getitem, bs, t))
+        for t, (x, w) in enumerate(zip((a["query"], a["key"], a["value"]), ws))
+    )
 
 
 def _heads(b: Builder, x: fx.Node, H: int, D: int) -> fx.Node:
@@ -594,14 +705,13 @@ def _heads(b: Builder, x: fx.Node, H: int, D: int) -> fx.Node:
     return b.method("permute", b.method("unflatten", x, -1, (H, D)), 1, 2, 0, 3)
 
 
-def mha_sdpa(b: Builder, node: fx.Node) -> Tuple[fx.Node, fx.Node, str]:
+def mha_sdpa(b: Builder, node: fx.Node) -> tuple[fx.Node, fx.Node, str]:
     """``F.multi_head_attention_forward`` as projections + SDPA + output projection (need_weights=False's path);
     ``(sdpa node, attention output node, description)``. Raises `Unsupported`."""
     a = _bind(node, _MHA_PARAMS, _MHA_DEFAULTS)
     for name in ("bias_k", "bias_v", "static_k", "static_v"):
         if a.get(name) is not None:
-            raise Unsupported(f"{name} is set (add_bias_kv / static keys)" if "bias" in name
-                              else f"{name} is set")
+            raise Unsupported(f"{name} is set (add_bias_kv / static keys)" if "bias" in name else f"{name} is set")
     if _const(a, "add_zero_attn"):
         raise Unsupported("add_zero_attn=True")
     need_weights = _const(a, "need_weights")
@@ -669,7 +779,7 @@ def mha_sdpa(b: Builder, node: fx.Node) -> Tuple[fx.Node, fx.Node, str]:
     return sdpa, out, "need_weights=True, weights unused" if need_weights else ""
 
 
-def _native_keep_mask(b: Builder, mask: Optional[fx.Node], mask_type, B, H, L, S) -> Optional[fx.Node]:
+def _native_keep_mask(b: Builder, mask: fx.Node | None, mask_type, B, H, L, S) -> fx.Node | None:
     """The native op's mask (any dtype, converted to bool, True = masked) as an SDPA bool keep mask.
 
     A merged ``attn + key_padding`` float mask (mask type 2, `nn.MultiheadAttention.merge_masks`) whose padding
@@ -693,8 +803,11 @@ def _native_keep_mask(b: Builder, mask: Optional[fx.Node], mask_type, B, H, L, S
     if mv.dim() != 4:
         raise Unsupported("mask type 2 is not [B, H, L, S]")
     terms = [mask]
-    if _is_call(mask, operator.add) and all(isinstance(t, fx.Node) for t in mask.args) and any(
-            zero_or_masked(t) for t in mask.args):
+    if (
+        _is_call(mask, operator.add)
+        and all(isinstance(t, fx.Node) for t in mask.args)
+        and any(zero_or_masked(t) for t in mask.args)
+    ):
         terms = list(mask.args)
     keep = None
     for t in terms:
@@ -706,7 +819,7 @@ def _native_keep_mask(b: Builder, mask: Optional[fx.Node], mask_type, B, H, L, S
     return keep
 
 
-def native_mha_sdpa(b: Builder, x: fx.Node, a: dict) -> Tuple[fx.Node, fx.Node]:
+def native_mha_sdpa(b: Builder, x: fx.Node, a: dict) -> tuple[fx.Node, fx.Node]:
     """``torch._native_multi_head_attention(x, x, x, ..., need_weights=False)`` on batch-first ``x [B, L, E]``:
     ``(sdpa node, output node)``."""
     E, H = _const(a, "embed_dim", (int,)), _const(a, "num_head", (int,))
@@ -718,16 +831,19 @@ def native_mha_sdpa(b: Builder, x: fx.Node, a: dict) -> Tuple[fx.Node, fx.Node]:
     keep = _native_keep_mask(b, a.get("mask"), _const(a, "mask_type", (int,)), B, H, L, L)
     proj = b.fn(F.linear, x, a["qkv_weight"], a["qkv_bias"])
     chunks = b.method("chunk", proj, 3, -1)
-    q, k, v = (b.method("transpose", b.method("unflatten", b.fn(operator.getitem, chunks, t), -1, (H, D)), 1, 2)
-               for t in range(3))
+    q, k, v = (
+        b.method("transpose", b.method("unflatten", b.fn(operator.getitem, chunks, t), -1, (H, D)), 1, 2)
+        for t in range(3)
+    )
     sdpa = b.fn(SDPA, q, k, v, attn_mask=keep)
     out = b.method("flatten", b.method("transpose", sdpa, 1, 2), -2)  # [B, L, E]
     return sdpa, b.fn(F.linear, out, a["proj_weight"], a["proj_bias"])
 
 
-def native_sdpa(b: Builder, node: fx.Node) -> Tuple[fx.Node, fx.Node, str]:
-    a = _bind(node, _NATIVE_PARAMS, {"mask": None, "need_weights": True, "average_attn_weights": True,
-                                     "mask_type": None})
+def native_sdpa(b: Builder, node: fx.Node) -> tuple[fx.Node, fx.Node, str]:
+    a = _bind(
+        node, _NATIVE_PARAMS, {"mask": None, "need_weights": True, "average_attn_weights": True, "mask_type": None}
+    )
     if not (a["query"] is a["key"] is a["value"]):
         raise Unsupported("torch._native_multi_head_attention with distinct query/key/value")
     _check_users(node, _const(a, "need_weights"))
@@ -735,7 +851,7 @@ def native_sdpa(b: Builder, node: fx.Node) -> Tuple[fx.Node, fx.Node, str]:
     return sdpa, out, ""
 
 
-def encoder_layer_sdpa(b: Builder, node: fx.Node) -> Tuple[fx.Node, fx.Node, str]:
+def encoder_layer_sdpa(b: Builder, node: fx.Node) -> tuple[fx.Node, fx.Node, str]:
     """``torch._transformer_encoder_layer_fwd`` decomposed (aten ``transformer_encoder_layer_forward``)."""
     a = _bind(node, _ENCODER_PARAMS, {"mask": None, "mask_type": None})
     E, eps = _const(a, "embed_dim", (int,)), _const(a, "eps", (int, float))
@@ -748,9 +864,20 @@ def encoder_layer_sdpa(b: Builder, node: fx.Node) -> Tuple[fx.Node, fx.Node, str
         return b.fn(F.layer_norm, x, (E,), a[f"norm_weight_{t}"], a[f"norm_bias_{t}"], eps)
 
     x = norm(src, 1) if norm_first else src
-    sdpa, x = native_mha_sdpa(b, x, {"embed_dim": E, "num_head": a["num_heads"], "qkv_weight": a["qkv_weight"],
-                                     "qkv_bias": a["qkv_bias"], "proj_weight": a["proj_weight"],
-                                     "proj_bias": a["proj_bias"], "mask": a["mask"], "mask_type": a["mask_type"]})
+    sdpa, x = native_mha_sdpa(
+        b,
+        x,
+        {
+            "embed_dim": E,
+            "num_head": a["num_heads"],
+            "qkv_weight": a["qkv_weight"],
+            "qkv_bias": a["qkv_bias"],
+            "proj_weight": a["proj_weight"],
+            "proj_bias": a["proj_bias"],
+            "mask": a["mask"],
+            "mask_type": a["mask_type"],
+        },
+    )
     x = b.fn(operator.add, x, src)
     if not norm_first:
         x = norm(x, 1)
@@ -769,6 +896,7 @@ def encoder_layer_sdpa(b: Builder, node: fx.Node) -> Tuple[fx.Node, fx.Node, str
 # ----------------------------------------------------------------------------------------------------------
 # the pass
 # ----------------------------------------------------------------------------------------------------------
+
 
 def _is_einsum_site(node: fx.Node) -> bool:
     if not is_softmax(node):
@@ -798,8 +926,9 @@ def family_of(site: Site, node: fx.Node) -> str:
     return ""
 
 
-def canonicalize(gm: fx.GraphModule, sites: Dict[str, Site], constants: Dict[fx.Node, torch.Tensor],
-                 selected: Callable[[Site], bool]) -> int:
+def canonicalize(
+    gm: fx.GraphModule, sites: dict[str, Site], constants: dict[fx.Node, torch.Tensor], selected: Callable[[Site], bool]
+) -> int:
     """Rewrite the einsum / MHA / encoder-layer sites of ``gm`` into SDPA nodes where those are lowered.
 
     ``sites``: the graph's sites by node name (updated: a rewritten site is keyed by its SDPA node, a site kept
@@ -830,8 +959,9 @@ def canonicalize(gm: fx.GraphModule, sites: Dict[str, Site], constants: Dict[fx.
         except Exception as e:  # not a form we express (or an analysis we cannot finish): the site stays exact
             b.discard()
             del sites[node.name]
-            site.decide("exact", str(e) if isinstance(e, Unsupported)
-                        else f"could not canonicalise ({type(e).__name__}: {e})")
+            site.decide(
+                "exact", str(e) if isinstance(e, Unsupported) else f"could not canonicalise ({type(e).__name__}: {e})"
+            )
             continue
         plan = plan_sdpa(sdpa, constants)
         reason = plan.reason

@@ -14,15 +14,15 @@ causal pattern the op implements (bottom-right aligned). Test sizes:
 A subgraph that reads a tensor input (a user mask, padding) is not input-free and is never classified by
 value, except placeholders the backend proved constant (causal buffers, see `hyper_backend.backend`).
 """
+
 from __future__ import annotations
 
 import contextlib
 import math
 import operator
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
-import sympy
 import torch
 import torch.fx as fx
 
@@ -52,11 +52,11 @@ class Verdict:
     window of w keys is ``(w - 1, 0)``.
     """
 
-    kind: Optional[str]
+    kind: str | None
     reason: str = ""
-    window: Optional[Tuple[int, int]] = None
+    window: tuple[int, int] | None = None
 
-    def __and__(self, other: "Verdict") -> "Verdict":
+    def __and__(self, other: Verdict) -> Verdict:
         """The verdict of the AND of two masks with these verdicts (both classified)."""
         if self.kind is None:
             return self
@@ -65,11 +65,11 @@ class Verdict:
         a, b = self.sides(), other.sides()
         return Verdict.of_sides(min(a[0], b[0]), min(a[1], b[1]))
 
-    def sides(self) -> Tuple[int, int]:
+    def sides(self) -> tuple[int, int]:
         return {"none": (UNBOUNDED, UNBOUNDED), "causal": (UNBOUNDED, 0)}.get(self.kind, self.window)
 
     @staticmethod
-    def of_sides(left: int, right: int) -> "Verdict":
+    def of_sides(left: int, right: int) -> Verdict:
         if left >= UNBOUNDED:
             if right >= UNBOUNDED:
                 return Verdict("none")
@@ -98,7 +98,7 @@ def _is_scalar(v) -> bool:
     return isinstance(v, (int, float, bool, torch.SymInt, torch.SymFloat, torch.SymBool))
 
 
-def ancestors(node: fx.Node, constants: Dict[fx.Node, torch.Tensor]) -> List[fx.Node]:
+def ancestors(node: fx.Node, constants: dict[fx.Node, torch.Tensor]) -> list[fx.Node]:
     """Nodes the value of ``node`` depends on, stopping at scalars, constants and placeholders."""
     seen, order, stack = set(), [], [node]
     while stack:
@@ -122,7 +122,7 @@ def _mutates(n: fx.Node) -> bool:
     return n.op == "call_method" and n.target.endswith("_") and not n.target.startswith("__")
 
 
-def mutated(nodes: Sequence[fx.Node]) -> Optional[fx.Node]:
+def mutated(nodes: Sequence[fx.Node]) -> fx.Node | None:
     """A node of ``nodes`` whose value another node changes in place (``mask[i] = x``, ``masked_fill_``): the
     value is then not what its ancestors compute, so it is never classified."""
     # the node itself, and the views of it (select, slice, getitem, view, ...: they share its storage). A mutation
@@ -143,12 +143,55 @@ def mutated(nodes: Sequence[fx.Node]) -> Optional[fx.Node]:
     return None
 
 
-_VIEW_METHODS = {"view", "view_as", "reshape", "reshape_as", "expand", "expand_as", "transpose", "permute", "t",
-                 "select", "narrow", "unsqueeze", "squeeze", "flatten", "unflatten", "diagonal", "as_strided",
-                 "contiguous", "detach", "unbind", "split", "chunk", "movedim", "swapaxes", "__getitem__", "T", "mT"}
-_VIEW_FUNCTIONS = {operator.getitem, torch.reshape, torch.transpose, torch.permute, torch.select, torch.narrow,
-                   torch.unsqueeze, torch.squeeze, torch.flatten, torch.diagonal, torch.t, torch.detach,
-                   torch.as_strided, torch.unbind, torch.split, torch.chunk, torch.movedim, torch.swapaxes}
+_VIEW_METHODS = {
+    "view",
+    "view_as",
+    "reshape",
+    "reshape_as",
+    "expand",
+    "expand_as",
+    "transpose",
+    "permute",
+    "t",
+    "select",
+    "narrow",
+    "unsqueeze",
+    "squeeze",
+    "flatten",
+    "unflatten",
+    "diagonal",
+    "as_strided",
+    "contiguous",
+    "detach",
+    "unbind",
+    "split",
+    "chunk",
+    "movedim",
+    "swapaxes",
+    "__getitem__",
+    "T",
+    "mT",
+}
+_VIEW_FUNCTIONS = {
+    operator.getitem,
+    torch.reshape,
+    torch.transpose,
+    torch.permute,
+    torch.select,
+    torch.narrow,
+    torch.unsqueeze,
+    torch.squeeze,
+    torch.flatten,
+    torch.diagonal,
+    torch.t,
+    torch.detach,
+    torch.as_strided,
+    torch.unbind,
+    torch.split,
+    torch.chunk,
+    torch.movedim,
+    torch.swapaxes,
+}
 
 
 def _aliases(n: fx.Node) -> bool:
@@ -163,7 +206,7 @@ def _aliases(n: fx.Node) -> bool:
     return n.target in _VIEW_FUNCTIONS
 
 
-def input_free(node: fx.Node, constants: Dict[fx.Node, torch.Tensor]) -> bool:
+def input_free(node: fx.Node, constants: dict[fx.Node, torch.Tensor]) -> bool:
     for n in ancestors(node, constants):
         if n.op == "placeholder" and n not in constants and not _is_scalar(meta_val(n)):
             return False
@@ -205,12 +248,12 @@ def _to_cpu(x):
     return x
 
 
-def evaluate(node: fx.Node, subs: dict, constants: Dict[fx.Node, torch.Tensor]):
+def evaluate(node: fx.Node, subs: dict, constants: dict[fx.Node, torch.Tensor]):
     """Value of ``node`` with the size symbols replaced by ``subs``; raises `NotInputFree` on a tensor input.
 
     Call it under `real_mode`.
     """
-    cache: Dict[fx.Node, object] = {}
+    cache: dict[fx.Node, object] = {}
     nodes = ancestors(node, constants)
     order = {n: i for i, n in enumerate(node.graph.nodes)}
     for n in sorted(nodes, key=order.__getitem__):
@@ -273,10 +316,12 @@ def size_hints(shape_env) -> dict:
     return hints if hints is not None else shape_env.var_to_val
 
 
-def assignments(seq_symbols: set, other_symbols: set, shape_env, literal_max: int, max_side: int,
-                equal: bool = False) -> List[dict]:
+def assignments(
+    seq_symbols: set, other_symbols: set, shape_env, literal_max: int, max_side: int, equal: bool = False
+) -> list[dict]:
     """Concrete values for the size symbols (see the module docstring); ``equal``: the sequence symbols are known
     (guarded) equal, so they always take one value."""
+
     def bounds(s):
         r = shape_env.var_to_range.get(s) if shape_env is not None else None
         lo = 2 if r is None else max(2, int(r.lower))
@@ -313,7 +358,7 @@ def assignments(seq_symbols: set, other_symbols: set, shape_env, literal_max: in
     return out
 
 
-def _keep_mask(value, use: str, fill) -> Optional[torch.Tensor]:
+def _keep_mask(value, use: str, fill) -> torch.Tensor | None:
     """Turn an evaluated mask into keep (True = attend), or None if it is not a pure keep/drop mask."""
     if use == "add":
         if value.dtype == torch.bool:
@@ -340,8 +385,13 @@ def _pattern_of(keep: torch.Tensor, nq: int, nk: int):
     rows = _row_spans(flat[0].expand(nq, nk))
     first, last, any_key = rows
     i = torch.arange(nq)
-    if nq != nk and bool(any_key.all()) and bool((first == 0).all()) and torch.equal(last, i.clamp(max=nk - 1)) \
-            and not bool((last == nk - 1).all()):
+    if (
+        nq != nk
+        and bool(any_key.all())
+        and bool((first == 0).all())
+        and torch.equal(last, i.clamp(max=nk - 1))
+        and not bool((last == nk - 1).all())
+    ):
         return "top-left"
     return _band_of(rows, nq, nk)
 
@@ -356,14 +406,14 @@ def _row_spans(keep: torch.Tensor, chunk: int = 2048):
     any_key = torch.zeros(nq, dtype=torch.bool)
     cols = torch.arange(nk)
     for r in range(0, nq, chunk):
-        k = keep[r:r + chunk].contiguous().view(torch.uint8)
+        k = keep[r : r + chunk].contiguous().view(torch.uint8)
         f = k.argmax(1)  # the first maximum: the first kept key, or 0 for a row without one
         has = k.gather(1, f[:, None])[:, 0].bool()
         l_ = (nk - 1) - k.flip(1).argmax(1)
         run = (cols >= f[:, None]) & (cols <= l_[:, None]) & has[:, None]
         if not torch.equal(run, k.bool()):
             return None
-        first[r:r + chunk], last[r:r + chunk], any_key[r:r + chunk] = f, l_.where(has, -1), has
+        first[r : r + chunk], last[r : r + chunk], any_key[r : r + chunk] = f, l_.where(has, -1), has
     return first, last, any_key
 
 
@@ -383,15 +433,18 @@ def _band_of(rows, nq: int, nk: int):
         return "other"
     want_first, want_last = (diag + lo).clamp(min=0), (diag + hi).clamp(max=nk - 1)
     want_any = want_first <= want_last
-    if not (torch.equal(any_key, want_any) and torch.equal(first[want_any], want_first[want_any])
-            and torch.equal(last[want_any], want_last[want_any])):
+    if not (
+        torch.equal(any_key, want_any)
+        and torch.equal(first[want_any], want_first[want_any])
+        and torch.equal(last[want_any], want_last[want_any])
+    ):
         return "other"
     left = (-lo, -lo) if lo > -(nk - 1) else (nk - 1, UNBOUNDED)
     right = (hi, hi) if hi < nq - 1 else (nq - 1, UNBOUNDED)
     return ("band", left, right)
 
 
-def classify(mask: fx.Node, use: str, nq, nk, constants: Dict[fx.Node, torch.Tensor], fill=None) -> Verdict:
+def classify(mask: fx.Node, use: str, nq, nk, constants: dict[fx.Node, torch.Tensor], fill=None) -> Verdict:
     with real_mode():
         verdict = _classify(mask, use, nq, nk, constants, fill)
     if verdict.reason.startswith(TOP_LEFT) and _distinct_symbols(nq, nk) and equal_under_guard(nq, nk):
@@ -419,8 +472,7 @@ def equal_under_guard(a, b) -> bool:
 
 
 def _distinct_symbols(a, b) -> bool:
-    return (isinstance(a, torch.SymInt) and isinstance(b, torch.SymInt)
-            and a.node.expr != b.node.expr)
+    return isinstance(a, torch.SymInt) and isinstance(b, torch.SymInt) and a.node.expr != b.node.expr
 
 
 def _classify(mask, use, nq, nk, constants, fill, equal: bool = False) -> Verdict:
@@ -464,8 +516,12 @@ def _classify(mask, use, nq, nk, constants, fill, equal: bool = False) -> Verdic
             return Verdict(None, "mask is not a tensor")
         keep = _keep_mask(value, use, f)
         if keep is None:
-            return Verdict(None, "general mask (values other than 0 / -inf)" if use == "add"
-                           else "general mask (fill value is not -inf-like)")
+            return Verdict(
+                None,
+                "general mask (values other than 0 / -inf)"
+                if use == "add"
+                else "general mask (fill value is not -inf-like)",
+            )
         pattern = _pattern_of(keep, q, k)
         if isinstance(pattern, tuple):
             left = (max(left[0], pattern[1][0]), min(left[1], pattern[1][1]))
@@ -479,6 +535,7 @@ def _classify(mask, use, nq, nk, constants, fill, equal: bool = False) -> Verdic
             return Verdict(None, "general mask (banded, but its width changes with the length)")
         # a side never reached the matrix edge is bounded by the widest test; at the largest test size it is
         # determined exactly whenever it is narrower than the mask (`assignments` exceeds every literal)
-        return Verdict.of_sides(left[0] if left[1] == left[0] else UNBOUNDED,
-                                right[0] if right[1] == right[0] else UNBOUNDED)
+        return Verdict.of_sides(
+            left[0] if left[1] == left[0] else UNBOUNDED, right[0] if right[1] == right[0] else UNBOUNDED
+        )
     return Verdict(None, "general mask (not causal)")

@@ -16,6 +16,7 @@ any, is proven all-attend or causal (bottom-right, `masks.classify`); a tensor s
 constant (or ``1/sqrt(D)``); ``baddbmm``'s input is zeros. Otherwise the site keeps its exact computation and
 the reason is recorded.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -24,14 +25,21 @@ import hashlib
 import inspect
 import math
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 import torch.fx as fx
 from torch._inductor.custom_graph_pass import CustomGraphPass, get_hash_for_files
-from torch._inductor.pattern_matcher import (Match, PatternMatcherPass, fwd_only, gen_pattern, joint_fwd_bwd,
-                                             register_replacement, stable_topological_sort)
+from torch._inductor.pattern_matcher import (
+    Match,
+    PatternMatcherPass,
+    fwd_only,
+    gen_pattern,
+    joint_fwd_bwd,
+    register_replacement,
+    stable_topological_sort,
+)
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from hyper_backend.kernels import op as _op  # noqa: F401  (registers torch.ops.hyper.attention)
@@ -48,6 +56,7 @@ HALF = (torch.float16, torch.bfloat16)
 # forms
 # ----------------------------------------------------------------------------------------------------------
 
+
 @dataclass(frozen=True)
 class Form:
     """The shape of one hand-written attention, enough to trace a matching pattern."""
@@ -56,7 +65,7 @@ class Form:
     scale: str  # "mul", "div", "q_mul", "none" (baddbmm: alpha)
     scale_tensor: bool  # the scale is a 0-d tensor rather than a number
     mask: str  # "none", "add", "keep" (where(m, s, fill)), "drop" (where(m, fill, s) / masked_fill)
-    copies: Tuple[bool, bool, bool]  # the 4-D matmul decomposition copies q / kᵀ / v
+    copies: tuple[bool, bool, bool]  # the 4-D matmul decomposition copies q / kᵀ / v
     half: bool  # fp16/bf16 inputs: softmax upcasts to fp32 and casts back
     joint: bool  # training graph
     # with ``half``: the model wrote a plain half softmax, which the joint graph's decomposition upcasts (its
@@ -67,16 +76,24 @@ class Form:
     def name(self) -> str:
         """The kind reported for a site, e.g. ``softmax(q@kT*s + mask)@v``."""
         mm = (lambda a: f"{a}@kT") if self.matmul == "4d" else (lambda a: f"bmm({a}, kT)")
-        scores = {"mul": mm("q") + "*s", "div": mm("q") + "/s", "q_mul": mm("(q*s)" if self.matmul == "4d" else "q*s"),
-                  "none": mm("q")}[self.scale]
+        scores = {
+            "mul": mm("q") + "*s",
+            "div": mm("q") + "/s",
+            "q_mul": mm("(q*s)" if self.matmul == "4d" else "q*s"),
+            "none": mm("q"),
+        }[self.scale]
         if self.matmul == "baddbmm":
             scores = "baddbmm(q, kT, alpha=s)"
-        scores = {"none": scores, "add": f"{scores} + mask", "keep": f"where(mask, {scores}, fill)",
-                  "drop": f"masked_fill({scores}, mask, fill)"}[self.mask]
+        scores = {
+            "none": scores,
+            "add": f"{scores} + mask",
+            "keep": f"where(mask, {scores}, fill)",
+            "drop": f"masked_fill({scores}, mask, fill)",
+        }[self.mask]
         return f"softmax({scores})@v" + (" (fp32 softmax)" if self.half and not self.implicit else "")
 
     @property
-    def argnames(self) -> Tuple[str, ...]:
+    def argnames(self) -> tuple[str, ...]:
         names = ["query", "key", "value"]
         if self.matmul == "baddbmm":
             names.append("bias")
@@ -112,7 +129,7 @@ def _body(form: Form, a: dict):
     return torch.bmm(p, v) if form.matmul != "4d" else p @ v
 
 
-def _replacement(ctx: "AttentionPass", form: Form, a: dict):
+def _replacement(ctx: AttentionPass, form: Form, a: dict):
     """The same attention as one ``hyper::attention`` call, with the settings of the pass ``ctx`` and the decision
     its check just made for this match."""
     decision = ctx.pending
@@ -126,11 +143,13 @@ def _replacement(ctx: "AttentionPass", form: Form, a: dict):
     if decision.window is not None:
         out = torch.ops.hyper.window_attention.default(q, k, v, None, *decision.window, decision.scale)[0]
     else:
-        out = torch.ops.hyper.attention.default(q, k, v, None, decision.causal, decision.scale, *ctx.op_args(decision.site))[0]
+        out = torch.ops.hyper.attention.default(
+            q, k, v, None, decision.causal, decision.scale, *ctx.op_args(decision.site)
+        )[0]
     return out.squeeze(0) if form.matmul != "4d" else out
 
 
-def _with_signature(fn: Callable, argnames: Tuple[str, ...]) -> Callable:
+def _with_signature(fn: Callable, argnames: tuple[str, ...]) -> Callable:
     """``fn(dict)`` as a function of exactly ``argnames``: register_replacement reads ``inspect.signature``."""
 
     def f(*args, **kwargs):
@@ -138,11 +157,12 @@ def _with_signature(fn: Callable, argnames: Tuple[str, ...]) -> Callable:
         return fn(dict(bound.arguments))
 
     f.__signature__ = inspect.Signature(
-        [inspect.Parameter(n, inspect.Parameter.POSITIONAL_OR_KEYWORD) for n in argnames])
+        [inspect.Parameter(n, inspect.Parameter.POSITIONAL_OR_KEYWORD) for n in argnames]
+    )
     return f
 
 
-def _example_inputs(form: Form) -> Tuple[list, dict]:
+def _example_inputs(form: Form) -> tuple[list, dict]:
     B, H, N, D = 2, 2, 8, 16
     dtype = torch.bfloat16 if form.half else torch.float32
     grad = form.joint
@@ -160,7 +180,9 @@ def _example_inputs(form: Form) -> Tuple[list, dict]:
     if form.matmul == "baddbmm":
         inputs.append(torch.zeros(B * H, N, N, dtype=dtype))
     if form.mask == "add":
-        inputs.append(torch.zeros(1, 1, N, N, dtype=dtype) if form.matmul == "4d" else torch.zeros(1, N, N, dtype=dtype))
+        inputs.append(
+            torch.zeros(1, 1, N, N, dtype=dtype) if form.matmul == "4d" else torch.zeros(1, N, N, dtype=dtype)
+        )
     elif form.mask in ("keep", "drop"):
         inputs.append(torch.ones(N, N, dtype=torch.bool))
         inputs.append(torch.tensor(-1e9, dtype=dtype))
@@ -170,7 +192,7 @@ def _example_inputs(form: Form) -> Tuple[list, dict]:
     return inputs, workaround
 
 
-_traced: Dict[Form, object] = {}  # form -> its search pattern: pure, traced once per process
+_traced: dict[Form, object] = {}  # form -> its search pattern: pure, traced once per process
 
 
 def search_pattern(form: Form):
@@ -191,9 +213,9 @@ def search_pattern(form: Form):
 # scan: softmax cores and the form around each
 # ----------------------------------------------------------------------------------------------------------
 
+
 def _is(n, *targets) -> bool:
     return isinstance(n, fx.Node) and n.op == "call_function" and n.target in targets
-
 
 
 @dataclass
@@ -206,7 +228,7 @@ class Core:
     dim: int
 
 
-def softmax_cores(graph: fx.Graph) -> List[Core]:
+def softmax_cores(graph: fx.Graph) -> list[Core]:
     cores = []
     for n in graph.nodes:
         if _is(n, aten._softmax.default):
@@ -235,7 +257,7 @@ def _unview(n):
     return e.args[0], copied
 
 
-def _scores_source(s) -> Optional[Tuple[str, str, bool, fx.Node]]:
+def _scores_source(s) -> tuple[str, str, bool, fx.Node] | None:
     """``(matmul, scale, scale_tensor, matmul_node)`` if ``s`` is (scaled) q @ kᵀ, else None."""
     scale, tensor = "none", False
     if _is(s, aten.mul.Tensor, aten.div.Tensor):
@@ -282,8 +304,9 @@ def form_of(core: Core, joint: bool):
         p = next((u for u in p.users if _is(u, prims.convert_element_type.default)), None)
         if p is None:
             return "fp32 softmax output is not cast back"
-    if any(_is(u, aten.mul.Tensor) for u in p.users) and any(_is(u, aten.rand.default, aten.bernoulli.default)
-                                                             for u in core.out.graph.nodes):
+    if any(_is(u, aten.mul.Tensor) for u in p.users) and any(
+        _is(u, aten.rand.default, aten.bernoulli.default) for u in core.out.graph.nodes
+    ):
         return "dropout on the attention probabilities in training"
     if matmul == "4d":
         view = next((u for u in p.users if _is(u, aten.expand.default)), None)
@@ -306,16 +329,17 @@ def form_of(core: Core, joint: bool):
 # the pass
 # ----------------------------------------------------------------------------------------------------------
 
+
 @dataclass
 class Decision:
     causal: bool
-    scale: Optional[float]
+    scale: float | None
     prescale: str = ""  # "mul" / "div": a symbolic float scale folded into q (the op scale is then 1)
-    window: Optional[Tuple[int, int]] = None  # a banded mask: exact ``hyper::window_attention`` (left, right)
-    site: Optional[Site] = None  # the matched site: its op arguments are ``AttentionPass.op_args(site)``
+    window: tuple[int, int] | None = None  # a banded mask: exact ``hyper::window_attention`` (left, right)
+    site: Site | None = None  # the matched site: its op arguments are ``AttentionPass.op_args(site)``
 
 
-def _origin_names(node: fx.Node) -> List[str]:
+def _origin_names(node: fx.Node) -> list[str]:
     names, stack = [], list(node.meta.get("from_node") or [])
     while stack:
         src = stack.pop()
@@ -337,19 +361,28 @@ class AttentionPass(CustomGraphPass):
         constants_key: a fingerprint of those constants' values.
     """
 
-    def __init__(self, op_args: Callable[[Site], tuple], settings_key: str, sites: Dict[str, Site], selected: Callable[[Site], bool],
-                 constants: Dict[int, torch.Tensor], constants_key: str):
+    def __init__(
+        self,
+        op_args: Callable[[Site], tuple],
+        settings_key: str,
+        sites: dict[str, Site],
+        selected: Callable[[Site], bool],
+        constants: dict[int, torch.Tensor],
+        constants_key: str,
+    ):
         self.op_args, self.settings_key, self.sites = op_args, settings_key, sites
         self.selected, self.constants, self.constants_key = selected, constants, constants_key
         self.ran = False
-        self.reasons: Dict[str, str] = {}
-        self._aten_constants: Dict[fx.Node, torch.Tensor] = {}
+        self.reasons: dict[str, str] = {}
+        self._aten_constants: dict[fx.Node, torch.Tensor] = {}
         # this pass's own matchers: their checks and replacements are bound to it, so the decision a check
         # makes reaches its replacement through `pending` on this object, never through module state
-        self._matchers = {False: PatternMatcherPass(pass_name="hyper_attention"),
-                          True: PatternMatcherPass(pass_name="hyper_attention_joint")}
+        self._matchers = {
+            False: PatternMatcherPass(pass_name="hyper_attention"),
+            True: PatternMatcherPass(pass_name="hyper_attention_joint"),
+        }
         self._forms: set = set()
-        self.pending: Optional[Decision] = None
+        self.pending: Decision | None = None
 
     def _register(self, form: Form) -> None:
         if form in self._forms:
@@ -358,22 +391,31 @@ class AttentionPass(CustomGraphPass):
         inputs, workaround = _example_inputs(form)
         search = _with_signature(lambda a: _body(form, a), form.argnames)
         replace = _with_signature(lambda a: _replacement(self, form, a), form.argnames)
-        register_replacement(search, replace, inputs, joint_fwd_bwd if form.joint else fwd_only,
-                             [self._matchers[form.joint]], extra_check=lambda m: _check(self, form, m),
-                             scalar_workaround=workaround, search_fn_pattern=search_pattern(form),
-                             pattern_name=form.name)
+        register_replacement(
+            search,
+            replace,
+            inputs,
+            joint_fwd_bwd if form.joint else fwd_only,
+            [self._matchers[form.joint]],
+            extra_check=lambda m: _check(self, form, m),
+            scalar_workaround=workaround,
+            search_fn_pattern=search_pattern(form),
+            pattern_name=form.name,
+        )
 
     def uuid(self) -> str:
         here = os.path.dirname(os.path.abspath(__file__))
         files = tuple(os.path.join(here, f) for f in ("patterns.py", "masks.py", "sites.py"))
         h = hashlib.sha256(get_hash_for_files(files))
-        selection = sorted((name, s.index, self.selected(s), repr(self.op_args(s)) if self.selected(s) else "")
-                           for name, s in self.sites.items())
+        selection = sorted(
+            (name, s.index, self.selected(s), repr(self.op_args(s)) if self.selected(s) else "")
+            for name, s in self.sites.items()
+        )
         h.update(repr((self.settings_key, selection, self.constants_key)).encode())
         return h.hexdigest()
 
     # -- mapping -------------------------------------------------------------------------------------------
-    def site_of(self, node: fx.Node) -> Optional[Site]:
+    def site_of(self, node: fx.Node) -> Site | None:
         for name in _origin_names(node):
             site = self.sites.get(name)
             if site is not None and site.kind != "sdpa":
@@ -387,11 +429,15 @@ class AttentionPass(CustomGraphPass):
             if pos >= len(inputs):
                 continue
             v = masks.meta_val(inputs[pos])
-            if (isinstance(v, torch.Tensor) and v.dtype == tensor.dtype and v.dim() == tensor.dim()
-                    and all(statically_known_true(a == b) for a, b in zip(v.shape, tensor.shape))):
+            if (
+                isinstance(v, torch.Tensor)
+                and v.dtype == tensor.dtype
+                and v.dim() == tensor.dim()
+                and all(statically_known_true(a == b) for a, b in zip(v.shape, tensor.shape))
+            ):
                 self._aten_constants[inputs[pos]] = tensor
 
-    def reject(self, site: Optional[Site], reason: str) -> bool:
+    def reject(self, site: Site | None, reason: str) -> bool:
         if site is not None:
             self.reasons[site.node] = reason
         return False
@@ -433,8 +479,10 @@ class AttentionPass(CustomGraphPass):
             if site.kind != "sdpa" and site.decision not in ("hyper", "window"):
                 reason = self.reasons.get(site.node)
                 if reason is None and site.node in forms:
-                    reason = (f"form {forms[site.node].name} found but its pattern did not match: scores or "
-                              "probabilities are used elsewhere, or the layout is unusual")
+                    reason = (
+                        f"form {forms[site.node].name} found but its pattern did not match: scores or "
+                        "probabilities are used elsewhere, or the layout is unusual"
+                    )
                 site.decide("exact", reason or "no attention pattern matched")
 
 
@@ -465,7 +513,8 @@ def _shield(core: Core) -> None:
 # the check of one match
 # ----------------------------------------------------------------------------------------------------------
 
-def _scale_of(node: fx.Node, form: Form, head_dim, constants) -> Tuple[bool, Optional[float], str]:
+
+def _scale_of(node: fx.Node, form: Form, head_dim, constants) -> tuple[bool, float | None, str]:
     """A 0-d tensor scale: ``(ok, op scale, reason)``; ``1/sqrt(D)`` in any spelling gives op scale None."""
     with masks.real_mode():
         return _scale_value(node, form, head_dim, constants)
@@ -476,8 +525,11 @@ def _scale_value(node, form, head_dim, constants):
         return False, None, "the scale depends on a tensor input"
     syms = masks.symbols_of([masks.meta_val(n) for n in masks.ancestors(node, constants)] + [head_dim])
     env = masks.shape_env_of([head_dim] + [masks.meta_val(n) for n in masks.ancestors(node, constants)])
-    tests = [{}] if not syms else [{s: (masks.size_hints(env).get(s, 16) if t == 0 else t) for s in syms}
-                                   for t in (0, 16, 64)]
+    tests = (
+        [{}]
+        if not syms
+        else [{s: (masks.size_hints(env).get(s, 16) if t == 0 else t) for s in syms} for t in (0, 16, 64)]
+    )
     values, defaults = [], []
     for subs in tests:
         try:
@@ -514,16 +566,17 @@ def _integers_wrong(match: Match, key: fx.Node, rank: int) -> str:
     return ""
 
 
-def _check(ctx: "AttentionPass", form: Form, match: Match) -> bool:
+def _check(ctx: AttentionPass, form: Form, match: Match) -> bool:
     try:
         return _check_match(ctx, form, match)
     except Exception as e:  # an analysis we cannot finish leaves the site exact
         core = next((n for n in match.nodes if _is(n, aten.amax.default)), None)
-        return ctx.reject(ctx.site_of(core) if core is not None else None,
-                          f"could not analyse the match ({type(e).__name__}: {e})")
+        return ctx.reject(
+            ctx.site_of(core) if core is not None else None, f"could not analyse the match ({type(e).__name__}: {e})"
+        )
 
 
-def _check_match(ctx: "AttentionPass", form: Form, match: Match) -> bool:
+def _check_match(ctx: AttentionPass, form: Form, match: Match) -> bool:
     core = next((n for n in match.nodes if _is(n, aten.amax.default, aten._softmax.default)), None)
     site = ctx.site_of(core) if core is not None else None
     if site is None:
@@ -535,9 +588,11 @@ def _check_match(ctx: "AttentionPass", form: Form, match: Match) -> bool:
     bad = _integers_wrong(match, kw["key"], q.dim())
     if bad:
         return ctx.reject(site, bad)
-    if form.matmul == "4d" and not (statically_known_true(q.shape[1] == k.shape[1])
-                                    and statically_known_true(k.shape[1] == v.shape[1])
-                                    and statically_known_true(q.shape[0] == k.shape[0])):
+    if form.matmul == "4d" and not (
+        statically_known_true(q.shape[1] == k.shape[1])
+        and statically_known_true(k.shape[1] == v.shape[1])
+        and statically_known_true(q.shape[0] == k.shape[0])
+    ):
         return ctx.reject(site, "q/k/v heads or batch broadcast")
     nq, nk = q.shape[-2], k.shape[-2]
     causal, window = False, None

@@ -22,10 +22,11 @@ A call is lowered when the op computes exactly what SDPA would, up to the approx
 
 Anything else stays an SDPA call, and the site's reason says why.
 """
+
 from __future__ import annotations
 
 import operator
-from typing import Callable, Dict, List, Optional, Tuple
+from collections.abc import Callable
 
 import torch
 import torch.fx as fx
@@ -65,18 +66,20 @@ def sdpa_args(node: fx.Node) -> dict:
     return out
 
 
-
 def _eq(a, b) -> bool:
     return statically_known_true(a == b)
 
 
-def _mask_terms(mask: fx.Node) -> List[fx.Node]:
+def _mask_terms(mask: fx.Node) -> list[fx.Node]:
     """Split a bool mask into its AND terms, looking through expand / to / contiguous."""
     n = mask
     while n.op == "call_method" and n.target in _MASK_PASSTHROUGH_METHODS:
         n = n.args[0]
-    if n.op == "call_function" and n.target in (operator.and_, torch.logical_and, torch.bitwise_and) and all(
-            isinstance(a, fx.Node) for a in n.args[:2]):
+    if (
+        n.op == "call_function"
+        and n.target in (operator.and_, torch.logical_and, torch.bitwise_and)
+        and all(isinstance(a, fx.Node) for a in n.args[:2])
+    ):
         return _mask_terms(n.args[0]) + _mask_terms(n.args[1])
     return [n]
 
@@ -86,8 +89,7 @@ def _padding_shape_ok(term: fx.Node, batch, n_k) -> bool:
     if not isinstance(v, torch.Tensor) or v.dim() > 4 or v.dim() == 0:
         return False
     shape = (1,) * (4 - v.dim()) + tuple(v.shape)
-    return (_eq(shape[1], 1) and _eq(shape[2], 1) and _eq(shape[3], n_k)
-            and (_eq(shape[0], 1) or _eq(shape[0], batch)))
+    return _eq(shape[1], 1) and _eq(shape[2], 1) and _eq(shape[3], n_k) and (_eq(shape[0], 1) or _eq(shape[0], batch))
 
 
 # float masks ----------------------------------------------------------------------------------------------
@@ -97,15 +99,20 @@ _FLOAT_PASSTHROUGH_METHODS = ("expand", "contiguous", "expand_as")  # shape-only
 _VIEW_METHODS = ("view", "reshape", "unsqueeze", "expand", "contiguous", "expand_as")
 
 
-def _additive_terms(mask: fx.Node) -> List[fx.Node]:
+def _additive_terms(mask: fx.Node) -> list[fx.Node]:
     """Split a float mask into its addends, looking through expand / contiguous."""
     n = mask
     while n.op == "call_method" and n.target in _FLOAT_PASSTHROUGH_METHODS:
         n = n.args[0]
     is_add = (n.op == "call_function" and n.target in _ADD_TARGETS) or (
-        n.op == "call_method" and n.target in ("add", "__add__"))
-    if is_add and len(n.args) == 2 and not n.kwargs and all(
-            isinstance(a, fx.Node) and isinstance(masks.meta_val(a), torch.Tensor) for a in n.args):
+        n.op == "call_method" and n.target in ("add", "__add__")
+    )
+    if (
+        is_add
+        and len(n.args) == 2
+        and not n.kwargs
+        and all(isinstance(a, fx.Node) and isinstance(masks.meta_val(a), torch.Tensor) for a in n.args)
+    ):
         return _additive_terms(n.args[0]) + _additive_terms(n.args[1])
     return [n]
 
@@ -116,27 +123,44 @@ def zero_or_masked(n: fx.Node, hops: int = 8) -> bool:
     ``F._canonical_mask`` (``nn.MultiheadAttention``, the Transformer layers) turns a bool key_padding_mask into
     a float one."""
     for _ in range(hops):  # views, indexing and float casts keep the values in {0, fill}
-        if (n.op == "call_method" and n.target in _VIEW_METHODS + ("to", "float", "half", "bfloat16")
-                or n.op == "call_function" and n.target is operator.getitem) and isinstance(
-                masks.meta_val(n), torch.Tensor) and masks.meta_val(n).is_floating_point():
+        if (
+            (
+                n.op == "call_method"
+                and n.target in _VIEW_METHODS + ("to", "float", "half", "bfloat16")
+                or n.op == "call_function"
+                and n.target is operator.getitem
+            )
+            and isinstance(masks.meta_val(n), torch.Tensor)
+            and masks.meta_val(n).is_floating_point()
+        ):
             n = n.args[0]
         else:
             break
-    fill = n.op == "call_method" and n.target in ("masked_fill", "masked_fill_") or (
-        n.op == "call_function" and n.target is torch.masked_fill)
+    fill = (
+        n.op == "call_method"
+        and n.target in ("masked_fill", "masked_fill_")
+        or (n.op == "call_function" and n.target is torch.masked_fill)
+    )
     if not fill or len(n.args) + len(n.kwargs) != 3:
         return False
     args = dict(zip(("self", "mask", "value"), n.args), **n.kwargs)
     zeros, keep, value = args.get("self"), args.get("mask"), args.get("value")
     made_of_zeros = isinstance(zeros, fx.Node) and (
         (zeros.op == "call_function" and zeros.target in (torch.zeros_like, torch.zeros))
-        or (zeros.op == "call_method" and zeros.target == "new_zeros"))
+        or (zeros.op == "call_method" and zeros.target == "new_zeros")
+    )
     kv = masks.meta_val(keep)
-    return (made_of_zeros and isinstance(kv, torch.Tensor) and kv.dtype == torch.bool
-            and isinstance(value, (int, float)) and not isinstance(value, bool) and value <= masks.MASKED)
+    return (
+        made_of_zeros
+        and isinstance(kv, torch.Tensor)
+        and kv.dtype == torch.bool
+        and isinstance(value, (int, float))
+        and not isinstance(value, bool)
+        and value <= masks.MASKED
+    )
 
 
-def _plan_float_mask(mask: fx.Node, batch, nq, nk, constants, padding: List[fx.Node]):
+def _plan_float_mask(mask: fx.Node, batch, nq, nk, constants, padding: list[fx.Node]):
     """``(verdict, reason)`` for an additive float mask; key-padding addends are appended to ``padding``.
 
     An input-free mask is classified as a whole (`masks.classify`). Otherwise it must be a sum whose input-free
@@ -158,9 +182,11 @@ def _plan_float_mask(mask: fx.Node, batch, nq, nk, constants, padding: List[fx.N
                 return shape, "general mask (a masked_fill(-inf) mask not broadcastable to [B, 1, 1, Nk])"
             padding.append(term)
         else:
-            return shape, ("mask depends on a tensor input with unknown values (float key padding is lowered "
-                           "when built as zeros.masked_fill(bool mask, -inf), as nn.MultiheadAttention builds it; "
-                           "bool masks are lowered too)")
+            return shape, (
+                "mask depends on a tensor input with unknown values (float key padding is lowered "
+                "when built as zeros.masked_fill(bool mask, -inf), as nn.MultiheadAttention builds it; "
+                "bool masks are lowered too)"
+            )
     return shape, ""
 
 
@@ -171,12 +197,17 @@ class SdpaPlan:
     ``hyper::window_attention``; otherwise ``hyper::attention`` (``causal`` or not).
     """
 
-    def __init__(self, reason: str = "", padding: Tuple[fx.Node, ...] = (), causal: bool = False,
-                 window: Optional[Tuple[int, int]] = None):
+    def __init__(
+        self,
+        reason: str = "",
+        padding: tuple[fx.Node, ...] = (),
+        causal: bool = False,
+        window: tuple[int, int] | None = None,
+    ):
         self.reason, self.padding, self.causal, self.window = reason, padding, causal, window
 
 
-def plan_sdpa(node: fx.Node, constants: Dict[fx.Node, torch.Tensor]) -> SdpaPlan:
+def plan_sdpa(node: fx.Node, constants: dict[fx.Node, torch.Tensor]) -> SdpaPlan:
     a = sdpa_args(node)
     q, k, v = (masks.meta_val(a[x]) for x in ("query", "key", "value"))
     if not all(isinstance(t, torch.Tensor) and t.dim() == 4 for t in (q, k, v)):
@@ -197,7 +228,7 @@ def plan_sdpa(node: fx.Node, constants: Dict[fx.Node, torch.Tensor]) -> SdpaPlan
         return SdpaPlan("query and key head counts differ without enable_gqa")
     nq, nk, batch = q.shape[2], k.shape[2], q.shape[0]
     causal = bool(a["is_causal"])
-    padding: List[fx.Node] = []
+    padding: list[fx.Node] = []
     mask = a["attn_mask"]
     if mask is not None:
         if causal:
@@ -251,8 +282,13 @@ def _emit(graph: fx.Graph, like: fx.Node, target, args, op: str = "call_function
     return node
 
 
-def rewrite_sdpa(gm: fx.GraphModule, sites: Dict[str, Site], selected: Callable[[Site], bool],
-                 op_args: Callable[[Site], tuple], constants: Dict[fx.Node, torch.Tensor]) -> int:
+def rewrite_sdpa(
+    gm: fx.GraphModule,
+    sites: dict[str, Site],
+    selected: Callable[[Site], bool],
+    op_args: Callable[[Site], tuple],
+    constants: dict[fx.Node, torch.Tensor],
+) -> int:
     """Lower the selected, eligible SDPA sites of ``gm`` in place, and every site whose mask is a band (to the exact
     ``hyper::window_attention``, selected or not); record every decision on its `Site`.
 
@@ -281,18 +317,27 @@ def rewrite_sdpa(gm: fx.GraphModule, sites: Dict[str, Site], selected: Callable[
             if isinstance(scale, fx.Node):  # a symbolic float (dynamic=True): fold it into q, op scale 1
                 query, scale = _emit(graph, node, operator.mul, (query, scale)), 1.0
             if plan.window is not None:
-                call = _emit(graph, node, torch.ops.hyper.window_attention.default,
-                             (query, a["key"], a["value"], kpm, *plan.window, scale))
+                call = _emit(
+                    graph,
+                    node,
+                    torch.ops.hyper.window_attention.default,
+                    (query, a["key"], a["value"], kpm, *plan.window, scale),
+                )
             else:
-                call = _emit(graph, node, torch.ops.hyper.attention.default,
-                             (query, a["key"], a["value"], kpm, plan.causal, scale, *op_args(site)))
+                call = _emit(
+                    graph,
+                    node,
+                    torch.ops.hyper.attention.default,
+                    (query, a["key"], a["value"], kpm, plan.causal, scale, *op_args(site)),
+                )
             out = _emit(graph, node, operator.getitem, (call, 0))
         node.replace_all_uses_with(out)
         graph.erase_node(node)
         padded = ", key padding" if plan.padding else ""
         if plan.window is not None:
-            site.decide("window", masks.Verdict("band", window=plan.window).describe() + padded + " (exact)",
-                        kind="window")
+            site.decide(
+                "window", masks.Verdict("band", window=plan.window).describe() + padded + " (exact)", kind="window"
+            )
         else:
             site.decide("hyper", ("causal" if plan.causal else "non-causal") + padded)
         done += 1

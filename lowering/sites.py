@@ -24,6 +24,7 @@ Every decision is logged under the ``hyper_backend`` logger and counted in
 - ``"shielded"``: softmaxes over a non-key dim kept away from inductor's own attention patterns (see
   `hyper_backend.lowering.patterns._shield`).
 """
+
 from __future__ import annotations
 
 import logging
@@ -31,7 +32,6 @@ import operator
 import os
 import re
 from dataclasses import dataclass
-from typing import List, Optional
 
 import torch
 import torch.fx as fx
@@ -46,10 +46,40 @@ _SOFTMAX_FUNCS = (torch.softmax, F.softmax)
 _MATMUL_FUNCS = (operator.matmul, torch.matmul, torch.bmm, torch.baddbmm, torch.einsum)
 _MATMUL_METHODS = ("matmul", "bmm", "baddbmm", "__matmul__")
 # ops that may sit between the score matmul and the softmax, or between the softmax and the value matmul
-_PASS_FUNCS = (operator.add, operator.sub, operator.mul, operator.truediv, torch.add, torch.mul, torch.div,
-               torch.where, torch.masked_fill, F.dropout, torch.dropout, torch.clamp)
-_PASS_METHODS = ("add", "mul", "div", "masked_fill", "masked_fill_", "float", "half", "bfloat16", "to", "type",
-                 "type_as", "clamp", "contiguous", "__add__", "__mul__", "__truediv__", "view", "reshape")
+_PASS_FUNCS = (
+    operator.add,
+    operator.sub,
+    operator.mul,
+    operator.truediv,
+    torch.add,
+    torch.mul,
+    torch.div,
+    torch.where,
+    torch.masked_fill,
+    F.dropout,
+    torch.dropout,
+    torch.clamp,
+)
+_PASS_METHODS = (
+    "add",
+    "mul",
+    "div",
+    "masked_fill",
+    "masked_fill_",
+    "float",
+    "half",
+    "bfloat16",
+    "to",
+    "type",
+    "type_as",
+    "clamp",
+    "contiguous",
+    "__add__",
+    "__mul__",
+    "__truediv__",
+    "view",
+    "reshape",
+)
 _MAX_HOPS = 8
 
 
@@ -70,7 +100,7 @@ class Site:
     node: str = ""
     family: str = ""  # set by `canonical`: the kind reported once the SDPA lowering has decided (see `record`)
 
-    def decide(self, decision: str, reason: str, kind: Optional[str] = None) -> None:
+    def decide(self, decision: str, reason: str, kind: str | None = None) -> None:
         self.decision, self.reason = decision, reason
         if kind is not None:
             self.kind = kind
@@ -117,23 +147,27 @@ def site_name(node: fx.Node) -> str:
 # discovery in the Dynamo graph
 # ----------------------------------------------------------------------------------------------------------
 
+
 def is_sdpa(node: fx.Node) -> bool:
     return node.op == "call_function" and node.target in SDPA_TARGETS
 
 
 def is_softmax(node: fx.Node) -> bool:
     return (node.op == "call_function" and node.target in _SOFTMAX_FUNCS) or (
-        node.op == "call_method" and node.target == "softmax")
+        node.op == "call_method" and node.target == "softmax"
+    )
 
 
 def _is_matmul(node: fx.Node) -> bool:
     return (node.op == "call_function" and node.target in _MATMUL_FUNCS) or (
-        node.op == "call_method" and node.target in _MATMUL_METHODS)
+        node.op == "call_method" and node.target in _MATMUL_METHODS
+    )
 
 
 def _is_pass(node: fx.Node) -> bool:
     return (node.op == "call_function" and node.target in _PASS_FUNCS) or (
-        node.op == "call_method" and node.target in _PASS_METHODS)
+        node.op == "call_method" and node.target in _PASS_METHODS
+    )
 
 
 def _reaches_matmul(node: fx.Node, upstream: bool, hops: int = _MAX_HOPS) -> bool:
@@ -152,7 +186,7 @@ def is_handwritten_candidate(node: fx.Node) -> bool:
     return is_softmax(node) and _reaches_matmul(node, upstream=True) and _reaches_matmul(node, upstream=False)
 
 
-def find_sites(gm: fx.GraphModule, base: int, graph_number: int) -> List[Site]:
+def find_sites(gm: fx.GraphModule, base: int, graph_number: int) -> list[Site]:
     """Sites of a Dynamo graph in execution order, numbered from ``base``."""
     sites = []
     for node in gm.graph.nodes:
@@ -166,14 +200,14 @@ def find_sites(gm: fx.GraphModule, base: int, graph_number: int) -> List[Site]:
             kind = "attention"
         else:
             continue
-        sites.append(Site(index=base + len(sites), name=site_name(node), kind=kind, graph=graph_number,
-                          node=node.name))
+        sites.append(Site(index=base + len(sites), name=site_name(node), kind=kind, graph=graph_number, node=node.name))
     return sites
 
 
 # ----------------------------------------------------------------------------------------------------------
 # logging and counters
 # ----------------------------------------------------------------------------------------------------------
+
 
 def count(key: str, n: int = 1) -> None:
     torch._dynamo.utils.counters["hyper_backend"][key] += n
@@ -191,5 +225,12 @@ def record(site: Site) -> None:
         count(f"rewritten:{site.kind}")
     else:
         count(site.decision)
-    log.info("site %d [%s] %s: %s%s", site.index, site.kind, site.name, site.decision,
-             f" ({site.reason})" if site.reason else "", extra={"hyper_site": site})
+    log.info(
+        "site %d [%s] %s: %s%s",
+        site.index,
+        site.kind,
+        site.name,
+        site.decision,
+        f" ({site.reason})" if site.reason else "",
+        extra={"hyper_site": site},
+    )

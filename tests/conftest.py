@@ -3,6 +3,7 @@
 Helpers are handed out as fixtures (``make_qkv``, ``dense_attention``, ``call_delta``) so test files need no
 imports from this module.
 """
+
 from __future__ import annotations
 
 import math
@@ -25,8 +26,9 @@ def one_thread():
     torch.set_num_threads(before)
 
 
-def _make_qkv(B, Hq, Hkv, Nq, Nk, D, dtype=torch.float32, seed=0, *, Dv=None, transposed=False,
-              requires_grad=False, scale=1.0):
+def _make_qkv(
+    B, Hq, Hkv, Nq, Nk, D, dtype=torch.float32, seed=0, *, Dv=None, transposed=False, requires_grad=False, scale=1.0
+):
     """Gaussian ``q [B,Hq,Nq,D]``, ``k [B,Hkv,Nk,D]``, ``v [B,Hkv,Nk,Dv]``.
 
     ``transposed=True`` returns non-contiguous views of ``[B, N, H, D]`` storage (the HF layout).

@@ -1,5 +1,6 @@
 """The autotuner: cost model, cache (lookup, corruption, concurrent writers), inputs, the error oracle, the CLI,
 and an end-to-end tune whose cache the op then uses."""
+
 from __future__ import annotations
 
 import json
@@ -27,6 +28,7 @@ CPU = torch.device("cpu")
 # cost model
 # ----------------------------------------------------------------------------------------------------------
 
+
 def _rates(flash=2e10, bandwidth=5e9, sort=2e8, call=2e-3):
     return cost.Rates(flash={(256, 256, False, False): flash}, bandwidth=bandwidth, sort=sort, call=call)
 
@@ -48,7 +50,8 @@ def test_causal_closed_form_matches_level_by_level_evaluation():
     c = HyperConfig(b, m, r, min_seq_len=n >> L, causal_depth=None)
     f, o = cost.predict_parts(n, True, c, head_dim=d, elem_bytes=4, batch_heads=1, rates=unit)
     closed = cost.total_flops(cost.causal_hyper()).subs(
-        {cost.n: n, cost.d: d, cost.b: b, cost.m: m, cost.r: r, cost.depth: L})
+        {cost.n: n, cost.d: d, cost.b: b, cost.m: m, cost.r: r, cost.depth: L}
+    )
     assert f + o == pytest.approx(float(closed), rel=1e-9)
 
 
@@ -75,6 +78,7 @@ def test_predicted_time_is_monotone_in_n_and_a_crossover_exists():
 # ----------------------------------------------------------------------------------------------------------
 # error oracle and inputs
 # ----------------------------------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("causal", [False, True])
 def test_exact_rows_match_full_attention(causal):
@@ -125,10 +129,24 @@ DEV = cache.device_key(CPU)
 
 
 def _entry(n, causal=True, **params):
-    params = {"block_size": 128, "sample_size": 64, "lsh_num_projs": 5, "min_seq_len": 1024, "causal_depth": None,
-              "seed": 0, **params}
-    return cache.make_entry(device=DEV, dtype="float32", head_dim=64, causal=causal, seq_len=n, params=params,
-                            tuned={"seq_len": n, "time_s": 1.0, "error": 0.1})
+    params = {
+        "block_size": 128,
+        "sample_size": 64,
+        "lsh_num_projs": 5,
+        "min_seq_len": 1024,
+        "causal_depth": None,
+        "seed": 0,
+        **params,
+    }
+    return cache.make_entry(
+        device=DEV,
+        dtype="float32",
+        head_dim=64,
+        causal=causal,
+        seq_len=n,
+        params=params,
+        tuned={"seq_len": n, "time_s": 1.0, "error": 0.1},
+    )
 
 
 def _lookup(path, n, causal=True, dtype=torch.float32, head_dim=64):
@@ -147,8 +165,14 @@ def test_cache_nearest_bucket_and_keys(tmp_path):
     assert _lookup(path, 4096, causal=False) is None
     assert _lookup(path, 4096, dtype=torch.bfloat16) is None
     assert _lookup(path, 4096, head_dim=128) is None
-    cache.record(path, defaults=[cache.make_default(device=DEV, dtype="float32", head_dim=64, min_seq_len=3000,
-                                                    crossover={"predicted": 3000})])
+    cache.record(
+        path,
+        defaults=[
+            cache.make_default(
+                device=DEV, dtype="float32", head_dim=64, min_seq_len=3000, crossover={"predicted": 3000}
+            )
+        ],
+    )
     assert _lookup(path, 4096, causal=False) == {"min_seq_len": 3000}
     assert _lookup(path, 4096)["causal_depth"] is None and _lookup(path, 4096)["lsh_num_projs"] == 5
     d = cache.describe_entry(path, device=CPU, dtype=torch.float32, head_dim=64, causal=True, seq_len=50000)
@@ -174,9 +198,15 @@ def test_cache_lookup_parses_once_per_file_version(tmp_path, monkeypatch):
     assert _lookup(path, 4096)["block_size"] == 32 and _lookup(path, 4096) and len(reads) == before + 1
 
 
-@pytest.mark.parametrize("content", ["{not json", json.dumps({"schema": cache.SCHEMA, "version": 99, "entries": {}}),
-                                     json.dumps([1, 2]), json.dumps({"schema": cache.SCHEMA, "version": 1,
-                                                                     "entries": {"x": {"params": "bad"}}})])
+@pytest.mark.parametrize(
+    "content",
+    [
+        "{not json",
+        json.dumps({"schema": cache.SCHEMA, "version": 99, "entries": {}}),
+        json.dumps([1, 2]),
+        json.dumps({"schema": cache.SCHEMA, "version": 1, "entries": {"x": {"params": "bad"}}}),
+    ],
+)
 def test_corrupted_or_foreign_cache_is_ignored_with_a_warning(tmp_path, content):
     path = str(tmp_path / "tune.json")
     with open(path, "w") as f:
@@ -231,25 +261,29 @@ def test_concurrent_writers_keep_every_entry(tmp_path):
 # CLI
 # ----------------------------------------------------------------------------------------------------------
 
+
 def test_parse_seq_forms():
     assert parse_seq("4k:32k") == [4096, 8192, 16384, 32768]
     assert parse_seq("1000,128k") == [1000, 131072]
 
 
-@pytest.mark.parametrize("argv, message", [
-    ([], "--seq"),
-    (["--seq", "abc"], "not a length"),
-    (["--seq", "10"], "outside"),
-    (["--seq", "8k:4k"], "reversed"),
-    (["--seq", "4096", "--max-error", "-1"], "positive"),
-    (["--seq", "4096", "--max-error", "lots"], "a number or 'auto'"),
-    (["--seq", "4096", "--time-budget", "0"], "positive"),
-    (["--seq", "4096", "--dtype", "int8"], "invalid choice"),
-    (["--seq", "4096", "--head-dim", "30"], "multiple of 4"),
-    (["--seq", "4096", "--inputs", "/nonexistent/qkv.pt"], "no such file"),
-    (["--seq", "4096", "--lsh-projs", "7,40"], "at most 30"),
-    (["--seq", "4096", "--device", "gpu9"], "not a torch device"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        ([], "--seq"),
+        (["--seq", "abc"], "not a length"),
+        (["--seq", "10"], "outside"),
+        (["--seq", "8k:4k"], "reversed"),
+        (["--seq", "4096", "--max-error", "-1"], "positive"),
+        (["--seq", "4096", "--max-error", "lots"], "a number or 'auto'"),
+        (["--seq", "4096", "--time-budget", "0"], "positive"),
+        (["--seq", "4096", "--dtype", "int8"], "invalid choice"),
+        (["--seq", "4096", "--head-dim", "30"], "multiple of 4"),
+        (["--seq", "4096", "--inputs", "/nonexistent/qkv.pt"], "no such file"),
+        (["--seq", "4096", "--lsh-projs", "7,40"], "at most 30"),
+        (["--seq", "4096", "--device", "gpu9"], "not a torch device"),
+    ],
+)
 def test_cli_rejects_bad_arguments(argv, message, capsys):
     with pytest.raises(SystemExit) as exc:
         main(argv)
@@ -261,11 +295,33 @@ def test_cli_rejects_bad_arguments(argv, message, capsys):
 # end to end: tune at a short length, then the op runs with the tuned parameters
 # ----------------------------------------------------------------------------------------------------------
 
+
 def test_tune_writes_cache_and_the_op_uses_it(tmp_path, monkeypatch, capsys):
     path = str(tmp_path / "tune.json")
-    code = main(["--seq", "8192", "--no-causal", "--cache", path, "--max-error", "0.95", "--time-budget", "25",
-                 "--block-sizes", "128,256", "--sample-sizes", "64,128", "--lsh-projs", "5,7", "--rounds", "3",
-                 "--error-rows", "64", "--no-crossover-check"])
+    code = main(
+        [
+            "--seq",
+            "8192",
+            "--no-causal",
+            "--cache",
+            path,
+            "--max-error",
+            "0.95",
+            "--time-budget",
+            "25",
+            "--block-sizes",
+            "128,256",
+            "--sample-sizes",
+            "64,128",
+            "--lsh-projs",
+            "5,7",
+            "--rounds",
+            "3",
+            "--error-rows",
+            "64",
+            "--no-crossover-check",
+        ]
+    )
     out = capsys.readouterr().out
     assert code == 0 and "screening" in out and "race" in out and "vs default" in out
     data = json.load(open(path))
@@ -297,8 +353,21 @@ def test_written_params_reach_the_op(tmp_path, monkeypatch):
     """A hand-written entry with every field non-default arrives intact (the tuner's own choice above may
     legitimately be exact attention, i.e. only min_seq_len)."""
     path = str(tmp_path / "tune.json")
-    cache.record(path, [_entry(1024, causal=False, block_size=96, sample_size=48, lsh_num_projs=4, min_seq_len=300,
-                               causal_depth=3, seed=5)])
+    cache.record(
+        path,
+        [
+            _entry(
+                1024,
+                causal=False,
+                block_size=96,
+                sample_size=48,
+                lsh_num_projs=4,
+                min_seq_len=300,
+                causal_depth=3,
+                seed=5,
+            )
+        ],
+    )
     seen = []
     real = cpu.attention_forward
     monkeypatch.setattr(cpu, "attention_forward", lambda *a: seen.append(a[-1]) or real(*a))
@@ -316,8 +385,21 @@ def test_compiled_backend_uses_tuned_params_and_explicit_settings_win(tmp_path, 
     """Through ``torch.compile(backend="hyper")``: tuned entry, then options and HYPER_* env overriding it."""
     pytest.importorskip("hyper_backend.backend", reason="the hyper backend module is not in this tree")
     path = str(tmp_path / "tune.json")
-    cache.record(path, [_entry(1024, causal=True, block_size=96, sample_size=48, lsh_num_projs=4, min_seq_len=300,
-                               causal_depth=3, seed=5)])
+    cache.record(
+        path,
+        [
+            _entry(
+                1024,
+                causal=True,
+                block_size=96,
+                sample_size=48,
+                lsh_num_projs=4,
+                min_seq_len=300,
+                causal_depth=3,
+                seed=5,
+            )
+        ],
+    )
     seen = []
     real = cpu.attention_forward
     monkeypatch.setattr(cpu, "attention_forward", lambda *a: seen.append(a[-1]) or real(*a))
@@ -347,8 +429,21 @@ def test_explain_names_the_tuned_entry_it_used(tmp_path, monkeypatch):
     from hyper_backend import explain
 
     path = str(tmp_path / "tune.json")
-    cache.record(path, [_entry(1024, causal=True, block_size=96, sample_size=48, lsh_num_projs=4, min_seq_len=300,
-                               causal_depth=3, seed=5)])
+    cache.record(
+        path,
+        [
+            _entry(
+                1024,
+                causal=True,
+                block_size=96,
+                sample_size=48,
+                lsh_num_projs=4,
+                min_seq_len=300,
+                causal_depth=3,
+                seed=5,
+            )
+        ],
+    )
     for var in [v for v in os.environ if v.startswith("HYPER_")]:
         monkeypatch.delenv(var)
 

@@ -1,6 +1,7 @@
 """``backend="hyper"``: registration, options, ``HYPER_*`` environment variables (in process and across
 processes sharing inductor's caches), site numbering across graph breaks, dynamic shapes, and `explain`.
 """
+
 from __future__ import annotations
 
 import json
@@ -13,18 +14,28 @@ import textwrap
 import pytest
 import torch
 import torch.nn.functional as F
+import zoo
 
 import hyper_backend
-from hyper_backend.backend import hyper_backend as backend_fn, resolve_settings, validate_options
+from hyper_backend.backend import hyper_backend as backend_fn
+from hyper_backend.backend import resolve_settings, validate_options
 from hyper_backend.config import FIELDS, UNSET, EnvError, LayerSelection
-
-import zoo
 
 OPTS = dict(min_seq_len=32, block_size=16, sample_size=16, tune_cache="")
 EAGER = {**OPTS, "inner_backend": "eager"}
 TESTS = os.path.dirname(os.path.abspath(__file__))
-ENV_VARS = ("HYPER_ATTENTION", "HYPER_MIN_SEQ_LEN", "HYPER_BLOCK_SIZE", "HYPER_SAMPLE_SIZE", "HYPER_LSH_PROJS",
-            "HYPER_CAUSAL_DEPTH", "HYPER_SEED", "HYPER_LAYERS", "HYPER_TUNE_CACHE", "HYPER_INNER_BACKEND")
+ENV_VARS = (
+    "HYPER_ATTENTION",
+    "HYPER_MIN_SEQ_LEN",
+    "HYPER_BLOCK_SIZE",
+    "HYPER_SAMPLE_SIZE",
+    "HYPER_LSH_PROJS",
+    "HYPER_CAUSAL_DEPTH",
+    "HYPER_SEED",
+    "HYPER_LAYERS",
+    "HYPER_TUNE_CACHE",
+    "HYPER_INNER_BACKEND",
+)
 
 
 @pytest.fixture(autouse=True)
@@ -56,7 +67,7 @@ class Layers(torch.nn.Module):
             return self.run(x, self.qkv)
         x = self.run(x, self.qkv[: self.brk + 1])
         torch._dynamo.graph_break()  # outside any loop, so Dynamo resumes in a second graph
-        return self.run(x, self.qkv[self.brk + 1:])
+        return self.run(x, self.qkv[self.brk + 1 :])
 
 
 def _run(script: str, env: dict, timeout=300) -> dict:
@@ -64,8 +75,9 @@ def _run(script: str, env: dict, timeout=300) -> dict:
     full_env = {k: v for k, v in os.environ.items() if not k.startswith("HYPER_")}
     full_env.update(env)
     full_env["PYTHONPATH"] = TESTS + os.pathsep + full_env.get("PYTHONPATH", "")
-    res = subprocess.run([sys.executable, "-c", textwrap.dedent(script)], env=full_env, capture_output=True,
-                         text=True, timeout=timeout)
+    res = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(script)], env=full_env, capture_output=True, text=True, timeout=timeout
+    )
     assert res.returncode == 0, res.stderr[-3000:]
     return json.loads(res.stdout.strip().splitlines()[-1])
 
@@ -74,9 +86,11 @@ def _run(script: str, env: dict, timeout=300) -> dict:
 # registration and options
 # ----------------------------------------------------------------------------------------------------------
 
+
 def test_entry_point_in_a_fresh_process():
     """``backend="hyper"`` resolves through the entry point without importing hyper_backend first."""
-    out = _run("""
+    out = _run(
+        """
         import json, sys, torch
         import torch.nn.functional as F
         assert "hyper_backend" not in sys.modules
@@ -87,20 +101,25 @@ def test_entry_point_in_a_fresh_process():
         f(q, q, q)
         from hyper_backend.kernels.op import path_counts
         print(json.dumps({"loaded": "hyper_backend" in sys.modules, **path_counts()}))
-    """, {})
+    """,
+        {},
+    )
     assert out == {"loaded": True, "hyper": 1, "exact": 0, "backward": 0}
 
 
-@pytest.mark.parametrize("options,needle", [
-    ({"block_sise": 16}, "unknown option 'block_sise'"),
-    ({"block_size": 0}, "options['block_size']"),
-    ({"min_seq_len": "4k"}, "options['min_seq_len']"),
-    ({"causal_depth": -1}, "options['causal_depth']"),
-    ({"enabled": "yes"}, "options['enabled']"),
-    ({"layers": "last"}, "options['layers']"),
-    ({"inner_backend": "tvm"}, "options['inner_backend']"),
-    ({"tune_cache": 3}, "options['tune_cache']"),
-])
+@pytest.mark.parametrize(
+    "options,needle",
+    [
+        ({"block_sise": 16}, "unknown option 'block_sise'"),
+        ({"block_size": 0}, "options['block_size']"),
+        ({"min_seq_len": "4k"}, "options['min_seq_len']"),
+        ({"causal_depth": -1}, "options['causal_depth']"),
+        ({"enabled": "yes"}, "options['enabled']"),
+        ({"layers": "last"}, "options['layers']"),
+        ({"inner_backend": "tvm"}, "options['inner_backend']"),
+        ({"tune_cache": 3}, "options['tune_cache']"),
+    ],
+)
 def test_bad_options_name_the_option(options, needle):
     with pytest.raises(ValueError, match=needle.replace("[", r"\[").replace("]", r"\]")):
         validate_options(options)
@@ -134,8 +153,9 @@ def test_op_args_in_the_graph():
     seen = []
 
     def spy(gm, example_inputs):
-        compiled = backend_fn(gm, example_inputs, options={"min_seq_len": 48, "inner_backend": "eager",
-                                                           "tune_cache": ""})
+        compiled = backend_fn(
+            gm, example_inputs, options={"min_seq_len": 48, "inner_backend": "eager", "tune_cache": ""}
+        )
         seen.extend(n.args for n in gm.graph.nodes if n.target is torch.ops.hyper.attention.default)
         return compiled
 
@@ -146,17 +166,20 @@ def test_op_args_in_the_graph():
     assert len(seen) == 1 and tuple(seen[0][6:]) == (expected, "")
 
 
-@pytest.mark.parametrize("var,value,accepted", [
-    ("HYPER_ATTENTION", "maybe", "1/0"),
-    ("HYPER_MIN_SEQ_LEN", "4k", "integer"),
-    ("HYPER_BLOCK_SIZE", "0", "in [1, "),
-    ("HYPER_SAMPLE_SIZE", "-2", "in [0, "),
-    ("HYPER_LSH_PROJS", "99", "in [1, 30]"),
-    ("HYPER_CAUSAL_DEPTH", "deep", "'none'"),
-    ("HYPER_SEED", "x", "integer"),
-    ("HYPER_LAYERS", "last", "first:K"),
-    ("HYPER_INNER_BACKEND", "tvm", "inductor, aot_eager, eager"),
-])
+@pytest.mark.parametrize(
+    "var,value,accepted",
+    [
+        ("HYPER_ATTENTION", "maybe", "1/0"),
+        ("HYPER_MIN_SEQ_LEN", "4k", "integer"),
+        ("HYPER_BLOCK_SIZE", "0", "in [1, "),
+        ("HYPER_SAMPLE_SIZE", "-2", "in [0, "),
+        ("HYPER_LSH_PROJS", "99", "in [1, 30]"),
+        ("HYPER_CAUSAL_DEPTH", "deep", "'none'"),
+        ("HYPER_SEED", "x", "integer"),
+        ("HYPER_LAYERS", "last", "first:K"),
+        ("HYPER_INNER_BACKEND", "tvm", "inductor, aot_eager, eager"),
+    ],
+)
 def test_bad_env_values(monkeypatch, var, value, accepted):
     monkeypatch.setenv(var, value)
     with pytest.raises(EnvError) as e:
@@ -221,8 +244,13 @@ _CACHE_SCRIPT = """
 def test_env_changes_never_served_stale_across_processes(tmp_path):
     """Three processes share inductor's FX-graph and AOTAutograd caches; each sees its own settings, and the
     third (same settings as the first) shows the caches are really in use."""
-    base = {"TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "inductor"), "HYPER_BLOCK_SIZE": "16",
-            "HYPER_SAMPLE_SIZE": "16", "HYPER_TUNE_CACHE": "", "HYPER_MIN_SEQ_LEN": "32"}
+    base = {
+        "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "inductor"),
+        "HYPER_BLOCK_SIZE": "16",
+        "HYPER_SAMPLE_SIZE": "16",
+        "HYPER_TUNE_CACHE": "",
+        "HYPER_MIN_SEQ_LEN": "32",
+    }
     first = _run(_CACHE_SCRIPT, base)
     assert (first["hyper"], first["exact"]) == (2, 0)
     off = _run(_CACHE_SCRIPT, {**base, "HYPER_ATTENTION": "0"})
@@ -242,8 +270,11 @@ def test_changed_setting_not_served_from_inductor_cache(tmp_path, monkeypatch):
     model = zoo.Stack(zoo.MatmulMulScale, depth=1, dim=32, heads=2).eval()
     x = torch.randn(1, 64, 32)
     with torch.no_grad():
-        for msl, expect in (("32", {"hyper": 1, "exact": 0}), ("128", {"hyper": 0, "exact": 1}),
-                            ("32", {"hyper": 1, "exact": 0})):
+        for msl, expect in (
+            ("32", {"hyper": 1, "exact": 0}),
+            ("128", {"hyper": 0, "exact": 1}),
+            ("32", {"hyper": 1, "exact": 0}),
+        ):
             monkeypatch.setenv("HYPER_MIN_SEQ_LEN", msl)
             torch._dynamo.reset()
             delta = _delta_from_now()
@@ -264,9 +295,9 @@ def _delta_from_now():
 # site numbering and layer selection
 # ----------------------------------------------------------------------------------------------------------
 
+
 def test_numbering_across_graph_breaks():
-    report = hyper_backend.explain(Layers(depth=4, brk=1), torch.randn(1, 40, 32),
-                                   options={**EAGER, "layers": "1,2"})
+    report = hyper_backend.explain(Layers(depth=4, brk=1), torch.randn(1, 40, 32), options={**EAGER, "layers": "1,2"})
     assert [s.index for s in report.sites] == [0, 1, 2, 3]
     assert [s.graph for s in report.sites] == [0, 0, 1, 1]
     assert [s.decision for s in report.sites] == ["exact", "hyper", "hyper", "exact"]
@@ -297,11 +328,17 @@ def test_layer_selection_forms():
 # dynamic shapes, explain, logging, counters
 # ----------------------------------------------------------------------------------------------------------
 
+
 def test_one_compile_serves_every_length(call_delta):
     """n = 256 .. 4096 with dynamic shapes: one graph, the length decision inside the op."""
     model, make, sites = zoo.hf_model("llama")
-    f = torch.compile(model, backend="hyper", dynamic=True, fullgraph=True,
-                      options={**EAGER, "min_seq_len": 512, "block_size": 64, "sample_size": 64})
+    f = torch.compile(
+        model,
+        backend="hyper",
+        dynamic=True,
+        fullgraph=True,
+        options={**EAGER, "min_seq_len": 512, "block_size": 64, "sample_size": 64},
+    )
     with torch.no_grad():
         for n in (256, 1024, 4096):
             f(**make(n, 1))

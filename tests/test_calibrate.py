@@ -1,9 +1,9 @@
 """Per-model calibration (hyper_backend.autotune.calibrate), its cache records, and layers="auto" in the backend,
 on tiny random HF models (no downloads)."""
+
 from __future__ import annotations
 
 import io
-
 import json
 import math
 import warnings
@@ -14,16 +14,25 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 from hyper_backend import explain  # noqa: E402
-from hyper_backend.autotune import cache, calibrate as C  # noqa: E402
+from hyper_backend.autotune import cache  # noqa: E402
+from hyper_backend.autotune import calibrate as C  # noqa: E402
 from hyper_backend.backend import AutoLayersWarning, _auto_warned  # noqa: E402
 from hyper_backend.config import HyperConfig, LayerSelection, read_env  # noqa: E402
 
 
 def tiny_llama(layers=3, hidden=256, heads=4, kv_heads=2, positions=8192, seed=0, **extra):
     torch.manual_seed(seed)
-    cfg = transformers.LlamaConfig(vocab_size=256, hidden_size=hidden, intermediate_size=256, num_hidden_layers=layers,
-                                   num_attention_heads=heads, num_key_value_heads=kv_heads,
-                                   max_position_embeddings=positions, attn_implementation="sdpa", **extra)
+    cfg = transformers.LlamaConfig(
+        vocab_size=256,
+        hidden_size=hidden,
+        intermediate_size=256,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        max_position_embeddings=positions,
+        attn_implementation="sdpa",
+        **extra,
+    )
     return transformers.LlamaForCausalLM(cfg).eval()
 
 
@@ -49,8 +58,17 @@ def fragile_model():
 
 def _settings(**kw):
     # a small search space (three thresholds x one size) so the test stays short on a busy machine
-    base = dict(seq=8192, budget=0.01, min_seq_len=1024, block_sizes=(128,), sample_sizes=(128,), sink_keys=(16,),
-                local_windows=(None,), error_rows=128, repeats=2)
+    base = dict(
+        seq=8192,
+        budget=0.01,
+        min_seq_len=1024,
+        block_sizes=(128,),
+        sample_sizes=(128,),
+        sink_keys=(16,),
+        local_windows=(None,),
+        error_rows=128,
+        repeats=2,
+    )
     base.update(kw)
     return C.CalibrationSettings(**base)
 
@@ -96,8 +114,7 @@ def test_budget_is_honoured_and_the_fragile_site_stays_exact(fragile_model, tmp_
 def test_a_budget_of_nothing_keeps_every_site_exact(fragile_model):
     g = torch.Generator().manual_seed(2)
     ids = torch.randint(0, 256, (2, 8192), generator=g)
-    result = C.calibrate(fragile_model, ids[:1], ids[1:], _settings(budget=1e-9, block_sizes=(256,),
-                                                                    min_seq_len=4096))
+    result = C.calibrate(fragile_model, ids[:1], ids[1:], _settings(budget=1e-9, block_sizes=(256,), min_seq_len=4096))
     assert result.assignment == {} and not result.verifications
 
 
@@ -128,36 +145,68 @@ def test_prediction_errs_high_on_both_sides_of_the_probe():
 # fingerprint and cache records
 # ----------------------------------------------------------------------------------------------------------
 
+
 def test_fingerprint_changes_with_the_model_config_not_its_path():
     a = transformers.LlamaConfig(num_hidden_layers=2, hidden_size=64)
     b = transformers.LlamaConfig(num_hidden_layers=2, hidden_size=64)
     b._name_or_path = "/somewhere/else"
     assert cache.model_fingerprint(a, 2) == cache.model_fingerprint(b, 2)
     assert cache.model_fingerprint(a, 2) != cache.model_fingerprint(a, 3)  # the site count is part of it
-    for change in ({"num_hidden_layers": 3}, {"hidden_size": 128}, {"rope_theta": 500000.0},
-                   {"num_key_value_heads": 1}):
+    for change in (
+        {"num_hidden_layers": 3},
+        {"hidden_size": 128},
+        {"rope_theta": 500000.0},
+        {"num_key_value_heads": 1},
+    ):
         c = transformers.LlamaConfig(**{"num_hidden_layers": 2, "hidden_size": 64, **change})
         assert cache.config_hash(c) != cache.config_hash(a), change
 
 
 def _record(model, sites, n=64, num_sites=None, dtype="float32"):
-    return cache.make_model(config=model.config, num_sites=num_sites or model.config.num_hidden_layers,
-                            dtype=dtype, seq_len=n, sites=sites, model_type="llama")
+    return cache.make_model(
+        config=model.config,
+        num_sites=num_sites or model.config.num_hidden_layers,
+        dtype=dtype,
+        seq_len=n,
+        sites=sites,
+        model_type="llama",
+    )
 
 
 def test_model_records_round_trip_and_keep_other_sections(tmp_path):
     path = str(tmp_path / "tune.json")
     model = tiny_llama(layers=2, hidden=64, positions=128)
-    cache.record(path, entries=[cache.make_entry(device="cpu:x", dtype="float32", head_dim=64, causal=True,
-                                                 seq_len=4096, params={"block_size": 128}, tuned={})])
+    cache.record(
+        path,
+        entries=[
+            cache.make_entry(
+                device="cpu:x",
+                dtype="float32",
+                head_dim=64,
+                causal=True,
+                seq_len=4096,
+                params={"block_size": 128},
+                tuned={},
+            )
+        ],
+    )
     params = HyperConfig(block_size=32, sample_size=32, min_seq_len=16).as_dict()
-    cache.record(path, models=[_record(model, {0: {"params": params}, 1: {"exact": "fragile"}}, n=64),
-                               _record(model, {0: {"exact": "x"}, 1: {"exact": "y"}}, n=8192)])
+    cache.record(
+        path,
+        models=[
+            _record(model, {0: {"params": params}, 1: {"exact": "fragile"}}, n=64),
+            _record(model, {0: {"exact": "x"}, 1: {"exact": "y"}}, n=8192),
+        ],
+    )
     data = json.load(open(path))
     assert data["version"] == cache.VERSION and len(data["entries"]) == 1 and len(data["models"]) == 2
     near = cache.lookup_model(path, config=model.config, dtype=torch.float32, seq_len=80, sites_seen=2)
-    assert near["bucket"] == 64 and near["sites"]["0"]["params"] == params and near["sites"]["1"] == {"exact": "fragile"}
-    assert cache.lookup_model(path, config=model.config, dtype=torch.float32, seq_len=6000, sites_seen=2)["bucket"] == 8192
+    assert (
+        near["bucket"] == 64 and near["sites"]["0"]["params"] == params and near["sites"]["1"] == {"exact": "fragile"}
+    )
+    assert (
+        cache.lookup_model(path, config=model.config, dtype=torch.float32, seq_len=6000, sites_seen=2)["bucket"] == 8192
+    )
     assert cache.lookup_model(path, config=model.config, dtype=torch.bfloat16, seq_len=64, sites_seen=2) is None
     assert cache.lookup_model(path, config=model.config, dtype=torch.float32, seq_len=64, sites_seen=3) is None
     other = tiny_llama(layers=3, hidden=64, positions=128)
@@ -174,6 +223,7 @@ def test_model_records_round_trip_and_keep_other_sections(tmp_path):
 # ----------------------------------------------------------------------------------------------------------
 # layers="auto" in the backend
 # ----------------------------------------------------------------------------------------------------------
+
 
 def test_hyper_layers_auto_parses():
     assert read_env({"HYPER_LAYERS": "auto"})["layers"] == LayerSelection("auto")
@@ -204,8 +254,19 @@ def test_auto_applies_the_calibration_and_explicit_fields_win(tmp_path):
     model = tiny_llama(layers=3, hidden=64, positions=128, seed=4)
     ids = torch.randint(0, 256, (1, 64))
     params = HyperConfig(block_size=16, sample_size=16, min_seq_len=16, sink_keys=2, local_window=4).as_dict()
-    cache.record(path, models=[_record(model, {0: {"exact": "fragile: over budget"}, 1: {"params": params},
-                                               2: {"params": dict(params, block_size=32)}})])
+    cache.record(
+        path,
+        models=[
+            _record(
+                model,
+                {
+                    0: {"exact": "fragile: over budget"},
+                    1: {"params": params},
+                    2: {"params": dict(params, block_size=32)},
+                },
+            )
+        ],
+    )
     _auto_warned.clear()
     with warnings.catch_warnings():
         warnings.simplefilter("error", AutoLayersWarning)
@@ -221,12 +282,15 @@ def test_auto_applies_the_calibration_and_explicit_fields_win(tmp_path):
     assert "auto: tuned for this model at 64: exact (fragile: over budget)" in console.export_text()
     # explicit options win field by field: sample_size from options, block_size still the tuned one
     report = _explain(model, ids, layers="auto", tune_cache=path, sample_size=8)
-    assert "b=16 m=8 " in report.config_of(report.sites[1]) and "(explicit: sample_size)" in report.config_of(report.sites[1])
+    assert "b=16 m=8 " in report.config_of(report.sites[1]) and "(explicit: sample_size)" in report.config_of(
+        report.sites[1]
+    )
     assert report.sites[0].decision == "exact"
     # the op really runs the site's config: the compiled model equals the eager swap with those configs
     torch._dynamo.reset()
-    compiled = torch.compile(model.model, backend="hyper", options={"layers": "auto", "tune_cache": path,
-                                                                    "inner_backend": "eager"})
+    compiled = torch.compile(
+        model.model, backend="hyper", options={"layers": "auto", "tune_cache": path, "inner_backend": "eager"}
+    )
     with torch.no_grad():
         got = compiled(input_ids=ids).last_hidden_state
         from hyper_backend.capture import AttentionSites
@@ -267,9 +331,32 @@ def test_cli_calibrates_an_hf_directory_and_writes_the_cache(tmp_path, capsys):
     path = str(tmp_path / "tune.json")
     from hyper_backend.autotune.cli import main
 
-    rc = main(["--model", str(tmp_path / "m"), "--text", str(tmp_path / "t.txt"), "--seq", "2048", "--budget", "0.05",
-               "--min-seq-len", "256", "--block-sizes", "64", "--sample-sizes", "64", "--sink-keys", "4",
-               "--local-windows", "default", "--cache", path, "--json", str(tmp_path / "out.json")])
+    rc = main(
+        [
+            "--model",
+            str(tmp_path / "m"),
+            "--text",
+            str(tmp_path / "t.txt"),
+            "--seq",
+            "2048",
+            "--budget",
+            "0.05",
+            "--min-seq-len",
+            "256",
+            "--block-sizes",
+            "64",
+            "--sample-sizes",
+            "64",
+            "--sink-keys",
+            "4",
+            "--local-windows",
+            "default",
+            "--cache",
+            path,
+            "--json",
+            str(tmp_path / "out.json"),
+        ]
+    )
     out = capsys.readouterr().out
     assert rc == 0
     assert "held-out tokens 2047+" in out and "calibration at 2k" in out and "wrote model" in out

@@ -1,4 +1,5 @@
 """HyperConfig, op parameter encoding, HYPER_* environment parsing and LayerSelection."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -14,8 +15,8 @@ from hyper_backend.config import (
     EnvError,
     LayerSelection,
     default_tune_cache,
-    kernel_choice,
     encode,
+    kernel_choice,
     read_env,
 )
 
@@ -27,7 +28,13 @@ from hyper_backend.config import (
 def test_defaults_match_the_issue():
     c = HyperConfig()
     assert (c.block_size, c.sample_size, c.lsh_num_projs, c.min_seq_len, c.causal_depth, c.seed) == (
-        256, 256, 7, 4096, None, 0)
+        256,
+        256,
+        7,
+        4096,
+        None,
+        0,
+    )
 
 
 def test_frozen_and_hashable():
@@ -46,23 +53,49 @@ def test_replace_returns_a_validated_copy():
         c.replace(block_size=0)
 
 
-@pytest.mark.parametrize("field, value", [
-    ("block_size", 1), ("sample_size", 0), ("lsh_num_projs", 1), ("lsh_num_projs", 30), ("min_seq_len", 1),
-    ("causal_depth", 0), ("causal_depth", 30), ("causal_depth", None), ("seed", 0), ("seed", 2**62),
-])
+@pytest.mark.parametrize(
+    "field, value",
+    [
+        ("block_size", 1),
+        ("sample_size", 0),
+        ("lsh_num_projs", 1),
+        ("lsh_num_projs", 30),
+        ("min_seq_len", 1),
+        ("causal_depth", 0),
+        ("causal_depth", 30),
+        ("causal_depth", None),
+        ("seed", 0),
+        ("seed", 2**62),
+    ],
+)
 def test_boundary_values_are_accepted(field, value):
     assert getattr(HyperConfig(**{field: value}), field) == value
 
 
-@pytest.mark.parametrize("field, value", [
-    ("block_size", 0), ("block_size", -256), ("block_size", 16.0), ("block_size", "256"), ("block_size", True),
-    ("block_size", None),
-    ("sample_size", -1), ("sample_size", 1.5),
-    ("lsh_num_projs", 0), ("lsh_num_projs", 31), ("lsh_num_projs", False),
-    ("min_seq_len", 0), ("min_seq_len", -1),
-    ("causal_depth", -1), ("causal_depth", 31), ("causal_depth", 2.0),
-    ("seed", -1), ("seed", 2**62 + 1), ("seed", "0"),
-])
+@pytest.mark.parametrize(
+    "field, value",
+    [
+        ("block_size", 0),
+        ("block_size", -256),
+        ("block_size", 16.0),
+        ("block_size", "256"),
+        ("block_size", True),
+        ("block_size", None),
+        ("sample_size", -1),
+        ("sample_size", 1.5),
+        ("lsh_num_projs", 0),
+        ("lsh_num_projs", 31),
+        ("lsh_num_projs", False),
+        ("min_seq_len", 0),
+        ("min_seq_len", -1),
+        ("causal_depth", -1),
+        ("causal_depth", 31),
+        ("causal_depth", 2.0),
+        ("seed", -1),
+        ("seed", 2**62 + 1),
+        ("seed", "0"),
+    ],
+)
 def test_invalid_values_raise_valueerror_naming_the_field(field, value):
     with pytest.raises(ValueError) as info:
         HyperConfig(**{field: value})
@@ -143,10 +176,19 @@ def test_causal_depth_accepts_none_forms(raw):
     assert read_env({"HYPER_CAUSAL_DEPTH": raw}) == {"causal_depth": None}
 
 
-@pytest.mark.parametrize("raw, value", [
-    ("1", True), ("true", True), ("YES", True), (" on ", True),
-    ("0", False), ("False", False), ("no", False), ("off", False),
-])
+@pytest.mark.parametrize(
+    "raw, value",
+    [
+        ("1", True),
+        ("true", True),
+        ("YES", True),
+        (" on ", True),
+        ("0", False),
+        ("False", False),
+        ("no", False),
+        ("off", False),
+    ],
+)
 def test_hyper_attention_switch(raw, value):
     assert read_env({"HYPER_ATTENTION": raw}) == {"enabled": value}
 
@@ -179,8 +221,12 @@ def test_inner_backend_var_rejects_unknown_backends():
 
 def test_several_vars_at_once():
     env = {"HYPER_ATTENTION": "1", "HYPER_BLOCK_SIZE": "64", "HYPER_SEED": "3", "HYPER_LAYERS": "0,2"}
-    assert read_env(env) == {"enabled": True, "block_size": 64, "seed": 3,
-                             "layers": LayerSelection("set", indices=frozenset({0, 2}))}
+    assert read_env(env) == {
+        "enabled": True,
+        "block_size": 64,
+        "seed": 3,
+        "layers": LayerSelection("set", indices=frozenset({0, 2})),
+    }
 
 
 def test_read_env_defaults_to_the_process_environment(monkeypatch):
@@ -218,21 +264,24 @@ def test_default_tune_cache(monkeypatch, tmp_path):
 # ----------------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("text, expected", [
-    ("all", LayerSelection("all")),
-    (" ALL ", LayerSelection("all")),
-    ("none", LayerSelection("none")),
-    ("first:3", LayerSelection("first", count=3)),
-    ("first:0", LayerSelection("first", count=0)),
-    ("Last:2", LayerSelection("last", count=2)),
-    ("5", LayerSelection("set", indices=frozenset({5}))),
-    ("0,2,10-13", LayerSelection("set", indices=frozenset({0, 2, 10, 11, 12, 13}))),
-    ("0, 2 , 4-4", LayerSelection("set", indices=frozenset({0, 2, 4}))),
-    ("3,1-2,2", LayerSelection("set", indices=frozenset({1, 2, 3}))),
-    ([0, 2], LayerSelection("set", indices=frozenset({0, 2}))),
-    ((1,), LayerSelection("set", indices=frozenset({1}))),
-    (frozenset(), LayerSelection("set", indices=frozenset())),
-])
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("all", LayerSelection("all")),
+        (" ALL ", LayerSelection("all")),
+        ("none", LayerSelection("none")),
+        ("first:3", LayerSelection("first", count=3)),
+        ("first:0", LayerSelection("first", count=0)),
+        ("Last:2", LayerSelection("last", count=2)),
+        ("5", LayerSelection("set", indices=frozenset({5}))),
+        ("0,2,10-13", LayerSelection("set", indices=frozenset({0, 2, 10, 11, 12, 13}))),
+        ("0, 2 , 4-4", LayerSelection("set", indices=frozenset({0, 2, 4}))),
+        ("3,1-2,2", LayerSelection("set", indices=frozenset({1, 2, 3}))),
+        ([0, 2], LayerSelection("set", indices=frozenset({0, 2}))),
+        ((1,), LayerSelection("set", indices=frozenset({1}))),
+        (frozenset(), LayerSelection("set", indices=frozenset())),
+    ],
+)
 def test_layer_selection_parses(text, expected):
     assert LayerSelection.parse(text) == expected
 
@@ -242,10 +291,32 @@ def test_layer_selection_parse_passes_a_selection_through():
     assert LayerSelection.parse(s) is s
 
 
-@pytest.mark.parametrize("bad", [
-    "", "first:", "first:-1", "first:x", "last:", "last:1.5", "first3", "3-1", "a", "1,,2", "-1", "1-", "1-2-3",
-    "0;2", [1, -1], [True], [1.5], ["1"], 1.5, None, 3,
-])
+@pytest.mark.parametrize(
+    "bad",
+    [
+        "",
+        "first:",
+        "first:-1",
+        "first:x",
+        "last:",
+        "last:1.5",
+        "first3",
+        "3-1",
+        "a",
+        "1,,2",
+        "-1",
+        "1-",
+        "1-2-3",
+        "0;2",
+        [1, -1],
+        [True],
+        [1.5],
+        ["1"],
+        1.5,
+        None,
+        3,
+    ],
+)
 def test_layer_selection_rejects_bad_forms_listing_the_accepted_ones(bad):
     with pytest.raises(ValueError) as info:
         LayerSelection.parse(bad)

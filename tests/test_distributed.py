@@ -19,6 +19,7 @@ half of a global batch of 4 sequences:
 Ranks are subprocesses with the environment ``torchrun`` would give them (``RANK``, ``WORLD_SIZE``,
 ``MASTER_ADDR=127.0.0.1``, a free ``MASTER_PORT``); every process runs one thread and the same seed.
 """
+
 from __future__ import annotations
 
 import json
@@ -33,8 +34,17 @@ import torch
 TESTS = os.path.dirname(os.path.abspath(__file__))
 WORLD = 2
 SEQ, GLOBAL_BATCH = 128, 4
-APPROX = {"min_seq_len": 32, "block_size": 16, "sample_size": 16, "sink_keys": 0, "local_window": 0,
-          "residual": "uniform", "seed": 0, "tune_cache": "", "inner_backend": "aot_eager"}
+APPROX = {
+    "min_seq_len": 32,
+    "block_size": 16,
+    "sample_size": 16,
+    "sink_keys": 0,
+    "local_window": 0,
+    "residual": "uniform",
+    "seed": 0,
+    "tune_cache": "",
+    "inner_backend": "aot_eager",
+}
 NO_RESIDUAL = {**APPROX, "sample_size": 0}  # LSH blocks only: no random draws, so batch-invariant
 RTOL = 1e-5
 
@@ -43,13 +53,22 @@ RTOL = 1e-5
 # what every process runs (imported by the rank subprocesses)
 # ----------------------------------------------------------------------------------------------------------
 
+
 def build_model():
     import transformers as T
 
     torch.manual_seed(0)
-    cfg = T.LlamaConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                        intermediate_size=128, vocab_size=128, max_position_embeddings=256, attention_dropout=0.0,
-                        attn_implementation="sdpa")
+    cfg = T.LlamaConfig(
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        intermediate_size=128,
+        vocab_size=128,
+        max_position_embeddings=256,
+        attention_dropout=0.0,
+        attn_implementation="sdpa",
+    )
     return T.LlamaForCausalLM(cfg).train()
 
 
@@ -65,8 +84,10 @@ def step(model, ids, scale=1.0):
 
 
 def grads_of(model, full=lambda g: g):
-    return {name.replace("module.", "").replace("_orig_mod.", ""): full(p.grad).detach().clone()
-            for name, p in model.named_parameters()}
+    return {
+        name.replace("module.", "").replace("_orig_mod.", ""): full(p.grad).detach().clone()
+        for name, p in model.named_parameters()
+    }
 
 
 def exact_loss(ids):
@@ -92,6 +113,7 @@ def run_single(options: dict, accumulate: bool) -> dict:
 
 def run_rank(mode: str, options: dict) -> dict:
     import torch.distributed as dist
+
     from hyper_backend.kernels.op import path_counts
 
     rank, world = dist.get_rank(), dist.get_world_size()
@@ -150,6 +172,7 @@ def rank_main():
 # the parent: launch the ranks, run the one-process steps, compare
 # ----------------------------------------------------------------------------------------------------------
 
+
 def _free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
@@ -168,11 +191,26 @@ def _launch(job: dict, ranks: int):
     port = _free_port()
     procs = []
     for rank in range(ranks):
-        env = _env({"DIST_JOB": json.dumps({**job, "out": job["out"].format(rank=rank)}), "RANK": str(rank),
-                    "LOCAL_RANK": str(rank), "WORLD_SIZE": str(ranks), "LOCAL_WORLD_SIZE": str(ranks),
-                    "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
-        procs.append(subprocess.Popen([sys.executable, "-c", "import test_distributed as t; t.rank_main()"],
-                                      env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+        env = _env(
+            {
+                "DIST_JOB": json.dumps({**job, "out": job["out"].format(rank=rank)}),
+                "RANK": str(rank),
+                "LOCAL_RANK": str(rank),
+                "WORLD_SIZE": str(ranks),
+                "LOCAL_WORLD_SIZE": str(ranks),
+                "MASTER_ADDR": "127.0.0.1",
+                "MASTER_PORT": str(port),
+            }
+        )
+        procs.append(
+            subprocess.Popen(
+                [sys.executable, "-c", "import test_distributed as t; t.rank_main()"],
+                env=env,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+        )
     return procs
 
 
@@ -184,7 +222,7 @@ def _wait(procs, timeout: float = 600):
         except subprocess.TimeoutExpired:
             for q in procs:
                 q.kill()
-            raise AssertionError(f"rank {rank} timed out after {timeout} s")
+            raise AssertionError(f"rank {rank} timed out after {timeout} s") from None
         if p.returncode != 0:
             failures.append(f"rank {rank} exited {p.returncode}:\n{err[-3000:]}")
     assert not failures, "\n".join(failures)
@@ -199,8 +237,12 @@ def results(tmp_path_factory):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        single = {"accumulated": run_single(APPROX, True), "global": run_single(APPROX, False),
-                  "global_no_residual": run_single(NO_RESIDUAL, False), "exact_loss": exact_loss(global_batch())}
+        single = {
+            "accumulated": run_single(APPROX, True),
+            "global": run_single(APPROX, False),
+            "global_no_residual": run_single(NO_RESIDUAL, False),
+            "exact_loss": exact_loss(global_batch()),
+        }
     finally:
         torch.set_num_threads(threads)
         torch._dynamo.reset()
@@ -240,9 +282,12 @@ def test_ddp_step_without_residual_matches_one_forward_of_the_global_batch(resul
     assert abs(single["global_no_residual"]["loss"] - single["exact_loss"]) > 1e-6, "the run was exact attention"
 
 
-@pytest.mark.xfail(strict=True, reason="limitation: the residual's draws depend on a sequence's position in its "
-                                       "batch (plan_from_ranks draws torch.rand(B, Hkv, m) from one generator), so a "
-                                       "rank's micro-batch gets other samples than the same rows of the global batch")
+@pytest.mark.xfail(
+    strict=True,
+    reason="limitation: the residual's draws depend on a sequence's position in its "
+    "batch (plan_from_ranks draws torch.rand(B, Hkv, m) from one generator), so a "
+    "rank's micro-batch gets other samples than the same rows of the global batch",
+)
 def test_ddp_step_with_residual_matches_one_forward_of_the_global_batch(results):
     ranks, single = results
     _check(ranks, "ddp", single["global"])
@@ -252,6 +297,8 @@ def test_fsdp2_step_matches_one_process(results):
     ranks, single = results
     unsupported = {out["fsdp2"]["unsupported"] for out in ranks if "unsupported" in out["fsdp2"]}
     if unsupported:
-        pytest.skip(f"FSDP2 (fully_shard) fails on CPU/gloo in torch {torch.__version__} without the backend: "
-                    + " | ".join(sorted(unsupported)))
+        pytest.skip(
+            f"FSDP2 (fully_shard) fails on CPU/gloo in torch {torch.__version__} without the backend: "
+            + " | ".join(sorted(unsupported))
+        )
     _check(ranks, "fsdp2", single["accumulated"])

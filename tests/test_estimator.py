@@ -5,6 +5,7 @@ exact keys are exact and counted once, the limits are exact attention, a sink-he
 exactly with ``sink_keys >= 1``, the stratified residual is unbiased, gradients pass gradcheck, and compiled
 equals eager.
 """
+
 from __future__ import annotations
 
 import math
@@ -18,16 +19,19 @@ from hyper_backend.kernels import cpu, reference
 from hyper_backend.kernels.plan import causal_schedule, make_plan, sink_mask
 
 F64 = torch.float64
-BASE = HyperConfig(block_size=16, sample_size=16, lsh_num_projs=4, min_seq_len=32, sink_keys=0, local_window=0,
-                  residual="uniform")  # the published estimator; tests add the exact parts
+BASE = HyperConfig(
+    block_size=16, sample_size=16, lsh_num_projs=4, min_seq_len=32, sink_keys=0, local_window=0, residual="uniform"
+)  # the published estimator; tests add the exact parts
 
 
 def _qkv(B, H, Nq, Nk, D, seed=0, Hkv=None, dtype=F64):
     g = torch.Generator().manual_seed(seed)
     Hkv = Hkv or H
-    return (torch.randn(B, H, Nq, D, generator=g, dtype=F64).to(dtype),
-            torch.randn(B, Hkv, Nk, D, generator=g, dtype=F64).to(dtype),
-            torch.randn(B, Hkv, Nk, D, generator=g, dtype=F64).to(dtype))
+    return (
+        torch.randn(B, H, Nq, D, generator=g, dtype=F64).to(dtype),
+        torch.randn(B, Hkv, Nk, D, generator=g, dtype=F64).to(dtype),
+        torch.randn(B, Hkv, Nk, D, generator=g, dtype=F64).to(dtype),
+    )
 
 
 def _weights(q, k, key_valid, causal, cfg):
@@ -49,10 +53,17 @@ def _window_pairs(Nq, Nk, causal, w):
 # identities of the reference weights
 # ----------------------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("causal,nq,nk,padded", [
-    (True, 257, 257, False), (True, 200, 257, True), (True, 63, 63, True),
-    (False, 257, 257, True), (False, 200, 257, False),
-])
+
+@pytest.mark.parametrize(
+    "causal,nq,nk,padded",
+    [
+        (True, 257, 257, False),
+        (True, 200, 257, True),
+        (True, 63, 63, True),
+        (False, 257, 257, True),
+        (False, 200, 257, False),
+    ],
+)
 @pytest.mark.parametrize("residual", ["uniform", "stratified"])
 def test_sinks_and_window_keys_have_weight_exactly_one(causal, nq, nk, padded, residual):
     """Every visible sink and window key has weight 1 for every query: exact, and never counted twice
@@ -83,8 +94,10 @@ def test_sink_and_window_zero_reproduce_the_previous_estimator():
         b = reference.log_weights(q, k, None, causal, BASE.replace(sink_keys=0, local_window=0))
         assert torch.equal(a, b)
     # and they change it when set
-    assert not torch.equal(reference.log_weights(q, k, None, True, BASE),
-                           reference.log_weights(q, k, None, True, BASE.replace(local_window=4)))
+    assert not torch.equal(
+        reference.log_weights(q, k, None, True, BASE),
+        reference.log_weights(q, k, None, True, BASE.replace(local_window=4)),
+    )
 
 
 def test_causal_window_runs_across_leaf_and_quadrant_boundaries():
@@ -96,15 +109,16 @@ def test_causal_window_runs_across_leaf_and_quadrant_boundaries():
     q, k, _ = _qkv(1, 1, n, n, 16)
     W = _weights(q, k, None, True, cfg)[0, 0]
     for start in range(sched.leaf, n, sched.leaf):
-        assert torch.equal(W[start, start - w + 1:start + 1], torch.ones(w, dtype=F64))
+        assert torch.equal(W[start, start - w + 1 : start + 1], torch.ones(w, dtype=F64))
     # without the window the same pairs are approximated (some weight differs from 1)
     W0 = _weights(q, k, None, True, BASE)[0, 0]
-    assert any((W0[s, s - w + 1:s] != 1).any() for s in range(sched.leaf, n, sched.leaf))
+    assert any((W0[s, s - w + 1 : s] != 1).any() for s in range(sched.leaf, n, sched.leaf))
 
 
 # ----------------------------------------------------------------------------------------------------------
 # limits: exact attention
 # ----------------------------------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("field", ["local_window", "sink_keys"])
@@ -112,7 +126,7 @@ def test_window_or_sinks_covering_every_key_is_exact(causal, field):
     n = 200
     q, k, v = _qkv(1, 2, n, n, 16, seed=3)
     # a non-causal window of 2n - 1 keys centres on every query and reaches both ends; causal needs n
-    size = (2 * n if field == "local_window" and not causal else n)
+    size = 2 * n if field == "local_window" and not causal else n
     cfg = BASE.replace(**{field: size})
     out, _ = cpu.attention_forward(q, k, v, None, causal, None, cfg)
     torch.testing.assert_close(out, F.scaled_dot_product_attention(q, k, v, is_causal=causal), rtol=0, atol=1e-12)
@@ -124,6 +138,7 @@ def test_window_or_sinks_covering_every_key_is_exact(causal, field):
 # ----------------------------------------------------------------------------------------------------------
 # what sinks are for: a head that puts most of its weight on key 0
 # ----------------------------------------------------------------------------------------------------------
+
 
 def _sink_heavy(n, D=32, seed=0):
     """Key 0 has a large norm along a direction every query leans to (as real attention sinks do), so it takes
@@ -147,7 +162,7 @@ def test_sink_keys_serve_a_sink_heavy_head_where_the_plain_estimator_misses(caus
 
     def err(c):
         out = hyper_attention(q, k, v, is_causal=causal, config=c)
-        return ((out - exact).norm(dim=-1) / exact.norm(dim=-1))[0, 0, n // 2:].median().item()
+        return ((out - exact).norm(dim=-1) / exact.norm(dim=-1))[0, 0, n // 2 :].median().item()
 
     plain, sunk = err(cfg), err(cfg.replace(sink_keys=1))
     assert sunk < 0.02, f"with the sink exact: median relative error {sunk:.3f}"
@@ -157,6 +172,7 @@ def test_sink_keys_serve_a_sink_heavy_head_where_the_plain_estimator_misses(caus
 # ----------------------------------------------------------------------------------------------------------
 # the residual schemes
 # ----------------------------------------------------------------------------------------------------------
+
 
 def _residual_sum(plan, e, key_valid):
     """The residual's estimate of sum_{j outside i's block} e_ij, ``[B, Hq, Nq]`` (Hq == Hkv here)."""
@@ -180,7 +196,6 @@ def test_residual_is_unbiased(residual, padded, one_thread):
     if valid is not None:
         e = e.masked_fill(~valid[:, None, None, :], 0.0)
     seeds, total, total_sq = 1500, 0.0, 0.0
-    truth = None
     for seed in range(seeds):
         plan = make_plan(q, k, valid, 16, 12, 5, seed, 0, residual)
         q_block = torch.empty(1, 2, Nq, dtype=torch.long)
@@ -215,14 +230,17 @@ def test_stratified_draws_cover_the_sorted_order_once_per_stratum():
 # gradients and the compiled path
 # ----------------------------------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("causal,nq,nk", [(True, 40, 40), (True, 30, 40), (False, 40, 40), (False, 30, 40)])
 def test_gradcheck_with_sinks_window_and_stratified(causal, nq, nk, one_thread):
-    cfg = HyperConfig(block_size=8, sample_size=6, lsh_num_projs=3, min_seq_len=8, sink_keys=2, local_window=5,
-                      residual="stratified")
+    cfg = HyperConfig(
+        block_size=8, sample_size=6, lsh_num_projs=3, min_seq_len=8, sink_keys=2, local_window=5, residual="stratified"
+    )
     q, k, v = (x.requires_grad_(True) for x in _qkv(1, 2, nq, nk, 4, seed=nq, Hkv=1))
     f = lambda q, k, v: hyper_attention(q, k, v, is_causal=causal, enable_gqa=True, config=cfg)  # noqa: E731
-    exact = F.scaled_dot_product_attention(q, k.repeat_interleave(2, 1), v.repeat_interleave(2, 1),
-                                           is_causal=causal and nq == nk)
+    exact = F.scaled_dot_product_attention(
+        q, k.repeat_interleave(2, 1), v.repeat_interleave(2, 1), is_causal=causal and nq == nk
+    )
     if nq == nk:
         assert (f(q, k, v) - exact).abs().max() > 1e-3  # the approximation is active
     assert torch.autograd.gradcheck(f, (q, k, v), fast_mode=True)
@@ -231,10 +249,19 @@ def test_gradcheck_with_sinks_window_and_stratified(causal, nq, nk, one_thread):
 @pytest.mark.parametrize("causal", [False, True])
 def test_compiled_equals_eager_with_the_new_fields(causal):
     torch._dynamo.reset()
-    opts = {"block_size": 16, "sample_size": 16, "min_seq_len": 32, "sink_keys": 2, "local_window": 12,
-            "residual": "stratified", "inner_backend": "aot_eager", "tune_cache": ""}
-    cfg = HyperConfig(**{f: opts[f] for f in ("block_size", "sample_size", "min_seq_len", "sink_keys",
-                                              "local_window", "residual")})
+    opts = {
+        "block_size": 16,
+        "sample_size": 16,
+        "min_seq_len": 32,
+        "sink_keys": 2,
+        "local_window": 12,
+        "residual": "stratified",
+        "inner_backend": "aot_eager",
+        "tune_cache": "",
+    }
+    cfg = HyperConfig(
+        **{f: opts[f] for f in ("block_size", "sample_size", "min_seq_len", "sink_keys", "local_window", "residual")}
+    )
 
     def f(q, k, v):
         return F.scaled_dot_product_attention(q, k, v, is_causal=causal)

@@ -8,6 +8,7 @@ block holds every key), so compiled must equal eager in outputs and gradients; t
 the rewrite. ``aot_eager`` is the inner backend (the rewrite is at the Dynamo level, so inductor adds only compile
 time), except where the inductor pattern pass itself is under test.
 """
+
 from __future__ import annotations
 
 import math
@@ -16,10 +17,9 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import zoo
 
 import hyper_backend
-
-import zoo
 
 EXACT = dict(min_seq_len=1, block_size=1 << 20, sample_size=1 << 20, tune_cache="", inner_backend="aot_eager")
 APPROX = dict(min_seq_len=32, block_size=16, sample_size=16, tune_cache="", inner_backend="aot_eager")
@@ -48,8 +48,10 @@ def check(model, inputs, kind, train, lowered=1, options=EXACT, dynamic=None):
     compiled = torch.compile(model, backend="hyper", options=options, dynamic=dynamic)
 
     def run(fn):
-        xs = [x.detach().clone().requires_grad_(train) if isinstance(x, torch.Tensor) and x.is_floating_point()
-              else x for x in inputs]
+        xs = [
+            x.detach().clone().requires_grad_(train) if isinstance(x, torch.Tensor) and x.is_floating_point() else x
+            for x in inputs
+        ]
         if not train:
             with torch.no_grad():
                 return fn(*xs), []
@@ -76,6 +78,7 @@ def check(model, inputs, kind, train, lowered=1, options=EXACT, dynamic=None):
 # einsum
 # ----------------------------------------------------------------------------------------------------------
 
+
 def _causal_drop(n):
     return torch.ones(n, n, dtype=torch.bool).triu(1)
 
@@ -90,14 +93,14 @@ class Einsum(nn.Module):
     def forward(self, q, k, v, pad):
         c, d, n = self.case, q.shape[-1], q.shape[-2]
         if c == "bhid":
-            p = torch.softmax(torch.einsum("bhid,bhjd->bhij", q, k) * d ** -0.5, dim=-1)
+            p = torch.softmax(torch.einsum("bhid,bhjd->bhij", q, k) * d**-0.5, dim=-1)
             return torch.einsum("bhij,bhjd->bhid", p, v)
         if c == "heads_third":  # [B, N, H, D] operands, scores [B, H, Nq, Nk], divide
             q, k, v = (t.transpose(1, 2) for t in (q, k, v))
             s = torch.einsum("bqhd,bkhd->bhqk", q, k) / math.sqrt(d)
             return torch.einsum("bhqk,bkhd->bqhd", s.softmax(-1), v).transpose(1, 2)
         if c == "ellipsis_prescaled":
-            s = torch.einsum("...id,...jd->...ij", q * d ** -0.5, k)
+            s = torch.einsum("...id,...jd->...ij", q * d**-0.5, k)
             return torch.einsum("...ij,...jd->...id", F.softmax(s, dim=-1), v)
         if c == "3d_causal":  # one batch index: [B*H, N, D]
             B, H = q.shape[:2]
@@ -122,16 +125,16 @@ class Einsum(nn.Module):
             s = torch.where(keep, torch.einsum("bhid,bhjd->bhij", q, k), torch.finfo(q.dtype).min)
             return torch.einsum("bhij,bhjd->bhid", s.softmax(-1), v)
         if c == "padding":
-            s = torch.einsum("bhid,bhjd->bhij", q, k) * d ** -0.5
+            s = torch.einsum("bhid,bhjd->bhij", q, k) * d**-0.5
             s = s.masked_fill(~pad[:, None, None, :], float("-inf"))
             return torch.einsum("bhij,bhjd->bhid", s.softmax(-1), v)
         if c == "fp32_softmax":  # HF-style upcast, inert dropout
-            s = torch.einsum("bhid,bhjd->bhij", q, k) * d ** -0.5
+            s = torch.einsum("bhid,bhjd->bhij", q, k) * d**-0.5
             s = s.masked_fill(_causal_drop(n), float("-inf"))
             p = F.softmax(s, dim=-1, dtype=torch.float32).to(q.dtype)
             return torch.einsum("bhij,bhjd->bhid", F.dropout(p, 0.0, training=self.training), v)
         if c == "upcast_first":  # s.float() then mask and scale in fp32, cast back
-            s = torch.einsum("bhid,bhjd->bhij", q, k).float() * d ** -0.5
+            s = torch.einsum("bhid,bhjd->bhij", q, k).float() * d**-0.5
             return torch.einsum("bhij,bhjd->bhid", torch.softmax(s, -1).to(v.dtype), v)
         # negatives
         if c == "softmax_over_queries":
@@ -199,13 +202,16 @@ def test_einsum_symbolic_scale_and_lengths(call_delta):
     assert counters["graphs"] == 1 and counters["rewritten:einsum"] == 1
 
 
-@pytest.mark.parametrize("case,reason", [
-    ("softmax_over_queries", "does not contract the probabilities' key index"),
-    ("contract_queries", "does not contract the probabilities' key index"),
-    ("sum_over_head_dim_only_in_q", "contracts 0 indices"),
-    ("scores_reused", "used elsewhere"),
-    ("float_mask_input", "unknown values"),
-])
+@pytest.mark.parametrize(
+    "case,reason",
+    [
+        ("softmax_over_queries", "does not contract the probabilities' key index"),
+        ("contract_queries", "does not contract the probabilities' key index"),
+        ("sum_over_head_dim_only_in_q", "contracts 0 indices"),
+        ("scores_reused", "used elsewhere"),
+        ("float_mask_input", "unknown values"),
+    ],
+)
 def test_einsum_stays_exact(case, reason, call_delta):
     model = Einsum(case)
     inputs = list(_qkv())
@@ -223,13 +229,16 @@ def test_einsum_numbering_and_layers():
     model = zoo.Stack(EinsumLayer, depth=3).eval()
     report = hyper_backend.explain(model, torch.randn(1, 40, 64), options={**EXACT, "layers": "0,2"})
     assert [(s.index, s.kind, s.decision) for s in report.sites] == [
-        (0, "einsum", "hyper"), (1, "einsum", "exact"), (2, "einsum", "hyper")]
+        (0, "einsum", "hyper"),
+        (1, "einsum", "exact"),
+        (2, "einsum", "hyper"),
+    ]
     assert report.sites[1].reason == "not selected by layers"
 
 
 class EinsumLayer(zoo._Layer):
     def attend(self, q, k, v):
-        s = torch.einsum("bhqd,bhkd->bhqk", q, k) * self.head_dim ** -0.5
+        s = torch.einsum("bhqd,bhkd->bhqk", q, k) * self.head_dim**-0.5
         return torch.einsum("bhqk,bhkd->bhqd", s.softmax(-1), v)
 
 
@@ -244,8 +253,9 @@ class Mha(nn.Module):
     """``nn.MultiheadAttention`` self-attention (or cross-attention on ``mem`` with kdim/vdim); masks built in
     forward (an input mask is never proven causal)."""
 
-    def __init__(self, batch_first=True, kdim=None, attn="none", kpm="none", need_weights=False, use_weights=False,
-                 **kw):
+    def __init__(
+        self, batch_first=True, kdim=None, attn="none", kpm="none", need_weights=False, use_weights=False, **kw
+    ):
         super().__init__()
         self.mha = nn.MultiheadAttention(E, 4, batch_first=batch_first, kdim=kdim, vdim=kdim, **kw)
         self.batch_first, self.attn, self.kpm = batch_first, attn, kpm
@@ -316,17 +326,24 @@ def test_mha_approximates(call_delta):
     assert torch.isfinite(x.grad).all()
 
 
-@pytest.mark.parametrize("case,reason", [
-    ("need_weights", "attention weights are returned"),
-    ("float_kpm_input", "unknown values"),
-    ("add_bias_kv", "add_bias_kv"),
-    ("add_zero_attn", "add_zero_attn"),
-    ("dropout", "dropout_p=0.1"),
-])
+@pytest.mark.parametrize(
+    "case,reason",
+    [
+        ("need_weights", "attention weights are returned"),
+        ("float_kpm_input", "unknown values"),
+        ("add_bias_kv", "add_bias_kv"),
+        ("add_zero_attn", "add_zero_attn"),
+        ("dropout", "dropout_p=0.1"),
+    ],
+)
 def test_mha_stays_exact(case, reason, call_delta):
-    kw = {"need_weights": {"need_weights": True, "use_weights": True, "kpm": "bool"},
-          "float_kpm_input": {"kpm": "float_input"}, "add_bias_kv": {"add_bias_kv": True},
-          "add_zero_attn": {"add_zero_attn": True}, "dropout": {"dropout": 0.1}}[case]
+    kw = {
+        "need_weights": {"need_weights": True, "use_weights": True, "kpm": "bool"},
+        "float_kpm_input": {"kpm": "float_input"},
+        "add_bias_kv": {"add_bias_kv": True},
+        "add_zero_attn": {"add_zero_attn": True},
+        "dropout": {"dropout": 0.1},
+    }[case]
     model = Mha(**kw)
     x, _, pad = _mha_inputs()
     mem = torch.randn(B, L) if case == "float_kpm_input" else None
@@ -362,8 +379,9 @@ def test_native_multi_head_attention_called_directly():
 
         def forward(self, x, mem, pad):
             m = self.mha
-            return torch._native_multi_head_attention(x, x, x, E, 4, m.in_proj_weight, m.in_proj_bias,
-                                                      m.out_proj.weight, m.out_proj.bias, pad, False, True, 1)[0]
+            return torch._native_multi_head_attention(
+                x, x, x, E, 4, m.in_proj_weight, m.in_proj_bias, m.out_proj.weight, m.out_proj.bias, pad, False, True, 1
+            )[0]
 
     x, _, pad = _mha_inputs()
     report = check(Native(), (x, None, pad), "mha", train=False)
@@ -373,6 +391,7 @@ def test_native_multi_head_attention_called_directly():
 # ----------------------------------------------------------------------------------------------------------
 # the Transformer layers
 # ----------------------------------------------------------------------------------------------------------
+
 
 class Encoder(nn.Module):
     def __init__(self, masks=(), **kw):
@@ -456,12 +475,15 @@ def test_decoder_layer_lowered(train, norm_first):
     pad[0, 11:] = True
     report = check(Decoder(norm_first=norm_first), (x, mem, pad), "mha", train=train, lowered=2)
     assert [(s.kind, s.decision, s.reason) for s in report.sites] == [
-        ("mha", "hyper", "causal"), ("mha", "hyper", "non-causal, key padding")]
+        ("mha", "hyper", "causal"),
+        ("mha", "hyper", "non-causal, key padding"),
+    ]
 
 
 # ----------------------------------------------------------------------------------------------------------
 # plan_sdpa: float masks that are sums (what nn.MultiheadAttention builds, written by hand)
 # ----------------------------------------------------------------------------------------------------------
+
 
 class FloatSum(nn.Module):
     def __init__(self, case):
@@ -483,10 +505,15 @@ class FloatSum(nn.Module):
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
 
 
-@pytest.mark.parametrize("case,what", [("causal+padding", "causal, key padding"),
-                                       ("padding+zeros+causal", "causal, key padding"),
-                                       ("finfo_min_padding", "non-causal, key padding"),
-                                       ("padding_not_from_bool", None)])
+@pytest.mark.parametrize(
+    "case,what",
+    [
+        ("causal+padding", "causal, key padding"),
+        ("padding+zeros+causal", "causal, key padding"),
+        ("finfo_min_padding", "non-causal, key padding"),
+        ("padding_not_from_bool", None),
+    ],
+)
 def test_sdpa_float_mask_sums(case, what):
     report = check(FloatSum(case), _qkv(), "sdpa", train=True, lowered=0 if what is None else 1)
     (site,) = report.sites
@@ -512,7 +539,7 @@ def test_dynamic_shapes_one_compile(family, call_delta):
         x, mem, pad = torch.randn(B, n, E, generator=g), torch.randn(B, n + 3, E, generator=g), None
         if family == "encoder_layer":
             pad = torch.zeros(B, n, dtype=torch.bool)
-            pad[1, n - 5:] = True
+            pad[1, n - 5 :] = True
             return x, pad
         if family == "decoder":
             pad = torch.zeros(B, n + 3, dtype=torch.bool)

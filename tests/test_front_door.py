@@ -1,5 +1,6 @@
 """What a new user meets first: an install without Triton, `python -m hyper_backend.check`, a one-line error for a
 bad ``HYPER_*`` value, `explain` telling the op's run-time decision, and the demo's output through a pipe."""
+
 from __future__ import annotations
 
 import gc
@@ -34,6 +35,7 @@ def clean_env(monkeypatch, tmp_path):
 # ----------------------------------------------------------------------------------------------------------
 # a lean install: nothing on the CPU path imports triton
 # ----------------------------------------------------------------------------------------------------------
+
 
 def test_cpu_path_runs_without_triton(tmp_path):
     """With ``import triton`` made to fail, the package imports, and both the eager function and
@@ -80,6 +82,7 @@ def test_triton_is_not_a_dependency():
 # python -m hyper_backend.check / hyper_backend.check_env()
 # ----------------------------------------------------------------------------------------------------------
 
+
 def test_check_prints_the_resolved_settings(clean_env, capsys):
     clean_env.setenv("HYPER_MIN_SEQ_LEN", "8192")
     clean_env.setenv("HYPER_LAYERS", "last:2")
@@ -93,13 +96,16 @@ def test_check_prints_the_resolved_settings(clean_env, capsys):
     assert report.resolved("HYPER_ATTENTION") == "on"
 
 
-@pytest.mark.parametrize("var, raw, expected", [
-    ("HYPER_MIN_SEQ_LEN", "8k", "HYPER_MIN_SEQ_LEN='8k': expected an integer"),
-    ("HYPER_ATTENTION", "maybe", "HYPER_ATTENTION='maybe': expected one of 1/0, true/false, yes/no, on/off"),
-    ("HYPER_KERNELS", "gpu", "HYPER_KERNELS='gpu': expected one of auto, cpu, triton"),
-    ("HYPER_INNER_BACKEND", "cuda", "HYPER_INNER_BACKEND='cuda': expected one of"),
-    ("HYPER_LAYERS", "last", "HYPER_LAYERS='last'"),
-])
+@pytest.mark.parametrize(
+    "var, raw, expected",
+    [
+        ("HYPER_MIN_SEQ_LEN", "8k", "HYPER_MIN_SEQ_LEN='8k': expected an integer"),
+        ("HYPER_ATTENTION", "maybe", "HYPER_ATTENTION='maybe': expected one of 1/0, true/false, yes/no, on/off"),
+        ("HYPER_KERNELS", "gpu", "HYPER_KERNELS='gpu': expected one of auto, cpu, triton"),
+        ("HYPER_INNER_BACKEND", "cuda", "HYPER_INNER_BACKEND='cuda': expected one of"),
+        ("HYPER_LAYERS", "last", "HYPER_LAYERS='last'"),
+    ],
+)
 def test_check_rejects_a_bad_value_in_one_line(clean_env, capsys, var, raw, expected):
     clean_env.setenv(var, raw)
     assert check.main([]) == 1
@@ -118,20 +124,23 @@ def test_check_names_unknown_variables_with_a_suggestion(clean_env, capsys):
     assert check.main([]) == 1
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 3  # every problem, one line each
-    assert any("HYPER_MIN_SEQLEN is not a hyper_backend variable (did you mean HYPER_MIN_SEQ_LEN?)" in ln
-               for ln in lines)
+    assert any(
+        "HYPER_MIN_SEQLEN is not a hyper_backend variable (did you mean HYPER_MIN_SEQ_LEN?)" in ln for ln in lines
+    )
     assert any(ln.startswith("hyper_backend.check: HYPER_FROBNICATE is not") and "known: " in ln for ln in lines)
     assert any(ln.startswith("hyper_backend.check: HYPER_SEED='-1'") for ln in lines)
 
 
 def test_check_runs_as_a_module(tmp_path):
     env = {k: v for k, v in os.environ.items() if not k.startswith("HYPER_")}
-    run = subprocess.run([sys.executable, "-m", "hyper_backend.check", "--quiet"], env=env, capture_output=True,
-                         text=True, timeout=300)
+    run = subprocess.run(
+        [sys.executable, "-m", "hyper_backend.check", "--quiet"], env=env, capture_output=True, text=True, timeout=300
+    )
     assert run.returncode == 0 and run.stdout == "", run.stderr
     env["HYPER_BLOCK_SIZE"] = "0"
-    run = subprocess.run([sys.executable, "-m", "hyper_backend.check"], env=env, capture_output=True, text=True,
-                         timeout=300)
+    run = subprocess.run(
+        [sys.executable, "-m", "hyper_backend.check"], env=env, capture_output=True, text=True, timeout=300
+    )
     assert run.returncode == 1 and run.stderr.startswith("hyper_backend.check: HYPER_BLOCK_SIZE='0':")
     assert "RuntimeWarning" not in run.stderr  # hyper_backend/__init__ does not import the module it runs
 
@@ -140,8 +149,8 @@ def test_known_variables_are_the_readme_table():
     """`check` knows every variable config reads; the README's table documents exactly those."""
     with open(os.path.join(ROOT, "README.md"), encoding="utf-8") as f:
         readme = f.read()
-    table = readme[readme.index("### Environment variables"):]
-    table = table[:table.index("\n\n", table.index("| variable"))]
+    table = readme[readme.index("### Environment variables") :]
+    table = table[: table.index("\n\n", table.index("| variable"))]
     documented = set(re.findall(r"^\| `(HYPER_[A-Z0-9_]+)`", table, re.M))
     assert documented == set(check.known_variables())
 
@@ -149,6 +158,7 @@ def test_known_variables_are_the_readme_table():
 # ----------------------------------------------------------------------------------------------------------
 # the backend's error for a bad HYPER_* value
 # ----------------------------------------------------------------------------------------------------------
+
 
 def test_backend_env_error_is_one_line_naming_the_variable(clean_env, caplog):
     clean_env.setenv("HYPER_SAMPLE_SIZE", "lots")
@@ -174,6 +184,7 @@ def test_backend_env_error_is_one_line_naming_the_variable(clean_env, caplog):
 # explain
 # ----------------------------------------------------------------------------------------------------------
 
+
 def test_report_str_leaves_no_file_open():
     from hyper_backend.lowering.sites import Site
     from hyper_backend.report import Report
@@ -193,8 +204,18 @@ def test_explain_shows_the_op_run_time_decision(clean_env, tmp_path):
     from hyper_backend.autotune import cache
 
     path = str(tmp_path / "tune.json")
-    cache.record(path, defaults=[cache.make_default(device=cache.device_key(torch.device("cpu")), dtype="float32",
-                                                    head_dim=16, min_seq_len=7694, crossover={})])
+    cache.record(
+        path,
+        defaults=[
+            cache.make_default(
+                device=cache.device_key(torch.device("cpu")),
+                dtype="float32",
+                head_dim=16,
+                min_seq_len=7694,
+                crossover={},
+            )
+        ],
+    )
 
     def f(q, k, v):
         return F.scaled_dot_product_attention(q, k, v)
@@ -236,6 +257,7 @@ def test_explain_run_time_decision_explicit_and_causal(clean_env):
 # the demo's numbers and its output through a pipe
 # ----------------------------------------------------------------------------------------------------------
 
+
 def test_demo_agreement_measures():
     from hyper_backend.demo import agreement
 
@@ -249,11 +271,11 @@ def test_demo_agreement_measures():
 
 
 def test_demo_prints_a_line_per_phase_through_a_pipe():
+    import io
+
     from rich.console import Console
 
     from hyper_backend.demo import PhaseLines
-
-    import io
 
     buf = io.StringIO()
     console = Console(file=buf, width=100)
@@ -266,5 +288,8 @@ def test_demo_prints_a_line_per_phase_through_a_pipe():
         progress.update(task, description="backend='hyper': done")
     lines = buf.getvalue().strip().splitlines()
     assert len(lines) == 3
-    assert [ln.split("] ", 1)[1] for ln in lines] == ["backend='hyper': compiling", "backend='hyper': running",
-                                                      "backend='hyper': done"]
+    assert [ln.split("] ", 1)[1] for ln in lines] == [
+        "backend='hyper': compiling",
+        "backend='hyper': running",
+        "backend='hyper': done",
+    ]

@@ -33,22 +33,21 @@ block holds every key), so for every example:
 
 50 derandomized examples run in CI; ``-m slow`` runs 500 more with longer sequences.
 """
+
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Optional, Tuple
 
 import pytest
 import torch
 import torch.nn.functional as F
 from hypothesis import HealthCheck, example, given, settings
-from hypothesis.control import currently_in_test_context, event
 from hypothesis import strategies as st
+from hypothesis.control import currently_in_test_context, event
 
 import hyper_backend
 from hyper_backend.kernels import op as hyper_op
-
 
 # block_size >= n: HyperAttention is exact attention, so compiled must equal eager
 EXACT = {"block_size": 1 << 20, "min_seq_len": 1, "tune_cache": ""}
@@ -56,8 +55,7 @@ EXACT = {"block_size": 1 << 20, "min_seq_len": 1, "tune_cache": ""}
 HANDWRITTEN = ("at", "matmul", "method", "einsum", "bmm")
 SOFTMAXES = ("torch", "F", "method", "fp32")
 CAUSAL_BUILT = ("causal_tril", "causal_triu_add", "causal_masked_fill", "causal_arange")
-SELF_MASKS = ("none",) + CAUSAL_BUILT + ("padding", "padding_causal", "float_add", "band", "window", "data",
-                                        "data_pad")
+SELF_MASKS = ("none",) + CAUSAL_BUILT + ("padding", "padding_causal", "float_add", "band", "window", "data", "data_pad")
 CROSS_MASKS = ("none", "padding", "float_add", "data", "data_pad")  # masks that make sense with n_q != n_k
 NEVER_LOWERED = ("float_add", "data")  # the op cannot compute these: lowering is a bug
 BANDED = ("band", "window")  # served exactly by hyper::window_attention, never approximated
@@ -70,18 +68,18 @@ class Att:
 
     form: str  # "sdpa" or one of HANDWRITTEN
     scale: str  # sdpa: "default" / "kwarg" / "pre_q"; hand-written: "mul" / "div" / "pre_q" / "none"
-    scale_value: Optional[float]  # None: 1/sqrt(d)
+    scale_value: float | None  # None: 1/sqrt(d)
     mask: str  # "causal_flag" (sdpa only) or one of SELF_MASKS / CROSS_MASKS
     gqa: str  # "none", "enable_gqa" (sdpa only), "repeat_kv", "repeat_interleave"
     softmax: str  # hand-written only
-    dropout: Optional[float]  # None: no dropout at all
+    dropout: float | None  # None: no dropout at all
     width: int  # band / window width
 
 
 @dataclass(frozen=True)
 class Case:
-    atts: Tuple[Att, ...]
-    brk: Optional[str]  # None, "before", "between", "after"
+    atts: tuple[Att, ...]
+    brk: str | None  # None, "before", "between", "after"
     training: bool
     grad: bool
     dtype: str  # "float32" / "bfloat16"
@@ -91,7 +89,7 @@ class Case:
     nq: int
     nk: int
     d: int
-    dynamic: Optional[bool]
+    dynamic: bool | None
     inner: str
     seed: int
 
@@ -103,6 +101,7 @@ class Case:
 # ----------------------------------------------------------------------------------------------------------
 # the module
 # ----------------------------------------------------------------------------------------------------------
+
 
 def _causal_keep(n, device):
     i = torch.arange(n, device=device)
@@ -222,10 +221,10 @@ def _handwritten(att: Att, q, k, v, pad, bias, training):
     d = q.shape[-1]
     c = att.scale_value
     if att.scale == "pre_q":
-        q = q * (c if c is not None else d ** -0.5)
+        q = q * (c if c is not None else d**-0.5)
     s = _scores(att, q, k)
     if att.scale == "mul":
-        s = s * (c if c is not None else d ** -0.5)
+        s = s * (c if c is not None else d**-0.5)
     elif att.scale == "div":
         s = s / (1.0 / c if c is not None else math.sqrt(d))
     B, H, nq, _ = q.shape
@@ -299,6 +298,7 @@ class Fuzzed(torch.nn.Module):
 # the strategies
 # ----------------------------------------------------------------------------------------------------------
 
+
 @st.composite
 def attentions(draw, cross: bool, gqa: bool, forms):
     form = draw(st.sampled_from(forms))
@@ -310,11 +310,16 @@ def attentions(draw, cross: bool, gqa: bool, forms):
         scale = draw(st.sampled_from(("mul", "div", "pre_q", "none")))
         masks = CROSS_MASKS if cross else SELF_MASKS
         gqas = ("repeat_kv", "repeat_interleave") if gqa else ("none",)
-    return Att(form=form, scale=scale,
-               scale_value=None if scale in ("default", "none") else draw(st.sampled_from((None, 0.05, 0.3, 1.5))),
-               mask=draw(st.sampled_from(masks)), gqa=draw(st.sampled_from(gqas)),
-               softmax=draw(st.sampled_from(SOFTMAXES)) if form != "sdpa" else "",
-               dropout=draw(st.sampled_from((None, 0.0, 0.1, 0.5))), width=draw(st.integers(1, 8)))
+    return Att(
+        form=form,
+        scale=scale,
+        scale_value=None if scale in ("default", "none") else draw(st.sampled_from((None, 0.05, 0.3, 1.5))),
+        mask=draw(st.sampled_from(masks)),
+        gqa=draw(st.sampled_from(gqas)),
+        softmax=draw(st.sampled_from(SOFTMAXES)) if form != "sdpa" else "",
+        dropout=draw(st.sampled_from((None, 0.0, 0.1, 0.5))),
+        width=draw(st.integers(1, 8)),
+    )
 
 
 @st.composite
@@ -333,16 +338,28 @@ def cases(draw, max_n: int, inner=st.just("aot_eager"), dynamic=st.just(None), f
     sites = draw(st.integers(1, 2))
     atts = tuple(draw(attentions(cross, groups > 1, forms)) for _ in range(sites))
     brks = (None, None, "before", "after") + (("between",) if sites == 2 else ())
-    return Case(atts=atts, brk=draw(st.sampled_from(brks)), training=draw(st.booleans()),
-                grad=draw(st.sampled_from((True, True, False))), dtype=draw(st.sampled_from(("float32", "bfloat16"))),
-                B=draw(st.integers(1, 2)), Hq=Hkv * groups, Hkv=Hkv, nq=nq, nk=nk,
-                d=draw(st.sampled_from((8, 40, 80))),
-                dynamic=draw(dynamic), inner=draw(inner), seed=draw(st.integers(0, 2**16)))
+    return Case(
+        atts=atts,
+        brk=draw(st.sampled_from(brks)),
+        training=draw(st.booleans()),
+        grad=draw(st.sampled_from((True, True, False))),
+        dtype=draw(st.sampled_from(("float32", "bfloat16"))),
+        B=draw(st.integers(1, 2)),
+        Hq=Hkv * groups,
+        Hkv=Hkv,
+        nq=nq,
+        nk=nk,
+        d=draw(st.sampled_from((8, 40, 80))),
+        dynamic=draw(dynamic),
+        inner=draw(inner),
+        seed=draw(st.integers(0, 2**16)),
+    )
 
 
 # ----------------------------------------------------------------------------------------------------------
 # what the backend may, must and must not do with a site
 # ----------------------------------------------------------------------------------------------------------
+
 
 def may_lower(att: Att, case: Case) -> bool:
     """The op can compute the site exactly (up to the approximation): no dropout in training, and a mask that is
@@ -374,6 +391,7 @@ def documented_lowered(att: Att, case: Case) -> bool:
 # ----------------------------------------------------------------------------------------------------------
 # the check
 # ----------------------------------------------------------------------------------------------------------
+
 
 def _inputs(case: Case):
     g = torch.Generator().manual_seed(case.seed)
@@ -426,16 +444,22 @@ def check_case(case: Case):
     truth, truth_grads = _run(model, inputs, w, case.grad, torch.float64, case.seed)
     eager, eager_grads = _run(model, inputs, w, case.grad, dt, case.seed)
 
-    with torch._inductor.config.patch(fx_graph_cache=False, fallback_random=True), \
-            torch._functorch.config.patch(enable_autograd_cache=False):
+    with (
+        torch._inductor.config.patch(fx_graph_cache=False, fallback_random=True),
+        torch._functorch.config.patch(enable_autograd_cache=False),
+    ):
         before = hyper_op.path_counts(window=True)
         compiled_fn = torch.compile(model, backend="hyper", options=options, dynamic=case.dynamic)
         out, grads = _run(compiled_fn, inputs, w, case.grad, dt, case.seed)
         calls = {key: hyper_op.path_counts(window=True)[key] - before[key] for key in before}
         counters = dict(torch._dynamo.utils.counters["hyper_backend"])
         torch._dynamo.reset()
-        report = hyper_backend.explain(model, *(x if x is None or not x.is_floating_point() else x.to(dt)
-                                                for x in inputs), options=options, dynamic=case.dynamic)
+        report = hyper_backend.explain(
+            model,
+            *(x if x is None or not x.is_floating_point() else x.to(dt) for x in inputs),
+            options=options,
+            dynamic=case.dynamic,
+        )
 
     # 1. compiled == eager, outputs and gradients
     assert out.shape == eager.shape and out.dtype == eager.dtype
@@ -448,7 +472,7 @@ def check_case(case: Case):
     assert len(report.sites) == len(case.atts), [(s.kind, s.decision, s.reason) for s in report.sites]
     note = event if currently_in_test_context() else (lambda _: None)  # statistics (--hypothesis-show-statistics)
     note(f"inner backend {case.inner}, dynamic={case.dynamic}")
-    for index, (att, site) in enumerate(zip(case.atts, report.sites)):
+    for att, site in zip(case.atts, report.sites):
         note(f"{'sdpa' if att.form == 'sdpa' else 'hand-written'} site {site.decision}")
         what = f"site {site.index} ({site.kind}): {site.decision} ({site.reason!r}) for {att}"
         assert site.decision in ("hyper", "exact", "window"), what
@@ -487,26 +511,73 @@ def _quiet_and_fresh():
 
 
 def fuzz(max_examples):
-    return settings(max_examples=max_examples, deadline=None, derandomize=True, database=None,
-                    suppress_health_check=HEALTH)
+    return settings(
+        max_examples=max_examples, deadline=None, derandomize=True, database=None, suppress_health_check=HEALTH
+    )
 
 
 def _att(form, mask, scale="default", gqa="none", softmax="", dropout=None, scale_value=None, width=4):
-    return Att(form=form, scale=scale, scale_value=scale_value, mask=mask, gqa=gqa, softmax=softmax,
-               dropout=dropout, width=width)
+    return Att(
+        form=form,
+        scale=scale,
+        scale_value=scale_value,
+        mask=mask,
+        gqa=gqa,
+        softmax=softmax,
+        dropout=dropout,
+        width=width,
+    )
 
 
-def _case(atts, inner="aot_eager", dynamic=None, brk=None, training=False, grad=True, dtype="float32", B=2, Hq=4,
-          Hkv=2, nq=33, nk=33, d=40, seed=1):
-    return Case(atts=tuple(atts), brk=brk, training=training, grad=grad, dtype=dtype, B=B, Hq=Hq, Hkv=Hkv, nq=nq,
-                nk=nk, d=d, dynamic=dynamic, inner=inner, seed=seed)
+def _case(
+    atts,
+    inner="aot_eager",
+    dynamic=None,
+    brk=None,
+    training=False,
+    grad=True,
+    dtype="float32",
+    B=2,
+    Hq=4,
+    Hkv=2,
+    nq=33,
+    nk=33,
+    d=40,
+    seed=1,
+):
+    return Case(
+        atts=tuple(atts),
+        brk=brk,
+        training=training,
+        grad=grad,
+        dtype=dtype,
+        B=B,
+        Hq=Hq,
+        Hkv=Hkv,
+        nq=nq,
+        nk=nk,
+        d=d,
+        dynamic=dynamic,
+        inner=inner,
+        seed=seed,
+    )
 
 
 @fuzz(50)
 @given(case=cases(max_n=72))
-@example(case=_case([_att("sdpa", "padding_causal", "kwarg", "enable_gqa", scale_value=0.3, dropout=0.1),
-                     _att("sdpa", "causal_flag", "pre_q", "repeat_kv", dropout=0.0)],
-                    brk="between", training=True, dtype="bfloat16", nq=41, nk=41))
+@example(
+    case=_case(
+        [
+            _att("sdpa", "padding_causal", "kwarg", "enable_gqa", scale_value=0.3, dropout=0.1),
+            _att("sdpa", "causal_flag", "pre_q", "repeat_kv", dropout=0.0),
+        ],
+        brk="between",
+        training=True,
+        dtype="bfloat16",
+        nq=41,
+        nk=41,
+    )
+)
 @example(case=_case([_att("sdpa", "data_pad", gqa="repeat_interleave", dropout=0.5)], nq=37, nk=53))
 def test_fuzz_lowering(case):
     """CI: aot_eager, static shapes (SDPA sites are lowered; hand-written ones must stay exact with a reason)."""
@@ -515,9 +586,20 @@ def test_fuzz_lowering(case):
 
 @fuzz(4)
 @given(case=cases(max_n=48, inner=st.just("inductor"), forms=HANDWRITTEN))
-@example(case=_case([_att("at", "causal_masked_fill", "mul", "repeat_kv", "fp32", dropout=0.1),
-                     _att("matmul", "padding", "div", "repeat_interleave", "F")],
-                    inner="inductor", brk="between", dtype="bfloat16", nq=37, nk=37, d=8))
+@example(
+    case=_case(
+        [
+            _att("at", "causal_masked_fill", "mul", "repeat_kv", "fp32", dropout=0.1),
+            _att("matmul", "padding", "div", "repeat_interleave", "F"),
+        ],
+        inner="inductor",
+        brk="between",
+        dtype="bfloat16",
+        nq=37,
+        nk=37,
+        d=8,
+    )
+)
 def test_fuzz_lowering_inductor(case):
     """CI: a few hand-written modules through inductor, where the pattern pass rewrites them."""
     check_case(case)
@@ -532,8 +614,13 @@ def test_fuzz_lowering_dynamic(case):
 
 @pytest.mark.slow
 @fuzz(500)
-@given(case=cases(max_n=300, inner=st.sampled_from(("aot_eager", "aot_eager", "inductor")),
-                  dynamic=st.sampled_from((None,) * 3 + (True,))))
+@given(
+    case=cases(
+        max_n=300,
+        inner=st.sampled_from(("aot_eager", "aot_eager", "inductor")),
+        dynamic=st.sampled_from((None,) * 3 + (True,)),
+    )
+)
 def test_fuzz_lowering_slow(case):
     check_case(case)
 
@@ -542,10 +629,24 @@ def test_fuzz_lowering_slow(case):
 # bugs the fuzzer found (regression tests)
 # ----------------------------------------------------------------------------------------------------------
 
-BF16_TRAINING = Case(atts=(Att(form="at", scale="mul", scale_value=None, mask="none", gqa="none", softmax="torch",
-                               dropout=None, width=1),),
-                     brk=None, training=True, grad=True, dtype="bfloat16", B=1, Hq=2, Hkv=2, nq=33, nk=33, d=8,
-                     dynamic=None, inner="inductor", seed=0)
+BF16_TRAINING = Case(
+    atts=(
+        Att(form="at", scale="mul", scale_value=None, mask="none", gqa="none", softmax="torch", dropout=None, width=1),
+    ),
+    brk=None,
+    training=True,
+    grad=True,
+    dtype="bfloat16",
+    B=1,
+    Hq=2,
+    Hkv=2,
+    nq=33,
+    nk=33,
+    d=8,
+    dynamic=None,
+    inner="inductor",
+    seed=0,
+)
 
 
 def test_bf16_softmax_in_training_is_lowered():
@@ -568,9 +669,17 @@ class _BreakThenCausal(torch.nn.Module):
 
 @pytest.mark.parametrize("built_mask", [False, True], ids=["is_causal", "built-mask"])
 def test_causal_sdpa_after_graph_break_with_dynamic_shapes(built_mask):
-    compiled = torch.compile(_BreakThenCausal(built_mask), backend="hyper",
-                             options={"min_seq_len": 32, "block_size": 16, "sample_size": 16, "tune_cache": "",
-                                      "inner_backend": "aot_eager"})
+    compiled = torch.compile(
+        _BreakThenCausal(built_mask),
+        backend="hyper",
+        options={
+            "min_seq_len": 32,
+            "block_size": 16,
+            "sample_size": 16,
+            "tune_cache": "",
+            "inner_backend": "aot_eager",
+        },
+    )
     approximated = []
     with torch.no_grad():
         for n in (64, 96):  # the second length recompiles with dynamic shapes

@@ -19,11 +19,11 @@ Checks, forward for every example and backward for some:
 
 50 derandomized examples in CI (about a second), 2000 under ``-m slow`` with longer sequences (under a minute).
 """
+
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Optional
 
 import pytest
 import torch
@@ -53,7 +53,7 @@ class OpCase:
     dtype: str
     causal: bool
     padding: str  # "none", "random", "batch_masked" (one whole sequence masked), "first_masked"
-    scale: Optional[float]
+    scale: float | None
     cfg: HyperConfig
     grad: bool
     seed: int
@@ -67,24 +67,50 @@ class OpCase:
 # strategies
 # ----------------------------------------------------------------------------------------------------------
 
+
 @st.composite
 def configs(draw):
-    return HyperConfig(block_size=draw(st.sampled_from((1, 2, 3, 4, 8, 16, 17, 32, 64))),
-                       sample_size=draw(st.sampled_from((0, 1, 2, 5, 16, 33, 64))),
-                       lsh_num_projs=draw(st.integers(1, 8)),
-                       min_seq_len=draw(st.sampled_from((1, 2, 4, 8, 16, 32, 64, 100000))),
-                       causal_depth=draw(st.sampled_from((None, 0, 1, 2, 3))),
-                       seed=draw(st.integers(0, 2**20)),
-                       sink_keys=draw(st.integers(0, 5)),
-                       local_window=draw(st.sampled_from((0, 0, 1, 2, 3, 7, 16, 40))),
-                       residual=draw(st.sampled_from(("uniform", "stratified"))))
+    return HyperConfig(
+        block_size=draw(st.sampled_from((1, 2, 3, 4, 8, 16, 17, 32, 64))),
+        sample_size=draw(st.sampled_from((0, 1, 2, 5, 16, 33, 64))),
+        lsh_num_projs=draw(st.integers(1, 8)),
+        min_seq_len=draw(st.sampled_from((1, 2, 4, 8, 16, 32, 64, 100000))),
+        causal_depth=draw(st.sampled_from((None, 0, 1, 2, 3))),
+        seed=draw(st.integers(0, 2**20)),
+        sink_keys=draw(st.integers(0, 5)),
+        local_window=draw(st.sampled_from((0, 0, 1, 2, 3, 7, 16, 40))),
+        residual=draw(st.sampled_from(("uniform", "stratified"))),
+    )
 
 
 def lengths(cfg: HyperConfig, max_n: int):
     """Edge sizes (1, 2, 63, around the block size and min_seq_len and their doubles) or any length."""
     b, msl = cfg.block_size, min(cfg.min_seq_len, max_n)
-    edges = sorted({n for n in (1, 2, 3, 63, 64, 65, b - 1, b, b + 1, 2 * b - 1, 2 * b, 2 * b + 1, msl - 1, msl,
-                                msl + 1, 2 * msl, 2 * msl + 1) if 1 <= n <= max_n})
+    edges = sorted(
+        {
+            n
+            for n in (
+                1,
+                2,
+                3,
+                63,
+                64,
+                65,
+                b - 1,
+                b,
+                b + 1,
+                2 * b - 1,
+                2 * b,
+                2 * b + 1,
+                msl - 1,
+                msl,
+                msl + 1,
+                2 * msl,
+                2 * msl + 1,
+            )
+            if 1 <= n <= max_n
+        }
+    )
     return st.one_of(st.sampled_from(edges), st.integers(1, max_n))
 
 
@@ -94,18 +120,27 @@ def op_cases(draw, max_n: int):
     nq = draw(lengths(cfg, max_n))
     nk = draw(st.one_of(st.just(nq), lengths(cfg, max_n)))
     Hkv = draw(st.integers(1, 2))
-    return OpCase(B=draw(st.integers(1, 2)), Hq=Hkv * draw(st.sampled_from((1, 1, 2, 3))), Hkv=Hkv, nq=nq, nk=nk,
-                  d=draw(st.sampled_from((1, 8, 16, 40, 64, 80))), dtype=draw(st.sampled_from(("float64", "float32",
-                                                                                               "bfloat16"))),
-                  causal=draw(st.booleans()),
-                  padding=draw(st.sampled_from(("none", "none", "random", "batch_masked", "first_masked"))),
-                  scale=draw(st.sampled_from((None, None, 0.05, 0.3, 2.0))), cfg=cfg, grad=draw(st.booleans()),
-                  seed=draw(st.integers(0, 2**16)))
+    return OpCase(
+        B=draw(st.integers(1, 2)),
+        Hq=Hkv * draw(st.sampled_from((1, 1, 2, 3))),
+        Hkv=Hkv,
+        nq=nq,
+        nk=nk,
+        d=draw(st.sampled_from((1, 8, 16, 40, 64, 80))),
+        dtype=draw(st.sampled_from(("float64", "float32", "bfloat16"))),
+        causal=draw(st.booleans()),
+        padding=draw(st.sampled_from(("none", "none", "random", "batch_masked", "first_masked"))),
+        scale=draw(st.sampled_from((None, None, 0.05, 0.3, 2.0))),
+        cfg=cfg,
+        grad=draw(st.booleans()),
+        seed=draw(st.integers(0, 2**16)),
+    )
 
 
 # ----------------------------------------------------------------------------------------------------------
 # the check
 # ----------------------------------------------------------------------------------------------------------
+
 
 def _inputs(case: OpCase):
     g = torch.Generator().manual_seed(case.seed)
@@ -147,7 +182,8 @@ def _assert_close(name, fast, ref, eager_err, dtype, size=None, terms=0.0):
     cancel = 8 * torch.finfo(F32).eps * (size + terms)
     assert err <= C * eager_err + 2 * ulp + cancel, (
         f"{name}: |fast - oracle| = {err:.3g} > {C} x eager {dtype} error {eager_err:.3g} + 2 ulp {ulp:.2g} "
-        f"+ float32 merges {cancel:.2g}")
+        f"+ float32 merges {cancel:.2g}"
+    )
 
 
 def _dense(q, k, v, logw, scale, dtype):
@@ -209,8 +245,9 @@ def check_op_case(case: OpCase):
 
     leaves = [x.clone().requires_grad_(case.grad) for x in (q, k, v)]
     before = hyper_op.path_counts()
-    out, lse = hyper_attention(*leaves, attn_mask=mask, is_causal=case.causal, scale=case.scale,
-                               enable_gqa=True, config=cfg, return_lse=True)
+    out, lse = hyper_attention(
+        *leaves, attn_mask=mask, is_causal=case.causal, scale=case.scale, enable_gqa=True, config=cfg, return_lse=True
+    )
     calls = {key: hyper_op.path_counts()[key] - before[key] for key in before}
     if currently_in_test_context():
         event("approximate" if calls["hyper"] else "exact" if calls["exact"] else "SDPA fallback")
@@ -283,29 +320,60 @@ def _one_thread():
 
 
 def fuzz(max_examples):
-    return settings(max_examples=max_examples, deadline=None, derandomize=True, database=None,
-                    suppress_health_check=HEALTH)
+    return settings(
+        max_examples=max_examples, deadline=None, derandomize=True, database=None, suppress_health_check=HEALTH
+    )
 
 
 def _cfg(**kw):
-    return HyperConfig(**{"block_size": 16, "sample_size": 16, "min_seq_len": 16, "sink_keys": 0, "local_window": 0,
-                          "residual": "uniform", **kw})
+    return HyperConfig(
+        **{
+            "block_size": 16,
+            "sample_size": 16,
+            "min_seq_len": 16,
+            "sink_keys": 0,
+            "local_window": 0,
+            "residual": "uniform",
+            **kw,
+        }
+    )
 
 
-def _case(nq, nk, cfg, causal=True, padding="random", dtype="float64", grad=True, B=2, Hq=4, Hkv=2, d=40, scale=None,
-          seed=3):
-    return OpCase(B=B, Hq=Hq, Hkv=Hkv, nq=nq, nk=nk, d=d, dtype=dtype, causal=causal, padding=padding, scale=scale,
-                  cfg=cfg, grad=grad, seed=seed)
+def _case(
+    nq, nk, cfg, causal=True, padding="random", dtype="float64", grad=True, B=2, Hq=4, Hkv=2, d=40, scale=None, seed=3
+):
+    return OpCase(
+        B=B,
+        Hq=Hq,
+        Hkv=Hkv,
+        nq=nq,
+        nk=nk,
+        d=d,
+        dtype=dtype,
+        causal=causal,
+        padding=padding,
+        scale=scale,
+        cfg=cfg,
+        grad=grad,
+        seed=seed,
+    )
 
 
 @fuzz(50)
 @given(case=op_cases(max_n=160))
 @example(case=_case(1, 1, _cfg(min_seq_len=1)))
 @example(case=_case(2, 63, _cfg(block_size=2, min_seq_len=1, sink_keys=5, local_window=40)))
-@example(case=_case(63, 63, _cfg(block_size=16, residual="stratified", sink_keys=3, local_window=7, causal_depth=3),
-                    padding="first_masked"))
-@example(case=_case(65, 64, _cfg(block_size=32, sample_size=64), causal=False, padding="batch_masked",
-                    dtype="bfloat16"))
+@example(
+    case=_case(
+        63,
+        63,
+        _cfg(block_size=16, residual="stratified", sink_keys=3, local_window=7, causal_depth=3),
+        padding="first_masked",
+    )
+)
+@example(
+    case=_case(65, 64, _cfg(block_size=32, sample_size=64), causal=False, padding="batch_masked", dtype="bfloat16")
+)
 @example(case=_case(128, 129, _cfg(block_size=64, sample_size=5, causal_depth=0), dtype="float32", Hq=6))
 def test_fuzz_op(case):
     check_op_case(case)
@@ -322,11 +390,16 @@ def test_fuzz_op_slow(case):
 # bugs the fuzzer found (kept as regression tests until fixed)
 # ----------------------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("nq, nk, block, sample, causal", [
-    (7, 6, 1, 0, False),  # minimal: 6 blocks of 2 query rows for 7 queries; blocks 4 and 5 are empty
-    (1010, 999, 16, 16, False),  # everyday sizes: 63 blocks of 17 rows, the last 3 empty
-    (130, 258, 4, 4, True),  # causal, KV prefix of 128 keys for 130 queries
-], ids=["minimal", "b16", "causal-prefix"])
+
+@pytest.mark.parametrize(
+    "nq, nk, block, sample, causal",
+    [
+        (7, 6, 1, 0, False),  # minimal: 6 blocks of 2 query rows for 7 queries; blocks 4 and 5 are empty
+        (1010, 999, 16, 16, False),  # everyday sizes: 63 blocks of 17 rows, the last 3 empty
+        (130, 258, 4, 4, True),  # causal, KV prefix of 128 keys for 130 queries
+    ],
+    ids=["minimal", "b16", "causal-prefix"],
+)
 def test_backward_with_empty_query_blocks(nq, nk, block, sample, causal):
     cfg = _cfg(block_size=block, sample_size=sample, min_seq_len=1)
     case = _case(nq, nk, cfg, causal=causal, padding="none", B=1, Hq=1, Hkv=1, d=8, seed=0)
@@ -338,8 +411,19 @@ def test_bf16_sink_key_gradients():
     """dV of the 16 sink keys with 256 query blocks, against float64 on the same plan: as accurate as eager
     bfloat16 attention with the same weights (regression: the blocks' parts were rounded to bfloat16 before
     their sum, 0.27 against eager's 0.03; now 0.015)."""
-    case = _case(1024, 1024, _cfg(block_size=4, sample_size=0, min_seq_len=1, sink_keys=16), causal=False,
-                 padding="none", dtype="bfloat16", B=1, Hq=1, Hkv=1, d=64, seed=0)
+    case = _case(
+        1024,
+        1024,
+        _cfg(block_size=4, sample_size=0, min_seq_len=1, sink_keys=16),
+        causal=False,
+        padding="none",
+        dtype="bfloat16",
+        B=1,
+        Hq=1,
+        Hkv=1,
+        d=64,
+        seed=0,
+    )
     q, k, v, do, _ = _inputs(case)
     leaves = [x.clone().requires_grad_() for x in (q, k, v)]
     fast = torch.autograd.grad(hyper_attention(*leaves, config=case.cfg), leaves, do)[2]

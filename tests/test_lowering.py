@@ -5,6 +5,7 @@ n >= min_seq_len; every case compares the compiled model with eager exactly belo
 to eager's own error against a float64 run). The cases that must stay exact assert that the op never runs and
 the output matches eager.
 """
+
 from __future__ import annotations
 
 import math
@@ -12,13 +13,12 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+import zoo
 from torch.fx.experimental.proxy_tensor import make_fx
 
 import hyper_backend
 from hyper_backend.lowering import masks
 from hyper_backend.lowering.patterns import Form
-
-import zoo
 
 OPTS = dict(min_seq_len=32, block_size=16, sample_size=16, tune_cache="")
 KINDS = {  # the kind each hand-written layer must be reported as
@@ -59,6 +59,7 @@ def oracle_of(model, *inputs):
 # hand-written attention, inference: one compile (dynamic shapes) serves the exact and the approximate lengths
 # ----------------------------------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("cls", list(zoo.HANDWRITTEN), ids=lambda c: c.__name__)
 def test_handwritten_lowered(cls, call_delta):
     causal, dtype = zoo.HANDWRITTEN[cls]
@@ -79,8 +80,9 @@ def test_handwritten_lowered(cls, call_delta):
     assert counters["rewritten"] == 2 and counters[f"rewritten:{KINDS[cls]}"] == 2
 
 
-@pytest.mark.parametrize("cls", [zoo.MatmulDivScale, zoo.Fp32Softmax, zoo.MaskedFillCausal, zoo.Baddbmm],
-                         ids=lambda c: c.__name__)
+@pytest.mark.parametrize(
+    "cls", [zoo.MatmulDivScale, zoo.Fp32Softmax, zoo.MaskedFillCausal, zoo.Baddbmm], ids=lambda c: c.__name__
+)
 def test_handwritten_training_exact(cls, call_delta):
     """Training graphs are matched with joint forward+backward patterns; gradients equal eager's."""
     causal, dtype = zoo.HANDWRITTEN[cls]
@@ -142,10 +144,15 @@ def test_dropout_in_training_stays_exact(call_delta):
 # cases that must stay exact
 # ----------------------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("cls,reason", [
-    (zoo.ScoresReused, "used elsewhere"),
-    (zoo.SoftmaxOverQueries, "not the key dim"),
-], ids=lambda c: getattr(c, "__name__", ""))
+
+@pytest.mark.parametrize(
+    "cls,reason",
+    [
+        (zoo.ScoresReused, "used elsewhere"),
+        (zoo.SoftmaxOverQueries, "not the key dim"),
+    ],
+    ids=lambda c: getattr(c, "__name__", ""),
+)
 def test_must_stay_exact(cls, reason, call_delta):
     torch.manual_seed(0)
     model = zoo.Stack(cls).eval()
@@ -182,14 +189,16 @@ def test_layers_selects_handwritten_sites(call_delta):
 
 @pytest.mark.parametrize("inner", ["eager", "aot_eager"])
 def test_handwritten_needs_inductor(inner):
-    report = hyper_backend.explain(zoo.Stack(zoo.MatmulMulScale).eval(), torch.randn(1, 40, 64),
-                                   options={**OPTS, "inner_backend": inner})
+    report = hyper_backend.explain(
+        zoo.Stack(zoo.MatmulMulScale).eval(), torch.randn(1, 40, 64), options={**OPTS, "inner_backend": inner}
+    )
     assert all(s.decision == "exact" and "inductor pass only" in s.reason for s in report.sites)
 
 
 # ----------------------------------------------------------------------------------------------------------
 # SDPA at the Dynamo level (eager inner backend: fast, and the op's eager autograd)
 # ----------------------------------------------------------------------------------------------------------
+
 
 class Sdpa(torch.nn.Module):
     def __init__(self, **kw):
@@ -202,8 +211,11 @@ class Sdpa(torch.nn.Module):
 
 def _qkv(nq=40, nk=40, hq=4, hkv=4, d=16, dv=None, b=2):
     g = torch.Generator().manual_seed(0)
-    return (torch.randn(b, hq, nq, d, generator=g), torch.randn(b, hkv, nk, d, generator=g),
-            torch.randn(b, hkv, nk, dv or d, generator=g))
+    return (
+        torch.randn(b, hq, nq, d, generator=g),
+        torch.randn(b, hkv, nk, d, generator=g),
+        torch.randn(b, hkv, nk, dv or d, generator=g),
+    )
 
 
 def _sdpa_report(module, *inputs):
@@ -238,10 +250,12 @@ def test_sdpa_lowered_and_exact(case, call_delta):
                 i = torch.arange(n)
                 m = (i[None, :] <= i[:, None])[None, None] & pad[:, None, None, :]
                 return F.scaled_dot_product_attention(q, k, v, attn_mask=m)
+
         module, mask = PadCausal(), mask[:, 0, 0, :]
     inputs = (q, k, v) if mask is None else (q, k, v, mask)
-    compiled = torch.compile(module, backend="hyper", fullgraph=True, options={**OPTS, "min_seq_len": 64,
-                                                                               "inner_backend": "eager"})
+    compiled = torch.compile(
+        module, backend="hyper", fullgraph=True, options={**OPTS, "min_seq_len": 64, "inner_backend": "eager"}
+    )
     with torch.no_grad():
         out = compiled(*inputs)
         eager = module(*inputs)
@@ -251,12 +265,15 @@ def test_sdpa_lowered_and_exact(case, call_delta):
     assert _sdpa_report(module, *inputs).sites[0].decision == "hyper"
 
 
-@pytest.mark.parametrize("case,reason", [
-    ("dropout", "dropout_p=0.1"),
-    ("general", "general attn_mask"),
-    ("float", "float attn_mask"),
-    ("causal_cross", "n_q != n_k"),
-])
+@pytest.mark.parametrize(
+    "case,reason",
+    [
+        ("dropout", "dropout_p=0.1"),
+        ("general", "general attn_mask"),
+        ("float", "float attn_mask"),
+        ("causal_cross", "n_q != n_k"),
+    ],
+)
 def test_sdpa_stays_exact(case, reason, call_delta):
     q, k, v = _qkv()
     args = (q, k, v)
@@ -287,6 +304,7 @@ def test_sdpa_approximate_and_backward(call_delta):
 # mask proofs on small traced graphs
 # ----------------------------------------------------------------------------------------------------------
 
+
 def _mask_node(fn, n=12):
     gm = make_fx(fn, tracing_mode="symbolic")(torch.empty(n, 3))
     out = next(node for node in gm.graph.nodes if node.op == "output").args[0][0]
@@ -295,15 +313,18 @@ def _mask_node(fn, n=12):
     return out, nsym
 
 
-@pytest.mark.parametrize("fn,use,kind", [
-    (lambda x: (torch.triu(torch.full((x.shape[0],) * 2, float("-inf")), 1),), "add", "causal"),
-    (lambda x: (torch.ones(x.shape[0], x.shape[0]).tril().bool(),), "keep", "causal"),
-    (lambda x: (torch.ones(x.shape[0], x.shape[0]).triu(1).bool(),), "drop", "causal"),
-    (lambda x: (torch.zeros(1, 1, x.shape[0], x.shape[0]),), "add", "none"),
-    (lambda x: (torch.triu(torch.full((x.shape[0],) * 2, float("-inf")), 0),), "add", None),  # hides the diagonal
-    (lambda x: (torch.triu(torch.full((x.shape[0],) * 2, -1.0), 1),), "add", None),  # a bias, not a mask
-    (lambda x: (torch.ones(x.shape[0], x.shape[0]).tril(-1).bool(),), "keep", None),
-])
+@pytest.mark.parametrize(
+    "fn,use,kind",
+    [
+        (lambda x: (torch.triu(torch.full((x.shape[0],) * 2, float("-inf")), 1),), "add", "causal"),
+        (lambda x: (torch.ones(x.shape[0], x.shape[0]).tril().bool(),), "keep", "causal"),
+        (lambda x: (torch.ones(x.shape[0], x.shape[0]).triu(1).bool(),), "drop", "causal"),
+        (lambda x: (torch.zeros(1, 1, x.shape[0], x.shape[0]),), "add", "none"),
+        (lambda x: (torch.triu(torch.full((x.shape[0],) * 2, float("-inf")), 0),), "add", None),  # hides the diagonal
+        (lambda x: (torch.triu(torch.full((x.shape[0],) * 2, -1.0), 1),), "add", None),  # a bias, not a mask
+        (lambda x: (torch.ones(x.shape[0], x.shape[0]).tril(-1).bool(),), "keep", None),
+    ],
+)
 def test_mask_classify(fn, use, kind):
     node, n = _mask_node(fn)
     verdict = masks.classify(node, use, n, n, {}, fill=float("-inf"))
@@ -319,18 +340,29 @@ def _arange_band(x, lo, hi):
 _ALL = masks.UNBOUNDED
 
 
-@pytest.mark.parametrize("fn,use,window", [
-    (lambda x: (torch.ones(x.shape[0], x.shape[0]).tril().bool()
-                & ~torch.ones(x.shape[0], x.shape[0]).tril(-40).bool(),), "keep", (39, 0)),  # sliding window of 40
-    (lambda x: _arange_band(x, 511, 0), "keep", (511, 0)),  # Gemma's 512: tested beyond the literal
-    (lambda x: _arange_band(x, 7, 7), "keep", (7, 7)),  # symmetric band
-    (lambda x: _arange_band(x, 0, 0), "keep", (0, 0)),  # the diagonal only
-    (lambda x: _arange_band(x, 3, 100), "keep", (3, 100)),
-    (lambda x: (~_arange_band(x, 5, 2)[0],), "drop", (5, 2)),
-    (lambda x: (torch.zeros(x.shape[0], x.shape[0]).masked_fill(~_arange_band(x, 9, 0)[0], float("-inf")),),
-     "add", (9, 0)),
-    (lambda x: (torch.ones(x.shape[0], x.shape[0]).triu(-6).bool(),), "keep", (6, _ALL)),  # anti-causal window
-])
+@pytest.mark.parametrize(
+    "fn,use,window",
+    [
+        (
+            lambda x: (
+                torch.ones(x.shape[0], x.shape[0]).tril().bool() & ~torch.ones(x.shape[0], x.shape[0]).tril(-40).bool(),
+            ),
+            "keep",
+            (39, 0),
+        ),  # sliding window of 40
+        (lambda x: _arange_band(x, 511, 0), "keep", (511, 0)),  # Gemma's 512: tested beyond the literal
+        (lambda x: _arange_band(x, 7, 7), "keep", (7, 7)),  # symmetric band
+        (lambda x: _arange_band(x, 0, 0), "keep", (0, 0)),  # the diagonal only
+        (lambda x: _arange_band(x, 3, 100), "keep", (3, 100)),
+        (lambda x: (~_arange_band(x, 5, 2)[0],), "drop", (5, 2)),
+        (
+            lambda x: (torch.zeros(x.shape[0], x.shape[0]).masked_fill(~_arange_band(x, 9, 0)[0], float("-inf")),),
+            "add",
+            (9, 0),
+        ),
+        (lambda x: (torch.ones(x.shape[0], x.shape[0]).triu(-6).bool(),), "keep", (6, _ALL)),  # anti-causal window
+    ],
+)
 def test_banded_masks_are_proven_with_their_width(fn, use, window):
     node, n = _mask_node(fn)
     verdict = masks.classify(node, use, n, n, {}, fill=float("-inf"))
@@ -343,11 +375,14 @@ def _band_but_one_row(x):
     return (keep,)
 
 
-@pytest.mark.parametrize("fn", [
-    lambda x: _arange_band(x, x.shape[0] // 3, 0),  # the width grows with the length
-    _band_but_one_row,
-    lambda x: _arange_band(x, -1, 3),  # the diagonal is masked
-])
+@pytest.mark.parametrize(
+    "fn",
+    [
+        lambda x: _arange_band(x, x.shape[0] // 3, 0),  # the width grows with the length
+        _band_but_one_row,
+        lambda x: _arange_band(x, -1, 3),  # the diagonal is masked
+    ],
+)
 def test_near_bands_are_not_bands(fn):
     node, n = _mask_node(fn)
     verdict = masks.classify(node, "keep", n, n, {}, fill=float("-inf"))
@@ -379,14 +414,19 @@ def test_mask_from_input_is_never_classified():
 
 
 def test_form_names_are_distinct():
-    forms = {Form(mm, sc, False, mk, (False,) * 3, False, False)
-             for mm in ("4d", "3d") for sc in ("mul", "div", "q_mul", "none") for mk in ("none", "add", "keep", "drop")}
+    forms = {
+        Form(mm, sc, False, mk, (False,) * 3, False, False)
+        for mm in ("4d", "3d")
+        for sc in ("mul", "div", "q_mul", "none")
+        for mk in ("none", "add", "keep", "drop")
+    }
     assert len({f.name for f in forms}) == len(forms)
 
 
 # ----------------------------------------------------------------------------------------------------------
 # banded masks: exact hyper::window_attention, whatever `layers` says, never approximated
 # ----------------------------------------------------------------------------------------------------------
+
 
 def _window_delta():
     from hyper_backend.kernels import op
@@ -412,12 +452,15 @@ class BandSdpa(torch.nn.Module):
         return F.scaled_dot_product_attention(q, k, v, attn_mask=keep, enable_gqa=self.gqa)
 
 
-@pytest.mark.parametrize("left,right,gqa,padded,dynamic", [
-    (15, 0, False, False, False),  # a causal sliding window of 16 keys
-    (15, 0, True, True, True),
-    (6, 6, False, True, False),  # a symmetric band
-    (3, 40, True, False, True),
-])
+@pytest.mark.parametrize(
+    "left,right,gqa,padded,dynamic",
+    [
+        (15, 0, False, False, False),  # a causal sliding window of 16 keys
+        (15, 0, True, True, True),
+        (6, 6, False, True, False),  # a symmetric band
+        (3, 40, True, False, True),
+    ],
+)
 def test_banded_sdpa_runs_the_exact_window_op(left, right, gqa, padded, dynamic):
     torch.manual_seed(0)
     model = BandSdpa(left, right, gqa)
@@ -427,7 +470,7 @@ def test_banded_sdpa_runs_the_exact_window_op(left, right, gqa, padded, dynamic)
         q = torch.randn(2, 4, n, 16, requires_grad=True)
         k, v = (torch.randn(2, 2 if gqa else 4, n, 16, requires_grad=True) for _ in range(2))
         pad = torch.ones(2, n, dtype=torch.bool)
-        pad[1, n - 9:] = False
+        pad[1, n - 9 :] = False
         extra = (pad,) if padded else ()
         out, ref = compiled(q, k, v, *extra), model(q, k, v, *extra)
         oracle = model(q.double(), k.double(), v.double(), *extra)
@@ -476,10 +519,14 @@ class BandButOneRow(torch.nn.Module):
         return F.scaled_dot_product_attention(q, k, v, attn_mask=keep)
 
 
-@pytest.mark.parametrize("model,extra,reason", [
-    (WidthFromInput(), (torch.tensor(8),), "general attn_mask"),  # input-dependent: never classified
-    (BandButOneRow(), (), "changed in place"),
-], ids=["width-from-data", "band-but-one-row"])
+@pytest.mark.parametrize(
+    "model,extra,reason",
+    [
+        (WidthFromInput(), (torch.tensor(8),), "general attn_mask"),  # input-dependent: never classified
+        (BandButOneRow(), (), "changed in place"),
+    ],
+    ids=["width-from-data", "band-but-one-row"],
+)
 def test_near_bands_stay_exact(model, extra, reason):
     q, k, v = (torch.randn(1, 2, 64, 16) for _ in range(3))
     delta = _window_delta()

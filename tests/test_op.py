@@ -1,5 +1,6 @@
 """``torch.ops.hyper.attention`` and ``hyper_backend.hyper_attention``: exact limits, gradients, opcheck,
 padding, fallbacks to exact attention, determinism and the public API's contract."""
+
 from __future__ import annotations
 
 import math
@@ -50,6 +51,7 @@ def ones_value_mask(B, N, seed):
 # the public function, the op and the counters
 # ----------------------------------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("mask_shape", ["B11N", "111N", "N", "1N", "B11N-broadcast-B1"])
 def test_public_function_runs_the_op_with_key_padding_masks(mask_shape, make_qkv, call_delta):
     B, N = 2, 300
@@ -76,8 +78,10 @@ def test_an_all_true_key_padding_mask_changes_nothing(make_qkv):
     q, k, v = make_qkv(1, 2, 2, 100, 300, 32, F32)
     ones = torch.ones(1, 1, 1, 300, dtype=torch.bool)
     for causal in (False, True):
-        torch.testing.assert_close(hyper_attention(q, k, v, attn_mask=ones, is_causal=causal, config=SMALL),
-                                   hyper_attention(q, k, v, is_causal=causal, config=SMALL))
+        torch.testing.assert_close(
+            hyper_attention(q, k, v, attn_mask=ones, is_causal=causal, config=SMALL),
+            hyper_attention(q, k, v, is_causal=causal, config=SMALL),
+        )
 
 
 @pytest.mark.parametrize("nq, nk", [(300, 300), (200, 300)])
@@ -251,8 +255,14 @@ OPCHECK_CASES = [  # (dtype, transposed, causal, Hq, Hkv, Nq, Nk, padded)
 ]
 
 
-@pytest.mark.parametrize("case", OPCHECK_CASES, ids=lambda c: f"{str(c[0])[6:]}-{'T' if c[1] else 'C'}-"
-                         f"{'causal' if c[2] else 'full'}-H{c[3]}/{c[4]}-n{c[5]}x{c[6]}{'-pad' if c[7] else ''}")
+@pytest.mark.parametrize(
+    "case",
+    OPCHECK_CASES,
+    ids=lambda c: (
+        f"{str(c[0])[6:]}-{'T' if c[1] else 'C'}-"
+        f"{'causal' if c[2] else 'full'}-H{c[3]}/{c[4]}-n{c[5]}x{c[6]}{'-pad' if c[7] else ''}"
+    ),
+)
 def test_opcheck(case, make_qkv, call_delta):
     dtype, transposed, causal, Hq, Hkv, Nq, Nk, padded = case
     q, k, v = make_qkv(2, Hq, Hkv, Nq, Nk, 16, dtype, transposed=transposed, requires_grad=True)
@@ -278,10 +288,14 @@ def test_opcheck_backward_op(make_qkv):
 # padding: v = 1 gives exactly 1, whatever the length
 # ----------------------------------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("padded", [False, True], ids=["nomask", "keypad"])
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
-@pytest.mark.parametrize("n, cfg", [(63, SMALL), (300, MID128), (1000, MID128), (4097, BIG)],
-                         ids=lambda x: str(x) if isinstance(x, int) else f"b{x.block_size}")
+@pytest.mark.parametrize(
+    "n, cfg",
+    [(63, SMALL), (300, MID128), (1000, MID128), (4097, BIG)],
+    ids=lambda x: str(x) if isinstance(x, int) else f"b{x.block_size}",
+)
 def test_value_ones_gives_ones(n, cfg, causal, padded, call_delta):
     B = 2
     g = torch.Generator().manual_seed(n)
@@ -311,6 +325,7 @@ def test_value_ones_gives_ones_other_dtypes_and_ragged_lengths(dtype, nq, nk, ca
 # ----------------------------------------------------------------------------------------------------------
 # what must fall back to exact attention
 # ----------------------------------------------------------------------------------------------------------
+
 
 def _fallback_masks(B, H, Nq, Nk):
     g = torch.Generator().manual_seed(0)
@@ -373,8 +388,10 @@ def test_fallback_lse_is_the_lse_of_the_masked_scores(make_qkv):
 # causality and masked keys: what must not influence the output
 # ----------------------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("nq, nk, cfg", [(1000, 1000, SMALL), (257, 1000, SMALL), (4097, 4097, BIG)],
-                         ids=["square", "bottom-right", "4097"])
+
+@pytest.mark.parametrize(
+    "nq, nk, cfg", [(1000, 1000, SMALL), (257, 1000, SMALL), (4097, 4097, BIG)], ids=["square", "bottom-right", "4097"]
+)
 def test_future_keys_do_not_change_past_rows(nq, nk, cfg, make_qkv):
     q, k, v = make_qkv(1, 4, 2, nq, nk, 40, F32)
     out, _ = op(q, k, v, None, True, config=cfg)
@@ -384,8 +401,8 @@ def test_future_keys_do_not_change_past_rows(nq, nk, cfg, make_qkv):
     k2[:, :, cut:] = torch.randn_like(k2[:, :, cut:])
     v2[:, :, cut:] = torch.randn_like(v2[:, :, cut:])
     out2, _ = op(q, k2, v2, None, True, config=cfg)
-    torch.testing.assert_close(out2[:, :, :t + 1], out[:, :, :t + 1], rtol=0, atol=1e-6)
-    assert not torch.allclose(out2[:, :, t + 1:], out[:, :, t + 1:])
+    torch.testing.assert_close(out2[:, :, : t + 1], out[:, :, : t + 1], rtol=0, atol=1e-6)
+    assert not torch.allclose(out2[:, :, t + 1 :], out[:, :, t + 1 :])
 
 
 @pytest.mark.parametrize("causal", [False, True])
@@ -419,6 +436,7 @@ def test_rows_without_any_key_give_zero(make_qkv):
 # determinism
 # ----------------------------------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("causal, padded", [(False, False), (True, True)])
 def test_same_seed_same_bits(causal, padded, make_qkv):
     q, k, v = make_qkv(2, 4, 2, 1000, 1000, 64, F32, requires_grad=True)
@@ -447,6 +465,7 @@ def test_same_bits_on_any_thread_count(make_qkv):
 # ----------------------------------------------------------------------------------------------------------
 # public API contract
 # ----------------------------------------------------------------------------------------------------------
+
 
 def test_wrong_number_of_dims_raises():
     x4 = torch.randn(1, 2, 8, 16)
@@ -558,9 +577,11 @@ def test_empty_and_zero_sized_inputs_behave_as_sdpa(shapes, path):
             out = hyper_attention(q, k, v, is_causal=causal, config=SMALL)
         else:
             torch._dynamo.reset()
-            fn = torch.compile(lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=causal),
-                               backend="hyper", options={"min_seq_len": 1, "inner_backend": "aot_eager",
-                                                         "tune_cache": ""})
+            fn = torch.compile(
+                lambda q, k, v, causal=causal: F.scaled_dot_product_attention(q, k, v, is_causal=causal),
+                backend="hyper",
+                options={"min_seq_len": 1, "inner_backend": "aot_eager", "tune_cache": ""},
+            )
             out = fn(q, k, v)
         ref = F.scaled_dot_product_attention(q, k, v, is_causal=causal and q.shape[2] == k.shape[2])
         assert out.shape == ref.shape
@@ -571,15 +592,20 @@ def test_empty_and_zero_sized_inputs_behave_as_sdpa(shapes, path):
     torch._dynamo.reset()
 
 
-@pytest.mark.parametrize("make,match", [
-    (lambda: (torch.randn(1, 4, 32, 16), torch.randn(1, 2, 32, 16), torch.randn(1, 1, 32, 16)), "heads"),
-    (lambda: (torch.randn(1, 2, 32, 16), torch.randn(1, 2, 32, 16, device="meta"), torch.randn(1, 2, 32, 16)),
-     "one device"),
-    (lambda: (torch.randn(2, 2, 32, 16), torch.randn(1, 2, 32, 16), torch.randn(1, 2, 32, 16)), "batch"),
-    (lambda: (torch.randn(1, 2, 32, 16), torch.randn(1, 2, 32, 8), torch.randn(1, 2, 32, 16)), "head dim"),
-    (lambda: (torch.randn(1, 2, 32, 16), torch.randn(1, 2, 32, 16), torch.randn(1, 2, 30, 16)), "length"),
-    (lambda: (torch.randn(1, 2, 32, 16), torch.randn(1, 2, 32, 16).double(), torch.randn(1, 2, 32, 16)), "dtype"),
-])
+@pytest.mark.parametrize(
+    "make,match",
+    [
+        (lambda: (torch.randn(1, 4, 32, 16), torch.randn(1, 2, 32, 16), torch.randn(1, 1, 32, 16)), "heads"),
+        (
+            lambda: (torch.randn(1, 2, 32, 16), torch.randn(1, 2, 32, 16, device="meta"), torch.randn(1, 2, 32, 16)),
+            "one device",
+        ),
+        (lambda: (torch.randn(2, 2, 32, 16), torch.randn(1, 2, 32, 16), torch.randn(1, 2, 32, 16)), "batch"),
+        (lambda: (torch.randn(1, 2, 32, 16), torch.randn(1, 2, 32, 8), torch.randn(1, 2, 32, 16)), "head dim"),
+        (lambda: (torch.randn(1, 2, 32, 16), torch.randn(1, 2, 32, 16), torch.randn(1, 2, 30, 16)), "length"),
+        (lambda: (torch.randn(1, 2, 32, 16), torch.randn(1, 2, 32, 16).double(), torch.randn(1, 2, 32, 16)), "dtype"),
+    ],
+)
 def test_inconsistent_inputs_raise_clear_errors(make, match):
     q, k, v = make()
     with pytest.raises(ValueError, match=match):

@@ -1,4 +1,5 @@
 """The plan: inverse-Gray bucket ranks, sortLSH locality, residual samples, block shapes, determinism."""
+
 from __future__ import annotations
 
 import math
@@ -129,7 +130,7 @@ def test_sorting_puts_near_parallel_keys_in_the_same_or_neighbouring_blocks():
     pos = torch.empty(512, dtype=torch.long)
     pos[plan.k_perm[0, 0]] = torch.arange(512)
     cluster_blocks = (pos // plan.k_block).view(64, 8)
-    spread = (cluster_blocks.max(1).values - cluster_blocks.min(1).values)
+    spread = cluster_blocks.max(1).values - cluster_blocks.min(1).values
     assert (spread <= 1).float().mean() > 0.75
     # a random order of the same points would scatter almost every cluster over several blocks
     rand_pos = torch.randperm(512, generator=g).view(64, 8) // plan.k_block
@@ -254,9 +255,22 @@ def test_plan_does_not_touch_the_global_rng():
 # ----------------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("nq, nk, bs", [(63, 63, 16), (257, 257, 16), (1000, 257, 16), (257, 1000, 64),
-                                        (4097, 4097, 256), (10, 10, 16), (16, 16, 16), (17, 5, 16),
-                                        (1000, 40, 16), (256000, 4097, 256), (4097, 256000, 256)])
+@pytest.mark.parametrize(
+    "nq, nk, bs",
+    [
+        (63, 63, 16),
+        (257, 257, 16),
+        (1000, 257, 16),
+        (257, 1000, 64),
+        (4097, 4097, 256),
+        (10, 10, 16),
+        (16, 16, 16),
+        (17, 5, 16),
+        (1000, 40, 16),
+        (256000, 4097, 256),
+        (4097, 256000, 256),
+    ],
+)
 def test_block_shape_covers_both_sequences(nq, nk, bs):
     nb, qb, kb = block_shape(nq, nk, bs)
     assert nb == max(1, math.ceil(min(nq, nk) / bs))  # the shorter side sets the block count
@@ -268,11 +282,21 @@ def test_block_shape_covers_both_sequences(nq, nk, bs):
         assert kb <= bs and qb == math.ceil(nq / nb)
 
 
-@pytest.mark.parametrize("n, msl, depth, expected", [
-    (4096, 4096, None, 0), (4097, 4096, None, 1), (8192, 4096, None, 1), (8193, 4096, None, 2),
-    (131072, 4096, None, 5), (1000, 32, None, 5), (1000, 32, 2, 2), (7, 1, None, 2), (5, 1, 10, 2),
-    (1, 1, None, 0),
-])
+@pytest.mark.parametrize(
+    "n, msl, depth, expected",
+    [
+        (4096, 4096, None, 0),
+        (4097, 4096, None, 1),
+        (8192, 4096, None, 1),
+        (8193, 4096, None, 2),
+        (131072, 4096, None, 5),
+        (1000, 32, None, 5),
+        (1000, 32, 2, 2),
+        (7, 1, None, 2),
+        (5, 1, 10, 2),
+        (1, 1, None, 0),
+    ],
+)
 def test_causal_depth(n, msl, depth, expected):
     got = causal_depth_for(n, msl, depth)
     assert got == expected

@@ -1,5 +1,6 @@
 """The quality harness (bench/quality.py) and attention-site capture (hyper_backend.capture) on tiny random HF
 models: chunked loss, site numbering, capture shapes, the direct swap path, and the backend path when present."""
+
 import importlib.util
 import math
 import os
@@ -22,22 +23,40 @@ _spec.loader.exec_module(quality)
 
 N = 64  # window length: longer than the sliding window, so sliding layers get an explicit mask
 GLOBAL = 5  # the one full-attention layer of the tiny Gemma-3 below
-SMALL = HyperConfig.published(block_size=8, sample_size=8, lsh_num_projs=3, min_seq_len=16)  # makes HyperAttention run at N
+SMALL = HyperConfig.published(
+    block_size=8, sample_size=8, lsh_num_projs=3, min_seq_len=16
+)  # makes HyperAttention run at N
 
 
 def tiny_gemma(softcap=None, kv_heads=1):
     cfg = transformers.Gemma3TextConfig(
-        vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=6, num_attention_heads=4,
-        num_key_value_heads=kv_heads, head_dim=16, sliding_window=8, max_position_embeddings=256,
-        final_logit_softcapping=softcap, attn_implementation="sdpa")
+        vocab_size=96,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=6,
+        num_attention_heads=4,
+        num_key_value_heads=kv_heads,
+        head_dim=16,
+        sliding_window=8,
+        max_position_embeddings=256,
+        final_logit_softcapping=softcap,
+        attn_implementation="sdpa",
+    )
     torch.manual_seed(0)
     return transformers.Gemma3ForCausalLM(cfg).eval()
 
 
 def tiny_llama():
     cfg = transformers.LlamaConfig(
-        vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=256, attn_implementation="sdpa")
+        vocab_size=96,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        attn_implementation="sdpa",
+    )
     torch.manual_seed(0)
     return transformers.LlamaForCausalLM(cfg).eval()
 
@@ -58,7 +77,7 @@ def ppl(model, data, run=None):
     run = run or quality.plain_runner(body)
     total, count = 0.0, 0
     for w in range(data.shape[0]):
-        s, c = quality.window_nll(run, head, softcap, data[w:w + 1], chunk=16)
+        s, c = quality.window_nll(run, head, softcap, data[w : w + 1], chunk=16)
         total, count = total + s.item(), count + c
     return math.exp(total / count)
 
@@ -66,6 +85,7 @@ def ppl(model, data, run=None):
 # ---------------------------------------------------------------------------------------------------------
 # windows and loss
 # ---------------------------------------------------------------------------------------------------------
+
 
 def test_windows_start_with_bos_and_cover_the_text_in_order():
     tokens = torch.arange(10, 40)
@@ -78,8 +98,9 @@ def test_windows_start_with_bos_and_cover_the_text_in_order():
         quality.windows(tokens[:5], 8, bos=1)
 
 
-@pytest.mark.parametrize("make", [tiny_gemma, lambda: tiny_gemma(softcap=3.0), tiny_llama],
-                         ids=["gemma3", "gemma3-softcap", "llama"])
+@pytest.mark.parametrize(
+    "make", [tiny_gemma, lambda: tiny_gemma(softcap=3.0), tiny_llama], ids=["gemma3", "gemma3-softcap", "llama"]
+)
 def test_chunked_loss_equals_the_models_own_loss(make, data):
     model = make()
     ids = data[:1]
@@ -113,8 +134,9 @@ def test_text_tokens_takes_a_prefix():
 
 def test_default_rows_add_global_layers_one_at_a_time(gemma, monkeypatch):
     assert quality.default_site_rows(gemma, None) == ["5"]
-    monkeypatch.setattr(gemma.config, "layer_types", ["full_attention" if i % 3 == 2 else "sliding_attention"
-                                                      for i in range(9)])
+    monkeypatch.setattr(
+        gemma.config, "layer_types", ["full_attention" if i % 3 == 2 else "sliding_attention" for i in range(9)]
+    )
     assert quality.default_site_rows(gemma, None) == ["2", "2,5", "2,5,8"]
     from hyper_backend.config import LayerSelection
 
@@ -125,6 +147,7 @@ def test_default_rows_add_global_layers_one_at_a_time(gemma, monkeypatch):
 # capture
 # ---------------------------------------------------------------------------------------------------------
 
+
 def test_capture_returns_qkv_as_attention_sees_them(gemma, data, tmp_path):
     ids = data[:1]
     assert count_sites(lambda: gemma(ids[:, :4])) == 6
@@ -134,7 +157,7 @@ def test_capture_returns_qkv_as_attention_sees_them(gemma, data, tmp_path):
     glob = records[GLOBAL]
     assert glob["q"].shape == (1, 4, N, 16) and glob["k"].shape == (1, 1, N, 16) and glob["v"].shape == (1, 1, N, 16)
     assert glob["causal"] and not glob["masked"] and glob["enable_gqa"]
-    assert glob["scale"] == pytest.approx(256 ** -0.5)  # query_pre_attn_scalar, not 1/sqrt(D)
+    assert glob["scale"] == pytest.approx(256**-0.5)  # query_pre_attn_scalar, not 1/sqrt(D)
     for r in records[:GLOBAL]:  # sliding-window layers: explicit mask, K/V already repeated by HF
         assert r["masked"] and not r["causal"] and r["q"].shape == (1, 4, N, 16)
     # the captured tensors reproduce the layer's attention output
@@ -171,6 +194,7 @@ def test_autotuner_reads_captured_records(gemma, data, tmp_path):
 # the direct swap path
 # ---------------------------------------------------------------------------------------------------------
 
+
 def test_swap_nothing_is_eager(gemma, data):
     body = quality.body_and_head(gemma)[0]
     row = quality.Row("none", "direct", "none", SMALL)
@@ -202,8 +226,11 @@ def test_swap_runs_hyper_on_global_site_only(gemma, data):
 def test_evaluate_rows_and_counts(gemma, data):
     from rich.console import Console
 
-    rows = [quality.Row("exact", "exact"), quality.Row("direct:5", "direct", "5", SMALL),
-            quality.Row("direct:0", "direct", "0", SMALL)]
+    rows = [
+        quality.Row("exact", "exact"),
+        quality.Row("direct:5", "direct", "5", SMALL),
+        quality.Row("direct:0", "direct", "0", SMALL),
+    ]
     res = quality.evaluate(rows, gemma, data, 16, Console(quiet=True), total_sites=6)
     assert [r["num_sites"] for r in res] == [0, 1, 1]
     assert res[0]["change_vs_exact"] == 0.0 and res[0]["tokens"] == 3 * (N - 1)
@@ -215,8 +242,18 @@ def test_evaluate_rows_and_counts(gemma, data):
 def test_config_from_args_precedence():
     import argparse
 
-    args = argparse.Namespace(tuned=False, block_size=128, sample_size=None, lsh_projs=None, min_seq_len=None,
-                              causal_depth=-1, seed=None, sink_keys=None, local_window=None, residual=None)
+    args = argparse.Namespace(
+        tuned=False,
+        block_size=128,
+        sample_size=None,
+        lsh_projs=None,
+        min_seq_len=None,
+        causal_depth=-1,
+        seed=None,
+        sink_keys=None,
+        local_window=None,
+        residual=None,
+    )
     cfg = quality.config_from_args(args, {"sample_size": 512, "block_size": 64})
     assert cfg == HyperConfig(block_size=128, sample_size=512, causal_depth=None)
     assert quality.config_from_args(argparse.Namespace(tuned=True), {}) is None
@@ -289,7 +326,7 @@ def record(gemma):
 
 def test_sink_keys_on_a_captured_site_keep_row_zero_exact(record):
     """The op's sinks on real captured Q/K/V: it approximates, and row 0 (which sees only key 0) is exact."""
-    q, k, v = record["q"], record["k"], record["v"]
+    v = record["v"]
     cfg = SMALL.replace(min_seq_len=64, sink_keys=1)
     before = hyper_op.path_counts()["hyper"]
     out = error_study.run({**record, "causal": True}, cfg)
@@ -306,11 +343,13 @@ def test_error_study_measures_zero_error_when_exact(record):
     assert exact["frob_rel"] < 1e-5 and exact["row_rel_mean"] < 1e-5
     approx = error_study.errors(problem, SMALL.replace(min_seq_len=64))
     assert approx["row_rel_mean"] > 1e-3
-    names = [(name, value) for name, value, _ in error_study.configs(SMALL, {"block_size": [8, 16],
-                                                                             "sink_keys": [0, 2]})]
+    names = [
+        (name, value) for name, value, _ in error_study.configs(SMALL, {"block_size": [8, 16], "sink_keys": [0, 2]})
+    ]
     assert names == [("base", None), ("block_size", 16), ("sink_keys", 2)]
     assert error_study.parse_config(SMALL, "sink_keys=4, residual=stratified") == SMALL.replace(
-        sink_keys=4, residual="stratified")
+        sink_keys=4, residual="stratified"
+    )
 
 
 def test_frontier_rows_and_plot(record, tmp_path):
@@ -321,8 +360,7 @@ def test_frontier_rows_and_plot(record, tmp_path):
     from rich.progress import Progress
 
     with Progress(console=Console(quiet=True)) as progress:
-        rows = error_study.frontier(problems, [base, base.replace(sink_keys=1)], seeds=1, repeats=1,
-                                    progress=progress)
+        rows = error_study.frontier(problems, [base, base.replace(sink_keys=1)], seeds=1, repeats=1, progress=progress)
     assert [r["config"]["sink_keys"] for r in rows] == [0, 1]
     assert all(r["speedup"] > 0 and r["hyper_seconds"] > 0 and r["row_rel_mean"] > 0 for r in rows)
     path = tmp_path / "frontier.png"

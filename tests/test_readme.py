@@ -1,5 +1,6 @@
 """The README's code runs as pasted: every ```python block, each in a fresh interpreter; and CI runs exactly the
 README's test command."""
+
 from __future__ import annotations
 
 import os
@@ -35,8 +36,9 @@ def test_python_block_runs_as_pasted(line, code, tmp_path):
     env = {k: v for k, v in os.environ.items() if not k.startswith("HYPER_")}
     env["XDG_CACHE_HOME"] = str(tmp_path / "cache")
     env.setdefault("OMP_NUM_THREADS", "1")
-    run = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True,
-                         timeout=900)
+    run = subprocess.run(
+        [sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900
+    )
     assert run.returncode == 0, f"README.md block at line {line} failed:\n{run.stderr[-4000:]}"
 
 

@@ -4,9 +4,11 @@ Tolerances for fp32/bf16 are tied to eager's own error at that precision: the sa
 in plain torch in the low dtype (``eager_lp``), measured against float64 on the same rounded inputs and the same
 plan (``ref64``). The fast path must stay within ``C_*`` times that error.
 """
+
 from __future__ import annotations
 
 import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -47,8 +49,9 @@ def exact64(q, k, v, key_valid, is_causal, scale=None):
         mask = mask & torch.ones(Nq, Nk, dtype=torch.bool).tril(Nk - Nq)
     if key_valid is not None:
         mask = mask & key_valid[:, None, None, :]
-    out = F.scaled_dot_product_attention(q.double(), k.double(), v.double(), attn_mask=mask, scale=scale,
-                                         enable_gqa=True)
+    out = F.scaled_dot_product_attention(
+        q.double(), k.double(), v.double(), attn_mask=mask, scale=scale, enable_gqa=True
+    )
     return out.nan_to_num(0.0)
 
 
@@ -126,11 +129,14 @@ SLOW_FORWARD_CASES = [
 
 def case_id(case):
     B, Hq, Hkv, Nq, Nk, D, causal, padded, dtype, cfg = case
-    return (f"B{B}-H{Hq}/{Hkv}-n{Nq}x{Nk}-d{D}-{'causal' if causal else 'full'}{'-pad' if padded else ''}-"
-            f"{str(dtype)[6:]}-b{cfg.block_size}m{cfg.sample_size}" + ("" if cfg.causal_depth is None else
-                                                                      f"-depth{cfg.causal_depth}")
-            + (f"-s{cfg.sink_keys}" if cfg.sink_keys else "") + (f"-w{cfg.local_window}" if cfg.local_window else "")
-            + ("-strat" if cfg.residual == "stratified" else ""))
+    return (
+        f"B{B}-H{Hq}/{Hkv}-n{Nq}x{Nk}-d{D}-{'causal' if causal else 'full'}{'-pad' if padded else ''}-"
+        f"{str(dtype)[6:]}-b{cfg.block_size}m{cfg.sample_size}"
+        + ("" if cfg.causal_depth is None else f"-depth{cfg.causal_depth}")
+        + (f"-s{cfg.sink_keys}" if cfg.sink_keys else "")
+        + (f"-w{cfg.local_window}" if cfg.local_window else "")
+        + ("-strat" if cfg.residual == "stratified" else "")
+    )
 
 
 def run_forward_case(case, make_qkv, padding_mask, dense_attention, call_delta):
@@ -204,8 +210,7 @@ BACKWARD_CASES = [
 
 
 @pytest.mark.parametrize("case", BACKWARD_CASES, ids=case_id)
-def test_fast_backward_matches_autograd_through_reference(case, make_qkv, padding_mask, dense_attention,
-                                                          call_delta):
+def test_fast_backward_matches_autograd_through_reference(case, make_qkv, padding_mask, dense_attention, call_delta):
     B, Hq, Hkv, Nq, Nk, D, causal, padded, dtype, cfg = case
     q, k, v = make_qkv(B, Hq, Hkv, Nq, Nk, D, dtype, seed=7, requires_grad=True)
     key_valid = padding_mask(B, Nk, seed=3) if padded else None
@@ -241,6 +246,7 @@ def test_fast_backward_matches_autograd_through_reference(case, make_qkv, paddin
 # the oracle itself
 # ----------------------------------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("limit", ["block_size", "min_seq_len"])
 def test_reference_is_exact_where_the_approximation_does_not_apply(limit, causal, make_qkv, padding_mask):
@@ -263,6 +269,7 @@ def test_reference_weights_are_causal_bottom_right(make_qkv):
 # ----------------------------------------------------------------------------------------------------------
 # statistics of the residual estimator
 # ----------------------------------------------------------------------------------------------------------
+
 
 def estimator_parts(plan, s, key_valid):
     """The pieces of the denominator estimator a plan defines, for scores ``s [B, H, Nq, Nk]`` (MHA):

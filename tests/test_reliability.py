@@ -3,6 +3,7 @@ breaks a call, tuned sizes cannot exhaust memory, huge HYPER_LAYERS ranges cost 
 is refused before tuning.
 
 Each test here failed on the code the issue was filed against."""
+
 from __future__ import annotations
 
 import contextlib
@@ -29,18 +30,33 @@ DEV = cache.device_key(CPU)
 
 def _entry(n=64, causal=False, head_dim=16, **params):
     params = {"block_size": 32, "sample_size": 16, "lsh_num_projs": 4, "min_seq_len": 32, **params}
-    return cache.make_entry(device=DEV, dtype="float32", head_dim=head_dim, causal=causal, seq_len=n, params=params,
-                            tuned={"seq_len": n, "time_s": 1.0, "error": 0.1})
+    return cache.make_entry(
+        device=DEV,
+        dtype="float32",
+        head_dim=head_dim,
+        causal=causal,
+        seq_len=n,
+        params=params,
+        tuned={"seq_len": n, "time_s": 1.0, "error": 0.1},
+    )
 
 
 def _cache_text(entries=None, defaults=None, version=cache.VERSION):
-    return json.dumps({"schema": cache.SCHEMA, "version": version, "entries": entries or {},
-                       "defaults": defaults or {}})
+    return json.dumps(
+        {"schema": cache.SCHEMA, "version": version, "entries": entries or {}, "defaults": defaults or {}}
+    )
 
 
 def _raw_entry(**fields):
-    e = {"device": DEV, "dtype": "float32", "head_dim": 16, "causal": False, "bucket": 64,
-         "params": {"block_size": 32, "min_seq_len": 32}, "tuned": {}}
+    e = {
+        "device": DEV,
+        "dtype": "float32",
+        "head_dim": 16,
+        "causal": False,
+        "bucket": 64,
+        "params": {"block_size": 32, "min_seq_len": 32},
+        "tuned": {},
+    }
     e.update(fields)
     return e
 
@@ -52,6 +68,7 @@ class _Hung(BaseException):
 @contextlib.contextmanager
 def _deadline(seconds):
     """Fail instead of hanging (the old tuner blocked forever opening a FIFO). Main thread only."""
+
     def expired(*_):
         raise _Hung(f"still running after {seconds} s")
 
@@ -94,6 +111,7 @@ def _snapshot(directory):
 # item 1: the tuner writes only a regular file that is ours
 # ----------------------------------------------------------------------------------------------------------
 
+
 def _make(kind, path):
     """Something at ``path`` that is not ours."""
     if kind == "text file":
@@ -124,8 +142,16 @@ def _make(kind, path):
         raise AssertionError(kind)
 
 
-NOT_OURS = ["text file", "directory", "fifo", "foreign json", "json list", "binary", "deep json",
-            "symlink to a text file"]
+NOT_OURS = [
+    "text file",
+    "directory",
+    "fifo",
+    "foreign json",
+    "json list",
+    "binary",
+    "deep json",
+    "symlink to a text file",
+]
 
 
 @pytest.fixture
@@ -172,10 +198,26 @@ def test_real_tuner_run_on_a_text_file_exits_at_once_and_keeps_it(tmp_path):
     """The issue's exact repro, as a subprocess: exit non-zero in seconds with one line, file intact."""
     path = tmp_path / "notes.txt"
     path.write_text("precious\n")
-    proc = subprocess.run([sys.executable, "-m", "hyper_backend.autotune", "--seq", "256", "--no-causal",
-                           "--time-budget", "3", "--head-dim", "16", "--cache", str(path)],
-                          capture_output=True, text=True, timeout=300,
-                          env=dict(os.environ, OMP_NUM_THREADS="1"))
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "hyper_backend.autotune",
+            "--seq",
+            "256",
+            "--no-causal",
+            "--time-budget",
+            "3",
+            "--head-dim",
+            "16",
+            "--cache",
+            str(path),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=dict(os.environ, OMP_NUM_THREADS="1"),
+    )
     assert proc.returncode != 0
     assert len(proc.stderr.strip().splitlines()) == 1 and str(path) in proc.stderr, proc.stderr
     assert "screening" not in proc.stdout  # it did not tune
@@ -203,8 +245,12 @@ def test_symlinked_cache_updates_its_target_and_keeps_the_link(tmp_path):
     cache.record(str(link), [_entry(1024)])  # an existing target is updated in place of the link
     assert os.path.islink(link) and os.readlink(link) == str(target)
     assert len(json.load(open(target))["entries"]) == 2
-    assert cache.lookup_tuned(str(link), device=CPU, dtype=torch.float32, head_dim=16, causal=False,
-                              seq_len=64)["block_size"] == 32
+    assert (
+        cache.lookup_tuned(str(link), device=CPU, dtype=torch.float32, head_dim=16, causal=False, seq_len=64)[
+            "block_size"
+        ]
+        == 32
+    )
     assert not [n for n in os.listdir(tmp_path) if n != "real" and n != "link.json"]
 
 
@@ -261,6 +307,7 @@ def test_lock_path_that_is_not_a_regular_file_is_refused(tmp_path):
 # item 10: an unwritable cache directory is refused before tuning
 # ----------------------------------------------------------------------------------------------------------
 
+
 def test_cli_refuses_an_unwritable_cache_directory_before_tuning(tmp_path, no_tuning, capsys):
     blocker = tmp_path / "not-a-dir"
     blocker.write_text("a file where the cache directory should be")
@@ -292,24 +339,29 @@ def test_cli_refuses_a_read_only_cache_directory_before_tuning(tmp_path, no_tuni
 
 HOSTILE = {
     "nested 200k deep": "[" * 200_000 + "]" * 200_000,
-    "entries nested 200k deep": ('{"schema": "hyper_backend.tune", "version": 1, "entries": {"x": '
-                                 + "[" * 200_000 + "]" * 200_000 + "}}"),
+    "entries nested 200k deep": (
+        '{"schema": "hyper_backend.tune", "version": 1, "entries": {"x": ' + "[" * 200_000 + "]" * 200_000 + "}}"
+    ),
     "bucket of 5000 digits": _cache_text(entries={"x": "BIG"}).replace(
-        '"BIG"', json.dumps(_raw_entry(bucket=0)).replace('"bucket": 0', '"bucket": ' + "9" * 5000)),
+        '"BIG"', json.dumps(_raw_entry(bucket=0)).replace('"bucket": 0', '"bucket": ' + "9" * 5000)
+    ),
     "sample_size of 5000 digits": _cache_text(entries={"x": "BIG"}).replace(
-        '"BIG"', json.dumps(_raw_entry(params={"sample_size": 0})).replace('"sample_size": 0',
-                                                                           '"sample_size": ' + "7" * 5000)),
+        '"BIG"',
+        json.dumps(_raw_entry(params={"sample_size": 0})).replace('"sample_size": 0', '"sample_size": ' + "7" * 5000),
+    ),
     "bucket 0": _cache_text(entries={"x": _raw_entry(bucket=0)}),
     "bucket -64": _cache_text(entries={"x": _raw_entry(bucket=-64)}),
-    "bucket Infinity": _cache_text(entries={"x": "INF"}).replace('"INF"', json.dumps(_raw_entry(bucket=1)).replace(
-        '"bucket": 1', '"bucket": Infinity')),
+    "bucket Infinity": _cache_text(entries={"x": "INF"}).replace(
+        '"INF"', json.dumps(_raw_entry(bucket=1)).replace('"bucket": 1', '"bucket": Infinity')
+    ),
     "bucket as text": _cache_text(entries={"x": _raw_entry(bucket="64")}),
     "bucket 2.5": _cache_text(entries={"x": _raw_entry(bucket=2.5)}),
     "head_dim as text": _cache_text(entries={"x": _raw_entry(head_dim="16")}),
     "tuned not an object": _cache_text(entries={"x": _raw_entry(tuned=[1])}),
     "entry not an object": _cache_text(entries={"x": 5}),
-    "default min_seq_len 0": _cache_text(defaults={"d": {"device": DEV, "dtype": "float32", "head_dim": 16,
-                                                         "min_seq_len": 0}}),
+    "default min_seq_len 0": _cache_text(
+        defaults={"d": {"device": DEV, "dtype": "float32", "head_dim": 16, "min_seq_len": 0}}
+    ),
     "a fifo": None,
 }
 
@@ -349,7 +401,8 @@ def test_tuner_read_before_writing_survives_hostile_content(tmp_path):
     path = str(tmp_path / "tune.json")
     good = _raw_entry(bucket=1024)
     text = _cache_text(entries={"good": good, "big": "BIG", "zero": _raw_entry(bucket=0)}).replace(
-        '"BIG"', json.dumps(_raw_entry(bucket=1)).replace('"bucket": 1', '"bucket": ' + "9" * 5000))
+        '"BIG"', json.dumps(_raw_entry(bucket=1)).replace('"bucket": 1', '"bucket": ' + "9" * 5000)
+    )
     with open(path, "w") as f:
         f.write(text)
     with pytest.warns(cache.CacheWarning, match="dropping 2 entries"):
@@ -370,16 +423,31 @@ def test_tuner_read_before_writing_survives_hostile_content(tmp_path):
 # item 6: tuned values are validated; none makes a call allocate more than O(n (b + m))
 # ----------------------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("params", [
-    {"sample_size": -1}, {"block_size": 0}, {"lsh_num_projs": 31}, {"min_seq_len": 0}, {"causal_depth": 99},
-    {"seed": -3}, {"block_size": 2**63}, {"block_size": 32.0}, {"block_size": True}, {"block_size": None},
-    {"no_such_field": 1},
-])
+
+@pytest.mark.parametrize(
+    "params",
+    [
+        {"sample_size": -1},
+        {"block_size": 0},
+        {"lsh_num_projs": 31},
+        {"min_seq_len": 0},
+        {"causal_depth": 99},
+        {"seed": -3},
+        {"block_size": 2**63},
+        {"block_size": 32.0},
+        {"block_size": True},
+        {"block_size": None},
+        {"no_such_field": 1},
+    ],
+)
 def test_cache_entries_hyperconfig_refuses_are_ignored_with_a_warning(params, tmp_path):
     path = str(tmp_path / "tune.json")
     with open(path, "w") as f:
-        f.write(_cache_text(entries={"bad": _raw_entry(params=params),
-                                     "good": _raw_entry(bucket=65536, params={"block_size": 8})}))
+        f.write(
+            _cache_text(
+                entries={"bad": _raw_entry(params=params), "good": _raw_entry(bucket=65536, params={"block_size": 8})}
+            )
+        )
     with pytest.warns(cache.CacheWarning, match="ignored"):
         hit = cache.lookup_tuned(path, device=CPU, dtype=torch.float32, head_dim=16, causal=False, seq_len=64)
     assert hit == {"block_size": 8}  # the bad entry was the nearest; the only valid one is used instead
@@ -410,8 +478,13 @@ def test_huge_tuned_sample_size_does_not_allocate_gigabytes(tmp_path):
     """``sample_size: 2147483647`` passes `HyperConfig` validation, so the cache lookup keeps it; the op clamps it
     to what the call can use (kernels/op.py `fit`), so a call at n=64 fits in 1 GiB more than the process
     already maps (it asked for 17 GB before)."""
-    proc = subprocess.run([sys.executable, "-c", _HUGE_SAMPLE, str(tmp_path / "tune.json")], capture_output=True,
-                          text=True, timeout=300, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    proc = subprocess.run(
+        [sys.executable, "-c", _HUGE_SAMPLE, str(tmp_path / "tune.json")],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=dict(os.environ, OMP_NUM_THREADS="1"),
+    )
     assert proc.returncode == 0 and "ok" in proc.stdout, proc.stderr[-2000:]
 
 
@@ -436,8 +509,13 @@ _HUGE_RANGE = textwrap.dedent("""
 
 
 def test_huge_layer_range_parses_at_once_in_little_memory():
-    proc = subprocess.run([sys.executable, "-c", _HUGE_RANGE], capture_output=True, text=True, timeout=120,
-                          env=dict(os.environ, OMP_NUM_THREADS="1"))
+    proc = subprocess.run(
+        [sys.executable, "-c", _HUGE_RANGE],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=dict(os.environ, OMP_NUM_THREADS="1"),
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.split() == ["set:0-100000000000000000", "set:0-5,7,10-21,100000-100000000000000000000"]
 

@@ -11,6 +11,7 @@ compiled-mode functions). In a full suite something else may import triton first
 one spawned worker process that starts with ``TRITON_INTERPRET=1``; the test process never imports the
 Triton module. The ``_run_*`` functions are what the worker executes.
 """
+
 from __future__ import annotations
 
 import concurrent.futures
@@ -29,8 +30,10 @@ from hyper_backend.kernels.reference import hyper_attention_reference, log_weigh
 
 # find_spec, not importorskip: the test process must not import triton (see above)
 if importlib.util.find_spec("triton") is None:
-    pytest.skip("triton is not installed: pip install -e '.[triton]' to run the Triton interpreter tests",
-                allow_module_level=True)
+    pytest.skip(
+        "triton is not installed: pip install -e '.[triton]' to run the Triton interpreter tests",
+        allow_module_level=True,
+    )
 
 
 def _spawn_pool(interpret: str):
@@ -130,13 +133,90 @@ def _check(q, k, v, do, key_valid, causal, p):
 # min_seq_len, causal_depth, seed)). Small blocks so that every case approximates; together they cover
 # n in {63, 200, 513}, d in {40, 64}, causal and not, GQA, key masks, n_q != n_k, fp32 and bf16.
 CASES = {
-    "noncausal-gqa-masked-n200-d40": (2, 4, 2, 200, 200, 40, False, torch.float32, True, HyperConfig.published(64, 40, 4, 64, None, 0)),
-    "exact-nq!=nk-n63-d64": (1, 2, 1, 63, 90, 64, False, torch.float32, False, HyperConfig.published(64, 32, 4, 64, None, 0)),
-    "causal-n513-d64-multitile": (1, 2, 1, 513, 513, 64, True, torch.float32, False, HyperConfig.published(128, 96, 5, 128, None, 1)),
-    "causal-prefix-masked-gqa-n200": (1, 4, 2, 150, 200, 40, True, torch.float32, True, HyperConfig.published(32, 24, 4, 32, 2, 2)),
-    "noncausal-bf16-n513-d40-gqa": (1, 2, 1, 513, 513, 40, False, torch.bfloat16, False, HyperConfig.published(64, 64, 5, 64, None, 3)),
-    "causal-bf16-n200-d64-masked": (1, 2, 2, 200, 200, 64, True, torch.bfloat16, True, HyperConfig.published(32, 32, 4, 32, None, 4)),
-    "causal-fp64-n63-d40-gqa": (1, 2, 1, 63, 63, 40, True, torch.float64, False, HyperConfig.published(16, 8, 3, 16, None, 5)),
+    "noncausal-gqa-masked-n200-d40": (
+        2,
+        4,
+        2,
+        200,
+        200,
+        40,
+        False,
+        torch.float32,
+        True,
+        HyperConfig.published(64, 40, 4, 64, None, 0),
+    ),
+    "exact-nq!=nk-n63-d64": (
+        1,
+        2,
+        1,
+        63,
+        90,
+        64,
+        False,
+        torch.float32,
+        False,
+        HyperConfig.published(64, 32, 4, 64, None, 0),
+    ),
+    "causal-n513-d64-multitile": (
+        1,
+        2,
+        1,
+        513,
+        513,
+        64,
+        True,
+        torch.float32,
+        False,
+        HyperConfig.published(128, 96, 5, 128, None, 1),
+    ),
+    "causal-prefix-masked-gqa-n200": (
+        1,
+        4,
+        2,
+        150,
+        200,
+        40,
+        True,
+        torch.float32,
+        True,
+        HyperConfig.published(32, 24, 4, 32, 2, 2),
+    ),
+    "noncausal-bf16-n513-d40-gqa": (
+        1,
+        2,
+        1,
+        513,
+        513,
+        40,
+        False,
+        torch.bfloat16,
+        False,
+        HyperConfig.published(64, 64, 5, 64, None, 3),
+    ),
+    "causal-bf16-n200-d64-masked": (
+        1,
+        2,
+        2,
+        200,
+        200,
+        64,
+        True,
+        torch.bfloat16,
+        True,
+        HyperConfig.published(32, 32, 4, 32, None, 4),
+    ),
+    "causal-fp64-n63-d40-gqa": (
+        1,
+        2,
+        1,
+        63,
+        63,
+        40,
+        True,
+        torch.float64,
+        False,
+        HyperConfig.published(16, 8, 3, 16, None, 5),
+    ),
 }
 
 
@@ -149,8 +229,18 @@ def _sweep():
                 for hq, hkv in ((2, 2), (4, 1)):
                     for dtype in (torch.float32, torch.bfloat16, torch.float16):
                         name = f"n{n}-d{d}-{'causal' if causal else 'full'}-h{hq}/{hkv}-{str(dtype)[6:]}"
-                        out[name] = (1, hq, hkv, n, n + (0 if causal else 7), d, causal, dtype, n != 200,
-                                     HyperConfig.published(48, 40, 5, 48, None, n + d))
+                        out[name] = (
+                            1,
+                            hq,
+                            hkv,
+                            n,
+                            n + (0 if causal else 7),
+                            d,
+                            causal,
+                            dtype,
+                            n != 200,
+                            HyperConfig.published(48, 40, 5, 48, None, n + d),
+                        )
     return out
 
 
@@ -162,26 +252,102 @@ SWEEP = _sweep()
 # window), GQA, ragged n in {63, 200, 513}, d in {40, 64}, fp32, bf16 and fp64.
 _X = HyperConfig
 EXACT_PARTS = {
-    "sinks-stratified-noncausal-gqa-masked-n200-d40":
-        (1, 4, 2, 200, 200, 40, False, torch.float32, True, _X(64, 40, 4, 64, None, 10, sink_keys=4,
-                                                                residual="stratified")),
-    "window-even-sinks-noncausal-masked-n63-d64":
-        (1, 2, 1, 63, 63, 64, False, torch.float32, True, _X(16, 12, 3, 16, None, 11, sink_keys=2, local_window=10)),
-    "window-covers-all-noncausal-n63-d40":
-        (1, 2, 2, 63, 63, 40, False, torch.float32, False, _X(16, 12, 3, 16, None, 12, local_window=126)),
-    "window-cross-attention-nq!=nk-masked-d40":
-        (1, 2, 1, 100, 130, 40, False, torch.float32, True, _X(32, 16, 4, 32, None, 13, sink_keys=2, local_window=9)),
-    "window-sinks-causal-gqa-n513-d64":
-        (1, 2, 1, 513, 513, 64, True, torch.float32, False, _X(96, 64, 5, 256, None, 14, sink_keys=4, local_window=33)),
-    "window-stratified-causal-prefix-gqa-masked-n200":
-        (1, 4, 2, 150, 200, 40, True, torch.float32, True, _X(32, 24, 4, 32, 2, 15, sink_keys=3, local_window=20,
-                                                              residual="stratified")),
-    "window-sinks-stratified-noncausal-bf16-n200-d64":
-        (1, 2, 1, 200, 200, 64, False, torch.bfloat16, False, _X(32, 32, 4, 32, None, 16, sink_keys=1,
-                                                                 local_window=15, residual="stratified")),
-    "window-sinks-stratified-causal-fp64-n63-masked":
-        (1, 2, 1, 63, 63, 40, True, torch.float64, True, _X(16, 8, 3, 16, None, 17, sink_keys=2, local_window=5,
-                                                            residual="stratified")),
+    "sinks-stratified-noncausal-gqa-masked-n200-d40": (
+        1,
+        4,
+        2,
+        200,
+        200,
+        40,
+        False,
+        torch.float32,
+        True,
+        _X(64, 40, 4, 64, None, 10, sink_keys=4, residual="stratified"),
+    ),
+    "window-even-sinks-noncausal-masked-n63-d64": (
+        1,
+        2,
+        1,
+        63,
+        63,
+        64,
+        False,
+        torch.float32,
+        True,
+        _X(16, 12, 3, 16, None, 11, sink_keys=2, local_window=10),
+    ),
+    "window-covers-all-noncausal-n63-d40": (
+        1,
+        2,
+        2,
+        63,
+        63,
+        40,
+        False,
+        torch.float32,
+        False,
+        _X(16, 12, 3, 16, None, 12, local_window=126),
+    ),
+    "window-cross-attention-nq!=nk-masked-d40": (
+        1,
+        2,
+        1,
+        100,
+        130,
+        40,
+        False,
+        torch.float32,
+        True,
+        _X(32, 16, 4, 32, None, 13, sink_keys=2, local_window=9),
+    ),
+    "window-sinks-causal-gqa-n513-d64": (
+        1,
+        2,
+        1,
+        513,
+        513,
+        64,
+        True,
+        torch.float32,
+        False,
+        _X(96, 64, 5, 256, None, 14, sink_keys=4, local_window=33),
+    ),
+    "window-stratified-causal-prefix-gqa-masked-n200": (
+        1,
+        4,
+        2,
+        150,
+        200,
+        40,
+        True,
+        torch.float32,
+        True,
+        _X(32, 24, 4, 32, 2, 15, sink_keys=3, local_window=20, residual="stratified"),
+    ),
+    "window-sinks-stratified-noncausal-bf16-n200-d64": (
+        1,
+        2,
+        1,
+        200,
+        200,
+        64,
+        False,
+        torch.bfloat16,
+        False,
+        _X(32, 32, 4, 32, None, 16, sink_keys=1, local_window=15, residual="stratified"),
+    ),
+    "window-sinks-stratified-causal-fp64-n63-masked": (
+        1,
+        2,
+        1,
+        63,
+        63,
+        40,
+        True,
+        torch.float64,
+        True,
+        _X(16, 8, 3, 16, None, 17, sink_keys=2, local_window=5, residual="stratified"),
+    ),
 }
 
 
@@ -196,9 +362,20 @@ def _sweep_exact_parts():
                     residual = "stratified" if (n + d) % 2 else "uniform"
                     name = f"n{n}-d{d}-{layout}-{str(dtype)[6:]}-{residual}"
                     nq = n - n // 4 if layout == "prefix" else n
-                    out[name] = (1, 4, 2, nq, n, d, layout != "full", dtype, n != 200,
-                                 HyperConfig.published(48, 40, 5, 48, None, n + d, sink_keys=1 + n % 4,
-                                             local_window=8 + n % 9, residual=residual))
+                    out[name] = (
+                        1,
+                        4,
+                        2,
+                        nq,
+                        n,
+                        d,
+                        layout != "full",
+                        dtype,
+                        n != 200,
+                        HyperConfig.published(
+                            48, 40, 5, 48, None, n + d, sink_keys=1 + n % 4, local_window=8 + n % 9, residual=residual
+                        ),
+                    )
     return out
 
 
@@ -329,8 +506,12 @@ def _run_launch_config():
     """Autotune keys are length buckets; pruning keeps tiles within the block and the head-dim budget."""
     ta = _triton()
     assert ta._bucket(4097) == ta._bucket(8000) == 8192 and ta._bucket(10**6) == ta._bucket(10**7)
-    for kernel in (ta._hyper_fwd_kernel, ta._hyper_bwd_dq_kernel, ta._hyper_bwd_dkdv_kernel,
-                   ta._hyper_bwd_sample_kernel):
+    for kernel in (
+        ta._hyper_fwd_kernel,
+        ta._hyper_bwd_dq_kernel,
+        ta._hyper_bwd_dkdv_kernel,
+        ta._hyper_bwd_sample_kernel,
+    ):
         assert not {"SQ", "SK", "BQ", "BK", "M", "NQ_T", "NK_T"} & set(kernel.keys)
     saved = ta._INTERPRET
     ta._INTERPRET = False  # prune as on a GPU
@@ -357,6 +538,7 @@ def test_launch_config(worker):
 # sm_80 / sm_90 ahead of time. This checks what the interpreter cannot: the kernels are valid compiled Triton
 # (constexpr globals, loop-carried types, dot shapes) and their shared memory fits.
 # ----------------------------------------------------------------------------------------------------------
+
 
 @pytest.fixture(scope="module")
 def compiler():
@@ -386,15 +568,33 @@ def _compile_for_gpu(kernel_name, dtype, flags, arch, block_d=64, d=40):
     if not os.path.exists(os.path.join(tools, "ptxas")):
         return None
     kernel = getattr(ta, kernel_name)
-    configs = ta._KEY_MAJOR if kernel_name in ("_hyper_bwd_dkdv_kernel", "_hyper_bwd_sample_kernel") else \
-        ta._QUERY_MAJOR
-    probe = {"BQ": 256, "BK": 256, "M": 256, "SQ": 4096, "BLOCK_D": block_d,
-             "Q": torch.empty(1, dtype=getattr(torch, dtype))}
+    configs = (
+        ta._KEY_MAJOR if kernel_name in ("_hyper_bwd_dkdv_kernel", "_hyper_bwd_sample_kernel") else ta._QUERY_MAJOR
+    )
+    probe = {
+        "BQ": 256,
+        "BK": 256,
+        "M": 256,
+        "SQ": 4096,
+        "BLOCK_D": block_d,
+        "Q": torch.empty(1, dtype=getattr(torch, dtype)),
+    }
     config = kernel.early_config_prune(configs, probe)[0]
     elt, acc = _GPU_TYPES[dtype], ("fp64" if dtype == "float64" else "fp32")
-    const = dict(D=d, BLOCK_D=block_d, PERMUTED=True, HAS_SAMPLES=True, HAS_VALID=True, IS_CAUSAL=False, BAND=1,
-                 ACCUMULATE=True, ACC=tl.float64 if acc == "fp64" else tl.float32,
-                 PRECISION="ieee" if elt in ("fp32", "fp64") else "tf32", WIDEN=False, **config.kwargs)
+    const = dict(
+        D=d,
+        BLOCK_D=block_d,
+        PERMUTED=True,
+        HAS_SAMPLES=True,
+        HAS_VALID=True,
+        IS_CAUSAL=False,
+        BAND=1,
+        ACCUMULATE=True,
+        ACC=tl.float64 if acc == "fp64" else tl.float32,
+        PRECISION="ieee" if elt in ("fp32", "fp64") else "tf32",
+        WIDEN=False,
+        **config.kwargs,
+    )
     const.update(flags)
     fn = kernel.fn
     signature = {}
@@ -412,8 +612,11 @@ def _compile_for_gpu(kernel_name, dtype, flags, arch, block_d=64, d=40):
         else:
             signature[name] = "i32"
     source = ASTSource(fn, signature, {k: v for k, v in const.items() if k in fn.arg_names})
-    compiled = triton.compile(source, target=GPUTarget("cuda", arch, 32),
-                              options=dict(num_warps=config.num_warps, num_stages=config.num_stages))
+    compiled = triton.compile(
+        source,
+        target=GPUTarget("cuda", arch, 32),
+        options=dict(num_warps=config.num_warps, num_stages=config.num_stages),
+    )
     return config.kwargs, compiled.metadata.shared
 
 
@@ -421,8 +624,11 @@ def _compile_for_gpu(kernel_name, dtype, flags, arch, block_d=64, d=40):
 # causal leaves, and the exact band of non-causal self-attention
 _GPU_BUILDS = [
     ("_hyper_fwd_kernel", "bfloat16", {}),
-    ("_hyper_fwd_kernel", "bfloat16", dict(PERMUTED=False, HAS_SAMPLES=False, HAS_VALID=False, IS_CAUSAL=True,
-                                           BAND=0, ACCUMULATE=False)),
+    (
+        "_hyper_fwd_kernel",
+        "bfloat16",
+        dict(PERMUTED=False, HAS_SAMPLES=False, HAS_VALID=False, IS_CAUSAL=True, BAND=0, ACCUMULATE=False),
+    ),
     ("_hyper_fwd_kernel", "bfloat16", dict(PERMUTED=False, HAS_SAMPLES=False, BAND=2)),
     ("_hyper_bwd_dq_kernel", "bfloat16", {}),
     ("_hyper_bwd_dkdv_kernel", "bfloat16", {}),
@@ -456,11 +662,16 @@ def test_kernels_compile_for_gpu(compiler, arch):
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16", "float32", "float64"])
 def test_kernels_compile_for_gpu_sweep(compiler, arch, dtype):
     builds = [(k, dtype, f) for k, _, f in _GPU_BUILDS]
-    builds += [("_hyper_fwd_kernel", dtype, dict(ACCUMULATE=False, HAS_VALID=False, BAND=0)),
-               ("_hyper_bwd_dq_kernel", dtype, dict(PERMUTED=False, HAS_SAMPLES=False, IS_CAUSAL=True, BAND=0,
-                                                    ACCUMULATE=False)),
-               ("_hyper_bwd_dq_kernel", dtype, dict(PERMUTED=False, HAS_SAMPLES=False, BAND=2)),
-               ("_hyper_bwd_dkdv_kernel", dtype, dict(PERMUTED=False, HAS_SAMPLES=False, BAND=2))]
+    builds += [
+        ("_hyper_fwd_kernel", dtype, dict(ACCUMULATE=False, HAS_VALID=False, BAND=0)),
+        (
+            "_hyper_bwd_dq_kernel",
+            dtype,
+            dict(PERMUTED=False, HAS_SAMPLES=False, IS_CAUSAL=True, BAND=0, ACCUMULATE=False),
+        ),
+        ("_hyper_bwd_dq_kernel", dtype, dict(PERMUTED=False, HAS_SAMPLES=False, BAND=2)),
+        ("_hyper_bwd_dkdv_kernel", dtype, dict(PERMUTED=False, HAS_SAMPLES=False, BAND=2)),
+    ]
     built = compiler.submit(_run_gpu_builds, builds, arch).result()
     if built is None:
         pytest.skip("this Triton ships no ptxas: cannot build cubins without a GPU toolchain")

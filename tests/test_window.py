@@ -8,6 +8,7 @@ Every CPU schedule (`cpu.window_schedule`: full, causal, dense, band tiles) is c
 cost model would pick for the shape; the Triton path runs under ``TRITON_INTERPRET=1`` in a spawned worker (as
 in tests/test_triton.py, the test process never imports triton).
 """
+
 from __future__ import annotations
 
 import concurrent.futures
@@ -184,6 +185,7 @@ def test_full_and_causal_schedules(kind):
 # float32 and bfloat16: no worse than eager at that precision
 # ----------------------------------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("dtype", [F32, BF16], ids=str)
 @pytest.mark.parametrize("n,left,right", [(257, 6, 0), (1000, 511, 0), (1000, 7, 7), (300, 2**20, 0), (63, 512, 512)])
 def test_low_precision_within_eager_error(dtype, n, left, right):
@@ -193,8 +195,9 @@ def test_low_precision_within_eager_error(dtype, n, left, right):
     key_valid[:, :: max(1, left + right + 1)] = True
     fast = grads(lambda q, k, v: window_op(q, k, v, key_valid, left, right)[0], (q, k, v), do)
     eager = grads(lambda q, k, v: sdpa_band(q, k, v, key_valid, left, right), (q, k, v), do)
-    truth = grads(lambda q, k, v: sdpa_band(q, k, v, key_valid, left, right),
-                  tuple(x.double() for x in (q, k, v)), do.double())
+    truth = grads(
+        lambda q, k, v: sdpa_band(q, k, v, key_valid, left, right), tuple(x.double() for x in (q, k, v)), do.double()
+    )
     eps = torch.finfo(dtype).eps
     for name, f, e, t in zip(("out", "dq", "dk", "dv"), fast, eager, truth):
         assert f.dtype == dtype
@@ -209,6 +212,7 @@ def test_low_precision_within_eager_error(dtype, n, left, right):
 # ----------------------------------------------------------------------------------------------------------
 # gradcheck, opcheck, compile, counters, validation, degenerate shapes
 # ----------------------------------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("schedule", [None, ("band", 4)], ids=str)
 def test_gradcheck(schedule, monkeypatch):
@@ -245,8 +249,10 @@ def test_opcheck(case):
     torch.library.opcheck(torch.ops.hyper.window_attention, (q, k, v, key_valid, left, right, None))
     out, lse = window_op(q, k, v, key_valid, left, right)
     do = torch.randn(out.shape, generator=g).to(dtype)
-    torch.library.opcheck(torch.ops.hyper.window_attention_backward,
-                          (do, q.detach(), k.detach(), v.detach(), out.detach(), lse, key_valid, left, right, None))
+    torch.library.opcheck(
+        torch.ops.hyper.window_attention_backward,
+        (do, q.detach(), k.detach(), v.detach(), out.detach(), lse, key_valid, left, right, None),
+    )
 
 
 def test_compiled_equals_eager():
@@ -281,8 +287,13 @@ def test_dispatch_counters():
     mid = hyper_op.path_counts(window=True)
     out.backward(do)
     after = hyper_op.path_counts(window=True)
-    assert {key: mid[key] - before[key] for key in before} == {"hyper": 0, "exact": 0, "backward": 0, "window": 1,
-                                                                 "window_backward": 0}
+    assert {key: mid[key] - before[key] for key in before} == {
+        "hyper": 0,
+        "exact": 0,
+        "backward": 0,
+        "window": 1,
+        "window_backward": 0,
+    }
     assert after["window_backward"] - mid["window_backward"] == 1
     assert set(hyper_op.path_counts()) == {"hyper", "exact", "backward"}  # the default dict is unchanged
 
@@ -337,6 +348,7 @@ def test_degenerate_shapes(shape):
 # ----------------------------------------------------------------------------------------------------------
 # the CPU layout and schedule: O(n w) work and masks
 # ----------------------------------------------------------------------------------------------------------
+
 
 def test_interior_tiles_share_one_bias():
     """At n = 32768, w = 512 the per-tile masks cover only the edge tiles: bias memory is a few tiles, not n w."""
@@ -433,8 +445,11 @@ def _run_triton_case(case):
 
     def dense(dt):
         leaves = [x.detach().to(dt).clone().requires_grad_() for x in (q, k, v)]
-        o, l = window_attention_reference(*leaves, key_valid, left, right) if dt == F64 else _eager(
-            *leaves, key_valid, left, right)
+        o, l = (
+            window_attention_reference(*leaves, key_valid, left, right)
+            if dt == F64
+            else _eager(*leaves, key_valid, left, right)
+        )
         o.backward(do.to(dt))
         return (o.detach(), l) + tuple(x.grad for x in leaves)
 

@@ -10,15 +10,16 @@ the lowering and the op's autograd without paying inductor's compile time. `test
 inductor pipeline on one model; the ``eager`` attention implementation (HF's ``eager_attention_forward``, with
 ``repeat_kv`` GQA) is hand-written attention and needs inductor's pattern pass.
 """
+
 from __future__ import annotations
 
 import copy
 
 import pytest
 import torch
+import zoo
 
 import hyper_backend
-import zoo
 
 OPTS = dict(min_seq_len=32, block_size=16, sample_size=16, tune_cache="")
 
@@ -63,14 +64,18 @@ def _train_step(compiled, inputs):
 def test_hf_sdpa(name, call_delta):
     model, make, sites = zoo.hf_model(name)
     model.train()  # every dropout is 0: train mode computes what eval does
-    compiled = torch.compile(model, backend="hyper", fullgraph=True, dynamic=True,
-                             options={**OPTS, "inner_backend": "eager"})
+    compiled = torch.compile(
+        model, backend="hyper", fullgraph=True, dynamic=True, options={**OPTS, "inner_backend": "eager"}
+    )
     torch.manual_seed(1)
     _check_exact(model, compiled, make(24, 2))
     assert call_delta() == {"hyper": 0, "exact": sites, "backward": 0}
     _train_step(compiled, make(128, 2))
-    assert call_delta() == {"hyper": _expected_hyper(name, 128, sites), "exact": 2 * sites
-                            - _expected_hyper(name, 128, sites), "backward": sites}
+    assert call_delta() == {
+        "hyper": _expected_hyper(name, 128, sites),
+        "exact": 2 * sites - _expected_hyper(name, 128, sites),
+        "backward": sites,
+    }
     assert all(p.grad is None or torch.isfinite(p.grad).all() for p in model.parameters())
     counters = torch._dynamo.utils.counters["hyper_backend"]
     assert counters["rewritten:sdpa"] == sites and counters["exact"] == 0
@@ -82,8 +87,9 @@ def test_hf_vit(call_delta):
     model, make, sites = zoo.hf_model("vit")
     model.train()
     inputs = make(0, 2)
-    exact = torch.compile(model, backend="hyper", fullgraph=True,
-                          options={**OPTS, "min_seq_len": 512, "inner_backend": "eager"})
+    exact = torch.compile(
+        model, backend="hyper", fullgraph=True, options={**OPTS, "min_seq_len": 512, "inner_backend": "eager"}
+    )
     _check_exact(model, exact, inputs)
     assert call_delta() == {"hyper": 0, "exact": sites, "backward": 0}
     torch._dynamo.reset()
@@ -150,10 +156,13 @@ def test_hf_eager_attention_training(name, call_delta):
     _hf_eager_attention(name, call_delta, train=True)
 
 
-@pytest.mark.parametrize("name,kinds", [
-    ("gemma3", ["window", "sdpa", "window", "sdpa"]),
-    pytest.param("mistral_window", ["window", "window"], marks=pytest.mark.slow),  # the same HF mask code
-])
+@pytest.mark.parametrize(
+    "name,kinds",
+    [
+        ("gemma3", ["window", "sdpa", "window", "sdpa"]),
+        pytest.param("mistral_window", ["window", "window"], marks=pytest.mark.slow),  # the same HF mask code
+    ],
+)
 def test_hf_sliding_window_layers_run_the_exact_window_op(name, kinds, call_delta):
     """HF's sliding-window masks (Gemma 3's local layers, Mistral's sliding_window) are proven banded and served
     by hyper::window_attention, exactly, in inference and training; the global layers still go to HyperAttention."""
