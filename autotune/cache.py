@@ -458,6 +458,47 @@ def lookup_tuned(
     return None if hit is None else dict(hit[1])
 
 
+def tuned_table(path: str, *, device: torch.device, dtype: torch.dtype, head_dim: int, causal: bool) -> tuple:
+    """Every length's `lookup_tuned` answer at once: ``((start, params), ...)``, starts increasing from 0, where
+    ``params`` serves lengths from its start to the next one (the nearest tuned bucket in log scale, a tie going
+    to the larger bucket); ``((0, {"min_seq_len": ...}),)`` from the device default when nothing is tuned for
+    this group; ``()`` when nothing applies. The backend resolves this at compile time into the op's settings
+    (`hyper_backend.config.op_settings`), so the op never reads the file."""
+    index = _index(path)
+    if index is None:
+        return ()
+    group = (device_key(device), dtype_name(dtype), int(head_dim), bool(causal))
+    entries = index.groups.get(group)
+    if entries:
+        rows = [(0, dict(entries[0][1]))]
+        for (lo, _, _), (hi, params, _) in zip(entries, entries[1:]):
+            rows.append((math.isqrt(lo * hi - 1) + 1, dict(params)))  # the least n with n**2 >= lo * hi
+        return tuple(rows)
+    default = index.defaults.get(group[:3])
+    return () if default is None else ((0, dict(default["params"])),)
+
+
+def tuned_head_dims(path: str, *, device: torch.device, dtype: torch.dtype, causal: bool) -> frozenset:
+    """The head dims with an entry or a device default for this device, dtype and causality: a site whose head
+    dim is symbolic (``dynamic=True``) depends on it only when this is not empty."""
+    index = _index(path)
+    if index is None:
+        return frozenset()
+    dev, dt = device_key(device), dtype_name(dtype)
+    dims = {g[2] for g in index.groups if g[0] == dev and g[1] == dt and g[3] == bool(causal)}
+    return frozenset(dims | {g[2] for g in index.defaults if g[0] == dev and g[1] == dt})
+
+
+def digest(path: str) -> str:
+    """A fingerprint of the cache's content ("" when there is no usable cache): part of the key of every compiled
+    graph whose settings were resolved from it."""
+    try:
+        data = _read(path, quiet=True)
+    except Exception:  # noqa: BLE001 - an unusable file is no cache
+        return ""
+    return "" if data is None else hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()
+
+
 def _number(x) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool)
 

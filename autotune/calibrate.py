@@ -18,8 +18,8 @@ Steps, on one window of ``--seq`` tokens (``--offset``: where in the text) and a
 4. **loss effect, measured**: per site, the most accurate frontier candidate that still saves 10% of the
    site's exact time is swapped in alone and the model runs from that site's layer on (the layers before it
    replay their captured output, so a late site costs a few layers, not a forward); the loss change of the other
-   candidates is predicted from theirs by the squared error ratio (error ratio alone when the candidate is the more accurate: both
-   directions err high);
+   candidates is predicted from theirs by the squared error ratio (error ratio alone when the candidate is the
+   more accurate: both directions err high);
 5. **assignment**: per site the option (a candidate, or exact) minimising total attention time with the
    predicted mean loss increase, summed over sites, at most ``log(1 + budget)`` (a multiple-choice knapsack);
 6. **verification**: one real perplexity run of the whole assignment on the held-out window against exact
@@ -131,9 +131,7 @@ def body_and_head(model):
     return body, model.get_output_embeddings(), getattr(model.config, "final_logit_softcapping", None)
 
 
-def position_nll(
-    hidden: torch.Tensor, targets: torch.Tensor, head, softcap: float | None, chunk: int
-) -> torch.Tensor:
+def position_nll(hidden: torch.Tensor, targets: torch.Tensor, head, softcap: float | None, chunk: int) -> torch.Tensor:
     """Next-token NLL per position (float64, flattened ``[B*N]``) of ``targets [B, N]`` given ``hidden [B, N, H]``
     (position i predicts ``targets[:, i]``), projecting ``chunk`` positions at a time."""
     hidden = hidden.reshape(-1, hidden.shape[-1])  # [B*N, H]

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
-from hyper_backend.config import HyperConfig, encode
+from hyper_backend.config import HyperConfig, OpSettings
 from hyper_backend.kernels import op as _op  # noqa: F401  (registers torch.ops.hyper.*)
 
 from .inputs import Sample
@@ -20,7 +20,7 @@ from .inputs import Sample
 
 def run_hyper(s: Sample, causal: bool, c: HyperConfig) -> torch.Tensor:
     """``torch.ops.hyper.attention`` on ``s`` with every parameter explicit (no cache lookup)."""
-    out, _ = torch.ops.hyper.attention(s.q, s.k, s.v, None, causal, s.scale, encode(c), "")
+    out, _ = torch.ops.hyper.attention(s.q, s.k, s.v, None, causal, s.scale, OpSettings.of(c).encode())
     return out
 
 

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from hyper_backend.config import HyperConfig, default_tune_cache, encode, explicit_settings
+from hyper_backend.config import HyperConfig, OpSettings
 from hyper_backend.kernels import op as _op  # noqa: F401  (registers torch.ops.hyper.*)
 
 
@@ -79,12 +79,21 @@ def hyper_attention(
     kpm = key_padding_mask(attn_mask, B, Nk)
     if dropout_p > 0.0 or (attn_mask is not None and kpm is None) or (is_causal and Nq > Nk):
         return _exact(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, return_lse)
-    if config is not None:
-        params, tune_cache = encode(config), ""
-    else:  # the backend's rule: HYPER_* variables, then the tuned entry for the length, then the defaults
-        params, tune_cache = encode(explicit=explicit_settings()), default_tune_cache()
-    out, lse = torch.ops.hyper.attention(query, key, value, kpm, is_causal, scale, params, tune_cache)
+    settings = _call_settings(query, is_causal, config)
+    out, lse = torch.ops.hyper.attention(query, key, value, kpm, is_causal, scale, settings.encode())
     return (out, lse) if return_lse else out
+
+
+def _call_settings(query: Tensor, is_causal: bool, config: HyperConfig | None) -> OpSettings:
+    """The backend's rule, applied now: an explicit ``config`` (every field), else the ``HYPER_*`` fields over the
+    tuning cache's entries for this device, dtype, head dim and causality over the defaults; the kernel choice and
+    the bookkeeping threads from ``HYPER_KERNELS`` / ``HYPER_SERIAL_BOOKKEEPING``."""
+    from hyper_backend.settings import resolve_settings
+
+    s = resolve_settings()
+    if config is not None:
+        return OpSettings.of(config, kernels=s.kernels, serial_bookkeeping=s.serial_bookkeeping)
+    return s.op_settings(device=query.device, dtype=query.dtype, head_dim=query.shape[-1], causal=is_causal)
 
 
 def window_attention(
@@ -111,7 +120,12 @@ def window_attention(
     Returns:
         ``out [B, Hq, Nq, Dv]``, contiguous. A query row with no allowed key gets zeros (and no gradient).
     """
-    return torch.ops.hyper.window_attention(query, key, value, key_padding_mask, *window, scale)[0]
+    from hyper_backend.settings import resolve_settings
+
+    s = resolve_settings()
+    return torch.ops.hyper.window_attention(
+        query, key, value, key_padding_mask, *window, scale, s.kernels, s.serial_bookkeeping
+    )[0]
 
 
 def _exact(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, return_lse):

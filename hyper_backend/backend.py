@@ -48,95 +48,13 @@ from typing import Any
 import torch
 import torch.fx as fx
 
-from hyper_backend.config import (
-    FIELDS,
-    INNER_BACKENDS,
-    HyperConfig,
-    LayerSelection,
-    default_tune_cache,
-    encode,
-    read_env,
-)
+from hyper_backend.auto_layers import auto_layers
 from hyper_backend.lowering import sites as _sites
 from hyper_backend.lowering.canonical import canonicalize
 from hyper_backend.lowering.sdpa import rewrite_sdpa
+from hyper_backend.settings import Settings, resolve_settings
 
 log = logging.getLogger("hyper_backend")
-
-OPTIONS = FIELDS + ("enabled", "layers", "inner_backend", "tune_cache")
-
-
-# ----------------------------------------------------------------------------------------------------------
-# settings
-# ----------------------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Settings:
-    """Everything that decides the rewrite of one graph, resolved at compile time."""
-
-    enabled: bool = True
-    explicit: tuple = ()  # ((field, value), ...) of HyperConfig fields set by options or env
-    layers: LayerSelection = LayerSelection("all")
-    inner_backend: str = "inductor"
-    tune_cache: str = ""
-
-    @property
-    def op_args(self) -> tuple:
-        """The op's trailing arguments: the parameter list (`config.encode`, UNSET where not explicit) and the
-        cache path."""
-        return (encode(explicit=dict(self.explicit)), self.tune_cache)
-
-    def key(self) -> str:
-        return repr((self.enabled, self.explicit, self.layers.key(), self.inner_backend, self.tune_cache))
-
-
-def validate_options(options: Mapping[str, Any] | None) -> dict:
-    """Check ``options`` of ``torch.compile(..., backend="hyper")``; a ValueError names the bad option."""
-    if options is None:
-        return {}
-    if not isinstance(options, Mapping):
-        raise ValueError(f"backend='hyper' options must be a dict, got {type(options).__name__}")
-    out = {}
-    for name, value in options.items():
-        if name not in OPTIONS:
-            raise ValueError(f"unknown option {name!r} for backend='hyper'; accepted: {', '.join(OPTIONS)}")
-        if name in FIELDS:
-            try:
-                HyperConfig(**{name: value})
-            except ValueError as e:
-                raise ValueError(f"options[{name!r}]: {e}") from None
-        elif name == "enabled":
-            if not isinstance(value, bool):
-                raise ValueError(f"options['enabled'] must be True or False, got {value!r}")
-        elif name == "layers":
-            try:
-                value = LayerSelection.parse(value)
-            except ValueError as e:
-                raise ValueError(f"options['layers']={value!r}: {e}") from None
-        elif name == "inner_backend":
-            if value not in INNER_BACKENDS:
-                raise ValueError(f"options['inner_backend']={value!r}: expected one of {', '.join(INNER_BACKENDS)}")
-        elif name == "tune_cache":
-            if not isinstance(value, str):
-                raise ValueError(f"options['tune_cache'] must be a path string ('' disables tuning), got {value!r}")
-        out[name] = value
-    return out
-
-
-def resolve_settings(options: Mapping[str, Any] | None = None) -> Settings:
-    """``options`` > ``HYPER_*`` env (via `hyper_backend.config.read_env`) > defaults."""
-    merged = {**read_env(), **validate_options(options)}
-    explicit = tuple((f, merged[f]) for f in FIELDS if f in merged)
-    tune_cache = merged["tune_cache"] if "tune_cache" in merged else default_tune_cache()
-    return Settings(
-        enabled=merged.get("enabled", True),
-        explicit=explicit,
-        layers=merged.get("layers", LayerSelection("all")),
-        inner_backend=merged.get("inner_backend", "inductor"),
-        tune_cache=tune_cache,
-    )
-
 
 # ----------------------------------------------------------------------------------------------------------
 # sessions: site numbering across the graphs of one torch.compile call
@@ -277,119 +195,20 @@ def _inner_compile(gm, example_inputs, settings: Settings, patterns_pass, mode: 
     return compile_fx(gm, example_inputs, config_patches=patches)
 
 
-# ----------------------------------------------------------------------------------------------------------
-# layers="auto": the per-site calibration of this model, from the tuning cache
-# ----------------------------------------------------------------------------------------------------------
+def _site_settings(settings: Settings, calibrated: Mapping[int, Mapping] | None = None) -> Callable:
+    """``op_args(site, query, causal)``: the trailing arguments of a lowered site's ``hyper::attention`` call,
+    its `OpSettings` as text, for the site's query (a fake tensor: device, dtype, head dim) and causality. A
+    calibrated site (``layers="auto"``) takes its calibration's fields (with the explicit ones already over them:
+    `auto_layers`)."""
 
-_auto_warned: set = set()
-
-
-class AutoLayersWarning(UserWarning):
-    """``layers="auto"`` found no calibration for the model being compiled (it then swaps every site)."""
-
-
-def compiled_config():
-    """The ``config`` of the module being compiled: the first ``nn.Module`` with a ``config`` attribute among
-    the compiled frame's locals (``self``, or ``args[0]`` when a decorator wraps ``forward``; HF models and
-    their submodules carry the model's config), or None."""
-    try:
-        from torch._dynamo.symbolic_convert import InstructionTranslator
-
-        tx = InstructionTranslator.current_tx()
-    except Exception:  # noqa: BLE001 - not inside Dynamo (a direct compile_graph call)
-        return None
-    if tx is None:
-        return None
-    values = list(tx.f_locals.values())
-    for v in list(values):
-        if isinstance(v, (tuple, list)):
-            values.extend(v[:4])
-        elif isinstance(v, dict):
-            values.extend(list(v.values())[:8])
-    for v in values:
-        if isinstance(v, torch.nn.Module) and getattr(v, "config", None) is not None:
-            return v.config
-    return None
-
-
-def _site_shape(gm: fx.GraphModule, site: _sites.Site):
-    """(dtype, key length) of a site from the node's fake value, without a guard (a symbolic length: its hint)."""
-    from hyper_backend.lowering.masks import meta_val
-
-    node = next((n for n in gm.graph.nodes if n.name == site.node), None)
-    if node is None:
-        return None, None
-    if site.kind == "sdpa" and len(node.args) >= 2:
-        q, k = meta_val(node.args[0]), meta_val(node.args[1])
-        dtype, n = (getattr(q, "dtype", None), k.shape[-2] if isinstance(k, torch.Tensor) else None)
-    else:
-        v = meta_val(node)
-        dtype, n = (v.dtype, v.shape[-1]) if isinstance(v, torch.Tensor) else (None, None)
-    if isinstance(n, torch.SymInt):
-        n = n.node.hint
-    return dtype, (int(n) if n is not None else None)
-
-
-def auto_layers(gm: fx.GraphModule, found: list[_sites.Site], settings: Settings, session: Session, total: int):
-    """``(selected, op_args, notes)`` for ``layers="auto"``: a site with a calibrated config gets it (explicit
-    options / ``HYPER_*`` fields still win, field by field), a site calibrated exact stays exact (``notes``
-    holds why), and without a calibration for this model every site is selected at the settings' own config
-    (as ``layers="all"``), with one warning per model and process.
-
-    The model is identified by `hyper_backend.autotune.cache.model_fingerprint`: the ``config`` of the module
-    being compiled (`compiled_config`) and ``total``, the sites numbered so far in this ``torch.compile``
-    call; the length bucket is the nearest to the longest key length among this graph's sites."""
-    from hyper_backend.autotune import cache as _cache
-    from hyper_backend.config import HyperConfig
-
-    config = compiled_config()
-    shapes = [_site_shape(gm, s) for s in found]
-    dtype = next((d for d, _ in shapes if d is not None), None)
-    lengths = [n for _, n in shapes if n is not None]
-    entry = None
-    if config is not None and dtype is not None and lengths and settings.tune_cache:
-        entry = _cache.lookup_model(
-            settings.tune_cache, config=config, dtype=dtype, seq_len=max(lengths), sites_seen=total
+    def op_args(site: _sites.Site, query: torch.Tensor, causal: bool) -> tuple:
+        explicit = None if calibrated is None else calibrated[site.index]
+        s = settings.op_settings(
+            device=query.device, dtype=query.dtype, head_dim=query.shape[-1], causal=bool(causal), explicit=explicit
         )
-    if entry is None:
-        why = (
-            "the compiled module has no `config` (see hyper_backend.backend.compiled_config)"
-            if config is None
-            else "tuning disabled (tune_cache='')"
-            if not settings.tune_cache
-            else f"no calibration for this model ({total} sites, {dtype}) in {settings.tune_cache}"
-        )
-        key = (why, _cache.config_hash(config) if config is not None else None)
-        if key not in _auto_warned:
-            _auto_warned.add(key)
-            import warnings
+        return (s.encode(),)
 
-            warnings.warn(
-                f"layers='auto': {why}; swapping every site as layers='all' (calibrate with "
-                f"`python -m hyper_backend.autotune --model PATH --text FILE --seq N`)",
-                AutoLayersWarning,
-                stacklevel=2,
-            )
-        for s in found:
-            session.configs[s.index] = "auto: no calibration for this model, as layers=all"
-        return (lambda site: True), (lambda site: settings.op_args), {}
-    at = f"auto: tuned for this model at {_cache.length_text(entry['bucket'])}"
-    explicit = dict(settings.explicit)
-    args, notes = {}, {}
-    for s in found:
-        tuned = entry["sites"].get(str(s.index))
-        if tuned is None:
-            notes[s.index] = f"{at}, but the calibration has no entry for site {s.index}: kept exact"
-        elif "exact" in tuned:
-            notes[s.index] = f"{at}: exact ({tuned['exact']})"
-        else:
-            params = {**tuned["params"], **explicit}
-            args[s.index] = (encode(explicit=params), settings.tune_cache)
-            over = f" (explicit: {', '.join(sorted(explicit))})" if explicit else ""
-            session.configs[s.index] = f"{at}: {HyperConfig(**params).label()}{over}"
-        if s.index in notes:
-            session.configs[s.index] = notes[s.index]
-    return (lambda site: site.index in args), (lambda site: args[site.index]), notes
+    return op_args
 
 
 def compile_graph(
@@ -419,10 +238,24 @@ def compile_graph(
     def selected(site: _sites.Site) -> bool:
         return settings.layers.contains(site.index, total)
 
-    op_args, auto_notes = (lambda site: settings.op_args), {}
+    auto_notes, calibrated = {}, None
     if settings.layers.kind == "auto" and settings.enabled and found:
-        selected, op_args, auto_notes = auto_layers(gm, found, settings, session, total)
+        selected, auto_notes, calibrated = auto_layers(gm, found, settings, session.configs, total)
+    op_args = _site_settings(settings, calibrated)
+    calibrated = calibrated or {}
     by_node = {s.node: s for s in found}
+    policy = _sites.Policy(
+        selected,
+        op_args,
+        (settings.kernels, settings.serial_bookkeeping),
+        repr(
+            (
+                settings.key(),
+                settings.tuning_digest(),
+                sorted((i, sorted(p.items())) for i, p in (calibrated or {}).items()),
+            )
+        ),
+    )
     patterns_pass = None
     if not settings.enabled:
         for s in found:
@@ -432,13 +265,11 @@ def compile_graph(
         placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
         canonicalize(gm, by_node, {placeholders[p]: t for p, t in constants.items()}, selected)  # einsum, MHA: SDPA
         handwritten = [s for s in found if s.kind != "sdpa"]  # before the rewrite: it renames band sites "window"
-        rewrite_sdpa(gm, by_node, selected, op_args, {placeholders[p]: t for p, t in constants.items()})
+        rewrite_sdpa(gm, by_node, policy, {placeholders[p]: t for p, t in constants.items()})
         if handwritten and settings.inner_backend == "inductor":
             from hyper_backend.lowering.patterns import AttentionPass
 
-            patterns_pass = AttentionPass(
-                op_args, settings.key(), by_node, selected, constants, constants_key(constants)
-            )
+            patterns_pass = AttentionPass(policy, by_node, constants, constants_key(constants))
         for s in handwritten:
             if settings.inner_backend != "inductor":
                 s.decide(

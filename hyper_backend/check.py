@@ -51,7 +51,7 @@ class EnvReport:
             t.add_column(col, style=style or None, overflow="fold")
         for var, raw, resolved, note in self.rows:
             t.add_row(var, "[dim]unset[/dim]" if raw is None else repr(raw), resolved, note)
-        t.caption = "tuned: the op looks the field up in the tuning cache for each call's length"
+        t.caption = "tuned: resolved at compile time from the tuning cache's length buckets (the op reads no file)"
         return t
 
     def __rich__(self):
@@ -71,7 +71,6 @@ def _problems(env) -> list[str]:
             continue
         try:  # each variable on its own, so that every bad one is reported
             config.read_env({var: env[var]})
-            config.kernel_choice({var: env[var]})
         except EnvError as e:
             out.append(str(e))
     return out
@@ -104,7 +103,7 @@ def check_env() -> EnvReport:
     problems = _problems(env)
     if problems:
         raise EnvError("; ".join(problems))
-    from hyper_backend.backend import resolve_settings
+    from hyper_backend.settings import resolve_settings
 
     settings = resolve_settings(None)  # exactly what the backend resolves at compile time
     explicit = dict(settings.explicit)
@@ -128,7 +127,8 @@ def check_env() -> EnvReport:
     row("HYPER_LAYERS", settings.layers.key())
     row("HYPER_INNER_BACKEND", settings.inner_backend)
     row("HYPER_TUNE_CACHE", settings.tune_cache or "''", _cache_status(settings.tune_cache))
-    row("HYPER_KERNELS", config.kernel_choice(), "read by the op at every call")
+    row("HYPER_KERNELS", settings.kernels, "read at compile time (at call time by hyper_attention)")
+    row("HYPER_SERIAL_BOOKKEEPING", "on" if settings.serial_bookkeeping else "off", "read at compile time")
     for var in known:  # a variable config reads that the rows above do not describe yet
         if var not in {r[0] for r in rows}:
             row(var, "default" if var not in env else repr(env[var]), "see the README's table")

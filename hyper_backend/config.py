@@ -1,25 +1,25 @@
 """Settings: the `HyperConfig` dataclass and the one place that reads `HYPER_*` environment variables.
 
 Precedence, highest first: explicit keyword arguments / ``options={...}``, then ``HYPER_*`` environment
-variables, then the autotuner's cache entry for the actual sequence length (looked up inside the op at run
-time), then the `HyperConfig` defaults.
+variables, then the autotuner's entries for the call's length (a table of length buckets resolved before the op
+runs: at compile time for a compiled model, at call time for `hyper_attention`), then the `HyperConfig`
+defaults. The op receives the result as `OpSettings` and reads neither the environment nor a file.
 
 Every environment variable is documented in the README's table and read by :func:`read_env` only.
 """
 
 from __future__ import annotations
 
+import bisect
 import dataclasses
+import functools
+import json
 import os
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-# Sentinels carried in the op's integer parameter list.
-UNSET = -1  # "not set explicitly": the op uses the tuned value for its length, else the default
-AUTO_DEPTH = -2  # causal_depth=None given explicitly: halve until a piece is at most min_seq_len
-
-RESIDUALS = ("uniform", "stratified")  # how the residual keys are drawn; the op carries the index
+RESIDUALS = ("uniform", "stratified")  # how the residual keys are drawn
 PUBLISHED = {"sink_keys": 0, "local_window": 0, "residual": "uniform"}  # see `HyperConfig.published`
 CAUSAL_WINDOW = 128  # local_window=None: the window of causal attention (non-causal attention gets none)
 
@@ -29,8 +29,8 @@ class HyperConfig:
     """Parameters of HyperAttention: the one settings type of the package.
 
     Every path (``options={...}``, ``HYPER_*`` variables, the autotuner's cache, an explicit ``config=``) ends
-    in one of these, through `encode` (settings -> the op's integer list) and `resolve` (the op's list and a
-    tuned entry -> a complete config).
+    in one of these, through `resolve` (explicit fields over a tuned entry over the defaults); the op receives
+    them as `OpSettings`.
 
     Args:
         block_size: queries per LSH-sorted block; keys per block scale with n_k / n_q.
@@ -115,56 +115,84 @@ def _check_int(name: str, value, lo: int, hi: int | None = None) -> None:
 DEFAULTS = HyperConfig()
 
 
-def _to_int(name: str, value) -> int:
-    if name in ("causal_depth", "local_window") and value is None:
-        return AUTO_DEPTH
-    if name == "residual":
-        return RESIDUALS.index(value)
-    return int(value)
+def resolve(explicit: Mapping[str, object] | None = None, tuned: Mapping[str, object] | None = None) -> HyperConfig:
+    """The one resolver: ``explicit`` fields (options, ``HYPER_*``, a calibration) > ``tuned`` (an autotuner entry's
+    params) > the defaults. Returns a complete, validated `HyperConfig`."""
+    values = {name: tuned[name] for name in FIELDS if tuned and name in tuned}
+    values.update({name: explicit[name] for name in FIELDS if explicit and name in explicit})
+    return DEFAULTS.replace(**values)
 
 
-def _from_int(name: str, value: int):
-    if name in ("causal_depth", "local_window") and value == AUTO_DEPTH:
-        return None
-    if name == "residual":
-        return RESIDUALS[value]
-    return int(value)
+@dataclass(frozen=True)
+class OpSettings:
+    """Everything ``hyper::attention`` needs besides its tensors, resolved before the op runs: the op's ``settings``
+    argument is `encode`'s canonical JSON of this, and the op is a pure function of its inputs.
+
+    ``configs[i]`` serves calls whose length ``max(n_q, n_k)`` is in ``[starts[i], starts[i + 1])`` (``starts[0]
+    == 0``): the autotuner's length buckets, resolved at compile time into one table, so one ``dynamic=True``
+    graph serves every length without the op reading a file. ``kernels``: ``"auto"`` (CUDA tensors to Triton,
+    CPU to the torch path), ``"cpu"`` or ``"triton"``. ``serial_bookkeeping``: the CPU path runs its gathers,
+    masks and merges on one thread and only the fused attention calls on all of them."""
+
+    configs: tuple[HyperConfig, ...] = (DEFAULTS,)
+    starts: tuple[int, ...] = (0,)
+    kernels: str = "auto"
+    serial_bookkeeping: bool = True
+
+    def __post_init__(self):
+        if not self.configs or len(self.starts) != len(self.configs) or self.starts[0] != 0:
+            raise ValueError("OpSettings needs one config per start, the first start 0")
+        if any(b <= a for a, b in zip(self.starts, self.starts[1:])):
+            raise ValueError(f"OpSettings.starts must increase, got {self.starts}")
+        if self.kernels not in KERNEL_CHOICES:
+            raise ValueError(f"OpSettings.kernels must be one of {', '.join(KERNEL_CHOICES)}, got {self.kernels!r}")
+
+    @classmethod
+    def of(cls, config: HyperConfig, **execution) -> OpSettings:
+        """One config for every length."""
+        return cls((config,), (0,), **execution)
+
+    def for_length(self, n: int) -> HyperConfig:
+        return self.configs[bisect.bisect_right(self.starts, int(n)) - 1]
+
+    def encode(self) -> str:
+        return json.dumps(
+            {
+                "v": 1,
+                "buckets": [[start, c.as_dict()] for start, c in zip(self.starts, self.configs)],
+                "kernels": self.kernels,
+                "serial_bookkeeping": self.serial_bookkeeping,
+            },
+            sort_keys=True,
+            separators=(",", ":"),
+        )
+
+    @staticmethod
+    @functools.lru_cache(maxsize=256)
+    def decode(text: str) -> OpSettings:
+        """The settings of `encode`'s text (parsed once per distinct text)."""
+        data = json.loads(text)
+        if not isinstance(data, dict) or data.get("v") != 1:
+            raise ValueError(f"hyper::attention settings: not a version-1 settings text: {text[:200]!r}")
+        starts = tuple(int(start) for start, _ in data["buckets"])
+        configs = tuple(HyperConfig(**fields) for _, fields in data["buckets"])
+        return OpSettings(configs, starts, data["kernels"], bool(data["serial_bookkeeping"]))
 
 
-def encode(config: HyperConfig | None = None, explicit: Mapping[str, object] | None = None) -> list[int]:
-    """Settings -> the op's integer parameter list, one entry per field of `HyperConfig` in `FIELDS` order.
-
-    ``config`` given: every field is explicit and tuning is bypassed. ``explicit`` given: only those fields
-    (already validated values) are explicit; the rest are ``UNSET`` and resolved by the op at run time.
-    """
-    values = dataclasses.asdict(config) if config is not None else dict(explicit or {})
-    return [_to_int(name, values[name]) if name in values else UNSET for name in FIELDS]
-
-
-def resolve(given: Sequence[int], tuned: Mapping[str, object] | None = None) -> HyperConfig:
-    """The one resolver: explicit values (``given``, from `encode`) > ``tuned`` (a cache entry's params) >
-    the defaults. Returns a complete, validated `HyperConfig`."""
-    if len(given) != len(FIELDS):
-        raise ValueError(f"expected {len(FIELDS)} parameters ({', '.join(FIELDS)}), got {len(given)}")
-    out = {}
-    for name, value in zip(FIELDS, given):
-        value = int(value)
-        if value != UNSET:
-            out[name] = _from_int(name, value)
-        elif tuned is not None and name in tuned:
-            out[name] = tuned[name]
-    return DEFAULTS.replace(**out)
-
-
-def explicit_settings(
-    options: Mapping[str, object] | None = None, environ: Mapping[str, str] | None = None
-) -> dict:
-    """The explicit `HyperConfig` fields of a call or a compile: ``options`` over ``HYPER_*`` variables.
-
-    Both the backend (at compile time) and `hyper_backend.hyper_attention` with ``config=None`` (at call time)
-    use this, so an eager call and a compiled call resolve settings by the same rule."""
-    merged = {**read_env(environ), **dict(options or {})}
-    return {f: merged[f] for f in FIELDS if f in merged}
+def op_settings(
+    explicit: Mapping[str, object] | None, table: Sequence[tuple[int, Mapping[str, object]]] = (), **execution
+) -> OpSettings:
+    """`OpSettings` from the explicit fields and a tuned table ``[(start, params), ...]`` (starts increasing from
+    0; empty: no tuning). Neighbouring buckets that resolve to one config are merged."""
+    rows = list(table) or [(0, {})]
+    starts, configs = [], []
+    for start, params in rows:
+        config = resolve(explicit, params)
+        if configs and configs[-1] == config:
+            continue
+        starts.append(0 if not starts else int(start))
+        configs.append(config)
+    return OpSettings(tuple(configs), tuple(starts), **execution)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -244,24 +272,11 @@ def read_env(environ: Mapping[str, str] | None = None) -> dict:
         out["tune_cache"] = env["HYPER_TUNE_CACHE"].strip()
     if "HYPER_INNER_BACKEND" in env:
         out["inner_backend"] = _env_choice("HYPER_INNER_BACKEND", env["HYPER_INNER_BACKEND"], INNER_BACKENDS)
+    if "HYPER_KERNELS" in env:
+        out["kernels"] = _env_choice("HYPER_KERNELS", env["HYPER_KERNELS"], KERNEL_CHOICES)
+    if "HYPER_SERIAL_BOOKKEEPING" in env:
+        out["serial_bookkeeping"] = _env_bool("HYPER_SERIAL_BOOKKEEPING", env["HYPER_SERIAL_BOOKKEEPING"])
     return out
-
-
-def kernel_choice(environ: Mapping[str, str] | None = None) -> str:
-    """``HYPER_KERNELS``: ``auto`` (CUDA tensors to Triton, CPU to the torch path), ``cpu`` or ``triton``."""
-    env = os.environ if environ is None else environ
-    if "HYPER_KERNELS" not in env:
-        return "auto"
-    return _env_choice("HYPER_KERNELS", env["HYPER_KERNELS"], KERNEL_CHOICES)
-
-
-def serial_bookkeeping(environ: Mapping[str, str] | None = None) -> bool:
-    """``HYPER_SERIAL_BOOKKEEPING`` (default on): the CPU path runs its gathers, masks and merges on one
-    thread and only the fused attention calls on all of them. Read by the op at each call, like HYPER_KERNELS."""
-    env = os.environ if environ is None else environ
-    if "HYPER_SERIAL_BOOKKEEPING" not in env:
-        return True
-    return _env_bool("HYPER_SERIAL_BOOKKEEPING", env["HYPER_SERIAL_BOOKKEEPING"])
 
 
 def default_tune_cache() -> str:

@@ -18,9 +18,10 @@ from typing import Any
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from hyper_backend.backend import Session, Settings, compile_graph, resolve_settings
+from hyper_backend.backend import Session, compile_graph
 from hyper_backend.config import FIELDS
 from hyper_backend.lowering.sites import Site
+from hyper_backend.settings import Settings, resolve_settings
 
 
 @dataclass
@@ -108,9 +109,7 @@ class Report:
         return console.export_text()
 
 
-def explain(
-    model, *args, options: Mapping[str, Any] | None = None, dynamic: bool | None = None, **kwargs
-) -> Report:
+def explain(model, *args, options: Mapping[str, Any] | None = None, dynamic: bool | None = None, **kwargs) -> Report:
     """Compile ``model`` with the hyper backend, run it once on ``*args, **kwargs`` (without grad) and report.
 
     Args:
@@ -125,6 +124,7 @@ def explain(
     settings = resolve_settings(options)
     session = Session()
     graphs: list[tuple] = []  # (lowered sites of one compiled graph in index order, op calls of its runs)
+    lookups: list[dict] = []  # the tuning group and length of every op call
 
     def backend(gm, example_inputs):
         before = {id(s) for s in session.sites.values()}
@@ -138,20 +138,17 @@ def explain(
         graphs.append((lowered, calls))
 
         def run(*inputs):
-            with _OpCalls(calls):
+            with _OpCalls(settings, calls, lookups):
                 return compiled(*inputs)
 
         return run
 
-    from hyper_backend.kernels import op
-
-    with op.record_tuning() as lookups:
-        with (
-            torch._inductor.config.patch(fx_graph_cache=False),
-            torch._functorch.config.patch(enable_autograd_cache=False),
-            torch.no_grad(),
-        ):
-            torch.compile(model, backend=backend, dynamic=dynamic)(*args, **kwargs)
+    with (
+        torch._inductor.config.patch(fx_graph_cache=False),
+        torch._functorch.config.patch(enable_autograd_cache=False),
+        torch.no_grad(),
+    ):
+        torch.compile(model, backend=backend, dynamic=dynamic)(*args, **kwargs)
     runtime = {}
     for lowered, calls in graphs:
         runtime.update(_match(lowered, calls))
@@ -159,7 +156,7 @@ def explain(
         sorted(session.sites.values(), key=lambda s: s.index),
         settings,
         session.graphs,
-        _tuning_lines(lookups),
+        _tuning_lines(settings, lookups),
         runtime,
         dict(session.configs),
     )
@@ -197,56 +194,64 @@ class RunTime:
         return f"[{colour}]{line}[/{colour}]{more}"
 
 
-def _min_seq_len(bound: dict):
-    """The threshold the op resolves for this call (its arguments by name), and where it comes from."""
-    from hyper_backend import config
-    from hyper_backend.kernels import op
+def _min_seq_len(settings: Settings, bound: dict):
+    """The threshold of one recorded op call (its arguments by name), and where it came from: the op's decision is
+    a function of its arguments, so it is recomputed from them."""
+    from hyper_backend.config import OpSettings
+    from hyper_backend.kernels.op import call_config
 
-    given = list(bound["params"])
-    q, k, causal, cache = bound["query"], bound["key"], bound["is_causal"], bound["tune_cache"]
-    resolved = op.resolve_params(q, k, causal, given, cache).min_seq_len
-    if given[config.FIELDS.index("min_seq_len")] != config.UNSET:
+    q, k = bound["query"], bound["key"]
+    resolved = call_config(OpSettings.decode(bound["settings"]), q.shape[2], k.shape[2]).min_seq_len
+    if "min_seq_len" in dict(settings.explicit):
         return resolved, "explicit"
-    if cache:
-        from hyper_backend.autotune.cache import describe_entry
-
-        entry = describe_entry(
-            cache,
-            device=q.device,
-            dtype=q.dtype,
-            head_dim=q.shape[-1],
-            causal=causal,
-            seq_len=max(q.shape[2], k.shape[2]),
-        )
-        if entry is not None and entry["params"].get("min_seq_len") == resolved:
-            return resolved, "tuned" if entry["source"] == "entry" else "tuned device default"
+    entry = _tuned_entry(settings, q, bool(bound["is_causal"]), k.shape[2])
+    if entry is not None and entry["params"].get("min_seq_len") == resolved:
+        return resolved, "tuned" if entry["source"] == "entry" else "tuned device default"
     return resolved, "default"
+
+
+def _tuned_entry(settings: Settings, q, causal: bool, n_k: int) -> dict | None:
+    """The tuning cache's entry for a call (`describe_entry`), or None."""
+    if not settings.tune_cache:
+        return None
+    from hyper_backend.autotune.cache import describe_entry
+
+    return describe_entry(
+        settings.tune_cache,
+        device=q.device,
+        dtype=q.dtype,
+        head_dim=q.shape[-1],
+        causal=causal,
+        seq_len=max(q.shape[2], n_k),
+    )
 
 
 class _OpCalls(TorchDispatchMode):
     """While a compiled graph runs: records each ``hyper::attention`` call and the decision the op made."""
 
-    def __init__(self, calls: list[RunTime]):
+    def __init__(self, settings: Settings, calls: list[RunTime], lookups: list[dict]):
         super().__init__()
-        self.calls = calls
+        self.settings, self.calls, self.lookups = settings, calls, lookups
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         if func is not torch.ops.hyper.attention.default:
             return func(*args, **kwargs)
-        from hyper_backend.kernels import op
+        from hyper_backend.config import OpSettings
+        from hyper_backend.kernels.op import call_config
+        from hyper_backend.kernels.plan import approximates
 
-        before = op.path_counts()["hyper"]
-        out = func(*args, **kwargs)
-        decision = "hyper" if op.path_counts()["hyper"] > before else "exact"  # the op's own count
         bound = {**dict(zip((a.name for a in func._schema.arguments), args)), **kwargs}
-        threshold, source = _min_seq_len(bound)
-        self.calls.append(
-            RunTime(
-                decision, bound["query"].shape[2], bound["key"].shape[2], bool(bound["is_causal"]), threshold, source
-            )
+        q, k, causal = bound["query"], bound["key"], bool(bound["is_causal"])
+        nq, nk = q.shape[2], k.shape[2]
+        config = call_config(OpSettings.decode(bound["settings"]), nq, nk)
+        decision = "hyper" if approximates(nq, nk, causal, config) else "exact"
+        threshold, source = _min_seq_len(self.settings, bound)
+        self.calls.append(RunTime(decision, nq, nk, causal, threshold, source))
+        self.lookups.append(
+            dict(device=q.device, dtype=q.dtype, head_dim=q.shape[-1], causal=causal, seq_len=max(nq, nk))
         )
-        return out
+        return func(*args, **kwargs)
 
 
 def _match(lowered: list[Site], calls: list[RunTime]) -> dict[int, RunTime]:
@@ -265,13 +270,15 @@ def _match(lowered: list[Site], calls: list[RunTime]) -> dict[int, RunTime]:
     return out
 
 
-def _tuning_lines(lookups) -> list[str]:
-    """One line per distinct tuned entry the op applied during the run (``lookup_tuned``'s provenance)."""
+def _tuning_lines(settings: Settings, lookups: list[dict]) -> list[str]:
+    """One line per distinct tuned entry the run's op calls were resolved from (``describe_entry``)."""
+    if not settings.tune_cache or len(settings.explicit) == len(FIELDS):  # nothing left to tune
+        return []
     from hyper_backend.autotune.cache import describe_entry
 
     lines = []
-    for path, where in lookups:
-        entry = describe_entry(path, **where)
+    for where in lookups:
+        entry = describe_entry(settings.tune_cache, **where)
         if entry is not None and entry["summary"] not in lines:
             lines.append(entry["summary"])
     return lines

@@ -30,7 +30,7 @@ from typing import NamedTuple
 
 import torch
 
-from hyper_backend.config import HyperConfig, serial_bookkeeping
+from hyper_backend.config import HyperConfig
 
 from .plan import (
     Plan,
@@ -70,8 +70,8 @@ class _Threads:
 
     @staticmethod
     @contextlib.contextmanager
-    def serial():
-        if _Threads.full or not serial_bookkeeping():
+    def serial(enabled: bool = True):
+        if _Threads.full or not enabled:
             yield
             return
         _Threads.full = torch.get_num_threads()
@@ -793,14 +793,14 @@ def _sinks(q, k, key_valid, p):
     return sink_mask(key_valid, q.shape[0], k.shape[2], p.sink_keys, q.device)
 
 
-def attention_forward(q, k, v, key_valid, is_causal, scale, p: HyperConfig):
+def attention_forward(q, k, v, key_valid, is_causal, scale, p: HyperConfig, serial: bool = True):
     """HyperAttention on CPU tensors. Returns contiguous ``(out, lse fp32)``."""
-    with _Threads.serial():
+    with _Threads.serial(serial):
         return _attention_forward(q, k, v, key_valid, is_causal, scale, p)
 
 
-def attention_backward(do, q, k, v, out, lse, key_valid, is_causal, scale, p: HyperConfig):
-    with _Threads.serial():
+def attention_backward(do, q, k, v, out, lse, key_valid, is_causal, scale, p: HyperConfig, serial: bool = True):
+    with _Threads.serial(serial):
         return _attention_backward(do, q, k, v, out, lse, key_valid, is_causal, scale, p)
 
 
@@ -936,14 +936,14 @@ def _row_chunks(Nq, Nk, batch):
     return [range(i, min(Nq, i + step)) for i in range(0, Nq, step)]
 
 
-def window_forward(q, k, v, key_valid, band, scale, schedule=None):
+def window_forward(q, k, v, key_valid, band, scale, schedule=None, serial: bool = True):
     """Exact banded attention on CPU tensors: ``q [B,Hq,Nq,D]``, ``k, v [B,Hkv,Nk,D]``, ``key_valid [B,Nk]`` or
     None, ``band = (a, b)`` as in `_band_layout` (clamped). Returns contiguous ``(out, lse)``; rows with no key:
     out 0, lse -inf."""
     B, Hq, Nq, D = q.shape
     Nk = k.shape[2]
     kind, tile = schedule or window_schedule(Nq, Nk, band, B * Hq, D)
-    with _Threads.serial():  # masks and gathers on one thread, the fused calls on all (`_Threads`)
+    with _Threads.serial(serial):  # masks and gathers on one thread, the fused calls on all (`_Threads`)
         mdt = _mask_dtype(q.dtype)
         q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
         if kind == "band":
@@ -963,12 +963,12 @@ def window_forward(q, k, v, key_valid, band, scale, schedule=None):
         return out.contiguous(), lse.to(lse_dtype(q.dtype)).contiguous()
 
 
-def window_backward(do, q, k, v, out, lse, key_valid, band, scale, schedule=None):
+def window_backward(do, q, k, v, out, lse, key_valid, band, scale, schedule=None, serial: bool = True):
     """Gradients ``(dq, dk, dv)`` of `window_forward` (contiguous, in the inputs' dtypes)."""
     B, Hq, Nq, D = q.shape
     Nk = k.shape[2]
     kind, tile = schedule or window_schedule(Nq, Nk, band, B * Hq, D)
-    with _Threads.serial():
+    with _Threads.serial(serial):
         mdt = _mask_dtype(q.dtype)
         lse = lse.to(lse_dtype(q.dtype)).masked_fill(torch.isneginf(lse), 0.0).contiguous()
         do, q, k, v, out = (x.contiguous() for x in (do, q, k, v, out))

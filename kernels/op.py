@@ -3,9 +3,11 @@
 Layers under one stem: the fast paths (`cpu.attention_forward`, the Triton launcher in ``triton_attention``)
 -> this op with its fake and autograd registrations -> the public `hyper_backend.hyper_attention`.
 
-Parameters equal to ``UNSET`` (-1) are resolved here, at run time, for the call's actual length: the
-autotuner's cache entry if ``tune_cache`` names one that matches, else the `HyperConfig` default. So one
-compiled graph serves every sequence length. No Triton is imported until a Triton path runs.
+The op is a pure function of its inputs. Its ``settings`` argument (`hyper_backend.config.OpSettings`, resolved at
+compile time, or at call time by `hyper_backend.hyper_attention`) holds a config per length bucket, so one
+compiled graph serves every sequence length; the op indexes it by the call's actual length and reads no file and
+no environment variable. The backward receives the forward's settings. No Triton is imported until a Triton path
+runs.
 
 ``torch.ops.hyper.window_attention`` (same layers: `cpu.window_forward` / `triton_attention.window_forward` ->
 the op -> `hyper_backend.window_attention`) is exact attention to a band of keys, the target for masks proven to
@@ -14,31 +16,18 @@ be sliding windows; it never approximates and has no parameters to resolve.
 
 from __future__ import annotations
 
-import contextlib
+import functools
 
 import torch
 from torch import Tensor
 from torch._dynamo.utils import counters
 
-from hyper_backend.config import HyperConfig, kernel_choice, resolve
+from hyper_backend.config import HyperConfig, OpSettings
 
 from . import cpu
 from .plan import approximates, lse_dtype
 
 # `counters["hyper"]` counts calls per path ("op_hyper", "op_exact", "op_backward"); `explain` and tests read it.
-_tuning_records: list[list] = []  # open `record_tuning` lists: every tuned lookup is appended to each
-
-
-@contextlib.contextmanager
-def record_tuning():
-    """Within the block, every tuning-cache lookup the op makes is appended to the yielded list as
-    ``(cache path, {device, dtype, head_dim, causal, seq_len})``."""
-    seen: list = []
-    _tuning_records.append(seen)
-    try:
-        yield seen
-    finally:
-        _tuning_records.remove(seen)
 
 
 def path_counts(window: bool = False) -> dict:
@@ -66,33 +55,19 @@ def fit(p: HyperConfig, n_q: int, n_k: int) -> HyperConfig:
     )
 
 
-def resolve_params(query: Tensor, key: Tensor, is_causal: bool, params: list[int], tune_cache: str) -> HyperConfig:
-    """Explicit values win; then the tuned entry for this (device, dtype, head dim, causal, length); then defaults.
-    The result is fitted to the call (`fit`)."""
-    tuned = None
-    if tune_cache and any(v == -1 for v in params):
-        from hyper_backend.autotune.cache import lookup_tuned
-
-        where = dict(
-            device=query.device,
-            dtype=query.dtype,
-            head_dim=query.shape[-1],
-            causal=is_causal,
-            seq_len=max(query.shape[2], key.shape[2]),
-        )
-        tuned = lookup_tuned(tune_cache, **where)
-        for seen in _tuning_records:
-            seen.append((tune_cache, where))
-    return fit(resolve(params, tuned), query.shape[2], key.shape[2])
+def call_config(settings: OpSettings, n_q: int, n_k: int) -> HyperConfig:
+    """The config one call runs: the settings' entry for its length ``max(n_q, n_k)``, fitted to the call."""
+    return fit(settings.for_length(max(n_q, n_k)), n_q, n_k)
 
 
-def _path(query: Tensor):
-    choice = kernel_choice()
-    if choice == "triton" or (choice == "auto" and query.is_cuda):
+def _impl(name: str, query: Tensor, kernels: str, serial_bookkeeping: bool):
+    """The fast path's entry point ``name`` for this call: Triton for ``kernels="triton"`` (or CUDA tensors with
+    ``"auto"``), else the CPU path with its bookkeeping-thread switch bound."""
+    if kernels == "triton" or (kernels == "auto" and query.is_cuda):
         from . import triton_attention
 
-        return triton_attention
-    return cpu
+        return getattr(triton_attention, name)
+    return functools.partial(getattr(cpu, name), serial=serial_bookkeeping)
 
 
 def check_inputs(
@@ -190,29 +165,30 @@ def attention(
     key_padding_mask: Tensor | None,
     is_causal: bool,
     scale: float | None,
-    params: list[int],
-    tune_cache: str,
+    settings: str,
 ) -> tuple[Tensor, Tensor]:
     """``out [B, Hq, Nq, Dv]`` (contiguous) and ``lse [B, Hq, Nq]`` (float32, float64 for float64 inputs).
 
-    ``params``: `hyper_backend.config.encode` of the settings (one int per `HyperConfig` field, -1 = tuned or
-    default); ``tune_cache``: the autotuner's cache path, or "" for none."""
+    ``settings``: `hyper_backend.config.OpSettings.encode` (a config per length bucket, the kernel choice),
+    resolved before the call; the op reads nothing else, so the backward of a call runs the forward's config."""
     check_inputs(query, key, value, key_padding_mask, is_causal)
     if _degenerate(query, key, value):
         counters["hyper"]["op_exact"] += 1
         out, lse, _ = _dense_math(query, key, value, key_padding_mask, is_causal, scale)
         return out, lse
-    p = resolve_params(query, key, is_causal, params, tune_cache)
+    s = OpSettings.decode(settings)
+    p = call_config(s, query.shape[2], key.shape[2])
     counters["hyper"]["op_hyper" if approximates(query.shape[2], key.shape[2], is_causal, p) else "op_exact"] += 1
     dv = value.shape[-1]
     if query.shape[-1] != dv:
         query, key, value, scale, _ = _common_head_dim(query, key, value, scale)
-    out, lse = _path(query).attention_forward(query, key, value, key_padding_mask, is_causal, scale, p)
+    forward = _impl("attention_forward", query, s.kernels, s.serial_bookkeeping)
+    out, lse = forward(query, key, value, key_padding_mask, is_causal, scale, p)
     return out[..., :dv].contiguous(), lse.contiguous()
 
 
 @attention.register_fake
-def _(query, key, value, key_padding_mask, is_causal, scale, params, tune_cache):
+def _(query, key, value, key_padding_mask, is_causal, scale, settings):
     check_inputs(query, key, value, key_padding_mask, is_causal)
     B, H, N, _ = query.shape
     out = query.new_empty(B, H, N, value.shape[-1])
@@ -231,19 +207,20 @@ def attention_backward(
     key_padding_mask: Tensor | None,
     is_causal: bool,
     scale: float | None,
-    params: list[int],
-    tune_cache: str,
+    settings: str,
 ) -> tuple[Tensor, Tensor, Tensor]:
     counters["hyper"]["op_backward"] += 1
     if _degenerate(query, key, value):
         return _dense_math_backward(grad_out, query, key, value, key_padding_mask, is_causal, scale)
-    p = resolve_params(query, key, is_causal, params, tune_cache)
+    s = OpSettings.decode(settings)
+    p = call_config(s, query.shape[2], key.shape[2])
     d, d_v = query.shape[-1], value.shape[-1]
     q, k, v = query, key, value
     if d != d_v:
         q, k, v, scale, width = _common_head_dim(query, key, value, scale)
         grad_out, out = _pad_last(grad_out, width), _pad_last(out, width)
-    dq, dk, dv = _path(q).attention_backward(grad_out, q, k, v, out, lse, key_padding_mask, is_causal, scale, p)
+    backward = _impl("attention_backward", q, s.kernels, s.serial_bookkeeping)
+    dq, dk, dv = backward(grad_out, q, k, v, out, lse, key_padding_mask, is_causal, scale, p)
     return (
         dq[..., :d].to(query.dtype).contiguous(),
         dk[..., :d].to(key.dtype).contiguous(),
@@ -275,11 +252,11 @@ def _(grad_out, query, key, value, out, lse, key_padding_mask, is_causal, scale,
 
 
 def _setup_context(ctx, inputs, output):
-    query, key, value, key_padding_mask, is_causal, scale, params, tune_cache = inputs
+    query, key, value, key_padding_mask, is_causal, scale, settings = inputs
     out, lse = output
     ctx.save_for_backward(query, key, value, out, lse)
     ctx.key_padding_mask = key_padding_mask
-    ctx.is_causal, ctx.scale, ctx.params, ctx.tune_cache = is_causal, scale, params, tune_cache
+    ctx.is_causal, ctx.scale, ctx.settings = is_causal, scale, settings
     ctx.mark_non_differentiable(lse)
 
 
@@ -295,10 +272,9 @@ def _backward(ctx, grad_out, grad_lse):
         ctx.key_padding_mask,
         ctx.is_causal,
         ctx.scale,
-        ctx.params,
-        ctx.tune_cache,
+        ctx.settings,
     )
-    return dq, dk, dv, None, None, None, None, None
+    return dq, dk, dv, None, None, None, None
 
 
 attention.register_autograd(_backward, setup_context=_setup_context)
@@ -338,6 +314,8 @@ def window_attention(
     left: int,
     right: int,
     scale: float | None,
+    kernels: str = "auto",
+    serial_bookkeeping: bool = True,
 ) -> tuple[Tensor, Tensor]:
     """Exact attention to a band of keys: query i attends key j iff ``-left <= j - i - (Nk - Nq) <= right``
     and ``key_padding_mask[b, j]`` (True = attend; None: every key). Bottom-right aligned like the causal
@@ -350,6 +328,7 @@ def window_attention(
     (as hyper::attention gives a row whose keys are all padded), and no gradient.
 
     Cost O(Nq (w + tile) D) with w = left + right + 1: CPU `cpu.window_forward`, CUDA the Triton band kernels.
+    ``kernels`` and ``serial_bookkeeping`` as in `hyper_backend.config.OpSettings`.
     """
     _check_window(query, key, value, key_padding_mask, left, right)
     counters["hyper"]["op_window"] += 1
@@ -364,14 +343,13 @@ def window_attention(
         query, key, value, scale, _ = _common_head_dim(query, key, value, scale)
     elif scale is None:
         scale = query.shape[-1] ** -0.5
-    out, lse = _path(query).window_forward(
-        query, key, value, key_padding_mask, window_bounds(Nq, Nk, left, right), scale
-    )
+    forward = _impl("window_forward", query, kernels, serial_bookkeeping)
+    out, lse = forward(query, key, value, key_padding_mask, window_bounds(Nq, Nk, left, right), scale)
     return out[..., :dv].contiguous(), lse.contiguous()
 
 
 @window_attention.register_fake
-def _(query, key, value, key_padding_mask, left, right, scale):
+def _(query, key, value, key_padding_mask, left, right, scale, kernels="auto", serial_bookkeeping=True):
     _check_window(query, key, value, key_padding_mask, left, right)
     B, H, N, _ = query.shape
     return (query.new_empty(B, H, N, value.shape[-1]), query.new_empty(B, H, N, dtype=lse_dtype(query.dtype)))
@@ -389,6 +367,8 @@ def window_attention_backward(
     left: int,
     right: int,
     scale: float | None,
+    kernels: str = "auto",
+    serial_bookkeeping: bool = True,
 ) -> tuple[Tensor, Tensor, Tensor]:
     counters["hyper"]["op_window_backward"] += 1
     Nq, Nk = query.shape[2], key.shape[2]
@@ -403,9 +383,8 @@ def window_attention_backward(
         grad_out, out = _pad_last(grad_out, width), _pad_last(out, width)
     elif scale is None:
         scale = d**-0.5
-    dq, dk, dv = _path(q).window_backward(
-        grad_out, q, k, v, out, lse, key_padding_mask, window_bounds(Nq, Nk, left, right), scale
-    )
+    backward = _impl("window_backward", q, kernels, serial_bookkeeping)
+    dq, dk, dv = backward(grad_out, q, k, v, out, lse, key_padding_mask, window_bounds(Nq, Nk, left, right), scale)
     return (
         dq[..., :d].to(query.dtype).contiguous(),
         dk[..., :d].to(key.dtype).contiguous(),
@@ -414,7 +393,7 @@ def window_attention_backward(
 
 
 @window_attention_backward.register_fake
-def _(grad_out, query, key, value, out, lse, key_padding_mask, left, right, scale):
+def _(grad_out, query, key, value, out, lse, key_padding_mask, left, right, scale, *execution):
     return (
         torch.empty_like(query, memory_format=torch.contiguous_format),
         torch.empty_like(key, memory_format=torch.contiguous_format),
@@ -423,19 +402,20 @@ def _(grad_out, query, key, value, out, lse, key_padding_mask, left, right, scal
 
 
 def _window_setup_context(ctx, inputs, output):
-    query, key, value, key_padding_mask, left, right, scale = inputs
+    query, key, value, key_padding_mask, left, right, scale, kernels, serial_bookkeeping = inputs
     out, lse = output
     ctx.save_for_backward(query, key, value, out, lse)
     ctx.key_padding_mask, ctx.left, ctx.right, ctx.scale = key_padding_mask, left, right, scale
+    ctx.execution = (kernels, serial_bookkeeping)
     ctx.mark_non_differentiable(lse)
 
 
 def _window_backward(ctx, grad_out, grad_lse):
     query, key, value, out, lse = ctx.saved_tensors
     dq, dk, dv = torch.ops.hyper.window_attention_backward(
-        grad_out, query, key, value, out, lse, ctx.key_padding_mask, ctx.left, ctx.right, ctx.scale
+        grad_out, query, key, value, out, lse, ctx.key_padding_mask, ctx.left, ctx.right, ctx.scale, *ctx.execution
     )
-    return dq, dk, dv, None, None, None, None
+    return dq, dk, dv, None, None, None, None, None, None
 
 
 window_attention.register_autograd(_window_backward, setup_context=_window_setup_context)

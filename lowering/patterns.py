@@ -45,7 +45,7 @@ from torch.fx.experimental.symbolic_shapes import statically_known_true
 from hyper_backend.kernels import op as _op  # noqa: F401  (registers torch.ops.hyper.attention)
 
 from . import masks
-from .sites import Site
+from .sites import Policy, Site
 
 aten = torch.ops.aten
 prims = torch.ops.prims
@@ -141,11 +141,11 @@ def _replacement(ctx: AttentionPass, form: Form, a: dict):
     if form.matmul != "4d":  # [B*H, N, D]: one batch of B*H heads
         q, k, v = q.unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0)
     if decision.window is not None:
-        out = torch.ops.hyper.window_attention.default(q, k, v, None, *decision.window, decision.scale)[0]
-    else:
-        out = torch.ops.hyper.attention.default(
-            q, k, v, None, decision.causal, decision.scale, *ctx.op_args(decision.site)
+        out = torch.ops.hyper.window_attention.default(
+            q, k, v, None, *decision.window, decision.scale, *ctx.policy.window_args
         )[0]
+    else:
+        out = torch.ops.hyper.attention.default(q, k, v, None, decision.causal, decision.scale, *decision.op_args)[0]
     return out.squeeze(0) if form.matmul != "4d" else out
 
 
@@ -336,7 +336,8 @@ class Decision:
     scale: float | None
     prescale: str = ""  # "mul" / "div": a symbolic float scale folded into q (the op scale is then 1)
     window: tuple[int, int] | None = None  # a banded mask: exact ``hyper::window_attention`` (left, right)
-    site: Site | None = None  # the matched site: its op arguments are ``AttentionPass.op_args(site)``
+    site: Site | None = None  # the matched site
+    op_args: tuple = ()  # the trailing arguments of its hyper::attention call (`Policy.hyper_args`)
 
 
 def _origin_names(node: fx.Node) -> list[str]:
@@ -352,26 +353,22 @@ class AttentionPass(CustomGraphPass):
     """The inductor pass. One per compiled graph: it carries that graph's settings and site table.
 
     Args:
-        op_args: ``op_args(site)`` gives a site's trailing op arguments ``(params, tune_cache)`` (per site:
-            ``layers="auto"`` gives each site its own config).
-        settings_key: text of every setting that changes the rewrite (goes into `uuid`).
+        policy: which sites may be lowered (``layers``) and the trailing arguments of their op calls (per site:
+            ``layers="auto"`` gives each site its own config); its ``key`` goes into `uuid`.
         sites: the Dynamo graph's sites by node name.
-        selected: whether a site may be lowered (``layers``).
         constants: Dynamo placeholder position -> compile-time constant tensor (causal buffers).
         constants_key: a fingerprint of those constants' values.
     """
 
     def __init__(
         self,
-        op_args: Callable[[Site], tuple],
-        settings_key: str,
+        policy: Policy,
         sites: dict[str, Site],
-        selected: Callable[[Site], bool],
         constants: dict[int, torch.Tensor],
         constants_key: str,
     ):
-        self.op_args, self.settings_key, self.sites = op_args, settings_key, sites
-        self.selected, self.constants, self.constants_key = selected, constants, constants_key
+        self.policy, self.sites = policy, sites
+        self.constants, self.constants_key = constants, constants_key
         self.ran = False
         self.reasons: dict[str, str] = {}
         self._aten_constants: dict[fx.Node, torch.Tensor] = {}
@@ -407,11 +404,8 @@ class AttentionPass(CustomGraphPass):
         here = os.path.dirname(os.path.abspath(__file__))
         files = tuple(os.path.join(here, f) for f in ("patterns.py", "masks.py", "sites.py"))
         h = hashlib.sha256(get_hash_for_files(files))
-        selection = sorted(
-            (name, s.index, self.selected(s), repr(self.op_args(s)) if self.selected(s) else "")
-            for name, s in self.sites.items()
-        )
-        h.update(repr((self.settings_key, selection, self.constants_key)).encode())
+        selection = sorted((name, s.index, self.policy.selected(s)) for name, s in self.sites.items())
+        h.update(repr((self.policy.key, selection, self.constants_key)).encode())
         return h.hexdigest()
 
     # -- mapping -------------------------------------------------------------------------------------------
@@ -603,7 +597,7 @@ def _check_match(ctx: AttentionPass, form: Form, match: Match) -> bool:
             return ctx.reject(site, verdict.reason)
         causal = verdict.kind == "causal"
         window = verdict.window
-    if window is None and not ctx.selected(site):  # a band is exact: served whatever ``layers`` says
+    if window is None and not ctx.policy.selected(site):  # a band is exact: served whatever ``layers`` says
         return ctx.reject(site, "not selected by layers")
     if causal and not statically_known_true(nq <= nk):
         return ctx.reject(site, "causal mask where n_q may exceed n_k")
@@ -624,7 +618,8 @@ def _check_match(ctx: AttentionPass, form: Form, match: Match) -> bool:
             return ctx.reject(site, reason)
     else:
         op_scale = float(scale) if form.scale != "div" else 1.0 / float(scale)
-    ctx.pending = Decision(causal, op_scale, prescale, window, site=site)
+    op_args = () if window is not None else ctx.policy.hyper_args(site, q, causal)
+    ctx.pending = Decision(causal, op_scale, prescale, window, site=site, op_args=op_args)
     if window is not None:
         site.decide("window", f"{masks.Verdict('band', window=window).describe()} (exact), {form.name}", kind="window")
     else:

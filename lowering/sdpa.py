@@ -26,7 +26,6 @@ Anything else stays an SDPA call, and the site's reason says why.
 from __future__ import annotations
 
 import operator
-from collections.abc import Callable
 
 import torch
 import torch.fx as fx
@@ -35,7 +34,7 @@ from torch.fx.experimental.symbolic_shapes import statically_known_true
 from hyper_backend.kernels import op as _op  # noqa: F401  (registers torch.ops.hyper.attention)
 
 from . import masks
-from .sites import Site
+from .sites import Policy, Site
 
 _SDPA_PARAMS = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
 _SDPA_DEFAULTS = {"attn_mask": None, "dropout_p": 0.0, "is_causal": False, "scale": None, "enable_gqa": False}
@@ -285,14 +284,13 @@ def _emit(graph: fx.Graph, like: fx.Node, target, args, op: str = "call_function
 def rewrite_sdpa(
     gm: fx.GraphModule,
     sites: dict[str, Site],
-    selected: Callable[[Site], bool],
-    op_args: Callable[[Site], tuple],
+    policy: Policy,
     constants: dict[fx.Node, torch.Tensor],
 ) -> int:
     """Lower the selected, eligible SDPA sites of ``gm`` in place, and every site whose mask is a band (to the exact
     ``hyper::window_attention``, selected or not); record every decision on its `Site`.
 
-    ``op_args(site)`` gives that site's trailing op arguments ``(params, tune_cache)``. Returns the number of
+    ``policy`` gives which sites are selected and the trailing arguments of their op calls. Returns the number of
     rewritten calls.
     """
     done = 0
@@ -302,7 +300,7 @@ def rewrite_sdpa(
         if site is None or site.kind != "sdpa":
             continue
         plan = plan_sdpa(node, constants)
-        if plan.window is None and not selected(site):  # a band is exact: it is served whatever ``layers`` says
+        if plan.window is None and not policy.selected(site):  # a band is exact: it is served whatever ``layers`` says
             site.decide("exact", "not selected by layers")
             continue
         if plan.reason:
@@ -321,14 +319,22 @@ def rewrite_sdpa(
                     graph,
                     node,
                     torch.ops.hyper.window_attention.default,
-                    (query, a["key"], a["value"], kpm, *plan.window, scale),
+                    (query, a["key"], a["value"], kpm, *plan.window, scale, *policy.window_args),
                 )
             else:
                 call = _emit(
                     graph,
                     node,
                     torch.ops.hyper.attention.default,
-                    (query, a["key"], a["value"], kpm, plan.causal, scale, *op_args(site)),
+                    (
+                        query,
+                        a["key"],
+                        a["value"],
+                        kpm,
+                        plan.causal,
+                        scale,
+                        *policy.hyper_args(site, masks.meta_val(query), plan.causal),
+                    ),
                 )
             out = _emit(graph, node, operator.getitem, (call, 0))
         node.replace_all_uses_with(out)

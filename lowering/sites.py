@@ -31,6 +31,7 @@ import logging
 import operator
 import os
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -104,6 +105,23 @@ class Site:
         self.decision, self.reason = decision, reason
         if kind is not None:
             self.kind = kind
+
+
+@dataclass(frozen=True)
+class Policy:
+    """What the backend decided for the sites of one graph, handed to the lowering passes.
+
+    ``selected(site)``: whether ``layers`` lets the site approximate (a banded mask runs the exact window op
+    whatever it says). ``hyper_args(site, query, causal)``: the trailing arguments of the site's
+    ``hyper::attention`` call (its settings, for its query's fake value and causality). ``window_args``: the
+    trailing arguments of every ``hyper::window_attention`` call (kernel choice, bookkeeping threads). ``key``:
+    text of everything the two depend on (the settings, the tuning cache's content, per-site calibrated configs),
+    for the inductor pass's cache key."""
+
+    selected: Callable[[Site], bool]
+    hyper_args: Callable[[Site, torch.Tensor, bool], tuple]
+    window_args: tuple = ()
+    key: str = ""
 
 
 # ----------------------------------------------------------------------------------------------------------

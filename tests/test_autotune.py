@@ -13,12 +13,13 @@ import warnings
 import pytest
 import sympy as sp
 import torch
+import torch.nn.functional as F
 
 from hyper_backend import HyperConfig, hyper_attention
 from hyper_backend.autotune import cache, cost, measure
 from hyper_backend.autotune.cli import main, parse_seq
 from hyper_backend.autotune.inputs import InputError, Sample, load_inputs, synthetic
-from hyper_backend.config import FIELDS, UNSET
+from hyper_backend.config import OpSettings, op_settings
 from hyper_backend.kernels import cpu
 
 CPU = torch.device("cpu")
@@ -207,7 +208,7 @@ def test_cache_lookup_parses_once_per_file_version(tmp_path, monkeypatch):
         json.dumps({"schema": cache.SCHEMA, "version": 1, "entries": {"x": {"params": "bad"}}}),
     ],
 )
-def test_corrupted_or_foreign_cache_is_ignored_with_a_warning(tmp_path, content):
+def test_corrupted_or_foreign_cache_is_ignored_with_a_warning(tmp_path, content, monkeypatch):
     path = str(tmp_path / "tune.json")
     with open(path, "w") as f:
         f.write(content)
@@ -215,7 +216,8 @@ def test_corrupted_or_foreign_cache_is_ignored_with_a_warning(tmp_path, content)
         assert _lookup(path, 4096) is None
     # the op still runs, on defaults
     q = torch.randn(1, 1, 64, 16)
-    out = torch.ops.hyper.attention(q, q, q, None, True, None, [UNSET] * len(FIELDS), path)[0]
+    monkeypatch.setenv("HYPER_TUNE_CACHE", path)
+    out = hyper_attention(q, q, q, is_causal=True)
     assert out.shape == q.shape
     if content.startswith(("{not", "[")):  # not ours: the tuner refuses to replace it (issue 12; see
         with pytest.raises(cache.CachePathError):  # tests/test_reliability.py)
@@ -333,7 +335,7 @@ def test_tune_writes_cache_and_the_op_uses_it(tmp_path, monkeypatch, capsys):
 
     seen = []
     real = cpu.attention_forward
-    monkeypatch.setattr(cpu, "attention_forward", lambda *a: seen.append(a[-1]) or real(*a))
+    monkeypatch.setattr(cpu, "attention_forward", lambda *a, **kw: seen.append(a[-1]) or real(*a, **kw))
     monkeypatch.setenv("HYPER_TUNE_CACHE", path)
     q = torch.randn(1, 1, 7000, 64)  # bucket 8192
     hyper_attention(q, q, q)
@@ -341,8 +343,10 @@ def test_tune_writes_cache_and_the_op_uses_it(tmp_path, monkeypatch, capsys):
     assert seen[-1] == expected
 
     # explicit values win over tuned ones, field by field
-    torch.ops.hyper.attention(q, q, q, None, False, None, [64] + [UNSET] * (len(FIELDS) - 1), path)
+    monkeypatch.setenv("HYPER_BLOCK_SIZE", "64")
+    hyper_attention(q, q, q)
     assert seen[-1] == expected.replace(block_size=64)
+    monkeypatch.delenv("HYPER_BLOCK_SIZE")
     # a full config bypasses the cache
     cfg = HyperConfig(block_size=32, sample_size=16, lsh_num_projs=3, min_seq_len=512, causal_depth=2)
     hyper_attention(q, q, q, config=cfg)
@@ -370,7 +374,7 @@ def test_written_params_reach_the_op(tmp_path, monkeypatch):
     )
     seen = []
     real = cpu.attention_forward
-    monkeypatch.setattr(cpu, "attention_forward", lambda *a: seen.append(a[-1]) or real(*a))
+    monkeypatch.setattr(cpu, "attention_forward", lambda *a, **kw: seen.append(a[-1]) or real(*a, **kw))
     monkeypatch.setenv("HYPER_TUNE_CACHE", path)
     q = torch.randn(1, 1, 1000, 64)
     hyper_attention(q, q, q)
@@ -402,7 +406,7 @@ def test_compiled_backend_uses_tuned_params_and_explicit_settings_win(tmp_path, 
     )
     seen = []
     real = cpu.attention_forward
-    monkeypatch.setattr(cpu, "attention_forward", lambda *a: seen.append(a[-1]) or real(*a))
+    monkeypatch.setattr(cpu, "attention_forward", lambda *a, **kw: seen.append(a[-1]) or real(*a, **kw))
     for var in [v for v in os.environ if v.startswith("HYPER_")]:
         monkeypatch.delenv(var)
 
@@ -460,3 +464,60 @@ def test_explain_names_the_tuned_entry_it_used(tmp_path, monkeypatch):
     untuned = explain(f, q, q, q, options={"tune_cache": "", "inner_backend": "eager"})
     assert untuned.tuning == []
     torch._dynamo.reset()
+
+
+def test_tuned_table_agrees_with_the_lookup_at_every_length(tmp_path):
+    """The compile-time table (`tuned_table`) gives each length what `lookup_tuned` gives it, at the bucket
+    boundaries too, so one dynamic graph resolves lengths as the per-call lookup did."""
+    path = str(tmp_path / "tune.json")
+    cache.record(path, [_entry(4096, block_size=64), _entry(65536, block_size=512), _entry(8192, block_size=96)])
+    table = cache.tuned_table(path, device=CPU, dtype=torch.float32, head_dim=64, causal=True)
+    settings = op_settings({}, table)
+    for n in (1, 4095, 4096, 5792, 5793, 5794, 8192, 23170, 23171, 23172, 65536, 1 << 22):
+        assert settings.for_length(n).block_size == _lookup(path, n)["block_size"], n
+    assert cache.tuned_table(path, device=CPU, dtype=torch.float32, head_dim=32, causal=True) == ()
+
+
+def test_a_cache_rewrite_between_forward_and_backward_changes_nothing(tmp_path, monkeypatch):
+    """The op is a pure function of its inputs: the settings resolved at compile time travel with the call into
+    its backward, so a tuner writing the cache in between cannot give gradients of another approximation."""
+    path = str(tmp_path / "tune.json")
+    cache.record(path, [_entry(512, causal=False, block_size=32, sample_size=16, min_seq_len=64)])
+    q0 = torch.randn(1, 2, 512, 64)
+
+    def grads(rewrite: bool):
+        torch._dynamo.reset()
+        f = torch.compile(
+            lambda q: F.scaled_dot_product_attention(q, q, q),
+            backend="hyper",
+            options={"tune_cache": path, "inner_backend": "aot_eager"},
+        )
+        q = q0.clone().requires_grad_()
+        out = f(q)
+        if rewrite:
+            cache.record(path, [_entry(512, causal=False, block_size=128, sample_size=64, min_seq_len=64)])
+        out.sum().backward()
+        return out.detach(), q.grad
+
+    first = grads(rewrite=True)
+    cache.record(path, [_entry(512, causal=False, block_size=32, sample_size=16, min_seq_len=64)])
+    second = grads(rewrite=False)
+    torch._dynamo.reset()
+    assert torch.equal(first[0], second[0]) and torch.equal(first[1], second[1])
+
+
+def test_the_op_reads_no_file(monkeypatch):
+    """A call of the op with every file access failing: it needs nothing but its arguments."""
+    import builtins
+
+    q = torch.randn(1, 1, 256, 16, requires_grad=True)
+    settings = OpSettings.of(HyperConfig(min_seq_len=64, block_size=32, sample_size=16)).encode()
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the op touched the file system")
+
+    monkeypatch.setattr(builtins, "open", refuse)
+    monkeypatch.setattr(os, "stat", refuse)
+    out, _ = torch.ops.hyper.attention(q, q, q, None, True, None, settings)
+    out.sum().backward()
+    assert torch.isfinite(q.grad).all()

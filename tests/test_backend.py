@@ -18,8 +18,8 @@ import zoo
 
 import hyper_backend
 from hyper_backend.backend import hyper_backend as backend_fn
-from hyper_backend.backend import resolve_settings, validate_options
-from hyper_backend.config import FIELDS, UNSET, EnvError, LayerSelection
+from hyper_backend.config import EnvError, HyperConfig, LayerSelection, OpSettings
+from hyper_backend.settings import resolve_settings, validate_options
 
 OPTS = dict(min_seq_len=32, block_size=16, sample_size=16, tune_cache="")
 EAGER = {**OPTS, "inner_backend": "eager"}
@@ -137,10 +137,9 @@ def test_precedence_options_over_env(monkeypatch):
     monkeypatch.setenv("HYPER_CAUSAL_DEPTH", "none")
     monkeypatch.setenv("HYPER_TUNE_CACHE", "/tmp/tune-a.json")
     s = resolve_settings({"block_size": 16, "tune_cache": "/tmp/tune-b.json"})
-    # op args: one int per HyperConfig field (block, sample, projs, min_seq_len, depth, seed, ...), then the cache;
-    # unset fields stay UNSET (tuned at run time)
-    rest = [UNSET] * (len(FIELDS) - 6)
-    assert s.op_args == ([16, UNSET, UNSET, UNSET, -2, 7] + rest, "/tmp/tune-b.json")
+    # explicit: options over HYPER_*; the other fields are left to the tuning cache, else the defaults
+    assert dict(s.explicit) == {"block_size": 16, "causal_depth": None, "seed": 7}
+    assert s.tune_cache == "/tmp/tune-b.json"
     assert resolve_settings().tune_cache == "/tmp/tune-a.json"
     monkeypatch.delenv("HYPER_TUNE_CACHE")
     assert resolve_settings().tune_cache.endswith(os.path.join("hyper_backend", "tune.json"))
@@ -149,7 +148,7 @@ def test_precedence_options_over_env(monkeypatch):
 
 
 def test_op_args_in_the_graph():
-    """The rewritten call carries exactly the explicit settings; the rest are UNSET for run-time tuning."""
+    """The rewritten call carries the explicit settings; with no tuning cache the rest are the defaults."""
     seen = []
 
     def spy(gm, example_inputs):
@@ -161,9 +160,8 @@ def test_op_args_in_the_graph():
 
     q = torch.randn(1, 2, 8, 16)
     torch.compile(lambda q: F.scaled_dot_product_attention(q, q, q), backend=spy)(q)
-    expected = [UNSET] * len(FIELDS)
-    expected[FIELDS.index("min_seq_len")] = 48
-    assert len(seen) == 1 and tuple(seen[0][6:]) == (expected, "")
+    assert len(seen) == 1 and len(seen[0]) == 7
+    assert OpSettings.decode(seen[0][6]) == OpSettings.of(HyperConfig(min_seq_len=48))
 
 
 @pytest.mark.parametrize(

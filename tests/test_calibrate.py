@@ -14,9 +14,9 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 from hyper_backend import explain  # noqa: E402
+from hyper_backend.auto_layers import AutoLayersWarning, _auto_warned  # noqa: E402
 from hyper_backend.autotune import cache  # noqa: E402
 from hyper_backend.autotune import calibrate as C  # noqa: E402
-from hyper_backend.backend import AutoLayersWarning, _auto_warned  # noqa: E402
 from hyper_backend.config import HyperConfig, LayerSelection, read_env  # noqa: E402
 
 
@@ -305,12 +305,13 @@ def test_auto_applies_the_calibration_and_explicit_fields_win(tmp_path):
 
 def test_the_inductor_pass_uuid_covers_per_site_configs():
     from hyper_backend.lowering.patterns import AttentionPass
-    from hyper_backend.lowering.sites import Site
+    from hyper_backend.lowering.sites import Policy, Site
 
     sites = {"softmax": Site(0, "attn", "attention", node="softmax")}
 
-    def make(params):
-        return AttentionPass(lambda site: (params, ""), "key", sites, lambda site: True, {}, "")
+    def make(params):  # the backend's policy key holds every site's calibrated config
+        policy = Policy(lambda site: True, lambda site, q, causal: (), (), repr(params))
+        return AttentionPass(policy, sites, {}, "")
 
     assert make([1, 2]).uuid() == make([1, 2]).uuid()
     assert make([1, 2]).uuid() != make([1, 3]).uuid()

@@ -1,4 +1,4 @@
-"""HyperConfig, op parameter encoding, HYPER_* environment parsing and LayerSelection."""
+"""HyperConfig, the op's settings (OpSettings), HYPER_* environment parsing and LayerSelection."""
 
 from __future__ import annotations
 
@@ -9,15 +9,14 @@ import pytest
 
 from hyper_backend import HyperConfig
 from hyper_backend.config import (
-    AUTO_DEPTH,
-    FIELDS,
-    UNSET,
+    DEFAULTS,
     EnvError,
     LayerSelection,
+    OpSettings,
     default_tune_cache,
-    encode,
-    kernel_choice,
+    op_settings,
     read_env,
+    resolve,
 )
 
 # ----------------------------------------------------------------------------------------------------------
@@ -110,26 +109,40 @@ def test_values_beyond_int64_are_rejected_naming_the_field(field):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# op_params: how settings are encoded into the op's integer arguments
+# OpSettings: what the op receives, resolved before it runs
 # ----------------------------------------------------------------------------------------------------------
 
 
-def test_op_params_from_config_is_fully_explicit():
-    p = encode(HyperConfig(block_size=64, causal_depth=None, seed=5))
-    d = HyperConfig()
-    assert tuple(p[:6]) == (64, d.sample_size, d.lsh_num_projs, d.min_seq_len, AUTO_DEPTH, 5)
-    assert UNSET not in p and len(p) == len(FIELDS)
-    assert encode(HyperConfig(causal_depth=2))[FIELDS.index("causal_depth")] == 2
+def test_settings_from_a_config_are_fully_explicit():
+    c = HyperConfig(block_size=64, causal_depth=None, seed=5)
+    s = OpSettings.of(c)
+    assert s.for_length(1) == s.for_length(10**9) == c
+    assert OpSettings.decode(s.encode()) == s
+    assert OpSettings.decode(OpSettings.of(HyperConfig(causal_depth=2)).encode()).configs[0].causal_depth == 2
 
 
-def test_op_params_partial_explicit_leaves_the_rest_unset():
-    p = encode(explicit={"sample_size": 32, "causal_depth": None})
-    assert tuple(p) == (UNSET, 32, UNSET, UNSET, AUTO_DEPTH) + (UNSET,) * (len(FIELDS) - 5)
+def test_explicit_fields_win_over_tuned_ones_and_the_rest_come_from_the_table():
+    table = [(0, {"sample_size": 64, "block_size": 32}), (5793, {"sample_size": 128})]
+    s = op_settings({"sample_size": 32, "causal_depth": None}, table)
+    assert s.starts == (0, 5793)
+    assert [c.sample_size for c in s.configs] == [32, 32], "explicit beats tuned at every length"
+    assert s.for_length(5792).block_size == 32 and s.for_length(5793).block_size == DEFAULTS.block_size
+    assert s.for_length(10**6).causal_depth is None
 
 
-def test_op_params_nothing_given_is_all_unset():
-    assert tuple(encode()) == (UNSET,) * len(FIELDS)
-    assert UNSET != AUTO_DEPTH and UNSET < 0 and AUTO_DEPTH < 0
+def test_nothing_given_is_the_defaults_and_equal_buckets_merge():
+    assert op_settings({}) == OpSettings.of(DEFAULTS)
+    assert op_settings({"seed": 3}, [(0, {"seed": 1}), (100, {"seed": 2})]).configs == (DEFAULTS.replace(seed=3),)
+    assert resolve({"seed": 3}, {"seed": 1, "block_size": 8}) == DEFAULTS.replace(seed=3, block_size=8)
+
+
+def test_settings_text_is_canonical_and_refuses_other_versions():
+    a = op_settings({"seed": 1}, kernels="cpu").encode()
+    assert a == op_settings({"seed": 1}, kernels="cpu").encode() and '"kernels":"cpu"' in a
+    with pytest.raises(ValueError, match="version-1"):
+        OpSettings.decode(a.replace('"v":1', '"v":2'))
+    with pytest.raises(ValueError):
+        OpSettings((DEFAULTS, DEFAULTS), (0, 0))
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -239,12 +252,12 @@ def test_read_env_defaults_to_the_process_environment(monkeypatch):
 
 @pytest.mark.parametrize("raw, choice", [(None, "auto"), ("auto", "auto"), ("CPU", "cpu"), (" triton", "triton")])
 def test_kernel_choice(raw, choice):
-    assert kernel_choice({} if raw is None else {"HYPER_KERNELS": raw}) == choice
+    assert read_env({} if raw is None else {"HYPER_KERNELS": raw}).get("kernels", "auto") == choice
 
 
 def test_kernel_choice_rejects_unknown_values():
     with pytest.raises(EnvError, match="HYPER_KERNELS"):
-        kernel_choice({"HYPER_KERNELS": "cuda"})
+        read_env({"HYPER_KERNELS": "cuda"})
 
 
 def test_default_tune_cache(monkeypatch, tmp_path):

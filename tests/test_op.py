@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from hyper_backend import HyperConfig, hyper_attention
-from hyper_backend.config import encode
+from hyper_backend.config import OpSettings
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -24,7 +24,7 @@ TINY = HyperConfig.published(block_size=4, sample_size=4, lsh_num_projs=3, min_s
 
 def op(q, k, v, key_valid=None, is_causal=False, config=SMALL, scale=None):
     """``torch.ops.hyper.attention`` with every parameter explicit."""
-    return torch.ops.hyper.attention(q, k, v, key_valid, is_causal, scale, encode(config), "")
+    return torch.ops.hyper.attention(q, k, v, key_valid, is_causal, scale, OpSettings.of(config).encode())
 
 
 def exact(q, k, v, key_valid=None, is_causal=False, scale=None):
@@ -269,7 +269,7 @@ def test_opcheck(case, make_qkv, call_delta):
     assert q.is_contiguous() != transposed
     key_valid = ones_value_mask(2, Nk, 3) if padded else None
     cfg = HyperConfig.published(block_size=8, sample_size=8, min_seq_len=16)
-    args = (q, k, v, key_valid, causal, None, encode(cfg), "")
+    args = (q, k, v, key_valid, causal, None, OpSettings.of(cfg).encode())
     torch.library.opcheck(torch.ops.hyper.attention, args)
     assert call_delta()["hyper"] > 0 and call_delta()["backward"] > 0
 
@@ -280,7 +280,7 @@ def test_opcheck_backward_op(make_qkv):
     cfg = HyperConfig.published(block_size=8, sample_size=8, min_seq_len=16)
     out, lse = op(q, k, v, key_valid, True, config=cfg)
     do = torch.randn_like(out)
-    args = (do, q, k, v, out, lse, key_valid, True, None, encode(cfg), "")
+    args = (do, q, k, v, out, lse, key_valid, True, None, OpSettings.of(cfg).encode())
     torch.library.opcheck(torch.ops.hyper.attention_backward, args)
 
 
@@ -611,7 +611,7 @@ def test_inconsistent_inputs_raise_clear_errors(make, match):
     with pytest.raises(ValueError, match=match):
         hyper_attention(q, k, v, enable_gqa=True, config=SMALL)
     with pytest.raises(ValueError, match=match):
-        torch.ops.hyper.attention(q, k, v, None, False, None, encode(SMALL), "")
+        torch.ops.hyper.attention(q, k, v, None, False, None, OpSettings.of(SMALL).encode())
 
 
 @pytest.mark.parametrize("p", [-0.5, float("nan"), 1.5])

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from hyper_backend import HyperConfig
-from hyper_backend.config import encode
+from hyper_backend.config import OpSettings
 from hyper_backend.kernels import cpu, reference
 from hyper_backend.kernels.plan import make_plan
 
@@ -148,7 +148,7 @@ def run_forward_case(case, make_qkv, padding_mask, dense_attention, call_delta):
     assert lse.shape == (B, Hq, Nq) and lse.dtype == (F64 if dtype == F64 else F32)
 
     # the op runs the same code: identical bits, and its counter says the approximation ran
-    op_out, op_lse = torch.ops.hyper.attention(q, k, v, key_valid, causal, None, encode(cfg), "")
+    op_out, op_lse = torch.ops.hyper.attention(q, k, v, key_valid, causal, None, OpSettings.of(cfg).encode())
     assert torch.equal(op_out, out) and torch.equal(op_lse, lse)
     assert call_delta()["hyper"] == 1 and call_delta()["exact"] == 0
 
@@ -217,7 +217,9 @@ def test_fast_backward_matches_autograd_through_reference(case, make_qkv, paddin
     g = torch.Generator().manual_seed(11)
     do = torch.randn(B, Hq, Nq, D, generator=g, dtype=torch.float64).to(dtype)
 
-    out, _ = torch.ops.hyper.attention(q, k, v, key_valid, causal, None, encode(cfg.replace(causal_depth=None)), "")
+    out, _ = torch.ops.hyper.attention(
+        q, k, v, key_valid, causal, None, OpSettings.of(cfg.replace(causal_depth=None)).encode()
+    )
     fast = torch.autograd.grad(out, (q, k, v), do)
     assert call_delta() == {"hyper": 1, "exact": 0, "backward": 1}
 

@@ -25,7 +25,7 @@ import pytest
 import torch
 
 from hyper_backend import HyperConfig
-from hyper_backend.config import encode
+from hyper_backend.config import OpSettings
 from hyper_backend.kernels.reference import hyper_attention_reference, log_weights
 
 # find_spec, not importorskip: the test process must not import triton (see above)
@@ -440,7 +440,7 @@ def _run_dispatch(p=HyperConfig.published(64, 32, 4, 64, None, 0)):
     from hyper_backend.kernels import op
 
     q, k, v, do, key_valid = _inputs(1, 4, 2, 200, 200, 40, torch.float32, True, seed=7)
-    args = (key_valid, False, None, encode(p), "")
+    args = (key_valid, False, None, OpSettings.of(p).encode())
     results = {}
     for choice in ("triton", "cpu"):
         os.environ["HYPER_KERNELS"] = choice
