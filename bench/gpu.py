@@ -32,7 +32,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import device_stamp, summary, write_json  # noqa: E402
 
 from hyper_backend import HyperConfig  # noqa: E402
-from hyper_backend.kernels.plan import block_shape, causal_levels, hyper_applies  # noqa: E402
+from hyper_backend.kernels.draws import block_shape  # noqa: E402
+from hyper_backend.kernels.plan import causal_levels, hyper_applies  # noqa: E402
 
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 BACKWARD_FACTOR = 2.5  # backward FLOPs / forward FLOPs (5 matmuls instead of 2)

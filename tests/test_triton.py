@@ -436,24 +436,19 @@ def test_rows_without_keys_exact_parts(worker):
 
 
 def _run_dispatch(p=HyperConfig.published(64, 32, 4, 64, None, 0)):
-    """torch.ops.hyper.attention with HYPER_KERNELS=triton runs the Triton path, forward and backward."""
+    """torch.ops.hyper.attention with kernels="triton" in its settings runs the Triton path, forward and backward."""
     from hyper_backend.kernels import op
 
     q, k, v, do, key_valid = _inputs(1, 4, 2, 200, 200, 40, torch.float32, True, seed=7)
-    args = (key_valid, False, None, OpSettings.of(p).encode())
     results = {}
     for choice in ("triton", "cpu"):
-        os.environ["HYPER_KERNELS"] = choice
-        try:
-            leaves = [x.clone().requires_grad_() for x in (q, k, v)]
-            before = op.path_counts()
-            out, lse = torch.ops.hyper.attention(*leaves, *args)
-            out.backward(do)
-            assert op.path_counts()["hyper"] == before["hyper"] + 1
-            assert op.path_counts()["backward"] == before["backward"] + 1
-            results[choice] = (out.detach(), lse) + tuple(x.grad for x in leaves)
-        finally:
-            del os.environ["HYPER_KERNELS"]
+        leaves = [x.clone().requires_grad_() for x in (q, k, v)]
+        before = op.path_counts()
+        out, lse = torch.ops.hyper.attention(*leaves, key_valid, False, None, OpSettings.of(p, kernels=choice).encode())
+        out.backward(do)
+        assert op.path_counts()["hyper"] == before["hyper"] + 1
+        assert op.path_counts()["backward"] == before["backward"] + 1
+        results[choice] = (out.detach(), lse) + tuple(x.grad for x in leaves)
     for f, c in zip(results["triton"], results["cpu"]):
         assert _err(f, c) < 2e-5
 
