@@ -187,7 +187,7 @@ def test_exact_side_compiles_to_the_eager_result():
     """``backend="hyper", layers="none"`` (the exact reference) scores a prompt as the uncompiled model does."""
     model = tiny_gemma()
     engine = retrieval.Engine(model, decode)
-    p = needles.build("niah", 400, 0.3, 1, filler(), tokenize, bos=None)
+    p = needles.build("niah", 700, 0.3, 1, filler(), tokenize, bos=None)
     eager = engine.teacher_forced(engine.body, p)
     side = retrieval.Side.make("exact", retrieval.EXACT_OPTIONS)
     compiled = engine.teacher_forced(engine.compile(side), p)
@@ -226,6 +226,9 @@ class FakeEngine:
 
     def compile(self, side):
         return side
+
+    def warm_up(self, body, ids):
+        return 0.0
 
     def teacher_forced(self, body, p):
         self.calls.append((body.name, "teacher", p.depth))
@@ -288,3 +291,9 @@ def test_report_renders_table_and_picture(tmp_path):
     retrieval.heatmap(rows, png, "toy")
     with open(png, "rb") as fh:
         assert fh.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_code_revision_hashes_the_sources_that_compute():
+    rev = retrieval.code_revision()
+    assert rev == retrieval.code_revision() and len(rev) == 12 and int(rev, 16) >= 0
+    assert "demo.py" in retrieval.NOT_NUMERICS  # editing the demo does not rerun the hyper cells
