@@ -470,9 +470,9 @@ def summary(rows: list[dict]) -> dict:
     }
 
 
-def heatmap(rows: list[dict], path: str, title: str) -> None:
-    """Per task a row of two panels (exact, hyper): depth x length, colour = hit rate over seeds, text = mean
-    answer log-prob; grey = not computed."""
+def heatmap(rows: list[dict], path: str, title: str, floor: float = -16.0) -> None:
+    """Per task a row of two panels (exact, hyper): depth x length, colour = mean answer log-prob over seeds (from
+    ``floor``, chance for a 5-7 digit answer, up to 0), text = hits over seeds and the log-prob; grey = not run."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -483,34 +483,37 @@ def heatmap(rows: list[dict], path: str, title: str) -> None:
     lengths = sorted({r["length"] for r in rows})
     depths = sorted({r["depth"] for r in rows})
     fig, axes = plt.subplots(
-        len(tasks), 2, figsize=(3.2 + 1.3 * len(lengths) * 2, 0.9 + 0.55 * len(depths) * len(tasks)), squeeze=False
+        len(tasks),
+        2,
+        figsize=(3.6 + 1.5 * len(lengths) * 2, 1.4 + 0.6 * len(depths) * len(tasks)),
+        squeeze=False,
+        layout="constrained",
     )
     cmap = matplotlib.colormaps["RdYlGn"].with_extremes(bad="#dddddd")
     for i, task in enumerate(tasks):
         for j, side in enumerate(("exact", "hyper")):
-            hit = np.full((len(depths), len(lengths)), np.nan)
-            lp = np.full_like(hit, np.nan)
+            lp = np.full((len(depths), len(lengths)), np.nan)
+            ax = axes[i][j]
             for di, d in enumerate(depths):
                 for li, n in enumerate(lengths):
                     got = [r[side] for r in rows if (r["task"], r["depth"], r["length"]) == (task, d, n) and r[side]]
-                    if got:
-                        hit[di, li] = np.mean([g["hit"] for g in got])
-                        lp[di, li] = np.mean([g["logprob"] for g in got])
-            ax = axes[i][j]
-            ax.imshow(np.ma.masked_invalid(hit), cmap=cmap, vmin=0, vmax=1, aspect="auto")
-            for di in range(len(depths)):
-                for li in range(len(lengths)):
-                    if not np.isnan(lp[di, li]):
-                        ax.text(li, di, f"{lp[di, li]:.1f}", ha="center", va="center", fontsize=8)
+                    if not got:
+                        continue
+                    lp[di, li] = np.mean([g["logprob"] for g in got])
+                    hits = sum(g["hit"] for g in got)
+                    mark = ("hit" if hits else "miss") if len(got) == 1 else f"{hits}/{len(got)}"
+                    weight = "bold" if hits else "normal"
+                    ax.text(li, di, f"{mark} {lp[di, li]:.1f}", ha="center", va="center", fontsize=8, weight=weight)
+            image = ax.imshow(np.ma.masked_invalid(lp), cmap=cmap, vmin=floor, vmax=0, aspect="auto")
             ax.set_xticks(range(len(lengths)), [f"{n // 1024}k" for n in lengths])
             ax.set_yticks(range(len(depths)), [f"{d:g}" for d in depths])
             ax.set_xlabel("context (tokens)")
             ax.set_ylabel("needle depth")
             ax.set_title(f"{task}: {side}", fontsize=10)
-    fig.suptitle(title + "\ncolour: hit (green) / miss (red); text: answer log-prob", fontsize=9)
-    fig.tight_layout()
+    fig.colorbar(image, ax=axes, shrink=0.6, label="answer log-prob")
+    fig.suptitle(title + "\nhit: every answer token is the argmax (teacher-forced)", fontsize=9)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
 
 
