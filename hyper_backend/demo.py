@@ -20,6 +20,12 @@ weights, small enough that exact attention at 16k tokens finishes in seconds; it
 agreement and the relative error of the last hidden state against inductor's exact attention (options
 ``--quick``, ``--layers``, ``--heads``, ``--repeats``).
 
+Why 16384 tokens: it is the longest power of two at which inductor's exact prefill takes under two minutes on
+this project's 2-core machine. Measured there (load 1.3-2.0): inductor 111 s, hyper 25 s (4.4x) at 16k, while
+at 32k inductor's prefill of this body took 1478 s (``bench/results/e2e_gemma_32k.json``); the whole demo took
+6.5 minutes after the download, with a perplexity change of +6.1% and the depth-0.25 pass key hit by exact
+attention (log-prob -1.54) and missed at the defaults (-18.3).
+
 Through a pipe (not a terminal) it prints one line per phase instead of progress bars.
 """
 
