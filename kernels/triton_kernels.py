@@ -68,6 +68,7 @@ LENGTHS = [
     "BAND_LO",
     "BAND_HI",
 ]
+RUNTIME = LENGTHS + ["ACCUMULATE"]  # ACCUMULATE (0/1) only branches at entry and exit: not worth a variant
 # BAND modes (constexpr) of non-causal self-attention with a local window
 BAND_NONE = tl.constexpr(0)
 BAND_EXCLUDE = tl.constexpr(1)  # the hyper parts: (query, key) pairs inside the query's window are left out
@@ -95,18 +96,18 @@ def _rows_of(PERM, pos, inside, row0, N_T, PERMUTED: tl.constexpr):
 
 
 @_device
-def _valid_keys(KVALID, rows, ok, HAS_VALID: tl.constexpr):
-    if HAS_VALID:
-        ok = ok & (tl.load(KVALID + rows, mask=ok, other=0) != 0)
-    return ok
-
-
-@_device
-def _load_rows(base, rows, ok, stride_n, D: tl.constexpr, BLOCK_D: tl.constexpr):
-    """``[R, BLOCK_D]`` tile of rows ``rows`` (zero where masked or past D)."""
+def _load_rows(base, rows, ok, stride_n, D: tl.constexpr, BLOCK_D: tl.constexpr, MASK: tl.constexpr):
+    """``[R, BLOCK_D]`` tile of rows ``rows``: zero where ``ok`` is False (with ``MASK``) or past D. Without
+    ``MASK`` every row must exist (whole tiles), so the load needs no row mask."""
     offs_d = tl.arange(0, BLOCK_D)
     ptrs = base + rows.to(tl.int64)[:, None] * stride_n + offs_d[None, :]
-    return tl.load(ptrs, mask=ok[:, None] & (offs_d[None, :] < D), other=0.0)
+    if MASK:
+        x = tl.load(ptrs, mask=ok[:, None] & (offs_d[None, :] < D), other=0.0)
+    elif D == BLOCK_D:
+        x = tl.load(ptrs)
+    else:
+        x = tl.load(ptrs, mask=offs_d[None, :] < D, other=0.0)
+    return x
 
 
 @_device
@@ -135,14 +136,59 @@ def _query_tile(
     q_row0 = (sub % COUNT) * CHUNK + Q_OFF
     qrow, q_ok = _rows_of(QPERM + sh.to(tl.int64) * SQ, pos, (r < BQ) & (pos < SQ), q_row0, NQ_T, PERMUTED)
     kv_head = (sub * (HQ // GROUP) + h // GROUP).to(tl.int64)
-    return sub, h.to(tl.int64), kv_head, blk, t0, pos, qrow, q_ok
+    return sub.to(tl.int64), h.to(tl.int64), kv_head, blk, t0, pos, qrow, q_ok
 
 
 @_device
-def _diag_keys(KPERM, kv_head, SK, kpos, k_hi, k_row0, NK_T, valid, PERMUTED: tl.constexpr, HAS_VALID: tl.constexpr):
-    """Tensor rows of diagonal-block key positions ``kpos`` below ``k_hi``, and which are attended to."""
-    krow, k_ok = _rows_of(KPERM + kv_head * SK, kpos, kpos < k_hi, k_row0, NK_T, PERMUTED)
-    return krow, _valid_keys(valid, krow, k_ok, HAS_VALID)
+def _diag_keys(kperm, kpos, k_hi, k_row0, NK_T, KVALID, PERMUTED: tl.constexpr, HAS_VALID: tl.constexpr):
+    """Tensor rows of diagonal-block key positions ``kpos`` below ``k_hi``, and which are attended to. A
+    permuted launch has its estimator's keys sorted first (``k_hi`` stops there); an unpermuted one reads the
+    key mask ``KVALID`` by row (contiguous bytes)."""
+    krow, k_ok = _rows_of(kperm, kpos, kpos < k_hi, k_row0, NK_T, PERMUTED)
+    if HAS_VALID:
+        k_ok = k_ok & (tl.load(KVALID + krow, mask=k_ok, other=0) != 0)
+    return krow, k_ok
+
+
+@_device
+def _diag_span(
+    blk,
+    first,
+    BQ,
+    BK,
+    SQ,
+    SK,
+    k_count,
+    k_row0,
+    NK_T,
+    BAND_LO,
+    BAND_HI,
+    PERMUTED: tl.constexpr,
+    IS_CAUSAL: tl.constexpr,
+    BAND: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    """Diagonal-block key positions ``[k_lo, k_hi)`` a query tile (sorted positions ``first + [0, BLOCK_M)``)
+    visits, split at ``k_mid``: ``[k_lo, k_mid)`` are whole tiles of existing keys that every row of the tile
+    sees (no pair mask), ``[k_mid, k_hi)`` the rest (the causal diagonal, the band, a ragged end)."""
+    k_lo = blk * BK
+    k_hi = tl.minimum(k_lo + BK, SK)
+    if PERMUTED:
+        k_hi = tl.minimum(k_hi, k_count)  # the estimator's keys sort first
+        k_full = k_hi
+    else:
+        k_full = tl.minimum(k_hi, NK_T - k_row0)  # rows past the tensor (padded leaves)
+    if IS_CAUSAL:  # bottom-right aligned: position i sees keys <= i + SK - SQ
+        k_hi = tl.minimum(k_hi, first + BLOCK_M + SK - SQ)
+        k_full = tl.minimum(k_full, first + 1 + SK - SQ)
+    if BAND == BAND_ONLY:  # unpermuted: the tile's rows reach keys [first - lo, first + BLOCK_M + hi)
+        k_lo = tl.maximum(k_lo, first - BAND_LO)
+        k_hi = tl.minimum(k_hi, first + BLOCK_M + BAND_HI)
+    k_mid = k_lo
+    if BAND == BAND_NONE:
+        k_mid = k_lo + tl.maximum(k_full - k_lo, 0) // BLOCK_N * BLOCK_N
+    return k_lo, k_mid, k_hi
 
 
 @_device
@@ -152,9 +198,10 @@ def _side_keys(SAMP, SBLK, SLW, kv_head, M, sp, k_row0, NK_T, ACC: tl.constexpr)
 
     Validity rides in the log-weight: -inf marks a key that is not attended (masked, or an empty stratum)."""
     inside = sp < M
-    krow, k_ok = _rows_of(SAMP + kv_head * M, sp, inside, k_row0, NK_T, True)
-    sblk = tl.load(SBLK + kv_head * M + sp, mask=inside, other=-1)
-    lw = tl.load(SLW + kv_head * M + sp, mask=inside, other=0.0).to(ACC)
+    base = kv_head * M
+    krow, k_ok = _rows_of(SAMP + base, sp, inside, k_row0, NK_T, True)
+    sblk = tl.load(SBLK + base + sp, mask=inside, other=-1)
+    lw = tl.load(SLW + base + sp, mask=inside, other=0.0).to(ACC)
     k_ok = k_ok & (lw > float("-inf"))
     return krow, k_ok, sblk, tl.where(k_ok, lw * LOG2E, 0.0)
 
@@ -188,26 +235,6 @@ def _side_pairs(ok, didx, extra, BAND_LO, BAND_HI, BAND: tl.constexpr):
 
 
 @_device
-def _key_span(
-    blk, first, BQ, BK, SQ, SK, BAND_LO, BAND_HI, IS_CAUSAL: tl.constexpr, BAND: tl.constexpr, BLOCK_M: tl.constexpr
-):
-    """Diagonal-block key positions ``[k_lo, k_hi)`` that a query tile (sorted positions from ``first``) sees."""
-    k_lo = blk * BK
-    k_hi = tl.minimum(k_lo + BK, SK)
-    if IS_CAUSAL:
-        k_hi = tl.minimum(k_hi, first + BLOCK_M + SK - SQ)
-    if BAND == BAND_ONLY:  # unpermuted: the tile's rows reach keys [first - lo, first + BLOCK_M + hi)
-        k_lo = tl.maximum(k_lo, first - BAND_LO)
-        k_hi = tl.minimum(k_hi, first + BLOCK_M + BAND_HI)
-    return k_lo, k_hi
-
-
-@_device
-def _load_kv(k_base, v_base, krow, k_ok, skn, svn, D: tl.constexpr, BLOCK_D: tl.constexpr):
-    return _load_rows(k_base, krow, k_ok, skn, D, BLOCK_D), _load_rows(v_base, krow, k_ok, svn, D, BLOCK_D)
-
-
-@_device
 def _grad_rows(
     q_base,
     do_base,
@@ -222,9 +249,10 @@ def _grad_rows(
     BLOCK_D: tl.constexpr,
     ACC: tl.constexpr,
 ):
-    """What the backward reads per query row: q, dO [R, BLOCK_D], lse (base 2) and Delta [R]."""
-    q = _load_rows(q_base, qrow, q_ok, sqn, D, BLOCK_D)
-    do = _load_rows(do_base, qrow, q_ok, sdon, D, BLOCK_D)
+    """What the backward reads per query row: q, dO [R, BLOCK_D], lse (base 2) and Delta [R]; zeros for rows
+    that do not exist, which then add nothing to any gradient."""
+    q = _load_rows(q_base, qrow, q_ok, sqn, D, BLOCK_D, True)
+    do = _load_rows(do_base, qrow, q_ok, sdon, D, BLOCK_D, True)
     row_off = row_base + qrow.to(tl.int64)
     lse2 = tl.load(LSE + row_off, mask=q_ok, other=0.0).to(ACC) * LOG2E
     delta = tl.load(DELTA + row_off, mask=q_ok, other=0.0).to(ACC)
@@ -239,45 +267,510 @@ def _dot(a, b, ACC: tl.constexpr, PRECISION: tl.constexpr, WIDEN: tl.constexpr):
     return tl.dot(a, b, input_precision=PRECISION, out_dtype=ACC)
 
 
-@_device
-def _fwd_step(
-    acc, m_i, l_i, q, k, v, ok, bias2, scale2, ACC: tl.constexpr, PRECISION: tl.constexpr, WIDEN: tl.constexpr
-):
-    """One online-softmax step (base-2 scores) over a key tile; ``ok [BM, BN]`` masks pairs."""
-    s = _dot(q, tl.trans(k), ACC, PRECISION, WIDEN) * scale2 + bias2  # [BM, BN]
-    s = tl.where(ok, s, float("-inf"))
-    m_new = tl.maximum(m_i, tl.max(s, 1))
-    empty = m_new == float("-inf")  # no key yet: keep (m, l, acc) = (-inf, 1, 0)
-    m_safe = tl.where(empty, 0.0, m_new)
-    alpha = tl.where(empty, 1.0, tl.math.exp2(m_i - m_safe))
-    p = tl.math.exp2(s - m_safe[:, None])
-    l_i = l_i * alpha + tl.sum(p, 1)
-    acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, ACC, PRECISION, WIDEN)
-    return acc, m_new, l_i
+# ----------------------------------------------------------------------------------------------------------
+# query-major passes (forward and dQ): one step per key tile, the diagonal block and the side keys
+# ----------------------------------------------------------------------------------------------------------
 
 
 @_device
-def _dq_step(
-    dq, q, do, lse2, delta, k, v, ok, bias2, scale2, ACC: tl.constexpr, PRECISION: tl.constexpr, WIDEN: tl.constexpr
+def _step(
+    acc,
+    m_i,
+    l_i,
+    q,
+    do,
+    lse2,
+    delta,
+    k,
+    v,
+    ok,
+    bias2,
+    scale2,
+    MASK: tl.constexpr,
+    GRAD: tl.constexpr,
+    ACC: tl.constexpr,
+    PRECISION: tl.constexpr,
+    WIDEN: tl.constexpr,
 ):
+    """One key tile of a query tile. Forward (``GRAD`` False): an online-softmax step (base-2 scores) on
+    (acc, m, l). dQ: ``acc += dS K`` (m and l ride along unused). ``ok`` masks pairs when ``MASK``."""
     s = _dot(q, tl.trans(k), ACC, PRECISION, WIDEN) * scale2 + bias2  # [BM, BN]
-    p = tl.where(ok, tl.math.exp2(s - lse2[:, None]), 0.0)
-    dp = _dot(do, tl.trans(v), ACC, PRECISION, WIDEN)
-    ds = p * (dp - delta[:, None])
-    return dq + _dot(ds.to(k.dtype), k, ACC, PRECISION, WIDEN)
+    if GRAD:
+        p = tl.math.exp2(s - lse2[:, None])
+        if MASK:
+            p = tl.where(ok, p, 0.0)
+        dp = _dot(do, tl.trans(v), ACC, PRECISION, WIDEN)
+        ds = p * (dp - delta[:, None])
+        acc = acc + _dot(ds.to(k.dtype), k, ACC, PRECISION, WIDEN)
+    else:
+        if MASK:
+            s = tl.where(ok, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        empty = m_new == float("-inf")  # no key yet: keep (m, l, acc) = (-inf, 1, 0)
+        m_safe = tl.where(empty, 0.0, m_new)
+        alpha = tl.where(empty, 1.0, tl.math.exp2(m_i - m_safe))
+        p = tl.math.exp2(s - m_safe[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, ACC, PRECISION, WIDEN)
+        m_i = m_new
+    return acc, m_i, l_i
+
+
+@_device
+def _diag_pass(
+    acc,
+    m_i,
+    l_i,
+    q,
+    do,
+    lse2,
+    delta,
+    k_base,
+    v_base,
+    skn,
+    svn,
+    kperm,
+    KVALID,
+    lo,
+    hi,
+    pos,
+    qidx,
+    k_row0,
+    NK_T,
+    SQ,
+    SK,
+    BAND_LO,
+    BAND_HI,
+    scale2,
+    MASK: tl.constexpr,
+    PERMUTED: tl.constexpr,
+    HAS_VALID: tl.constexpr,
+    IS_CAUSAL: tl.constexpr,
+    BAND: tl.constexpr,
+    GRAD: tl.constexpr,
+    D: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    ACC: tl.constexpr,
+    PRECISION: tl.constexpr,
+    WIDEN: tl.constexpr,
+):
+    """Key tiles ``[lo, hi)`` of the diagonal block. The next tile's rows (a gather through ``kperm`` when
+    permuted) are loaded one iteration ahead and carried, so the K/V loads of a tile depend on no load of the
+    same iteration and the pipeliner can issue them stages ahead. Without ``MASK`` the tiles are whole and seen
+    by every row: no pair mask and unmasked loads (the key mask of an unpermuted launch still applies)."""
+    kpos = lo + tl.arange(0, BLOCK_N)
+    krow, k_ok = _diag_keys(kperm, kpos, hi, k_row0, NK_T, KVALID, PERMUTED, HAS_VALID)
+    for _ in range(lo, hi, BLOCK_N):
+        nrow, n_ok = _diag_keys(kperm, kpos + BLOCK_N, hi, k_row0, NK_T, KVALID, PERMUTED, HAS_VALID)
+        k = _load_rows(k_base, krow, k_ok, skn, D, BLOCK_D, MASK)
+        v = _load_rows(v_base, krow, k_ok, svn, D, BLOCK_D, MASK)
+        ok = _block_pairs(
+            k_ok[None, :],
+            kpos[None, :] - pos[:, None],
+            (krow - k_row0)[None, :] - qidx[:, None],
+            SQ,
+            SK,
+            BAND_LO,
+            BAND_HI,
+            IS_CAUSAL,
+            BAND,
+        )
+        acc, m_i, l_i = _step(
+            acc, m_i, l_i, q, do, lse2, delta, k, v, ok, 0.0, scale2, MASK or HAS_VALID, GRAD, ACC, PRECISION, WIDEN
+        )
+        kpos, krow, k_ok = kpos + BLOCK_N, nrow, n_ok
+    return acc, m_i, l_i
+
+
+@_device
+def _side_pass(
+    acc,
+    m_i,
+    l_i,
+    q,
+    do,
+    lse2,
+    delta,
+    k_base,
+    v_base,
+    skn,
+    svn,
+    SAMP,
+    SBLK,
+    SLW,
+    kv_head,
+    M,
+    blk,
+    k_row0,
+    NK_T,
+    qidx,
+    BAND_LO,
+    BAND_HI,
+    scale2,
+    BAND: tl.constexpr,
+    GRAD: tl.constexpr,
+    D: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    ACC: tl.constexpr,
+    PRECISION: tl.constexpr,
+    WIDEN: tl.constexpr,
+):
+    """The side keys: residual draws of other blocks (log-weighted), then the exact extras (weight 1). The
+    next tile's rows, blocks and log-weights are loaded one iteration ahead, as in `_diag_pass`."""
+    sp = tl.arange(0, BLOCK_N)
+    krow, k_ok, sblk, lw2 = _side_keys(SAMP, SBLK, SLW, kv_head, M, sp, k_row0, NK_T, ACC)
+    for _ in range(0, M, BLOCK_N):
+        nrow, n_ok, nblk, nlw2 = _side_keys(SAMP, SBLK, SLW, kv_head, M, sp + BLOCK_N, k_row0, NK_T, ACC)
+        k_ok = k_ok & (sblk != blk)
+        k = _load_rows(k_base, krow, k_ok, skn, D, BLOCK_D, True)
+        v = _load_rows(v_base, krow, k_ok, svn, D, BLOCK_D, True)
+        ok = _side_pairs(
+            k_ok[None, :], (krow - k_row0)[None, :] - qidx[:, None], (sblk < 0)[None, :], BAND_LO, BAND_HI, BAND
+        )
+        acc, m_i, l_i = _step(
+            acc, m_i, l_i, q, do, lse2, delta, k, v, ok, lw2[None, :], scale2, True, GRAD, ACC, PRECISION, WIDEN
+        )
+        sp, krow, k_ok, sblk, lw2 = sp + BLOCK_N, nrow, n_ok, nblk, nlw2
+    return acc, m_i, l_i
+
+
+@_device
+def _query_loop(
+    acc,
+    m_i,
+    l_i,
+    q,
+    do,
+    lse2,
+    delta,
+    sub,
+    b,
+    kv_head,
+    blk,
+    t0,
+    pos,
+    qrow,
+    K,
+    V,
+    KVALID,
+    KCOUNT,
+    KPERM,
+    SAMP,
+    SBLK,
+    SLW,
+    skb,
+    skh,
+    skn,
+    svb,
+    svh,
+    svn,
+    svalb,
+    HQ,
+    GROUP,
+    COUNT,
+    CHUNK,
+    Q_OFF,
+    K_OFF,
+    SQ,
+    SK,
+    NK_T,
+    BQ,
+    BK,
+    M,
+    BAND_LO,
+    BAND_HI,
+    scale2,
+    D: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    PERMUTED: tl.constexpr,
+    HAS_SAMPLES: tl.constexpr,
+    HAS_VALID: tl.constexpr,
+    IS_CAUSAL: tl.constexpr,
+    BAND: tl.constexpr,
+    GRAD: tl.constexpr,
+    ACC: tl.constexpr,
+    PRECISION: tl.constexpr,
+    WIDEN: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    """Every key a query tile sees (forward or dQ): the diagonal block's whole tiles, its other tiles, then
+    the side keys."""
+    hk = kv_head % (HQ // GROUP)
+    k_row0 = (sub % COUNT) * CHUNK + K_OFF
+    qidx = qrow - ((sub % COUNT) * CHUNK + Q_OFF)  # query positions in the sub-problem (the window test)
+    k_base = K + b * skb + hk * skh
+    v_base = V + b * svb + hk * svh
+    valid = KVALID + b * svalb
+    kperm = KPERM + kv_head * SK
+    k_count = SK
+    if PERMUTED:
+        k_count = tl.load(KCOUNT + sub)
+    lo, mid, hi = _diag_span(
+        blk,
+        blk * BQ + t0,
+        BQ,
+        BK,
+        SQ,
+        SK,
+        k_count,
+        k_row0,
+        NK_T,
+        BAND_LO,
+        BAND_HI,
+        PERMUTED,
+        IS_CAUSAL,
+        BAND,
+        BLOCK_M,
+        BLOCK_N,
+    )
+    acc, m_i, l_i = _diag_pass(
+        acc,
+        m_i,
+        l_i,
+        q,
+        do,
+        lse2,
+        delta,
+        k_base,
+        v_base,
+        skn,
+        svn,
+        kperm,
+        valid,
+        lo,
+        mid,
+        pos,
+        qidx,
+        k_row0,
+        NK_T,
+        SQ,
+        SK,
+        BAND_LO,
+        BAND_HI,
+        scale2,
+        False,
+        PERMUTED,
+        HAS_VALID,
+        IS_CAUSAL,
+        BAND,
+        GRAD,
+        D,
+        BLOCK_D,
+        BLOCK_N,
+        ACC,
+        PRECISION,
+        WIDEN,
+    )
+    acc, m_i, l_i = _diag_pass(
+        acc,
+        m_i,
+        l_i,
+        q,
+        do,
+        lse2,
+        delta,
+        k_base,
+        v_base,
+        skn,
+        svn,
+        kperm,
+        valid,
+        mid,
+        hi,
+        pos,
+        qidx,
+        k_row0,
+        NK_T,
+        SQ,
+        SK,
+        BAND_LO,
+        BAND_HI,
+        scale2,
+        True,
+        PERMUTED,
+        HAS_VALID,
+        IS_CAUSAL,
+        BAND,
+        GRAD,
+        D,
+        BLOCK_D,
+        BLOCK_N,
+        ACC,
+        PRECISION,
+        WIDEN,
+    )
+    if HAS_SAMPLES:
+        acc, m_i, l_i = _side_pass(
+            acc,
+            m_i,
+            l_i,
+            q,
+            do,
+            lse2,
+            delta,
+            k_base,
+            v_base,
+            skn,
+            svn,
+            SAMP,
+            SBLK,
+            SLW,
+            kv_head,
+            M,
+            blk,
+            k_row0,
+            NK_T,
+            qidx,
+            BAND_LO,
+            BAND_HI,
+            scale2,
+            BAND,
+            GRAD,
+            D,
+            BLOCK_D,
+            BLOCK_N,
+            ACC,
+            PRECISION,
+            WIDEN,
+        )
+    return acc, m_i, l_i
+
+
+# ----------------------------------------------------------------------------------------------------------
+# key-major passes (dK/dV of the diagonal blocks and of the side keys)
+# ----------------------------------------------------------------------------------------------------------
 
 
 @_device
 def _dkdv_step(
-    dk, dv, k, v, q, do, lse2, delta, ok, bias2, scale2, ACC: tl.constexpr, PRECISION: tl.constexpr, WIDEN: tl.constexpr
+    dk,
+    dv,
+    k,
+    v,
+    q,
+    do,
+    lse2,
+    delta,
+    ok,
+    bias2,
+    scale2,
+    MASK: tl.constexpr,
+    ACC: tl.constexpr,
+    PRECISION: tl.constexpr,
+    WIDEN: tl.constexpr,
 ):
-    """Key-major step: ``ok [BN, BM]`` masks (key, query) pairs."""
+    """Key-major step: ``ok [BN, BM]`` masks (key, query) pairs when ``MASK``."""
     st = _dot(k, tl.trans(q), ACC, PRECISION, WIDEN) * scale2 + bias2  # [BN, BM]
-    pt = tl.where(ok, tl.math.exp2(st - lse2[None, :]), 0.0)
+    pt = tl.math.exp2(st - lse2[None, :])
+    if MASK:
+        pt = tl.where(ok, pt, 0.0)
     dv = dv + _dot(pt.to(do.dtype), do, ACC, PRECISION, WIDEN)
     dpt = _dot(v, tl.trans(do), ACC, PRECISION, WIDEN)
     dst = pt * (dpt - delta[None, :])
     dk = dk + _dot(dst.to(q.dtype), q, ACC, PRECISION, WIDEN)
+    return dk, dv
+
+
+@_device
+def _key_pass(
+    dk,
+    dv,
+    k,
+    v,
+    kpos,
+    kidx,
+    k_ok,
+    sblk,
+    lw2,
+    lo,
+    hi,
+    Q,
+    DO,
+    LSE,
+    DELTA,
+    QPERM,
+    sub,
+    b,
+    hk,
+    sqb,
+    sqh,
+    sqn,
+    sdob,
+    sdoh,
+    sdon,
+    slb,
+    slh,
+    HQ,
+    GROUP,
+    SQ,
+    SK,
+    NQ_T,
+    BQ,
+    q_row0,
+    BAND_LO,
+    BAND_HI,
+    scale2,
+    MASK: tl.constexpr,
+    SIDE: tl.constexpr,
+    PERMUTED: tl.constexpr,
+    IS_CAUSAL: tl.constexpr,
+    BAND: tl.constexpr,
+    D: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    ACC: tl.constexpr,
+    PRECISION: tl.constexpr,
+    WIDEN: tl.constexpr,
+):
+    """Query positions ``[lo, hi)`` of every query head of the kv head's group, as one flat loop over (head,
+    tile), so the pipeline fills once per program, not once per head; the next tile's rows are loaded one
+    iteration ahead. ``SIDE``: the keys are side keys (block exclusion, log-weights, window of draws)."""
+    tiles = tl.cdiv(hi - lo, BLOCK_M)
+    total = GROUP * tiles
+    qperm = QPERM + (sub * HQ + hk * GROUP) * SQ
+    pos = lo + tl.arange(0, BLOCK_M)
+    qrow, q_ok = _rows_of(qperm, pos, pos < hi, q_row0, NQ_T, PERMUTED)
+    for it in range(0, total):
+        h = hk * GROUP + it // tiles
+        # the next tile's rows; after the last tile, the last head's first tile again (in bounds, unused)
+        npos = lo + (it + 1) % tiles * BLOCK_M + tl.arange(0, BLOCK_M)
+        nh = tl.minimum((it + 1) // tiles, GROUP - 1)
+        nrow, n_ok = _rows_of(qperm + nh * SQ, npos, npos < hi, q_row0, NQ_T, PERMUTED)
+        q, do, lse2, delta = _grad_rows(
+            Q + b * sqb + h * sqh,
+            DO + b * sdob + h * sdoh,
+            LSE,
+            DELTA,
+            b * slb + h * slh,
+            qrow,
+            q_ok,
+            sqn,
+            sdon,
+            D,
+            BLOCK_D,
+            ACC,
+        )
+        if SIDE:
+            ok = k_ok[:, None] & (sblk[:, None] != (pos // BQ)[None, :])
+            ok = _side_pairs(ok, kidx[:, None] - (qrow - q_row0)[None, :], (sblk < 0)[:, None], BAND_LO, BAND_HI, BAND)
+            dk, dv = _dkdv_step(dk, dv, k, v, q, do, lse2, delta, ok, lw2[:, None], scale2, True, ACC, PRECISION, WIDEN)
+        else:
+            ok = _block_pairs(
+                k_ok[:, None],
+                kpos[:, None] - pos[None, :],
+                kidx[:, None] - (qrow - q_row0)[None, :],
+                SQ,
+                SK,
+                BAND_LO,
+                BAND_HI,
+                IS_CAUSAL,
+                BAND,
+            )
+            dk, dv = _dkdv_step(dk, dv, k, v, q, do, lse2, delta, ok, 0.0, scale2, MASK, ACC, PRECISION, WIDEN)
+        pos, qrow, q_ok = npos, nrow, n_ok
     return dk, dv
 
 
@@ -286,7 +779,7 @@ def _dkdv_step(
 # ----------------------------------------------------------------------------------------------------------
 
 
-@triton.jit(do_not_specialize=LENGTHS)
+@triton.jit(do_not_specialize=RUNTIME)
 def hyper_fwd(
     Q,
     K,
@@ -294,6 +787,7 @@ def hyper_fwd(
     O,
     LSE,
     KVALID,
+    KCOUNT,
     QPERM,
     KPERM,
     SAMP,
@@ -329,7 +823,8 @@ def hyper_fwd(
     M,
     BAND_LO,
     BAND_HI,
-    scale2,
+    scale2: tl.float64,
+    ACCUMULATE,
     BQ_BUCKET,
     BK_BUCKET,
     M_BUCKET,
@@ -340,7 +835,6 @@ def hyper_fwd(
     HAS_VALID: tl.constexpr,
     IS_CAUSAL: tl.constexpr,
     BAND: tl.constexpr,
-    ACCUMULATE: tl.constexpr,
     ACC: tl.constexpr,
     PRECISION: tl.constexpr,
     WIDEN: tl.constexpr,
@@ -350,56 +844,76 @@ def hyper_fwd(
     sub, h, kv_head, blk, t0, pos, qrow, q_ok = _query_tile(
         tl.program_id(0), QPERM, HQ, GROUP, COUNT, CHUNK, Q_OFF, SQ, NQ_T, BQ, PERMUTED, BLOCK_M
     )
-    b = (sub // COUNT).to(tl.int64)
-    hk = kv_head % (HQ // GROUP)
-    k_row0 = (sub % COUNT) * CHUNK + K_OFF
-    qidx = qrow - ((sub % COUNT) * CHUNK + Q_OFF)  # query positions in the sub-problem (the window test)
-    q = _load_rows(Q + b * sqb + h * sqh, qrow, q_ok, sqn, D, BLOCK_D)  # [BM, BD]
-    k_base = K + b * skb + hk * skh
-    v_base = V + b * svb + hk * svh
-    valid = KVALID + b * svalb
+    b = sub // COUNT
+    q = _load_rows(Q + b * sqb + h * sqh, qrow, q_ok, sqn, D, BLOCK_D, True)  # [BM, BD]
     o_base = O + b * sob + h * soh
     l_ptrs = LSE + b * slb + h * slh + qrow.to(tl.int64)
-
     l_i = tl.full([BLOCK_M], 1.0, ACC)
     if ACCUMULATE:  # resume the softmax of earlier parts: (m, l, acc) = (lse, 1, out)
         m_i = tl.load(l_ptrs, mask=q_ok, other=float("-inf")).to(ACC) * LOG2E
-        acc = _load_rows(o_base, qrow, q_ok, son, D, BLOCK_D).to(ACC)
+        acc = _load_rows(o_base, qrow, q_ok, son, D, BLOCK_D, True).to(ACC)
     else:
         m_i = tl.full([BLOCK_M], float("-inf"), ACC)
         acc = tl.zeros([BLOCK_M, BLOCK_D], ACC)
-
-    # (a) the diagonal key block
-    k_lo, k_hi = _key_span(blk, blk * BQ + t0, BQ, BK, SQ, SK, BAND_LO, BAND_HI, IS_CAUSAL, BAND, BLOCK_M)
-    for start in range(k_lo, k_hi, BLOCK_N):
-        kpos = start + tl.arange(0, BLOCK_N)
-        krow, k_ok = _diag_keys(KPERM, kv_head, SK, kpos, k_hi, k_row0, NK_T, valid, PERMUTED, HAS_VALID)
-        k, v = _load_kv(k_base, v_base, krow, k_ok, skn, svn, D, BLOCK_D)
-        ok = tl.broadcast_to(k_ok[None, :], (BLOCK_M, BLOCK_N))
-        ok = _block_pairs(
-            ok,
-            kpos[None, :] - pos[:, None],
-            (krow - k_row0)[None, :] - qidx[:, None],
-            SQ,
-            SK,
-            BAND_LO,
-            BAND_HI,
-            IS_CAUSAL,
-            BAND,
-        )
-        acc, m_i, l_i = _fwd_step(acc, m_i, l_i, q, k, v, ok, 0.0, scale2, ACC, PRECISION, WIDEN)
-
-    # (b) the side keys: residual draws of other blocks (log-weighted), then the exact extras (weight 1)
-    if HAS_SAMPLES:
-        for start in range(0, M, BLOCK_N):
-            sp = start + tl.arange(0, BLOCK_N)
-            krow, k_ok, sblk, lw2 = _side_keys(SAMP, SBLK, SLW, kv_head, M, sp, k_row0, NK_T, ACC)
-            k_ok = k_ok & (sblk != blk)
-            k, v = _load_kv(k_base, v_base, krow, k_ok, skn, svn, D, BLOCK_D)
-            ok = tl.broadcast_to(k_ok[None, :], (BLOCK_M, BLOCK_N))
-            ok = _side_pairs(ok, (krow - k_row0)[None, :] - qidx[:, None], (sblk < 0)[None, :], BAND_LO, BAND_HI, BAND)
-            acc, m_i, l_i = _fwd_step(acc, m_i, l_i, q, k, v, ok, lw2[None, :], scale2, ACC, PRECISION, WIDEN)
-
+    acc, m_i, l_i = _query_loop(
+        acc,
+        m_i,
+        l_i,
+        q,
+        q,
+        m_i,
+        m_i,
+        sub,
+        b,
+        kv_head,
+        blk,
+        t0,
+        pos,
+        qrow,
+        K,
+        V,
+        KVALID,
+        KCOUNT,
+        KPERM,
+        SAMP,
+        SBLK,
+        SLW,
+        skb,
+        skh,
+        skn,
+        svb,
+        svh,
+        svn,
+        svalb,
+        HQ,
+        GROUP,
+        COUNT,
+        CHUNK,
+        Q_OFF,
+        K_OFF,
+        SQ,
+        SK,
+        NK_T,
+        BQ,
+        BK,
+        M,
+        BAND_LO,
+        BAND_HI,
+        tl.cast(scale2, ACC),
+        D,
+        BLOCK_D,
+        PERMUTED,
+        HAS_SAMPLES,
+        HAS_VALID,
+        IS_CAUSAL,
+        BAND,
+        False,
+        ACC,
+        PRECISION,
+        WIDEN,
+        BLOCK_M,
+        BLOCK_N,
+    )
     out = acc / l_i[:, None]
     lse = (m_i + tl.math.log2(l_i)) * LN2  # -inf for rows that saw no key
     _store_rows(o_base, qrow, q_ok, son, out.to(O.dtype.element_ty), D, BLOCK_D)
@@ -411,7 +925,7 @@ def hyper_fwd(
 # ----------------------------------------------------------------------------------------------------------
 
 
-@triton.jit(do_not_specialize=LENGTHS)
+@triton.jit(do_not_specialize=RUNTIME)
 def hyper_bwd_dq(
     Q,
     K,
@@ -421,6 +935,7 @@ def hyper_bwd_dq(
     DELTA,
     DQ,
     KVALID,
+    KCOUNT,
     QPERM,
     KPERM,
     SAMP,
@@ -459,8 +974,9 @@ def hyper_bwd_dq(
     M,
     BAND_LO,
     BAND_HI,
-    scale,
-    scale2,
+    scale: tl.float64,
+    scale2: tl.float64,
+    ACCUMULATE,
     BQ_BUCKET,
     BK_BUCKET,
     M_BUCKET,
@@ -471,21 +987,17 @@ def hyper_bwd_dq(
     HAS_VALID: tl.constexpr,
     IS_CAUSAL: tl.constexpr,
     BAND: tl.constexpr,
-    ACCUMULATE: tl.constexpr,
     ACC: tl.constexpr,
     PRECISION: tl.constexpr,
     WIDEN: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
-    # the forward's loops again, accumulating dQ
+    # the forward's loops again, accumulating dQ (m and l ride along unused)
     sub, h, kv_head, blk, t0, pos, qrow, q_ok = _query_tile(
         tl.program_id(0), QPERM, HQ, GROUP, COUNT, CHUNK, Q_OFF, SQ, NQ_T, BQ, PERMUTED, BLOCK_M
     )
-    b = (sub // COUNT).to(tl.int64)
-    hk = kv_head % (HQ // GROUP)
-    k_row0 = (sub % COUNT) * CHUNK + K_OFF
-    qidx = qrow - ((sub % COUNT) * CHUNK + Q_OFF)
+    b = sub // COUNT
     q, do, lse2, delta = _grad_rows(
         Q + b * sqb + h * sqh,
         DO + b * sdob + h * sdoh,
@@ -500,48 +1012,74 @@ def hyper_bwd_dq(
         BLOCK_D,
         ACC,
     )
-    k_base = K + b * skb + hk * skh
-    v_base = V + b * svb + hk * svh
-    valid = KVALID + b * svalb
     dq = tl.zeros([BLOCK_M, BLOCK_D], ACC)
-
-    k_lo, k_hi = _key_span(blk, blk * BQ + t0, BQ, BK, SQ, SK, BAND_LO, BAND_HI, IS_CAUSAL, BAND, BLOCK_M)
-    for start in range(k_lo, k_hi, BLOCK_N):
-        kpos = start + tl.arange(0, BLOCK_N)
-        krow, k_ok = _diag_keys(KPERM, kv_head, SK, kpos, k_hi, k_row0, NK_T, valid, PERMUTED, HAS_VALID)
-        k, v = _load_kv(k_base, v_base, krow, k_ok, skn, svn, D, BLOCK_D)
-        ok = q_ok[:, None] & k_ok[None, :]
-        ok = _block_pairs(
-            ok,
-            kpos[None, :] - pos[:, None],
-            (krow - k_row0)[None, :] - qidx[:, None],
-            SQ,
-            SK,
-            BAND_LO,
-            BAND_HI,
-            IS_CAUSAL,
-            BAND,
-        )
-        dq = _dq_step(dq, q, do, lse2, delta, k, v, ok, 0.0, scale2, ACC, PRECISION, WIDEN)
-
-    if HAS_SAMPLES:
-        for start in range(0, M, BLOCK_N):
-            sp = start + tl.arange(0, BLOCK_N)
-            krow, k_ok, sblk, lw2 = _side_keys(SAMP, SBLK, SLW, kv_head, M, sp, k_row0, NK_T, ACC)
-            k_ok = k_ok & (sblk != blk)
-            k, v = _load_kv(k_base, v_base, krow, k_ok, skn, svn, D, BLOCK_D)
-            ok = q_ok[:, None] & k_ok[None, :]
-            ok = _side_pairs(ok, (krow - k_row0)[None, :] - qidx[:, None], (sblk < 0)[None, :], BAND_LO, BAND_HI, BAND)
-            dq = _dq_step(dq, q, do, lse2, delta, k, v, ok, lw2[None, :], scale2, ACC, PRECISION, WIDEN)
-
-    dq = dq * scale
+    dq, _, _ = _query_loop(
+        dq,
+        lse2,
+        lse2,
+        q,
+        do,
+        lse2,
+        delta,
+        sub,
+        b,
+        kv_head,
+        blk,
+        t0,
+        pos,
+        qrow,
+        K,
+        V,
+        KVALID,
+        KCOUNT,
+        KPERM,
+        SAMP,
+        SBLK,
+        SLW,
+        skb,
+        skh,
+        skn,
+        svb,
+        svh,
+        svn,
+        svalb,
+        HQ,
+        GROUP,
+        COUNT,
+        CHUNK,
+        Q_OFF,
+        K_OFF,
+        SQ,
+        SK,
+        NK_T,
+        BQ,
+        BK,
+        M,
+        BAND_LO,
+        BAND_HI,
+        tl.cast(scale2, ACC),
+        D,
+        BLOCK_D,
+        PERMUTED,
+        HAS_SAMPLES,
+        HAS_VALID,
+        IS_CAUSAL,
+        BAND,
+        True,
+        ACC,
+        PRECISION,
+        WIDEN,
+        BLOCK_M,
+        BLOCK_N,
+    )
+    dq = dq * tl.cast(scale, ACC)
     dq_base = DQ + b * sdqb + h * sdqh
     if ACCUMULATE:
-        dq += _load_rows(dq_base, qrow, q_ok, sdqn, D, BLOCK_D)
+        dq += _load_rows(dq_base, qrow, q_ok, sdqn, D, BLOCK_D, True)
     _store_rows(dq_base, qrow, q_ok, sdqn, dq, D, BLOCK_D)
 
 
-@triton.jit(do_not_specialize=LENGTHS)
+@triton.jit(do_not_specialize=RUNTIME)
 def hyper_bwd_dkdv(
     Q,
     K,
@@ -552,6 +1090,7 @@ def hyper_bwd_dkdv(
     DK,
     DV,
     KVALID,
+    KCOUNT,
     QPERM,
     KPERM,
     sqb,
@@ -569,6 +1108,9 @@ def hyper_bwd_dkdv(
     sdkb,
     sdkh,
     sdkn,
+    sdvb,
+    sdvh,
+    sdvn,
     slb,
     slh,
     svalb,
@@ -584,22 +1126,19 @@ def hyper_bwd_dkdv(
     NK_T,
     BQ,
     BK,
-    M,
     BAND_LO,
     BAND_HI,
-    scale,
-    scale2,
+    scale: tl.float64,
+    scale2: tl.float64,
+    ACCUMULATE,
     BQ_BUCKET,
     BK_BUCKET,
-    M_BUCKET,
     D: tl.constexpr,
     BLOCK_D: tl.constexpr,
     PERMUTED: tl.constexpr,
-    HAS_SAMPLES: tl.constexpr,
     HAS_VALID: tl.constexpr,
     IS_CAUSAL: tl.constexpr,
     BAND: tl.constexpr,
-    ACCUMULATE: tl.constexpr,
     ACC: tl.constexpr,
     PRECISION: tl.constexpr,
     WIDEN: tl.constexpr,
@@ -622,61 +1161,145 @@ def hyper_bwd_dkdv(
     r = t0 + tl.arange(0, BLOCK_N)
     kpos = blk * BK + r  # [BN]
     krow, k_in = _rows_of(KPERM + kv_head * SK, kpos, (r < BK) & (kpos < SK), k_row0, NK_T, PERMUTED)
-    k_ok = _valid_keys(KVALID + b * svalb, krow, k_in, HAS_VALID)
-    k, v = _load_kv(K + b * skb + hk * skh, V + b * svb + hk * svh, krow, k_ok, skn, svn, D, BLOCK_D)
+    if PERMUTED:  # the estimator's keys sort first
+        k_ok = k_in & (kpos < tl.load(KCOUNT + sub))
+    else:
+        k_ok = k_in
+        if HAS_VALID:
+            k_ok = k_ok & (tl.load(KVALID + b * svalb + krow, mask=k_in, other=0) != 0)
+    k = _load_rows(K + b * skb + hk * skh, krow, k_ok, skn, D, BLOCK_D, True)
+    v = _load_rows(V + b * svb + hk * svh, krow, k_ok, svn, D, BLOCK_D, True)
     kidx = krow - k_row0  # key positions in the sub-problem (the window test)
     dk = tl.zeros([BLOCK_N, BLOCK_D], ACC)
     dv = tl.zeros([BLOCK_N, BLOCK_D], ACC)
 
+    # queries [q_lo, q_hi) see the tile; [q_mid, q_hi) see all of it (no pair mask). Keys that are not attended
+    # get their rows zeroed at the end instead of a mask per step.
+    first = blk * BK + t0
     q_lo = blk * BQ
     q_hi = tl.minimum(q_lo + BQ, SQ)
     if IS_CAUSAL:  # queries before the tile's first key see none of it
-        q_lo = tl.maximum(q_lo, blk * BK + t0 - (SK - SQ))
+        q_lo = tl.maximum(q_lo, first - (SK - SQ))
     if BAND == BAND_ONLY:  # unpermuted: the tile's keys are in the windows of queries [first - hi, ... + lo)
-        q_lo = tl.maximum(q_lo, blk * BK + t0 - BAND_HI)
-        q_hi = tl.minimum(q_hi, blk * BK + t0 + BLOCK_N + BAND_LO)
-    for hh in range(0, GROUP):
-        h = hk * GROUP + hh
-        qperm = QPERM + (sub * HQ + h) * SQ
-        for start in range(q_lo, q_hi, BLOCK_M):
-            pos = start + tl.arange(0, BLOCK_M)
-            qrow, q_ok = _rows_of(qperm, pos, pos < q_hi, q_row0, NQ_T, PERMUTED)
-            q, do, lse2, delta = _grad_rows(
-                Q + b * sqb + h * sqh,
-                DO + b * sdob + h * sdoh,
-                LSE,
-                DELTA,
-                b * slb + h * slh,
-                qrow,
-                q_ok,
-                sqn,
-                sdon,
-                D,
-                BLOCK_D,
-                ACC,
-            )
-            ok = k_ok[:, None] & q_ok[None, :]
-            ok = _block_pairs(
-                ok,
-                kpos[:, None] - pos[None, :],
-                kidx[:, None] - (qrow - q_row0)[None, :],
-                SQ,
-                SK,
-                BAND_LO,
-                BAND_HI,
-                IS_CAUSAL,
-                BAND,
-            )
-            dk, dv = _dkdv_step(dk, dv, k, v, q, do, lse2, delta, ok, 0.0, scale2, ACC, PRECISION, WIDEN)
+        q_lo = tl.maximum(q_lo, first - BAND_HI)
+        q_hi = tl.minimum(q_hi, first + BLOCK_N + BAND_LO)
+    q_mid = q_hi
+    if BAND == BAND_NONE:
+        q_mid = q_lo
+        if IS_CAUSAL:  # from query first + BLOCK_N - 1 - (SK - SQ) on, every key of the tile is seen
+            need = tl.maximum(first + BLOCK_N - 1 - (SK - SQ) - q_lo, 0)
+            q_mid = tl.minimum(q_lo + tl.cdiv(need, BLOCK_M) * BLOCK_M, q_hi)
+    scale2 = tl.cast(scale2, ACC)
+    dk, dv = _key_pass(
+        dk,
+        dv,
+        k,
+        v,
+        kpos,
+        kidx,
+        k_ok,
+        kpos,
+        kpos,
+        q_lo,
+        q_mid,
+        Q,
+        DO,
+        LSE,
+        DELTA,
+        QPERM,
+        sub,
+        b,
+        hk,
+        sqb,
+        sqh,
+        sqn,
+        sdob,
+        sdoh,
+        sdon,
+        slb,
+        slh,
+        HQ,
+        GROUP,
+        SQ,
+        SK,
+        NQ_T,
+        BQ,
+        q_row0,
+        BAND_LO,
+        BAND_HI,
+        scale2,
+        True,
+        False,
+        PERMUTED,
+        IS_CAUSAL,
+        BAND,
+        D,
+        BLOCK_D,
+        BLOCK_M,
+        ACC,
+        PRECISION,
+        WIDEN,
+    )
+    dk, dv = _key_pass(
+        dk,
+        dv,
+        k,
+        v,
+        kpos,
+        kidx,
+        k_ok,
+        kpos,
+        kpos,
+        q_mid,
+        q_hi,
+        Q,
+        DO,
+        LSE,
+        DELTA,
+        QPERM,
+        sub,
+        b,
+        hk,
+        sqb,
+        sqh,
+        sqn,
+        sdob,
+        sdoh,
+        sdon,
+        slb,
+        slh,
+        HQ,
+        GROUP,
+        SQ,
+        SK,
+        NQ_T,
+        BQ,
+        q_row0,
+        BAND_LO,
+        BAND_HI,
+        scale2,
+        False,
+        False,
+        PERMUTED,
+        IS_CAUSAL,
+        BAND,
+        D,
+        BLOCK_D,
+        BLOCK_M,
+        ACC,
+        PRECISION,
+        WIDEN,
+    )
 
-    dk = dk * scale
+    dk = tl.where(k_ok[:, None], dk * tl.cast(scale, ACC), 0.0)
+    dv = tl.where(k_ok[:, None], dv, 0.0)
     dk_base = DK + b * sdkb + hk * sdkh
-    dv_base = DV + b * sdkb + hk * sdkh
+    dv_base = DV + b * sdvb + hk * sdvh
     if ACCUMULATE:
-        dk += _load_rows(dk_base, krow, k_in, sdkn, D, BLOCK_D)
-        dv += _load_rows(dv_base, krow, k_in, sdkn, D, BLOCK_D)
+        dk += _load_rows(dk_base, krow, k_in, sdkn, D, BLOCK_D, True)
+        dv += _load_rows(dv_base, krow, k_in, sdvn, D, BLOCK_D, True)
     _store_rows(dk_base, krow, k_in, sdkn, dk, D, BLOCK_D)
-    _store_rows(dv_base, krow, k_in, sdkn, dv, D, BLOCK_D)
+    _store_rows(dv_base, krow, k_in, sdvn, dv, D, BLOCK_D)
 
 
 @triton.jit(do_not_specialize=LENGTHS + ["ROWS_PER_SPLIT"])
@@ -721,17 +1344,13 @@ def hyper_bwd_sample(
     M,
     BAND_LO,
     BAND_HI,
-    scale,
-    scale2,
+    scale: tl.float64,
+    scale2: tl.float64,
     ROWS_PER_SPLIT,
     BQ_BUCKET,
-    BK_BUCKET,
     M_BUCKET,
     D: tl.constexpr,
     BLOCK_D: tl.constexpr,
-    PERMUTED: tl.constexpr,
-    HAS_SAMPLES: tl.constexpr,
-    IS_CAUSAL: tl.constexpr,
     BAND: tl.constexpr,
     ACC: tl.constexpr,
     PRECISION: tl.constexpr,
@@ -753,40 +1372,68 @@ def hyper_bwd_sample(
     k_row0 = (sub % COUNT) * CHUNK + K_OFF
     sp = (pid % tiles) * BLOCK_N + tl.arange(0, BLOCK_N)
     krow, k_ok, sblk, lw2 = _side_keys(SAMP, SBLK, SLW, kv_head, M, sp, k_row0, NK_T, ACC)
-    k, v = _load_kv(K + b * skb + hk * skh, V + b * svb + hk * svh, krow, k_ok, skn, svn, D, BLOCK_D)
+    k = _load_rows(K + b * skb + hk * skh, krow, k_ok, skn, D, BLOCK_D, True)
+    v = _load_rows(V + b * svb + hk * svh, krow, k_ok, svn, D, BLOCK_D, True)
     kidx = krow - k_row0
     dk = tl.zeros([BLOCK_N, BLOCK_D], ACC)
     dv = tl.zeros([BLOCK_N, BLOCK_D], ACC)
     p_lo = split * ROWS_PER_SPLIT
     p_hi = tl.minimum(p_lo + ROWS_PER_SPLIT, SQ)
-    for hh in range(0, GROUP):
-        h = hk * GROUP + hh
-        qperm = QPERM + (sub * HQ + h) * SQ
-        for start in range(p_lo, p_hi, BLOCK_M):
-            pos = start + tl.arange(0, BLOCK_M)
-            qrow, q_ok = _rows_of(qperm, pos, pos < p_hi, q_row0, NQ_T, True)
-            q, do, lse2, delta = _grad_rows(
-                Q + b * sqb + h * sqh,
-                DO + b * sdob + h * sdoh,
-                LSE,
-                DELTA,
-                b * slb + h * slh,
-                qrow,
-                q_ok,
-                sqn,
-                sdon,
-                D,
-                BLOCK_D,
-                ACC,
-            )
-            ok = k_ok[:, None] & q_ok[None, :] & (sblk[:, None] != (pos // BQ)[None, :])
-            ok = _side_pairs(ok, kidx[:, None] - (qrow - q_row0)[None, :], (sblk < 0)[:, None], BAND_LO, BAND_HI, BAND)
-            dk, dv = _dkdv_step(dk, dv, k, v, q, do, lse2, delta, ok, lw2[:, None], scale2, ACC, PRECISION, WIDEN)
+    dk, dv = _key_pass(
+        dk,
+        dv,
+        k,
+        v,
+        sp,
+        kidx,
+        k_ok,
+        sblk,
+        lw2,
+        p_lo,
+        p_hi,
+        Q,
+        DO,
+        LSE,
+        DELTA,
+        QPERM,
+        sub,
+        b,
+        hk,
+        sqb,
+        sqh,
+        sqn,
+        sdob,
+        sdoh,
+        sdon,
+        slb,
+        slh,
+        HQ,
+        GROUP,
+        SQ,
+        SK,
+        NQ_T,
+        BQ,
+        q_row0,
+        BAND_LO,
+        BAND_HI,
+        tl.cast(scale2, ACC),
+        True,
+        True,
+        True,
+        False,
+        BAND,
+        D,
+        BLOCK_D,
+        BLOCK_M,
+        ACC,
+        PRECISION,
+        WIDEN,
+    )
 
     offs_d = tl.arange(0, BLOCK_D)
     heads = tl.num_programs(0) // (splits * tiles)  # n_sub * Hkv
     row = ((split.to(tl.int64) * heads + kv_head) * 2) * M + sp  # [BN] rows of PART viewed as [-1, BLOCK_D]
     ptrs = PART + row[:, None] * BLOCK_D + offs_d[None, :]
     inside = (sp < M)[:, None]
-    tl.store(ptrs, dk * scale, mask=inside)
+    tl.store(ptrs, dk * tl.cast(scale, ACC), mask=inside)
     tl.store(ptrs + M * BLOCK_D, dv, mask=inside)

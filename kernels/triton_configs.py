@@ -1,0 +1,155 @@
+"""Launch configurations of the Triton kernels: config lists per operand width, the pruning per GPU target, and
+the autotuned kernels that `triton_attention` launches.
+
+Every config a launcher can pick was compiled ahead of time for sm_80 and sm_90 (``bench/triton_resources.py``,
+run by ``tests/test_triton.py``): none spills a register or exceeds the target's shared memory per block, and
+the shared-memory model below bounds what each build really allocates. docs/gpu.md has the resource table.
+
+Pruning (`Pruner`, the autotuners' ``early_config_prune``), for the actual call and GPU:
+- the list of the operand width: 16-bit inputs run tensor-core dots and get the large tiles; fp32
+  (``input_precision="ieee"``: FMA dots, to match eager fp32) and fp64 get small tiles sized so the operand
+  tiles and accumulators stay in registers;
+- tiles never larger than what they cover (the block's rows, its keys or the side keys), so a short block does
+  not run a mostly masked tile;
+- the shared-memory model (`shared_bytes`) within the GPU's per-block limit (`Target`).
+The autotune keys are power-of-two buckets of the block lengths plus BLOCK_D, the flags and the dtype, never
+raw n: one tuning per bucket, not per sequence length.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import NamedTuple
+
+import triton
+
+from . import triton_kernels as tk
+from .plan import next_pow2
+
+# opt-in shared memory per block (bytes) by compute capability; other GPUs are asked through the driver
+SHARED_PER_BLOCK = {80: 163 * 1024, 86: 99 * 1024, 87: 163 * 1024, 89: 99 * 1024, 90: 227 * 1024}
+
+
+class Target(NamedTuple):
+    arch: int  # compute capability, 10 * major + minor
+    shared_per_block: int  # bytes
+
+    @classmethod
+    def of(cls, arch: int) -> Target:
+        return cls(arch, SHARED_PER_BLOCK[arch])
+
+
+@functools.lru_cache(maxsize=8)
+def device_target(index: int) -> Target:
+    """The target of CUDA device ``index``: its capability and the driver's shared memory per block."""
+    import torch
+
+    major, minor = torch.cuda.get_device_capability(index)
+    props = triton.runtime.driver.active.utils.get_device_properties(index)
+    return Target(10 * major + minor, int(props["max_shared_mem"]))
+
+
+def bucket(n: int, cap: int = 16384) -> int:
+    """Autotune key for a length: its next power of two, capped."""
+    return min(next_pow2(n), cap)
+
+
+def _config(bm, bn, warps, stages):
+    return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=warps, num_stages=stages)
+
+
+# (BLOCK_M query rows, BLOCK_N keys, warps, stages) per operand width; the last entry of each list is the
+# fallback when nothing else fits
+QUERY_MAJOR = {
+    2: [_config(*c) for c in [(128, 64, 8, 3), (128, 32, 4, 3), (64, 64, 4, 3), (64, 32, 4, 3), (32, 32, 4, 2)]],
+    4: [_config(*c) for c in [(64, 32, 4, 2), (32, 32, 4, 2)]],
+    8: [_config(*c) for c in [(32, 32, 4, 2), (32, 16, 4, 1)]],
+}
+KEY_MAJOR = {
+    2: [_config(*c) for c in [(64, 128, 8, 2), (32, 128, 8, 2), (32, 64, 4, 3), (64, 64, 4, 2), (32, 32, 4, 2)]],
+    4: [_config(*c) for c in [(32, 64, 4, 2), (32, 32, 4, 2)]],
+    8: [_config(*c) for c in [(32, 32, 4, 2), (16, 32, 4, 1)]],
+}
+INTERPRETER = _config(64, 64, 4, 1)  # one config, no benchmarking: every op costs the same at any tile size there
+
+
+def shared_bytes(kind: str, c: triton.Config, block_d: int, itemsize: int) -> int:
+    """An upper bound of the shared memory a build allocates (checked against every build by the sweep): the
+    streamed operand tiles, one buffer per pipeline stage, plus the resident tile staged for the dots."""
+    bm, bn, stages = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], max(c.num_stages, 1)
+    width = max(itemsize, 2)
+    if kind == "query":  # K and V tiles [BN, BD] per stage; Q [BM, BD]
+        streamed, resident = 2 * bn * block_d, bm * block_d
+    else:  # Q and dO tiles [BM, BD] per stage; K and V [BN, BD]
+        streamed, resident = 2 * bm * block_d, 2 * bn * block_d
+    return width * (stages * streamed + resident) + 4 * (bm + bn) * stages * 4
+
+
+class Pruner(NamedTuple):
+    """``early_config_prune`` of one kernel: ``kind`` is "query" or "key" (which tile is streamed), ``rows`` and
+    ``keys`` the arguments whose (largest) value bounds BLOCK_M and BLOCK_N."""
+
+    kind: str
+    rows: str
+    keys: tuple
+
+    def __call__(self, configs, named_args, **kwargs):
+        args = {**named_args, **kwargs}
+        if tk.INTERPRET:
+            return [INTERPRETER]
+        q = args["Q"]
+        return self.for_target(configs, args, device_target(q.device.index if q.device.index is not None else 0))
+
+    def for_target(self, configs, args: dict, target: Target | int) -> list:
+        """The configs this call keeps on ``target`` (a `Target`, or a compute capability)."""
+        if isinstance(target, int):
+            target = Target.of(target)
+        itemsize = args["Q"].element_size()
+        lists = QUERY_MAJOR if self.kind == "query" else KEY_MAJOR
+        mine = lists[max(itemsize, 2)]
+        rows = max(16, next_pow2(args[self.rows]))
+        keys = max(16, next_pow2(max(args[k] for k in self.keys)))
+        block_d = args["BLOCK_D"]
+        keep = [
+            c
+            for c in configs
+            if c in mine
+            and c.kwargs["BLOCK_M"] <= rows
+            and c.kwargs["BLOCK_N"] <= keys
+            and shared_bytes(self.kind, c, block_d, itemsize) <= target.shared_per_block
+        ]
+        return keep or mine[-1:]
+
+
+def _all(lists: dict) -> list:
+    out = []
+    for configs in lists.values():
+        out += [c for c in configs if c not in out]
+    return out
+
+
+_FLAGS = ["BLOCK_D", "PERMUTED", "IS_CAUSAL", "BAND"]
+
+hyper_fwd = triton.autotune(
+    configs=_all(QUERY_MAJOR),
+    key=["BQ_BUCKET", "BK_BUCKET", "M_BUCKET", "HAS_SAMPLES", "HAS_VALID"] + _FLAGS,
+    prune_configs_by={"early_config_prune": Pruner("query", "BQ", ("BK", "M"))},
+    restore_value=["O", "LSE"],
+)(tk.hyper_fwd)
+hyper_bwd_dq = triton.autotune(
+    configs=_all(QUERY_MAJOR),
+    key=["BQ_BUCKET", "BK_BUCKET", "M_BUCKET", "HAS_SAMPLES", "HAS_VALID"] + _FLAGS,
+    prune_configs_by={"early_config_prune": Pruner("query", "BQ", ("BK", "M"))},
+    restore_value=["DQ"],
+)(tk.hyper_bwd_dq)
+hyper_bwd_dkdv = triton.autotune(
+    configs=_all(KEY_MAJOR),
+    key=["BQ_BUCKET", "BK_BUCKET", "HAS_VALID"] + _FLAGS,
+    prune_configs_by={"early_config_prune": Pruner("key", "BQ", ("BK",))},
+    restore_value=["DK", "DV"],
+)(tk.hyper_bwd_dkdv)
+hyper_bwd_sample = triton.autotune(
+    configs=_all(KEY_MAJOR),
+    key=["BQ_BUCKET", "M_BUCKET", "BLOCK_D", "BAND"],
+    prune_configs_by={"early_config_prune": Pruner("key", "SQ", ("M",))},
+)(tk.hyper_bwd_sample)
