@@ -114,21 +114,35 @@ def recording() -> Iterator[list[Launch]]:
     launches: list[Launch] = []
     saved = Autotuner.run, JITFunction.run
 
-    def tuner_run(self, *args, **kwargs):
+    def run(self, *args, **kwargs):  # the launchers pass every argument by name
         launches.append(Launch(self, args, _launch_kwargs(kwargs), ""))
 
-    def jit_run(self, *args, **kwargs):
-        launches.append(Launch(self, args, _launch_kwargs(kwargs), ""))
-
-    Autotuner.run, JITFunction.run = tuner_run, jit_run
+    Autotuner.run, JITFunction.run = run, run
     try:
         yield launches
     finally:
         Autotuner.run, JITFunction.run = saved
 
 
+class TensorSpec:
+    """What binding and pruning read of a tensor argument (dtype, address, element size), without its data: the
+    recorded launches of a sweep would otherwise keep every tensor of every scenario alive."""
+
+    def __init__(self, t):
+        self.dtype, self._ptr, self._size = t.dtype, t.data_ptr(), t.element_size()
+
+    def data_ptr(self) -> int:
+        return self._ptr
+
+    def element_size(self) -> int:
+        return self._size
+
+
 def _launch_kwargs(kwargs: dict) -> dict:
-    return {k: v for k, v in kwargs.items() if k not in ("grid", "warmup")}
+    import torch
+
+    spec = lambda v: TensorSpec(v) if isinstance(v, torch.Tensor) else v  # noqa: E731
+    return {k: spec(v) for k, v in kwargs.items() if k not in ("grid", "warmup")}
 
 
 def _call(sc: Scenario) -> None:
@@ -184,20 +198,24 @@ class Variant:
     options: dict
     flags: dict  # the constexpr flags and tile, by name (for tables)
     scenarios: list
+    shared_model: int = 0  # the pruning's shared-memory model for this config (0: none)
 
     @property
     def key(self) -> str:
-        text = repr((self.kernel, self.arch, sorted(self.signature.items()), sorted(map(repr, self.constexprs.items()))))
+        text = repr(
+            (self.kernel, self.arch, sorted(self.signature.items()), sorted(map(repr, self.constexprs.items())))
+        )
         text += repr((sorted(map(repr, self.attrs.items())), sorted(map(repr, self.options.items()))))
         return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-def _configs(kernel, kwargs: dict, arch: int) -> list[tuple[object, dict]]:
-    """(JITFunction, keyword arguments) per config the launcher's pruning keeps on ``arch``."""
+def _configs(kernel, kwargs: dict, arch: int) -> list[tuple[object, dict, int]]:
+    """(JITFunction, keyword arguments, the pruning's shared-memory model or 0) per config the launcher's
+    pruning keeps on ``arch``."""
     from triton.runtime.autotuner import Autotuner
 
     if not isinstance(kernel, Autotuner):
-        return [(kernel, kwargs)]
+        return [(kernel, kwargs, 0)]
     pruner = kernel.early_config_prune
     if pruner is not None and hasattr(pruner, "for_target"):
         configs = pruner.for_target(kernel.configs, kwargs, arch)
@@ -205,8 +223,8 @@ def _configs(kernel, kwargs: dict, arch: int) -> list[tuple[object, dict]]:
         configs = pruner(kernel.configs, {}, **kwargs)
     else:
         configs = kernel.configs
-    fn = kernel.fn
-    return [(fn, {**kwargs, **c.all_kwargs()}) for c in configs]
+    model = getattr(pruner, "shared", lambda c, args: 0)
+    return [(kernel.fn, {**kwargs, **c.all_kwargs()}, model(c, kwargs)) for c in configs]
 
 
 def _bind(fn, args: tuple, kwargs: dict, arch: int):
@@ -231,12 +249,12 @@ def variants(launches: list[Launch], arch: int) -> dict[str, Variant]:
     """The distinct compiles of the launches on ``arch``, keyed by `Variant.key`."""
     out: dict[str, Variant] = {}
     for launch in launches:
-        for fn, kwargs in _configs(launch.kernel, launch.kwargs, arch):
+        for fn, kwargs, model in _configs(launch.kernel, launch.kwargs, arch):
             options, signature, constexprs, attrs = _bind(fn, launch.args, kwargs, arch)
             names = {path[0]: value for path, value in constexprs.items() if len(path) == 1}
             flags = {fn.arg_names[i]: _plain(v) for i, v in names.items() if fn.params[i].is_constexpr}
-            flags.update(num_warps=options.num_warps, num_stages=options.num_stages)
-            var = Variant(fn.__name__, arch, fn, signature, constexprs, attrs, options.__dict__, flags, [])
+            flags.update(num_warps=options.num_warps, num_stages=options.num_stages, DTYPE=signature["Q"].lstrip("*"))
+            var = Variant(fn.__name__, arch, fn, signature, constexprs, attrs, options.__dict__, flags, [], model)
             var = out.setdefault(var.key, var)
             if launch.scenario not in var.scenarios:
                 var.scenarios.append(launch.scenario)
@@ -279,6 +297,7 @@ class Resources:
     spill_instructions: int = 0  # STL + LDL in the SASS
     shared: int = 0  # dynamic shared memory per block (bytes)
     shared_limit: int = 0
+    shared_model: int = 0  # the pruning's model (an upper bound of ``shared``; 0: none)
     ctas_per_sm: int = 0
     tensor_cores: str = ""
     async_copies: int = 0
@@ -287,7 +306,8 @@ class Resources:
 
     @property
     def ok(self) -> bool:
-        return not self.error and self.shared <= self.shared_limit and self.spill_bytes == 0
+        within_model = not self.shared_model or self.shared <= self.shared_model
+        return not self.error and self.shared <= self.shared_limit and self.spill_bytes == 0 and within_model
 
 
 def _tool(name: str) -> str:
@@ -367,7 +387,15 @@ def build(var: Variant) -> Resources:
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    res = Resources(var.kernel, var.arch, var.key, var.flags, var.scenarios, shared_limit=SHARED_PER_BLOCK[var.arch])
+    res = Resources(
+        var.kernel,
+        var.arch,
+        var.key,
+        var.flags,
+        var.scenarios,
+        shared_limit=SHARED_PER_BLOCK[var.arch],
+        shared_model=var.shared_model,
+    )
     start = time.perf_counter()
     try:
         src = ASTSource(var.fn, var.signature, var.constexprs, var.attrs)
@@ -400,7 +428,7 @@ def build(var: Variant) -> Resources:
 
 
 def _build_by_key(job):
-    """Worker entry (spawned processes): re-record and build the variants named by key."""
+    """Worker entry (spawned processes): re-record the scenarios and build the variants named by key."""
     cases, arch, keys, cache = job
     os.environ["TRITON_CACHE_DIR"] = cache
     found = variants(record(cases), arch)
@@ -431,7 +459,9 @@ def sweep(cases: list[Scenario], archs=(80, 90), jobs: int = 1, cache: str | Non
             for arch, v in share:
                 by_arch.setdefault(arch, []).append(v.key)
             for arch, keys in by_arch.items():
-                futures.append(pool.submit(_build_by_key, (cases, arch, keys, os.environ.get("TRITON_CACHE_DIR", ""))))
+                names = {n for _, v in share if v.arch == arch for n in v.scenarios}
+                mine = [sc for sc in cases if sc.name in names]
+                futures.append(pool.submit(_build_by_key, (mine, arch, keys, os.environ.get("TRITON_CACHE_DIR", ""))))
         return [r for f in futures for r in f.result()]
 
 
@@ -440,7 +470,9 @@ def quick_pick(found: list[Variant]) -> list[Variant]:
     spill or overflow shared memory)."""
     best: dict[tuple, Variant] = {}
     for v in found:
-        flags = tuple(sorted((k, x) for k, x in v.flags.items() if k not in ("BLOCK_M", "BLOCK_N", "num_warps", "num_stages")))
+        flags = tuple(
+            sorted((k, x) for k, x in v.flags.items() if k not in ("BLOCK_M", "BLOCK_N", "num_warps", "num_stages"))
+        )
         size = v.flags.get("BLOCK_M", 0) * v.flags.get("BLOCK_N", 0)
         cur = best.get((v.kernel, flags))
         if cur is None or size > cur.flags.get("BLOCK_M", 0) * cur.flags.get("BLOCK_N", 0):
@@ -452,6 +484,117 @@ def all_scenarios(dims=(64, 128), dtypes=("float16", "bfloat16", "float32", "flo
     return [sc for d in dims for dt in dtypes for sc in scenarios(d, dt)]
 
 
+def summary_rows(results: list[Resources]) -> list[dict]:
+    """One row per (kernel, arch, dtype, head dim, tile config) over every flag combination built."""
+    groups: dict[tuple, list[Resources]] = {}
+    for r in results:
+        f = r.flags
+        tile = f"{f['BLOCK_M']}x{f['BLOCK_N']} w{f['num_warps']} s{f['num_stages']}"
+        groups.setdefault((r.kernel, r.arch, f["DTYPE"], f["BLOCK_D"], tile), []).append(r)
+    rows = []
+    for (kernel, arch, dtype, block_d, tile), rs in sorted(groups.items()):
+        rows.append(
+            dict(
+                kernel=kernel,
+                arch=f"sm_{arch}",
+                dtype=dtype,
+                d=block_d,
+                tile=tile,
+                variants=len(rs),
+                registers=(min(r.registers for r in rs), max(r.registers for r in rs)),
+                spill_bytes=max(r.spill_bytes for r in rs),
+                shared_kib=round(max(r.shared for r in rs) / 1024, 1),
+                model_kib=round(max(r.shared_model for r in rs) / 1024, 1),
+                ctas_per_sm=min(r.ctas_per_sm for r in rs),
+                tensor_cores="/".join(sorted({r.tensor_cores for r in rs})),
+                async_copies=min(r.async_copies for r in rs) > 0,
+                errors=sum(bool(r.error) for r in rs),
+            )
+        )
+    return rows
+
+
+def markdown(rows: list[dict]) -> str:
+    cols = ["kernel", "arch", "dtype", "d", "tile (M x N, warps, stages)", "variants", "registers", "spill B"]
+    cols += ["shared KiB (model)", "CTAs/SM", "tensor cores", "async copies"]
+    head = "| " + " | ".join(cols) + " |"
+    out = [head, "|" + "---|" * 12]
+    for r in rows:
+        lo, hi = r["registers"]
+        regs = str(lo) if lo == hi else f"{lo}-{hi}"
+        out.append(
+            f"| `{r['kernel']}` | {r['arch']} | {r['dtype']} | {r['d']} | {r['tile']} | {r['variants']} | {regs} | "
+            f"{r['spill_bytes']} | {r['shared_kib']} ({r['model_kib']}) | {r['ctas_per_sm']} | {r['tensor_cores']} | "
+            f"{'yes' if r['async_copies'] else 'no'} |"
+        )
+    return "\n".join(out)
+
+
+def rich_table(rows: list[dict]):
+    from rich.table import Table
+
+    table = Table(title="Triton kernels built ahead of time (worst case over flag combinations)")
+    for col in (
+        "kernel",
+        "arch",
+        "dtype",
+        "d",
+        "tile",
+        "n",
+        "regs",
+        "spill B",
+        "shared KiB",
+        "model KiB",
+        "CTAs/SM",
+        "TC",
+        "async",
+    ):
+        table.add_column(col, justify="right")
+    for r in rows:
+        lo, hi = r["registers"]
+        table.add_row(
+            r["kernel"],
+            r["arch"],
+            r["dtype"],
+            str(r["d"]),
+            r["tile"],
+            str(r["variants"]),
+            str(lo) if lo == hi else f"{lo}-{hi}",
+            str(r["spill_bytes"]),
+            str(r["shared_kib"]),
+            str(r["model_kib"]),
+            str(r["ctas_per_sm"]),
+            r["tensor_cores"],
+            "yes" if r["async_copies"] else "no",
+        )
+    return table
+
+
+def write_doc(path: str, text: str, begin: str = "<!-- resources:begin -->", end: str = "<!-- resources:end -->"):
+    """Replace the generated section of ``path`` (between the markers) with ``text``."""
+    doc = open(path).read()
+    i, j = doc.index(begin) + len(begin), doc.index(end)
+    with open(path, "w") as f:
+        f.write(doc[:i] + "\n" + text + "\n" + doc[j:])
+
+
+def _versions() -> dict:
+    import platform
+
+    import torch
+    import triton
+
+    return dict(
+        triton=triton.__version__, torch=torch.__version__, python=platform.python_version(), load=os.getloadavg()
+    )
+
+
+def _compact(r: Resources) -> dict:
+    out = asdict(r)
+    out["scenarios"] = len(out["scenarios"])
+    return out
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="the CI subset (largest tile per kernel variant)")
@@ -461,6 +604,7 @@ def main(argv=None) -> int:
     ap.add_argument("--jobs", type=int, default=1)
     ap.add_argument("--cache", default=os.path.join("/tmp", "hyper-triton-aot-cache"))
     ap.add_argument("--out", default=None, help="write every build's resources as JSON here")
+    ap.add_argument("--doc", default=None, help="rewrite the generated resource table of this markdown file")
     args = ap.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET") == "1":
         print("unset TRITON_INTERPRET: the sweep compiles for real GPUs")
@@ -469,12 +613,22 @@ def main(argv=None) -> int:
         print("this Triton ships no ptxas: cannot build cubins")
         return 2
     start = time.perf_counter()
-    results = sweep(all_scenarios(args.dims, args.dtypes), args.arch, args.jobs, args.cache,
-                    quick_pick if args.quick else None)
-    print(f"{len(results)} builds in {time.perf_counter() - start:.0f} s")
+    results = sweep(
+        all_scenarios(args.dims, args.dtypes), args.arch, args.jobs, args.cache, quick_pick if args.quick else None
+    )
+    seconds = time.perf_counter() - start
+    print(f"{len(results)} builds in {seconds:.0f} s")
+    rows = summary_rows(results)
+    from rich.console import Console
+
+    Console(width=200).print(rich_table(rows))
     if args.out:
+        stamp = dict(archs=args.arch, dims=args.dims, dtypes=args.dtypes, quick=args.quick, seconds=round(seconds))
+        stamp.update(_versions())
         with open(args.out, "w") as f:
-            json.dump([asdict(r) for r in results], f, indent=1)
+            json.dump(dict(stamp=stamp, summary=rows, builds=[_compact(r) for r in results]), f)
+    if args.doc:
+        write_doc(args.doc, markdown(rows))
     bad = [r for r in results if not r.ok]
     for r in bad:
         print("FAIL", r.kernel, r.arch, r.flags, r.error[:200], r.registers, r.spill_bytes, r.shared)

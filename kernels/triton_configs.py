@@ -6,9 +6,9 @@ run by ``tests/test_triton.py``): none spills a register or exceeds the target's
 the shared-memory model below bounds what each build really allocates. docs/gpu.md has the resource table.
 
 Pruning (`Pruner`, the autotuners' ``early_config_prune``), for the actual call and GPU:
-- the list of the operand width: 16-bit inputs run tensor-core dots and get the large tiles; fp32
-  (``input_precision="ieee"``: FMA dots, to match eager fp32) and fp64 get small tiles sized so the operand
-  tiles and accumulators stay in registers;
+- the list of the dot operands' width: 16-bit inputs run fp16/bf16 tensor-core dots and get the large tiles;
+  fp64 and fp32 (whose dots run in fp64 on the DMMA units, `triton_kernels._dot`: no TF32, at least eager
+  fp32's accuracy) get small tiles sized so operands and accumulators stay in registers;
 - tiles never larger than what they cover (the block's rows, its keys or the side keys), so a short block does
   not run a mostly masked tile;
 - the shared-memory model (`shared_bytes`) within the GPU's per-block limit (`Target`).
@@ -58,18 +58,33 @@ def _config(bm, bn, warps, stages):
     return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=warps, num_stages=stages)
 
 
-# (BLOCK_M query rows, BLOCK_N keys, warps, stages) per operand width; the last entry of each list is the
-# fallback when nothing else fits
+# (BLOCK_M query rows, BLOCK_N keys, warps, stages) by (width of the dot operands, head-dim class): 2 bytes
+# (fp16, bf16: tensor cores) or 8 (fp64, and fp32, whose dots run in fp64: `triton_kernels._dot`); BLOCK_D up to
+# 64, or above. The last entry of each list is the fallback when nothing else fits.
 QUERY_MAJOR = {
-    2: [_config(*c) for c in [(128, 64, 8, 3), (128, 32, 4, 3), (64, 64, 4, 3), (64, 32, 4, 3), (32, 32, 4, 2)]],
-    4: [_config(*c) for c in [(64, 32, 4, 2), (32, 32, 4, 2)]],
-    8: [_config(*c) for c in [(32, 32, 4, 2), (32, 16, 4, 1)]],
+    (2, 64): [_config(*c) for c in [(128, 64, 8, 2), (128, 32, 8, 3), (64, 64, 8, 2), (64, 32, 4, 3), (32, 32, 2, 2)]],
+    (2, 128): [_config(*c) for c in [(128, 32, 8, 3), (64, 64, 8, 2), (64, 32, 4, 2), (64, 32, 4, 3), (32, 32, 2, 2)]],
+    (8, 64): [_config(*c) for c in [(32, 32, 4, 2), (32, 16, 4, 2), (16, 16, 4, 1)]],
+    (8, 128): [_config(*c) for c in [(32, 32, 4, 2), (32, 16, 4, 2), (16, 16, 4, 1)]],
 }
 KEY_MAJOR = {
-    2: [_config(*c) for c in [(64, 128, 8, 2), (32, 128, 8, 2), (32, 64, 4, 3), (64, 64, 4, 2), (32, 32, 4, 2)]],
-    4: [_config(*c) for c in [(32, 64, 4, 2), (32, 32, 4, 2)]],
-    8: [_config(*c) for c in [(32, 32, 4, 2), (16, 32, 4, 1)]],
+    (2, 64): [_config(*c) for c in [(64, 128, 8, 3), (64, 64, 8, 2), (32, 128, 8, 2), (32, 64, 4, 3), (32, 32, 4, 2)]],
+    (2, 128): [_config(*c) for c in [(64, 64, 8, 2), (32, 64, 8, 2), (32, 128, 8, 1), (32, 32, 4, 2)]],
+    (8, 64): [_config(*c) for c in [(32, 32, 4, 2), (16, 32, 4, 2), (16, 16, 4, 1)]],
+    (8, 128): [_config(*c) for c in [(32, 32, 4, 2), (16, 32, 4, 2), (16, 16, 4, 1)]],
 }
+
+
+def config_list(lists: dict, itemsize: int, block_d: int) -> list:
+    """The list of a call: by its dot operands' width and head-dim class."""
+    return lists[(dot_width(itemsize), 64 if block_d <= 64 else 128)]
+
+
+def dot_width(itemsize: int) -> int:
+    """Bytes per dot operand for inputs of ``itemsize`` bytes: 2 for 16-bit inputs, else 8."""
+    return 2 if itemsize <= 2 else 8
+
+
 INTERPRETER = _config(64, 64, 4, 1)  # one config, no benchmarking: every op costs the same at any tile size there
 
 
@@ -77,7 +92,7 @@ def shared_bytes(kind: str, c: triton.Config, block_d: int, itemsize: int) -> in
     """An upper bound of the shared memory a build allocates (checked against every build by the sweep): the
     streamed operand tiles, one buffer per pipeline stage, plus the resident tile staged for the dots."""
     bm, bn, stages = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], max(c.num_stages, 1)
-    width = max(itemsize, 2)
+    width = dot_width(itemsize)
     if kind == "query":  # K and V tiles [BN, BD] per stage; Q [BM, BD]
         streamed, resident = 2 * bn * block_d, bm * block_d
     else:  # Q and dO tiles [BM, BD] per stage; K and V [BN, BD]
@@ -106,19 +121,22 @@ class Pruner(NamedTuple):
             target = Target.of(target)
         itemsize = args["Q"].element_size()
         lists = QUERY_MAJOR if self.kind == "query" else KEY_MAJOR
-        mine = lists[max(itemsize, 2)]
+        mine = config_list(lists, itemsize, args["BLOCK_D"])
         rows = max(16, next_pow2(args[self.rows]))
         keys = max(16, next_pow2(max(args[k] for k in self.keys)))
-        block_d = args["BLOCK_D"]
         keep = [
             c
             for c in configs
             if c in mine
             and c.kwargs["BLOCK_M"] <= rows
             and c.kwargs["BLOCK_N"] <= keys
-            and shared_bytes(self.kind, c, block_d, itemsize) <= target.shared_per_block
+            and self.shared(c, args) <= target.shared_per_block
         ]
         return keep or mine[-1:]
+
+    def shared(self, c: triton.Config, args: dict) -> int:
+        """`shared_bytes` of config ``c`` for this call's head dim and dtype."""
+        return shared_bytes(self.kind, c, args["BLOCK_D"], args["Q"].element_size())
 
 
 def _all(lists: dict) -> list:

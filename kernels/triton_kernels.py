@@ -192,18 +192,19 @@ def _diag_span(
 
 
 @_device
-def _side_keys(SAMP, SBLK, SLW, kv_head, M, sp, k_row0, NK_T, ACC: tl.constexpr):
-    """Side keys ``sp`` (the residual draws, then the exact extras): tensor rows, which are attended to, the
-    block each sits in (-1 for an extra, which no block excludes) and the base-2 log-weight of each.
+def _side_keys(SAMP, SBLK, SLW, kv_head, M, sp, k_row0, NK_T, blk, ACC: tl.constexpr):
+    """Side keys ``sp`` (the residual draws, then the exact extras): tensor rows, base-2 log-weights and the
+    block each sits in (-1 for an extra, which no block excludes).
 
-    Validity rides in the log-weight: -inf marks a key that is not attended (masked, or an empty stratum)."""
+    Whether a key is attended rides in its log-weight: -inf for a key past M, masked, in an empty stratum, past
+    the tensor, or drawn from block ``blk`` (the query tile's own; -2 excludes none). So a score plus the
+    log-weight needs no mask, and only rows and log-weights are carried from one tile to the next."""
     inside = sp < M
     base = kv_head * M
     krow, k_ok = _rows_of(SAMP + base, sp, inside, k_row0, NK_T, True)
     sblk = tl.load(SBLK + base + sp, mask=inside, other=-1)
-    lw = tl.load(SLW + base + sp, mask=inside, other=0.0).to(ACC)
-    k_ok = k_ok & (lw > float("-inf"))
-    return krow, k_ok, sblk, tl.where(k_ok, lw * LOG2E, 0.0)
+    lw = tl.load(SLW + base + sp, mask=inside, other=float("-inf")).to(ACC)
+    return krow, tl.where(k_ok & (sblk != blk), lw * LOG2E, float("-inf")), sblk
 
 
 @_device
@@ -261,10 +262,18 @@ def _grad_rows(
 
 @_device
 def _dot(a, b, ACC: tl.constexpr, PRECISION: tl.constexpr, WIDEN: tl.constexpr):
+    """``a @ b`` accumulated in ``ACC``. fp32 operands with ``PRECISION="ieee"`` run as fp64 dots (exact
+    products, fp64 sums, rounded to ACC): the fp64 tensor cores (DMMA) keep operands in the MMA register layout,
+    where Triton's fp32 FMA dot holds a thread's whole K slice of both operands (255 registers and spills at
+    d = 128 even for 16 x 16 tiles); DMMA's rate equals the fp32 FMA rate on A100 and H100."""
     if WIDEN:  # interpreter only, see the module docstring
         a = a.to(tl.float32)
         b = b.to(tl.float32)
-    return tl.dot(a, b, input_precision=PRECISION, out_dtype=ACC)
+    if a.dtype == tl.float32 and PRECISION == "ieee":
+        out = tl.dot(a.to(tl.float64), b.to(tl.float64), input_precision=PRECISION, out_dtype=tl.float64).to(ACC)
+    else:
+        out = tl.dot(a, b, input_precision=PRECISION, out_dtype=ACC)
+    return out
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -420,19 +429,35 @@ def _side_pass(
     """The side keys: residual draws of other blocks (log-weighted), then the exact extras (weight 1). The
     next tile's rows, blocks and log-weights are loaded one iteration ahead, as in `_diag_pass`."""
     sp = tl.arange(0, BLOCK_N)
-    krow, k_ok, sblk, lw2 = _side_keys(SAMP, SBLK, SLW, kv_head, M, sp, k_row0, NK_T, ACC)
+    krow, lw2, sblk = _side_keys(SAMP, SBLK, SLW, kv_head, M, sp, k_row0, NK_T, blk, ACC)
     for _ in range(0, M, BLOCK_N):
-        nrow, n_ok, nblk, nlw2 = _side_keys(SAMP, SBLK, SLW, kv_head, M, sp + BLOCK_N, k_row0, NK_T, ACC)
-        k_ok = k_ok & (sblk != blk)
+        nrow, nlw2, nblk = _side_keys(SAMP, SBLK, SLW, kv_head, M, sp + BLOCK_N, k_row0, NK_T, blk, ACC)
+        k_ok = lw2 > float("-inf")
         k = _load_rows(k_base, krow, k_ok, skn, D, BLOCK_D, True)
         v = _load_rows(v_base, krow, k_ok, svn, D, BLOCK_D, True)
         ok = _side_pairs(
             k_ok[None, :], (krow - k_row0)[None, :] - qidx[:, None], (sblk < 0)[None, :], BAND_LO, BAND_HI, BAND
         )
         acc, m_i, l_i = _step(
-            acc, m_i, l_i, q, do, lse2, delta, k, v, ok, lw2[None, :], scale2, True, GRAD, ACC, PRECISION, WIDEN
+            acc,
+            m_i,
+            l_i,
+            q,
+            do,
+            lse2,
+            delta,
+            k,
+            v,
+            ok,
+            lw2[None, :],
+            scale2,
+            BAND == BAND_EXCLUDE,
+            GRAD,
+            ACC,
+            PRECISION,
+            WIDEN,
         )
-        sp, krow, k_ok, sblk, lw2 = sp + BLOCK_N, nrow, n_ok, nblk, nlw2
+        sp, krow, lw2, sblk = sp + BLOCK_N, nrow, nlw2, nblk
     return acc, m_i, l_i
 
 
@@ -1371,7 +1396,8 @@ def hyper_bwd_sample(
     q_row0 = (sub % COUNT) * CHUNK + Q_OFF
     k_row0 = (sub % COUNT) * CHUNK + K_OFF
     sp = (pid % tiles) * BLOCK_N + tl.arange(0, BLOCK_N)
-    krow, k_ok, sblk, lw2 = _side_keys(SAMP, SBLK, SLW, kv_head, M, sp, k_row0, NK_T, ACC)
+    krow, lw2, sblk = _side_keys(SAMP, SBLK, SLW, kv_head, M, sp, k_row0, NK_T, -2, ACC)
+    k_ok = lw2 > float("-inf")
     k = _load_rows(K + b * skb + hk * skh, krow, k_ok, skn, D, BLOCK_D, True)
     v = _load_rows(V + b * svb + hk * svh, krow, k_ok, svn, D, BLOCK_D, True)
     kidx = krow - k_row0
