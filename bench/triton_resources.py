@@ -303,11 +303,13 @@ class Resources:
     async_copies: int = 0
     buffers: list = field(default_factory=list)  # shapes of the shared-memory allocations (TTGIR)
     loops: list = field(default_factory=list)
+    i32_offsets: list = field(default_factory=list)  # pointer arguments offset by an i32 scalar (TTIR)
 
     @property
     def ok(self) -> bool:
         within_model = not self.shared_model or self.shared <= self.shared_model
-        return not self.error and self.shared <= self.shared_limit and self.spill_bytes == 0 and within_model
+        fits = self.shared <= self.shared_limit and self.spill_bytes == 0 and within_model
+        return not self.error and fits and not self.i32_offsets
 
 
 def _tool(name: str) -> str:
@@ -371,6 +373,14 @@ def _buffers(ttgir: str) -> list[str]:
     return re.findall(r"ttg\.local_alloc[^\n]*?-> !ttg\.memdesc<([0-9x]+x[a-z0-9]+)", ttgir)
 
 
+def i32_offsets(ttir: str, arg_names: list) -> list:
+    """Pointer arguments offset by an i32 scalar: ``base + b * stride`` computed in 32 bits, which wraps once a
+    tensor holds 2**31 elements (n * H * D at long n). Row offsets are int64 products and head/batch bases int64
+    scalars, so no argument should appear here."""
+    found = re.findall(r"tt\.addptr %(\w+), %[\w#]+ : !tt\.ptr<[^>]+>, i32\b", ttir)
+    return sorted(set(found) & set(arg_names))
+
+
 def occupancy(registers: int, warps: int, shared: int, arch: int) -> int:
     """CTAs per SM allowed by registers (allocated per warp in 256-register units), shared memory (1 KiB
     reserved per CTA) and threads."""
@@ -423,6 +433,7 @@ def build(var: Variant) -> Resources:
         res.tensor_cores = "none (FMA)"
     res.async_copies = sum(o.startswith("LDGSTS") for o in ops)
     res.buffers = _buffers(compiled.asm["ttgir"])
+    res.i32_offsets = i32_offsets(compiled.asm["ttir"], var.fn.arg_names)
     res.loops = [asdict(x) for x in _loops(sass)]
     return res
 

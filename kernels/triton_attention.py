@@ -25,13 +25,13 @@ bandwidth-bound at one read of Q and K, which cuBLAS already does at memory spee
 elementwise on [N, r]; and the cost that matters, the argsort, is torch's radix sort. A fused hashing kernel
 would save one [N, r] intermediate, well under 1% of the forward's traffic.
 
-Launch configuration: ``triton.Config`` lists pruned by block lengths and head dim (tiles never larger than
-the block they cover; a tile-bytes budget per dtype keeps shared memory under ~100 KiB). Autotune keys
-are power-of-two *buckets* of the block lengths plus BLOCK_D, never raw n, and every length argument is
-``do_not_specialize``: one compile and one tuning per bucket, not per sequence length. Ragged n, ragged
-blocks and ragged sample tiles are masked; head dims are padded to ``BLOCK_D = next_pow2(max(D, 16))`` in
-registers only (masked loads/stores). fp16 and bf16 run tensor-core dots with fp32 accumulation; fp32 uses
-``input_precision="ieee"`` (no TF32, to match eager fp32); fp64 accumulates in fp64.
+Launch configuration (`triton_configs`): ``triton.Config`` lists by dot-operand width and head-dim class,
+pruned per call and GPU (tiles never larger than the block they cover, shared memory within the GPU's per-block
+limit). Autotune keys are power-of-two *buckets* of the block lengths plus BLOCK_D, never raw n, and every
+length argument is ``do_not_specialize``: one compile and one tuning per bucket, not per sequence length. Ragged
+n, ragged blocks and ragged sample tiles are masked; head dims are padded to ``BLOCK_D = next_pow2(max(D, 16))``
+in registers only (masked loads/stores). fp16 and bf16 run tensor-core dots with fp32 accumulation; fp32 dots
+run in fp64 (no TF32, to match eager fp32) and fp64 accumulates in fp64.
 
 Design targets (non-causal, defaults b = m = 256, D = 128, fp16, BLOCK_M = 128, BLOCK_N = 64):
 - FLOPs per query: 4 * D * (b_k + m) = 4 * 128 * 512 ~ 0.26 MFLOP (exact attention: 4 * D * n, 256x more
@@ -40,12 +40,10 @@ Design targets (non-causal, defaults b = m = 256, D = 128, fp16, BLOCK_M = 128, 
   2 * b_k * D * 2 / BLOCK_M = 1 KiB per query; sampled K/V are the same m rows for every tile of a head and stay
   in L2 (1 KiB per query from L2, ~m * D * 4 / (rows per head) from DRAM); indices and lse ~16 B.
   About 1.5 KiB of DRAM traffic per 0.26 MFLOP: ~170 FLOP/B, compute-bound on A100/H100 fp16.
-- Tiles: forward/dQ BLOCK_M in {64, 128} query rows x BLOCK_N in {32, 64, 128} keys; dK/dV BLOCK_N in
-  {64, 128} keys x BLOCK_M in {32, 64} queries; 32 x 32 is the fallback for wide heads and fp64, and the
-  interpreter runs 64 x 64. These are targets: GPU speed has not been measured (no GPU was available).
-  Correctness was checked under ``TRITON_INTERPRET=1`` against the reference, and the kernels were built
-  ahead of time to sm_80/sm_90 cubins with Triton's bundled ptxas (shared memory per block within limits):
-  see tests/test_triton.py.
+- Tiles: the lists of `triton_configs`; the interpreter runs 64 x 64. GPU speed has not been measured (no GPU
+  was available). Correctness was checked under ``TRITON_INTERPRET=1`` against the reference, and every
+  variant the launchers can start was built ahead of time to sm_80/sm_90 cubins with Triton's bundled ptxas:
+  no spills, shared memory within limits (tests/test_triton.py, docs/gpu.md).
 
 The kernels themselves (``@triton.jit``) live in `triton_kernels`; this module holds their launch
 configurations, the autotuning wrappers and pruning, the host launchers and the public entry points.

@@ -89,15 +89,14 @@ INTERPRETER = _config(64, 64, 4, 1)  # one config, no benchmarking: every op cos
 
 
 def shared_bytes(kind: str, c: triton.Config, block_d: int, itemsize: int) -> int:
-    """An upper bound of the shared memory a build allocates (checked against every build by the sweep): the
-    streamed operand tiles, one buffer per pipeline stage, plus the resident tile staged for the dots."""
+    """An upper bound of the shared memory a build allocates (the sweep checks it against every build): the
+    streamed operand tiles, one buffer per pipeline stage, two resident tiles staged for the dots, and the
+    per-row vectors (indices, lse, Delta) of each stage. Query-major kernels stream K and V [BN, BD] past Q
+    (and dO) [BM, BD]; key-major ones stream Q and dO [BM, BD] past K and V [BN, BD]."""
     bm, bn, stages = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], max(c.num_stages, 1)
-    width = dot_width(itemsize)
-    if kind == "query":  # K and V tiles [BN, BD] per stage; Q [BM, BD]
-        streamed, resident = 2 * bn * block_d, bm * block_d
-    else:  # Q and dO tiles [BM, BD] per stage; K and V [BN, BD]
-        streamed, resident = 2 * bm * block_d, 2 * bn * block_d
-    return width * (stages * streamed + resident) + 4 * (bm + bn) * stages * 4
+    streamed, resident = (bn, bm) if kind == "query" else (bm, bn)
+    tiles = stages * 2 * streamed * block_d + 2 * resident * block_d
+    return dot_width(itemsize) * tiles + 16 * (bm + bn) * stages
 
 
 class Pruner(NamedTuple):

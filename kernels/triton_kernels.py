@@ -1,7 +1,8 @@
 """The Triton kernels of the CUDA path (``@triton.jit`` kernels and device helpers only).
 
-Launch configurations, autotuning, pruning and the host launchers live in `triton_attention`, which wraps
-each kernel here in ``triton.autotune``. See its docstring for the sub-problem layout the kernels address.
+Launch configurations, autotuning and pruning live in `triton_configs` (which wraps each kernel here in
+``triton.autotune``), the host launchers in `triton_attention`; see its docstring for the sub-problem layout the
+kernels address. docs/gpu.md has what the compiled kernels cost (built ahead of time for sm_80 and sm_90).
 
 Kernels (a plain-torch oracle is `reference.hyper_attention_reference`; `cpu` is the other fast path)
 - `hyper_fwd`: one program per query tile, in LSH-sorted order. One online-softmax pass over (a) the
@@ -24,8 +25,15 @@ Kernels (a plain-torch oracle is `reference.hyper_attention_reference`; `cpu` is
   The backward is fed the *final* out and lse of each row (the split-softmax identity, as in `cpu`), with
   Delta = rowsum(dO * O) computed once in torch.
 
-Validity of a side key rides in its log-weight (-inf: a masked key, or an empty stratum); the key mask
-``KVALID`` applies to the blocks only, and holds the estimator's keys when a plan is given.
+Validity of a side key rides in its log-weight (-inf: a masked key, an empty stratum, a draw of the query tile's
+own block), so side-key tiles need no pair mask. The keys of a permuted launch are valid iff their sorted
+position is below ``KCOUNT[sub]`` (the plan sorts the estimator's keys first); the key mask ``KVALID`` is read
+by row only by unpermuted launches (exact calls, leaves, the band).
+
+Loops (see docs/gpu.md for their compiled instruction mix): every gathered loop loads the next tile's rows one
+iteration ahead and carries them, so the K/V (Q/dO) loads of a tile depend on no load of the same iteration and
+are pipelined as asynchronous copies. The diagonal block is split into whole tiles that every row of the
+query tile sees (no pair mask, unmasked loads) and the rest (the causal diagonal, the band, ragged ends).
 
 The local window of non-causal self-attention (``BAND``, a constexpr): ``BAND_EXCLUDE`` leaves the (query, key)
 pairs with ``-BAND_LO <= j - i <= BAND_HI`` out of the blocks and the residual draws (not the extras), and
