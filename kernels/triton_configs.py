@@ -58,26 +58,42 @@ def _config(bm, bn, warps, stages):
     return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=warps, num_stages=stages)
 
 
-# (BLOCK_M query rows, BLOCK_N keys, warps, stages) by (width of the dot operands, head-dim class): 2 bytes
-# (fp16, bf16: tensor cores) or 8 (fp64, and fp32, whose dots run in fp64: `triton_kernels._dot`); BLOCK_D up to
-# 64, or above. The last entry of each list is the fallback when nothing else fits.
-QUERY_MAJOR = {
-    (2, 64): [_config(*c) for c in [(128, 64, 8, 2), (128, 32, 8, 3), (64, 64, 8, 2), (64, 32, 4, 3), (32, 32, 2, 2)]],
-    (2, 128): [_config(*c) for c in [(128, 32, 8, 3), (64, 64, 8, 2), (64, 32, 4, 2), (64, 32, 4, 3), (32, 32, 2, 2)]],
-    (8, 64): [_config(*c) for c in [(32, 32, 4, 2), (32, 16, 4, 2), (16, 16, 4, 1)]],
-    (8, 128): [_config(*c) for c in [(32, 32, 4, 2), (32, 16, 4, 2), (16, 16, 4, 1)]],
-}
-KEY_MAJOR = {
-    (2, 64): [_config(*c) for c in [(64, 128, 8, 3), (64, 64, 8, 2), (32, 128, 8, 2), (32, 64, 4, 3), (32, 32, 4, 2)]],
-    (2, 128): [_config(*c) for c in [(64, 64, 8, 2), (32, 64, 8, 2), (32, 128, 8, 1), (32, 32, 4, 2)]],
-    (8, 64): [_config(*c) for c in [(32, 32, 4, 2), (16, 32, 4, 2), (16, 16, 4, 1)]],
-    (8, 128): [_config(*c) for c in [(32, 32, 4, 2), (16, 32, 4, 2), (16, 16, 4, 1)]],
+# (BLOCK_M query rows, BLOCK_N keys, warps, stages) per kernel, by (width of the dot operands, head-dim class):
+# 2 bytes (fp16, bf16: tensor cores) or 8 (fp64, and fp32, whose dots run in fp64: `triton_kernels._dot`);
+# BLOCK_D up to 64, or above. Each list holds only configs that built without a spill for every flag
+# combination on sm_80 and sm_90 (docs/gpu.md); the last entry is the fallback when nothing else fits.
+_SMALL = [_config(16, 16, 4, 1)]  # 8-byte operands: larger tiles spill (the fp64 accumulators and operands)
+CONFIGS = {
+    "fwd": {
+        (2, 64): [_config(*c) for c in [(128, 64, 8, 2), (128, 32, 8, 3), (64, 64, 8, 2), (64, 32, 4, 3)]],
+        (2, 128): [_config(128, 32, 8, 3)],
+        (8, 64): _SMALL,
+        (8, 128): _SMALL,
+    },
+    "dq": {
+        (2, 64): [_config(*c) for c in [(128, 32, 8, 3), (64, 32, 4, 3)]],
+        (2, 128): [_config(*c) for c in [(64, 32, 4, 2), (64, 32, 4, 3)]],
+        (8, 64): _SMALL,
+        (8, 128): _SMALL,
+    },
+    "dkdv": {
+        (2, 64): [_config(*c) for c in [(32, 128, 8, 2), (32, 64, 4, 3), (32, 32, 4, 2)]],
+        (2, 128): [_config(*c) for c in [(32, 64, 8, 2), (32, 32, 4, 2)]],
+        (8, 64): _SMALL,
+        (8, 128): _SMALL,
+    },
+    "sample": {
+        (2, 64): [_config(*c) for c in [(64, 64, 8, 2), (32, 128, 8, 2), (32, 64, 4, 3), (32, 32, 4, 2)]],
+        (2, 128): [_config(*c) for c in [(32, 64, 8, 2), (32, 32, 4, 2)]],
+        (8, 64): _SMALL,
+        (8, 128): _SMALL,
+    },
 }
 
 
-def config_list(lists: dict, itemsize: int, block_d: int) -> list:
-    """The list of a call: by its dot operands' width and head-dim class."""
-    return lists[(dot_width(itemsize), 64 if block_d <= 64 else 128)]
+def config_list(kernel: str, itemsize: int, block_d: int) -> list:
+    """The list of a call: by kernel, its dot operands' width and head-dim class."""
+    return CONFIGS[kernel][(dot_width(itemsize), 64 if block_d <= 64 else 128)]
 
 
 def dot_width(itemsize: int) -> int:
@@ -100,9 +116,11 @@ def shared_bytes(kind: str, c: triton.Config, block_d: int, itemsize: int) -> in
 
 
 class Pruner(NamedTuple):
-    """``early_config_prune`` of one kernel: ``kind`` is "query" or "key" (which tile is streamed), ``rows`` and
-    ``keys`` the arguments whose (largest) value bounds BLOCK_M and BLOCK_N."""
+    """``early_config_prune`` of one kernel: ``kernel`` names its lists in `CONFIGS`, ``kind`` is "query" or
+    "key" (which tile is streamed), ``rows`` and ``keys`` the arguments whose (largest) value bounds BLOCK_M and
+    BLOCK_N."""
 
+    kernel: str
     kind: str
     rows: str
     keys: tuple
@@ -118,9 +136,7 @@ class Pruner(NamedTuple):
         """The configs this call keeps on ``target`` (a `Target`, or a compute capability)."""
         if isinstance(target, int):
             target = Target.of(target)
-        itemsize = args["Q"].element_size()
-        lists = QUERY_MAJOR if self.kind == "query" else KEY_MAJOR
-        mine = config_list(lists, itemsize, args["BLOCK_D"])
+        mine = config_list(self.kernel, args["Q"].element_size(), args["BLOCK_D"])
         rows = max(16, next_pow2(args[self.rows]))
         keys = max(16, next_pow2(max(args[k] for k in self.keys)))
         keep = [
@@ -138,9 +154,9 @@ class Pruner(NamedTuple):
         return shared_bytes(self.kind, c, args["BLOCK_D"], args["Q"].element_size())
 
 
-def _all(lists: dict) -> list:
+def _all(kernel: str) -> list:
     out = []
-    for configs in lists.values():
+    for configs in CONFIGS[kernel].values():
         out += [c for c in configs if c not in out]
     return out
 
@@ -148,25 +164,25 @@ def _all(lists: dict) -> list:
 _FLAGS = ["BLOCK_D", "PERMUTED", "IS_CAUSAL", "BAND"]
 
 hyper_fwd = triton.autotune(
-    configs=_all(QUERY_MAJOR),
+    configs=_all("fwd"),
     key=["BQ_BUCKET", "BK_BUCKET", "M_BUCKET", "HAS_SAMPLES", "HAS_VALID"] + _FLAGS,
-    prune_configs_by={"early_config_prune": Pruner("query", "BQ", ("BK", "M"))},
+    prune_configs_by={"early_config_prune": Pruner("fwd", "query", "BQ", ("BK", "M"))},
     restore_value=["O", "LSE"],
 )(tk.hyper_fwd)
 hyper_bwd_dq = triton.autotune(
-    configs=_all(QUERY_MAJOR),
+    configs=_all("dq"),
     key=["BQ_BUCKET", "BK_BUCKET", "M_BUCKET", "HAS_SAMPLES", "HAS_VALID"] + _FLAGS,
-    prune_configs_by={"early_config_prune": Pruner("query", "BQ", ("BK", "M"))},
+    prune_configs_by={"early_config_prune": Pruner("dq", "query", "BQ", ("BK", "M"))},
     restore_value=["DQ"],
 )(tk.hyper_bwd_dq)
 hyper_bwd_dkdv = triton.autotune(
-    configs=_all(KEY_MAJOR),
+    configs=_all("dkdv"),
     key=["BQ_BUCKET", "BK_BUCKET", "HAS_VALID"] + _FLAGS,
-    prune_configs_by={"early_config_prune": Pruner("key", "BQ", ("BK",))},
+    prune_configs_by={"early_config_prune": Pruner("dkdv", "key", "BQ", ("BK",))},
     restore_value=["DK", "DV"],
 )(tk.hyper_bwd_dkdv)
 hyper_bwd_sample = triton.autotune(
-    configs=_all(KEY_MAJOR),
+    configs=_all("sample"),
     key=["BQ_BUCKET", "M_BUCKET", "BLOCK_D", "BAND"],
-    prune_configs_by={"early_config_prune": Pruner("key", "SQ", ("M",))},
+    prune_configs_by={"early_config_prune": Pruner("sample", "key", "SQ", ("M",))},
 )(tk.hyper_bwd_sample)

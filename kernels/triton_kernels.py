@@ -129,9 +129,10 @@ def _store_rows(base, rows, ok, stride_n, x, D: tl.constexpr, BLOCK_D: tl.conste
 def _query_tile(
     pid, QPERM, HQ, GROUP, COUNT, CHUNK, Q_OFF, SQ, NQ_T, BQ, PERMUTED: tl.constexpr, BLOCK_M: tl.constexpr
 ):
-    """Query-major program -> (sub-problem, query head, its kv head's row in the plan, block, first row of the
-    tile in the block, sorted positions [BM], tensor rows [BM], rows that exist). Tiles of a head are adjacent,
-    so the programs sharing a diagonal K/V block and the samples run together (L2 reuse)."""
+    """Query-major program -> (sub-problem, query head, its kv head's row in the plan, the kv head, block, first
+    row of the tile in the block, sorted positions [BM], tensor rows [BM], rows that exist). Tiles of a head are
+    adjacent, so the programs sharing a diagonal K/V block and the samples run together (L2 reuse). Divisions
+    stay in 32 bits (a 64-bit one is a called subroutine); heads are int64 for the offsets they scale."""
     tiles = tl.cdiv(BQ, BLOCK_M)
     per_head = tl.cdiv(SQ, BQ) * tiles
     sh = pid // per_head
@@ -144,7 +145,7 @@ def _query_tile(
     q_row0 = (sub % COUNT) * CHUNK + Q_OFF
     qrow, q_ok = _rows_of(QPERM + sh.to(tl.int64) * SQ, pos, (r < BQ) & (pos < SQ), q_row0, NQ_T, PERMUTED)
     kv_head = (sub * (HQ // GROUP) + h // GROUP).to(tl.int64)
-    return sub.to(tl.int64), h.to(tl.int64), kv_head, blk, t0, pos, qrow, q_ok
+    return sub, h.to(tl.int64), kv_head, (h // GROUP).to(tl.int64), blk, t0, pos, qrow, q_ok
 
 
 @_device
@@ -486,6 +487,7 @@ def _query_loop(
     sub,
     b,
     kv_head,
+    hk,
     blk,
     t0,
     pos,
@@ -536,7 +538,6 @@ def _query_loop(
 ):
     """Every key a query tile sees (forward or dQ): the diagonal block's whole tiles, its other tiles, then
     the side keys."""
-    hk = kv_head % (HQ // GROUP)
     k_row0 = (sub % COUNT) * CHUNK + K_OFF
     qidx = qrow - ((sub % COUNT) * CHUNK + Q_OFF)  # query positions in the sub-problem (the window test)
     k_base = K + b * skb + hk * skh
@@ -545,7 +546,7 @@ def _query_loop(
     kperm = KPERM + kv_head * SK
     k_count = SK
     if PERMUTED:
-        k_count = tl.load(KCOUNT + sub)
+        k_count = tl.load(KCOUNT + sub.to(tl.int64))
     lo, mid, hi = _diag_span(
         blk,
         blk * BQ + t0,
@@ -879,10 +880,10 @@ def hyper_fwd(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
-    sub, h, kv_head, blk, t0, pos, qrow, q_ok = _query_tile(
+    sub, h, kv_head, hk, blk, t0, pos, qrow, q_ok = _query_tile(
         tl.program_id(0), QPERM, HQ, GROUP, COUNT, CHUNK, Q_OFF, SQ, NQ_T, BQ, PERMUTED, BLOCK_M
     )
-    b = sub // COUNT
+    b = (sub // COUNT).to(tl.int64)
     q = _load_rows(Q + b * sqb + h * sqh, qrow, q_ok, sqn, D, BLOCK_D, True)  # [BM, BD]
     o_base = O + b * sob + h * soh
     l_ptrs = LSE + b * slb + h * slh + qrow.to(tl.int64)
@@ -904,6 +905,7 @@ def hyper_fwd(
         sub,
         b,
         kv_head,
+        hk,
         blk,
         t0,
         pos,
@@ -1032,10 +1034,10 @@ def hyper_bwd_dq(
     BLOCK_N: tl.constexpr,
 ):
     # the forward's loops again, accumulating dQ (m and l ride along unused)
-    sub, h, kv_head, blk, t0, pos, qrow, q_ok = _query_tile(
+    sub, h, kv_head, hk, blk, t0, pos, qrow, q_ok = _query_tile(
         tl.program_id(0), QPERM, HQ, GROUP, COUNT, CHUNK, Q_OFF, SQ, NQ_T, BQ, PERMUTED, BLOCK_M
     )
-    b = sub // COUNT
+    b = (sub // COUNT).to(tl.int64)
     q, do, lse2, delta = _grad_rows(
         Q + b * sqb + h * sqh,
         DO + b * sdob + h * sdoh,
@@ -1062,6 +1064,7 @@ def hyper_bwd_dq(
         sub,
         b,
         kv_head,
+        hk,
         blk,
         t0,
         pos,
@@ -1188,10 +1191,11 @@ def hyper_bwd_dkdv(
     tiles = tl.cdiv(BK, BLOCK_N)
     per_head = tl.cdiv(SQ, BQ) * tiles
     pid = tl.program_id(0)
-    kv_head = (pid // per_head).to(tl.int64)
-    sub = kv_head // (HQ // GROUP)
-    hk = kv_head % (HQ // GROUP)
-    b = sub // COUNT
+    kv = pid // per_head
+    sub = kv // (HQ // GROUP)
+    hk = (kv % (HQ // GROUP)).to(tl.int64)
+    kv_head = kv.to(tl.int64)
+    b = (sub // COUNT).to(tl.int64)
     q_row0 = (sub % COUNT) * CHUNK + Q_OFF
     k_row0 = (sub % COUNT) * CHUNK + K_OFF
     blk = (pid % per_head) // tiles
@@ -1200,7 +1204,7 @@ def hyper_bwd_dkdv(
     kpos = blk * BK + r  # [BN]
     krow, k_in = _rows_of(KPERM + kv_head * SK, kpos, (r < BK) & (kpos < SK), k_row0, NK_T, PERMUTED)
     if PERMUTED:  # the estimator's keys sort first
-        k_ok = k_in & (kpos < tl.load(KCOUNT + sub))
+        k_ok = k_in & (kpos < tl.load(KCOUNT + sub.to(tl.int64)))
     else:
         k_ok = k_in
         if HAS_VALID:
@@ -1401,11 +1405,12 @@ def hyper_bwd_sample(
     tiles = tl.cdiv(M, BLOCK_N)
     splits = tl.cdiv(SQ, ROWS_PER_SPLIT)
     pid = tl.program_id(0)
-    kv_head = (pid // (splits * tiles)).to(tl.int64)
+    kv = pid // (splits * tiles)
     split = (pid // tiles) % splits
-    sub = kv_head // (HQ // GROUP)
-    hk = kv_head % (HQ // GROUP)
-    b = sub // COUNT
+    sub = kv // (HQ // GROUP)
+    hk = (kv % (HQ // GROUP)).to(tl.int64)
+    kv_head = kv.to(tl.int64)
+    b = (sub // COUNT).to(tl.int64)
     q_row0 = (sub % COUNT) * CHUNK + Q_OFF
     k_row0 = (sub % COUNT) * CHUNK + K_OFF
     sp = (pid % tiles) * BLOCK_N + tl.arange(0, BLOCK_N)

@@ -521,16 +521,16 @@ def _run_launch_config():
     for arch in (80, 90):
         small = prune.for_target(configs, {"BQ": 40, "BK": 50, "M": 0, "BLOCK_D": 64, "Q": half}, arch)
         assert small and all(c.kwargs["BLOCK_M"] <= 64 and c.kwargs["BLOCK_N"] <= 64 for c in small)
+        assert len(small) < len(tc.CONFIGS["fwd"][(2, 64)])
         full = prune.for_target(configs, {"BQ": 256, "BK": 256, "M": 400, "BLOCK_D": 128, "Q": half}, arch)
-        assert set(map(str, full)) == set(map(str, tc.QUERY_MAJOR[(2, 128)]))
+        assert set(map(str, full)) == set(map(str, tc.CONFIGS["fwd"][(2, 128)]))
         fp32 = prune.for_target(configs, {"BQ": 256, "BK": 256, "M": 400, "BLOCK_D": 128, "Q": single}, arch)
-        assert fp32 and all(c in tc.QUERY_MAJOR[(8, 128)] for c in fp32)
-    # a small shared memory (a 99 KiB consumer GPU at the model's bound) drops the large tiles first
-    big = max(tc.shared_bytes("query", c, 128, 2) for c in tc.QUERY_MAJOR[(2, 128)])
-    tight = prune.for_target(
-        configs, {"BQ": 256, "BK": 256, "M": 400, "BLOCK_D": 128, "Q": half}, tc.Target(86, big - 1)
-    )
-    assert tight and all(tc.shared_bytes("query", c, 128, 2) < big for c in tight)
+        assert fp32 and all(c in tc.CONFIGS["fwd"][(8, 128)] for c in fp32)
+    # a smaller shared memory (a consumer GPU) drops the large tiles first
+    d64 = {"BQ": 256, "BK": 256, "M": 400, "BLOCK_D": 64, "Q": half}
+    big = max(tc.shared_bytes("query", c, 64, 2) for c in tc.CONFIGS["fwd"][(2, 64)])
+    tight = prune.for_target(configs, d64, tc.Target(86, big - 1))
+    assert tight and all(tc.shared_bytes("query", c, 64, 2) < big for c in tight)
 
 
 def test_launch_config(worker):
