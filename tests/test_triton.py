@@ -564,11 +564,14 @@ def test_masked_loads_have_other():
 
 
 def _resources():
-    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench", "triton_resources.py")
-    spec = importlib.util.spec_from_file_location("triton_resources", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    """bench/triton_resources.py, importable by name (its build workers are spawned processes that unpickle its
+    functions; they inherit sys.path)."""
+    import sys
+
+    bench = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench")
+    if bench not in sys.path:
+        sys.path.insert(0, bench)
+    return importlib.import_module("triton_resources")
 
 
 @pytest.fixture(scope="module")
