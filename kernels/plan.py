@@ -271,7 +271,9 @@ def approximates(nq: int, nk: int, is_causal: bool, p) -> bool:
     return hyper_applies(nq, nk, p)
 
 
-def sink_mask(key_valid: torch.Tensor | None, batch: int, n_k: int, sink_keys: int, device) -> torch.Tensor | None:
+def sink_mask(
+    key_valid: torch.Tensor | None, batch: int, n_k: int, sink_keys: int, device
+) -> torch.Tensor | None:
     """``[B, Nk]`` bool marking the first ``sink_keys`` valid keys of each batch row, or None when there are none."""
     if sink_keys <= 0 or n_k == 0:
         return None
@@ -282,7 +284,9 @@ def sink_mask(key_valid: torch.Tensor | None, batch: int, n_k: int, sink_keys: i
     return key_valid & (key_valid.cumsum(-1) <= sink_keys)
 
 
-def exact_keys(key_valid: torch.Tensor | None, sink: torch.Tensor | None, strip: int, batch: int, n_k: int, device):
+def exact_keys(
+    key_valid: torch.Tensor | None, sink: torch.Tensor | None, strip: int, batch: int, n_k: int, device
+):
     """Split the keys of one non-causal sub-problem into the estimator's keys and keys kept exact for every query.
 
     The exact keys are the last ``strip`` keys (the window across a causal boundary) and the sinks
