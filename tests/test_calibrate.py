@@ -405,9 +405,8 @@ class _Opaque:
 def test_config_hash_is_content_not_memory_addresses():
     """A config holding a plain object hashed its ``repr`` (a memory address), so no calibration could match it in
     another process: equal content hashes equal, and content with no stable form is refused, naming the field."""
-    assert fingerprint.config_hash({"rope": _Plain(2.0), "n": 1}) == fingerprint.config_hash(
-        {"n": 1, "rope": _Plain(2.0)}
-    )
+    a, b = _Plain(2.0), _Plain(2.0)  # both alive: two addresses
+    assert fingerprint.config_hash({"rope": a, "n": 1}) == fingerprint.config_hash({"n": 1, "rope": b})
     assert fingerprint.config_hash({"rope": _Plain(2.0)}) != fingerprint.config_hash({"rope": _Plain(3.0)})
     assert fingerprint.config_hash({"kinds": {"b", "a"}}) == fingerprint.config_hash({"kinds": {"a", "b"}})
     with pytest.raises(fingerprint.UnstableConfig, match=r"config\.rope .*_Opaque.*memory address"):
