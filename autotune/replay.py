@@ -81,11 +81,20 @@ class Runner:
 
         for j, layer in enumerate(self.layers):
             hooks.append(layer.register_forward_pre_hook(enter(j), with_kwargs=True))
+        def push(name):
+            def hook(module, args):  # returns None: the input is left as it is
+                running.append(name)
+
+            return hook
+
+        def pop(module, args, output):  # returns None: the output is left as it is
+            running.pop()
+
         if record:
             for name, module in self.body.named_modules():
                 if name:
-                    hooks.append(module.register_forward_pre_hook(lambda *_, name=name: running.append(name)))
-                    hooks.append(module.register_forward_hook(lambda *_: running.pop(), always_call=True))
+                    hooks.append(module.register_forward_pre_hook(push(name)))
+                    hooks.append(module.register_forward_hook(pop, always_call=True))
         if start > 0:
             if start_input is None or not self.layers:
                 raise ValueError("start > 0 needs the decoder layers and the input of layer start")

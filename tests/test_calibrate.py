@@ -531,6 +531,50 @@ def test_auto_on_an_hf_decoder_layer_stays_exact_where_the_layers_differ(tmp_pat
     torch._dynamo.reset()
 
 
+def test_the_calibration_records_the_module_paths_the_backend_places(tmp_path):
+    """What the calibration's eager pass records as each site's module is what the compiled graph's sites carry,
+    compiled from the model, its body, or with a wrapper around it."""
+    model = tiny_llama(layers=2, hidden=64, positions=128, seed=7)
+    ids = torch.randint(0, 256, (1, 64))
+    recorded = replay.Runner(model).run(ids, record=True, loss=False).site_modules
+    assert recorded == {0: "layers.0.self_attn", 1: "layers.1.self_attn"}
+    path = str(tmp_path / "tune.json")
+    params = HyperConfig(block_size=16, sample_size=16, min_seq_len=16).as_dict()
+    writer.record(
+        path,
+        models=[
+            schema.make_model(
+                config=model.config,
+                num_sites=2,
+                dtype="float32",
+                seq_len=64,
+                sites={0: {"exact": "fragile"}, 1: {"params": params}},
+                modules=recorded,
+            )
+        ],
+    )
+
+    class Wrapper(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inner = model
+
+        def forward(self, input_ids):
+            return self.inner(input_ids=input_ids).logits
+
+    _auto_warned.clear()
+    for compiled in (model, model.model, Wrapper()):
+        torch._dynamo.reset()
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", AutoLayersWarning)
+            report = explain(compiled, input_ids=ids, options=dict(_OPTS, tune_cache=path))
+        assert [s.decision for s in report.sites] == ["exact", "hyper"], type(compiled).__name__
+        assert report.config_of(report.sites[1]) == (
+            f"auto: tuned for this model at 64: {HyperConfig(**params).label()}"
+        )
+    torch._dynamo.reset()
+
+
 def test_placement_by_module_path():
     from hyper_backend.auto_layers import place
 
