@@ -81,6 +81,7 @@ class Runner:
 
         for j, layer in enumerate(self.layers):
             hooks.append(layer.register_forward_pre_hook(enter(j), with_kwargs=True))
+
         def push(name):
             def hook(module, args):  # returns None: the input is left as it is
                 running.append(name)

@@ -75,11 +75,15 @@ class Index:
         return None
 
 
-def problems_text(problems: _Problems, limit: int = 3) -> str:
-    """``N ignored: 'key' (why); ...`` for at most ``limit`` of them, on one line."""
+def problems_list(problems: _Problems, limit: int = 3) -> str:
+    """``entries 'key' (why); ...`` for at most ``limit`` of them, on one line."""
     shown = "; ".join(f"{section} {files.shown(repr(key), 60)} ({why})" for section, key, why in problems[:limit])
-    more = f"; and {len(problems) - limit} more" if len(problems) > limit else ""
-    return f"{len(problems)} ignored: {shown}{more}"
+    return shown + (f"; and {len(problems) - limit} more" if len(problems) > limit else "")
+
+
+def problems_text(problems: _Problems, limit: int = 3) -> str:
+    """``N ignored: entries 'key' (why); ...``, on one line."""
+    return f"{len(problems)} ignored: {problems_list(problems, limit)}"
 
 
 def read(path: str) -> tuple[dict | None, str]:

@@ -29,7 +29,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 from . import files, schema
-from .store import CacheWarning, problems_text
+from .store import CacheWarning, problems_list
 
 
 class CachePathError(OSError):
@@ -136,8 +136,9 @@ def record(path: str, entries: Iterable[dict] = (), defaults: Iterable[dict] = (
     across processes. Raises `CachePathError` (and changes nothing) if ``path`` names something that is not
     ours; see the module docstring."""
     entries, defaults, models = list(entries), list(defaults), list(models)
-    for m in models:
-        schema.model_fields(m)
+    for section, records in (("entries", entries), ("defaults", defaults), ("models", models)):
+        for r in records:  # never write what the next read would ignore (ValueError says why)
+            schema.FIELD_CHECKS[section](r)
     real = _real(path)
     _inspect(path, real)  # first without the lock: a refused path gets no lock file next to it
     with files.locked(real, lambda why: _refuse(path, why)):
@@ -155,7 +156,7 @@ def record(path: str, entries: Iterable[dict] = (), defaults: Iterable[dict] = (
                 path,
                 real,
                 ".rejected",
-                f"dropping {dropped} this version rejects ({problems_text(bad)}); the file as it was is kept as",
+                f"dropping {dropped} this version rejects ({problems_list(bad)}); the file as it was is kept as",
             )
             for section, key, _ in bad:
                 del data[section][key]

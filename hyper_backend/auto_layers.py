@@ -180,7 +180,12 @@ def auto_layers(gm: fx.GraphModule, found: list[_sites.Site], settings: Settings
         except UnstableConfig as e:
             why = f"the compiled module's config cannot identify a model: {e}"
     if entry is None:
-        _warn_once(why, key, "swapping every site as layers='all'")
+        _warn_once(
+            why,
+            key,
+            "swapping every site as layers='all' (calibrate with `python -m hyper_backend.autotune --model PATH "
+            "--text FILE --seq N`; see docs/autotune.md)",
+        )
         for s in found:
             configs[s.index] = "auto: no calibration for this model, as layers=all"
         return (lambda site: True), {}, None
@@ -205,10 +210,13 @@ def auto_layers(gm: fx.GraphModule, found: list[_sites.Site], settings: Settings
             notes[s.index] = f"{at}, but no recorded site is at module {where[1]!r}: kept exact"
         elif site is None:
             notes[s.index] = (
-                f"auto: this graph may run for recorded sites {_spans(indices)}, calibrated differently: kept exact "
-                f"(a graph compiled on a submodule serves every copy of it; compile the whole model)"
+                f"auto: recorded sites {_spans(indices)} share module {where[1]!r} and are calibrated differently: "
+                f"kept exact"
+                if placed
+                else f"auto: this graph may run for recorded sites {_spans(indices)}, calibrated differently: kept "
+                f"exact (a graph compiled on a submodule serves every copy of it)"
             )
-            _warn_once(notes[s.index], key, "those sites stay exact")
+            _warn_once(notes[s.index], key, "compile the whole model (or its base model) to apply the calibration")
         elif "exact" in site:
             notes[s.index] = f"{at}: exact ({site['exact']}){shared}"
         else:
@@ -225,12 +233,7 @@ def _warn_once(why: str, key, then: str) -> None:
     if (why, key) in _auto_warned:
         return
     _auto_warned.add((why, key))
-    warnings.warn(
-        f"layers='auto': {why}; {then} (calibrate with `python -m hyper_backend.autotune --model PATH --text FILE "
-        f"--seq N`; see docs/autotune.md)",
-        AutoLayersWarning,
-        stacklevel=3,
-    )
+    warnings.warn(f"layers='auto': {why}; {then}", AutoLayersWarning, stacklevel=3)
 
 
 def _site_shape(gm: fx.GraphModule, site: _sites.Site):
