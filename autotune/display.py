@@ -187,8 +187,8 @@ def summary(
             f"block and sample sizes"
         )
     console.print(
-        f"wrote {s.cache_path} in {elapsed:.0f} s; hyper_attention and the hyper backend use it at run "
-        f"time (explicit config, options and HYPER_* variables still win)"
+        f"wrote {s.cache_path} in {elapsed:.0f} s; the hyper backend reads it when a graph compiles, "
+        f"hyper_attention when it is called (explicit config, options and HYPER_* variables still win)"
     )
 
 

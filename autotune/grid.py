@@ -11,7 +11,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from hyper_backend.config import HyperConfig
-from hyper_backend.kernels.plan import causal_schedule, hyper_applies
+from hyper_backend.kernels.plan import causal_schedule, hyper_applies, next_pow2
 
 _D = HyperConfig()
 
@@ -75,7 +75,8 @@ def thresholds(n: int, causal: bool, block: int, floor: int, crossover: int | No
     """``min_seq_len`` values to try at length ``n`` for a block size.
 
     Causal: powers of two from ``max(floor, 2 * block)`` up to ``n/2`` (the largest quadrant); with a predicted
-    ``crossover`` (the tuner's cost model), those within a factor 4 of it, else the three largest. Non-causal:
+    ``crossover`` (the tuner's cost model), those within a factor 4 of it (rounded up to a power of two), else
+    the three largest. Non-causal:
     one value, the crossover (else ``floor``), at least ``floor`` and at most ``n``: every threshold up to ``n``
     computes the same at ``n``, so it only decides the shorter lengths of the bucket."""
     if not causal:
@@ -84,7 +85,8 @@ def thresholds(n: int, causal: bool, block: int, floor: int, crossover: int | No
     usable = [1 << k for k in range(n.bit_length()) if max(floor, 2 * block) <= 1 << k <= n // 2]
     if crossover is None:
         return usable
-    near = [x for x in usable if crossover // 4 <= x <= crossover * 4]
+    center = next_pow2(crossover)
+    near = [x for x in usable if center // 4 <= x <= center * 4]
     return near or usable[-3:]
 
 
