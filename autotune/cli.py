@@ -106,32 +106,39 @@ def add_space_arguments(p: argparse.ArgumentParser) -> None:
     shown = lambda axis: ",".join("default" if v is None else str(v) for v in axis)  # noqa: E731
     g = p.add_argument_group("candidate grid (the tuner's and the calibration's)")
     g.add_argument(
-        "--block-sizes", type=_int_list, default=None, metavar="B,B,...", help=f"default {shown(d.block_sizes)}"
+        "--block-sizes", type=_int_list, default=None, metavar="B,B,...", help=f"grid default {shown(d.block_sizes)}"
     )
     g.add_argument(
-        "--sample-sizes", type=_count_list, default=None, metavar="M,M,...", help=f"default {shown(d.sample_sizes)}"
+        "--sample-sizes",
+        type=_count_list,
+        default=None,
+        metavar="M,M,...",
+        help=f"grid default {shown(d.sample_sizes)}",
     )
-    g.add_argument("--lsh-projs", type=_int_list, default=None, metavar="R,R,...", help=f"default {shown(d.lsh_projs)}")
+    g.add_argument(
+        "--lsh-projs", type=_int_list, default=None, metavar="R,R,...", help=f"grid default {shown(d.lsh_projs)}"
+    )
     g.add_argument(
         "--sink-keys",
         type=_count_list,
         default=None,
         metavar="S,S,...",
-        help=f"exact first keys; default {shown(d.sink_keys)}",
+        help=f"exact first keys; grid default {shown(d.sink_keys)}",
     )
     g.add_argument(
         "--local-windows",
         type=_window_list,
         default=None,
         metavar="W,W,...",
-        help=f"exact local windows ('default': 128 keys causal, none non-causal); default {shown(d.local_windows)}",
+        help="exact local windows: integers, or 'default' (the HyperConfig default: 128 keys causal, none "
+        f"non-causal); grid default {shown(d.local_windows)}",
     )
     g.add_argument(
         "--residuals",
         type=lambda t: tuple(x.strip() for x in t.split(",")),
         default=None,
         metavar="uniform,stratified",
-        help=f"residual schemes; default {shown(d.residuals)}",
+        help=f"residual schemes; grid default {shown(d.residuals)}",
     )
     g.add_argument(
         "--min-seq-len",
