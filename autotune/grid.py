@@ -11,7 +11,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from hyper_backend.config import HyperConfig
-from hyper_backend.kernels.plan import causal_schedule, hyper_applies, next_pow2
+from hyper_backend.kernels.op import fit
+from hyper_backend.kernels.plan import causal_levels, next_pow2, plan_call
 
 _D = HyperConfig()
 
@@ -53,22 +54,25 @@ class Space:
 
 
 def structure(n: int, causal: bool, c: HyperConfig) -> tuple:
-    """What ``c`` computes at length ``n``: non-causal, whether it approximates (with the sizes that matter);
-    causal, the leaf size and the approximated quadrant sizes of `causal_schedule`. Equal structures give equal
-    outputs. A structure of fewer than three items is exact attention."""
-    exact_parts = (c.sink_keys, c.local_window, c.residual)
-    if not causal:
-        approx = hyper_applies(n, n, c)
-        return ("full", approx) + ((c.block_size, c.sample_size, c.lsh_num_projs) + exact_parts if approx else ())
-    sched = causal_schedule(n, c)
-    sizes = tuple(size for _, size in sched.levels if hyper_applies(size, size, c))
-    if not sizes:
-        return ("causal", sched.leaf)
-    return ("causal", sched.leaf, sizes, c.block_size, c.sample_size, c.lsh_num_projs) + exact_parts
+    """What ``c`` computes at length ``n``: the call plan (`kernels.plan.plan_call`: the sub-problems, which are
+    approximated, the exact strips and windows) of ``c`` fitted to the call as the op fits it, with the estimator's
+    sizes; ``()`` for exact attention. Equal structures give equal outputs."""
+    f = fit(c, n, n)  # what the op runs
+    plan = plan_call(n, n, causal, f)
+    if not plan.approximates:
+        return ()
+    return (plan.parts, f.block_size, f.sample_size, f.lsh_num_projs, f.sink_keys, f.residual)
+
+
+def approximated(n: int, causal: bool, c: HyperConfig) -> tuple[int, frozenset]:
+    """(the exact leaf, the sizes of the approximated sub-problems) of ``c`` at ``n``: leaf 0 non-causal."""
+    parts = plan_call(n, n, causal, fit(c, n, n)).parts
+    leaf = parts[0].sq if causal else 0
+    return leaf, frozenset(p.sq for p in parts if p.kind == "hyper")
 
 
 def approximates(n: int, causal: bool, c: HyperConfig) -> bool:
-    return len(structure(n, causal, c)) >= 3
+    return plan_call(n, n, causal, fit(c, n, n)).approximates
 
 
 def thresholds(n: int, causal: bool, block: int, floor: int, crossover: int | None) -> list[int]:
@@ -107,11 +111,11 @@ def grid(
             auto = base.replace(min_seq_len=t)
             cands = [auto]
             if causal:
-                depth = len(causal_schedule(n, auto).levels)
+                depth = causal_levels(n, auto)
                 cands += [auto.replace(causal_depth=d) for d in (depth - 1, depth - 2) if d >= 1]
             for c in cands:
                 key = structure(n, causal, c)
-                if len(key) < 3:
+                if not key:
                     continue  # exact at n: that option is measured separately
                 if key not in out or (out[key].causal_depth is not None and c.causal_depth is None):
                     out[key] = c

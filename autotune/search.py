@@ -38,7 +38,7 @@ from hyper_backend.config import HyperConfig
 from hyper_backend.kernels.plan import next_pow2
 
 from . import cost, measure, schema, writer
-from .grid import Space, approximates, grid, structure
+from .grid import Space, approximated, approximates, grid, structure
 from .inputs import Sample, load_inputs, synthetic
 from .measure import Score
 from .progress import Progress, duration
@@ -137,15 +137,15 @@ class CrossoverResult:
 
 def no_more_accurate(a: HyperConfig, b: HyperConfig, n: int, causal: bool) -> bool:
     """Heuristic order: ``a`` approximates at least where ``b`` does, with blocks and samples no larger."""
-    sa, sb = structure(n, causal, a), structure(n, causal, b)
-    if len(sa) < 3 or len(sb) < 3 or a.lsh_num_projs != b.lsh_num_projs:
+    if not (approximates(n, causal, a) and approximates(n, causal, b)) or a.lsh_num_projs != b.lsh_num_projs:
         return False
     if (a.sink_keys, a.local_window, a.residual) != (b.sink_keys, b.local_window, b.residual):
         return False
     if a.block_size > b.block_size or a.sample_size > b.sample_size:
         return False
     if causal:
-        return set(sa[2]) >= set(sb[2]) and sa[1] <= sb[1]
+        (leaf_a, sizes_a), (leaf_b, sizes_b) = approximated(n, True, a), approximated(n, True, b)
+        return sizes_a >= sizes_b and leaf_a <= leaf_b
     return True
 
 

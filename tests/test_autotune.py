@@ -273,7 +273,7 @@ def test_one_grid_every_candidate_distinct_and_approximating(n, causal):
     for crossover in (None, lambda c: 4 * c.block_size + c.sample_size):
         cands = grid(n, causal, space, crossover)
         keys = [structure(n, causal, c) for c in cands]
-        assert len(set(keys)) == len(keys) and all(len(k) >= 3 for k in keys)
+        assert len(set(keys)) == len(keys) and all(keys)  # distinct computations, none exact
         assert all(c.min_seq_len >= space.min_seq_len and c.block_size < n for c in cands)
         assert {(c.block_size, c.sample_size, c.sink_keys) for c in cands} <= {
             (b, m, k) for b in space.block_sizes for m in space.sample_sizes for k in space.sink_keys
