@@ -15,11 +15,13 @@ Steps, on one window of ``--seq`` tokens (``--offset``: where in the text) and a
    depth, sinks, local window, residual; deduplicated by what it computes at this length) runs once on the captured
    Q/K/V: its time and its relative error on sampled query rows (`measure.reference`); the candidates on the
    time/error frontier are timed again (median of ``repeats`` runs in all) and so is exact attention;
-4. **loss effect, measured**: per site, the most accurate frontier candidate that still saves 10% of the
-   site's exact time is swapped in alone and the model runs from that site's layer on (the layers before it
-   replay their captured output, so a late site costs a few layers, not a forward); the loss change of the other
-   candidates is predicted from theirs by the squared error ratio (error ratio alone when the candidate is the
-   more accurate: both directions err high);
+4. **loss effect, measured**: per site, two probes, each swapped in alone with the model run from that site's
+   layer on (the layers before it replay their captured output, so a late site costs a few layers, not a
+   forward): the most accurate frontier candidate that still saves 10% of the site's exact time, and the fastest
+   one. The loss change of the other candidates is predicted from each probe by the squared error ratio (the
+   error ratio alone when the candidate is the more accurate: both directions err high), and the larger of the
+   two predictions is taken: one probe whose effect is lost in noise (an accurate config at a fragile site) does
+   not make the faster configs there look free;
 5. **assignment**: per site the option (a candidate, or exact) minimising total attention time with the
    predicted mean loss increase, summed over sites, at most ``log(1 + budget)`` (a multiple-choice knapsack);
 6. **verification**: one real perplexity run of the whole assignment on the held-out window against exact
@@ -49,7 +51,7 @@ import torch
 from hyper_backend.config import HyperConfig
 
 from . import schema, writer
-from .assign import Option, SiteResult, frontier, predict, solve
+from .assign import Option, SiteResult, frontier, predict_from, solve
 from .grid import Space, grid
 from .models import kjv_text, load_model, model_path  # noqa: F401  (the benches' names until they import .models)
 from .progress import Progress
@@ -233,24 +235,28 @@ def calibrate(
             samples[site.index], site.causal, s, progress
         )
         site.default_time, site.default_error = default_opt.time, default_opt.error
-        # the probe: the most accurate frontier option that still saves 10% of the site's exact time (the
-        # option a tight budget needs, measured; the faster ones are predicted from it, erring high)
+        # the probes: the most accurate frontier option that still saves 10% of the site's exact time (the
+        # option a tight budget needs) and the fastest (the one a loose budget takes); the others are predicted
+        # from both, erring high
         saving = [o for o in site.options if o.time <= 0.9 * site.exact_time]
         site.probe = min(saving, key=lambda o: o.error) if saving else site.options[0]
+        site.fast_probe = site.options[0] if site.options[0] is not site.probe else None
     phases["candidates"] = time.perf_counter() - t0
 
-    # 4. measured loss effect of each site's probe, alone
+    # 4. measured loss effect of each site's probes, each alone
     t0 = time.perf_counter()
     for site in sites:
         if site.status != "candidate":
             continue
-        progress.phase(f"site {site.index}: loss effect of {site.probe.config.label()} alone")
-        got = run_assignment(runner, calib_ids, exact, {site.index: site.probe.config})
-        site.probe.dloss = runner.delta(got, exact, s.probe_stride)
-        site.probe.measured = True
+        probes = [p for p in (site.probe, site.fast_probe) if p is not None]
+        for p in probes:
+            progress.phase(f"site {site.index}: loss effect of {p.config.label()} alone")
+            got = run_assignment(runner, calib_ids, exact, {site.index: p.config})
+            p.dloss = runner.delta(got, exact, s.probe_stride)
+            p.measured = True
         for o in site.options:
-            if o is not site.probe:
-                o.dloss = predict(site.probe, o.error)
+            if not o.measured:
+                o.dloss = predict_from(probes, o.error)
     phases["loss effect"] = time.perf_counter() - t0
 
     # 5-6. assign, verify, tighten

@@ -166,15 +166,12 @@ def _site_json(site: SiteResult) -> dict:
         "reason": site.reason,
         "exact_s": site.exact_time,
         "screened": site.screened,
-        "default": {"time_s": getattr(site, "default_time", None), "error": getattr(site, "default_error", None)},
-        "probe": None
-        if site.probe is None
-        else {
-            "config": site.probe.config.label(),
-            "error": site.probe.error,
-            "time_s": site.probe.time,
-            "dloss": site.probe.dloss,
-        },
+        "default": {"time_s": site.default_time, "error": site.default_error},
+        "probes": [
+            {"config": p.config.label(), "error": p.error, "time_s": p.time, "dloss": p.dloss}
+            for p in (site.probe, site.fast_probe)
+            if p is not None
+        ],
         "frontier": [
             {"config": o.config.label(), "time_s": o.time, "error": o.error, "dloss": o.dloss} for o in site.options
         ],

@@ -222,7 +222,7 @@ def calibration_table(result) -> Table:
         "time",
         "exact",
         "default cfg",
-        "probe (measured)",
+        "probes (measured)",
     ):
         t.add_column(col, overflow="fold")
     skipped = {}  # sites that cannot approximate, one row per (status, reason)
@@ -247,10 +247,10 @@ def calibration_table(result) -> Table:
         if x.status != "candidate":
             continue
         c = x.choice
-        probe = (
-            ""
-            if x.probe is None
-            else f"{x.probe.config.label()}: err {x.probe.error:.3f}, {100 * math.expm1(x.probe.dloss):+.3f}%"
+        probe = "; ".join(
+            f"{p.config.label()}: err {p.error:.3f}, {100 * math.expm1(p.dloss):+.3f}%"
+            for p in (x.probe, x.fast_probe)
+            if p is not None and p.dloss is not None
         )
         default = "-" if x.default_time is None else f"{_s(x.default_time)}, err {x.default_error:.3f}"
         if c is None:

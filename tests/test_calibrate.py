@@ -141,6 +141,17 @@ def test_prediction_errs_high_on_both_sides_of_the_probe():
     )  # noise, not free
 
 
+def test_two_probes_the_larger_prediction_wins():
+    """An accurate probe whose measured effect is noise (an accurate config at a fragile site) must not make the
+    faster configs there look free: the fast probe's prediction is taken where it is the larger."""
+    accurate = assign.Option(HyperConfig(), 1.0, 0.08, dloss=-0.0005, measured=True)
+    fast = assign.Option(HyperConfig(), 0.5, 0.16, dloss=0.015, measured=True)
+    assert assign.predict(accurate, 0.12) == pytest.approx(0.0005 * (0.12 / 0.08) ** 2)  # one probe: 0.11%
+    assert assign.predict_from([accurate, fast], 0.12) == pytest.approx(0.015 * 0.12 / 0.16)  # both: 1.1%
+    assert assign.predict_from([accurate, fast], 0.32) == pytest.approx(0.015 * 4)
+    assert assign.predict_from([accurate], 0.04) == pytest.approx(0.00025)
+
+
 # ----------------------------------------------------------------------------------------------------------
 # fingerprint and cache records
 # ----------------------------------------------------------------------------------------------------------
