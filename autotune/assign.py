@@ -17,8 +17,9 @@ class Option:
     time: float
     error: float
     times: list[float] = field(default_factory=list)
-    dloss: float | None = None  # predicted (or, for the probe, measured)
-    measured: bool = False
+    dloss: float | None = None  # the loss increase charged (`predict_from`): what `solve` budgets
+    measured: bool = False  # a probe: its effect was measured
+    measured_dloss: float | None = None  # a probe's measured effect (signed: a decrease is noise of its size)
 
 
 @dataclass
@@ -68,10 +69,14 @@ def predict(probe: Option, error: float) -> float:
     return d * (ratio**2 if ratio >= 1 else ratio)
 
 
-def predict_from(probes: list[Option], error: float) -> float:
-    """The loss increase of a config with row error ``error`` at a site with these measured probes: the largest of
-    their predictions (`predict`), so a probe whose effect is lost in noise does not make the others look free."""
-    return max(predict(p, error) for p in probes)
+def predict_from(probes: list[Option], option: Option) -> float:
+    """The loss increase charged for ``option`` at a site with these measured ``probes``: the largest of their
+    predictions (`predict`), so a probe whose effect is lost in noise does not make the configs near it look
+    free. A probe's own measurement stands, unless a more accurate probe's effect, scaled up to its error, is
+    larger: no config is charged less than a more accurate one predicts (a very wrong config can lower the
+    loss of one window by chance)."""
+    used = [p for p in probes if not option.measured or p is option or p.error <= option.error]
+    return max(predict(p, option.error) for p in used)
 
 
 def solve(sites: list[SiteResult], allowed: float, scale: float = 1.0) -> dict[int, Option]:

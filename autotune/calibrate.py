@@ -21,7 +21,8 @@ Steps, on one window of ``--seq`` tokens (``--offset``: where in the text) and a
    one. The loss change of the other candidates is predicted from each probe by the squared error ratio (the
    error ratio alone when the candidate is the more accurate: both directions err high), and the larger of the
    two predictions is taken: one probe whose effect is lost in noise (an accurate config at a fragile site) does
-   not make the faster configs there look free;
+   not make the faster configs there look free, and a probe is charged its measurement unless the more accurate
+   probe, scaled up, predicts more (`assign.predict_from`);
 5. **assignment**: per site the option (a candidate, or exact) minimising total attention time with the
    predicted mean loss increase, summed over sites, at most ``log(1 + budget)`` (a multiple-choice knapsack);
 6. **verification**: one real perplexity run of the whole assignment on the held-out window against exact
@@ -252,11 +253,11 @@ def calibrate(
         for p in probes:
             progress.phase(f"site {site.index}: loss effect of {p.config.label()} alone")
             got = run_assignment(runner, calib_ids, exact, {site.index: p.config})
-            p.dloss = runner.delta(got, exact, s.probe_stride)
+            p.dloss = p.measured_dloss = runner.delta(got, exact, s.probe_stride)
             p.measured = True
-        for o in site.options:
-            if not o.measured:
-                o.dloss = predict_from(probes, o.error)
+        charged = [predict_from(probes, o) for o in site.options]  # from the measurements, before any is replaced
+        for o, d in zip(site.options, charged):
+            o.dloss = d
     phases["loss effect"] = time.perf_counter() - t0
 
     # 5-6. assign, verify, tighten

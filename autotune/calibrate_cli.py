@@ -168,7 +168,7 @@ def _site_json(site: SiteResult) -> dict:
         "screened": site.screened,
         "default": {"time_s": site.default_time, "error": site.default_error},
         "probes": [
-            {"config": p.config.label(), "error": p.error, "time_s": p.time, "dloss": p.dloss}
+            {"config": p.config.label(), "error": p.error, "time_s": p.time, "measured": p.measured_dloss}
             for p in (site.probe, site.fast_probe)
             if p is not None
         ],

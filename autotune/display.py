@@ -248,9 +248,9 @@ def calibration_table(result) -> Table:
             continue
         c = x.choice
         probe = "; ".join(
-            f"{p.config.label()}: err {p.error:.3f}, {100 * math.expm1(p.dloss):+.3f}%"
+            f"{p.config.label()}: err {p.error:.3f}, {100 * math.expm1(p.measured_dloss):+.3f}%"
             for p in (x.probe, x.fast_probe)
-            if p is not None and p.dloss is not None
+            if p is not None and p.measured_dloss is not None
         )
         default = "-" if x.default_time is None else f"{_s(x.default_time)}, err {x.default_error:.3f}"
         if c is None:
@@ -268,7 +268,7 @@ def calibration_table(result) -> Table:
                 probe,
             )
         else:
-            how = "measured" if c.measured else "predicted"
+            how = "measured" if c.measured and c.dloss == abs(c.measured_dloss) else "predicted"
             t.add_row(
                 str(x.index),
                 str(x.layer),

@@ -141,15 +141,22 @@ def test_prediction_errs_high_on_both_sides_of_the_probe():
     )  # noise, not free
 
 
-def test_two_probes_the_larger_prediction_wins():
+def test_two_probes_no_config_is_charged_less_than_a_more_accurate_one_predicts():
     """An accurate probe whose measured effect is noise (an accurate config at a fragile site) must not make the
-    faster configs there look free: the fast probe's prediction is taken where it is the larger."""
-    accurate = assign.Option(HyperConfig(), 1.0, 0.08, dloss=-0.0005, measured=True)
-    fast = assign.Option(HyperConfig(), 0.5, 0.16, dloss=0.015, measured=True)
+    faster configs there look free, and a very wrong probe that lowered the loss by chance must not be free."""
+
+    def probe(error, dloss):
+        return assign.Option(HyperConfig(), 1.0, error, dloss=dloss, measured=True, measured_dloss=dloss)
+
+    accurate, fast = probe(0.08, -0.0005), probe(0.16, 0.015)
+    between = assign.Option(HyperConfig(), 0.8, 0.12)
     assert assign.predict(accurate, 0.12) == pytest.approx(0.0005 * (0.12 / 0.08) ** 2)  # one probe: 0.11%
-    assert assign.predict_from([accurate, fast], 0.12) == pytest.approx(0.015 * 0.12 / 0.16)  # both: 1.1%
-    assert assign.predict_from([accurate, fast], 0.32) == pytest.approx(0.015 * 4)
-    assert assign.predict_from([accurate], 0.04) == pytest.approx(0.00025)
+    assert assign.predict_from([accurate, fast], between) == pytest.approx(0.015 * 0.12 / 0.16)  # both: 1.1%
+    assert assign.predict_from([accurate, fast], accurate) == pytest.approx(0.0005)  # its measurement stands
+    assert assign.predict_from([accurate, fast], fast) == pytest.approx(0.015)
+    lucky = probe(0.99, -0.001)  # the fragile site of the test above: wrong, yet the loss fell
+    sharp = probe(0.77, 0.027)
+    assert assign.predict_from([sharp, lucky], lucky) == pytest.approx(0.027 * (0.99 / 0.77) ** 2)
 
 
 # ----------------------------------------------------------------------------------------------------------
