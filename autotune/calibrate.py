@@ -54,7 +54,6 @@ from hyper_backend.config import HyperConfig
 from . import schema, writer
 from .assign import Option, SiteResult, frontier, predict_from, solve
 from .grid import Space, grid
-from .models import kjv_text, load_model, model_path  # noqa: F401  (the benches' names until they import .models)
 from .progress import Progress
 from .replay import Runner, run_assignment
 
