@@ -43,9 +43,18 @@ _PART = re.compile(r"\._modules\[['\"]([^'\"]*)['\"]\]|\[['\"]([^'\"]*)['\"]\]|\
 
 
 def _frame_locals() -> dict | None:
-    """The locals of the frame Dynamo is compiling. torch 2.13 gives a backend the graph and its example inputs
-    only: the module objects are not among them, and Dynamo's metadata names modules (``nn_module_stack``) but
-    does not hold them, so the ``config`` object can only be read from here (one internal call, kept here)."""
+    """The locals of the frame Dynamo is compiling: the one internal call of ``layers="auto"``, kept here.
+
+    Why no sounder route (checked on torch 2.13): a backend is given the graph and its example inputs. The module
+    objects are not among them (with ``inline_inbuilt_nn_modules``, the default, parameters are lifted to
+    placeholders whose sources lead to the parameters, not to their modules); ``gm.meta`` holds only
+    ``dynamo_flat_name_to_original_fqn``, the compile id and the backend id; ``TracingContext.module_context``
+    registers no modules; a node's ``nn_module_stack`` names each module by its source (``L['self'].layers[1]``)
+    and type, but holds no object. The source names are rooted at the compiled frame's locals, and
+    ``InstructionTranslator.current_tx()`` is only ever the root translator of that frame (an inlined call's
+    translator never sets it), so its ``f_locals`` are the real objects the sources name: the values Dynamo's own
+    ``OutputGraph.resolve_source_value`` reads. If torch moves this, the result is None: ``layers="auto"`` warns
+    once and swaps every site (as ``layers="all"``), and the calibration tests fail."""
     try:
         from torch._dynamo.symbolic_convert import InstructionTranslator
 

@@ -20,8 +20,10 @@ from hyper_backend.autotune import cost, measure, schema, store, writer
 from hyper_backend.autotune.cli import main, parse_seq
 from hyper_backend.autotune.grid import Space, grid, structure
 from hyper_backend.autotune.inputs import InputError, Sample, load_inputs, synthetic
-from hyper_backend.config import OpSettings, op_settings
+from hyper_backend.config import CAUSAL_WINDOW, OpSettings, op_settings
 from hyper_backend.kernels import cpu
+from hyper_backend.kernels.op import fit
+from hyper_backend.kernels.plan import plan_call
 
 CPU = torch.device("cpu")
 
@@ -41,7 +43,16 @@ def test_symbolic_counts_grow_with_n():
             if name == "calls":
                 continue
             grad = sp.diff(expr, cost.n)
-            point = {cost.n: 2**17, cost.d: 64, cost.b: 256, cost.m: 256, cost.r: 7, cost.s: 4, cost.depth: 5}
+            point = {
+                cost.n: 2**17,
+                cost.d: 64,
+                cost.b: 256,
+                cost.m: 256,
+                cost.r: 7,
+                cost.e: 143,
+                cost.s: 4,
+                cost.depth: 5,
+            }
             assert float(grad.subs(point)) > 0, (name, expr)
 
 
@@ -51,10 +62,45 @@ def test_causal_closed_form_matches_level_by_level_evaluation():
     n, d, b, m, r, L = 1 << 16, 64, 256, 128, 5, 4
     c = HyperConfig(b, m, r, min_seq_len=n >> L, causal_depth=None)
     f, o = cost.predict_parts(n, True, c, head_dim=d, elem_bytes=4, batch_heads=1, rates=unit)
+    extras = CAUSAL_WINDOW - 1 + c.sink_keys  # every quadrant's exact strip, and the sinks (in its first one)
     closed = cost.total_flops(cost.causal_hyper()).subs(
-        {cost.n: n, cost.d: d, cost.b: b, cost.m: m, cost.r: r, cost.depth: L}
+        {cost.n: n, cost.d: d, cost.b: b, cost.m: m, cost.r: r, cost.e: extras, cost.depth: L}
     )
     assert f + o == pytest.approx(float(closed), rel=1e-9)
+
+
+@pytest.mark.parametrize(
+    "n, causal, c",
+    [
+        (3000, True, HyperConfig(256, 256, 7, min_seq_len=512, sink_keys=64)),  # padded leaves, exact quadrants
+        (5000, True, HyperConfig(512, 1024, 7, min_seq_len=1024, causal_depth=2, local_window=32)),
+        (6000, False, HyperConfig(256, 256, 7, min_seq_len=1024, local_window=128)),  # hyper + band
+        (700, False, HyperConfig(256, 2048, 7, min_seq_len=1024)),  # exact below min_seq_len
+    ],
+)
+def test_the_cost_model_prices_the_call_plan_the_op_runs(n, causal, c):
+    # with a flash rate of 1 FLOP/s and free memory, predicted seconds are the FLOPs of the parts the op computes
+    unit = cost.Rates(flash={(1, 1, False, False): 1.0}, bandwidth=1e300, sort=1e300, call=0.0)
+    d = 64
+    f = fit(c, n, n)
+    flops = 0
+    for part in plan_call(n, n, causal, f).parts:
+        if part.kind == "hyper":
+            side = f.sample_size + cost.extras(part, f.sink_keys)
+            lsh = 4 * part.sq * d * f.lsh_num_projs
+            flops += part.count * (4 * part.sq * f.block_size * d + 4 * part.sq * side * d + lsh)
+        elif part.kind == "band":
+            flops += 4 * part.count * part.sq * (sum(part.window) + 1) * d
+        else:
+            flops += (2 if part.kind == "causal" else 4) * part.count * part.sq * part.sk * d
+    got = sum(cost.predict_parts(n, causal, c, head_dim=d, elem_bytes=4, batch_heads=1, rates=unit))
+    assert got == pytest.approx(flops, rel=1e-9)
+    more = sum(
+        cost.predict_parts(
+            n, causal, c.replace(sink_keys=c.sink_keys + 32), head_dim=d, elem_bytes=4, batch_heads=1, rates=unit
+        )
+    )
+    assert more > got if cost.call_plan(n, causal, c).approximates else more == got
 
 
 def test_predicted_time_is_monotone_in_n_and_a_crossover_exists():
