@@ -51,7 +51,7 @@ from common import device_stamp, write_json  # noqa: E402
 from hyper_backend import hyper_attention  # noqa: E402
 
 # model, text and loss: shared with the calibration (python -m hyper_backend.autotune --model)
-from hyper_backend.autotune.calibrate import (
+from hyper_backend.autotune.models import (
     DEFAULT_MODEL,
     body_and_head,
     chunked_nll,
@@ -81,7 +81,7 @@ CONFIG_FLAGS = {  # CLI flag -> HyperConfig field
 
 
 # ----------------------------------------------------------------------------------------------------------
-# loss in chunks (model, text and `chunked_nll` come from hyper_backend.autotune.calibrate)
+# loss in chunks (model, text and `chunked_nll` come from hyper_backend.autotune.models)
 # ----------------------------------------------------------------------------------------------------------
 
 

@@ -214,7 +214,7 @@ def _tuned_entry(settings: Settings, q, causal: bool, n_k: int) -> dict | None:
     """The tuning cache's entry for a call (`describe_entry`), or None."""
     if not settings.tune_cache:
         return None
-    from hyper_backend.autotune.cache import describe_entry
+    from hyper_backend.autotune.store import describe_entry
 
     return describe_entry(
         settings.tune_cache,
@@ -274,7 +274,7 @@ def _tuning_lines(settings: Settings, lookups: list[dict]) -> list[str]:
     """One line per distinct tuned entry the run's op calls were resolved from (``describe_entry``)."""
     if not settings.tune_cache or len(settings.explicit) == len(FIELDS):  # nothing left to tune
         return []
-    from hyper_backend.autotune.cache import describe_entry
+    from hyper_backend.autotune.store import describe_entry
 
     lines = []
     for where in lookups:

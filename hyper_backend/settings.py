@@ -53,7 +53,7 @@ class Settings:
         options and ``HYPER_*`` fields) over the tuning cache's length buckets for that group over the defaults."""
         table = ()
         if self.tune_cache:
-            from hyper_backend.autotune.cache import tuned_head_dims, tuned_table
+            from hyper_backend.autotune.store import tuned_head_dims, tuned_table
 
             if isinstance(head_dim, torch.SymInt):  # dynamic=True: guard on it only if some head dim is tuned
                 tuned = tuned_head_dims(self.tune_cache, device=device, dtype=dtype, causal=causal)
@@ -80,7 +80,7 @@ class Settings:
         """A fingerprint of the tuning cache's content ("" without one)."""
         if not self.tune_cache:
             return ""
-        from hyper_backend.autotune.cache import digest
+        from hyper_backend.autotune.store import digest
 
         return digest(self.tune_cache)
 

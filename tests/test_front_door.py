@@ -201,14 +201,14 @@ def test_report_str_leaves_no_file_open():
 def test_explain_shows_the_op_run_time_decision(clean_env, tmp_path):
     """A tuned device default ``min_seq_len`` of 7694: the site is lowered at both lengths, and explain says the
     op runs exact at n=6144 and approximates at 8192, with the threshold and where it came from."""
-    from hyper_backend.autotune import cache
+    from hyper_backend.autotune import schema, writer
 
     path = str(tmp_path / "tune.json")
-    cache.record(
+    writer.record(
         path,
         defaults=[
-            cache.make_default(
-                device=cache.device_key(torch.device("cpu")),
+            schema.make_default(
+                device=schema.device_key(torch.device("cpu")),
                 dtype="float32",
                 head_dim=16,
                 min_seq_len=7694,
