@@ -323,7 +323,6 @@ def attend_backward(q, k, v, valid, sel: Selection, part: Part, scale: float, do
     group = Hq // Hkv
     acc = torch.float64 if q.dtype == torch.float64 else torch.float32
     nb, qb = blocks(part, n_q), part.block
-    E = sel.pos.shape[-1]
 
     def lay(x):
         x = torch.nn.functional.pad(x.to(acc), (0, 0, 0, nb * qb - n_q)).view(B, Hq, nb, qb, D)
