@@ -1,7 +1,9 @@
 """The ``"topk"`` detector: positional query blocks that attend exactly to the keys scoring highest for them.
 
-A ``"topk"`` part (`plan.Part`) splits the queries into blocks of ``block`` rows. Block ``c`` (rows
-``lo = c * block`` on) keeps exact:
+A ``"topk"`` part (`plan.Part`) splits the queries into blocks of ``block`` rows, aligned to end at the last
+query (the first block may be partial: `lead` padding rows). Causal: the last block attends exactly to every key
+it sees (`_tail`: its rows produce the next token, for ``block x n_k`` scores). Block ``c`` (first row
+``lo = c * block - lead``) keeps exact:
 
 * its **tile**: ``T`` consecutive keys from ``L0``. Causal: ``L0 = lo + (n_k - n_q) - strip``, ``T = block +
   strip``, row i seeing tile key j iff ``j <= i + n_k - n_q`` (so every query keeps its ``w`` most recent keys).
@@ -35,6 +37,7 @@ from .plan import Part
 
 CELL = 16  # keys per residual draw cell
 _BUDGET = 1 << 24  # elements of the largest temporary per chunk of blocks
+_KEY_TILE = 4096  # keys scored at once by a chunk's representatives
 
 
 class Selection(NamedTuple):
@@ -49,22 +52,27 @@ def blocks(part: Part, n_q: int) -> int:
     return math.ceil(n_q / part.block)
 
 
+def lead(part: Part, n_q: int) -> int:
+    """Padding rows before the first query: blocks end at the last query, so the last block is always full."""
+    return blocks(part, n_q) * part.block - n_q
+
+
 def tile(part: Part, n_q: int, n_k: int, first: int, count: int, device):
     """Blocks ``first .. first + count - 1``'s tile: ``(idx [count, T]`` key positions (clamped into range),
     ``vis [count, block, T]`` bool: row r of the block sees tile slot t), and their domains' bounds
     ``(lo [count], hi [count])``: the domain is ``j < lo`` or ``j >= hi``."""
-    c = torch.arange(first, first + count, device=device)
-    rows = c[:, None] * part.block + torch.arange(part.block, device=device)  # [count, block]
+    c = torch.arange(first, first + count, device=device) * part.block - lead(part, n_q)  # first rows
+    rows = c[:, None] + torch.arange(part.block, device=device)  # [count, block]
     if part.causal:
         off = n_k - n_q
-        start, T = c * part.block + off - part.strip, part.block + part.strip
+        start, T = c + off - part.strip, part.block + part.strip
     elif part.window is not None:
         a, b = part.window
-        start, T = c * part.block - a, part.block + a + b
+        start, T = c - a, part.block + a + b
     else:
-        start, T = c * part.block, 0
+        start, T = c, 0
     idx = start[:, None] + torch.arange(T, device=device)  # [count, T]
-    vis = ((idx >= 0) & (idx < n_k))[:, None, :] & (rows < n_q)[:, :, None]
+    vis = ((idx >= 0) & (idx < n_k))[:, None, :] & (rows >= 0)[:, :, None]
     if part.causal:
         vis = vis & (idx[:, None, :] <= rows[:, :, None] + (n_k - n_q))
     lo = start.clamp(0, n_k)
@@ -74,7 +82,7 @@ def tile(part: Part, n_q: int, n_k: int, first: int, count: int, device):
 
 def _bounds(part: Part, n_q: int, n_k: int, first: int, count: int, device):
     """The domain bounds ``(lo, hi)`` of `tile`, without the tile."""
-    c = torch.arange(first, first + count, device=device) * part.block
+    c = torch.arange(first, first + count, device=device) * part.block - lead(part, n_q)
     if part.causal:
         return (c + (n_k - n_q) - part.strip).clamp(0, n_k), torch.full((count,), n_k, device=device)
     if part.window is not None:
@@ -96,9 +104,9 @@ def _reps(q: torch.Tensor, part: Part, n_q: int, first: int, count: int, group: 
     B, Hq, _, D = q.shape
     R = math.ceil(part.block / group)
     within = torch.arange(R * group, device=q.device).view(R, group)  # [R, group]: the row inside its block
-    rows = (first + torch.arange(count, device=q.device))[:, None, None] * part.block + within
-    real = (rows < n_q) & (within < part.block)  # [count, R, group]
-    local = rows.clamp(max=max(n_q - 1, 0))
+    rows = (first + torch.arange(count, device=q.device))[:, None, None] * part.block + within - lead(part, n_q)
+    real = (rows >= 0) & (within < part.block)  # [count, R, group]
+    local = rows.clamp(0, max(n_q - 1, 0))
     x = q[:, :, local.reshape(-1)].float().view(B, Hq, count, R, group, D)
     x = x * real[None, None, ..., None]
     n = real.sum(-1)  # [count, R]
@@ -145,14 +153,14 @@ def select(q, k, v, valid, sink, part: Part, scale: float, p) -> Selection:
         hv = hv.view(B, Hkv, n_p // CELL, CELL).amax(-1).repeat_interleave(group, 1)[:, :, None]
     gen = torch.Generator(device=dev)
     gen.manual_seed(int(p.seed) * 1_000_003 + part.stream + 7)
-    per = max(1, _BUDGET // max(1, B * Hq * R * n_p))
+    per = max(1, _BUDGET // max(1, B * Hq * n_p))
     out_pos, out_lw = [], []
     for first in range(0, nb, per):
         count = min(per, nb - first)
         lo, hi = _bounds(part, n_q, n_k, first, count, dev)
         width = n_p  # causal: the keys before the chunk's last tile are all its blocks may select
         if part.causal:
-            last = (first + count - 1) * part.block + (n_k - n_q) - part.strip
+            last = (first + count - 1) * part.block - lead(part, n_q) + (n_k - n_q) - part.strip
             width = min(n_p, math.ceil(max(last, K * CELL, 1) / CELL) * CELL)
         dom = _domain(lo, hi, est[:, :width], width)  # [B, count, width]
         reps, rep_ok = _reps(q, part, n_q, first, count, p.score_group)
@@ -165,7 +173,11 @@ def select(q, k, v, valid, sink, part: Part, scale: float, p) -> Selection:
             lse = torch.logsumexp(sub, -1) + math.log(STRIDE)
             lse = torch.where(torch.isfinite(lse), lse, 0.0).masked_fill(~rep_ok, math.inf)  # [B, Hq, count, R]
             aug = torch.cat([reps, -lse.reshape(B, Hkv, -1, 1)], -1)
-            score = (aug @ kf[:, :, :width].transpose(-1, -2)).view(B, Hq, count, R, width).amax(3)
+            score = torch.empty(B, Hq, count, width, device=dev)
+            for j in range(0, width, _KEY_TILE):  # tiles of keys: the R-fold scores stay in cache
+                end = min(j + _KEY_TILE, width)
+                piece = aug @ kf[:, :, j:end].transpose(-1, -2)
+                score[..., j:end] = piece.view(B, Hq, count, R, -1).amax(3)
         score.masked_fill_(~dom[:, None], -math.inf)  # [B, Hq, count, width]
         parts_pos, parts_lw = [], []
         if sinks is not None:
@@ -247,10 +259,11 @@ def _chunks(q, k, v, valid, sel: Selection, part: Part, scale: float):
     group = Hq // Hkv
     acc = torch.float64 if q.dtype == torch.float64 else torch.float32
     nb, qb = blocks(part, n_q), part.block
-    qp = torch.nn.functional.pad(q, (0, 0, 0, nb * qb - n_q)).to(acc).view(B, Hq, nb, qb, D)
+    qp = torch.nn.functional.pad(q, (0, 0, lead(part, n_q), 0)).to(acc).view(B, Hq, nb, qb, D)
     qp = _layout(qp, B, Hkv, group, nb)
     pos_all, lw_all = _layout(sel.pos, B, Hkv, group, nb), _layout(sel.lw, B, Hkv, group, nb)
-    kf, vf = k.to(acc), v.to(acc)
+    kf, vf = k.to(acc).contiguous(), v.to(acc).contiguous()
+    base = (torch.arange(B * Hkv, device=q.device) * n_k).view(B, Hkv, 1)  # row offsets of each (batch, head)
     E = sel.pos.shape[-1]
     T = part.block + part.strip if part.causal else (part.block + sum(part.window) if part.window else 0)
     per = max(1, _BUDGET // max(1, B * Hq * (E + T) * max(qb, D)))
@@ -258,9 +271,9 @@ def _chunks(q, k, v, valid, sel: Selection, part: Part, scale: float):
         count = min(per, nb - first)
         qc = qp[:, :, first : first + count]
         pos = pos_all[:, :, first : first + count].reshape(B, Hkv, -1)
-        at = pos[..., None].expand(-1, -1, -1, D)
-        ks = kf.gather(2, at).view(B, Hkv, count, group, E, D)
-        vs = vf.gather(2, at).view(B, Hkv, count, group, E, D)
+        rows = (pos + base).reshape(-1)
+        ks = kf.view(-1, D).index_select(0, rows).view(B, Hkv, count, group, E, D)
+        vs = vf.view(-1, D).index_select(0, rows).view(B, Hkv, count, group, E, D)
         lw = lw_all[:, :, first : first + count, :, None, :].to(acc)
         ss = torch.baddbmm(
             lw.expand(-1, -1, -1, -1, qb, -1).reshape(-1, qb, E),
@@ -296,9 +309,35 @@ def _probs(c: _Chunk):
 
 
 def _rows(x, B, Hq, n_q):
-    """``[B, Hkv, nb, g, qb, ...]`` -> ``[B, Hq, n_q, ...]``."""
+    """``[B, Hkv, nb, g, qb, ...]`` -> ``[B, Hq, n_q, ...]`` (the leading padding rows dropped)."""
     x = x.transpose(2, 3)
-    return x.reshape(B, Hq, -1, *x.shape[5:])[:, :, :n_q]
+    x = x.reshape(B, Hq, -1, *x.shape[5:])
+    return x[:, :, x.shape[2] - n_q :]
+
+
+def _tail(q, k, v, valid, part: Part, scale: float):
+    """Causal: the last block's rows attend exactly to every key they see (these rows produce the next token;
+    ``block x n_k`` scores). ``(r0, p [B, Hkv, g, t, n_k], v [B, Hkv, 1, n_k, D], k, q rows)`` or None."""
+    if not part.causal:
+        return None
+    B, Hq, n_q, D = q.shape
+    Hkv, n_k = k.shape[1], k.shape[2]
+    acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+    t = min(part.block, n_q)
+    r0 = n_q - t
+    qt = q[:, :, r0:].to(acc).reshape(B, Hkv, Hq // Hkv, t, D)
+    kf, vf = k.to(acc)[:, :, None], v.to(acc)[:, :, None]
+    i = torch.arange(r0, n_q, device=q.device)[:, None] + (n_k - n_q)
+    keep = (torch.arange(n_k, device=q.device)[None, :] <= i)[None]  # [1, t, n_k]
+    if valid is not None:
+        keep = keep & valid[:, None, :]
+    s = ((qt @ kf.transpose(-1, -2)) * scale).masked_fill(~keep[:, None, None], -math.inf)
+    top = s.amax(-1, keepdim=True)
+    e = torch.exp(s - torch.where(torch.isfinite(top), top, 0.0))
+    total = e.sum(-1, keepdim=True)
+    prob = e * torch.where(total > 0, 1.0 / total, 0.0)
+    lse = (torch.where(torch.isfinite(top), top, 0.0) + total.log()).reshape(B, Hq, t)
+    return r0, prob, kf, vf, qt, lse
 
 
 def attend(q, k, v, valid, sel: Selection, part: Part, scale: float):
@@ -313,7 +352,14 @@ def attend(q, k, v, valid, sel: Selection, part: Part, scale: float):
             o = o + pt @ c.vt
         outs.append(o)
         lses.append(lse)
-    return _rows(torch.cat(outs, 2), B, Hq, n_q).to(q.dtype), _rows(torch.cat(lses, 2), B, Hq, n_q)
+    out, lse = _rows(torch.cat(outs, 2), B, Hq, n_q), _rows(torch.cat(lses, 2), B, Hq, n_q)
+    tail = _tail(q, k, v, valid, part, scale)
+    if tail is not None:
+        r0, prob, _, vf, _, tail_lse = tail
+        out, lse = out.clone(), lse.clone()
+        out[:, :, r0:] = (prob @ vf).reshape(B, Hq, -1, out.shape[-1])
+        lse[:, :, r0:] = tail_lse
+    return out.to(q.dtype), lse
 
 
 def attend_backward(q, k, v, valid, sel: Selection, part: Part, scale: float, do, out):
@@ -325,9 +371,15 @@ def attend_backward(q, k, v, valid, sel: Selection, part: Part, scale: float, do
     nb, qb = blocks(part, n_q), part.block
 
     def lay(x):
-        x = torch.nn.functional.pad(x.to(acc), (0, 0, 0, nb * qb - n_q)).view(B, Hq, nb, qb, D)
+        x = torch.nn.functional.pad(x.to(acc), (0, 0, lead(part, n_q), 0)).view(B, Hq, nb, qb, D)
         return _layout(x, B, Hkv, group, nb)
 
+    tail = _tail(q, k, v, valid, part, scale)
+    do_t = None
+    if tail is not None:  # the last block's rows: exact, below; the blocks' path sees no gradient for them
+        do_t = do[:, :, tail[0] :].to(acc).reshape(B, Hkv, group, -1, D)
+        do = do.clone()
+        do[:, :, tail[0] :] = 0
     dop = lay(do)
     delta = (dop * lay(out)).sum(-1, keepdim=True)
     dq = torch.zeros_like(dop)
@@ -350,7 +402,16 @@ def attend_backward(q, k, v, valid, sel: Selection, part: Part, scale: float, do
             dk.index_add_(2, flat, (dst.transpose(-1, -2) @ c.q).sum(3).reshape(B, Hkv, count * T, D))
             dv.index_add_(2, flat, (pt.transpose(-1, -2) @ g).sum(3).reshape(B, Hkv, count * T, D))
         dq[:, :, rows] = dqc
-    return _rows(dq, B, Hq, n_q).to(q.dtype).contiguous(), dk.to(k.dtype), dv.to(v.dtype)
+    dq = _rows(dq, B, Hq, n_q)
+    if tail is not None:
+        r0, prob, kf, vf, qt, _ = tail
+        o_t = out[:, :, r0:].to(acc).reshape(do_t.shape)
+        ds = prob * (do_t @ vf.transpose(-1, -2) - (do_t * o_t).sum(-1, keepdim=True)) * scale
+        dq = dq.clone()
+        dq[:, :, r0:] = (ds @ kf).reshape(B, Hq, -1, D)
+        dk += (ds.transpose(-1, -2) @ qt).sum(2)
+        dv += (prob.transpose(-1, -2) @ do_t).sum(2)
+    return dq.to(q.dtype).contiguous(), dk.to(k.dtype), dv.to(v.dtype)
 
 
 def dense_log_weights(sel: Selection, part: Part, n_q: int, n_k: int, valid, device) -> torch.Tensor:
@@ -359,16 +420,22 @@ def dense_log_weights(sel: Selection, part: Part, n_q: int, n_k: int, valid, dev
     B, Hq, nb, _ = sel.pos.shape
     side = torch.zeros(B, Hq, nb, n_k, dtype=torch.float64, device=device)
     side.scatter_add_(-1, sel.pos, sel.lw.double().exp())
-    w = side.repeat_interleave(part.block, 2)[:, :, :n_q].clone()
+    w = side.repeat_interleave(part.block, 2)[:, :, lead(part, n_q) :].clone()
     idx, vis, _, _ = tile(part, n_q, n_k, 0, nb, device)
     if idx.shape[-1]:
-        rows = torch.arange(nb * part.block, device=device).view(nb, part.block, 1).expand_as(vis)
+        rows = torch.arange(nb * part.block, device=device).view(nb, part.block, 1) - lead(part, n_q)
+        rows = rows.expand_as(vis)
         cols = idx[:, None, :].expand_as(vis)
         keep = vis if valid is None else vis[None] & valid[:, cols]
         keep = keep.expand(B, *vis.shape) if keep.dim() == 3 else keep
         for b in range(B):
             r, c = rows[keep[b]], cols[keep[b]]
             w[b, :, r, c] = 1.0
+    if part.causal:  # the last block is exact (`_tail`)
+        r0 = n_q - min(part.block, n_q)
+        i = torch.arange(r0, n_q, device=device)[:, None] + (n_k - n_q)
+        seen = (torch.arange(n_k, device=device)[None, :] <= i).double()[None, None]
+        w[:, :, r0:] = seen if valid is None else seen * valid[:, None, None, :]
     return w
 
 
