@@ -14,7 +14,7 @@ from hyper_backend.config import HyperConfig
 from hyper_backend.kernels.op import fit
 from hyper_backend.kernels.plan import causal_levels, next_pow2, plan_call
 
-_D = HyperConfig()
+_D = HyperConfig(detector="lsh")  # the tuner searches the LSH estimator's sizes
 
 
 @dataclass(frozen=True)
@@ -39,7 +39,9 @@ class Space:
             if not getattr(self, name):
                 raise ValueError(f"Space.{name} is empty")
         for b, m, r, k, w, res in self.bases():  # every axis value is one HyperConfig accepts
-            HyperConfig(block_size=b, sample_size=m, lsh_num_projs=r, sink_keys=k, local_window=w, residual=res)
+            HyperConfig(
+                detector="lsh", block_size=b, sample_size=m, lsh_num_projs=r, sink_keys=k, local_window=w, residual=res
+            )
         HyperConfig(min_seq_len=self.min_seq_len, seed=self.seed)
 
     def bases(self):
@@ -105,7 +107,7 @@ def grid(
     for b, m, r, k, w, res in space.bases():
         if b >= n:
             continue
-        base = HyperConfig(b, m, r, space.min_seq_len, None, space.seed, k, w, res)
+        base = HyperConfig(b, m, r, space.min_seq_len, None, space.seed, k, w, res, detector="lsh")
         near = None if crossover is None else crossover(base)
         for t in thresholds(n, causal, b, space.min_seq_len, near):
             auto = base.replace(min_seq_len=t)

@@ -43,7 +43,7 @@ from .inputs import Sample, load_inputs, synthetic
 from .measure import Score
 from .progress import Progress, duration
 
-DEFAULT = HyperConfig()
+DEFAULT = HyperConfig(detector="lsh")  # the tuner searches the LSH estimator's sizes
 
 
 @dataclass

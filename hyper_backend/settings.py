@@ -17,6 +17,7 @@ from hyper_backend.config import (
     FIELDS,
     INNER_BACKENDS,
     KERNEL_CHOICES,
+    RESIDUALS,
     HyperConfig,
     LayerSelection,
     OpSettings,
@@ -95,7 +96,10 @@ def validate_options(options: Mapping[str, Any] | None) -> dict:
     for name, value in options.items():
         if name not in OPTIONS:
             raise ValueError(f"unknown option {name!r} for backend='hyper'; accepted: {', '.join(OPTIONS)}")
-        if name in FIELDS:
+        if name == "residual":  # which residuals a detector allows is checked on the merged settings
+            if value is not None and value not in RESIDUALS:
+                raise ValueError(f"options['residual'] must be one of {', '.join(RESIDUALS)} or None, got {value!r}")
+        elif name in FIELDS:
             try:
                 HyperConfig(**{name: value})
             except ValueError as e:
@@ -124,6 +128,11 @@ def validate_options(options: Mapping[str, Any] | None) -> dict:
 def resolve_settings(options: Mapping[str, Any] | None = None) -> Settings:
     """``options`` > ``HYPER_*`` env (via `hyper_backend.config.read_env`) > defaults."""
     merged = {**read_env(), **validate_options(options)}
+    explicit = {f: merged[f] for f in FIELDS if f in merged}
+    try:
+        HyperConfig(**explicit)
+    except ValueError as e:
+        raise ValueError(f"backend='hyper' settings (options over HYPER_* env): {e}") from None
     return Settings(
         enabled=merged.get("enabled", True),
         explicit=tuple((f, merged[f]) for f in FIELDS if f in merged),

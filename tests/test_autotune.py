@@ -15,7 +15,8 @@ import sympy as sp
 import torch
 import torch.nn.functional as F
 
-from hyper_backend import HyperConfig, hyper_attention
+from hyper_backend import HyperConfig as _Config
+from hyper_backend import hyper_attention
 from hyper_backend.autotune import cost, measure, schema, store, writer
 from hyper_backend.autotune.cli import main, parse_seq
 from hyper_backend.autotune.grid import Space, grid, structure
@@ -24,6 +25,14 @@ from hyper_backend.config import CAUSAL_WINDOW, OpSettings, op_settings
 from hyper_backend.kernels import cpu
 from hyper_backend.kernels.op import fit
 from hyper_backend.kernels.plan import plan_call
+
+pytestmark = pytest.mark.usefixtures("lsh_detector")  # written for the LSH estimator: conftest.py
+
+
+def HyperConfig(*args, **fields):  # noqa: N802
+    """The tuner and the calibration search the LSH estimator's sizes: these tests' configs are LSH configs."""
+    return _Config(*args, **{"detector": "lsh", **fields})
+
 
 CPU = torch.device("cpu")
 
@@ -484,7 +493,7 @@ def test_compiled_backend_uses_tuned_params_and_explicit_settings_win(tmp_path, 
     seen = []
     real = cpu.attention_forward
     monkeypatch.setattr(cpu, "attention_forward", lambda *a, **kw: seen.append(a[-1]) or real(*a, **kw))
-    for var in [v for v in os.environ if v.startswith("HYPER_")]:
+    for var in [v for v in os.environ if v.startswith("HYPER_") and v != "HYPER_DETECTOR"]:
         monkeypatch.delenv(var)
 
     def f(q, k, v):
@@ -525,7 +534,7 @@ def test_explain_names_the_tuned_entry_it_used(tmp_path, monkeypatch):
             )
         ],
     )
-    for var in [v for v in os.environ if v.startswith("HYPER_")]:
+    for var in [v for v in os.environ if v.startswith("HYPER_") and v != "HYPER_DETECTOR"]:
         monkeypatch.delenv(var)
 
     def f(q, k, v):

@@ -19,7 +19,13 @@ from hyper_backend.auto_layers import AutoLayersWarning, _auto_warned  # noqa: E
 from hyper_backend.autotune import assign, fingerprint, models, replay, schema, store, writer  # noqa: E402
 from hyper_backend.autotune import calibrate as C  # noqa: E402
 from hyper_backend.autotune.grid import Space  # noqa: E402
-from hyper_backend.config import HyperConfig, LayerSelection, read_env  # noqa: E402
+from hyper_backend.config import HyperConfig as _Config  # noqa: E402
+from hyper_backend.config import LayerSelection, read_env  # noqa: E402
+
+
+def HyperConfig(*args, **fields):  # noqa: N802
+    """The tuner and the calibration search the LSH estimator's sizes: these tests' configs are LSH configs."""
+    return _Config(*args, **{"detector": "lsh", **fields})
 
 
 def tiny_llama(layers=3, hidden=256, heads=4, kv_heads=2, positions=8192, seed=0, **extra):

@@ -24,6 +24,8 @@ from hyper_backend.autotune import schema, store, writer
 from hyper_backend.autotune.cli import main
 from hyper_backend.config import EnvError, LayerSelection, read_env
 
+pytestmark = pytest.mark.usefixtures("lsh_detector")  # written for the LSH estimator: conftest.py
+
 CPU = torch.device("cpu")
 DEV = schema.device_key(CPU)
 
@@ -465,7 +467,7 @@ def test_check_reports_a_hostile_tuning_cache_in_one_line(kind, tmp_path, monkey
     from hyper_backend import check
 
     path = _hostile_for_check(kind, str(tmp_path / "tune.json"))
-    for var in [v for v in os.environ if v.startswith("HYPER_")]:
+    for var in [v for v in os.environ if v.startswith("HYPER_") and v != "HYPER_DETECTOR"]:
         monkeypatch.delenv(var)
     monkeypatch.setenv("HYPER_TUNE_CACHE", path)
     with _deadline(60), warnings.catch_warnings():
@@ -478,7 +480,7 @@ def test_check_reports_a_hostile_tuning_cache_in_one_line(kind, tmp_path, monkey
 def test_check_as_a_module_does_not_hang_on_a_fifo_cache(tmp_path):
     path = str(tmp_path / "tune.json")
     os.mkfifo(path)
-    env = {k: v for k, v in os.environ.items() if not k.startswith("HYPER_")}
+    env = {k: v for k, v in os.environ.items() if not k.startswith("HYPER_") or k == "HYPER_DETECTOR"}
     env.update(HYPER_TUNE_CACHE=path, COLUMNS="400")
     run = subprocess.run(
         [sys.executable, "-m", "hyper_backend.check"], env=env, capture_output=True, text=True, timeout=300
