@@ -389,11 +389,12 @@ def test_near_bands_are_not_bands(fn):
     assert verdict.kind is None and verdict.reason, verdict
 
 
-def test_a_window_wider_than_any_test_size_is_refused():
-    """A width of 5000 cannot be exceeded at a test size (at most 4096 per side): never taken for causal."""
+def test_a_window_wider_than_the_traced_length_is_proven_with_its_width():
+    """A width of 5000 traced at n = 12: the proof is symbolic, so the window is read exactly (the sampling proof it
+    replaced could not exceed 4096 per side and refused it); never taken for causal."""
     node, n = _mask_node(lambda x: _arange_band(x, 4999, 0))
     verdict = masks.classify(node, "keep", n, n, {}, fill=float("-inf"))
-    assert verdict.kind is None and "too large to verify" in verdict.reason
+    assert (verdict.kind, verdict.window) == ("band", (4999, 0)), verdict
 
 
 def test_band_verdicts_combine_as_their_masks_do():
