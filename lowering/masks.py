@@ -97,11 +97,12 @@ class Verdict:
         """Why some query may keep no key under this mask, or ''. The op gives such a row 0, where eager gives a
         value that depends on the fill (0 for SDPA's bool masks, the mean of v for a finite fill, NaN for a
         hand-written -inf), so a mask that can leave a row empty is not lowered. Row i keeps a key iff the band
-        reaches ``d = -(i + n_k - n_q)``: every row does iff ``n_q - n_k <= right``."""
+        reaches ``d = -(i + n_k - n_q)``: every row does iff ``n_q - n_k <= right`` (decided under a guard for
+        symbolic lengths: a call where it fails recompiles)."""
         if self.kind not in ("causal", "band"):
             return ""
         right = self.sides()[1]
-        if right >= UNBOUNDED or known(nq - nk <= right):
+        if right >= UNBOUNDED or holds_under_guard(nq - nk <= right):
             return ""
         more = f" + {right}" if right else ""
         return f"{self.describe()} mask where n_q may exceed n_k{more}: the first queries would attend no key"
@@ -357,14 +358,18 @@ def classify(mask: fx.Node, use: str, nq, nk, constants: dict[fx.Node, torch.Ten
     return Prover(constants).classify(mask, use, nq, nk, fill)
 
 
-def equal_under_guard(a, b) -> bool:
-    """``a == b`` for sizes: proven, or, for distinct size symbols (a graph resumed after a graph break gets one
-    per tensor), decided on the sizes seen and guarded, so a call where they differ recompiles."""
-    if known(a == b):
+def holds_under_guard(cond) -> bool:
+    """``cond`` on sizes: proven, or, if it involves symbolic sizes, decided on the sizes seen and guarded, so a call
+    where it fails recompiles."""
+    if known(cond):
         return True
-    if isinstance(a, torch.SymInt) or isinstance(b, torch.SymInt):
-        return bool(a == b)  # installs the guard
-    return False
+    return bool(cond) if isinstance(cond, torch.SymBool) else False  # bool() installs the guard
+
+
+def equal_under_guard(a, b) -> bool:
+    """``a == b`` for sizes (`holds_under_guard`): distinct size symbols (a graph resumed after a graph break gets one
+    per tensor) that are equal when traced are taken equal under a guard."""
+    return holds_under_guard(a == b)
 
 
 def _distinct_symbols(a, b) -> bool:
