@@ -39,7 +39,6 @@ from __future__ import annotations
 import hashlib
 import logging
 import re
-import sys
 import threading
 import weakref
 from collections.abc import Callable, Mapping, Sequence
@@ -78,30 +77,45 @@ class Session:
     lock: threading.Lock = field(default_factory=threading.Lock)
 
 
-_sessions: weakref.WeakKeyDictionary[Any, Session] = weakref.WeakKeyDictionary()
+_sessions: dict[int, tuple[weakref.ref, Session]] = {}  # id(torch.compile's wrapper) -> (the wrapper, its session)
 _process_session = Session()
 
 
 def _session_owner():
-    """The ``torch._TorchCompileWrapper`` that called us (one per torch.compile call), if any."""
-    frame = sys._getframe(2)
-    for _ in range(6):
-        if frame is None:
-            return None
-        owner = frame.f_locals.get("self")
-        if isinstance(owner, torch._TorchCompileWrapper):
-            return owner
-        frame = frame.f_back
-    return None
+    """The ``torch._TorchCompileWrapper`` of the ``torch.compile`` call whose graph is being compiled (one per call),
+    or None (the backend called outside a Dynamo compile, or by ``torch._dynamo.optimize``).
+
+    Dynamo's translator of the frame being compiled (``InstructionTranslator.current_tx()``, thread-local) holds the
+    backend its output graph calls (``output.compiler_fn``): Dynamo's debug wrappers around that wrapper, which
+    ``torch._dynamo.eval_frame.innermost_backend`` unwraps (as Dynamo does itself). No interpreter frame is read.
+    Both are internals of torch 2.13 (``tests/test_lowering.py::test_sites_numbered_per_torch_compile_call`` pins
+    them): if they move, every graph shares the process's session, as with a backend called directly."""
+    try:
+        from torch._dynamo.eval_frame import innermost_backend
+        from torch._dynamo.symbolic_convert import InstructionTranslator
+
+        tx = InstructionTranslator.current_tx()
+        fn = innermost_backend(tx.output.compiler_fn)
+    except (ImportError, AttributeError):  # not compiling (no translator on this thread), or torch moved them
+        return None
+    return fn if isinstance(fn, torch._TorchCompileWrapper) else None
 
 
 def session_for(owner) -> Session:
+    """``owner``'s session (by identity: the wrapper defines ``__eq__``, so it is unhashable), freed with it."""
     if owner is None:
         return _process_session
-    try:
-        return _sessions.setdefault(owner, Session())
-    except TypeError:  # not weak-referenceable
-        return _process_session
+    entry = _sessions.get(id(owner))
+    if entry is None or entry[0]() is not owner:
+        key = id(owner)
+
+        def forget(ref, key=key):
+            if _sessions.get(key, (None,))[0] is ref:
+                del _sessions[key]
+
+        entry = (weakref.ref(owner, forget), Session())
+        _sessions[key] = entry
+    return entry[1]
 
 
 def _graph_position(session: Session) -> tuple[tuple, bool]:

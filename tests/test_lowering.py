@@ -809,3 +809,56 @@ def test_window_attention_with_a_huge_side_is_unbounded():
     torch.testing.assert_close(out, F.scaled_dot_product_attention(q, k, v, is_causal=True))
     with pytest.raises(ValueError, match="left and right"):
         hyper_backend.window_attention(q, k, v, (-1, 0))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# site sessions: numbering per torch.compile call
+# ----------------------------------------------------------------------------------------------------------
+
+
+class _TwoSites(torch.nn.Module):
+    def forward(self, q):
+        q = F.scaled_dot_product_attention(q, q, q, is_causal=True)
+        torch._dynamo.graph_break()
+        return F.scaled_dot_product_attention(q, q, q, is_causal=True)
+
+
+class _TwoOtherSites(_TwoSites):
+    def forward(self, q):  # another code object: Dynamo compiles it afresh
+        q = F.scaled_dot_product_attention(q, q, q, is_causal=True)
+        torch._dynamo.graph_break()
+        return F.scaled_dot_product_attention(q, q, q, is_causal=True)
+
+
+def test_sites_numbered_per_torch_compile_call(call_delta):
+    """Each torch.compile call numbers its sites from 0, across its graph breaks; a second call in the same process
+    (no ``torch._dynamo.reset()``) numbered its sites 2, 3 (the session was looked up by a walk of the stack frames
+    for the torch.compile wrapper, which is unhashable, so every call shared the process's session), and
+    ``layers="1"`` selected nothing."""
+    options = {**OPTS, "inner_backend": "aot_eager", "layers": "1", "min_seq_len": 1}
+    q = torch.randn(1, 2, 40, 16)
+    for model in (_TwoSites(), _TwoOtherSites()):
+        before = call_delta()
+        torch.compile(model, backend="hyper", options=options)(q)
+        after = call_delta()
+        assert after["hyper"] - before["hyper"] == 1, model  # site 1 only, the graph after the break
+    assert torch._dynamo.utils.counters["hyper_backend"]["rewritten"] == 2
+
+
+def test_a_canonicalised_site_proves_its_mask_once(monkeypatch):
+    """An einsum site's mask is proven when it is canonicalised into SDPA and when the SDPA node is planned: one
+    `masks.Prover` per graph, so the second is its memo (the proof ran twice)."""
+    proofs = []
+    prove = masks.Prover._prove
+    monkeypatch.setattr(masks.Prover, "_prove", lambda self, *a: proofs.append(a[0]) or prove(self, *a))
+
+    class EinsumCausal(torch.nn.Module):
+        def forward(self, q, k, v):
+            n = q.shape[-2]
+            s = torch.einsum("bhid,bhjd->bhij", q, k) * q.shape[-1] ** -0.5
+            s = s.masked_fill(~torch.ones(n, n, dtype=torch.bool, device=q.device).tril(), float("-inf"))
+            return torch.einsum("bhij,bhjd->bhid", s.softmax(-1), v)
+
+    report = hyper_backend.explain(EinsumCausal(), *_qkv(), options={**OPTS, "inner_backend": "aot_eager"})
+    assert [s.decision for s in report.sites] == ["hyper"], report
+    assert len(proofs) == 1, proofs
