@@ -42,7 +42,9 @@ from .graph import (
 )
 from .symbolic import INPUT, Refused, known
 
-MASKED = -1.0e4  # an additive bias (or fill) at or below this excludes the key: exp underflows to 0
+# An additive bias (or fill) at or below this excludes its key: -1e4 as bfloat16 stores it (-9984). With scores
+# within 9800 of each other exp underflows to 0 (below -104 in fp32 and bf16, -745 in fp64).
+MASKED = -9984.0
 UNBOUNDED = 1 << 62  # a window side that reaches every key
 CHECK_ELEMENTS = 1 << 20  # the cross-check evaluates masks up to this size
 CHANGED = "mask is changed in place (not a pure function of the lengths)"
@@ -114,7 +116,7 @@ class Verdict:
 
 
 class _Offset(Refused):
-    """The band's offset from the bottom-right diagonal depends on the lengths."""
+    """The band's width or offset from the bottom-right diagonal depends on the lengths."""
 
 
 @dataclass(frozen=True, eq=False)
@@ -160,8 +162,8 @@ def _half_line(lin: sym.Lin, sizes: dict, nq, nk, lengths: set):
     e = sym.as_int(a * (nk - nq) + lin.const)  # a·d + e >= 0, d = j - i - (nk - nq)
     if e is None:
         raise _Offset(
-            "the band's offset from the bottom-right diagonal depends on the lengths (a causal mask aligned top-left "
-            "with n_q != n_k is one: the op aligns bottom-right)"
+            "the band's width or its offset from the bottom-right diagonal depends on the lengths (a width computed "
+            "from the length, or a causal mask aligned top-left with n_q != n_k: the op aligns bottom-right)"
         )
     return _D(-(e // a)) if a > 0 else sym.neg(_D(e // -a + 1))
 

@@ -267,7 +267,10 @@ def plan_sdpa(node: fx.Node, prover: masks.Prover) -> SdpaPlan:
                 elif meta_val(term).dtype == torch.bool and _padding_shape_ok(term, batch, nk):
                     padding.append(term)
                 else:
-                    return SdpaPlan("general attn_mask (not a key-padding mask broadcastable to [B, 1, 1, Nk])")
+                    return SdpaPlan(
+                        "general attn_mask (read from a tensor input, and not a bool key-padding mask broadcastable to "
+                        "[B, 1, 1, Nk]; only registered buffers are compile-time constants)"
+                    )
         empty_rows = shape.rows_reason(nq, nk)
         if empty_rows:
             return SdpaPlan(empty_rows)

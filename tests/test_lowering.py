@@ -862,3 +862,19 @@ def test_a_canonicalised_site_proves_its_mask_once(monkeypatch):
     report = hyper_backend.explain(EinsumCausal(), *_qkv(), options={**OPTS, "inner_backend": "aot_eager"})
     assert [s.decision for s in report.sites] == ["hyper"], report
     assert len(proofs) == 1, proofs
+
+
+def test_a_finite_fill_in_bfloat16_is_a_mask(call_delta):
+    """``zeros(n, n).masked_fill(~causal, -1e4)`` in bf16 holds -9984 (bf16 cannot store -1e4): it excludes its keys
+    as well as -1e4 does, and is lowered as causal (the fuzzer found it kept exact)."""
+    q, k, v = (x.to(torch.bfloat16) for x in _qkv())
+    n = q.shape[-2]
+
+    class FiniteFill(torch.nn.Module):
+        def forward(self, q, k, v):
+            causal = torch.ones(n, n, dtype=torch.bool, device=q.device).tril()
+            bias = torch.zeros(n, n, dtype=q.dtype, device=q.device).masked_fill(~causal, -1e4)
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+
+    site = hyper_backend.explain(FiniteFill(), q, k, v, options={**OPTS, "inner_backend": "aot_eager"}).sites[0]
+    assert (site.decision, site.reason) == ("hyper", "causal"), site
