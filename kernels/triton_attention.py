@@ -9,7 +9,7 @@ Row indices go through the plan's permutations inside the kernels (gather on loa
 sorted copy of Q, K, V, dO or O is ever made. GQA maps query head h to key head h // (Hq / Hkv).
 
 Exact parts (sink_keys, local_window), laid out as in `cpu` and `reference`: every planned sub-problem splits
-its keys with `plan.exact_keys` into the estimator's keys (the only ones blocked and sampled: they are the
+its keys with `parts.exact_keys` into the estimator's keys (the only ones blocked and sampled: they are the
 kernels' key mask) and exact extras, appended to the residual draws as side keys of weight 1 (`_Side`). Causal:
 each level's extras are the last ``w - 1`` keys of every even chunk and its sinks, and a KV prefix (n_q < n_k)
 is a non-causal sub-problem with the same strip. Non-causal self-attention: the hyper launch leaves each
@@ -20,18 +20,18 @@ Causal: exact leaves use ``flash_attn.flash_attn_func`` when the optional ``[cud
 (fp16/bf16 CUDA tensors without a key mask), else `triton_kernels.hyper_fwd` with ``IS_CAUSAL``. The backward
 of the leaves is always ours (flash-attn's backward entry points are private and change between versions).
 
-LSH hashing stays in torch ops (`plan.make_plan`): the projection is an [N, D] x [D, r] product with r = 7,
+LSH hashing stays in torch ops (`draws.lsh_ranks`): the projection is an [N, D] x [D, r] product with r = 7,
 bandwidth-bound at one read of Q and K, which cuBLAS already does at memory speed; the sign/Gray-rank step is
 elementwise on [N, r]; and the cost that matters, the argsort, is torch's radix sort. A fused hashing kernel
 would save one [N, r] intermediate, well under 1% of the forward's traffic.
 
-Launch configuration: ``triton.Config`` lists pruned by block lengths and head dim (tiles never larger than
-the block they cover; a tile-bytes budget per dtype keeps shared memory under ~100 KiB). Autotune keys
-are power-of-two *buckets* of the block lengths plus BLOCK_D, never raw n, and every length argument is
-``do_not_specialize``: one compile and one tuning per bucket, not per sequence length. Ragged n, ragged
-blocks and ragged sample tiles are masked; head dims are padded to ``BLOCK_D = next_pow2(max(D, 16))`` in
-registers only (masked loads/stores). fp16 and bf16 run tensor-core dots with fp32 accumulation; fp32 uses
-``input_precision="ieee"`` (no TF32, to match eager fp32); fp64 accumulates in fp64.
+Launch configuration (`triton_configs`): ``triton.Config`` lists by dot-operand width and head-dim class,
+pruned per call and GPU (tiles never larger than the block they cover, shared memory within the GPU's per-block
+limit). Autotune keys are power-of-two *buckets* of the block lengths plus BLOCK_D, never raw n, and every
+length argument is ``do_not_specialize``: one compile and one tuning per bucket, not per sequence length. Ragged
+n, ragged blocks and ragged sample tiles are masked; head dims are padded to ``BLOCK_D = next_pow2(max(D, 16))``
+in registers only (masked loads/stores). fp16 and bf16 run tensor-core dots with fp32 accumulation; fp32 dots
+run in fp64 (no TF32, to match eager fp32) and fp64 accumulates in fp64.
 
 Design targets (non-causal, defaults b = m = 256, D = 128, fp16, BLOCK_M = 128, BLOCK_N = 64):
 - FLOPs per query: 4 * D * (b_k + m) = 4 * 128 * 512 ~ 0.26 MFLOP (exact attention: 4 * D * n, 256x more
@@ -40,12 +40,10 @@ Design targets (non-causal, defaults b = m = 256, D = 128, fp16, BLOCK_M = 128, 
   2 * b_k * D * 2 / BLOCK_M = 1 KiB per query; sampled K/V are the same m rows for every tile of a head and stay
   in L2 (1 KiB per query from L2, ~m * D * 4 / (rows per head) from DRAM); indices and lse ~16 B.
   About 1.5 KiB of DRAM traffic per 0.26 MFLOP: ~170 FLOP/B, compute-bound on A100/H100 fp16.
-- Tiles: forward/dQ BLOCK_M in {64, 128} query rows x BLOCK_N in {32, 64, 128} keys; dK/dV BLOCK_N in
-  {64, 128} keys x BLOCK_M in {32, 64} queries; 32 x 32 is the fallback for wide heads and fp64, and the
-  interpreter runs 64 x 64. These are targets: GPU speed has not been measured (no GPU was available).
-  Correctness was checked under ``TRITON_INTERPRET=1`` against the reference, and the kernels were built
-  ahead of time to sm_80/sm_90 cubins with Triton's bundled ptxas (shared memory per block within limits):
-  see tests/test_triton.py.
+- Tiles: the lists of `triton_configs`; the interpreter runs 64 x 64. GPU speed has not been measured (no GPU
+  was available). Correctness was checked under ``TRITON_INTERPRET=1`` against the reference, and every
+  variant the launchers can start was built ahead of time to sm_80/sm_90 cubins with Triton's bundled ptxas:
+  no spills, shared memory within limits (tests/test_triton.py, docs/gpu.md).
 
 The kernels themselves (``@triton.jit``) live in `triton_kernels`; this module holds their launch
 configurations, the autotuning wrappers and pruning, the host launchers and the public entry points.
@@ -61,23 +59,14 @@ import triton
 import triton.language as tl
 
 from . import triton_kernels as tk
-from .plan import (
-    Plan,
-    _chunks,
-    _pad_rows,
-    causal_schedule,
-    exact_keys,
-    hyper_applies,
-    lse_dtype,
-    lsh_ranks,
-    make_plan,
-    next_pow2,
-    plan_from_ranks,
-    sink_mask,
-    split_keys,
-    window_band,
-    window_strip,
-)
+from .draws import Draws
+from .parts import call_sinks, exact_keys, hyper_inputs, pad_rows, part_masks, part_ranks, sub_view
+from .plan import Part, lse_dtype, next_pow2, plan_call
+from .triton_configs import bucket as _bucket
+from .triton_configs import hyper_bwd_dkdv as _hyper_bwd_dkdv_kernel
+from .triton_configs import hyper_bwd_dq as _hyper_bwd_dq_kernel
+from .triton_configs import hyper_bwd_sample as _hyper_bwd_sample_kernel
+from .triton_configs import hyper_fwd as _hyper_fwd_kernel
 
 try:  # optional: the [cuda] extra
     from flash_attn import flash_attn_func as _flash_attn_func
@@ -90,101 +79,13 @@ NEG_INF = float("-inf")
 _INTERPRET = tk.INTERPRET
 
 # ----------------------------------------------------------------------------------------------------------
-# launch configurations
-# ----------------------------------------------------------------------------------------------------------
-
-
-def _bucket(n: int, cap: int = 16384) -> int:
-    """Autotune key for a length: its next power of two, capped."""
-    return min(next_pow2(n), cap)
-
-
-def _config(bm, bn, warps, stages):
-    return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=warps, num_stages=stages)
-
-
-# (BLOCK_M query rows, BLOCK_N keys, warps, stages); the (32, 32) entry is the interpreter's and a fallback
-_QUERY_MAJOR = [
-    _config(*c)
-    for c in [
-        (128, 64, 8, 3),
-        (128, 64, 4, 3),
-        (128, 128, 8, 2),
-        (128, 32, 4, 4),
-        (64, 64, 4, 3),
-        (64, 128, 4, 2),
-        (64, 32, 4, 4),
-        (32, 32, 4, 2),
-    ]
-]
-_KEY_MAJOR = [_config(*c) for c in [(64, 128, 8, 2), (32, 128, 8, 3), (64, 64, 4, 3), (32, 64, 4, 3), (32, 32, 4, 2)]]
-
-
-def _prune(configs, named_args, rows_arg, keys_args, **kwargs):
-    args = {**named_args, **kwargs}
-    small = [c for c in configs if c.kwargs["BLOCK_M"] == 32 and c.kwargs["BLOCK_N"] == 32]
-    if _INTERPRET:  # one config, no benchmarking; every op costs the same at any tile size there
-        return [c for c in configs if c.kwargs["BLOCK_M"] == 64 and c.kwargs["BLOCK_N"] == 64][:1]
-    rows = max(32, next_pow2(args[rows_arg]))
-    keys = max(32, next_pow2(max(args[k] for k in keys_args)))
-    # tile bytes: BLOCK_M * BLOCK_N * BLOCK_D * 2 <= 2 MiB for 16-bit inputs; fp32 counts double, and fp64
-    # (no tensor cores, 8-byte operands) keeps to the smallest tiles, which stay under 100 KiB of shared memory
-    itemsize = args["Q"].element_size()
-    budget = 2**21 if itemsize <= 4 else 2**18
-    keep = [
-        c
-        for c in configs
-        if c.kwargs["BLOCK_M"] <= rows
-        and c.kwargs["BLOCK_N"] <= keys
-        and c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] * args["BLOCK_D"] * max(2, itemsize) <= budget
-    ]
-    return keep or small[:1]
-
-
-def _prune_query_major(configs, named_args, **kwargs):
-    return _prune(configs, named_args, "BQ", ("BK", "M"), **kwargs)
-
-
-def _prune_key_major(configs, named_args, **kwargs):
-    return _prune(configs, named_args, "BQ", ("BK",), **kwargs)
-
-
-def _prune_samples(configs, named_args, **kwargs):
-    return _prune(configs, named_args, "SQ", ("M",), **kwargs)
-
-
-_KEYS = ["BQ_BUCKET", "BK_BUCKET", "M_BUCKET", "BLOCK_D", "PERMUTED", "IS_CAUSAL", "HAS_SAMPLES", "BAND"]
-
-
-# ----------------------------------------------------------------------------------------------------------
-# the kernels of `triton_kernels`, autotuned
-# ----------------------------------------------------------------------------------------------------------
-
-_hyper_fwd_kernel = triton.autotune(
-    configs=_QUERY_MAJOR,
-    key=_KEYS,
-    prune_configs_by={"early_config_prune": _prune_query_major},
-    restore_value=["O", "LSE"],
-)(tk.hyper_fwd)
-_hyper_bwd_dq_kernel = triton.autotune(
-    configs=_QUERY_MAJOR, key=_KEYS, prune_configs_by={"early_config_prune": _prune_query_major}, restore_value=["DQ"]
-)(tk.hyper_bwd_dq)
-_hyper_bwd_dkdv_kernel = triton.autotune(
-    configs=_KEY_MAJOR, key=_KEYS, prune_configs_by={"early_config_prune": _prune_key_major}, restore_value=["DK", "DV"]
-)(tk.hyper_bwd_dkdv)
-_hyper_bwd_sample_kernel = triton.autotune(
-    configs=_KEY_MAJOR, key=_KEYS, prune_configs_by={"early_config_prune": _prune_samples}
-)(tk.hyper_bwd_sample)
-
-
-# ----------------------------------------------------------------------------------------------------------
 # host launchers
 # ----------------------------------------------------------------------------------------------------------
 
 
 class _Side(NamedTuple):
     """Keys every query of a sub-problem attends to besides its own block: the residual draws (excluded from the
-    block they sit in, log-weighted), then the exact extras (`plan.exact_keys`: sinks and the window strip;
+    block they sit in, log-weighted), then the exact extras (`parts.exact_keys`: sinks and the window strip;
     block -1 so that no block excludes them, log-weight 0). One pass over them serves both."""
 
     pos: torch.Tensor  # [n_sub, Hkv, t] key positions in the sub-problem
@@ -202,7 +103,7 @@ class _Sub(NamedTuple):
     sq: int  # query rows per sub-problem (padded coordinates)
     sk: int  # key rows per sub-problem
     causal: bool
-    plan: Plan | None  # None: exact attention, one block
+    plan: Draws | None  # None: exact attention, one block
     valid: torch.Tensor | None = None  # [B, >= key rows] bool, by tensor row: the keys blocks may attend
     side: _Side | None = None
     band: int = 0  # BAND_NONE / BAND_EXCLUDE / BAND_ONLY (`triton_kernels`)
@@ -235,13 +136,15 @@ def _common(q, k, v, sub: _Sub, scale):
         nb, bq, bk = plan.num_blocks, plan.q_block, plan.k_block
     t = side.pos.shape[-1] if side is not None else 0
     i32 = lambda x: x.to(torch.int32).contiguous()  # noqa: E731
-    if sub.valid is None:
-        valid = torch.zeros(1, 1, dtype=torch.uint8, device=dev)
-    else:  # rows may be strided (slices, broadcasts), keys must be adjacent
+    by_row = sub.valid is not None and plan is None  # a permuted launch counts its keys instead (sorted first)
+    if by_row:  # rows may be strided (slices, broadcasts), keys must be adjacent
         valid = sub.valid.to(torch.bool)
         valid = (valid if valid.stride(-1) == 1 else valid.contiguous()).view(torch.uint8)
+    else:
+        valid = torch.zeros(1, 1, dtype=torch.uint8, device=dev)
     args = dict(
         KVALID=valid,
+        KCOUNT=_key_counts(sub, B, dev) if plan is not None else dummy_i,
         QPERM=i32(plan.q_perm) if plan is not None else dummy_i,
         KPERM=i32(plan.k_perm) if plan is not None else dummy_i,
         SAMP=i32(side.pos) if t else dummy_i,
@@ -272,8 +175,8 @@ def _common(q, k, v, sub: _Sub, scale):
         M=t,
         BAND_LO=sub.window[0],
         BAND_HI=sub.window[1],
-        scale=scale,
-        scale2=scale * math.log2(math.e),
+        # the scales as a tensor in the accumulator's dtype: a float argument is fp32 under the interpreter
+        SCALES=torch.tensor([scale, scale * math.log2(math.e)], dtype=lse_dtype(q.dtype), device=dev),
         BQ_BUCKET=_bucket(bq),
         BK_BUCKET=_bucket(bk),
         M_BUCKET=_bucket(t),
@@ -281,7 +184,7 @@ def _common(q, k, v, sub: _Sub, scale):
         BLOCK_D=max(16, next_pow2(D)),
         PERMUTED=plan is not None,
         HAS_SAMPLES=t > 0,
-        HAS_VALID=sub.valid is not None,
+        HAS_VALID=by_row,
         IS_CAUSAL=sub.causal,
         BAND=sub.band,
         ACC=tl.float64 if q.dtype == torch.float64 else tl.float32,
@@ -289,6 +192,18 @@ def _common(q, k, v, sub: _Sub, scale):
         WIDEN=_INTERPRET and q.dtype == torch.bfloat16,
     )
     return args, (B * sub.count, nb, bq, bk, t)
+
+
+def _key_counts(sub: _Sub, B: int, dev) -> torch.Tensor:
+    """``[B * count]`` int32: the estimator's keys of each sub-problem (its key rows marked in ``sub.valid``),
+    which the plan sorts first; all ``sk`` keys without a mask."""
+    n_sub = B * sub.count
+    if sub.valid is None:
+        return torch.full((n_sub,), sub.sk, dtype=torch.int32, device=dev)
+    rows = sub.valid[:, sub.k_off :]
+    if sub.count == 1:
+        return rows[:, : sub.sk].sum(-1, dtype=torch.int32)
+    return rows.unfold(1, sub.sk, sub.chunk)[:, : sub.count].sum(-1, dtype=torch.int32).reshape(n_sub)
 
 
 def _launch(kernel, grid, args):
@@ -346,6 +261,9 @@ def _launch_bwd(q, k, v, sub: _Sub, g: _Grads, scale, accumulate_q: bool, accumu
         sdkb=g.dk.stride(0),
         sdkh=g.dk.stride(1),
         sdkn=g.dk.stride(2),
+        sdvb=g.dv.stride(0),
+        sdvh=g.dv.stride(1),
+        sdvn=g.dv.stride(2),
         slb=g.lse.stride(0),
         slh=g.lse.stride(1),
     )
@@ -382,22 +300,23 @@ def _launch_bwd(q, k, v, sub: _Sub, g: _Grads, scale, accumulate_q: bool, accumu
 
 
 # ----------------------------------------------------------------------------------------------------------
-# the sub-problems: non-causal and causal HyperAttention, with the exact parts of `plan.exact_keys`
+# the sub-problems: one launch per part of the call plan (`plan.plan_call`, `parts.hyper_inputs`)
 # ----------------------------------------------------------------------------------------------------------
 
 
-def _side(plan: Plan, est, pos, ok, Hkv) -> _Side | None:
-    """The side keys of a planned sub-problem: the plan's draws (log-weighted, -inf for a draw outside the
-    estimator's keys ``est [n_sub, sk]``), then the exact extras ``pos, ok [n_sub, e]`` (log-weight 0)."""
-    n_sub = plan.q_perm.shape[0]
+def _side(draws: Draws, est, extras, Hkv) -> _Side | None:
+    """The side keys of a ``"hyper"`` part: the draws (log-weighted, -inf for a draw outside the estimator's keys
+    ``est [n_sub, sk]``), then the exact extras ``(pos, ok) [n_sub, e]`` (log-weight 0)."""
+    n_sub = draws.q_perm.shape[0]
     parts = []
-    if plan.samples is not None:
-        lw = plan.sample_log_weight.float()
+    if draws.samples is not None:
+        lw = draws.sample_log_weight.float()
         if est is not None:
-            drawn = torch.gather(est[:, None, :].expand(n_sub, Hkv, est.shape[-1]), 2, plan.samples)
+            drawn = torch.gather(est[:, None, :].expand(n_sub, Hkv, est.shape[-1]), 2, draws.samples)
             lw = lw.masked_fill(~drawn, NEG_INF)
-        parts.append((plan.samples, plan.sample_block, lw))
-    if pos is not None:
+        parts.append((draws.samples, draws.sample_block, lw))
+    if extras is not None:
+        pos, ok = extras
         e = pos.shape[-1]
         zero = torch.zeros(ok.shape, dtype=torch.float32, device=ok.device).masked_fill_(~ok, NEG_INF)
         heads = lambda x: x[:, None, :].expand(n_sub, Hkv, e)  # noqa: E731
@@ -407,71 +326,32 @@ def _side(plan: Plan, est, pos, ok, Hkv) -> _Side | None:
     return _Side(*(torch.cat(x, -1) for x in zip(*parts)))
 
 
-def _noncausal_subs(q, k, key_valid, p, stream, sink=None, strip=0, window=None):
-    """The launches of one non-causal sub-problem (q on k, whole tensors), in order.
-
-    Exact when it does not approximate. Otherwise the estimator's keys (`plan.exact_keys`) are blocked and
-    sampled, the extras ride with the samples, and with ``window`` a second, exact banded launch follows (its
-    pairs are left out of the first)."""
-    B, Nq, Nk = q.shape[0], q.shape[2], k.shape[2]
-    if not hyper_applies(Nq, Nk, p):
-        return [_Sub(1, 0, 0, 0, Nq, Nk, False, None, key_valid)]
-    est, pos, ok = exact_keys(key_valid, sink, strip, B, Nk, q.device)
-    plan = make_plan(q, k, est, p.block_size, p.sample_size, p.lsh_num_projs, p.seed, stream, p.residual)
-    side = _side(plan, est, pos, ok, k.shape[1])
-    if window is None:
-        return [_Sub(1, 0, 0, 0, Nq, Nk, False, plan, est, side)]
-    return [
-        _Sub(1, 0, 0, 0, Nq, Nk, False, plan, est, side, tk.BAND_EXCLUDE.value, window),
-        _Sub(1, 0, 0, 0, Nq, Nk, False, None, est, None, tk.BAND_ONLY.value, window),
-    ]
+def _by_row(part: Part, est: torch.Tensor | None, batch: int) -> torch.Tensor | None:
+    """The estimator's keys ``[B*count, sk]`` of a part's sub-problems by tensor row: ``[B, k_len]`` (the kernels'
+    key mask; rows no sub-problem takes as keys are never read)."""
+    if est is None:
+        return None
+    if part.count == 1 and part.k_off == 0 and part.sk == part.k_len:
+        return est
+    rows = torch.zeros(batch, part.k_len, dtype=torch.bool, device=est.device)
+    sub_view(rows, part, False).copy_(est.view(batch, part.count, part.sk))
+    return rows
 
 
-def _causal_subs(q, k, key_valid, sink, p):
-    """The launches of causal attention with n_q == n_k, in order: ``leaves, [levels]`` (`plan.causal_schedule`).
-
-    Plans are drawn from the same batched ``[B * 2**level, H, size, D]`` chunks as `cpu.causal_forward`; each
-    level's last ``strip`` keys of every even chunk and its sinks are exact extras.
-    """
-    B, _, N, _ = q.shape
-    sched = causal_schedule(N, p)
-    Np, leaf = sched.Np, sched.leaf
-    leaves = _Sub(Np // leaf, leaf, 0, 0, leaf, leaf, True, None, key_valid)
-    levels = []
-    if sched.depth:
-        valid = key_valid
-        if Np != N:
-            valid = torch.zeros(B, Np, dtype=torch.bool, device=q.device)
-            valid[:, :N] = True if key_valid is None else key_valid
-        if sink is not None and Np != N:
-            sink = torch.nn.functional.pad(sink, (0, Np - N))
-        q_rank, k_rank = lsh_ranks(_pad_rows(q, Np), _pad_rows(k, Np), p.lsh_num_projs, p.seed)
-    for level, (count, size) in enumerate(sched.levels):
-        if not hyper_applies(size, size, p):
-            levels.append(_Sub(count, 2 * size, size, 0, size, size, False, None, key_valid))
-            continue
-        even = lambda m, count=count, size=size: None if m is None else _chunks(m[:, None], count, size, 0)[:, 0]
-        est, pos, ok = exact_keys(even(valid), even(sink), sched.strip, B * count, size, q.device)
-        plan = plan_from_ranks(
-            _chunks(q_rank, count, size, 1),
-            _chunks(k_rank, count, size, 0),
-            est,
-            p.block_size,
-            p.sample_size,
-            p.lsh_num_projs,
-            p.seed,
-            level + 1,
-            p.residual,
-        )
-        rows = None  # the estimator's keys by tensor row (the even chunks; odd chunks are never keys here)
-        if est is not None:
-            rows = torch.zeros(B, count, 2, size, dtype=torch.bool, device=q.device)
-            rows[:, :, 0] = est.view(B, count, size)
-            rows = rows.view(B, Np)
-        levels.append(
-            _Sub(count, 2 * size, size, 0, size, size, False, plan, rows, _side(plan, est, pos, ok, k.shape[1]))
-        )
-    return leaves, levels
+def _sub(part: Part, q, k, key_valid, sink, p) -> _Sub:
+    """The launch of one part of the call plan (its keys: ``k[:, :, part.keys[0]:part.keys[1]]``)."""
+    B = q.shape[0]
+    geometry = (part.count, part.chunk, part.q_off, part.k_off, part.sq, part.sk)
+    valid, sinks = part_masks(part, key_valid, sink, B, q.device)
+    if part.kind in ("exact", "causal"):
+        return _Sub(*geometry, part.kind == "causal", None, valid)
+    if part.kind == "band":
+        est = exact_keys(valid, sinks, 0, B, part.sk, q.device)[0]  # the sinks are the hyper part's extras
+        return _Sub(*geometry, False, None, est, None, tk.BAND_ONLY.value, part.window)
+    inputs = hyper_inputs(part, valid, sinks, part_ranks(part, q, k, p), p)
+    side = _side(inputs.draws, inputs.est, inputs.extras, k.shape[1])
+    band = tk.BAND_NONE.value if part.window is None else tk.BAND_EXCLUDE.value
+    return _Sub(*geometry, False, inputs.draws, _by_row(part, inputs.est, B), side, band, part.window or (0, 0))
 
 
 def _flash_leaves_ok(q, key_valid) -> bool:
@@ -493,7 +373,7 @@ def _flash_leaves(q, k, v, leaves: _Sub, scale, out, lse):
 
     def fold(x):  # [B, H, N, D] -> [B * pieces, leaf, H, D]
         H = x.shape[1]
-        return _pad_rows(x, Np).reshape(B, H, pieces, leaf, D).permute(0, 2, 3, 1, 4).reshape(B * pieces, leaf, H, D)
+        return pad_rows(x, Np).reshape(B, H, pieces, leaf, D).permute(0, 2, 3, 1, 4).reshape(B * pieces, leaf, H, D)
 
     o, l, _ = _flash_attn_func(fold(q), fold(k), fold(v), softmax_scale=scale, causal=True, return_attn_probs=True)
     out.copy_(o.reshape(B, pieces, leaf, Hq, D).permute(0, 3, 1, 2, 4).reshape(B, Hq, Np, D)[:, :, :N])
@@ -506,23 +386,11 @@ def _check(q, k, v):
 
 
 def _launches(q, k, key_valid, is_causal, p):
-    """Every launch of the call, in order, as ``(keys, subs)`` pairs: the key rows (a slice of the sequence) that
-    the sub-problems address, and their `_Sub` list. The first launch writes, the rest merge in."""
-    B, _, Nq, _ = q.shape
-    sink = sink_mask(key_valid, B, k.shape[2], p.sink_keys, q.device)
-    if not is_causal:
-        return [(slice(None), _noncausal_subs(q, k, key_valid, p, 0, sink, 0, window_band(q.shape[2], k.shape[2], p)))]
-    prefix = k.shape[2] - Nq
-    if prefix < 0:
-        raise ValueError("causal attention needs n_q <= n_k (bottom-right aligned)")
-    (kv_head, kv_tail), (s_head, s_tail) = split_keys(key_valid, prefix), split_keys(sink, prefix)
-    tail = slice(prefix, None)
-    leaves, levels = _causal_subs(q, k[:, :, tail], kv_tail, s_tail, p)
-    out = [(tail, [leaves] + levels)]
-    if prefix:
-        head = slice(None, prefix)
-        out.append((head, _noncausal_subs(q, k[:, :, head], kv_head, p, -1, s_head, window_strip(p))))
-    return out
+    """Every launch of the call (`plan.plan_call`), in order, as ``(keys, sub)`` pairs: the key rows (a slice of the
+    sequence) that the launch addresses, and its `_Sub`. The first launch writes, the rest merge in."""
+    plan = plan_call(q.shape[2], k.shape[2], is_causal, p)
+    sink = call_sinks(plan, key_valid, q.shape[0], q.device)
+    return [(slice(*part.keys), _sub(part, q, k, key_valid, sink, p)) for part in plan.parts]
 
 
 def attention_forward(q, k, v, key_valid, is_causal, scale, p):
@@ -538,20 +406,17 @@ def attention_forward(q, k, v, key_valid, is_causal, scale, p):
     q, k, v = _rowmajor(q), _rowmajor(k), _rowmajor(v)
     lse = torch.empty(B, Hq, Nq, dtype=lse_dtype(q.dtype), device=q.device)
     launches = _launches(q, k, key_valid, is_causal, p)
-    if not is_causal and len(launches[0][1]) == 1:  # one launch: write the output in its dtype
+    if len(launches) == 1 and not launches[0][1].causal:  # one launch: write the output in its dtype
         out = torch.empty(B, Hq, Nq, D, dtype=q.dtype, device=q.device)
-        _launch_fwd(q, k, v, launches[0][1][0], out, lse, scale, accumulate=False)
+        _launch_fwd(q, k, v, launches[0][1], out, lse, scale, accumulate=False)
         return out, lse
     acc = torch.empty(B, Hq, Nq, D, dtype=lse_dtype(q.dtype), device=q.device)
-    first = True
-    for keys, subs in launches:
+    for i, (keys, sub) in enumerate(launches):
         kk, vv = k[:, :, keys], v[:, :, keys]
-        for i, sub in enumerate(subs):
-            if first and is_causal and i == 0 and _flash_leaves_ok(q, key_valid):
-                _flash_leaves(q, kk, vv, sub, scale, acc, lse)
-            else:  # one launch per level, merged into the leaves' result
-                _launch_fwd(q, kk, vv, sub, acc, lse, scale, accumulate=not first)
-            first = False
+        if i == 0 and sub.causal and _flash_leaves_ok(q, key_valid):
+            _flash_leaves(q, kk, vv, sub, scale, acc, lse)
+        else:  # one launch per part, merged into the first part's result
+            _launch_fwd(q, kk, vv, sub, acc, lse, scale, accumulate=i > 0)
     return acc.to(q.dtype), lse
 
 
@@ -578,12 +443,11 @@ def attention_backward(do, q, k, v, out, lse, key_valid, is_causal, scale, p):
     Shapes as in `attention_forward`; ``do`` like ``out``. Same contract as `cpu.attention_backward`.
     """
     q, k, v, g, scale = _backward_setup(do, q, k, v, out, lse, scale)
-    first_q = True
-    for keys, subs in _launches(q, k, key_valid, is_causal, p):
+    seen = set()  # key ranges written: the first launch on a range writes its dK/dV, the rest add
+    for i, (keys, sub) in enumerate(_launches(q, k, key_valid, is_causal, p)):
         gk = g._replace(dk=g.dk[:, :, keys], dv=g.dv[:, :, keys])
-        for i, sub in enumerate(subs):  # the first launch on a key range writes its dK/dV, the rest add
-            _launch_bwd(q, k[:, :, keys], v[:, :, keys], sub, gk, scale, not first_q, i > 0)
-            first_q = False
+        _launch_bwd(q, k[:, :, keys], v[:, :, keys], sub, gk, scale, i > 0, (keys.start, keys.stop) in seen)
+        seen.add((keys.start, keys.stop))
     return g.dq.to(q.dtype), g.dk.to(k.dtype), g.dv.to(v.dtype)
 
 

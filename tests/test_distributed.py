@@ -285,7 +285,7 @@ def test_ddp_step_without_residual_matches_one_forward_of_the_global_batch(resul
 @pytest.mark.xfail(
     strict=True,
     reason="limitation: the residual's draws depend on a sequence's position in its "
-    "batch (plan_from_ranks draws torch.rand(B, Hkv, m) from one generator), so a "
+    "batch (draws_from_ranks draws torch.rand(B, Hkv, m) from one generator), so a "
     "rank's micro-batch gets other samples than the same rows of the global batch",
 )
 def test_ddp_step_with_residual_matches_one_forward_of_the_global_batch(results):

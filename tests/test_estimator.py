@@ -16,7 +16,9 @@ import torch.nn.functional as F
 
 from hyper_backend import HyperConfig, hyper_attention
 from hyper_backend.kernels import cpu, reference
-from hyper_backend.kernels.plan import causal_schedule, make_plan, sink_mask
+from hyper_backend.kernels.draws import make_draws
+from hyper_backend.kernels.parts import sink_mask
+from hyper_backend.kernels.plan import plan_call
 
 F64 = torch.float64
 BASE = HyperConfig(
@@ -104,15 +106,16 @@ def test_causal_window_runs_across_leaf_and_quadrant_boundaries():
     """The first query of every leaf sees its w - 1 predecessors in the previous leaf exactly."""
     n, w = 256, 8
     cfg = BASE.replace(local_window=w)
-    sched = causal_schedule(n, cfg)
-    assert sched.depth >= 2 and sched.strip == w - 1
+    parts = plan_call(n, n, True, cfg).parts
+    leaf, levels = parts[0].sq, [p for p in parts if p.kind == "hyper"]
+    assert parts[0].kind == "causal" and len(levels) >= 2 and all(p.strip == w - 1 for p in levels)
     q, k, _ = _qkv(1, 1, n, n, 16)
     W = _weights(q, k, None, True, cfg)[0, 0]
-    for start in range(sched.leaf, n, sched.leaf):
+    for start in range(leaf, n, leaf):
         assert torch.equal(W[start, start - w + 1 : start + 1], torch.ones(w, dtype=F64))
     # without the window the same pairs are approximated (some weight differs from 1)
     W0 = _weights(q, k, None, True, BASE)[0, 0]
-    assert any((W0[s, s - w + 1 : s] != 1).any() for s in range(sched.leaf, n, sched.leaf))
+    assert any((W0[s, s - w + 1 : s] != 1).any() for s in range(leaf, n, leaf))
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -197,7 +200,7 @@ def test_residual_is_unbiased(residual, padded, one_thread):
         e = e.masked_fill(~valid[:, None, None, :], 0.0)
     seeds, total, total_sq = 1500, 0.0, 0.0
     for seed in range(seeds):
-        plan = make_plan(q, k, valid, 16, 12, 5, seed, 0, residual)
+        plan = make_draws(q, k, valid, 16, 12, 5, seed, 0, residual)
         q_block = torch.empty(1, 2, Nq, dtype=torch.long)
         q_block.scatter_(-1, plan.q_perm, (torch.arange(Nq) // plan.q_block).expand(1, 2, Nq))
         k_block = torch.empty(1, 2, Nk, dtype=torch.long)
@@ -217,7 +220,7 @@ def test_stratified_draws_cover_the_sorted_order_once_per_stratum():
     q, k, _ = _qkv(1, 2, 300, 300, 16, seed=2)
     valid = torch.ones(1, 300, dtype=torch.bool)
     valid[:, 250:] = False
-    plan = make_plan(q, k, valid, 16, 25, 5, 0, 0, "stratified")
+    plan = make_draws(q, k, valid, 16, 25, 5, 0, 0, "stratified")
     inv = torch.empty_like(plan.k_perm)
     inv.scatter_(-1, plan.k_perm, torch.arange(300).expand_as(plan.k_perm))
     pos = torch.gather(inv, 2, plan.samples)  # sorted positions of the draws

@@ -213,7 +213,8 @@ def empty_query_blocks(case: OpCase) -> bool:
     block_size=16). The fuzzer found that the backward then gave wrong dK and dV (fixed: every padding slot is
     silenced, not only those of the last block); `test_backward_with_empty_query_blocks` keeps the cases. The
     causal call's sub-problem is the KV prefix (n_q queries on the first n_k - n_q keys)."""
-    from hyper_backend.kernels.plan import block_shape, hyper_applies
+    from hyper_backend.kernels.draws import block_shape
+    from hyper_backend.kernels.plan import hyper_applies
 
     nq, nk = case.nq, case.nk
     subs = [(nq, nk - nq)] if case.causal and nk > nq else [] if case.causal else [(nq, nk)]

@@ -7,14 +7,8 @@ import math
 import pytest
 import torch
 
-from hyper_backend.kernels.plan import (
-    block_shape,
-    causal_depth_for,
-    inverse_gray,
-    lsh_projections,
-    lsh_rank,
-    make_plan,
-)
+from hyper_backend.kernels.draws import block_shape, inverse_gray, lsh_projections, lsh_rank, make_draws
+from hyper_backend.kernels.plan import causal_depth_for
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -126,7 +120,7 @@ def test_sorting_puts_near_parallel_keys_in_the_same_or_neighbouring_blocks():
     g = torch.Generator().manual_seed(4)
     centers = torch.randn(64, 32, generator=g)
     keys = (centers[:, None, :] + 0.03 * torch.randn(64, 8, 32, generator=g)).reshape(1, 1, 512, 32)
-    plan = make_plan(keys, keys, None, block_size=32, sample_size=0, num_projs=7, seed=0)
+    plan = make_draws(keys, keys, None, block_size=32, sample_size=0, num_projs=7, seed=0)
     pos = torch.empty(512, dtype=torch.long)
     pos[plan.k_perm[0, 0]] = torch.arange(512)
     cluster_blocks = (pos // plan.k_block).view(64, 8)
@@ -140,7 +134,7 @@ def test_sorting_puts_near_parallel_keys_in_the_same_or_neighbouring_blocks():
 def test_permutations_sort_by_rank_and_are_permutations():
     g = torch.Generator().manual_seed(5)
     q, k = torch.randn(2, 4, 100, 16, generator=g), torch.randn(2, 2, 90, 16, generator=g)
-    plan = make_plan(q, k, None, block_size=16, sample_size=8, num_projs=6, seed=9)
+    plan = make_draws(q, k, None, block_size=16, sample_size=8, num_projs=6, seed=9)
     proj = lsh_projections(16, 6, seed=9, device="cpu")
     for perm, x in ((plan.q_perm, q), (plan.k_perm, k)):
         assert torch.equal(perm.sort(-1).values, torch.arange(x.shape[2]).expand(perm.shape))
@@ -162,7 +156,7 @@ def test_samples_never_include_masked_keys():
     valid[2, 17] = True  # a single valid key: every sample must be it
     seen = torch.zeros(B, N, dtype=torch.bool)
     for seed in range(50):
-        plan = make_plan(q, k, valid, block_size=16, sample_size=32, num_projs=7, seed=seed)
+        plan = make_draws(q, k, valid, block_size=16, sample_size=32, num_projs=7, seed=seed)
         s = plan.samples
         assert s.shape == (B, Hkv, 32)
         assert torch.all(torch.gather(valid[:, None, :].expand(B, Hkv, N), 2, s))
@@ -175,7 +169,7 @@ def test_masked_keys_sort_last():
     g = torch.Generator().manual_seed(7)
     k = torch.randn(2, 2, 100, 16, generator=g)
     valid = torch.rand(2, 100, generator=g) < 0.6
-    plan = make_plan(k, k, valid, block_size=16, sample_size=8, num_projs=7, seed=0)
+    plan = make_draws(k, k, valid, block_size=16, sample_size=8, num_projs=7, seed=0)
     for b in range(2):
         nv = int(valid[b].sum())
         for h in range(2):
@@ -188,7 +182,7 @@ def test_sample_blocks_and_log_weight():
     q, k = torch.randn(2, 2, 257, 8, generator=g), torch.randn(2, 1, 300, 8, generator=g)
     valid = torch.ones(2, 300, dtype=torch.bool)
     valid[1, 250:] = False
-    plan = make_plan(q, k, valid, block_size=16, sample_size=20, num_projs=5, seed=1)
+    plan = make_draws(q, k, valid, block_size=16, sample_size=20, num_projs=5, seed=1)
     pos = torch.empty_like(plan.k_perm)
     pos.scatter_(-1, plan.k_perm, torch.arange(300).expand_as(plan.k_perm))
     assert torch.equal(plan.sample_block, torch.gather(pos, 2, plan.samples) // plan.k_block)
@@ -203,7 +197,7 @@ def test_samples_are_uniform_over_valid_keys():
     counts = torch.zeros(64)
     draws = 0
     for seed in range(100):
-        plan = make_plan(k, k, valid, block_size=8, sample_size=64, num_projs=4, seed=seed)
+        plan = make_draws(k, k, valid, block_size=8, sample_size=64, num_projs=4, seed=seed)
         counts += torch.bincount(plan.samples.reshape(-1), minlength=64).float()
         draws += plan.samples.numel()
     expected = draws / 32
@@ -214,8 +208,8 @@ def test_samples_are_uniform_over_valid_keys():
 
 def test_no_samples_with_one_block_or_zero_sample_size():
     k = torch.randn(1, 1, 40, 8)
-    assert make_plan(k, k, None, block_size=64, sample_size=16, num_projs=3, seed=0).samples is None
-    plan = make_plan(k, k, None, block_size=8, sample_size=0, num_projs=3, seed=0)
+    assert make_draws(k, k, None, block_size=64, sample_size=16, num_projs=3, seed=0).samples is None
+    plan = make_draws(k, k, None, block_size=8, sample_size=0, num_projs=3, seed=0)
     assert plan.samples is None and plan.sample_block is None and plan.num_blocks == 5
 
 
@@ -232,12 +226,12 @@ def test_plan_is_a_deterministic_function_of_inputs_and_seed():
     g = torch.Generator().manual_seed(10)
     q, k = torch.randn(2, 4, 120, 16, generator=g), torch.randn(2, 2, 130, 16, generator=g)
     valid = torch.rand(2, 130, generator=g) < 0.8
-    a = make_plan(q, k, valid, 16, 16, 7, seed=3)
-    b = make_plan(q.clone(), k.clone(), valid.clone(), 16, 16, 7, seed=3)
+    a = make_draws(q, k, valid, 16, 16, 7, seed=3)
+    b = make_draws(q.clone(), k.clone(), valid.clone(), 16, 16, 7, seed=3)
     assert all(torch.equal(x, y) for x, y in zip(_plan_tensors(a), _plan_tensors(b)))
-    c = make_plan(q, k, valid, 16, 16, 7, seed=4)
+    c = make_draws(q, k, valid, 16, 16, 7, seed=4)
     assert not torch.equal(a.q_perm, c.q_perm) and not torch.equal(a.samples, c.samples)
-    d = make_plan(q, k, valid, 16, 16, 7, seed=3, stream=1)
+    d = make_draws(q, k, valid, 16, 16, 7, seed=3, stream=1)
     assert not torch.equal(a.samples, d.samples)
 
 
@@ -246,7 +240,7 @@ def test_plan_does_not_touch_the_global_rng():
     torch.manual_seed(0)
     expected = torch.rand(3)
     torch.manual_seed(0)
-    make_plan(k, k, None, 16, 16, 7, seed=1)
+    make_draws(k, k, None, 16, 16, 7, seed=1)
     assert torch.equal(torch.rand(3), expected)
 
 

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from hyper_backend import HyperConfig
 from hyper_backend.config import OpSettings
 from hyper_backend.kernels import cpu, reference
-from hyper_backend.kernels.plan import make_plan
+from hyper_backend.kernels.draws import make_draws
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -316,7 +316,7 @@ def test_estimator_is_what_the_fast_path_and_reference_compute(padded):
     v = torch.randn_like(k)
     for seed in range(3):
         cfg = Cfg(16, 8, 1, seed=seed)
-        plan = make_plan(q, k, key_valid, 16, 8, 7, seed)
+        plan = make_draws(q, k, key_valid, 16, 8, 7, seed)
         z = plan_denominator(plan, s, key_valid)
         _, lse = cpu.attention_forward(q, k, v, key_valid, False, None, cfg)
         _, rlse = reference.hyper_attention_reference(q, k, v, key_valid, False, config=cfg)
@@ -334,7 +334,7 @@ def test_residual_estimator_of_the_denominator_is_unbiased(padded):
     seeds = 2000
     total, total_sq, double_counted = (torch.zeros_like(true_z) for _ in range(3))
     for seed in range(seeds):
-        plan = make_plan(q, k, key_valid, 16, 8, 7, seed)
+        plan = make_draws(q, k, key_valid, 16, 8, 7, seed)
         block_part, picked, outside, weight = estimator_parts(plan, s, key_valid)
         z = block_part + weight * (picked * outside).sum(-1)
         total += z

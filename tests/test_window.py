@@ -4,7 +4,7 @@ Truth is dense masked attention: ``F.scaled_dot_product_attention`` with the ban
 (and `reference.window_attention_reference` where rows have no key, which SDPA leaves as NaN). Low-precision
 tolerances are tied to eager's own error: the same SDPA call at the inputs' dtype, against float64.
 
-Every CPU schedule (`cpu.window_schedule`: full, causal, dense, band tiles) is checked on its own, whatever the
+Every CPU schedule (`cpu.window.window_schedule`: full, causal, dense, band tiles) is checked on its own, whatever the
 cost model would pick for the shape; the Triton path runs under ``TRITON_INTERPRET=1`` in a spawned worker (as
 in tests/test_triton.py, the test process never imports triton).
 """
@@ -22,8 +22,10 @@ import torch
 import torch.nn.functional as F
 
 import hyper_backend
-from hyper_backend.kernels import cpu
+from hyper_backend.kernels import cost
 from hyper_backend.kernels import op as hyper_op
+from hyper_backend.kernels.cpu import band as cpu_band
+from hyper_backend.kernels.cpu import window as cpu_window
 from hyper_backend.kernels.reference import window_attention_reference
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -105,7 +107,7 @@ def check_against_sdpa(n, w, kind):
 def test_a_long_sequence_matches_dense_masked_sdpa():
     """n = 4097 (ragged against every tile size), w = 512 causal: the band tiles at a length where they win."""
     n, (left, right) = 4097, (511, 0)
-    assert cpu.window_schedule(n, n, (left, right))[0] == "band"
+    assert cpu_window.window_schedule(n, n, (left, right))[0] == "band"
     q, k, v, _ = inputs(1, 2, 1, n, n, 16, F64, seed=3)
     out, lse = window_op(q, k, v, None, left, right)
     assert max_err(out, sdpa_band(q, k, v, None, left, right)) < 1e-10
@@ -149,7 +151,7 @@ def test_layouts_and_every_schedule_match_the_reference(case, schedule, monkeypa
         key_valid = padding(B, Nk, seed=Nk)
         key_valid[0, : max(Nk - Nq, 0) + min(Nq, Nk) // 3] = False  # batch 0: its first rows see no key
     if schedule is not None:
-        monkeypatch.setattr(cpu, "window_schedule", lambda *args: schedule)
+        monkeypatch.setattr(cpu_window, "window_schedule", lambda *args: schedule)
     ours = grads(lambda q, k, v: window_op(q, k, v, key_valid, left, right)[0], (q, k, v), do)
     truth = grads(lambda q, k, v: window_attention_reference(q, k, v, key_valid, left, right)[0], (q, k, v), do)
     for name, a, b in zip(("out", "dq", "dk", "dv"), ours, truth):
@@ -171,7 +173,7 @@ def test_full_and_causal_schedules(kind):
     """w >= n is one plain (or causal) fused call, still the band's semantics, with key padding."""
     n = 70
     left, right = (n, n) if kind == "full" else (n, 0)
-    assert cpu.window_schedule(n, n, hyper_op.window_bounds(n, n, left, right)) == (kind, 0)
+    assert cpu_window.window_schedule(n, n, hyper_op.window_bounds(n, n, left, right)) == (kind, 0)
     q, k, v, do = inputs(2, 2, 1, n, n, 16, F64, seed=1)
     key_valid = padding(2, n, seed=2)
     key_valid[1, :10] = False
@@ -217,7 +219,7 @@ def test_low_precision_within_eager_error(dtype, n, left, right):
 @pytest.mark.parametrize("schedule", [None, ("band", 4)], ids=str)
 def test_gradcheck(schedule, monkeypatch):
     if schedule is not None:
-        monkeypatch.setattr(cpu, "window_schedule", lambda *args: schedule)
+        monkeypatch.setattr(cpu_window, "window_schedule", lambda *args: schedule)
     q, k, v, _ = inputs(2, 2, 1, 9, 13, 4, F64, seed=5)
     q, k, v = (x.requires_grad_() for x in (q, k, v))
     key_valid = padding(2, 13, seed=4)
@@ -353,9 +355,9 @@ def test_degenerate_shapes(shape):
 def test_interior_tiles_share_one_bias():
     """At n = 32768, w = 512 the per-tile masks cover only the edge tiles: bias memory is a few tiles, not n w."""
     n, band = 32768, (511, 0)
-    kind, tile = cpu.window_schedule(n, n, band)
+    kind, tile = cpu_window.window_schedule(n, n, band)
     assert kind == "band"
-    L = cpu._band_layout(1, n, n, band, None, F32, torch.device("cpu"), tile)
+    L = cpu_band._band_layout(1, n, n, band, None, F32, torch.device("cpu"), tile)
     shared = [g for g in L.groups if g.b is None]
     assert len(shared) == 1 and shared[0].bias.shape == (1, 1, tile, tile + 511)
     per_tile = sum(g.bias.shape[0] for g in L.groups if g.b is not None)
@@ -363,14 +365,14 @@ def test_interior_tiles_share_one_bias():
     # with key padding only the tiles that hold a padded key get their own mask
     keys = torch.ones(2, n, dtype=torch.bool)
     keys[1, :100] = False  # left padding of batch 1
-    L = cpu._band_layout(2, n, n, band, keys, F32, torch.device("cpu"), tile)
+    L = cpu_band._band_layout(2, n, n, band, keys, F32, torch.device("cpu"), tile)
     own = [g for g in L.groups if g.b is not None and g.bias.stride(0) != 0]  # not an expanded shared pattern
     assert sum(g.b.numel() for g in L.groups) == 2 * L.nt  # every tile of every batch row, once
     assert sum(g.bias.shape[0] for g in own) <= 2 * (math.ceil(511 / tile) + 1) + math.ceil((100 + 511) / tile) + 1
 
 
 def test_schedule():
-    sched = cpu.window_schedule
+    sched = cpu_window.window_schedule
     assert sched(32768, 32768, (511, 0))[0] == "band" and sched(32768, 32768, (512, 512))[0] == "band"
     assert sched(64, 64, (63, 0)) == ("causal", 0)  # a causal window wider than n is plain causal
     assert sched(64, 64, (63, 63)) == ("full", 0)
@@ -382,7 +384,7 @@ def test_schedule():
             band = hyper_op.window_bounds(n, n, *band)
             kind, tile = sched(n, n, band)
             if kind == "band":
-                assert cpu.band_cost(n, band, tile) < n * n
+                assert cost.band_cost(n, band, tile) < n * n
 
 
 # ----------------------------------------------------------------------------------------------------------
