@@ -865,10 +865,76 @@ def _select(it, node, args, kwargs, out) -> Val:
     return v.remap(tuple(out.shape), m)
 
 
+def _affine(v: Val, what: str) -> Lin:
+    """The one affine form of an integer value (an index from ``arange``), or `Refused`."""
+    if v.keep is not None or kind(v.dtype) != "int" or len(v.pieces) != 1 or v.pieces[0][0] is not True:
+        raise Refused(f"{what} of a tensor that is not an affine function of the position")
+    return v.pieces[0][1]
+
+
+def _diff(it, node, args, kwargs, out) -> Val:
+    """``torch.diff(x, dim=d, prepend=p)`` of affine integer indices (HF's packed-sequence check diffs the position
+    ids): the coefficient of ``x_d`` past the first element, ``x - p`` at index 0 with a prepend; ``n = 1`` and no
+    ``append``."""
+    if _arg(args, kwargs, 1, ("n",), 1) != 1 or _arg(args, kwargs, 4, ("append",)) is not None:
+        raise Refused("torch.diff with n > 1 or append in a mask")
+    v = it.operand(args[0])
+    shape = tuple(out.shape)
+    dim = it.scalar(_arg(args, kwargs, 2, ("dim",), -1)) % len(shape)
+    lin = _affine(v, "torch.diff")
+    step = Lin(const=dict(lin.coef).get(dim, 0))
+    prepend = _arg(args, kwargs, 3, ("prepend",))
+    if prepend is None:
+        return Val(shape, out.dtype, pieces=((True, step),))
+    if len(tensor_of(prepend).shape) != len(shape) or not is_one(tensor_of(prepend).shape[dim]):
+        raise Refused("torch.diff with a prepend of more than one element in a mask")
+    first = {k: var(k) for k in range(len(shape))}
+    first[dim] = Lin()
+    at_first = lin.subst(first) - _affine(it.operand(prepend), "torch.diff").subst(first)
+    is_first = atom(-var(dim))  # x_d <= 0
+    return Val(shape, out.dtype, pieces=_pieces(((is_first, at_first), (neg(is_first), step))))
+
+
+def _cumsum(it, node, args, kwargs, out) -> Val:
+    """``cumsum`` along ``dim`` of a tensor that is one integer constant ``c``: ``c·(x_dim + 1)`` (HF's packed-sequence
+    ids are the cumsum of an all-False tensor; anything else is refused)."""
+    v = it.operand(args[0])
+    shape = tuple(out.shape)
+    dim = it.scalar(_arg(args, kwargs, 1, ("dim",))) % len(shape)
+    pieces = [(c, p) for c, p in v.as_pieces(torch.int64) if c is not False]
+    if kind(out.dtype) != "int" or len(pieces) != 1 or pieces[0][0] is not True or pieces[0][1].constant() is None:
+        raise Refused("cumsum of a tensor that is not constant in a mask")
+    return Val(shape, out.dtype, pieces=((True, (var(dim) + Lin(const=1)).scaled(pieces[0][1].constant())),))
+
+
+def _gather(it, v: Val, items: tuple, out) -> Val:
+    """``x[t_0, .., t_{r-1}]``, every dim indexed by an integer tensor (HF's padding function reads
+    ``mask[batch_idx, kv_idx]``): each index must be one affine form of the result's position, provably within its
+    dim (a negative or out-of-range index is refused), and the value is ``x`` at those forms."""
+    shape = tuple(out.shape)
+    m = {}
+    for k, x in enumerate(items):
+        lin = _affine(broadcast(it.operand(x), shape), "indexing a mask by a tensor")
+        lo = hi = lin.const
+        for d, a in lin.coef:
+            span = a * (shape[d] - 1)
+            lo, hi = (lo, hi + span) if a > 0 else (lo + span, hi)
+        if not (known(lo >= 0) and known(hi <= v.shape[k] - 1)):
+            raise Refused("indexing a mask by a tensor that may be negative or out of range")
+        m[k] = lin
+    return v.remap(shape, m)
+
+
 def _getitem(it, node, args, kwargs, out) -> Val:
-    """``x[...]`` with None, Ellipsis, slices and integers (a tensor index is refused)."""
+    """``x[...]`` with None, Ellipsis, slices and integers, or with an integer tensor for every dim (`_gather`;
+    any other tensor index is refused)."""
     v = it.operand(args[0])
     items = args[1] if isinstance(args[1], tuple) else (args[1],)
+    tensors = [meta_val(x) if isinstance(x, fx.Node) else None for x in items]
+    if len(items) == len(v.shape) and all(
+        isinstance(t, torch.Tensor) and t.dim() > 0 and kind(t.dtype) == "int" for t in tensors
+    ):
+        return _gather(it, v, items, out)
     consumed = sum(1 for x in items if x is not None and x is not Ellipsis)
     if sum(x is Ellipsis for x in items) > 1:
         raise Refused("an index with two ellipses")
@@ -962,4 +1028,6 @@ _HANDLERS = {
     "narrow": _narrow,
     "select": _select,
     "getitem": _getitem,
+    "diff": _diff,
+    "cumsum": _cumsum,
 }

@@ -878,3 +878,39 @@ def test_a_finite_fill_in_bfloat16_is_a_mask(call_delta):
 
     site = hyper_backend.explain(FiniteFill(), q, k, v, options={**OPTS, "inner_backend": "aot_eager"}).sites[0]
     assert (site.decision, site.reason) == ("hyper", "causal"), site
+
+
+class _PackedSequenceCheck(torch.nn.Module):
+    """HF's causal mask with its packed-sequence check (``find_packed_sequence_indices``: the cumsum of where the
+    position ids do not step by 1, compared between query and key) and its vmap-style gathers ``m[b, i]``."""
+
+    def __init__(self, restart=None):
+        super().__init__()
+        self.restart = restart
+
+    def forward(self, q):
+        n = q.shape[-2]
+        pos = torch.arange(n, device=q.device)[None]
+        if self.restart is not None:  # two packed sequences: positions restart at 0
+            pos = torch.where(pos < self.restart, pos, pos - self.restart)
+        packed = (torch.diff(pos, prepend=pos[:, :1] - 1, dim=-1) != 1).cumsum(-1)
+        b = torch.arange(1, device=q.device)[:, None, None, None]
+        i = torch.arange(n, device=q.device)[None, None, :, None]
+        j = torch.arange(n, device=q.device)[None, None, None, :]
+        mask = (j <= i) & (packed[b, i] == packed[b, j])
+        return F.scaled_dot_product_attention(q, q, q, attn_mask=mask)
+
+
+@pytest.mark.parametrize("dynamic", [False, True])
+def test_hf_packed_sequence_check_is_proven_causal(dynamic):
+    """Gemma-3's body called with ``use_cache=False`` builds this mask; ``diff``, ``cumsum`` and tensor indexing were
+    outside the mask language, so every site of the model stayed exact. Two packed sequences are not causal."""
+    q = torch.randn(1, 2, 40, 16)
+    options = {**OPTS, "inner_backend": "aot_eager"}
+    site = hyper_backend.explain(_PackedSequenceCheck(), q, options=options, dynamic=dynamic).sites[0]
+    assert (site.decision, site.reason) == ("hyper", "causal"), site
+    torch._dynamo.reset()
+    site = hyper_backend.explain(_PackedSequenceCheck(restart=16), q, options=options, dynamic=dynamic).sites[0]
+    assert site.decision == "exact" and site.reason, site
+    compiled = torch.compile(_PackedSequenceCheck(), backend="hyper", options=options, dynamic=dynamic)
+    torch.testing.assert_close(compiled(q), _PackedSequenceCheck()(q))
