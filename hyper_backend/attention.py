@@ -122,10 +122,16 @@ def window_attention(
     """
     from hyper_backend.settings import resolve_settings
 
+    if len(window) != 2 or not all(isinstance(x, int) and not isinstance(x, bool) for x in window):
+        raise TypeError(f"window_attention: window must be two ints (left, right), got {window!r}")
+    left, right = (min(x, _UNBOUNDED) for x in window)  # a side past every key reaches every key (the op's int64)
     s = resolve_settings()
     return torch.ops.hyper.window_attention(
-        query, key, value, key_padding_mask, *window, scale, s.kernels, s.serial_bookkeeping
+        query, key, value, key_padding_mask, left, right, scale, s.kernels, s.serial_bookkeeping
     )[0]
+
+
+_UNBOUNDED = 1 << 62
 
 
 def _exact(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, return_lse):

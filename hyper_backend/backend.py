@@ -38,7 +38,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import sys
+import re
 import threading
 import weakref
 from collections.abc import Callable, Mapping, Sequence
@@ -51,6 +51,7 @@ import torch.fx as fx
 from hyper_backend.auto_layers import auto_layers
 from hyper_backend.lowering import sites as _sites
 from hyper_backend.lowering.canonical import canonicalize
+from hyper_backend.lowering.masks import Prover
 from hyper_backend.lowering.sdpa import rewrite_sdpa
 from hyper_backend.settings import Settings, resolve_settings
 
@@ -76,30 +77,45 @@ class Session:
     lock: threading.Lock = field(default_factory=threading.Lock)
 
 
-_sessions: weakref.WeakKeyDictionary[Any, Session] = weakref.WeakKeyDictionary()
+_sessions: dict[int, tuple[weakref.ref, Session]] = {}  # id(torch.compile's wrapper) -> (the wrapper, its session)
 _process_session = Session()
 
 
 def _session_owner():
-    """The ``torch._TorchCompileWrapper`` that called us (one per torch.compile call), if any."""
-    frame = sys._getframe(2)
-    for _ in range(6):
-        if frame is None:
-            return None
-        owner = frame.f_locals.get("self")
-        if isinstance(owner, torch._TorchCompileWrapper):
-            return owner
-        frame = frame.f_back
-    return None
+    """The ``torch._TorchCompileWrapper`` of the ``torch.compile`` call whose graph is being compiled (one per call),
+    or None (the backend called outside a Dynamo compile, or by ``torch._dynamo.optimize``).
+
+    Dynamo's translator of the frame being compiled (``InstructionTranslator.current_tx()``, thread-local) holds the
+    backend its output graph calls (``output.compiler_fn``): Dynamo's debug wrappers around that wrapper, which
+    ``torch._dynamo.eval_frame.innermost_backend`` unwraps (as Dynamo does itself). No interpreter frame is read.
+    Both are internals of torch 2.13 (``tests/test_lowering.py::test_sites_numbered_per_torch_compile_call`` pins
+    them): if they move, every graph shares the process's session, as with a backend called directly."""
+    try:
+        from torch._dynamo.eval_frame import innermost_backend
+        from torch._dynamo.symbolic_convert import InstructionTranslator
+
+        tx = InstructionTranslator.current_tx()
+        fn = innermost_backend(tx.output.compiler_fn)
+    except (ImportError, AttributeError):  # not compiling (no translator on this thread), or torch moved them
+        return None
+    return fn if isinstance(fn, torch._TorchCompileWrapper) else None
 
 
 def session_for(owner) -> Session:
+    """``owner``'s session (by identity: the wrapper defines ``__eq__``, so it is unhashable), freed with it."""
     if owner is None:
         return _process_session
-    try:
-        return _sessions.setdefault(owner, Session())
-    except TypeError:  # not weak-referenceable
-        return _process_session
+    entry = _sessions.get(id(owner))
+    if entry is None or entry[0]() is not owner:
+        key = id(owner)
+
+        def forget(ref, key=key):
+            if _sessions.get(key, (None,))[0] is ref:
+                del _sessions[key]
+
+        entry = (weakref.ref(owner, forget), Session())
+        _sessions[key] = entry
+    return entry[1]
 
 
 def _graph_position(session: Session) -> tuple[tuple, bool]:
@@ -126,7 +142,7 @@ def reset() -> None:
 
 
 # ----------------------------------------------------------------------------------------------------------
-# compile-time constants: buffers that hold masks
+# compile-time constants: registered buffers that hold masks, and the guard on them
 # ----------------------------------------------------------------------------------------------------------
 
 
@@ -139,32 +155,77 @@ def _source_name(node: fx.Node) -> str:
     return name() if callable(name) else str(name)
 
 
-def find_constants(gm: fx.GraphModule, example_inputs: Sequence) -> dict[int, torch.Tensor]:
-    """Placeholders that are module buffers / attributes shaped like masks (``[..., n, n]``): position -> value.
+_BUFFER = re.compile(r"\._buffers\[[^\]]+\]$")
 
-    These are read by value when proving a mask causal. A user input is never one of them.
-    """
+
+def find_constants(gm: fx.GraphModule, example_inputs: Sequence) -> dict[int, torch.Tensor]:
+    """Placeholders that are registered buffers of a module (``register_buffer``: Dynamo reads them as
+    ``...._buffers['name']``) shaped like a mask or a fill (at least 2-D, or one element): position -> value.
+
+    Only these are compile-time constants: a mask proof may read them by value. A plain tensor attribute
+    (``self.mask = m``), a parameter or a user input is data. Dynamo guards a buffer's shape and dtype only, so
+    `guard_constants` re-checks the ones a proof read at every call."""
     out = {}
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     for pos, (node, value) in enumerate(zip(placeholders, example_inputs)):
-        if not isinstance(value, torch.Tensor) or value.requires_grad or value.dim() < 2:
+        if not isinstance(value, torch.Tensor) or value.requires_grad or not (value.dim() >= 2 or value.numel() == 1):
             continue
-        if value.shape[-1] != value.shape[-2] or value.shape[-1] < 2:
-            continue
-        name = _source_name(node)
-        if not name.startswith("L['self']") or "_parameters[" in name:
-            continue
-        out[pos] = value
+        if _BUFFER.search(_source_name(node)):
+            out[pos] = value
     return out
 
 
+def _digest(t: torch.Tensor) -> str:
+    t = t.detach().to("cpu").contiguous()
+    data = t.numpy().tobytes() if t.dtype == torch.bool else t.view(torch.uint8).numpy().tobytes()
+    return hashlib.sha256(repr((t.dtype, tuple(t.shape))).encode() + data).hexdigest()
+
+
 def constants_key(constants: dict[int, torch.Tensor]) -> str:
-    h = hashlib.sha256()
-    for pos in sorted(constants):
-        t = constants[pos].detach().to("cpu").contiguous()
-        h.update(repr((pos, t.dtype, tuple(t.shape))).encode())
-        h.update(t.view(torch.uint8).numpy().tobytes() if t.dtype != torch.bool else t.numpy().tobytes())
-    return h.hexdigest()
+    return hashlib.sha256(repr(sorted((pos, _digest(t)) for pos, t in constants.items())).encode()).hexdigest()
+
+
+def exact_copy(gm: fx.GraphModule) -> fx.GraphModule:
+    """The Dynamo graph as it is now (before any lowering), to run eagerly if a guard fails."""
+    graph = fx.Graph()
+    graph._codegen = gm.graph._codegen
+    graph.output(graph.graph_copy(gm.graph, {}))
+    return fx.GraphModule(gm, graph)
+
+
+def guard_constants(compiled: Callable, exact: fx.GraphModule, used: Mapping[int, torch.Tensor]) -> Callable:
+    """``compiled``, behind a check that the buffers its mask proofs read (``used``: position -> the tensor at
+    compile time) are still those tensors with those values. A buffer replaced, or changed in place (its version
+    counter moved), is compared by content; if it differs the call runs ``exact`` (the graph before lowering,
+    eagerly) and a warning says so once. Changes made through ``.data`` or outside torch bump no version counter
+    and are not seen: call ``torch._dynamo.reset()`` after those."""
+    if not used:
+        return compiled
+    seen = {pos: (weakref.ref(t), t._version, _digest(t)) for pos, t in used.items()}
+    warned = []
+
+    def stale(args) -> bool:
+        for pos, (ref, version, digest) in seen.items():
+            t = args[pos]
+            if ref() is t and t._version == version:
+                continue
+            if _digest(t) != digest:
+                return True
+            seen[pos] = (weakref.ref(t), t._version, digest)  # the same values again: proven as they are
+        return False
+
+    def run(*args):  # Dynamo calls the backend's function with the graph's inputs as positional arguments
+        if not stale(args):
+            return compiled(*args)
+        if not warned:
+            warned.append(True)
+            log.warning(
+                "hyper_backend: a mask buffer changed after compilation; this graph runs exact until it holds its "
+                "compile-time values again (torch._dynamo.reset() recompiles on the new values)"
+            )
+        return exact(*args)
+
+    return run
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -256,16 +317,18 @@ def compile_graph(
             )
         ),
     )
-    patterns_pass = None
+    patterns_pass, prover, exact = None, None, None
+    constants = find_constants(gm, example_inputs) if settings.enabled and found else {}
     if not settings.enabled:
         for s in found:
             s.decide("exact", "disabled (enabled=False / HYPER_ATTENTION=0)")
     elif found:
-        constants = find_constants(gm, example_inputs)
         placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
-        canonicalize(gm, by_node, {placeholders[p]: t for p, t in constants.items()}, selected)  # einsum, MHA: SDPA
+        exact = exact_copy(gm) if constants else None
+        prover = Prover({placeholders[p]: t for p, t in constants.items()})
+        canonicalize(gm, by_node, prover, policy)  # einsum, MHA, Transformer layers: SDPA nodes
         handwritten = [s for s in found if s.kind != "sdpa"]  # before the rewrite: it renames band sites "window"
-        rewrite_sdpa(gm, by_node, policy, {placeholders[p]: t for p, t in constants.items()})
+        rewrite_sdpa(gm, by_node, policy, prover)
         if handwritten and settings.inner_backend == "inductor":
             from hyper_backend.lowering.patterns import AttentionPass
 
@@ -280,6 +343,11 @@ def compile_graph(
             elif not selected(s):
                 s.decide("exact", "not selected by layers")
     compiled = _inner_compile(gm, example_inputs, settings, patterns_pass, mode)
+    if exact is not None:
+        used = {placeholders.index(n) for n in prover.used}
+        if patterns_pass is not None:  # served from inductor's cache: the pass's proofs are unknown, guard them all
+            used |= patterns_pass.used_constants if patterns_pass.ran else set(constants)
+        compiled = guard_constants(compiled, exact, {p: constants[p] for p in used})
     if patterns_pass is not None and not patterns_pass.ran:
         for s in handwritten:
             s.decide("cached", "graph served from inductor's cache; hyper_backend.explain compiles afresh")

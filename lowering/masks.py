@@ -1,45 +1,54 @@
-"""Proving what a mask is, by evaluating the graph that builds it.
+"""Proving what a mask is: all-attend, causal (bottom-right) or a band, for every size the graph serves.
 
-A mask that a model builds from sequence lengths and constants alone (``triu(full(n, n, -inf), 1)``, a
-comparison of two ``arange``s, a slice of a causal buffer, HF's ``create_causal_mask``) is a pure function of
-the symbolic sizes. We re-run that subgraph on the CPU at a few concrete sizes and compare the result with the
-causal pattern the op implements (bottom-right aligned). Test sizes:
+`symbolic.Interpreter` turns the subgraph that builds a mask into an exact formula of the element's position
+(the mask language: see `hyper_backend.lowering.symbolic`). Here that formula is decided:
 
-- every size symbol in range; batch-like symbols small, the sequence symbols (those in the scores' last two
-  dims) at 5 and 7, at their hint, and above the largest integer literal in the subgraph, so a sliding window
-  or any other constant that would break the pattern at long lengths is exceeded at least once;
-- with Nq and Nk distinct symbols, also distinct values, so top-left alignment is told from bottom-right;
-- with static shapes, the one real size (if the mask has at most ``MAX_STATIC_ELEMENTS`` elements: 32k x 32k).
+1. the mask is aligned with the scores ``[..., n_q, n_k]``: its last dim is the key index j, the one before the
+   query index i (or broadcast), the others batch or heads;
+2. every atom ``a·x + c >= 0`` is either constant over the whole index box (checked at its extreme corners, with
+   the sizes symbolic) or a half-line in ``d = j - i - (n_k - n_q)``, the distance from the bottom-right diagonal
+   the op aligns to, with an integer threshold: ``c`` may involve the sequence lengths only, and the threshold must
+   not depend on them (a causal mask aligned top-left with n_q != n_k is refused here; a graph resumed after a
+   graph break gives q and k their own length symbols, so it is retried under a guard ``n_q == n_k``);
+3. the formula is then a boolean function of d alone: its true set is a union of intervals with integer ends,
+   and the mask is the band ``[-left, right]`` if exactly one of them meets the d-range of the scores,
+   ``[1 - n_k, n_q - 1]``, for every size, and that one holds the diagonal d = 0.
 
-A subgraph that reads a tensor input (a user mask, padding) is not input-free and is never classified by
-value, except placeholders the backend proved constant (causal buffers, see `hyper_backend.backend`).
+Anything else (floor division, a float literal compared with an index, a width from a symbol that is not a
+sequence length, a tensor input, a constant that is not a band pattern) keeps the site exact, with the reason.
+A positive verdict is cross-checked by evaluating the mask once at the traced sizes when it is small (never as
+the proof: a disagreement only refuses).
 """
 
 from __future__ import annotations
 
-import contextlib
-import math
-import operator
-from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 import torch
 import torch.fx as fx
 
-MAX_ELEMENTS = 1 << 26  # largest mask evaluated at a test size (dynamic shapes)
-# with static shapes the mask is evaluated once at its real size, as the model builds it at run time (a 32k x 32k
-# bool mask: 1 GiB, checked row-chunk by row-chunk)
-MAX_STATIC_ELEMENTS = 1 << 30
-SLICE_END = 1 << 62  # ``x[a:]`` traces as slice(x, dim, a, 2**63 - 1): a sentinel, not a window width
-MASKED = -1.0e4  # an additive bias (or fill) at or below this excludes the key
-CPU = torch.device("cpu")
+from . import symbolic as sym
+from .graph import (
+    ancestors,
+    concrete,
+    evaluate,
+    input_free,
+    meta_val,
+    mutated,
+    real_mode,
+    shape_env_of,
+    size_hints,
+    symbols_of,
+)
+from .symbolic import INPUT, Refused, known
 
-
-class NotInputFree(Exception):
-    """The subgraph reads a tensor that is not a compile-time constant."""
-
-
+# An additive bias (or fill) at or below this excludes its key: -1e4 as bfloat16 stores it (-9984). With scores
+# within 9800 of each other exp underflows to 0 (below -104 in fp32 and bf16, -745 in fp64).
+MASKED = -9984.0
 UNBOUNDED = 1 << 62  # a window side that reaches every key
+CHECK_ELEMENTS = 1 << 20  # the cross-check evaluates masks up to this size
+CHANGED = "mask is changed in place (not a pure function of the lengths)"
+I, J = -2, -1  # the index variables of the scores' query and key dims
 
 
 @dataclass(frozen=True)
@@ -75,7 +84,7 @@ class Verdict:
                 return Verdict("none")
             if right == 0:
                 return Verdict("causal")
-        return Verdict("band", window=(left, right))
+        return Verdict("band", window=(min(left, UNBOUNDED), min(right, UNBOUNDED)))
 
     def describe(self) -> str:
         if self.kind != "band":
@@ -86,456 +95,284 @@ class Verdict:
         side = lambda x: "all" if x >= UNBOUNDED else str(x)  # noqa: E731
         return f"band of {side(left)} keys before and {side(right)} after the diagonal"
 
+    def rows_reason(self, nq, nk) -> str:
+        """Why some query may keep no key under this mask, or ''. The op gives such a row 0, where eager gives a
+        value that depends on the fill (0 for SDPA's bool masks, the mean of v for a finite fill, NaN for a
+        hand-written -inf), so a mask that can leave a row empty is not lowered. Row i keeps a key iff the band
+        reaches ``d = -(i + n_k - n_q)``: every row does iff ``n_q - n_k <= right`` (decided under a guard for
+        symbolic lengths: a call where it fails recompiles)."""
+        if self.kind not in ("causal", "band"):
+            return ""
+        right = self.sides()[1]
+        if right >= UNBOUNDED or holds_under_guard(nq - nk <= right):
+            return ""
+        more = f" + {right}" if right else ""
+        return f"{self.describe()} mask where n_q may exceed n_k{more}: the first queries would attend no key"
 
-def meta_val(n):
-    """The fake value of a node (``val`` in aten graphs, ``example_value`` in Dynamo graphs); non-nodes as is."""
-    if not isinstance(n, fx.Node):
-        return n
-    return n.meta.get("val", n.meta.get("example_value"))
+
+# ----------------------------------------------------------------------------------------------------------
+# deciding a formula
+# ----------------------------------------------------------------------------------------------------------
 
 
-def _is_scalar(v) -> bool:
-    return isinstance(v, (int, float, bool, torch.SymInt, torch.SymFloat, torch.SymBool))
+class _Offset(Refused):
+    """The band's width or offset from the bottom-right diagonal depends on the lengths."""
 
 
-def ancestors(node: fx.Node, constants: dict[fx.Node, torch.Tensor]) -> list[fx.Node]:
-    """Nodes the value of ``node`` depends on, stopping at scalars, constants and placeholders."""
-    seen, order, stack = set(), [], [node]
-    while stack:
-        n = stack.pop()
-        if n in seen:
+@dataclass(frozen=True, eq=False)
+class _D:
+    t: int  # d >= t
+
+
+def _align(v: sym.Val, nq, nk) -> tuple[sym.Val, dict]:
+    """``v`` with its last dim renamed J (the keys), the one before I (the queries); ``sizes``: every variable's
+    extent. A size-1 dim broadcasts (index 0)."""
+    r = len(v.shape)
+    m, sizes = {}, {}
+    for k, s in enumerate(v.shape):
+        if sym.is_one(s):
+            m[k] = sym.Lin()
             continue
-        seen.add(n)
-        order.append(n)
-        if n in constants or _is_scalar(meta_val(n)) or n.op in ("placeholder", "get_attr"):
-            continue
-        stack.extend(n.all_input_nodes)
-    return order
+        target, want = {r - 1: (J, nk), r - 2: (I, nq)}.get(k, (k, s))
+        if not known(s == want):
+            raise Refused("the mask's shape does not broadcast to the scores' [..., n_q, n_k]")
+        m[k], sizes[target] = sym.var(target), want
+    return v.remap(v.shape, m), sizes
 
 
-def _mutates(n: fx.Node) -> bool:
-    if n.op == "call_function":
-        if n.target is operator.setitem:
-            return True
-        schema = getattr(n.target, "_schema", None)
-        return bool(schema is not None and schema.is_mutable)
-    return n.op == "call_method" and n.target.endswith("_") and not n.target.startswith("__")
-
-
-def mutated(nodes: Sequence[fx.Node]) -> fx.Node | None:
-    """A node of ``nodes`` whose value another node changes in place (``mask[i] = x``, ``masked_fill_``): the
-    value is then not what its ancestors compute, so it is never classified."""
-    # the node itself, and the views of it (select, slice, getitem, view, ...: they share its storage). A mutation
-    # that is itself among ``nodes`` (``zeros(...).masked_fill_(m, -inf)`` feeding the mask) is replayed in graph
-    # order by `evaluate`, so only the others change the value behind the evaluation's back
-    members = set(nodes)
-    seen, stack = set(nodes), [(n, 0) for n in nodes]
-    while stack:
-        n, depth = stack.pop()
-        for u in n.users:
-            if not (u.args and u.args[0] is n):
-                continue
-            if _mutates(u) and u not in members:
-                return u
-            if _aliases(u) and u not in seen and depth < 8:
-                seen.add(u)
-                stack.append((u, depth + 1))
-    return None
-
-
-_VIEW_METHODS = {
-    "view",
-    "view_as",
-    "reshape",
-    "reshape_as",
-    "expand",
-    "expand_as",
-    "transpose",
-    "permute",
-    "t",
-    "select",
-    "narrow",
-    "unsqueeze",
-    "squeeze",
-    "flatten",
-    "unflatten",
-    "diagonal",
-    "as_strided",
-    "contiguous",
-    "detach",
-    "unbind",
-    "split",
-    "chunk",
-    "movedim",
-    "swapaxes",
-    "__getitem__",
-    "T",
-    "mT",
-}
-_VIEW_FUNCTIONS = {
-    operator.getitem,
-    torch.reshape,
-    torch.transpose,
-    torch.permute,
-    torch.select,
-    torch.narrow,
-    torch.unsqueeze,
-    torch.squeeze,
-    torch.flatten,
-    torch.diagonal,
-    torch.t,
-    torch.detach,
-    torch.as_strided,
-    torch.unbind,
-    torch.split,
-    torch.chunk,
-    torch.movedim,
-    torch.swapaxes,
-}
-
-
-def _aliases(n: fx.Node) -> bool:
-    """``n`` may share its first argument's storage (a view, or an op that returns its input)."""
-    if n.op == "call_method":
-        return n.target in _VIEW_METHODS
-    if n.op != "call_function":
+def _half_line(lin: sym.Lin, sizes: dict, nq, nk, lengths: set):
+    """An atom ``lin >= 0`` over the index box as True, False, or a half-line in d (`_D`, negated for ``d <= t``)."""
+    extra = sym.free_symbols(lin.const) - lengths
+    if extra:
+        raise Refused(f"the mask depends on a size that is not a sequence length ({', '.join(map(str, extra))})")
+    lo = hi = lin.const
+    for d, a in lin.coef:
+        span = a * (sizes[d] - 1)
+        lo, hi = (lo, hi + span) if a > 0 else (lo + span, hi)
+    if known(lo >= 0):
+        return True
+    if known(hi < 0):
         return False
-    schema = getattr(n.target, "_schema", None)
-    if schema is not None:  # aten overloads say so
-        return any(r.alias_info is not None for r in schema.returns)
-    return n.target in _VIEW_FUNCTIONS
+    coef = dict(lin.coef)
+    if set(coef) - {I, J}:
+        raise Refused("the mask differs across the batch or heads")
+    a = coef.get(J, 0)
+    if a == 0 or coef.get(I, 0) != -a:
+        raise Refused("the mask depends on the query or key position other than through j - i")
+    e = sym.as_int(a * (nk - nq) + lin.const)  # a·d + e >= 0, d = j - i - (nk - nq)
+    if e is None:
+        raise _Offset(
+            "the band's width or its offset from the bottom-right diagonal depends on the lengths (a width computed "
+            "from the length, or a causal mask aligned top-left with n_q != n_k: the op aligns bottom-right)"
+        )
+    return _D(-(e // a)) if a > 0 else sym.neg(_D(e // -a + 1))
 
 
-def input_free(node: fx.Node, constants: dict[fx.Node, torch.Tensor]) -> bool:
-    for n in ancestors(node, constants):
-        if n.op == "placeholder" and n not in constants and not _is_scalar(meta_val(n)):
-            return False
-    return True
+def _map(f, leaf):
+    if isinstance(f, bool):
+        return f
+    if isinstance(f, sym.Atom):
+        return leaf(f.lin)
+    if isinstance(f, sym.Not):
+        return sym.neg(_map(f.f, leaf))
+    return (sym.conj if isinstance(f, sym.And) else sym.disj)(*(_map(g, leaf) for g in f.fs))
 
 
-@contextlib.contextmanager
-def real_mode():
-    """Run real CPU ops, outside any fake-tensor or tracing mode active in the compiler."""
-    from torch.utils._python_dispatch import _disable_current_modes
+def _holds(f, d: int) -> bool:
+    if isinstance(f, bool):
+        return f
+    if isinstance(f, _D):
+        return d >= f.t
+    if isinstance(f, sym.Not):
+        return not _holds(f.f, d)
+    return (all if isinstance(f, sym.And) else any)(_holds(g, d) for g in f.fs)
 
-    with _disable_current_modes(), torch.no_grad():
-        yield
 
-
-def symbols_of(values: Iterable) -> set:
-    out = set()
-    for v in values:
-        if isinstance(v, (torch.SymInt, torch.SymFloat, torch.SymBool)):
-            out |= v.node.expr.free_symbols
+def _thresholds(f, out: set) -> set:
+    if isinstance(f, _D):
+        out.add(f.t)
+    elif isinstance(f, sym.Not):
+        _thresholds(f.f, out)
+    elif isinstance(f, (sym.And, sym.Or)):
+        for g in f.fs:
+            _thresholds(g, out)
     return out
 
 
-def concrete(v, subs: dict):
-    if isinstance(v, torch.SymInt):
-        return int(v.node.expr.xreplace(subs))
-    if isinstance(v, torch.SymFloat):
-        return float(v.node.expr.xreplace(subs))
-    if isinstance(v, torch.SymBool):
-        return bool(v.node.expr.xreplace(subs))
-    return v
-
-
-def _to_cpu(x):
-    if isinstance(x, torch.device):
-        return CPU
-    if isinstance(x, torch.Tensor):
-        return x.detach().to(CPU)
-    return x
-
-
-def evaluate(node: fx.Node, subs: dict, constants: dict[fx.Node, torch.Tensor]):
-    """Value of ``node`` with the size symbols replaced by ``subs``; raises `NotInputFree` on a tensor input.
-
-    Call it under `real_mode`.
-    """
-    cache: dict[fx.Node, object] = {}
-    nodes = ancestors(node, constants)
-    order = {n: i for i, n in enumerate(node.graph.nodes)}
-    for n in sorted(nodes, key=order.__getitem__):
-        v = meta_val(n)
-        if n in constants:
-            cache[n] = constants[n].to(CPU)
-        elif _is_scalar(v):
-            cache[n] = concrete(v, subs)
-        elif n.op == "placeholder":
-            raise NotInputFree(n.name)
-        elif n.op == "get_attr":
-            obj = n.graph.owning_module
-            for part in n.target.split("."):
-                obj = getattr(obj, part)
-            cache[n] = _to_cpu(obj)
-        else:
-            args = fx.node.map_aggregate(fx.node.map_arg(n.args, cache.__getitem__), _to_cpu)
-            kwargs = fx.node.map_aggregate(fx.node.map_arg(n.kwargs, cache.__getitem__), _to_cpu)
-            if n.op == "call_function":
-                cache[n] = n.target(*args, **kwargs)
-            elif n.op == "call_method":
-                cache[n] = getattr(args[0], n.target)(*args[1:], **kwargs)
-            else:
-                raise NotInputFree(n.name)
-    return cache[node]
-
-
-def _literal_max(nodes: Sequence[fx.Node], constants) -> int:
-    big = 0
-
-    def visit(a):
-        nonlocal big
-        if isinstance(a, int) and not isinstance(a, bool) and abs(a) < SLICE_END:
-            big = max(big, abs(a))
-        return a
-
-    for n in nodes:
-        fx.node.map_aggregate(n.args, visit)
-        fx.node.map_aggregate(n.kwargs, visit)
-        if n in constants:
-            c = constants[n]
-            big = max([big, *c.shape])
-            if c.numel() <= 16 and not c.is_complex() and c.numel():  # a window width kept in a small buffer
-                big = max(big, min(int(c.detach().double().abs().nan_to_num(0, 0, 0).max()), MAX_ELEMENTS))
-    return big
-
-
-def shape_env_of(values):
-    for v in values:
-        if isinstance(v, (torch.SymInt, torch.SymFloat, torch.SymBool)):
-            return v.node.shape_env
-    return None
-
-
-def size_hints(shape_env) -> dict:
-    """Symbol -> the size seen when tracing (``backed_var_to_val`` in newer torch)."""
-    if shape_env is None:
-        return {}
-    hints = getattr(shape_env, "backed_var_to_val", None)
-    return hints if hints is not None else shape_env.var_to_val
-
-
-def assignments(
-    seq_symbols: set, other_symbols: set, shape_env, literal_max: int, max_side: int, equal: bool = False
-) -> list[dict]:
-    """Concrete values for the size symbols (see the module docstring); ``equal``: the sequence symbols are known
-    (guarded) equal, so they always take one value."""
-
-    def bounds(s):
-        r = shape_env.var_to_range.get(s) if shape_env is not None else None
-        lo = 2 if r is None else max(2, int(r.lower))
-        hi = None
-        if r is not None:
-            try:
-                hi = int(r.upper)
-            except (TypeError, ValueError, AttributeError, OverflowError):  # unbounded (int_oo)
-                hi = None
-        return lo, hi
-
-    def clamp(s, v):
-        lo, hi = bounds(s)
-        v = max(v, lo)
-        return v if hi is None else min(v, hi)
-
-    base = {s: clamp(s, 2) for s in other_symbols}
-    seq = sorted(seq_symbols, key=str)
-    if not seq:
-        return [base]
-    sizes = {5, 7, literal_max + 3}
-    for s in seq:
-        hint = size_hints(shape_env).get(s) if shape_env is not None else None
-        if hint is not None and int(hint) <= max_side:
-            sizes.add(int(hint))
+def _live_intervals(f, sizes: dict, nq, nk) -> list[tuple[int | None, int | None]]:
+    """The maximal intervals ``[lo, hi]`` of d (None: unbounded) where ``f`` holds that meet the scores'
+    d-range ``[1 - n_k, n_q - 1]`` for some size."""
+    lengths = sym.free_symbols(nq) | sym.free_symbols(nk)
+    f = _map(f, lambda lin: _half_line(lin, sizes, nq, nk, lengths))
+    ts = sorted(_thresholds(f, set()))
+    bounds = [None, *ts]  # region r: [bounds[r], bounds[r+1] - 1]; the first is (-inf, ts[0] - 1]
     out = []
-    for v in sorted(sizes):
-        if v > max_side:
+    for r, lo in enumerate(bounds):
+        hi = bounds[r + 1] - 1 if r + 1 < len(bounds) else None
+        if not _holds(f, lo if lo is not None else (ts[0] - 1 if ts else 0)):
             continue
-        out.append({**base, **{s: clamp(s, v) for s in seq}})
-        if len(seq) > 1 and not equal:
-            out.append({**base, **{s: clamp(s, v + 2 * i) for i, s in enumerate(seq)}})
-            out.append({**base, **{s: clamp(s, v + 2 * (len(seq) - 1 - i)) for i, s in enumerate(seq)}})
-    return out
+        if out and out[-1][1] is not None and lo is not None and out[-1][1] == lo - 1:
+            out[-1] = (out[-1][0], hi)
+        else:
+            out.append((lo, hi))
+    return [
+        (lo, hi)
+        for lo, hi in out
+        if not ((hi is not None and known(hi < 1 - nk)) or (lo is not None and known(lo > nq - 1)))
+    ]
 
 
-def _keep_mask(value, use: str, fill) -> torch.Tensor | None:
-    """Turn an evaluated mask into keep (True = attend), or None if it is not a pure keep/drop mask."""
-    if use == "add":
-        if value.dtype == torch.bool:
-            return None
-        keep, drop = value == 0, value <= MASKED  # in the mask's own dtype: no copy of it in float64
-        return keep if bool((keep | drop).all()) else None
-    if fill is None or not (float(fill) <= MASKED):
-        return None
-    value = value.bool() if value.dtype != torch.bool else value
-    return value if use == "keep" else ~value
+def decide(keep, sizes: dict, nq, nk, other=False) -> Verdict:
+    """The verdict for the aligned keep formula; ``other``: where the mask is neither keep nor drop (must be
+    nowhere)."""
+    if _live_intervals(other, sizes, nq, nk):
+        raise Refused("general mask (values other than 0 / -inf)")
+    live = _live_intervals(keep, sizes, nq, nk)
+    if not live:
+        raise Refused("the mask hides every key")
+    if len(live) > 1:
+        raise Refused("general mask (not a band: it keeps several separate ranges of j - i)")
+    lo, hi = live[0]
+    if (lo is not None and lo > 0) or (hi is not None and hi < 0):
+        raise Refused(
+            "the mask hides the diagonal the op aligns to (bottom-right): a causal mask aligned top-left with "
+            "n_q != n_k, or a window without the query itself"
+        )
+    left = UNBOUNDED if lo is None or known(lo <= 1 - nk) else -lo
+    right = UNBOUNDED if hi is None or known(hi >= nq - 1) else hi
+    return Verdict.of_sides(left, right)
 
 
-def _pattern_of(keep: torch.Tensor, nq: int, nk: int):
-    """What a keep-mask broadcastable to ``[..., nq, nk]`` is: ``"shape"``, ``"varies"`` (differs across batch or
-    heads), ``"top-left"`` (causal aligned top-left, n_q != n_k), ``"other"``, or ``("band", left, right)`` with
-    the intervals of widths it allows (`_band_of`); all-attend and causal are bands too."""
-    if keep.dim() < 2:
-        keep = keep.reshape((1,) * (2 - keep.dim()) + tuple(keep.shape))
-    if keep.shape[-1] not in (1, nk) or keep.shape[-2] not in (1, nq):
-        return "shape"
-    flat = keep.reshape(-1, *keep.shape[-2:])
-    if flat.shape[0] > 1 and not bool((flat == flat[:1]).all()):
-        return "varies"
-    rows = _row_spans(flat[0].expand(nq, nk))
-    first, last, any_key = rows
-    i = torch.arange(nq)
-    if (
-        nq != nk
-        and bool(any_key.all())
-        and bool((first == 0).all())
-        and torch.equal(last, i.clamp(max=nk - 1))
-        and not bool((last == nk - 1).all())
-    ):
-        return "top-left"
-    return _band_of(rows, nq, nk)
+# ----------------------------------------------------------------------------------------------------------
+# the prover
+# ----------------------------------------------------------------------------------------------------------
 
 
-def _row_spans(keep: torch.Tensor, chunk: int = 2048):
-    """``(first, last, any)`` kept key of each row, or None if some row's kept keys are not one contiguous run.
-    Memory O(chunk * nk), so a mask as large as the one the model builds at run time can be checked (a 32k
-    mask in seconds)."""
-    nq, nk = keep.shape
-    first = torch.zeros(nq, dtype=torch.long)
-    last = torch.full((nq,), -1, dtype=torch.long)
-    any_key = torch.zeros(nq, dtype=torch.bool)
-    cols = torch.arange(nk)
-    for r in range(0, nq, chunk):
-        k = keep[r : r + chunk].contiguous().view(torch.uint8)
-        f = k.argmax(1)  # the first maximum: the first kept key, or 0 for a row without one
-        has = k.gather(1, f[:, None])[:, 0].bool()
-        l_ = (nk - 1) - k.flip(1).argmax(1)
-        run = (cols >= f[:, None]) & (cols <= l_[:, None]) & has[:, None]
-        if not torch.equal(run, k.bool()):
-            return None
-        first[r : r + chunk], last[r : r + chunk], any_key[r : r + chunk] = f, l_.where(has, -1), has
-    return first, last, any_key
+class Prover:
+    """The mask proofs of one graph: each (mask node, use, fill, lengths) is proven once.
 
+    ``constants``: placeholders that are compile-time constants (registered buffers), read by value; ``used``: those
+    a positive verdict read (the backend guards them: a changed buffer must not reuse the proof)."""
 
-def _band_of(rows, nq: int, nk: int):
-    """``("band", (lo, hi), (lo, hi))``: the intervals of left and right widths that the rows' kept spans allow (a
-    side that reaches the matrix edge is only bounded below), or ``"other"``."""
-    if rows is None:
-        return "other"
-    first, last, any_key = rows
-    if not bool(any_key.any()):
-        return "other"
-    i = torch.arange(nq)
-    diag = i + (nk - nq)  # the bottom-right diagonal's key in each row
-    lo = int((first - diag)[any_key].min())
-    hi = int((last - diag)[any_key].max())
-    if lo > 0 or hi < 0:
-        return "other"
-    want_first, want_last = (diag + lo).clamp(min=0), (diag + hi).clamp(max=nk - 1)
-    want_any = want_first <= want_last
-    if not (
-        torch.equal(any_key, want_any)
-        and torch.equal(first[want_any], want_first[want_any])
-        and torch.equal(last[want_any], want_last[want_any])
-    ):
-        return "other"
-    left = (-lo, -lo) if lo > -(nk - 1) else (nk - 1, UNBOUNDED)
-    right = (hi, hi) if hi < nq - 1 else (nq - 1, UNBOUNDED)
-    return ("band", left, right)
+    def __init__(self, constants: dict[fx.Node, torch.Tensor]):
+        self.constants = constants
+        self.used: set[fx.Node] = set()
+        self._interp = sym.Interpreter(constants)
+        self._verdicts: dict[tuple, Verdict] = {}
+
+    def classify(self, mask: fx.Node, use: str, nq, nk, fill=None) -> Verdict:
+        """What ``mask`` does to scores of shape ``[..., nq, nk]`` (SymInts or ints).
+
+        ``use``: ``"add"`` (scores + mask), ``"keep"`` (``where(mask, scores, fill)``), ``"drop"``
+        (``masked_fill(scores, mask, fill)`` / ``where(mask, fill, scores)``). ``fill`` may be a number or an
+        input-free node."""
+        key = (mask, use, fill if isinstance(fill, fx.Node) else repr(fill), str(nq), str(nk))
+        if key not in self._verdicts:
+            self._verdicts[key] = self._classify(mask, use, nq, nk, fill)
+        return self._verdicts[key]
+
+    def _classify(self, mask, use, nq, nk, fill) -> Verdict:
+        fill_node = isinstance(fill, fx.Node)
+        if not input_free(mask, self.constants) or (fill_node and not input_free(fill, self.constants)):
+            return Verdict(None, INPUT)
+        nodes = ancestors(mask, self.constants) + (ancestors(fill, self.constants) if fill_node else [])
+        if mutated(nodes) is not None:
+            return Verdict(None, CHANGED)
+        for attempt in range(2):
+            try:
+                with real_mode():
+                    verdict = self._prove(mask, use, nq, nk, fill)
+                break
+            except _Offset as e:
+                if attempt or not (_distinct_symbols(nq, nk) and equal_under_guard(nq, nk)):
+                    return Verdict(None, e.reason)
+                # A graph resumed after a graph break gives q's and k's lengths their own symbols. Equal when
+                # traced: decided under a guard (a call with unequal lengths recompiles), proven for equal lengths.
+            except Refused as e:
+                return Verdict(None, e.reason)
+        with real_mode():
+            disagreement = self._cross_check(mask, use, nq, nk, fill, verdict, nodes)
+        if disagreement:
+            return Verdict(None, disagreement)
+        self.used.update(n for n in nodes if n in self.constants)
+        return verdict
+
+    def _prove(self, mask, use, nq, nk, fill) -> Verdict:
+        v = self._interp.value(mask)
+        v, sizes = _align(v, nq, nk)
+        if use == "add":
+            if v.keep is not None:
+                raise Refused("general mask (values other than 0 / -inf)")
+            keep = sym.disj(*(c for c, x in v.pieces if x == 0))
+            other = sym.disj(*(c for c, x in v.pieces if not (x == 0 or x <= MASKED)))
+            return decide(keep, sizes, nq, nk, other)
+        if fill is None or not (self._fill(fill) <= MASKED):
+            raise Refused("general mask (fill value is not -inf-like)")
+        keep = v.formula()
+        return decide(keep if use == "keep" else sym.neg(keep), sizes, nq, nk)
+
+    def _fill(self, fill) -> float:
+        if not isinstance(fill, fx.Node):
+            if isinstance(fill, bool) or not isinstance(fill, (int, float)):
+                raise Refused("general mask (fill value is not -inf-like)")
+            return float(fill)
+        values = {x for _, x in self._interp.value(fill).as_pieces(torch.float64)}
+        if len(values) != 1:
+            raise Refused("general mask (the fill value varies)")
+        return values.pop()
+
+    def _cross_check(self, mask, use, nq, nk, fill, verdict: Verdict, nodes) -> str:
+        """'' unless evaluating the mask at the traced sizes (when small) contradicts ``verdict``."""
+        values = [meta_val(n) for n in nodes] + [nq, nk]
+        hints = size_hints(shape_env_of(values))
+        subs = {s: hints.get(s) for s in symbols_of(values)}
+        if any(h is None for h in subs.values()):
+            return ""
+        subs = {s: int(h) for s, h in subs.items()}
+        mv = meta_val(mask)
+        q, k = concrete(nq, subs), concrete(nk, subs)
+        numel = 1
+        for s in mv.shape:
+            numel *= concrete(s, subs)
+        if max(numel, q * k) > CHECK_ELEMENTS:
+            return ""
+        try:
+            value = evaluate(mask, subs, self.constants)
+            f = evaluate(fill, subs, self.constants) if isinstance(fill, fx.Node) else fill
+            f = float(f) if isinstance(f, torch.Tensor) else f
+            if use == "add":
+                keep = value == 0
+            else:
+                keep = value.bool() if use == "keep" else ~value.bool()
+            keep = torch.broadcast_to(keep, (*keep.shape[:-2], q, k)) if keep.dim() >= 2 else keep.expand(q, k)
+        except Exception:  # not evaluable at these sizes: no evidence either way
+            return ""
+        left, right = verdict.sides()
+        d = torch.arange(k)[None, :] - torch.arange(q)[:, None] - (k - q)
+        want = (d >= -left) & (d <= right)
+        if torch.equal(keep, want.expand_as(keep)):
+            return ""
+        return f"the mask proof ({verdict.describe()}) and an evaluation at n_q={q}, n_k={k} disagree (a bug)"
 
 
 def classify(mask: fx.Node, use: str, nq, nk, constants: dict[fx.Node, torch.Tensor], fill=None) -> Verdict:
-    with real_mode():
-        verdict = _classify(mask, use, nq, nk, constants, fill)
-    if verdict.reason.startswith(TOP_LEFT) and _distinct_symbols(nq, nk) and equal_under_guard(nq, nk):
-        # A graph resumed after a graph break gives q's and k's lengths their own symbols, so the test sizes
-        # pull them apart and a causal mask looks top-left. Equal when traced: decide it under a guard (a call
-        # with unequal lengths recompiles) and prove the mask for equal lengths.
-        with real_mode():
-            verdict = _classify(mask, use, nq, nk, constants, fill, equal=True)
-    return verdict
+    """`Prover.classify` for one mask."""
+    return Prover(constants).classify(mask, use, nq, nk, fill)
 
 
-TOP_LEFT = "causal mask aligned top-left"
+def holds_under_guard(cond) -> bool:
+    """``cond`` on sizes: proven, or, if it involves symbolic sizes, decided on the sizes seen and guarded, so a call
+    where it fails recompiles."""
+    if known(cond):
+        return True
+    return bool(cond) if isinstance(cond, torch.SymBool) else False  # bool() installs the guard
 
 
 def equal_under_guard(a, b) -> bool:
-    """``a == b`` for sizes: proven, or, for distinct size symbols (a graph resumed after a graph break gets one
-    per tensor), decided on the sizes seen and guarded, so a call where they differ recompiles."""
-    from torch.fx.experimental.symbolic_shapes import statically_known_true
-
-    if statically_known_true(a == b):
-        return True
-    if isinstance(a, torch.SymInt) or isinstance(b, torch.SymInt):
-        return bool(a == b)  # installs the guard
-    return False
+    """``a == b`` for sizes (`holds_under_guard`): distinct size symbols (a graph resumed after a graph break gets one
+    per tensor) that are equal when traced are taken equal under a guard."""
+    return holds_under_guard(a == b)
 
 
 def _distinct_symbols(a, b) -> bool:
     return isinstance(a, torch.SymInt) and isinstance(b, torch.SymInt) and a.node.expr != b.node.expr
-
-
-def _classify(mask, use, nq, nk, constants, fill, equal: bool = False) -> Verdict:
-    """What ``mask`` does to scores of shape ``[..., nq, nk]`` (SymInts or ints).
-
-    ``use``: ``"add"`` (scores + mask), ``"keep"`` (``where(mask, scores, fill)``), ``"drop"``
-    (``masked_fill(scores, mask, fill)`` / ``where(mask, fill, scores)``). ``fill`` may be a number or an
-    input-free node.
-    """
-    if not input_free(mask, constants) or (isinstance(fill, fx.Node) and not input_free(fill, constants)):
-        return Verdict(None, "mask depends on a tensor input")
-    nodes = ancestors(mask, constants) + (ancestors(fill, constants) if isinstance(fill, fx.Node) else [])
-    if mutated(nodes) is not None:
-        return Verdict(None, "mask is changed in place (not a pure function of the lengths)")
-    values = [meta_val(n) for n in nodes] + [nq, nk]
-    seq = symbols_of([nq, nk])
-    other = symbols_of(values) - seq
-    env = shape_env_of(values)
-    lit = _literal_max(nodes, constants)
-    max_side = int(math.isqrt(MAX_ELEMENTS // 4))
-    if seq and lit + 3 > max_side:  # the test beyond every constant cannot run: a window that wide is unprovable
-        return Verdict(None, f"mask built with a constant ({lit}) too large to verify at compile time")
-    tests = assignments(seq, other, env, lit, max_side, equal)
-    if not tests:
-        return Verdict(None, f"mask too large to verify at compile time (constant {lit}); use dynamic shapes")
-    seen, left, right = set(), (0, UNBOUNDED), (0, UNBOUNDED)
-    for subs in tests:
-        q, k = concrete(nq, subs), concrete(nk, subs)
-        if q * k > (MAX_ELEMENTS if seq else MAX_STATIC_ELEMENTS):
-            return Verdict(None, f"mask of {q}x{k} too large to verify at compile time; use dynamic shapes")
-        try:
-            value = evaluate(mask, subs, constants)
-            f = evaluate(fill, subs, constants) if isinstance(fill, fx.Node) else fill
-        except NotInputFree:
-            return Verdict(None, "mask depends on a tensor input")
-        except Exception as e:  # the subgraph is not valid at these sizes: we cannot tell
-            return Verdict(None, f"mask could not be evaluated ({type(e).__name__})")
-        if isinstance(f, torch.Tensor):
-            f = f.item() if f.numel() == 1 else None
-        if not isinstance(value, torch.Tensor):
-            return Verdict(None, "mask is not a tensor")
-        keep = _keep_mask(value, use, f)
-        if keep is None:
-            return Verdict(
-                None,
-                "general mask (values other than 0 / -inf)"
-                if use == "add"
-                else "general mask (fill value is not -inf-like)",
-            )
-        pattern = _pattern_of(keep, q, k)
-        if isinstance(pattern, tuple):
-            left = (max(left[0], pattern[1][0]), min(left[1], pattern[1][1]))
-            right = (max(right[0], pattern[2][0]), min(right[1], pattern[2][1]))
-            pattern = "band"
-        seen.add(pattern)
-    if "top-left" in seen and seen <= {"band", "top-left"}:
-        return Verdict(None, TOP_LEFT + " with n_q != n_k (the op aligns bottom-right)")
-    if seen == {"band"}:
-        if left[0] > left[1] or right[0] > right[1]:
-            return Verdict(None, "general mask (banded, but its width changes with the length)")
-        # a side never reached the matrix edge is bounded by the widest test; at the largest test size it is
-        # determined exactly whenever it is narrower than the mask (`assignments` exceeds every literal)
-        return Verdict.of_sides(
-            left[0] if left[1] == left[0] else UNBOUNDED, right[0] if right[1] == right[0] else UNBOUNDED
-        )
-    return Verdict(None, "general mask (not causal)")

@@ -6,21 +6,25 @@ around it as a `Form`: how the scores are scaled (``* s``, ``/ s``, scale on q f
 ``baddbmm``'s alpha), how a mask is applied (none, ``+ mask``, ``where(mask, scores, fill)``,
 ``masked_fill``/``where(mask, fill, scores)``), whether the matmuls are 4-D (``[B, H, N, D]``) or 3-D, which
 operands the matmul decomposition copies (that changes the graph), and whether it runs in a half dtype (the
-softmax then upcasts to fp32 and casts back). A pattern is traced for each form seen, once per process, with
-``register_replacement`` (``fwd_only`` for inference graphs, ``joint_fwd_bwd`` for training graphs), from
-inputs with the same layout and dtype, and the pattern matcher then finds and replaces the sites. The walk
-only decides which patterns to trace; the match itself, with the real shapes, is the pattern matcher's.
+softmax then upcasts to fp32 and casts back). A pattern is traced for each form seen, once per process
+(``gen_pattern``: ``fwd_only`` for inference graphs, ``joint_fwd_bwd`` for training graphs), from inputs with
+the same layout and dtype, and the pattern matcher then finds and replaces the sites. The walk only decides
+which patterns to trace; the match itself, with the real shapes, is the pattern matcher's.
 
-``check`` accepts a match only if: the site is selected (``layers``); q/k/v shapes fit the op; the mask, if
-any, is proven all-attend or causal (bottom-right, `masks.classify`); a tensor scale is a compile-time
-constant (or ``1/sqrt(D)``); ``baddbmm``'s input is zeros. Otherwise the site keeps its exact computation and
-the reason is recorded.
+Each form is registered as a replacement entry whose check (`AttentionPass._check`) decides the match and, when
+it accepts, traces the replacement from that `Decision` (a value handed to the traced function, no state on the
+side). A match is accepted only if: the site is selected (``layers``; a band runs the exact window op whatever
+it says); q/k/v shapes fit the op (no broadcast over batch or heads); the mask, if any, is proven all-attend,
+causal (bottom-right) or banded (`masks.Prover`) and leaves no query without a key; a tensor scale is a
+compile-time constant (or ``1/sqrt(D)``); ``baddbmm``'s input is zeros. Otherwise the site keeps its exact
+computation and the reason is recorded.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import hashlib
 import inspect
 import math
@@ -34,10 +38,10 @@ from torch._inductor.custom_graph_pass import CustomGraphPass, get_hash_for_file
 from torch._inductor.pattern_matcher import (
     Match,
     PatternMatcherPass,
+    ReplacementPatternEntry,
     fwd_only,
     gen_pattern,
     joint_fwd_bwd,
-    register_replacement,
     stable_topological_sort,
 )
 from torch.fx.experimental.symbolic_shapes import statically_known_true
@@ -45,7 +49,8 @@ from torch.fx.experimental.symbolic_shapes import statically_known_true
 from hyper_backend.kernels import op as _op  # noqa: F401  (registers torch.ops.hyper.attention)
 
 from . import masks
-from .sites import Policy, Site
+from .graph import ancestors, concrete, evaluate, input_free, meta_val, real_mode, shape_env_of, size_hints, symbols_of
+from .sites import Policy, Site, count
 
 aten = torch.ops.aten
 prims = torch.ops.prims
@@ -129,10 +134,9 @@ def _body(form: Form, a: dict):
     return torch.bmm(p, v) if form.matmul != "4d" else p @ v
 
 
-def _replacement(ctx: AttentionPass, form: Form, a: dict):
-    """The same attention as one ``hyper::attention`` call, with the settings of the pass ``ctx`` and the decision
-    its check just made for this match."""
-    decision = ctx.pending
+def _replacement(form: Form, decision: Decision, window_args: tuple, a: dict):
+    """The same attention as one ``hyper::attention`` call (or the exact ``hyper::window_attention`` for a band),
+    as ``decision`` says for this match."""
     q, k, v = a["query"], a["key"], a["value"]
     if decision.prescale == "mul":
         q = q * a["scale"]
@@ -141,9 +145,7 @@ def _replacement(ctx: AttentionPass, form: Form, a: dict):
     if form.matmul != "4d":  # [B*H, N, D]: one batch of B*H heads
         q, k, v = q.unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0)
     if decision.window is not None:
-        out = torch.ops.hyper.window_attention.default(
-            q, k, v, None, *decision.window, decision.scale, *ctx.policy.window_args
-        )[0]
+        out = torch.ops.hyper.window_attention.default(q, k, v, None, *decision.window, decision.scale, *window_args)[0]
     else:
         out = torch.ops.hyper.attention.default(q, k, v, None, decision.causal, decision.scale, *decision.op_args)[0]
     return out.squeeze(0) if form.matmul != "4d" else out
@@ -262,7 +264,7 @@ def _scores_source(s) -> tuple[str, str, bool, fx.Node] | None:
     scale, tensor = "none", False
     if _is(s, aten.mul.Tensor, aten.div.Tensor):
         scale = "mul" if s.target == aten.mul.Tensor else "div"
-        tensor = isinstance(masks.meta_val(s.args[1]), torch.Tensor)
+        tensor = isinstance(meta_val(s.args[1]), torch.Tensor)
         s = s.args[0]
     if _is(s, aten.baddbmm.default):
         return ("baddbmm", "none", False, s) if scale == "none" else None
@@ -272,20 +274,20 @@ def _scores_source(s) -> tuple[str, str, bool, fx.Node] | None:
         bmm = s.args[0]
         q, _ = _unview(bmm.args[0])
         if scale == "none" and _is(q, aten.mul.Tensor):
-            scale, tensor = "q_mul", isinstance(masks.meta_val(q.args[1]), torch.Tensor)
+            scale, tensor = "q_mul", isinstance(meta_val(q.args[1]), torch.Tensor)
         return "4d", scale, tensor, bmm
     return None
 
 
 def form_of(core: Core, joint: bool):
     """The `Form` of the attention around ``core``, or a reason string why it is not attention we lower."""
-    xv = masks.meta_val(core.x)
+    xv = meta_val(core.x)
     if not isinstance(xv, torch.Tensor):
         return "softmax input has no shape"
     if core.dim not in (-1, xv.dim() - 1):
         return f"softmax over dim {core.dim}, not the key dim"
     x, half = core.x, False
-    if _is(x, prims.convert_element_type.default) and masks.meta_val(x.args[0]).dtype in HALF:
+    if _is(x, prims.convert_element_type.default) and meta_val(x.args[0]).dtype in HALF:
         x, half = x.args[0], True
     mask = "none"
     if _is(x, aten.add.Tensor) and _scores_source(x.args[0]):
@@ -330,13 +332,14 @@ def form_of(core: Core, joint: bool):
 # ----------------------------------------------------------------------------------------------------------
 
 
-@dataclass
+@dataclass(frozen=True)
 class Decision:
+    """What one accepted match becomes."""
+
     causal: bool
     scale: float | None
     prescale: str = ""  # "mul" / "div": a symbolic float scale folded into q (the op scale is then 1)
     window: tuple[int, int] | None = None  # a banded mask: exact ``hyper::window_attention`` (left, right)
-    site: Site | None = None  # the matched site
     op_args: tuple = ()  # the trailing arguments of its hyper::attention call (`Policy.hyper_args`)
 
 
@@ -371,38 +374,66 @@ class AttentionPass(CustomGraphPass):
         self.constants, self.constants_key = constants, constants_key
         self.ran = False
         self.reasons: dict[str, str] = {}
-        self._aten_constants: dict[fx.Node, torch.Tensor] = {}
-        # this pass's own matchers: their checks and replacements are bound to it, so the decision a check
-        # makes reaches its replacement through `pending` on this object, never through module state
+        self._prover = masks.Prover({})
+        self._positions: dict[fx.Node, int] = {}
+        # this pass's own matchers: their entries' checks are bound to it
         self._matchers = {
             False: PatternMatcherPass(pass_name="hyper_attention"),
             True: PatternMatcherPass(pass_name="hyper_attention_joint"),
         }
         self._forms: set = set()
-        self.pending: Decision | None = None
 
     def _register(self, form: Form) -> None:
+        """Register ``form``'s pattern with a check that decides each match and traces its replacement."""
         if form in self._forms:
             return
         self._forms.add(form)
-        inputs, workaround = _example_inputs(form)
-        search = _with_signature(lambda a: _body(form, a), form.argnames)
-        replace = _with_signature(lambda a: _replacement(self, form, a), form.argnames)
-        register_replacement(
-            search,
-            replace,
-            inputs,
-            joint_fwd_bwd if form.joint else fwd_only,
-            [self._matchers[form.joint]],
-            extra_check=lambda m: _check(self, form, m),
-            scalar_workaround=workaround,
-            search_fn_pattern=search_pattern(form),
+
+        def normalize_args(**kwargs) -> list:
+            args = [kwargs.pop(name) for name in form.argnames]
+            while f"tangents_{len(args) - len(form.argnames) + 1}" in kwargs:
+                args.append(kwargs.pop(f"tangents_{len(args) - len(form.argnames) + 1}"))
+            return args
+
+        entry = ReplacementPatternEntry(
+            pattern=search_pattern(form),
+            extra_check=functools.partial(self._check, form),
+            normalize_args=normalize_args,
             pattern_name=form.name,
         )
+        entry.register([self._matchers[form.joint]])
+
+    def _check(self, form: Form, match: Match) -> bool:
+        """Decide ``match``; if it is accepted, trace its replacement from the decision (``match.replacement_graph``,
+        which the entry then inserts), as `torch._inductor.pattern_matcher.register_replacement` does."""
+        decision = _decision(self, form, match)
+        if decision is None:
+            return False
+        values = [meta_val(match.kwargs[name]) for name in form.argnames]
+        fake_mode = torch._dynamo.utils.detect_fake_mode(values)
+        with fake_mode:  # fresh inputs with the match's shapes (q, k, v need grad in a training graph)
+            args = [
+                torch.empty_strided(
+                    v.size(),
+                    v.stride(),
+                    dtype=v.dtype,
+                    device=v.device,
+                    requires_grad=form.joint and name in ("query", "key", "value"),
+                )
+                if isinstance(v, torch.Tensor)
+                else v
+                for name, v in zip(form.argnames, values)
+            ]
+            replace = _with_signature(
+                functools.partial(_replacement, form, decision, self.policy.window_args), form.argnames
+            )
+            match.replacement_graph = (joint_fwd_bwd if form.joint else fwd_only)(replace, args)
+        return True
 
     def uuid(self) -> str:
         here = os.path.dirname(os.path.abspath(__file__))
-        files = tuple(os.path.join(here, f) for f in ("patterns.py", "masks.py", "sites.py"))
+        names = ("patterns.py", "masks.py", "symbolic.py", "graph.py", "sites.py")
+        files = tuple(os.path.join(here, f) for f in names)
         h = hashlib.sha256(get_hash_for_files(files))
         selection = sorted((name, s.index, self.policy.selected(s)) for name, s in self.sites.items())
         h.update(repr((self.policy.key, selection, self.constants_key)).encode())
@@ -416,25 +447,32 @@ class AttentionPass(CustomGraphPass):
                 return site
         return None
 
+    @property
+    def used_constants(self) -> set[int]:
+        """Positions of the constants a lowered site's mask proof read."""
+        return {self._positions[n] for n in self._prover.used}
+
     def _map_constants(self, graph: fx.Graph) -> None:
-        self._aten_constants = {}
+        """The graph's mask proofs, with the Dynamo graph's constants (by position) on the aten placeholders."""
+        aten_constants = {}
         inputs = [n for n in graph.nodes if n.op == "placeholder" and not n.name.startswith("tangents")]
         for pos, tensor in self.constants.items():
             if pos >= len(inputs):
                 continue
-            v = masks.meta_val(inputs[pos])
+            v = meta_val(inputs[pos])
             if (
                 isinstance(v, torch.Tensor)
                 and v.dtype == tensor.dtype
                 and v.dim() == tensor.dim()
                 and all(statically_known_true(a == b) for a, b in zip(v.shape, tensor.shape))
             ):
-                self._aten_constants[inputs[pos]] = tensor
+                aten_constants[inputs[pos]] = tensor
+                self._positions[inputs[pos]] = pos
+        self._prover = masks.Prover(aten_constants)
 
-    def reject(self, site: Site | None, reason: str) -> bool:
+    def reject(self, site: Site | None, reason: str) -> None:
         if site is not None:
             self.reasons[site.node] = reason
-        return False
 
     # -- run -----------------------------------------------------------------------------------------------
     def __call__(self, graph: fx.Graph) -> None:
@@ -463,10 +501,7 @@ class AttentionPass(CustomGraphPass):
                     forms[site.node] = form
         if not cores:
             return
-        try:
-            self._matchers[joint].apply(graph)
-        finally:
-            self.pending = None
+        self._matchers[joint].apply(graph)
         stable_topological_sort(graph)  # joint replacements put backward ops where the forward was
         graph.eliminate_dead_code()
         for site in self.sites.values():
@@ -498,8 +533,6 @@ def _shield(core: Core) -> None:
         mul.meta.update(div.meta)
     div.replace_all_uses_with(mul)
     graph.erase_node(div)
-    from .sites import count
-
     count("shielded")
 
 
@@ -510,29 +543,27 @@ def _shield(core: Core) -> None:
 
 def _scale_of(node: fx.Node, form: Form, head_dim, constants) -> tuple[bool, float | None, str]:
     """A 0-d tensor scale: ``(ok, op scale, reason)``; ``1/sqrt(D)`` in any spelling gives op scale None."""
-    with masks.real_mode():
+    with real_mode():
         return _scale_value(node, form, head_dim, constants)
 
 
 def _scale_value(node, form, head_dim, constants):
-    if not masks.input_free(node, constants):
+    if not input_free(node, constants):
         return False, None, "the scale depends on a tensor input"
-    syms = masks.symbols_of([masks.meta_val(n) for n in masks.ancestors(node, constants)] + [head_dim])
-    env = masks.shape_env_of([head_dim] + [masks.meta_val(n) for n in masks.ancestors(node, constants)])
+    syms = symbols_of([meta_val(n) for n in ancestors(node, constants)] + [head_dim])
+    env = shape_env_of([head_dim] + [meta_val(n) for n in ancestors(node, constants)])
     tests = (
-        [{}]
-        if not syms
-        else [{s: (masks.size_hints(env).get(s, 16) if t == 0 else t) for s in syms} for t in (0, 16, 64)]
+        [{}] if not syms else [{s: (size_hints(env).get(s, 16) if t == 0 else t) for s in syms} for t in (0, 16, 64)]
     )
     values, defaults = [], []
     for subs in tests:
         try:
-            t = masks.evaluate(node, subs, constants)
+            t = evaluate(node, subs, constants)
         except Exception:
             return False, None, "the scale could not be evaluated"
         value = float(t) if form.scale in ("mul", "q_mul") else 1.0 / float(t)
         values.append(value)
-        defaults.append(1.0 / math.sqrt(masks.concrete(head_dim, subs)))
+        defaults.append(1.0 / math.sqrt(concrete(head_dim, subs)))
     if all(math.isclose(v, d, rel_tol=1e-6) for v, d in zip(values, defaults)) and syms:
         return True, None, ""
     if all(math.isclose(v, values[0], rel_tol=1e-12) for v in values):
@@ -541,10 +572,10 @@ def _scale_value(node, form, head_dim, constants):
 
 
 def _runtime_scalar(node: fx.Node, constants) -> bool:
-    v = masks.meta_val(node)
+    v = meta_val(node)
     if isinstance(v, torch.SymFloat):
         return True
-    return isinstance(v, torch.Tensor) and v.dim() == 0 and not masks.input_free(node, constants)
+    return isinstance(v, torch.Tensor) and v.dim() == 0 and not input_free(node, constants)
 
 
 def _integers_wrong(match: Match, key: fx.Node, rank: int) -> str:
@@ -554,53 +585,60 @@ def _integers_wrong(match: Match, key: fx.Node, rank: int) -> str:
         if _is(n, aten.permute.default) and n.args[0] is key and [d % rank for d in n.args[1]] != swap:
             return "k is permuted, not transposed in its last two dims"
         if _is(n, aten.amax.default, aten.sum.dim_IntList):
-            r = masks.meta_val(n.args[0]).dim()
+            r = meta_val(n.args[0]).dim()
             if [d % r for d in n.args[1]] != [r - 1]:
                 return f"a softmax reduction over dims {list(n.args[1])}, not the key dim"
     return ""
 
 
-def _check(ctx: AttentionPass, form: Form, match: Match) -> bool:
+def _decision(ctx: AttentionPass, form: Form, match: Match) -> Decision | None:
+    """The decision for ``match``, or None (the reason recorded on its site)."""
     try:
-        return _check_match(ctx, form, match)
+        return _decide(ctx, form, match)
     except Exception as e:  # an analysis we cannot finish leaves the site exact
         core = next((n for n in match.nodes if _is(n, aten.amax.default)), None)
-        return ctx.reject(
+        ctx.reject(
             ctx.site_of(core) if core is not None else None, f"could not analyse the match ({type(e).__name__}: {e})"
         )
+        return None
 
 
-def _check_match(ctx: AttentionPass, form: Form, match: Match) -> bool:
+def _decide(ctx: AttentionPass, form: Form, match: Match) -> Decision | None:
     core = next((n for n in match.nodes if _is(n, aten.amax.default, aten._softmax.default)), None)
     site = ctx.site_of(core) if core is not None else None
     if site is None:
         return ctx.reject(site, "site not found")
     kw = match.kwargs
-    q, k, v = (masks.meta_val(kw[n]) for n in ("query", "key", "value"))
+    q, k, v = (meta_val(kw[n]) for n in ("query", "key", "value"))
     if not all(isinstance(t, torch.Tensor) for t in (q, k, v)):
         return ctx.reject(site, "q/k/v are not tensors")
     bad = _integers_wrong(match, kw["key"], q.dim())
     if bad:
         return ctx.reject(site, bad)
-    if form.matmul == "4d" and not (
-        statically_known_true(q.shape[1] == k.shape[1])
-        and statically_known_true(k.shape[1] == v.shape[1])
-        and statically_known_true(q.shape[0] == k.shape[0])
+    if form.matmul == "4d" and not all(
+        statically_known_true(a == b)
+        for a, b in (
+            (q.shape[0], k.shape[0]),
+            (k.shape[0], v.shape[0]),
+            (q.shape[1], k.shape[1]),
+            (k.shape[1], v.shape[1]),
+        )
     ):
         return ctx.reject(site, "q/k/v heads or batch broadcast")
     nq, nk = q.shape[-2], k.shape[-2]
     causal, window = False, None
     if form.mask != "none":
-        use = {"add": "add", "keep": "keep", "drop": "drop"}[form.mask]
-        verdict = masks.classify(kw["mask"], use, nq, nk, ctx._aten_constants, fill=kw.get("fill"))
+        verdict = ctx._prover.classify(kw["mask"], form.mask, nq, nk, fill=kw.get("fill"))
         if verdict.kind is None:
             return ctx.reject(site, verdict.reason)
+        empty_rows = verdict.rows_reason(nq, nk)
+        if empty_rows:
+            return ctx.reject(site, empty_rows)
         causal = verdict.kind == "causal"
         window = verdict.window
-    if window is None and not ctx.policy.selected(site):  # a band is exact: served whatever ``layers`` says
-        return ctx.reject(site, "not selected by layers")
-    if causal and not statically_known_true(nq <= nk):
-        return ctx.reject(site, "causal mask where n_q may exceed n_k")
+    layers = ctx.policy.layers_reason(site, banded=window is not None)
+    if layers:
+        return ctx.reject(site, layers)
     if form.matmul == "baddbmm":
         bias = kw["bias"]
         if not (_is(bias, aten.full.default) and bias.args[1] == 0):
@@ -609,19 +647,18 @@ def _check_match(ctx: AttentionPass, form: Form, match: Match) -> bool:
     prescale = ""
     if form.scale == "none" and form.matmul != "baddbmm":
         op_scale = 1.0
-    elif isinstance(scale, fx.Node) and _runtime_scalar(scale, ctx._aten_constants):
+    elif isinstance(scale, fx.Node) and _runtime_scalar(scale, ctx._prover.constants):
         # a symbolic float or a 0-d tensor input (dynamic=True makes float attributes inputs): fold into q
         op_scale, prescale = 1.0, "div" if form.scale == "div" else "mul"
     elif isinstance(scale, fx.Node):
-        ok, op_scale, reason = _scale_of(scale, form, q.shape[-1], ctx._aten_constants)
+        ok, op_scale, reason = _scale_of(scale, form, q.shape[-1], ctx._prover.constants)
         if not ok:
             return ctx.reject(site, reason)
     else:
         op_scale = float(scale) if form.scale != "div" else 1.0 / float(scale)
     op_args = () if window is not None else ctx.policy.hyper_args(site, q, causal)
-    ctx.pending = Decision(causal, op_scale, prescale, window, site=site, op_args=op_args)
     if window is not None:
         site.decide("window", f"{masks.Verdict('band', window=window).describe()} (exact), {form.name}", kind="window")
     else:
         site.decide("hyper", "causal" if causal else "non-causal", kind=form.name)
-    return True
+    return Decision(causal, op_scale, prescale, window, op_args)

@@ -11,15 +11,18 @@ A call is lowered when the op computes exactly what SDPA would, up to the approx
   attributes symbolic) is decided on its value, under a guard;
 - ``scale`` is None, a number, or a symbolic float (``dynamic=True`` makes float attributes symbolic): that
   one is multiplied into q and the op gets scale 1;
+- q, k and v have one batch size (a K/V broadcast over the batch stays exact);
 - ``attn_mask`` is None, or a bool mask that is an AND of key-padding terms broadcastable to ``[B, 1, 1, Nk]``
-  (passed as the op's ``[B, Nk]`` key_padding_mask) and of input-free terms that `masks.classify` proves to be
-  all-True or causal (HF's padded causal mask is exactly that); a float mask if proven all-zero or causal,
-  or if it is such a mask plus key-padding terms built from bool masks (``zeros.masked_fill(m, -inf)``, as
+  (bool tensors, passed as the op's ``[B, Nk]`` key_padding_mask; a cast to bool such as ``am.bool()`` is a term
+  of its own, never looked through) and of input-free terms that `masks.Prover` proves all-True, causal or
+  banded (HF's padded causal mask is exactly that); a float mask if proven all-zero, causal or banded, or if it
+  is such a mask plus key-padding terms built from bool masks (``zeros.masked_fill(m, -inf)``, as
   ``nn.MultiheadAttention`` builds them; `_plan_float_mask`);
 - ``is_causal=True`` only with ``Nq == Nk`` provably: SDPA aligns the diagonal top-left, the op bottom-right,
-  and the two agree only when the lengths are equal (``Nq != Nk`` stays exact); a mask proven causal is
-  bottom-right by construction and needs ``Nq <= Nk`` provably.
+  and the two agree only when the lengths are equal (``Nq != Nk`` stays exact); a mask proven causal or banded
+  is bottom-right by construction and must leave no query without a key (`masks.Verdict.rows_reason`).
 
+A band runs the exact ``hyper::window_attention`` whatever ``layers`` says (`sites.Policy.layers_reason`).
 Anything else stays an SDPA call, and the site's reason says why.
 """
 
@@ -34,11 +37,12 @@ from torch.fx.experimental.symbolic_shapes import statically_known_true
 from hyper_backend.kernels import op as _op  # noqa: F401  (registers torch.ops.hyper.attention)
 
 from . import masks
+from .graph import ancestors, input_free, meta_val, mutated
 from .sites import Policy, Site
 
 _SDPA_PARAMS = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
 _SDPA_DEFAULTS = {"attn_mask": None, "dropout_p": 0.0, "is_causal": False, "scale": None, "enable_gqa": False}
-_MASK_PASSTHROUGH_METHODS = ("expand", "contiguous", "bool", "to", "expand_as")
+_MASK_PASSTHROUGH_METHODS = ("expand", "contiguous", "bool", "to", "expand_as")  # looked through when dtype-preserving
 
 
 def key_padding(batch_like: torch.Tensor, *terms: torch.Tensor) -> torch.Tensor:
@@ -70,9 +74,16 @@ def _eq(a, b) -> bool:
 
 
 def _mask_terms(mask: fx.Node) -> list[fx.Node]:
-    """Split a bool mask into its AND terms, looking through expand / to / contiguous."""
+    """Split a bool mask into its AND terms, looking through expand / contiguous and casts of a bool tensor to
+    bool. A cast that changes the dtype (``am.bool()`` of a float 0/1 mask) is a term: its values are the
+    cast's, not the float tensor's."""
     n = mask
-    while n.op == "call_method" and n.target in _MASK_PASSTHROUGH_METHODS:
+    while (
+        n.op == "call_method"
+        and n.target in _MASK_PASSTHROUGH_METHODS
+        and isinstance(n.args[0], fx.Node)
+        and getattr(meta_val(n.args[0]), "dtype", None) == torch.bool
+    ):
         n = n.args[0]
     if (
         n.op == "call_function"
@@ -84,7 +95,7 @@ def _mask_terms(mask: fx.Node) -> list[fx.Node]:
 
 
 def _padding_shape_ok(term: fx.Node, batch, n_k) -> bool:
-    v = masks.meta_val(term)
+    v = meta_val(term)
     if not isinstance(v, torch.Tensor) or v.dim() > 4 or v.dim() == 0:
         return False
     shape = (1,) * (4 - v.dim()) + tuple(v.shape)
@@ -110,7 +121,7 @@ def _additive_terms(mask: fx.Node) -> list[fx.Node]:
         is_add
         and len(n.args) == 2
         and not n.kwargs
-        and all(isinstance(a, fx.Node) and isinstance(masks.meta_val(a), torch.Tensor) for a in n.args)
+        and all(isinstance(a, fx.Node) and isinstance(meta_val(a), torch.Tensor) for a in n.args)
     ):
         return _additive_terms(n.args[0]) + _additive_terms(n.args[1])
     return [n]
@@ -129,8 +140,8 @@ def zero_or_masked(n: fx.Node, hops: int = 8) -> bool:
                 or n.op == "call_function"
                 and n.target is operator.getitem
             )
-            and isinstance(masks.meta_val(n), torch.Tensor)
-            and masks.meta_val(n).is_floating_point()
+            and isinstance(meta_val(n), torch.Tensor)
+            and meta_val(n).is_floating_point()
         ):
             n = n.args[0]
         else:
@@ -148,7 +159,7 @@ def zero_or_masked(n: fx.Node, hops: int = 8) -> bool:
         (zeros.op == "call_function" and zeros.target in (torch.zeros_like, torch.zeros))
         or (zeros.op == "call_method" and zeros.target == "new_zeros")
     )
-    kv = masks.meta_val(keep)
+    kv = meta_val(keep)
     return (
         made_of_zeros
         and isinstance(kv, torch.Tensor)
@@ -159,20 +170,20 @@ def zero_or_masked(n: fx.Node, hops: int = 8) -> bool:
     )
 
 
-def _plan_float_mask(mask: fx.Node, batch, nq, nk, constants, padding: list[fx.Node]):
+def _plan_float_mask(mask: fx.Node, batch, nq, nk, prover: masks.Prover, padding: list[fx.Node]):
     """``(verdict, reason)`` for an additive float mask; key-padding addends are appended to ``padding``.
 
     An input-free mask is classified as a whole (`masks.classify`). Otherwise it must be a sum whose input-free
     addends classify (the verdict is their AND) and whose other addends are key padding: `zero_or_masked` (0 or
     -inf-like by construction) and broadcastable to ``[B, 1, 1, Nk]``. A float mask read from an input with
     unknown values stays exact."""
-    if masks.input_free(mask, constants):
-        verdict = masks.classify(mask, "add", nq, nk, constants)
+    if input_free(mask, prover.constants):
+        verdict = prover.classify(mask, "add", nq, nk)
         return verdict, verdict.reason if verdict.kind is None else ""
     shape = masks.Verdict("none")
     for term in _additive_terms(mask):
-        if masks.input_free(term, constants):
-            verdict = masks.classify(term, "add", nq, nk, constants)
+        if input_free(term, prover.constants):
+            verdict = prover.classify(term, "add", nq, nk)
             if verdict.kind is None:
                 return verdict, verdict.reason
             shape = shape & verdict  # addends of 0 / -inf: keep where every addend keeps
@@ -206,25 +217,29 @@ class SdpaPlan:
         self.reason, self.padding, self.causal, self.window = reason, padding, causal, window
 
 
-def plan_sdpa(node: fx.Node, constants: dict[fx.Node, torch.Tensor]) -> SdpaPlan:
+def plan_sdpa(node: fx.Node, prover: masks.Prover) -> SdpaPlan:
     a = sdpa_args(node)
-    q, k, v = (masks.meta_val(a[x]) for x in ("query", "key", "value"))
+    q, k, v = (meta_val(a[x]) for x in ("query", "key", "value"))
     if not all(isinstance(t, torch.Tensor) and t.dim() == 4 for t in (q, k, v)):
         return SdpaPlan("query/key/value are not [B, H, N, D]")
-    if isinstance(a["dropout_p"], fx.Node) and isinstance(masks.meta_val(a["dropout_p"]), torch.SymFloat):
+    if isinstance(a["dropout_p"], fx.Node) and isinstance(meta_val(a["dropout_p"]), torch.SymFloat):
         # dynamic=True makes float attributes symbolic; decide on the value seen, under a guard (a model
         # whose dropout probability changes recompiles)
-        a["dropout_p"] = 0.0 if bool(masks.meta_val(a["dropout_p"]) == 0.0) else float(masks.meta_val(a["dropout_p"]))
+        a["dropout_p"] = 0.0 if bool(meta_val(a["dropout_p"]) == 0.0) else float(meta_val(a["dropout_p"]))
     for name in ("dropout_p", "is_causal", "enable_gqa"):
         if isinstance(a[name], fx.Node):
             return SdpaPlan(f"{name} is not a compile-time constant")
-    if isinstance(a["scale"], fx.Node) and not isinstance(masks.meta_val(a["scale"]), (torch.SymFloat, float)):
+    if isinstance(a["scale"], fx.Node) and not isinstance(meta_val(a["scale"]), (torch.SymFloat, float)):
         return SdpaPlan("scale is neither a number nor a symbolic float")
     if a["dropout_p"] > 0.0:
         return SdpaPlan(f"dropout_p={a['dropout_p']} (dropout is kept exact)")
     hq, hkv = q.shape[1], k.shape[1]
     if not _eq(hq, hkv) and not a["enable_gqa"]:
         return SdpaPlan("query and key head counts differ without enable_gqa")
+    if not _eq(hkv, v.shape[1]):
+        return SdpaPlan("key and value head counts differ")
+    if not (masks.equal_under_guard(q.shape[0], k.shape[0]) and masks.equal_under_guard(k.shape[0], v.shape[0])):
+        return SdpaPlan("q, k and v batch sizes differ (broadcast over the batch)")
     nq, nk, batch = q.shape[2], k.shape[2], q.shape[0]
     causal = bool(a["is_causal"])
     padding: list[fx.Node] = []
@@ -232,32 +247,36 @@ def plan_sdpa(node: fx.Node, constants: dict[fx.Node, torch.Tensor]) -> SdpaPlan
     if mask is not None:
         if causal:
             return SdpaPlan("attn_mask together with is_causal")
-        mval = masks.meta_val(mask)
-        if isinstance(mask, fx.Node) and masks.mutated(masks.ancestors(mask, constants)) is not None:
-            return SdpaPlan("attn_mask: mask is changed in place (not a pure function of the lengths)")
+        mval = meta_val(mask)
+        if isinstance(mask, fx.Node) and mutated(ancestors(mask, prover.constants)) is not None:
+            return SdpaPlan(f"attn_mask: {masks.CHANGED}")
         if not isinstance(mval, torch.Tensor):
             return SdpaPlan("attn_mask is not a tensor")
         if mval.dtype != torch.bool:
-            shape, reason = _plan_float_mask(mask, batch, nq, nk, constants, padding)
+            shape, reason = _plan_float_mask(mask, batch, nq, nk, prover, padding)
             if reason:
                 return SdpaPlan(f"float attn_mask: {reason}")
         else:
             shape = masks.Verdict("none")
             for term in _mask_terms(mask):
-                if masks.input_free(term, constants):
-                    verdict = masks.classify(term, "keep", nq, nk, constants, fill=float("-inf"))
+                if input_free(term, prover.constants):
+                    verdict = prover.classify(term, "keep", nq, nk, fill=float("-inf"))
                     if verdict.kind is None:
                         return SdpaPlan(f"attn_mask: {verdict.reason}")
                     shape = shape & verdict
-                elif _padding_shape_ok(term, batch, nk):
+                elif meta_val(term).dtype == torch.bool and _padding_shape_ok(term, batch, nk):
                     padding.append(term)
                 else:
-                    return SdpaPlan("general attn_mask (not a key-padding mask broadcastable to [B, 1, 1, Nk])")
+                    return SdpaPlan(
+                        "general attn_mask (read from a tensor input, and not a bool key-padding mask broadcastable to "
+                        "[B, 1, 1, Nk]; only registered buffers are compile-time constants)"
+                    )
+        empty_rows = shape.rows_reason(nq, nk)
+        if empty_rows:
+            return SdpaPlan(empty_rows)
         if shape.kind == "band":
             return SdpaPlan(padding=tuple(padding), window=shape.window)
         causal = shape.kind == "causal"
-        if causal and not statically_known_true(nq <= nk):
-            return SdpaPlan("causal mask where n_q may exceed n_k")
     elif causal and not masks.equal_under_guard(nq, nk):
         return SdpaPlan("is_causal with n_q != n_k: SDPA aligns the diagonal top-left, the op bottom-right")
     return SdpaPlan(padding=tuple(padding), causal=causal)
@@ -270,27 +289,23 @@ def _emit(graph: fx.Graph, like: fx.Node, target, args, op: str = "call_function
             node.meta[key] = like.meta[key]
     fake_mode = None
     for a in like.all_input_nodes:
-        fv = masks.meta_val(a)
+        fv = meta_val(a)
         if isinstance(fv, torch.Tensor) and hasattr(fv, "fake_mode"):
             fake_mode = fv.fake_mode
             break
     if fake_mode is not None:
-        fake_args = fx.node.map_arg(args, masks.meta_val)
+        fake_args = fx.node.map_arg(args, meta_val)
         with fake_mode:
             node.meta["example_value"] = target(*fake_args) if op == "call_function" else None
     return node
 
 
-def rewrite_sdpa(
-    gm: fx.GraphModule,
-    sites: dict[str, Site],
-    policy: Policy,
-    constants: dict[fx.Node, torch.Tensor],
-) -> int:
+def rewrite_sdpa(gm: fx.GraphModule, sites: dict[str, Site], policy: Policy, prover: masks.Prover) -> int:
     """Lower the selected, eligible SDPA sites of ``gm`` in place, and every site whose mask is a band (to the exact
     ``hyper::window_attention``, selected or not); record every decision on its `Site`.
 
-    ``policy`` gives which sites are selected and the trailing arguments of their op calls. Returns the number of
+    ``policy`` gives which sites are selected and the trailing arguments of their op calls; ``prover`` the graph's
+    mask proofs (shared with `canonical`, so a canonicalised site's mask is proven once). Returns the number of
     rewritten calls.
     """
     done = 0
@@ -299,12 +314,10 @@ def rewrite_sdpa(
         site = sites.get(node.name)
         if site is None or site.kind != "sdpa":
             continue
-        plan = plan_sdpa(node, constants)
-        if plan.window is None and not policy.selected(site):  # a band is exact: it is served whatever ``layers`` says
-            site.decide("exact", "not selected by layers")
-            continue
-        if plan.reason:
-            site.decide("exact", plan.reason)
+        plan = plan_sdpa(node, prover)
+        reason = policy.layers_reason(site, banded=plan.window is not None) or plan.reason
+        if reason:
+            site.decide("exact", reason)
             continue
         a = sdpa_args(node)
         with graph.inserting_before(node):
@@ -333,7 +346,7 @@ def rewrite_sdpa(
                         kpm,
                         plan.causal,
                         scale,
-                        *policy.hyper_args(site, masks.meta_val(query), plan.causal),
+                        *policy.hyper_args(site, meta_val(query), plan.causal),
                     ),
                 )
             out = _emit(graph, node, operator.getitem, (call, 0))

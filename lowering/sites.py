@@ -123,6 +123,11 @@ class Policy:
     window_args: tuple = ()
     key: str = ""
 
+    def layers_reason(self, site: Site, banded: bool) -> str:
+        """Why ``layers`` keeps ``site`` exact, or ''. The one rule for every lowering pass: a banded mask runs the
+        exact ``hyper::window_attention`` (no approximation) whatever ``layers`` says."""
+        return "" if banded or self.selected(site) else "not selected by layers"
+
 
 # ----------------------------------------------------------------------------------------------------------
 # names: module path and source line, from node meta

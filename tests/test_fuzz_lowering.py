@@ -10,13 +10,19 @@ Each example builds a module of one or two attention sites, each drawn from:
 - the mask: none; causal (``is_causal``, or built in the graph by ``tril``, ``triu(full(-inf))``,
   ``masked_fill(triu(ones))``, ``arange`` comparisons); a bool key-padding input (alone or AND-ed with a causal
   mask); an arbitrary float additive input; a band or a sliding window built in the graph; masks computed from
-  q and k (general, and key-padding shaped);
+  q and k (general, and key-padding shaped); and the forms of issue 18's audit: an HF-style float 0/1 mask cast
+  to bool (alone or AND-ed with a causal mask); bands whose width is computed from the length, an int argument
+  (``if w > 0``) or another tensor's size; a band compared with a float literal, or through floor division; a
+  band kept in a plain attribute or in a registered buffer, changed between calls; a finite fill (-1e4) with and
+  without a scale after it; with n_q != n_k, a band aligned bottom-right and a causal mask aligned top-left,
+  filled with ``finfo.min`` (more queries than keys leaves rows without a key);
 - GQA (``enable_gqa=True``, HF's ``repeat_kv`` expand/reshape, ``repeat_interleave``); dropout (none, p=0,
   p>0) in train and eval mode; cross-attention (n_q != n_k);
 
 and for the whole module: fp32 or bf16, odd lengths and head dims 8/40/80, a ``torch._dynamo.graph_break()``
-before, between or after the sites, static or dynamic shapes, gradients or inference, and the inner backend
-(``aot_eager`` mostly: fast; ``inductor`` for some, which is where hand-written attention is rewritten).
+before, between or after the sites, static or dynamic shapes, gradients or inference, K/V or V alone of batch 1
+against a query batch of 2, a second call with the widths, the attribute and the buffer changed, and the inner
+backend (``aot_eager`` mostly: fast; ``inductor`` for some, which is where hand-written attention is rewritten).
 
 The approximation is made exact (``block_size`` beyond every length, ``min_seq_len=1``: the op runs and one
 block holds every key), so for every example:
@@ -29,14 +35,22 @@ block holds every key), so for every example:
    ``hyper_backend.explain``'s report; and the sites the README documents as lowered are lowered;
 3. the training compile agrees with `explain` (same number of lowered and windowed sites) and the op ran once
    per lowered site (and its backward once per lowered site when there are gradients), the window op once per
-   windowed site.
+   windowed site;
+4. with a second call, its output and gradients equal eager's too (a recompile, or a changed buffer's exact
+   fallback, must serve it).
 
-50 derandomized examples run in CI; ``-m slow`` runs 500 more with longer sequences.
+50 derandomized examples run in CI (and a few per new family); ``-m slow`` runs 1000 more with longer
+sequences. With ``HYPER_FUZZ_COUNTS=path`` every example checked appends its families to ``path`` (one JSON list
+per line; ``python tests/test_fuzz_lowering.py path`` counts them).
 """
 
 from __future__ import annotations
 
+import json
 import math
+import os
+import sys
+from collections import Counter
 from dataclasses import dataclass
 
 import pytest
@@ -57,10 +71,28 @@ EXACT = {"block_size": 1 << 20, "min_seq_len": 1, "tune_cache": ""}
 HANDWRITTEN = ("at", "matmul", "method", "einsum", "bmm")
 SOFTMAXES = ("torch", "F", "method", "fp32")
 CAUSAL_BUILT = ("causal_tril", "causal_triu_add", "causal_masked_fill", "causal_arange")
+AUDIT_MASKS = (  # issue 18's forms
+    "float_bool_pad",
+    "float_bool_pad_causal",
+    "computed_width",
+    "arg_width",
+    "table_width",
+    "float_literal",
+    "floordiv",
+    "attr_mask",
+    "buffer_mask",
+    "finite_fill",
+    "finite_fill_scaled",
+)
 SELF_MASKS = ("none",) + CAUSAL_BUILT + ("padding", "padding_causal", "float_add", "band", "window", "data", "data_pad")
+SELF_MASKS += AUDIT_MASKS
 CROSS_MASKS = ("none", "padding", "float_add", "data", "data_pad")  # masks that make sense with n_q != n_k
-NEVER_LOWERED = ("float_add", "data")  # the op cannot compute these: lowering is a bug
-BANDED = ("band", "window")  # served exactly by hyper::window_attention, never approximated
+CROSS_MASKS += ("float_bool_pad", "band_br", "causal_tl")
+# the op cannot compute these: lowering (or windowing) is a bug
+NEVER_LOWERED = ("float_add", "data", "float_literal", "floordiv", "attr_mask", "finite_fill_scaled")
+# bands: served exactly by hyper::window_attention, never approximated
+BANDED = ("band", "window", "computed_width", "arg_width", "table_width", "buffer_mask", "band_br", "causal_tl")
+KEY_PADDING = ("padding", "padding_causal", "data_pad", "float_bool_pad", "float_bool_pad_causal")
 ANY_FORM = ("sdpa",) * len(HANDWRITTEN) + HANDWRITTEN  # half SDPA, half hand-written
 
 
@@ -94,6 +126,8 @@ class Case:
     dynamic: bool | None
     inner: str
     seed: int
+    bcast: str | None = None  # "kv" / "v": those of batch 1 against a query batch B = 2
+    second: bool = False  # a second call, with the widths, the attribute mask and the buffer changed
 
     @property
     def torch_dtype(self):
@@ -130,6 +164,56 @@ def _band_keep(n, width, device, window):
     return (i[None, :] - i[:, None]).abs() <= width
 
 
+def _window_keep(nq, nk, width, device):
+    """A causal sliding window of ``width`` keys, aligned top-left (as a model builds it for n_q = n_k)."""
+    i, j = torch.arange(nq, device=device), torch.arange(nk, device=device)
+    return (j[None, :] <= i[:, None]) & (j[None, :] > i[:, None] - width)
+
+
+def _audit_keep(att: Att, q, k, ex):
+    """The keep mask of an issue-18 form (True = attend); ``ex``: the call's extras (`Extras`)."""
+    nq, nk, dev, m = q.shape[-2], k.shape[-2], q.device, att.mask
+    i, j = torch.arange(nq, device=dev), torch.arange(nk, device=dev)
+    if m in ("float_bool_pad", "float_bool_pad_causal"):  # HF-style float mask, 1 = attend
+        keep = ex.am[:, None, None, :].bool() if att.width % 2 else ex.am[:, None, None, :].to(torch.bool)
+        return keep & _causal_keep(nq, dev) if m == "float_bool_pad_causal" else keep
+    if m == "computed_width":  # a width from the length: a band only for one static length
+        return _window_keep(nq, nk, nq // 4 + 1, dev)
+    if m == "arg_width":
+        keep = _causal_keep(nq, dev)
+        if ex.w > 0:
+            keep = keep & (j[None, :] > i[:, None] - ex.w)
+        return keep
+    if m == "table_width":
+        return _window_keep(nq, nk, ex.table.shape[0], dev)
+    if m == "float_literal":
+        return (j[None, :] - i[:, None]).abs() <= float(att.width)
+    if m == "floordiv":
+        return ((j[None, :] - i[:, None]).abs() // 2) <= att.width
+    if m == "attr_mask":
+        return ex.attr
+    if m == "buffer_mask":
+        return ex.buf[:nq, :nk]
+    if m == "band_br":  # a window aligned bottom-right (the window op's alignment), any n_q, n_k
+        d = j[None, :] - i[:, None] - (nk - nq)
+        return (d >= 1 - att.width) & (d <= 0)
+    if m == "causal_tl":  # causal aligned top-left: with n_q > n_k a band, with n_q < n_k it hides the diagonal
+        return j[None, :] <= i[:, None]
+    return _causal_keep(nq, dev)  # finite_fill, finite_fill_scaled
+
+
+@dataclass
+class Extras:
+    """What a site's mask may read besides q, k, v: the float 0/1 mask ``am``, the int width ``w``, the width
+    ``table`` (its length), and the site's attribute mask and buffer."""
+
+    am: torch.Tensor | None = None
+    w: int = 0
+    table: torch.Tensor | None = None
+    attr: torch.Tensor | None = None
+    buf: torch.Tensor | None = None
+
+
 def _repeat(x, groups, how):
     if groups == 1:
         return x
@@ -139,7 +223,7 @@ def _repeat(x, groups, how):
     return x.repeat_interleave(groups, dim=1)
 
 
-def _sdpa(att: Att, q, k, v, pad, bias, training):
+def _sdpa(att: Att, q, k, v, pad, bias, training, ex):
     kw = {}
     if att.scale == "kwarg":
         kw["scale"] = att.scale_value
@@ -178,6 +262,16 @@ def _sdpa(att: Att, q, k, v, pad, bias, training):
         kw["attn_mask"] = _data_keep(q, mask_k)
     elif m == "data_pad":
         kw["attn_mask"] = _data_pad_keep(mask_k)
+    elif m in ("band_br", "causal_tl"):  # finfo.min: eager gives a row without a key the mean of v
+        keep = _audit_keep(att, q, mask_k, ex)
+        kw["attn_mask"] = torch.zeros(keep.shape, dtype=q.dtype, device=dev).masked_fill(
+            ~keep, torch.finfo(q.dtype).min
+        )
+    elif m in ("finite_fill", "finite_fill_scaled"):
+        fill = torch.zeros(n, n, dtype=q.dtype, device=dev).masked_fill(~_causal_keep(n, dev), -1e4)
+        kw["attn_mask"] = fill / 1e4 if m == "finite_fill_scaled" else fill
+    elif m in AUDIT_MASKS:
+        kw["attn_mask"] = _audit_keep(att, q, mask_k, ex)
     return F.scaled_dot_product_attention(q, k, v, **kw)
 
 
@@ -216,7 +310,7 @@ def _pv(att: Att, p, v):
     return torch.bmm(p, v.reshape(B * H, nk, d)).view(B, H, -1, d)
 
 
-def _handwritten(att: Att, q, k, v, pad, bias, training):
+def _handwritten(att: Att, q, k, v, pad, bias, training, ex):
     groups = q.shape[1] // k.shape[1]
     mask_k = k
     k, v = _repeat(k, groups, att.gqa), _repeat(v, groups, att.gqa)
@@ -232,7 +326,15 @@ def _handwritten(att: Att, q, k, v, pad, bias, training):
     B, H, nq, _ = q.shape
     nk = k.shape[2]
     dev, m = q.device, att.mask
-    four_d = m in ("padding", "padding_causal", "float_add", "data", "data_pad")
+    four_d = m in (
+        "padding",
+        "padding_causal",
+        "float_add",
+        "data",
+        "data_pad",
+        "float_bool_pad",
+        "float_bool_pad_causal",
+    )
     if att.form == "bmm" and four_d:
         s = s.view(B, H, nq, nk)
     if m == "causal_tril":
@@ -255,6 +357,14 @@ def _handwritten(att: Att, q, k, v, pad, bias, training):
         s = s.masked_fill(~_data_keep(q, mask_k), float("-inf"))
     elif m == "data_pad":
         s = s.masked_fill(~_data_pad_keep(mask_k), float("-inf"))
+    elif m in ("band_br", "causal_tl"):
+        s = torch.where(_audit_keep(att, q, mask_k, ex), s, torch.finfo(s.dtype).min)
+    elif m == "finite_fill":
+        s = s.masked_fill(~_causal_keep(nq, dev), -1e4)
+    elif m == "finite_fill_scaled":  # the scale turns the fill into -1: a bias, not a mask
+        s = s.masked_fill(~_causal_keep(nq, dev), -1e4) / 1e4
+    elif m in AUDIT_MASKS:
+        s = s.masked_fill(~_audit_keep(att, q, mask_k, ex), float("-inf"))
     if att.form == "bmm" and four_d:
         s = s.view(B * H, nq, nk)
     if att.softmax == "torch":
@@ -272,24 +382,42 @@ def _handwritten(att: Att, q, k, v, pad, bias, training):
 
 
 class Fuzzed(torch.nn.Module):
+    """The sites of ``case``. A ``buffer_mask`` site keeps its band in the registered buffer ``band<i>``, an
+    ``attr_mask`` site reads the plain attribute ``mask<i>`` (set before each call by `set_masks`)."""
+
     def __init__(self, case: Case):
         super().__init__()
         self.atts, self.brk = case.atts, case.brk
+        n = max(case.nq, case.nk)
+        for i, att in enumerate(case.atts):
+            if att.mask == "buffer_mask":
+                self.register_buffer(f"band{i}", _window_keep(n, n, att.width, None), persistent=False)
 
-    def site(self, i, q, k, v, pad, bias):
+    def set_masks(self, case: Case, step: int) -> None:
+        """The attribute masks and buffers of call ``step`` (0, 1): the second call widens every band by 3 (the
+        buffer in place)."""
+        n = max(case.nq, case.nk)
+        for i, att in enumerate(self.atts):
+            if att.mask == "attr_mask":
+                setattr(self, f"mask{i}", _window_keep(case.nq, case.nk, att.width + 3 * step, None))
+            if att.mask == "buffer_mask":
+                getattr(self, f"band{i}").copy_(_window_keep(n, n, att.width + 3 * step, None))
+
+    def site(self, i, q, k, v, pad, bias, am, w, table):
         att = self.atts[i]
-        return (_sdpa if att.form == "sdpa" else _handwritten)(att, q, k, v, pad, bias, self.training)
+        ex = Extras(am, w, table, getattr(self, f"mask{i}", None), getattr(self, f"band{i}", None))
+        return (_sdpa if att.form == "sdpa" else _handwritten)(att, q, k, v, pad, bias, self.training, ex)
 
-    def forward(self, q, k, v, pad, bias):
+    def forward(self, q, k, v, pad, bias, am, w, table):
         # straight-line code: a graph break inside a loop would make Dynamo run the rest of the frame eagerly
         if self.brk == "before":
             q = q * 1.0
             torch._dynamo.graph_break()
-        out = self.site(0, q, k, v, pad, bias)
+        out = self.site(0, q, k, v, pad, bias, am, w, table)
         if len(self.atts) == 2:
             if self.brk == "between":
                 torch._dynamo.graph_break()
-            out = self.site(1, 0.5 * q + out, k, v, pad, bias)
+            out = self.site(1, 0.5 * q + out, k, v, pad, bias, am, w, table)
         if self.brk == "after":
             torch._dynamo.graph_break()
             out = out * 2.0
@@ -304,13 +432,18 @@ class Fuzzed(torch.nn.Module):
 @st.composite
 def attentions(draw, cross: bool, gqa: bool, forms):
     form = draw(st.sampled_from(forms))
+    return draw(attention_of(form, cross, gqa))
+
+
+@st.composite
+def attention_of(draw, form: str, cross: bool, gqa: bool, masks=None):
     if form == "sdpa":
         scale = draw(st.sampled_from(("default", "kwarg", "pre_q")))
-        masks = ("causal_flag",) + (CROSS_MASKS if cross else SELF_MASKS)
+        masks = masks or ("causal_flag",) + (CROSS_MASKS if cross else SELF_MASKS)
         gqas = ("enable_gqa", "repeat_kv", "repeat_interleave") if gqa else ("none",)
     else:
         scale = draw(st.sampled_from(("mul", "div", "pre_q", "none")))
-        masks = CROSS_MASKS if cross else SELF_MASKS
+        masks = masks or (CROSS_MASKS if cross else SELF_MASKS)
         gqas = ("repeat_kv", "repeat_interleave") if gqa else ("none",)
     return Att(
         form=form,
@@ -325,20 +458,30 @@ def attentions(draw, cross: bool, gqa: bool, forms):
 
 
 @st.composite
-def cases(draw, max_n: int, inner=st.just("aot_eager"), dynamic=st.just(None), forms=ANY_FORM):
+def cases(draw, max_n: int, inner=st.just("aot_eager"), dynamic=st.just(None), forms=ANY_FORM, masks=None, bcast=None):
     """Strategies for the inner backend and ``dynamic`` are parameters: inductor and dynamic shapes cost seconds
     per compile on CPU (aot_eager with static shapes: well under one), so CI draws them in tests of their own
-    with few examples instead of leaving their share to hypothesis (whose derandomized examples come in clumps)."""
+    with few examples instead of leaving their share to hypothesis (whose derandomized examples come in clumps).
+    ``masks``: draw the masks from these only; ``bcast``: a strategy for the batch broadcast (B = 2) (a test per
+    family)."""
     nq = draw(st.integers(17, max_n))
     cross = draw(st.integers(0, 4)) == 0
+    if masks is not None:  # cross-attention if, and only if, the family has cross masks (both: drawn)
+        cross = draw(st.sampled_from([c for c in (False, True) if set(masks) & set(CROSS_MASKS if c else SELF_MASKS)]))
     nk = nq
     if cross:
         nk = draw(st.integers(17, max_n))
         nk = nk + 1 if nk == nq else nk
+    B = 2 if bcast is not None else draw(st.integers(1, 2))
+    bcast = draw(st.sampled_from((None,) * 6 + ("kv", "v")) if bcast is None else bcast) if B == 2 else None
     Hkv = draw(st.integers(1, 2))
     groups = draw(st.sampled_from((1, 1, 2)))
     sites = draw(st.integers(1, 2))
-    atts = tuple(draw(attentions(cross, groups > 1, forms)) for _ in range(sites))
+    site_forms = tuple(f for f in forms if not (bcast and f == "bmm")) or ("sdpa",)  # bmm does not broadcast
+    allowed = None if masks is None else tuple(m for m in masks if m in (CROSS_MASKS if cross else SELF_MASKS))
+    atts = tuple(
+        draw(attention_of(draw(st.sampled_from(site_forms)), cross, groups > 1, allowed)) for _ in range(sites)
+    )
     brks = (None, None, "before", "after") + (("between",) if sites == 2 else ())
     return Case(
         atts=atts,
@@ -346,7 +489,7 @@ def cases(draw, max_n: int, inner=st.just("aot_eager"), dynamic=st.just(None), f
         training=draw(st.booleans()),
         grad=draw(st.sampled_from((True, True, False))),
         dtype=draw(st.sampled_from(("float32", "bfloat16"))),
-        B=draw(st.integers(1, 2)),
+        B=B,
         Hq=Hkv * groups,
         Hkv=Hkv,
         nq=nq,
@@ -355,6 +498,8 @@ def cases(draw, max_n: int, inner=st.just("aot_eager"), dynamic=st.just(None), f
         dynamic=draw(dynamic),
         inner=draw(inner),
         seed=draw(st.integers(0, 2**16)),
+        bcast=bcast,
+        second=draw(st.booleans()),
     )
 
 
@@ -364,17 +509,23 @@ def cases(draw, max_n: int, inner=st.just("aot_eager"), dynamic=st.just(None), f
 
 
 def may_lower(att: Att, case: Case) -> bool:
-    """The op can compute the site exactly (up to the approximation): no dropout in training, and a mask that is
-    none, causal, key padding (any values) or causal AND key padding."""
-    if case.training and att.dropout:
+    """The op can compute the site exactly (up to the approximation): no dropout in training, one batch size, and a
+    mask that is none, causal, key padding (any values) or causal AND key padding."""
+    if (case.training and att.dropout) or case.bcast:
         return False
     return att.mask not in NEVER_LOWERED + BANDED
 
 
 def may_window(att: Att, case: Case) -> bool:
-    """The window op computes the site exactly: a band or sliding window built in the graph, no dropout in
-    training."""
-    return att.mask in BANDED and not (case.training and att.dropout)
+    """The window op computes the site exactly: a band or sliding window built in the graph (or kept in a
+    registered buffer) that leaves every query a key, no dropout in training, one batch size."""
+    if att.mask not in BANDED or (case.training and att.dropout) or case.bcast:
+        return False
+    if att.mask == "band_br":  # right side 0: every row keeps a key iff n_q <= n_k
+        return case.nq <= case.nk
+    if att.mask == "causal_tl":  # a band only with more queries than keys (then every row keeps key 0)
+        return case.nq > case.nk
+    return True
 
 
 def documented_lowered(att: Att, case: Case) -> bool:
@@ -387,7 +538,7 @@ def documented_lowered(att: Att, case: Case) -> bool:
         return True
     if case.inner != "inductor":
         return False  # the inductor pass only
-    return att.mask not in ("padding", "padding_causal", "data_pad")  # padding in hand-written stays exact
+    return att.mask not in KEY_PADDING  # padding in hand-written stays exact
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -396,31 +547,44 @@ def documented_lowered(att: Att, case: Case) -> bool:
 
 
 def _inputs(case: Case):
+    """``(q, k, v, pad, bias, am, w, table)`` and the output weights of the gradient check."""
     g = torch.Generator().manual_seed(case.seed)
     dt = case.torch_dtype
+    kv_batch = 1 if case.bcast == "kv" else case.B
     q = torch.randn(case.B, case.Hq, case.nq, case.d, generator=g).to(dt)
-    k = torch.randn(case.B, case.Hkv, case.nk, case.d, generator=g).to(dt)
-    v = torch.randn(case.B, case.Hkv, case.nk, case.d, generator=g).to(dt)
+    k = torch.randn(kv_batch, case.Hkv, case.nk, case.d, generator=g).to(dt)
+    v = torch.randn(1 if case.bcast else case.B, case.Hkv, case.nk, case.d, generator=g).to(dt)
     pad = torch.rand(case.B, case.nk, generator=g) < 0.7
     pad[:, 0] = True  # every row keeps a key: causal row 0 sees key 0
+    am = pad.float() if any(a.mask.startswith("float_bool_pad") for a in case.atts) else None
     bias = None
     if any(a.mask == "float_add" for a in case.atts):
         bias = (2 * torch.randn(case.B, 1, case.nq, case.nk, generator=g)).to(dt)
     if not any(a.mask in ("padding", "padding_causal") for a in case.atts):
         pad = None
+    width = case.atts[0].width
     w = torch.randn(case.B, case.Hq, case.nq, case.d, generator=g, dtype=torch.float64)
-    return (q, k, v, pad, bias), w
+    return (q, k, v, pad, bias, am, width, torch.zeros(width)), w
+
+
+def _second(inputs):
+    """The second call's inputs: the width argument and the width table grow by 3."""
+    *head, width, table = inputs
+    return (*head, width + 3, torch.zeros(table.shape[0] + 3))
 
 
 def _run(fn, inputs, w, grad, dtype, seed):
-    """``fn``'s output and the gradients of q, k, v of ``sum(out * w)``, with inputs cast to ``dtype``."""
-    q, k, v, pad, bias = (x if x is None or not x.is_floating_point() else x.detach().to(dtype) for x in inputs)
+    """``fn``'s output and the gradients of q, k, v of ``sum(out * w)``, with float inputs cast to ``dtype`` (the
+    float 0/1 mask ``am`` too: its cast to bool does not care)."""
+    q, k, v, *rest = (
+        x.detach().to(dtype) if isinstance(x, torch.Tensor) and x.is_floating_point() and x.dim() else x for x in inputs
+    )
     torch.manual_seed(seed)  # dropout draws the same mask in every run
     if not grad:
         with torch.no_grad():
-            return fn(q, k, v, pad, bias), ()
+            return fn(q, k, v, *rest), ()
     q, k, v = (x.requires_grad_() for x in (q, k, v))
-    out = fn(q, k, v, pad, bias)
+    out = fn(q, k, v, *rest)
     (out.double() * w).sum().backward()
     return out.detach(), (q.grad, k.grad, v.grad)
 
@@ -435,16 +599,49 @@ def _assert_like_eager(name, compiled, eager, truth, dtype):
     assert err <= 4 * base + floor, f"{name}: compiled error {err:.3g} > 4 x eager's {base:.3g} + {floor:.2g}"
 
 
+def families(case: Case) -> list[str]:
+    """The issue-18 families an example belongs to (``other``: none of them)."""
+    masks = {a.mask for a in case.atts}
+    out = [
+        name
+        for name, kinds in (
+            ("float mask cast to bool", ("float_bool_pad", "float_bool_pad_causal")),
+            ("symbolic or computed width", ("computed_width", "arg_width", "table_width")),
+            ("float literal", ("float_literal",)),
+            ("floor division", ("floordiv",)),
+            ("mask attribute or buffer changed between calls", ("attr_mask", "buffer_mask") if case.second else ()),
+            ("finite fill, with or without a scale after it", ("finite_fill", "finite_fill_scaled")),
+            ("n_q > n_k band", ("band_br", "causal_tl") if case.nq > case.nk else ()),
+        )
+        if masks & set(kinds)
+    ]
+    if case.bcast:
+        out.append("batch broadcast")
+    return out or ["other"]
+
+
+def _like_eager(model, compiled_fn, inputs, w, case: Case) -> None:
+    """1. compiled == eager, outputs and gradients."""
+    dt = case.torch_dtype
+    truth, truth_grads = _run(model, inputs, w, case.grad, torch.float64, case.seed)
+    eager, eager_grads = _run(model, inputs, w, case.grad, dt, case.seed)
+    out, grads = _run(compiled_fn, inputs, w, case.grad, dt, case.seed)
+    assert out.shape == eager.shape and out.dtype == eager.dtype
+    _assert_like_eager("out", out, eager, truth, dt)
+    for name, g, e, t in zip(("dq", "dk", "dv"), grads, eager_grads, truth_grads):
+        assert g is not None and g.shape == e.shape
+        _assert_like_eager(name, g, e, t, dt)
+
+
 def check_case(case: Case):
-    """Run one example and check 1-3 of the module docstring."""
+    """Run one example and check 1-4 of the module docstring."""
     torch._dynamo.reset()
     torch._dynamo.utils.counters.clear()
     model = Fuzzed(case).train(case.training)
     inputs, w = _inputs(case)
     dt = case.torch_dtype
     options = {**EXACT, "inner_backend": case.inner}
-    truth, truth_grads = _run(model, inputs, w, case.grad, torch.float64, case.seed)
-    eager, eager_grads = _run(model, inputs, w, case.grad, dt, case.seed)
+    model.set_masks(case, 0)
 
     with (
         torch._inductor.config.patch(fx_graph_cache=False, fallback_random=True),
@@ -452,28 +649,30 @@ def check_case(case: Case):
     ):
         before = hyper_op.path_counts(window=True)
         compiled_fn = torch.compile(model, backend="hyper", options=options, dynamic=case.dynamic)
-        out, grads = _run(compiled_fn, inputs, w, case.grad, dt, case.seed)
+        _like_eager(model, compiled_fn, inputs, w, case)
         calls = {key: hyper_op.path_counts(window=True)[key] - before[key] for key in before}
         counters = dict(torch._dynamo.utils.counters["hyper_backend"])
+        if case.second:  # 4. the same compiled function, the widths and the masks changed
+            model.set_masks(case, 1)
+            _like_eager(model, compiled_fn, _second(inputs), w, case)
+            model.set_masks(case, 0)
         torch._dynamo.reset()
         report = hyper_backend.explain(
             model,
-            *(x if x is None or not x.is_floating_point() else x.to(dt) for x in inputs),
+            *(x.to(dt) if isinstance(x, torch.Tensor) and x.is_floating_point() and x.dim() else x for x in inputs),
             options=options,
             dynamic=case.dynamic,
         )
-
-    # 1. compiled == eager, outputs and gradients
-    assert out.shape == eager.shape and out.dtype == eager.dtype
-    _assert_like_eager("out", out, eager, truth, dt)
-    for name, g, e, t in zip(("dq", "dk", "dv"), grads, eager_grads, truth_grads):
-        assert g is not None and g.shape == e.shape
-        _assert_like_eager(name, g, e, t, dt)
+    if os.environ.get("HYPER_FUZZ_COUNTS"):
+        with open(os.environ["HYPER_FUZZ_COUNTS"], "a", encoding="utf-8") as f:
+            f.write(json.dumps(families(case)) + "\n")
 
     # 2. lowered only where allowed; a reason for every site kept exact; the documented forms lowered
     assert len(report.sites) == len(case.atts), [(s.kind, s.decision, s.reason) for s in report.sites]
     note = event if currently_in_test_context() else (lambda _: None)  # statistics (--hypothesis-show-statistics)
     note(f"inner backend {case.inner}, dynamic={case.dynamic}")
+    for family in families(case):
+        note(f"family: {family}")
     for att, site in zip(case.atts, report.sites):
         note(f"{'sdpa' if att.form == 'sdpa' else 'hand-written'} site {site.decision}")
         what = f"site {site.index} ({site.kind}): {site.decision} ({site.reason!r}) for {att}"
@@ -614,12 +813,41 @@ def test_fuzz_lowering_dynamic(case):
     check_case(case)
 
 
+AUDIT_FAMILIES = {  # issue 18's forms, a few examples each in CI
+    "float mask cast to bool": ("float_bool_pad", "float_bool_pad_causal"),
+    "symbolic or computed width": ("computed_width", "arg_width", "table_width"),
+    "float literal, floor division": ("float_literal", "floordiv"),
+    "attribute or buffer mask": ("attr_mask", "buffer_mask"),
+    "finite fill": ("finite_fill", "finite_fill_scaled"),
+    "band with n_q != n_k": ("band_br", "causal_tl"),
+}
+
+
+@pytest.mark.parametrize("family", list(AUDIT_FAMILIES) + ["batch broadcast"])
+def test_fuzz_lowering_audit_forms(family):
+    """CI: each family of the audit's forms, through aot_eager and inductor, static and dynamic shapes."""
+    strategy = cases(
+        max_n=64,
+        inner=st.sampled_from(("aot_eager", "aot_eager", "inductor")),
+        dynamic=st.sampled_from((None, True)),
+        masks=AUDIT_FAMILIES.get(family),
+        bcast=st.sampled_from(("kv", "v")) if family == "batch broadcast" else None,
+    )
+
+    @fuzz(3)
+    @given(case=strategy)
+    def run(case):
+        check_case(case)
+
+    run()
+
+
 @pytest.mark.slow
-@fuzz(500)
+@fuzz(1000)
 @given(
     case=cases(
-        max_n=300,
-        inner=st.sampled_from(("aot_eager", "aot_eager", "inductor")),
+        max_n=256,
+        inner=st.sampled_from(("aot_eager",) * 4 + ("inductor",)),
         dynamic=st.sampled_from((None,) * 3 + (True,)),
     )
 )
@@ -696,3 +924,12 @@ def test_causal_sdpa_after_graph_break_with_dynamic_shapes(built_mask):
         out = compiled(q, k, v)
     assert hyper_op.path_counts()["hyper"] == before
     torch.testing.assert_close(out, _BreakThenCausal(built_mask)(q, k, v))
+
+
+if __name__ == "__main__":  # count the families of a run made with HYPER_FUZZ_COUNTS=path
+    with open(sys.argv[1], encoding="utf-8") as f:
+        rows = [json.loads(line) for line in f if line.strip()]
+    counts = Counter(name for row in rows for name in row)
+    print(f"{len(rows)} examples")
+    for name, n in counts.most_common():
+        print(f"{n:6d}  {name}")

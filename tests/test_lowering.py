@@ -54,7 +54,7 @@ def oracle_of(model, *inputs):
 
     m64 = copy.deepcopy(model).double()
     with torch.no_grad():
-        return m64(*(x.double() if x.is_floating_point() else x for x in inputs))
+        return m64(*(x.double() if isinstance(x, torch.Tensor) and x.is_floating_point() else x for x in inputs))
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -391,11 +391,12 @@ def test_near_bands_are_not_bands(fn):
     assert verdict.kind is None and verdict.reason, verdict
 
 
-def test_a_window_wider_than_any_test_size_is_refused():
-    """A width of 5000 cannot be exceeded at a test size (at most 4096 per side): never taken for causal."""
+def test_a_window_wider_than_the_traced_length_is_proven_with_its_width():
+    """A width of 5000 traced at n = 12: the proof is symbolic, so the window is read exactly (the sampling proof it
+    replaced could not exceed 4096 per side and refused it); never taken for causal."""
     node, n = _mask_node(lambda x: _arange_band(x, 4999, 0))
     verdict = masks.classify(node, "keep", n, n, {}, fill=float("-inf"))
-    assert verdict.kind is None and "too large to verify" in verdict.reason
+    assert (verdict.kind, verdict.window) == ("band", (4999, 0)), verdict
 
 
 def test_band_verdicts_combine_as_their_masks_do():
@@ -537,3 +538,381 @@ def test_near_bands_stay_exact(model, extra, reason):
     assert all(v == 0 for v in delta().values())
     report = hyper_backend.explain(model, q, k, v, *extra, options=OPTS)
     assert report.sites[0].decision == "exact" and reason in report.sites[0].reason
+
+
+# ----------------------------------------------------------------------------------------------------------
+# never silently wrong: the failures a hostile audit found (issue 18, items 1-7), as a new user writes them.
+# The approximation is made exact (one block holds every key), so compiled must equal eager.
+# ----------------------------------------------------------------------------------------------------------
+
+EXACT = dict(block_size=1 << 20, min_seq_len=1, tune_cache="")
+
+
+def _compiled_equals_eager(model, calls, options=EXACT, dynamic=None, inner="aot_eager", what=""):
+    """Compile ``model`` once and check every call in ``calls`` (a list of input tuples) against eager, within 4x
+    eager's own error against float64 (plus 1e-6)."""
+    compiled = torch.compile(model, backend="hyper", dynamic=dynamic, options={**options, "inner_backend": inner})
+    for n, inputs in enumerate(calls):
+        with torch.no_grad():
+            out, eager = compiled(*inputs), model(*inputs)
+        assert_exact(out, eager, oracle_of(model, *inputs), f"{what} call {n}")
+
+
+def _report_site(model, *inputs, options=EXACT, inner="aot_eager", dynamic=None):
+    (site,) = hyper_backend.explain(model, *inputs, options={**options, "inner_backend": inner}, dynamic=dynamic).sites
+    return site
+
+
+class FloatMaskAsBool(torch.nn.Module):
+    """An HF-style float attention mask (1 = attend) turned into bool, alone or AND-ed with a causal mask."""
+
+    def __init__(self, how):
+        super().__init__()
+        self.how = how
+
+    def forward(self, q, k, v, am):
+        m = am[:, None, None, :].bool() if self.how != "to" else am[:, None, None, :].to(torch.bool)
+        if self.how == "and_causal":
+            i = torch.arange(q.shape[-2])
+            m = m & (i[None, :] <= i[:, None])
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=m)
+
+
+@pytest.mark.parametrize("how", ["bool", "to", "and_causal"])
+def test_float_mask_cast_to_bool_is_key_padding_not_additive(how):
+    """Item 1: ``am.bool()`` was looked through, and the float term then read as additive: inverted padding."""
+    q, k, v = _qkv(nq=48, nk=48)
+    am = torch.ones(2, 48)
+    am[0, 30:] = 0.0
+    am[1, :5] = 0.0
+    model = FloatMaskAsBool(how)
+    _compiled_equals_eager(model, [(q, k, v, am)], options={"tune_cache": ""}, what=how)  # the default options
+    site = _report_site(model, q, k, v, am)
+    assert site.decision == "hyper" and "key padding" in site.reason, site
+
+
+class IntWidth(torch.nn.Module):
+    """A causal sliding window whose width is an int argument (``guarded``: used after ``if w > 0``)."""
+
+    def __init__(self, guarded):
+        super().__init__()
+        self.guarded = guarded
+
+    def forward(self, q, k, v, w):
+        i = torch.arange(q.shape[-2])
+        keep = i[None, :] <= i[:, None]
+        if not self.guarded or w > 0:
+            keep = keep & (i[None, :] > i[:, None] - w)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=keep)
+
+
+@pytest.mark.parametrize("guarded", [True, False], ids=["after-if", "unguarded"])
+def test_a_width_from_an_int_argument_is_not_proven_at_a_sample_value(guarded, caplog):
+    """Item 2a: from the second width on, Dynamo makes the width symbolic; it was proven at the value 2 (or, with
+    an unbounded range, the compile crashed). Each width is served exactly; the first compile (one static width)
+    runs the window op, the recompile (a symbolic width, not a sequence length) stays exact and says why."""
+    q, k, v = _qkv(nq=64, nk=64)
+    with caplog.at_level("INFO", logger="hyper_backend"):
+        _compiled_equals_eager(IntWidth(guarded), [(q, k, v, w) for w in (8, 16, 24, 40)], what=f"{guarded=}")
+    decisions = [(r.hyper_site.decision, r.hyper_site.reason) for r in caplog.records if hasattr(r, "hyper_site")]
+    assert decisions[0] == ("window", "causal sliding window of 8 keys (exact)"), decisions
+    assert len(decisions) == 2 and decisions[1][0] == "exact" and "not a sequence length" in decisions[1][1], decisions
+
+
+class TableWidth(torch.nn.Module):
+    def forward(self, q, k, v, table):
+        i = torch.arange(q.shape[-2])
+        w = table.shape[0]
+        return F.scaled_dot_product_attention(
+            q, k, v, attn_mask=(i[None, :] <= i[:, None]) & (i[None, :] > i[:, None] - w)
+        )
+
+
+def test_a_width_from_another_tensors_shape_is_not_a_band_under_dynamic_shapes():
+    """Item 2b: ``w = table.shape[0]`` with ``dynamic=True`` is a symbol that is not a sequence length; the first
+    call was already wrong."""
+    q, k, v = _qkv(nq=64, nk=64)
+    calls = [(q, k, v, torch.zeros(w)) for w in (12, 20)]
+    _compiled_equals_eager(TableWidth(), calls, dynamic=True)
+    site = _report_site(TableWidth(), *calls[0], dynamic=True)
+    assert site.decision == "exact" and "not a sequence length" in site.reason, site
+    static = _report_site(TableWidth(), *calls[0])  # static shapes: the width is a constant, a real band
+    assert static.decision == "window" and "sliding window of 12 keys" in static.reason, static
+
+
+class HiddenBand(torch.nn.Module):
+    def __init__(self, how):
+        super().__init__()
+        self.how = how
+
+    def forward(self, q, k, v):
+        i = torch.arange(q.shape[-2])
+        d = (i[None, :] - i[:, None]).abs()
+        keep = d <= 100.0 if self.how == "float_literal" else (d // 4) <= 25
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=keep)
+
+
+@pytest.mark.parametrize("how,reason", [("float_literal", "float literal"), ("floor_division", "floor division")])
+def test_bands_the_proof_cannot_see_are_not_taken_for_no_mask(how, reason):
+    """Item 3: after calls at n = 32 and 48 the shapes go dynamic and the mask was proven "attends everywhere";
+    at n = 512 both bands were ignored."""
+    model = HiddenBand(how)
+    _compiled_equals_eager(model, [_qkv(nq=n, nk=n, b=1, hq=2, hkv=2) for n in (32, 48, 512)], what=how)
+    site = _report_site(model, *_qkv(nq=48, nk=48, b=1, hq=2, hkv=2), dynamic=True)
+    assert site.decision == "exact" and reason in site.reason, site
+
+
+class AttributeMask(torch.nn.Module):
+    """The mask is stored on the module before each call (``model.mask = m``), a plain attribute."""
+
+    def forward(self, q, k, v):
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=self.mask)
+
+
+class BufferBand(torch.nn.Module):
+    """A banded mask kept in a registered buffer and sliced to the length (GPT-2 keeps its causal mask so)."""
+
+    def __init__(self, width=8, size=128):
+        super().__init__()
+        i = torch.arange(size)
+        self.register_buffer("band", (i[None, :] <= i[:, None]) & (i[None, :] > i[:, None] - width), persistent=False)
+
+    def forward(self, q, k, v):
+        n = q.shape[-2]
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=self.band[:n, :n])
+
+
+@pytest.mark.parametrize("kind", ["padding", "band"])
+def test_a_mask_attribute_changed_between_calls_is_read_at_each_call(kind):
+    """Item 4: any square non-grad tensor under ``self`` was a compile-time constant, so later masks were ignored.
+    A plain attribute is data."""
+    q, k, v = _qkv(nq=40, nk=40)
+    model = AttributeMask()
+    compiled = torch.compile(model, backend="hyper", options={**EXACT, "inner_backend": "aot_eager"})
+    i = torch.arange(40)
+    for step in range(3):
+        if kind == "padding":  # the first call pads nothing (an all-True mask), the later ones pad the last keys
+            m = torch.ones(40, 40, dtype=torch.bool)
+            m[:, 40 - 9 * step :] = False
+        else:
+            m = (i[None, :] <= i[:, None]) & (i[None, :] > i[:, None] - (4 + 9 * step))
+        model.mask = m
+        with torch.no_grad():
+            assert_exact(compiled(q, k, v), model(q, k, v), oracle_of(model, q, k, v), f"{kind} step {step}")
+
+
+@pytest.mark.parametrize("change", ["in_place", "reassigned"])
+def test_a_mask_buffer_changed_after_compiling_never_reuses_the_stale_proof(change, caplog):
+    """Item 4, buffers: a registered buffer is a compile-time constant, so it is re-checked at each call; once its
+    values differ from the proven ones the graph runs exact (and says so once)."""
+    q, k, v = _qkv(nq=40, nk=40)
+    model = BufferBand()
+    compiled = torch.compile(model, backend="hyper", options={**EXACT, "inner_backend": "aot_eager"})
+    delta = _window_delta()
+    with torch.no_grad():
+        assert_exact(compiled(q, k, v), model(q, k, v), oracle_of(model, q, k, v), "before")
+        assert delta()["window"] == 1
+        wider = BufferBand(width=20).band
+        if change == "in_place":
+            model.band.copy_(wider)
+        else:
+            model.band = wider.clone()
+        with caplog.at_level("WARNING", logger="hyper_backend"):
+            assert_exact(compiled(q, k, v), model(q, k, v), oracle_of(model, q, k, v), "after")
+            compiled(q, k, v)
+        assert delta()["window"] == 1, "the window op ran on a stale proof"
+        assert sum("mask buffer changed" in r.message for r in caplog.records) == 1
+        model.band = BufferBand().band  # the proven values again: the lowered graph serves them
+        assert_exact(compiled(q, k, v), model(q, k, v), oracle_of(model, q, k, v), "restored")
+        assert delta()["window"] == 2
+
+
+class EinsumFiniteFill(torch.nn.Module):
+    def __init__(self, how):
+        super().__init__()
+        self.how = how
+
+    def forward(self, q, k, v):
+        n = q.shape[-2]
+        causal = torch.ones(n, n, dtype=torch.bool).tril()
+        s = torch.einsum("bhid,bhjd->bhij", q, k)
+        if self.how == "masked_fill":
+            s = s.masked_fill(~causal, -1e4) / 1e4
+        else:
+            s = torch.where(causal, s, -1e4) / 1e4
+        return torch.einsum("bhij,bhjd->bhid", s.softmax(-1), v)
+
+
+@pytest.mark.parametrize("how", ["masked_fill", "where"])
+def test_einsum_finite_fill_then_a_scale_is_not_a_hard_mask(how):
+    """Item 5: the scale turns the fill -1e4 into -1, a bias: it was rewritten to a hard bool mask."""
+    q, k, v = (t * 30 for t in _qkv(nq=40, nk=40))
+    model = EinsumFiniteFill(how)
+    _compiled_equals_eager(model, [(q, k, v)], what=how)
+    site = _report_site(model, q, k, v)
+    assert site.decision == "exact" and "not -inf-like" in site.reason, site
+
+
+class BandFewKeys(torch.nn.Module):
+    """A band aligned bottom-right (as the window op aligns it) with more queries than keys, filled with
+    ``finfo.min`` in a float mask: the first queries see no key, and eager gives them the mean of v."""
+
+    def forward(self, q, k, v):
+        nq, nk = q.shape[-2], k.shape[-2]
+        d = torch.arange(nk)[None, :] - torch.arange(nq)[:, None] - (nk - nq)
+        keep = (d >= -3) & (d <= 0)
+        return F.scaled_dot_product_attention(
+            q, k, v, attn_mask=torch.zeros(nq, nk, dtype=q.dtype).masked_fill(~keep, torch.finfo(q.dtype).min)
+        )
+
+
+def test_a_band_with_more_queries_than_keys_does_not_reach_the_window_op():
+    """Item 6: rows with no allowed key got 0 from the window op."""
+    q, k, v = _qkv(nq=40, nk=24)
+    delta = _window_delta()
+    _compiled_equals_eager(BandFewKeys(), [(q, k, v)])
+    assert delta()["window"] == 0
+    site = _report_site(BandFewKeys(), q, k, v)
+    assert site.decision == "exact" and "n_q may exceed n_k" in site.reason, site
+    q, k, v = _qkv(nq=24, nk=40)  # every query keeps a key: the exact window op
+    _compiled_equals_eager(BandFewKeys(), [(q, k, v)])
+    assert delta()["window"] == 1
+
+
+class Handwritten(torch.nn.Module):
+    def forward(self, q, k, v):
+        return torch.softmax(q @ k.transpose(-2, -1) * q.shape[-1] ** -0.5, dim=-1) @ v
+
+
+@pytest.mark.parametrize("form", ["sdpa", "handwritten"])
+@pytest.mark.parametrize("broadcast", ["kv", "q", "v"])
+def test_a_batch_broadcast_stays_exact_and_compiles(form, broadcast, call_delta):
+    """Item 7: K/V, Q or V of batch 1 against batch 2 failed the compile ("batch sizes differ")."""
+    q, k, v = _qkv(nq=40, nk=40, b=2)
+    if broadcast == "kv":
+        k, v = k[:1], v[:1]
+    elif broadcast == "q":
+        q = q[:1]
+    else:
+        v = v[:1]
+    model = Sdpa() if form == "sdpa" else Handwritten()
+    inner = "aot_eager" if form == "sdpa" else "inductor"
+    _compiled_equals_eager(model, [(q, k, v)], inner=inner)
+    assert call_delta()["hyper"] + call_delta()["exact"] == 0
+    site = _report_site(model, q, k, v, inner=inner)
+    assert site.decision == "exact" and "batch" in site.reason, site
+
+
+def test_window_attention_with_a_huge_side_is_unbounded():
+    """Minor: ``window_attention(q, k, v, (2**64, 0))`` raised "Expected a value of type 'int' ... found type
+    'int'"; a side past every key reaches every key, as the docstring says."""
+    q, k, v = _qkv(nq=24, nk=24)
+    out = hyper_backend.window_attention(q, k, v, (2**64, 0))
+    torch.testing.assert_close(out, F.scaled_dot_product_attention(q, k, v, is_causal=True))
+    with pytest.raises(ValueError, match="left and right"):
+        hyper_backend.window_attention(q, k, v, (-1, 0))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# site sessions: numbering per torch.compile call
+# ----------------------------------------------------------------------------------------------------------
+
+
+class _TwoSites(torch.nn.Module):
+    def forward(self, q):
+        q = F.scaled_dot_product_attention(q, q, q, is_causal=True)
+        torch._dynamo.graph_break()
+        return F.scaled_dot_product_attention(q, q, q, is_causal=True)
+
+
+class _TwoOtherSites(_TwoSites):
+    def forward(self, q):  # another code object: Dynamo compiles it afresh
+        q = F.scaled_dot_product_attention(q, q, q, is_causal=True)
+        torch._dynamo.graph_break()
+        return F.scaled_dot_product_attention(q, q, q, is_causal=True)
+
+
+def test_sites_numbered_per_torch_compile_call(call_delta):
+    """Each torch.compile call numbers its sites from 0, across its graph breaks; a second call in the same process
+    (no ``torch._dynamo.reset()``) numbered its sites 2, 3 (the session was looked up by a walk of the stack frames
+    for the torch.compile wrapper, which is unhashable, so every call shared the process's session), and
+    ``layers="1"`` selected nothing."""
+    options = {**OPTS, "inner_backend": "aot_eager", "layers": "1", "min_seq_len": 1}
+    q = torch.randn(1, 2, 40, 16)
+    for model in (_TwoSites(), _TwoOtherSites()):
+        before = call_delta()
+        torch.compile(model, backend="hyper", options=options)(q)
+        after = call_delta()
+        assert after["hyper"] - before["hyper"] == 1, model  # site 1 only, the graph after the break
+    assert torch._dynamo.utils.counters["hyper_backend"]["rewritten"] == 2
+
+
+def test_a_canonicalised_site_proves_its_mask_once(monkeypatch):
+    """An einsum site's mask is proven when it is canonicalised into SDPA and when the SDPA node is planned: one
+    `masks.Prover` per graph, so the second is its memo (the proof ran twice)."""
+    proofs = []
+    prove = masks.Prover._prove
+    monkeypatch.setattr(masks.Prover, "_prove", lambda self, *a: proofs.append(a[0]) or prove(self, *a))
+
+    class EinsumCausal(torch.nn.Module):
+        def forward(self, q, k, v):
+            n = q.shape[-2]
+            s = torch.einsum("bhid,bhjd->bhij", q, k) * q.shape[-1] ** -0.5
+            s = s.masked_fill(~torch.ones(n, n, dtype=torch.bool, device=q.device).tril(), float("-inf"))
+            return torch.einsum("bhij,bhjd->bhid", s.softmax(-1), v)
+
+    report = hyper_backend.explain(EinsumCausal(), *_qkv(), options={**OPTS, "inner_backend": "aot_eager"})
+    assert [s.decision for s in report.sites] == ["hyper"], report
+    assert len(proofs) == 1, proofs
+
+
+def test_a_finite_fill_in_bfloat16_is_a_mask(call_delta):
+    """``zeros(n, n).masked_fill(~causal, -1e4)`` in bf16 holds -9984 (bf16 cannot store -1e4): it excludes its keys
+    as well as -1e4 does, and is lowered as causal (the fuzzer found it kept exact)."""
+    q, k, v = (x.to(torch.bfloat16) for x in _qkv())
+    n = q.shape[-2]
+
+    class FiniteFill(torch.nn.Module):
+        def forward(self, q, k, v):
+            causal = torch.ones(n, n, dtype=torch.bool, device=q.device).tril()
+            bias = torch.zeros(n, n, dtype=q.dtype, device=q.device).masked_fill(~causal, -1e4)
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+
+    site = hyper_backend.explain(FiniteFill(), q, k, v, options={**OPTS, "inner_backend": "aot_eager"}).sites[0]
+    assert (site.decision, site.reason) == ("hyper", "causal"), site
+
+
+class _PackedSequenceCheck(torch.nn.Module):
+    """HF's causal mask with its packed-sequence check (``find_packed_sequence_indices``: the cumsum of where the
+    position ids do not step by 1, compared between query and key) and its vmap-style gathers ``m[b, i]``."""
+
+    def __init__(self, restart=None):
+        super().__init__()
+        self.restart = restart
+
+    def forward(self, q):
+        n = q.shape[-2]
+        pos = torch.arange(n, device=q.device)[None]
+        if self.restart is not None:  # two packed sequences: positions restart at 0
+            pos = torch.where(pos < self.restart, pos, pos - self.restart)
+        packed = (torch.diff(pos, prepend=pos[:, :1] - 1, dim=-1) != 1).cumsum(-1)
+        b = torch.arange(1, device=q.device)[:, None, None, None]
+        i = torch.arange(n, device=q.device)[None, None, :, None]
+        j = torch.arange(n, device=q.device)[None, None, None, :]
+        mask = (j <= i) & (packed[b, i] == packed[b, j])
+        return F.scaled_dot_product_attention(q, q, q, attn_mask=mask)
+
+
+@pytest.mark.parametrize("dynamic", [False, True])
+def test_hf_packed_sequence_check_is_proven_causal(dynamic):
+    """Gemma-3's body called with ``use_cache=False`` builds this mask; ``diff``, ``cumsum`` and tensor indexing were
+    outside the mask language, so every site of the model stayed exact. Two packed sequences are not causal."""
+    q = torch.randn(1, 2, 40, 16)
+    options = {**OPTS, "inner_backend": "aot_eager"}
+    site = hyper_backend.explain(_PackedSequenceCheck(), q, options=options, dynamic=dynamic).sites[0]
+    assert (site.decision, site.reason) == ("hyper", "causal"), site
+    torch._dynamo.reset()
+    site = hyper_backend.explain(_PackedSequenceCheck(restart=16), q, options=options, dynamic=dynamic).sites[0]
+    assert site.decision == "exact" and site.reason, site
+    compiled = torch.compile(_PackedSequenceCheck(), backend="hyper", options=options, dynamic=dynamic)
+    torch.testing.assert_close(compiled(q), _PackedSequenceCheck()(q))
