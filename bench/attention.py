@@ -289,7 +289,10 @@ def parse_config(text: str) -> HyperConfig:
     fields = {}
     for part in filter(None, text.replace(" ", "").split(",")):
         name, _, value = part.partition("=")
-        fields[name] = value if name == "residual" else (None if value.lower() in ("none", "auto") else int(value))
+        if name in ("residual", "detector"):
+            fields[name] = value
+        else:
+            fields[name] = None if value.lower() in ("none", "auto") else int(value)
     return HyperConfig(**fields)
 
 
