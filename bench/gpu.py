@@ -1,21 +1,25 @@
 """GPU benchmark: the Triton HyperAttention kernels against flash-attn and SDPA, in TFLOP/s, in the same run.
 
-    python bench/gpu.py                                  # n = 4k..128k, fwd and fwd+bwd, causal and not
-    python bench/gpu.py --seq 32768 --modes fwd --causal no --dtype bf16 --repeats 20
+    python bench/gpu.py                                  # the roofline case of docs/gpu.md: n = 131072, d = 64,
+                                                         # H = 32, fp16, causal forward, and n = 4k..64k around it
+    python bench/gpu.py --seq 32768 --modes fwd fwd+bwd --causal both --dtype bf16 --rounds 5
 
 On a machine without a CUDA device it prints "no CUDA device: GPU benchmark not run" and exits 0 (nothing was
 measured, and nothing failed).
 
-Candidates for every (n, causal, mode), timed alternately with CUDA events so all see the same clocks:
+Candidates for every (n, causal, mode), each timed by ``triton.testing.do_bench`` (median of its repeats, L2
+flushed between them), in rounds that alternate the candidates so that all see the same clocks; the figure is
+the median over the rounds:
 - ``hyper``: `triton_attention.attention_forward` (+ ``attention_backward``) with the default `HyperConfig`;
 - ``triton-exact``: the same kernels with approximation off (min_seq_len above n): our exact attention;
-- ``sdpa``: ``F.scaled_dot_product_attention`` (torch picks its flash / memory-efficient kernel);
+- ``sdpa-flash``: ``F.scaled_dot_product_attention`` restricted to its flash backend (FlashAttention-2);
 - ``flash-attn``: ``flash_attn_func`` when the ``[cuda]`` extra is installed.
 
-Two rates are printed. "TFLOP/s" is the work each candidate really does over its time (for hyper: the block
+Three figures are printed. "TFLOP/s" is the work each candidate really does over its time (for hyper: the block
 diagonal, the samples and the exact leaves) and says how well a kernel uses the GPU. "exact-equiv TFLOP/s" is
-exact attention's FLOP count over the time and compares speed across candidates. Results go to a rich table
-and a JSON file stamped with the device and versions (median with min/max/IQR over the repeats).
+exact attention's FLOP count over the time. "x sdpa-flash" / "x flash-attn" are same-run speed ratios, the only
+figures comparable across machines. Results go to a rich table and a JSON file stamped with the device and
+versions.
 """
 
 from __future__ import annotations
@@ -33,7 +37,7 @@ from common import device_stamp, summary, write_json  # noqa: E402
 
 from hyper_backend import HyperConfig  # noqa: E402
 from hyper_backend.kernels.draws import block_shape  # noqa: E402
-from hyper_backend.kernels.plan import causal_levels, hyper_applies  # noqa: E402
+from hyper_backend.kernels.plan import causal_levels, hyper_applies, window_band, window_strip  # noqa: E402
 
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 BACKWARD_FACTOR = 2.5  # backward FLOPs / forward FLOPs (5 matmuls instead of 2)
@@ -49,24 +53,29 @@ def exact_flops(B, H, n, d, causal) -> float:
     return 4.0 * B * H * n * n * d * (0.5 if causal else 1.0)
 
 
-def _noncausal_flops(B, H, nq, nk, d, p: HyperConfig) -> float:
+def _noncausal_flops(B, H, nq, nk, d, p: HyperConfig, extras: int = 0) -> float:
+    """Diagonal blocks, residual draws and ``extras`` exact keys per query (sinks, a window strip)."""
     if not hyper_applies(nq, nk, p):
         return 4.0 * B * H * nq * nk * d
     _, _, k_block = block_shape(nq, nk, p.block_size)
-    return 4.0 * B * H * nq * d * (k_block + p.sample_size)
+    return 4.0 * B * H * nq * d * (k_block + p.sample_size + extras)
 
 
 def hyper_flops(B, H, n, d, causal, p: HyperConfig) -> float:
-    """Forward FLOPs the HyperAttention kernels spend (diagonal blocks, samples, exact causal leaves)."""
+    """Forward FLOPs the HyperAttention kernels spend: diagonal blocks, samples, the exact extras (sinks and the
+    window: a strip of w - 1 keys per causal level, the band of non-causal self-attention) and the exact causal
+    leaves."""
     if not causal:
-        return _noncausal_flops(B, H, n, n, d, p)
+        band = window_band(n, n, p)
+        width = 0 if band is None else band[0] + band[1] + 1
+        return _noncausal_flops(B, H, n, n, d, p, p.sink_keys + width)
     depth = causal_levels(n, p)
     pieces = 2**depth
     leaf = math.ceil(n / pieces)
     total = 2.0 * B * pieces * H * leaf * leaf * d
     for level in range(depth):
         count, size = 2**level, leaf * pieces // 2 ** (level + 1)
-        total += _noncausal_flops(B * count, H, size, size, d, p)
+        total += _noncausal_flops(B * count, H, size, size, d, p, p.sink_keys + window_strip(p))
     return total
 
 
@@ -88,11 +97,14 @@ def candidates(q, k, v, do, causal, mode, config: HyperConfig):
     qs, ks, vs = (x.detach().clone().requires_grad_(backward) for x in (q, k, v))
 
     def sdpa():
-        out = F.scaled_dot_product_attention(qs, ks, vs, is_causal=causal, enable_gqa=True)
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+            out = F.scaled_dot_product_attention(qs, ks, vs, is_causal=causal, enable_gqa=True)
         if backward:
             out.backward(do)
 
-    out = {"hyper": ours(hyper_p), "triton-exact": ours(exact_p), "sdpa": sdpa}
+    out = {"hyper": ours(hyper_p), "triton-exact": ours(exact_p), "sdpa-flash": sdpa}
     try:
         from flash_attn import flash_attn_func
     except ImportError:
@@ -109,35 +121,37 @@ def candidates(q, k, v, do, causal, mode, config: HyperConfig):
     return out
 
 
-def time_interleaved(fns: dict, repeats: int, warmup: int = 2) -> dict:
-    """Seconds per call of each candidate (CUDA events), alternating candidates; first calls autotune."""
+def time_interleaved(fns: dict, rounds: int) -> dict:
+    """Seconds per call of each candidate: ``triton.testing.do_bench`` medians, ``rounds`` times in turn (the
+    first call of each candidate autotunes and is not timed)."""
+    from triton.testing import do_bench
+
     for fn in fns.values():
-        for _ in range(warmup):
-            fn()
+        fn()
     torch.cuda.synchronize()
     times = {name: [] for name in fns}
-    for _ in range(repeats):
+    for _ in range(rounds):
         for name, fn in fns.items():
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            torch.cuda.synchronize()
-            times[name].append(start.elapsed_time(end) / 1e3)
+            times[name].append(do_bench(fn, warmup=5, rep=50, return_mode="median") / 1e3)
     return {name: summary(ts) for name, ts in times.items()}
+
+
+def speedup(result: dict, name: str, base: str) -> str:
+    """How many times faster ``name`` ran than ``base`` in the same run ("-" when ``base`` did not run)."""
+    return f"{result[base]['median'] / result[name]['median']:.2f}" if base in result else "-"
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--seq", type=int, nargs="+", default=[4096, 16384, 65536, 131072])
     ap.add_argument("--batch", type=int, default=1)
-    ap.add_argument("--heads", type=int, default=16)
+    ap.add_argument("--heads", type=int, default=32)
     ap.add_argument("--kv-heads", type=int, default=None, help="GQA: key/value heads (default: --heads)")
-    ap.add_argument("--head-dim", type=int, default=128)
-    ap.add_argument("--dtype", choices=list(DTYPES), default="bf16")
-    ap.add_argument("--causal", choices=["yes", "no", "both"], default="both")
-    ap.add_argument("--modes", nargs="+", choices=["fwd", "fwd+bwd"], default=["fwd", "fwd+bwd"])
-    ap.add_argument("--repeats", type=int, default=10)
+    ap.add_argument("--head-dim", type=int, default=64)
+    ap.add_argument("--dtype", choices=list(DTYPES), default="fp16")
+    ap.add_argument("--causal", choices=["yes", "no", "both"], default="yes")
+    ap.add_argument("--modes", nargs="+", choices=["fwd", "fwd+bwd"], default=["fwd"])
+    ap.add_argument("--rounds", type=int, default=3, help="do_bench rounds per candidate, alternating")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "gpu.json"))
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
@@ -153,8 +167,9 @@ def main(argv=None) -> int:
     Hkv = args.kv_heads or H
     causal_list = {"yes": [True], "no": [False], "both": [False, True]}[args.causal]
     stamp = device_stamp()
-    table = Table(title=f"{stamp['gpu']} · {args.dtype} · B={B} H={H}/{Hkv} d={d} · median of {args.repeats}")
-    for col in ("n", "causal", "mode", "candidate", "ms (median)", "spread ms", "TFLOP/s", "exact-equiv TFLOP/s"):
+    table = Table(title=f"{stamp['gpu']} · {args.dtype} · B={B} H={H}/{Hkv} d={d} · median of {args.rounds} rounds")
+    columns = ("n", "causal", "mode", "candidate", "ms (median)", "spread ms", "TFLOP/s", "exact-equiv TFLOP/s")
+    for col in columns + ("x sdpa-flash", "x flash-attn"):
         table.add_column(col, justify="right")
     rows = []
     for n in args.seq:
@@ -168,7 +183,7 @@ def main(argv=None) -> int:
                 scale = 1.0 + (BACKWARD_FACTOR if mode == "fwd+bwd" else 0.0)
                 exact = exact_flops(B, H, n, d, causal) * scale
                 work = {"hyper": hyper_flops(B, H, n, d, causal, params_from(config)) * scale}
-                result = time_interleaved(candidates(q, k, v, do, causal, mode, config), args.repeats)
+                result = time_interleaved(candidates(q, k, v, do, causal, mode, config), args.rounds)
                 for name, t in result.items():
                     done = work.get(name, exact)
                     row = dict(
@@ -179,6 +194,7 @@ def main(argv=None) -> int:
                         seconds=t,
                         tflops=done / t["median"] / 1e12,
                         exact_equiv_tflops=exact / t["median"] / 1e12,
+                        speedup={base: speedup(result, name, base) for base in ("sdpa-flash", "flash-attn")},
                     )
                     rows.append(row)
                     table.add_row(
@@ -190,6 +206,8 @@ def main(argv=None) -> int:
                         f"{t['min'] * 1e3:.3f}-{t['max'] * 1e3:.3f}",
                         f"{row['tflops']:.1f}",
                         f"{row['exact_equiv_tflops']:.1f}",
+                        row["speedup"]["sdpa-flash"],
+                        row["speedup"]["flash-attn"],
                     )
         del q, k, v, do
         torch.cuda.empty_cache()

@@ -19,8 +19,10 @@ import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-RESIDUALS = ("uniform", "stratified")  # how the residual keys are drawn
-PUBLISHED = {"sink_keys": 0, "local_window": 0, "residual": "uniform"}  # see `HyperConfig.published`
+DETECTORS = ("topk", "lsh")  # how the large entries are found (see `HyperConfig`)
+RESIDUALS = ("importance", "uniform", "stratified", "vnorm")  # how the residual keys are drawn
+_RESIDUALS_OF = {"topk": ("importance", "uniform", "vnorm"), "lsh": ("uniform", "stratified", "vnorm")}
+PUBLISHED = {"sink_keys": 0, "local_window": 0, "residual": "uniform", "detector": "lsh"}  # `HyperConfig.published`
 CAUSAL_WINDOW = 128  # local_window=None: the window of causal attention (non-causal attention gets none)
 
 
@@ -32,13 +34,25 @@ class HyperConfig:
     in one of these, through `resolve` (explicit fields over a tuned entry over the defaults); the op receives
     them as `OpSettings`.
 
+    The estimator splits every query's keys into exact parts (the sinks, a local window, the keys the detector
+    finds) and a residual estimated from ``sample_size`` reweighted draws over the keys that remain. Two detectors:
+
+    - ``"topk"`` (the default): queries in positional blocks of ``query_block``; each block's mean query scores
+      every key it may see, and the block attends exactly to its ``top_k`` highest-scoring keys. Causal attention
+      is one flat pass (no recursion): each block also attends exactly to its own rows and the ``w`` keys
+      before them. The residual is drawn by importance, in proportion to exp(score), weight 1 / (m p).
+    - ``"lsh"``: the paper's sortLSH: queries and keys sorted by an angular LSH into blocks of ``block_size``,
+      block i attending to block i; causal attention by recursive halving with exact leaves of at most
+      ``min_seq_len``. ``HyperConfig(detector="lsh")`` is the estimator of earlier releases, bit for bit.
+
     Args:
-        block_size: queries per LSH-sorted block; keys per block scale with n_k / n_q.
-        sample_size: m, the number of residual keys drawn per call (0 disables the residual).
-        lsh_num_projs: r, the number of random hyperplanes of the angular LSH (2**r buckets).
+        block_size: ``"lsh"``: queries per LSH-sorted block; keys per block scale with n_k / n_q.
+        sample_size: m, the number of residual keys drawn (per query block for ``"topk"``, per sub-problem for
+            ``"lsh"``; 0 disables the residual).
+        lsh_num_projs: ``"lsh"``: r, the number of random hyperplanes of the angular LSH (2**r buckets).
         min_seq_len: below this length attention is exact.
-        causal_depth: levels of recursive halving for causal attention; ``None`` halves until a piece
-            is at most ``min_seq_len``.
+        causal_depth: ``"lsh"``: levels of recursive halving for causal attention; ``None`` halves until a
+            piece is at most ``min_seq_len``.
         seed: seeds the LSH projections and the residual samples.
         sink_keys: the first ``sink_keys`` valid keys are attended to exactly by every query that may see
             them (attention sinks), and are removed from the LSH blocks and the residual.
@@ -48,8 +62,18 @@ class HyperConfig:
             window. Window keys are removed from the estimator for the queries that see them exactly. ``None``
             (the default) is `CAUSAL_WINDOW` keys for causal attention and no window for non-causal attention,
             whose banded exact part costs per-pair masks (see the README's Performance section).
-        residual: ``"uniform"`` (i.i.d. uniform draws, weight n'/m) or ``"stratified"`` (one draw from each
-            of m equal strata of the LSH-sorted key order, weight = stratum size).
+        residual: how the residual is drawn over the keys that remain (n' of them), every draw reweighted so
+            the estimate stays unbiased: ``"importance"`` (``"topk"`` only: p proportional to exp(detector
+            score), weight 1 / (m p)), ``"uniform"`` (weight n'/m), ``"stratified"`` (``"lsh"`` only: one draw
+            from each of m equal strata of the LSH-sorted key order, weight = stratum size) or ``"vnorm"`` (the
+            paper's AMM step: p proportional to the squared norm of the value row, weight 1 / (m p)). ``None``
+            (the default): ``"importance"`` for ``"topk"``, ``"uniform"`` for ``"lsh"``.
+        detector: ``"topk"`` or ``"lsh"`` (above).
+        top_k: ``"topk"``: keys attended exactly per query block (all of them when a block sees fewer).
+        query_block: ``"topk"``: queries sharing one selection (and one set of residual draws).
+        score_group: ``"topk"``: a block's key scores are the maximum over the means of its consecutive groups of
+            ``score_group`` queries (each normalised by its log-sum-exp over the block's keys), so that a key
+            that one group of queries weighs heavily is found even when the block's mean query misses it.
     """
 
     block_size: int = 256
@@ -60,7 +84,11 @@ class HyperConfig:
     seed: int = 0
     sink_keys: int = 16
     local_window: int | None = None
-    residual: str = "uniform"
+    residual: str | None = None
+    detector: str = "topk"
+    top_k: int = 1024
+    query_block: int = 64
+    score_group: int = 16
 
     def __post_init__(self):
         _check_int("block_size", self.block_size, lo=1, hi=2**31 - 1)
@@ -73,8 +101,24 @@ class HyperConfig:
         _check_int("sink_keys", self.sink_keys, lo=0, hi=2**31 - 1)
         if self.local_window is not None:
             _check_int("local_window", self.local_window, lo=0, hi=2**31 - 1)
-        if self.residual not in RESIDUALS:
-            raise ValueError(f"HyperConfig.residual must be one of {', '.join(RESIDUALS)}, got {self.residual!r}")
+        if self.detector not in DETECTORS:
+            raise ValueError(f"HyperConfig.detector must be one of {', '.join(DETECTORS)}, got {self.detector!r}")
+        allowed = _RESIDUALS_OF[self.detector]
+        if self.residual is not None and self.residual not in allowed:
+            raise ValueError(
+                f"HyperConfig.residual must be one of {', '.join(allowed)} (or None) with detector={self.detector!r}, "
+                f"got {self.residual!r}"
+            )
+        _check_int("top_k", self.top_k, lo=0, hi=2**31 - 1)
+        _check_int("query_block", self.query_block, lo=1, hi=2**31 - 1)
+        _check_int("score_group", self.score_group, lo=1, hi=2**31 - 1)
+
+    @property
+    def residual_scheme(self) -> str:
+        """The residual actually drawn: ``residual``, or the detector's default when it is None."""
+        if self.residual is not None:
+            return self.residual
+        return "importance" if self.detector == "topk" else "uniform"
 
     def replace(self, **changes) -> HyperConfig:
         return dataclasses.replace(self, **changes)
@@ -89,14 +133,20 @@ class HyperConfig:
         return dataclasses.asdict(self)
 
     def label(self) -> str:
-        """A short text form: ``b=256 m=256 r=7 min=4096 depth=auto`` and any sink/window/residual set."""
-        depth = "auto" if self.causal_depth is None else str(self.causal_depth)
-        text = f"b={self.block_size} m={self.sample_size} r={self.lsh_num_projs} min={self.min_seq_len} depth={depth}"
+        """A short text form: ``topk k=1024 qb=64 g=16 m=256 min=4096`` or ``lsh b=256 m=256 r=7 min=4096 depth=auto``,
+        and any sink/window/residual set."""
+        if self.detector == "topk":
+            text = f"topk k={self.top_k} qb={self.query_block} g={self.score_group} m={self.sample_size}"
+            text += f" min={self.min_seq_len}"
+        else:
+            depth = "auto" if self.causal_depth is None else str(self.causal_depth)
+            text = f"lsh b={self.block_size} m={self.sample_size} r={self.lsh_num_projs} min={self.min_seq_len}"
+            text += f" depth={depth}"
         if self.sink_keys:
             text += f" sinks={self.sink_keys}"
         if self.local_window:
             text += f" w={self.local_window}"
-        if self.residual != "uniform":
+        if self.residual is not None:
             text += f" {self.residual}"
         return text
 
@@ -208,6 +258,9 @@ ENV_FIELDS = {
     "HYPER_SEED": "seed",
     "HYPER_SINK_KEYS": "sink_keys",
     "HYPER_LOCAL_WINDOW": "local_window",
+    "HYPER_TOP_K": "top_k",
+    "HYPER_QUERY_BLOCK": "query_block",
+    "HYPER_SCORE_GROUP": "score_group",
 }
 INNER_BACKENDS = ("inductor", "aot_eager", "eager")
 KERNEL_CHOICES = ("auto", "cpu", "triton")
@@ -263,6 +316,8 @@ def read_env(environ: Mapping[str, str] | None = None) -> dict:
             out[field] = _env_int(var, env[var], field, allow_none=(field in ("causal_depth", "local_window")))
     if "HYPER_RESIDUAL" in env:
         out["residual"] = _env_choice("HYPER_RESIDUAL", env["HYPER_RESIDUAL"], RESIDUALS)
+    if "HYPER_DETECTOR" in env:
+        out["detector"] = _env_choice("HYPER_DETECTOR", env["HYPER_DETECTOR"], DETECTORS)
     if "HYPER_LAYERS" in env:
         try:
             out["layers"] = LayerSelection.parse(env["HYPER_LAYERS"])

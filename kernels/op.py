@@ -24,8 +24,8 @@ from torch._dynamo.utils import counters
 
 from hyper_backend.config import HyperConfig, OpSettings
 
-from . import cpu
-from .plan import approximates, lse_dtype
+from . import cpu, topk
+from .plan import lse_dtype, plan_call
 
 # `counters["hyper"]` counts calls per path ("op_hyper", "op_exact", "op_backward"); `explain` and tests read it.
 
@@ -52,6 +52,9 @@ def fit(p: HyperConfig, n_q: int, n_k: int) -> HyperConfig:
         sample_size=min(p.sample_size, max(n_k, 1)),
         sink_keys=min(p.sink_keys, n_k),
         local_window=None if p.local_window is None else min(p.local_window, 2 * n),
+        top_k=min(p.top_k, n_k),
+        query_block=min(p.query_block, max(n_q, 1)),
+        score_group=min(p.score_group, p.query_block, max(n_q, 1)),
     )
 
 
@@ -178,12 +181,17 @@ def attention(
         return out, lse
     s = OpSettings.decode(settings)
     p = call_config(s, query.shape[2], key.shape[2])
-    counters["hyper"]["op_hyper" if approximates(query.shape[2], key.shape[2], is_causal, p) else "op_exact"] += 1
+    plan = plan_call(query.shape[2], key.shape[2], is_causal, p)
+    counters["hyper"]["op_hyper" if plan.approximates else "op_exact"] += 1
     dv = value.shape[-1]
     if query.shape[-1] != dv:
         query, key, value, scale, _ = _common_head_dim(query, key, value, scale)
-    forward = _impl("attention_forward", query, s.kernels, s.serial_bookkeeping)
-    out, lse = forward(query, key, value, key_padding_mask, is_causal, scale, p)
+    if plan.parts[0].kind == "topk":  # plain torch on every device
+        scale = query.shape[-1] ** -0.5 if scale is None else scale
+        out, lse = topk.call_forward(plan, query, key, value, key_padding_mask, scale)
+    else:
+        forward = _impl("attention_forward", query, s.kernels, s.serial_bookkeeping)
+        out, lse = forward(query, key, value, key_padding_mask, is_causal, scale, p)
     return out[..., :dv].contiguous(), lse.contiguous()
 
 
@@ -219,8 +227,13 @@ def attention_backward(
     if d != d_v:
         q, k, v, scale, width = _common_head_dim(query, key, value, scale)
         grad_out, out = _pad_last(grad_out, width), _pad_last(out, width)
-    backward = _impl("attention_backward", q, s.kernels, s.serial_bookkeeping)
-    dq, dk, dv = backward(grad_out, q, k, v, out, lse, key_padding_mask, is_causal, scale, p)
+    plan = plan_call(q.shape[2], k.shape[2], is_causal, p)
+    if plan.parts[0].kind == "topk":
+        scale = q.shape[-1] ** -0.5 if scale is None else scale
+        dq, dk, dv = topk.call_backward(plan, grad_out, q, k, v, out, key_padding_mask, scale)
+    else:
+        backward = _impl("attention_backward", q, s.kernels, s.serial_bookkeeping)
+        dq, dk, dv = backward(grad_out, q, k, v, out, lse, key_padding_mask, is_causal, scale, p)
     return (
         dq[..., :d].to(query.dtype).contiguous(),
         dk[..., :d].to(key.dtype).contiguous(),

@@ -37,7 +37,7 @@ import torch
 
 from hyper_backend.config import CAUSAL_WINDOW, HyperConfig
 
-KINDS = ("exact", "causal", "hyper", "band")
+KINDS = ("exact", "causal", "hyper", "band", "topk")
 
 
 @dataclass(frozen=True)
@@ -54,17 +54,29 @@ class Part:
     k_off: int
     sq: int  # query rows per sub-problem
     sk: int  # keys per sub-problem
-    stream: int = 0  # "hyper": the random stream of its draws
-    strip: int = 0  # "hyper": the last `strip` keys of every sub-problem are exact for all its queries
-    window: tuple[int, int] | None = None  # "hyper"/"band": the centred window (a, b), j - i in [-a, b]
+    stream: int = 0  # "hyper"/"topk": the random stream of its draws
+    strip: int = 0  # "hyper": the last `strip` keys of every sub-problem are exact for all its queries;
+    # "topk" (causal): the keys before a query block that its tile keeps exact (w - 1)
+    window: tuple[int, int] | None = None  # "hyper"/"band"/"topk": the centred window (a, b), j - i in [-a, b]
+    causal: bool = False  # "topk": bottom-right aligned causal (key j visible to query i iff j <= i + n_k - n_q)
+    block: int = 0  # "topk": queries per block
 
     def describe(self) -> str:
-        what = {"exact": "exact", "causal": "exact causal", "hyper": "HyperAttention", "band": "exact window"}
+        what = {
+            "exact": "exact",
+            "causal": "exact causal",
+            "hyper": "HyperAttention",
+            "band": "exact window",
+            "topk": "top-k query blocks",
+        }
         text = f"{self.count} x {what[self.kind]} {self.sq} x {self.sk}"
         if self.keys[0]:
             text += f" (keys {self.keys[0]}..{self.keys[1]})"
         if self.kind == "hyper" and self.strip:
             text += f", last {self.strip} keys exact"
+        if self.kind == "topk":
+            text += " causal" if self.causal else ""
+            text += f", blocks of {self.block}" + (f", {self.strip} keys before each exact" if self.causal else "")
         return text
 
 
@@ -80,7 +92,7 @@ class CallPlan:
 
     @property
     def approximates(self) -> bool:
-        return any(p.kind == "hyper" for p in self.parts)
+        return any(p.kind in ("hyper", "topk") for p in self.parts)
 
     def describe(self) -> str:
         return "; ".join(p.describe() for p in self.parts)
@@ -90,6 +102,8 @@ def plan_call(n_q: int, n_k: int, is_causal: bool, config: HyperConfig) -> CallP
     """The plan of a call (``config`` already fitted to it: `op.fit`). Causal needs ``n_q <= n_k``."""
     if is_causal and n_q > n_k:
         raise ValueError("causal attention needs n_q <= n_k (bottom-right aligned)")
+    if config.detector == "topk":
+        return CallPlan(n_q, n_k, is_causal, config, _topk(n_q, n_k, is_causal, config))
     if not is_causal:
         parts = _noncausal(n_q, n_k, (0, n_k), config, 0, 0, window_band(n_q, n_k, config))
         return CallPlan(n_q, n_k, False, config, parts)
@@ -98,6 +112,41 @@ def plan_call(n_q: int, n_k: int, is_causal: bool, config: HyperConfig) -> CallP
     if prefix:
         parts += _noncausal(n_q, prefix, (0, prefix), config, -1, window_strip(config), None)
     return CallPlan(n_q, n_k, True, config, parts)
+
+
+def _topk(n_q: int, n_k: int, causal: bool, p: HyperConfig) -> tuple[Part, ...]:
+    """The flat layout of the ``"topk"`` detector (`topk`): one part of query blocks of ``query_block`` rows, each
+    with an exact tile (causal: its rows and the ``w - 1`` keys before them; non-causal: its rows' centred windows,
+    if any), its sinks, its top-k keys and residual draws over every other key it may see. Exact when no block sees
+    more keys than it would select."""
+    whole = dict(keys=(0, n_k), q_len=n_q, k_len=n_k, count=1, chunk=0, q_off=0, k_off=0, sq=n_q, sk=n_k)
+    if not topk_applies(n_q, n_k, causal, p):
+        if not causal:
+            return (Part("exact", **whole),)
+        prefix = n_k - n_q
+        tail = Part(
+            "causal", keys=(prefix, n_k), q_len=n_q, k_len=n_q, count=1, chunk=n_q, q_off=0, k_off=0, sq=n_q, sk=n_q
+        )
+        head = dict(whole, keys=(0, prefix), k_len=prefix, sk=prefix)
+        return (tail, Part("exact", **head)) if prefix else (tail,)
+    shape = dict(whole, q_len=math.ceil(n_q / p.query_block) * p.query_block, stream=0, causal=causal)
+    if causal:
+        return (Part("topk", **shape, strip=window_strip(p), block=p.query_block),)
+    return (Part("topk", **shape, window=window_band(n_q, n_k, p), block=p.query_block),)
+
+
+def topk_applies(n_q: int, n_k: int, causal: bool, p) -> bool:
+    """Whether the ``"topk"`` detector approximates: both lengths reach ``min_seq_len`` and some query block sees
+    more keys outside its tile than its sinks and its top-k hold."""
+    if min(n_q, n_k) < p.min_seq_len:
+        return False
+    last = (math.ceil(n_q / p.query_block) - 1) * p.query_block  # first row of the last block
+    if causal:
+        seen = last + (n_k - n_q) - window_strip(p)
+    else:
+        a, b = window_band(n_q, n_k, p) or (0, -1)  # no window: the tile is empty
+        seen = n_k - min(n_k, p.query_block + a + b) if b >= 0 else n_k
+    return seen > p.top_k + p.sink_keys
 
 
 def _noncausal(n_q, n_k, keys, p: HyperConfig, stream: int, strip: int, window) -> tuple[Part, ...]:

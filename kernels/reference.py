@@ -22,6 +22,7 @@ import math
 
 import torch
 
+from . import topk
 from .parts import call_sinks, hyper_inputs, operands, part_ranks
 from .plan import Part, plan_call
 
@@ -93,13 +94,18 @@ def part_weights(part: Part, ops, q, k, p) -> torch.Tensor:
     return weights
 
 
-def log_weights(q, k, key_valid, is_causal, p):
+def log_weights(q, k, key_valid, is_causal, p, *, v=None, scale=None):
     """``[B, Hq, Nq, Nk]`` log-weights of the whole call (``p``: a `HyperConfig`): each part of the plan's
-    weights, added at its sub-problems' rows and keys."""
-    B, Hq, Nq, _ = q.shape
+    weights, added at its sub-problems' rows and keys. The ``"topk"`` detector scores with ``scale`` (default
+    ``1 / sqrt(D)``) and its ``"vnorm"`` residual reads ``v``."""
+    B, Hq, Nq, D = q.shape
     Nk = k.shape[2]
     plan = plan_call(Nq, Nk, is_causal, p)
     sink = call_sinks(plan, key_valid, B, q.device)
+    if plan.parts[0].kind == "topk":
+        scale = D**-0.5 if scale is None else scale
+        sel = topk.select(q, k, k if v is None else v, key_valid, sink, plan.parts[0], scale, p)
+        return topk.dense_log_weights(sel, plan.parts[0], Nq, Nk, key_valid, q.device).log()
     weights = torch.zeros(B, Hq, Nq, Nk, dtype=torch.float64, device=q.device)
     for part in plan.parts:
         ops = operands(part, q, k, k[..., :0], key_valid, sink)
@@ -129,7 +135,7 @@ def hyper_attention_reference(q, k, v, key_valid=None, is_causal=False, scale=No
     Hq, Hkv = q.shape[1], k.shape[1]
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
     with torch.no_grad():
-        logw = log_weights(q.detach(), k.detach(), key_valid, is_causal, p)
+        logw = log_weights(q.detach(), k.detach(), key_valid, is_causal, p, v=v.detach(), scale=scale)
     k64 = k.double().repeat_interleave(Hq // Hkv, dim=1)
     v64 = v.double().repeat_interleave(Hq // Hkv, dim=1)
     scores = (q.double() @ k64.transpose(-1, -2)) * scale + logw

@@ -25,13 +25,13 @@ bandwidth-bound at one read of Q and K, which cuBLAS already does at memory spee
 elementwise on [N, r]; and the cost that matters, the argsort, is torch's radix sort. A fused hashing kernel
 would save one [N, r] intermediate, well under 1% of the forward's traffic.
 
-Launch configuration: ``triton.Config`` lists pruned by block lengths and head dim (tiles never larger than
-the block they cover; a tile-bytes budget per dtype keeps shared memory under ~100 KiB). Autotune keys
-are power-of-two *buckets* of the block lengths plus BLOCK_D, never raw n, and every length argument is
-``do_not_specialize``: one compile and one tuning per bucket, not per sequence length. Ragged n, ragged
-blocks and ragged sample tiles are masked; head dims are padded to ``BLOCK_D = next_pow2(max(D, 16))`` in
-registers only (masked loads/stores). fp16 and bf16 run tensor-core dots with fp32 accumulation; fp32 uses
-``input_precision="ieee"`` (no TF32, to match eager fp32); fp64 accumulates in fp64.
+Launch configuration (`triton_configs`): ``triton.Config`` lists by dot-operand width and head-dim class,
+pruned per call and GPU (tiles never larger than the block they cover, shared memory within the GPU's per-block
+limit). Autotune keys are power-of-two *buckets* of the block lengths plus BLOCK_D, never raw n, and every
+length argument is ``do_not_specialize``: one compile and one tuning per bucket, not per sequence length. Ragged
+n, ragged blocks and ragged sample tiles are masked; head dims are padded to ``BLOCK_D = next_pow2(max(D, 16))``
+in registers only (masked loads/stores). fp16 and bf16 run tensor-core dots with fp32 accumulation; fp32 dots
+run in fp64 (no TF32, to match eager fp32) and fp64 accumulates in fp64.
 
 Design targets (non-causal, defaults b = m = 256, D = 128, fp16, BLOCK_M = 128, BLOCK_N = 64):
 - FLOPs per query: 4 * D * (b_k + m) = 4 * 128 * 512 ~ 0.26 MFLOP (exact attention: 4 * D * n, 256x more
@@ -40,12 +40,10 @@ Design targets (non-causal, defaults b = m = 256, D = 128, fp16, BLOCK_M = 128, 
   2 * b_k * D * 2 / BLOCK_M = 1 KiB per query; sampled K/V are the same m rows for every tile of a head and stay
   in L2 (1 KiB per query from L2, ~m * D * 4 / (rows per head) from DRAM); indices and lse ~16 B.
   About 1.5 KiB of DRAM traffic per 0.26 MFLOP: ~170 FLOP/B, compute-bound on A100/H100 fp16.
-- Tiles: forward/dQ BLOCK_M in {64, 128} query rows x BLOCK_N in {32, 64, 128} keys; dK/dV BLOCK_N in
-  {64, 128} keys x BLOCK_M in {32, 64} queries; 32 x 32 is the fallback for wide heads and fp64, and the
-  interpreter runs 64 x 64. These are targets: GPU speed has not been measured (no GPU was available).
-  Correctness was checked under ``TRITON_INTERPRET=1`` against the reference, and the kernels were built
-  ahead of time to sm_80/sm_90 cubins with Triton's bundled ptxas (shared memory per block within limits):
-  see tests/test_triton.py.
+- Tiles: the lists of `triton_configs`; the interpreter runs 64 x 64. GPU speed has not been measured (no GPU
+  was available). Correctness was checked under ``TRITON_INTERPRET=1`` against the reference, and every
+  variant the launchers can start was built ahead of time to sm_80/sm_90 cubins with Triton's bundled ptxas:
+  no spills, shared memory within limits (tests/test_triton.py, docs/gpu.md).
 
 The kernels themselves (``@triton.jit``) live in `triton_kernels`; this module holds their launch
 configurations, the autotuning wrappers and pruning, the host launchers and the public entry points.
@@ -64,6 +62,11 @@ from . import triton_kernels as tk
 from .draws import Draws
 from .parts import call_sinks, exact_keys, hyper_inputs, pad_rows, part_masks, part_ranks, sub_view
 from .plan import Part, lse_dtype, next_pow2, plan_call
+from .triton_configs import bucket as _bucket
+from .triton_configs import hyper_bwd_dkdv as _hyper_bwd_dkdv_kernel
+from .triton_configs import hyper_bwd_dq as _hyper_bwd_dq_kernel
+from .triton_configs import hyper_bwd_sample as _hyper_bwd_sample_kernel
+from .triton_configs import hyper_fwd as _hyper_fwd_kernel
 
 try:  # optional: the [cuda] extra
     from flash_attn import flash_attn_func as _flash_attn_func
@@ -74,94 +77,6 @@ NEG_INF = float("-inf")
 
 # whether the kernels run under the interpreter (decided when `triton_kernels` is imported)
 _INTERPRET = tk.INTERPRET
-
-# ----------------------------------------------------------------------------------------------------------
-# launch configurations
-# ----------------------------------------------------------------------------------------------------------
-
-
-def _bucket(n: int, cap: int = 16384) -> int:
-    """Autotune key for a length: its next power of two, capped."""
-    return min(next_pow2(n), cap)
-
-
-def _config(bm, bn, warps, stages):
-    return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=warps, num_stages=stages)
-
-
-# (BLOCK_M query rows, BLOCK_N keys, warps, stages); the (32, 32) entry is the interpreter's and a fallback
-_QUERY_MAJOR = [
-    _config(*c)
-    for c in [
-        (128, 64, 8, 3),
-        (128, 64, 4, 3),
-        (128, 128, 8, 2),
-        (128, 32, 4, 4),
-        (64, 64, 4, 3),
-        (64, 128, 4, 2),
-        (64, 32, 4, 4),
-        (32, 32, 4, 2),
-    ]
-]
-_KEY_MAJOR = [_config(*c) for c in [(64, 128, 8, 2), (32, 128, 8, 3), (64, 64, 4, 3), (32, 64, 4, 3), (32, 32, 4, 2)]]
-
-
-def _prune(configs, named_args, rows_arg, keys_args, **kwargs):
-    args = {**named_args, **kwargs}
-    small = [c for c in configs if c.kwargs["BLOCK_M"] == 32 and c.kwargs["BLOCK_N"] == 32]
-    if _INTERPRET:  # one config, no benchmarking; every op costs the same at any tile size there
-        return [c for c in configs if c.kwargs["BLOCK_M"] == 64 and c.kwargs["BLOCK_N"] == 64][:1]
-    rows = max(32, next_pow2(args[rows_arg]))
-    keys = max(32, next_pow2(max(args[k] for k in keys_args)))
-    # tile bytes: BLOCK_M * BLOCK_N * BLOCK_D * 2 <= 2 MiB for 16-bit inputs; fp32 counts double, and fp64
-    # (no tensor cores, 8-byte operands) keeps to the smallest tiles, which stay under 100 KiB of shared memory
-    itemsize = args["Q"].element_size()
-    budget = 2**21 if itemsize <= 4 else 2**18
-    keep = [
-        c
-        for c in configs
-        if c.kwargs["BLOCK_M"] <= rows
-        and c.kwargs["BLOCK_N"] <= keys
-        and c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] * args["BLOCK_D"] * max(2, itemsize) <= budget
-    ]
-    return keep or small[:1]
-
-
-def _prune_query_major(configs, named_args, **kwargs):
-    return _prune(configs, named_args, "BQ", ("BK", "M"), **kwargs)
-
-
-def _prune_key_major(configs, named_args, **kwargs):
-    return _prune(configs, named_args, "BQ", ("BK",), **kwargs)
-
-
-def _prune_samples(configs, named_args, **kwargs):
-    return _prune(configs, named_args, "SQ", ("M",), **kwargs)
-
-
-_KEYS = ["BQ_BUCKET", "BK_BUCKET", "M_BUCKET", "BLOCK_D", "PERMUTED", "IS_CAUSAL", "HAS_SAMPLES", "BAND"]
-
-
-# ----------------------------------------------------------------------------------------------------------
-# the kernels of `triton_kernels`, autotuned
-# ----------------------------------------------------------------------------------------------------------
-
-_hyper_fwd_kernel = triton.autotune(
-    configs=_QUERY_MAJOR,
-    key=_KEYS,
-    prune_configs_by={"early_config_prune": _prune_query_major},
-    restore_value=["O", "LSE"],
-)(tk.hyper_fwd)
-_hyper_bwd_dq_kernel = triton.autotune(
-    configs=_QUERY_MAJOR, key=_KEYS, prune_configs_by={"early_config_prune": _prune_query_major}, restore_value=["DQ"]
-)(tk.hyper_bwd_dq)
-_hyper_bwd_dkdv_kernel = triton.autotune(
-    configs=_KEY_MAJOR, key=_KEYS, prune_configs_by={"early_config_prune": _prune_key_major}, restore_value=["DK", "DV"]
-)(tk.hyper_bwd_dkdv)
-_hyper_bwd_sample_kernel = triton.autotune(
-    configs=_KEY_MAJOR, key=_KEYS, prune_configs_by={"early_config_prune": _prune_samples}
-)(tk.hyper_bwd_sample)
-
 
 # ----------------------------------------------------------------------------------------------------------
 # host launchers
@@ -221,13 +136,15 @@ def _common(q, k, v, sub: _Sub, scale):
         nb, bq, bk = plan.num_blocks, plan.q_block, plan.k_block
     t = side.pos.shape[-1] if side is not None else 0
     i32 = lambda x: x.to(torch.int32).contiguous()  # noqa: E731
-    if sub.valid is None:
-        valid = torch.zeros(1, 1, dtype=torch.uint8, device=dev)
-    else:  # rows may be strided (slices, broadcasts), keys must be adjacent
+    by_row = sub.valid is not None and plan is None  # a permuted launch counts its keys instead (sorted first)
+    if by_row:  # rows may be strided (slices, broadcasts), keys must be adjacent
         valid = sub.valid.to(torch.bool)
         valid = (valid if valid.stride(-1) == 1 else valid.contiguous()).view(torch.uint8)
+    else:
+        valid = torch.zeros(1, 1, dtype=torch.uint8, device=dev)
     args = dict(
         KVALID=valid,
+        KCOUNT=_key_counts(sub, B, dev) if plan is not None else dummy_i,
         QPERM=i32(plan.q_perm) if plan is not None else dummy_i,
         KPERM=i32(plan.k_perm) if plan is not None else dummy_i,
         SAMP=i32(side.pos) if t else dummy_i,
@@ -258,8 +175,8 @@ def _common(q, k, v, sub: _Sub, scale):
         M=t,
         BAND_LO=sub.window[0],
         BAND_HI=sub.window[1],
-        scale=scale,
-        scale2=scale * math.log2(math.e),
+        # the scales as a tensor in the accumulator's dtype: a float argument is fp32 under the interpreter
+        SCALES=torch.tensor([scale, scale * math.log2(math.e)], dtype=lse_dtype(q.dtype), device=dev),
         BQ_BUCKET=_bucket(bq),
         BK_BUCKET=_bucket(bk),
         M_BUCKET=_bucket(t),
@@ -267,7 +184,7 @@ def _common(q, k, v, sub: _Sub, scale):
         BLOCK_D=max(16, next_pow2(D)),
         PERMUTED=plan is not None,
         HAS_SAMPLES=t > 0,
-        HAS_VALID=sub.valid is not None,
+        HAS_VALID=by_row,
         IS_CAUSAL=sub.causal,
         BAND=sub.band,
         ACC=tl.float64 if q.dtype == torch.float64 else tl.float32,
@@ -275,6 +192,18 @@ def _common(q, k, v, sub: _Sub, scale):
         WIDEN=_INTERPRET and q.dtype == torch.bfloat16,
     )
     return args, (B * sub.count, nb, bq, bk, t)
+
+
+def _key_counts(sub: _Sub, B: int, dev) -> torch.Tensor:
+    """``[B * count]`` int32: the estimator's keys of each sub-problem (its key rows marked in ``sub.valid``),
+    which the plan sorts first; all ``sk`` keys without a mask."""
+    n_sub = B * sub.count
+    if sub.valid is None:
+        return torch.full((n_sub,), sub.sk, dtype=torch.int32, device=dev)
+    rows = sub.valid[:, sub.k_off :]
+    if sub.count == 1:
+        return rows[:, : sub.sk].sum(-1, dtype=torch.int32)
+    return rows.unfold(1, sub.sk, sub.chunk)[:, : sub.count].sum(-1, dtype=torch.int32).reshape(n_sub)
 
 
 def _launch(kernel, grid, args):
@@ -332,6 +261,9 @@ def _launch_bwd(q, k, v, sub: _Sub, g: _Grads, scale, accumulate_q: bool, accumu
         sdkb=g.dk.stride(0),
         sdkh=g.dk.stride(1),
         sdkn=g.dk.stride(2),
+        sdvb=g.dv.stride(0),
+        sdvh=g.dv.stride(1),
+        sdvn=g.dv.stride(2),
         slb=g.lse.stride(0),
         slh=g.lse.stride(1),
     )

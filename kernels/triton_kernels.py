@@ -1,7 +1,8 @@
 """The Triton kernels of the CUDA path (``@triton.jit`` kernels and device helpers only).
 
-Launch configurations, autotuning, pruning and the host launchers live in `triton_attention`, which wraps
-each kernel here in ``triton.autotune``. See its docstring for the sub-problem layout the kernels address.
+Launch configurations, autotuning and pruning live in `triton_configs` (which wraps each kernel here in
+``triton.autotune``), the host launchers in `triton_attention`; see its docstring for the sub-problem layout the
+kernels address. docs/gpu.md has what the compiled kernels cost (built ahead of time for sm_80 and sm_90).
 
 Kernels (a plain-torch oracle is `reference.hyper_attention_reference`; `cpu` is the other fast path)
 - `hyper_fwd`: one program per query tile, in LSH-sorted order. One online-softmax pass over (a) the
@@ -24,8 +25,15 @@ Kernels (a plain-torch oracle is `reference.hyper_attention_reference`; `cpu` is
   The backward is fed the *final* out and lse of each row (the split-softmax identity, as in `cpu`), with
   Delta = rowsum(dO * O) computed once in torch.
 
-Validity of a side key rides in its log-weight (-inf: a masked key, or an empty stratum); the key mask
-``KVALID`` applies to the blocks only, and holds the estimator's keys when a plan is given.
+Validity of a side key rides in its log-weight (-inf: a masked key, an empty stratum, a draw of the query tile's
+own block), so side-key tiles need no pair mask. The keys of a permuted launch are valid iff their sorted
+position is below ``KCOUNT[sub]`` (the plan sorts the estimator's keys first); the key mask ``KVALID`` is read
+by row only by unpermuted launches (exact calls, leaves, the band).
+
+Loops (see docs/gpu.md for their compiled instruction mix): every gathered loop loads the next tile's rows one
+iteration ahead and carries them, so the K/V (Q/dO) loads of a tile depend on no load of the same iteration and
+are pipelined as asynchronous copies. The diagonal block is split into whole tiles that every row of the
+query tile sees (no pair mask, unmasked loads) and the rest (the causal diagonal, the band, ragged ends).
 
 The local window of non-causal self-attention (``BAND``, a constexpr): ``BAND_EXCLUDE`` leaves the (query, key)
 pairs with ``-BAND_LO <= j - i <= BAND_HI`` out of the blocks and the residual draws (not the extras), and
@@ -68,6 +76,7 @@ LENGTHS = [
     "BAND_LO",
     "BAND_HI",
 ]
+RUNTIME = LENGTHS + ["ACCUMULATE"]  # ACCUMULATE (0/1) only branches at entry and exit: not worth a variant
 # BAND modes (constexpr) of non-causal self-attention with a local window
 BAND_NONE = tl.constexpr(0)
 BAND_EXCLUDE = tl.constexpr(1)  # the hyper parts: (query, key) pairs inside the query's window are left out
@@ -95,18 +104,18 @@ def _rows_of(PERM, pos, inside, row0, N_T, PERMUTED: tl.constexpr):
 
 
 @_device
-def _valid_keys(KVALID, rows, ok, HAS_VALID: tl.constexpr):
-    if HAS_VALID:
-        ok = ok & (tl.load(KVALID + rows, mask=ok, other=0) != 0)
-    return ok
-
-
-@_device
-def _load_rows(base, rows, ok, stride_n, D: tl.constexpr, BLOCK_D: tl.constexpr):
-    """``[R, BLOCK_D]`` tile of rows ``rows`` (zero where masked or past D)."""
+def _load_rows(base, rows, ok, stride_n, D: tl.constexpr, BLOCK_D: tl.constexpr, MASK: tl.constexpr):
+    """``[R, BLOCK_D]`` tile of rows ``rows``: zero where ``ok`` is False (with ``MASK``) or past D. Without
+    ``MASK`` every row must exist (whole tiles), so the load needs no row mask."""
     offs_d = tl.arange(0, BLOCK_D)
     ptrs = base + rows.to(tl.int64)[:, None] * stride_n + offs_d[None, :]
-    return tl.load(ptrs, mask=ok[:, None] & (offs_d[None, :] < D), other=0.0)
+    if MASK:
+        x = tl.load(ptrs, mask=ok[:, None] & (offs_d[None, :] < D), other=0.0)
+    elif D == BLOCK_D:
+        x = tl.load(ptrs)
+    else:
+        x = tl.load(ptrs, mask=offs_d[None, :] < D, other=0.0)
+    return x
 
 
 @_device
@@ -120,9 +129,10 @@ def _store_rows(base, rows, ok, stride_n, x, D: tl.constexpr, BLOCK_D: tl.conste
 def _query_tile(
     pid, QPERM, HQ, GROUP, COUNT, CHUNK, Q_OFF, SQ, NQ_T, BQ, PERMUTED: tl.constexpr, BLOCK_M: tl.constexpr
 ):
-    """Query-major program -> (sub-problem, query head, its kv head's row in the plan, block, first row of the
-    tile in the block, sorted positions [BM], tensor rows [BM], rows that exist). Tiles of a head are adjacent,
-    so the programs sharing a diagonal K/V block and the samples run together (L2 reuse)."""
+    """Query-major program -> (sub-problem, query head, its kv head's row in the plan, the kv head, block, first
+    row of the tile in the block, sorted positions [BM], tensor rows [BM], rows that exist). Tiles of a head are
+    adjacent, so the programs sharing a diagonal K/V block and the samples run together (L2 reuse). Divisions
+    stay in 32 bits (a 64-bit one is a called subroutine); heads are int64 for the offsets they scale."""
     tiles = tl.cdiv(BQ, BLOCK_M)
     per_head = tl.cdiv(SQ, BQ) * tiles
     sh = pid // per_head
@@ -135,28 +145,78 @@ def _query_tile(
     q_row0 = (sub % COUNT) * CHUNK + Q_OFF
     qrow, q_ok = _rows_of(QPERM + sh.to(tl.int64) * SQ, pos, (r < BQ) & (pos < SQ), q_row0, NQ_T, PERMUTED)
     kv_head = (sub * (HQ // GROUP) + h // GROUP).to(tl.int64)
-    return sub, h.to(tl.int64), kv_head, blk, t0, pos, qrow, q_ok
+    return sub, h.to(tl.int64), kv_head, (h // GROUP).to(tl.int64), blk, t0, pos, qrow, q_ok
 
 
 @_device
-def _diag_keys(KPERM, kv_head, SK, kpos, k_hi, k_row0, NK_T, valid, PERMUTED: tl.constexpr, HAS_VALID: tl.constexpr):
-    """Tensor rows of diagonal-block key positions ``kpos`` below ``k_hi``, and which are attended to."""
-    krow, k_ok = _rows_of(KPERM + kv_head * SK, kpos, kpos < k_hi, k_row0, NK_T, PERMUTED)
-    return krow, _valid_keys(valid, krow, k_ok, HAS_VALID)
+def _diag_keys(kperm, kpos, k_hi, k_row0, NK_T, KVALID, PERMUTED: tl.constexpr, HAS_VALID: tl.constexpr):
+    """Tensor rows of diagonal-block key positions ``kpos`` below ``k_hi``, and which are attended to. A
+    permuted launch has its estimator's keys sorted first (``k_hi`` stops there); an unpermuted one reads the
+    key mask ``KVALID`` by row (contiguous bytes)."""
+    krow, k_ok = _rows_of(kperm, kpos, kpos < k_hi, k_row0, NK_T, PERMUTED)
+    if HAS_VALID:
+        k_ok = k_ok & (tl.load(KVALID + krow, mask=k_ok, other=0) != 0)
+    return krow, k_ok
 
 
 @_device
-def _side_keys(SAMP, SBLK, SLW, kv_head, M, sp, k_row0, NK_T, ACC: tl.constexpr):
-    """Side keys ``sp`` (the residual draws, then the exact extras): tensor rows, which are attended to, the
-    block each sits in (-1 for an extra, which no block excludes) and the base-2 log-weight of each.
+def _diag_span(
+    blk,
+    first,
+    BQ,
+    BK,
+    SQ,
+    SK,
+    k_count,
+    k_row0,
+    NK_T,
+    BAND_LO,
+    BAND_HI,
+    PERMUTED: tl.constexpr,
+    IS_CAUSAL: tl.constexpr,
+    BAND: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    """Diagonal-block key positions ``[k_lo, k_hi)`` a query tile (sorted positions ``first + [0, BLOCK_M)``)
+    visits, split at ``k_mid``: ``[k_lo, k_mid)`` are whole tiles of existing keys that every row of the tile
+    sees (no pair mask), ``[k_mid, k_hi)`` the rest (the causal diagonal, the band, a ragged end)."""
+    k_lo = blk * BK
+    k_hi = tl.minimum(k_lo + BK, SK)
+    if PERMUTED:
+        k_hi = tl.minimum(k_hi, k_count)  # the estimator's keys sort first
+        k_full = k_hi
+    else:
+        k_full = tl.minimum(k_hi, NK_T - k_row0)  # rows past the tensor (padded leaves)
+    if IS_CAUSAL:  # bottom-right aligned: position i sees keys <= i + SK - SQ
+        k_hi = tl.minimum(k_hi, first + BLOCK_M + SK - SQ)
+        k_full = tl.minimum(k_full, first + 1 + SK - SQ)
+    if BAND == BAND_ONLY:  # unpermuted: the tile's rows reach keys [first - lo, first + BLOCK_M + hi)
+        k_lo = tl.maximum(k_lo, first - BAND_LO)
+        k_hi = tl.minimum(k_hi, first + BLOCK_M + BAND_HI)
+    k_mid = k_lo
+    if BAND == BAND_NONE:
+        k_mid = k_lo + tl.maximum(k_full - k_lo, 0) // BLOCK_N * BLOCK_N
+    return k_lo, k_mid, k_hi
 
-    Validity rides in the log-weight: -inf marks a key that is not attended (masked, or an empty stratum)."""
+
+@_device
+def _side_rows(SAMP, kv_head, M, sp, k_row0, NK_T):
+    """Tensor rows of side keys ``sp`` (the residual draws, then the exact extras) and which exist."""
+    return _rows_of(SAMP + kv_head * M, sp, sp < M, k_row0, NK_T, True)
+
+
+@_device
+def _side_weights(SBLK, SLW, kv_head, M, sp, k_ok, blk, ACC: tl.constexpr):
+    """Base-2 log-weights of side keys ``sp`` and the block each sits in (-1 for an extra, which no block
+    excludes). Whether a key is attended rides in its log-weight: -inf for a key past M or the tensor (not
+    ``k_ok``), masked, in an empty stratum, or drawn from block ``blk`` (the query tile's own; -2 excludes
+    none). So a score plus the log-weight needs no mask."""
     inside = sp < M
-    krow, k_ok = _rows_of(SAMP + kv_head * M, sp, inside, k_row0, NK_T, True)
-    sblk = tl.load(SBLK + kv_head * M + sp, mask=inside, other=-1)
-    lw = tl.load(SLW + kv_head * M + sp, mask=inside, other=0.0).to(ACC)
-    k_ok = k_ok & (lw > float("-inf"))
-    return krow, k_ok, sblk, tl.where(k_ok, lw * LOG2E, 0.0)
+    base = kv_head * M
+    sblk = tl.load(SBLK + base + sp, mask=inside, other=-1)
+    lw = tl.load(SLW + base + sp, mask=inside, other=float("-inf")).to(ACC)
+    return tl.where(k_ok & (sblk != blk), lw * LOG2E, float("-inf")), sblk
 
 
 @_device
@@ -188,26 +248,6 @@ def _side_pairs(ok, didx, extra, BAND_LO, BAND_HI, BAND: tl.constexpr):
 
 
 @_device
-def _key_span(
-    blk, first, BQ, BK, SQ, SK, BAND_LO, BAND_HI, IS_CAUSAL: tl.constexpr, BAND: tl.constexpr, BLOCK_M: tl.constexpr
-):
-    """Diagonal-block key positions ``[k_lo, k_hi)`` that a query tile (sorted positions from ``first``) sees."""
-    k_lo = blk * BK
-    k_hi = tl.minimum(k_lo + BK, SK)
-    if IS_CAUSAL:
-        k_hi = tl.minimum(k_hi, first + BLOCK_M + SK - SQ)
-    if BAND == BAND_ONLY:  # unpermuted: the tile's rows reach keys [first - lo, first + BLOCK_M + hi)
-        k_lo = tl.maximum(k_lo, first - BAND_LO)
-        k_hi = tl.minimum(k_hi, first + BLOCK_M + BAND_HI)
-    return k_lo, k_hi
-
-
-@_device
-def _load_kv(k_base, v_base, krow, k_ok, skn, svn, D: tl.constexpr, BLOCK_D: tl.constexpr):
-    return _load_rows(k_base, krow, k_ok, skn, D, BLOCK_D), _load_rows(v_base, krow, k_ok, svn, D, BLOCK_D)
-
-
-@_device
 def _grad_rows(
     q_base,
     do_base,
@@ -222,9 +262,10 @@ def _grad_rows(
     BLOCK_D: tl.constexpr,
     ACC: tl.constexpr,
 ):
-    """What the backward reads per query row: q, dO [R, BLOCK_D], lse (base 2) and Delta [R]."""
-    q = _load_rows(q_base, qrow, q_ok, sqn, D, BLOCK_D)
-    do = _load_rows(do_base, qrow, q_ok, sdon, D, BLOCK_D)
+    """What the backward reads per query row: q, dO [R, BLOCK_D], lse (base 2) and Delta [R]; zeros for rows
+    that do not exist, which then add nothing to any gradient."""
+    q = _load_rows(q_base, qrow, q_ok, sqn, D, BLOCK_D, True)
+    do = _load_rows(do_base, qrow, q_ok, sdon, D, BLOCK_D, True)
     row_off = row_base + qrow.to(tl.int64)
     lse2 = tl.load(LSE + row_off, mask=q_ok, other=0.0).to(ACC) * LOG2E
     delta = tl.load(DELTA + row_off, mask=q_ok, other=0.0).to(ACC)
@@ -233,51 +274,542 @@ def _grad_rows(
 
 @_device
 def _dot(a, b, ACC: tl.constexpr, PRECISION: tl.constexpr, WIDEN: tl.constexpr):
+    """``a @ b`` accumulated in ``ACC``. fp32 operands with ``PRECISION="ieee"`` run as fp64 dots (exact
+    products, fp64 sums, rounded to ACC): the fp64 tensor cores (DMMA) keep operands in the MMA register layout,
+    where Triton's fp32 FMA dot holds a thread's whole K slice of both operands (255 registers and spills at
+    d = 128 even for 16 x 16 tiles); DMMA's rate equals the fp32 FMA rate on A100 and H100."""
     if WIDEN:  # interpreter only, see the module docstring
         a = a.to(tl.float32)
         b = b.to(tl.float32)
-    return tl.dot(a, b, input_precision=PRECISION, out_dtype=ACC)
+    if a.dtype == tl.float32 and PRECISION == "ieee":
+        out = tl.dot(a.to(tl.float64), b.to(tl.float64), input_precision=PRECISION, out_dtype=tl.float64).to(ACC)
+    else:
+        out = tl.dot(a, b, input_precision=PRECISION, out_dtype=ACC)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------
+# query-major passes (forward and dQ): one step per key tile, the diagonal block and the side keys
+# ----------------------------------------------------------------------------------------------------------
 
 
 @_device
-def _fwd_step(
-    acc, m_i, l_i, q, k, v, ok, bias2, scale2, ACC: tl.constexpr, PRECISION: tl.constexpr, WIDEN: tl.constexpr
+def _step(
+    acc,
+    m_i,
+    l_i,
+    q,
+    do,
+    lse2,
+    delta,
+    k,
+    v,
+    ok,
+    bias2,
+    scale2,
+    MASK: tl.constexpr,
+    GRAD: tl.constexpr,
+    ACC: tl.constexpr,
+    PRECISION: tl.constexpr,
+    WIDEN: tl.constexpr,
 ):
-    """One online-softmax step (base-2 scores) over a key tile; ``ok [BM, BN]`` masks pairs."""
+    """One key tile of a query tile. Forward (``GRAD`` False): an online-softmax step (base-2 scores) on
+    (acc, m, l). dQ: ``acc += dS K`` (m and l ride along unused). ``ok`` masks pairs when ``MASK``."""
     s = _dot(q, tl.trans(k), ACC, PRECISION, WIDEN) * scale2 + bias2  # [BM, BN]
-    s = tl.where(ok, s, float("-inf"))
-    m_new = tl.maximum(m_i, tl.max(s, 1))
-    empty = m_new == float("-inf")  # no key yet: keep (m, l, acc) = (-inf, 1, 0)
-    m_safe = tl.where(empty, 0.0, m_new)
-    alpha = tl.where(empty, 1.0, tl.math.exp2(m_i - m_safe))
-    p = tl.math.exp2(s - m_safe[:, None])
-    l_i = l_i * alpha + tl.sum(p, 1)
-    acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, ACC, PRECISION, WIDEN)
-    return acc, m_new, l_i
+    if GRAD:
+        p = tl.math.exp2(s - lse2[:, None])
+        if MASK:
+            p = tl.where(ok, p, 0.0)
+        dp = _dot(do, tl.trans(v), ACC, PRECISION, WIDEN)
+        ds = p * (dp - delta[:, None])
+        acc = acc + _dot(ds.to(k.dtype), k, ACC, PRECISION, WIDEN)
+    else:
+        if MASK:
+            s = tl.where(ok, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        empty = m_new == float("-inf")  # no key yet: keep (m, l, acc) = (-inf, 1, 0)
+        m_safe = tl.where(empty, 0.0, m_new)
+        alpha = tl.where(empty, 1.0, tl.math.exp2(m_i - m_safe))
+        p = tl.math.exp2(s - m_safe[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, ACC, PRECISION, WIDEN)
+        m_i = m_new
+    return acc, m_i, l_i
 
 
 @_device
-def _dq_step(
-    dq, q, do, lse2, delta, k, v, ok, bias2, scale2, ACC: tl.constexpr, PRECISION: tl.constexpr, WIDEN: tl.constexpr
+def _diag_pass(
+    acc,
+    m_i,
+    l_i,
+    q,
+    do,
+    lse2,
+    delta,
+    k_base,
+    v_base,
+    skn,
+    svn,
+    kperm,
+    KVALID,
+    lo,
+    hi,
+    pos,
+    qidx,
+    k_row0,
+    NK_T,
+    SQ,
+    SK,
+    BAND_LO,
+    BAND_HI,
+    scale2,
+    MASK: tl.constexpr,
+    PERMUTED: tl.constexpr,
+    HAS_VALID: tl.constexpr,
+    IS_CAUSAL: tl.constexpr,
+    BAND: tl.constexpr,
+    GRAD: tl.constexpr,
+    D: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    ACC: tl.constexpr,
+    PRECISION: tl.constexpr,
+    WIDEN: tl.constexpr,
 ):
-    s = _dot(q, tl.trans(k), ACC, PRECISION, WIDEN) * scale2 + bias2  # [BM, BN]
-    p = tl.where(ok, tl.math.exp2(s - lse2[:, None]), 0.0)
-    dp = _dot(do, tl.trans(v), ACC, PRECISION, WIDEN)
-    ds = p * (dp - delta[:, None])
-    return dq + _dot(ds.to(k.dtype), k, ACC, PRECISION, WIDEN)
+    """Key tiles ``[lo, hi)`` of the diagonal block. The next tile's rows (a gather through ``kperm`` when
+    permuted) are loaded one iteration ahead and carried, so the K/V loads of a tile depend on no load of the
+    same iteration and the pipeliner can issue them stages ahead. Without ``MASK`` the tiles are whole and seen
+    by every row: no pair mask and unmasked loads (the key mask of an unpermuted launch still applies)."""
+    kpos = lo + tl.arange(0, BLOCK_N)
+    krow, k_ok = _diag_keys(kperm, kpos, hi, k_row0, NK_T, KVALID, PERMUTED, HAS_VALID)
+    for _ in range(lo, hi, BLOCK_N):
+        nrow, n_ok = _diag_keys(kperm, kpos + BLOCK_N, hi, k_row0, NK_T, KVALID, PERMUTED, HAS_VALID)
+        k = _load_rows(k_base, krow, k_ok, skn, D, BLOCK_D, MASK)
+        v = _load_rows(v_base, krow, k_ok, svn, D, BLOCK_D, MASK)
+        ok = _block_pairs(
+            k_ok[None, :],
+            kpos[None, :] - pos[:, None],
+            (krow - k_row0)[None, :] - qidx[:, None],
+            SQ,
+            SK,
+            BAND_LO,
+            BAND_HI,
+            IS_CAUSAL,
+            BAND,
+        )
+        acc, m_i, l_i = _step(
+            acc, m_i, l_i, q, do, lse2, delta, k, v, ok, 0.0, scale2, MASK or HAS_VALID, GRAD, ACC, PRECISION, WIDEN
+        )
+        kpos, krow, k_ok = kpos + BLOCK_N, nrow, n_ok
+    return acc, m_i, l_i
+
+
+@_device
+def _side_pass(
+    acc,
+    m_i,
+    l_i,
+    q,
+    do,
+    lse2,
+    delta,
+    k_base,
+    v_base,
+    skn,
+    svn,
+    SAMP,
+    SBLK,
+    SLW,
+    kv_head,
+    M,
+    blk,
+    k_row0,
+    NK_T,
+    qidx,
+    BAND_LO,
+    BAND_HI,
+    scale2,
+    BAND: tl.constexpr,
+    GRAD: tl.constexpr,
+    D: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    ACC: tl.constexpr,
+    PRECISION: tl.constexpr,
+    WIDEN: tl.constexpr,
+):
+    """The side keys: residual draws of other blocks (log-weighted), then the exact extras (weight 1). The index
+    loads stay in the iteration: the pipeliner stages them by asynchronous copies, a stage before the K/V loads
+    they address. (Carrying the next tile's rows instead, as `_diag_pass` does, buys a second K/V buffer on
+    sm_80 and a third on sm_90 for 35% / 5% more instructions per tile: the rows then load into registers, in
+    the MMA layout's replication.) The weights carry validity, so without a window no pair mask is needed."""
+    for start in range(0, M, BLOCK_N):
+        sp = start + tl.arange(0, BLOCK_N)
+        krow, k_in = _side_rows(SAMP, kv_head, M, sp, k_row0, NK_T)
+        lw2, sblk = _side_weights(SBLK, SLW, kv_head, M, sp, k_in, blk, ACC)
+        k_ok = lw2 > float("-inf")
+        k = _load_rows(k_base, krow, k_ok, skn, D, BLOCK_D, True)
+        v = _load_rows(v_base, krow, k_ok, svn, D, BLOCK_D, True)
+        ok = _side_pairs(
+            k_ok[None, :], (krow - k_row0)[None, :] - qidx[:, None], (sblk < 0)[None, :], BAND_LO, BAND_HI, BAND
+        )
+        acc, m_i, l_i = _step(
+            acc,
+            m_i,
+            l_i,
+            q,
+            do,
+            lse2,
+            delta,
+            k,
+            v,
+            ok,
+            lw2[None, :],
+            scale2,
+            BAND == BAND_EXCLUDE,
+            GRAD,
+            ACC,
+            PRECISION,
+            WIDEN,
+        )
+    return acc, m_i, l_i
+
+
+@_device
+def _query_loop(
+    acc,
+    m_i,
+    l_i,
+    q,
+    do,
+    lse2,
+    delta,
+    sub,
+    b,
+    kv_head,
+    hk,
+    blk,
+    t0,
+    pos,
+    qrow,
+    K,
+    V,
+    KVALID,
+    KCOUNT,
+    KPERM,
+    SAMP,
+    SBLK,
+    SLW,
+    skb,
+    skh,
+    skn,
+    svb,
+    svh,
+    svn,
+    svalb,
+    HQ,
+    GROUP,
+    COUNT,
+    CHUNK,
+    Q_OFF,
+    K_OFF,
+    SQ,
+    SK,
+    NK_T,
+    BQ,
+    BK,
+    M,
+    BAND_LO,
+    BAND_HI,
+    scale2,
+    D: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    PERMUTED: tl.constexpr,
+    HAS_SAMPLES: tl.constexpr,
+    HAS_VALID: tl.constexpr,
+    IS_CAUSAL: tl.constexpr,
+    BAND: tl.constexpr,
+    GRAD: tl.constexpr,
+    ACC: tl.constexpr,
+    PRECISION: tl.constexpr,
+    WIDEN: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    """Every key a query tile sees (forward or dQ): the diagonal block's whole tiles, its other tiles, then
+    the side keys."""
+    k_row0 = (sub % COUNT) * CHUNK + K_OFF
+    qidx = qrow - ((sub % COUNT) * CHUNK + Q_OFF)  # query positions in the sub-problem (the window test)
+    k_base = K + b * skb + hk * skh
+    v_base = V + b * svb + hk * svh
+    valid = KVALID + b * svalb
+    kperm = KPERM + kv_head * SK
+    k_count = SK
+    if PERMUTED:
+        k_count = tl.load(KCOUNT + sub.to(tl.int64))
+    lo, mid, hi = _diag_span(
+        blk,
+        blk * BQ + t0,
+        BQ,
+        BK,
+        SQ,
+        SK,
+        k_count,
+        k_row0,
+        NK_T,
+        BAND_LO,
+        BAND_HI,
+        PERMUTED,
+        IS_CAUSAL,
+        BAND,
+        BLOCK_M,
+        BLOCK_N,
+    )
+    acc, m_i, l_i = _diag_pass(
+        acc,
+        m_i,
+        l_i,
+        q,
+        do,
+        lse2,
+        delta,
+        k_base,
+        v_base,
+        skn,
+        svn,
+        kperm,
+        valid,
+        lo,
+        mid,
+        pos,
+        qidx,
+        k_row0,
+        NK_T,
+        SQ,
+        SK,
+        BAND_LO,
+        BAND_HI,
+        scale2,
+        False,
+        PERMUTED,
+        HAS_VALID,
+        IS_CAUSAL,
+        BAND,
+        GRAD,
+        D,
+        BLOCK_D,
+        BLOCK_N,
+        ACC,
+        PRECISION,
+        WIDEN,
+    )
+    acc, m_i, l_i = _diag_pass(
+        acc,
+        m_i,
+        l_i,
+        q,
+        do,
+        lse2,
+        delta,
+        k_base,
+        v_base,
+        skn,
+        svn,
+        kperm,
+        valid,
+        mid,
+        hi,
+        pos,
+        qidx,
+        k_row0,
+        NK_T,
+        SQ,
+        SK,
+        BAND_LO,
+        BAND_HI,
+        scale2,
+        True,
+        PERMUTED,
+        HAS_VALID,
+        IS_CAUSAL,
+        BAND,
+        GRAD,
+        D,
+        BLOCK_D,
+        BLOCK_N,
+        ACC,
+        PRECISION,
+        WIDEN,
+    )
+    if HAS_SAMPLES:
+        acc, m_i, l_i = _side_pass(
+            acc,
+            m_i,
+            l_i,
+            q,
+            do,
+            lse2,
+            delta,
+            k_base,
+            v_base,
+            skn,
+            svn,
+            SAMP,
+            SBLK,
+            SLW,
+            kv_head,
+            M,
+            blk,
+            k_row0,
+            NK_T,
+            qidx,
+            BAND_LO,
+            BAND_HI,
+            scale2,
+            BAND,
+            GRAD,
+            D,
+            BLOCK_D,
+            BLOCK_N,
+            ACC,
+            PRECISION,
+            WIDEN,
+        )
+    return acc, m_i, l_i
+
+
+# ----------------------------------------------------------------------------------------------------------
+# key-major passes (dK/dV of the diagonal blocks and of the side keys)
+# ----------------------------------------------------------------------------------------------------------
 
 
 @_device
 def _dkdv_step(
-    dk, dv, k, v, q, do, lse2, delta, ok, bias2, scale2, ACC: tl.constexpr, PRECISION: tl.constexpr, WIDEN: tl.constexpr
+    dk,
+    dv,
+    k,
+    v,
+    q,
+    do,
+    lse2,
+    delta,
+    ok,
+    bias2,
+    scale2,
+    MASK: tl.constexpr,
+    ACC: tl.constexpr,
+    PRECISION: tl.constexpr,
+    WIDEN: tl.constexpr,
 ):
-    """Key-major step: ``ok [BN, BM]`` masks (key, query) pairs."""
+    """Key-major step: ``ok [BN, BM]`` masks (key, query) pairs when ``MASK``."""
     st = _dot(k, tl.trans(q), ACC, PRECISION, WIDEN) * scale2 + bias2  # [BN, BM]
-    pt = tl.where(ok, tl.math.exp2(st - lse2[None, :]), 0.0)
+    pt = tl.math.exp2(st - lse2[None, :])
+    if MASK:
+        pt = tl.where(ok, pt, 0.0)
     dv = dv + _dot(pt.to(do.dtype), do, ACC, PRECISION, WIDEN)
     dpt = _dot(v, tl.trans(do), ACC, PRECISION, WIDEN)
     dst = pt * (dpt - delta[None, :])
     dk = dk + _dot(dst.to(q.dtype), q, ACC, PRECISION, WIDEN)
+    return dk, dv
+
+
+@_device
+def _key_pass(
+    dk,
+    dv,
+    k,
+    v,
+    kpos,
+    kidx,
+    k_ok,
+    sblk,
+    lw2,
+    lo,
+    hi,
+    Q,
+    DO,
+    LSE,
+    DELTA,
+    QPERM,
+    sub,
+    b,
+    hk,
+    sqb,
+    sqh,
+    sqn,
+    sdob,
+    sdoh,
+    sdon,
+    slb,
+    slh,
+    HQ,
+    GROUP,
+    SQ,
+    SK,
+    NQ_T,
+    BQ,
+    q_row0,
+    BAND_LO,
+    BAND_HI,
+    scale2,
+    MASK: tl.constexpr,
+    SIDE: tl.constexpr,
+    PERMUTED: tl.constexpr,
+    IS_CAUSAL: tl.constexpr,
+    BAND: tl.constexpr,
+    D: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    ACC: tl.constexpr,
+    PRECISION: tl.constexpr,
+    WIDEN: tl.constexpr,
+):
+    """Query positions ``[lo, hi)`` of every query head of the kv head's group, as one flat loop over (head,
+    tile), so the pipeline fills once per program, not once per head; the next tile's rows are loaded one
+    iteration ahead. ``SIDE``: the keys are side keys (block exclusion, log-weights, window of draws)."""
+    tiles = tl.cdiv(hi - lo, BLOCK_M)
+    total = GROUP * tiles
+    qperm = QPERM + (sub * HQ + hk * GROUP) * SQ
+    pos = lo + tl.arange(0, BLOCK_M)
+    qrow, q_ok = _rows_of(qperm, pos, pos < hi, q_row0, NQ_T, PERMUTED)
+    for it in range(0, total):
+        h = hk * GROUP + it // tiles
+        # the next tile's rows; after the last tile, the last head's first tile again (in bounds, unused)
+        npos = lo + (it + 1) % tiles * BLOCK_M + tl.arange(0, BLOCK_M)
+        nh = tl.minimum((it + 1) // tiles, GROUP - 1)
+        nrow, n_ok = _rows_of(qperm + nh * SQ, npos, npos < hi, q_row0, NQ_T, PERMUTED)
+        q, do, lse2, delta = _grad_rows(
+            Q + b * sqb + h * sqh,
+            DO + b * sdob + h * sdoh,
+            LSE,
+            DELTA,
+            b * slb + h * slh,
+            qrow,
+            q_ok,
+            sqn,
+            sdon,
+            D,
+            BLOCK_D,
+            ACC,
+        )
+        if SIDE:
+            ok = k_ok[:, None] & (sblk[:, None] != (pos // BQ)[None, :])
+            ok = _side_pairs(ok, kidx[:, None] - (qrow - q_row0)[None, :], (sblk < 0)[:, None], BAND_LO, BAND_HI, BAND)
+            dk, dv = _dkdv_step(dk, dv, k, v, q, do, lse2, delta, ok, lw2[:, None], scale2, True, ACC, PRECISION, WIDEN)
+        else:
+            ok = _block_pairs(
+                k_ok[:, None],
+                kpos[:, None] - pos[None, :],
+                kidx[:, None] - (qrow - q_row0)[None, :],
+                SQ,
+                SK,
+                BAND_LO,
+                BAND_HI,
+                IS_CAUSAL,
+                BAND,
+            )
+            dk, dv = _dkdv_step(dk, dv, k, v, q, do, lse2, delta, ok, 0.0, scale2, MASK, ACC, PRECISION, WIDEN)
+        pos, qrow, q_ok = npos, nrow, n_ok
     return dk, dv
 
 
@@ -286,7 +818,7 @@ def _dkdv_step(
 # ----------------------------------------------------------------------------------------------------------
 
 
-@triton.jit(do_not_specialize=LENGTHS)
+@triton.jit(do_not_specialize=RUNTIME)
 def hyper_fwd(
     Q,
     K,
@@ -294,6 +826,7 @@ def hyper_fwd(
     O,
     LSE,
     KVALID,
+    KCOUNT,
     QPERM,
     KPERM,
     SAMP,
@@ -329,7 +862,8 @@ def hyper_fwd(
     M,
     BAND_LO,
     BAND_HI,
-    scale2,
+    SCALES,
+    ACCUMULATE,
     BQ_BUCKET,
     BK_BUCKET,
     M_BUCKET,
@@ -340,66 +874,86 @@ def hyper_fwd(
     HAS_VALID: tl.constexpr,
     IS_CAUSAL: tl.constexpr,
     BAND: tl.constexpr,
-    ACCUMULATE: tl.constexpr,
     ACC: tl.constexpr,
     PRECISION: tl.constexpr,
     WIDEN: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
-    sub, h, kv_head, blk, t0, pos, qrow, q_ok = _query_tile(
+    sub, h, kv_head, hk, blk, t0, pos, qrow, q_ok = _query_tile(
         tl.program_id(0), QPERM, HQ, GROUP, COUNT, CHUNK, Q_OFF, SQ, NQ_T, BQ, PERMUTED, BLOCK_M
     )
     b = (sub // COUNT).to(tl.int64)
-    hk = kv_head % (HQ // GROUP)
-    k_row0 = (sub % COUNT) * CHUNK + K_OFF
-    qidx = qrow - ((sub % COUNT) * CHUNK + Q_OFF)  # query positions in the sub-problem (the window test)
-    q = _load_rows(Q + b * sqb + h * sqh, qrow, q_ok, sqn, D, BLOCK_D)  # [BM, BD]
-    k_base = K + b * skb + hk * skh
-    v_base = V + b * svb + hk * svh
-    valid = KVALID + b * svalb
+    q = _load_rows(Q + b * sqb + h * sqh, qrow, q_ok, sqn, D, BLOCK_D, True)  # [BM, BD]
     o_base = O + b * sob + h * soh
     l_ptrs = LSE + b * slb + h * slh + qrow.to(tl.int64)
-
     l_i = tl.full([BLOCK_M], 1.0, ACC)
     if ACCUMULATE:  # resume the softmax of earlier parts: (m, l, acc) = (lse, 1, out)
         m_i = tl.load(l_ptrs, mask=q_ok, other=float("-inf")).to(ACC) * LOG2E
-        acc = _load_rows(o_base, qrow, q_ok, son, D, BLOCK_D).to(ACC)
+        acc = _load_rows(o_base, qrow, q_ok, son, D, BLOCK_D, True).to(ACC)
     else:
         m_i = tl.full([BLOCK_M], float("-inf"), ACC)
         acc = tl.zeros([BLOCK_M, BLOCK_D], ACC)
-
-    # (a) the diagonal key block
-    k_lo, k_hi = _key_span(blk, blk * BQ + t0, BQ, BK, SQ, SK, BAND_LO, BAND_HI, IS_CAUSAL, BAND, BLOCK_M)
-    for start in range(k_lo, k_hi, BLOCK_N):
-        kpos = start + tl.arange(0, BLOCK_N)
-        krow, k_ok = _diag_keys(KPERM, kv_head, SK, kpos, k_hi, k_row0, NK_T, valid, PERMUTED, HAS_VALID)
-        k, v = _load_kv(k_base, v_base, krow, k_ok, skn, svn, D, BLOCK_D)
-        ok = tl.broadcast_to(k_ok[None, :], (BLOCK_M, BLOCK_N))
-        ok = _block_pairs(
-            ok,
-            kpos[None, :] - pos[:, None],
-            (krow - k_row0)[None, :] - qidx[:, None],
-            SQ,
-            SK,
-            BAND_LO,
-            BAND_HI,
-            IS_CAUSAL,
-            BAND,
-        )
-        acc, m_i, l_i = _fwd_step(acc, m_i, l_i, q, k, v, ok, 0.0, scale2, ACC, PRECISION, WIDEN)
-
-    # (b) the side keys: residual draws of other blocks (log-weighted), then the exact extras (weight 1)
-    if HAS_SAMPLES:
-        for start in range(0, M, BLOCK_N):
-            sp = start + tl.arange(0, BLOCK_N)
-            krow, k_ok, sblk, lw2 = _side_keys(SAMP, SBLK, SLW, kv_head, M, sp, k_row0, NK_T, ACC)
-            k_ok = k_ok & (sblk != blk)
-            k, v = _load_kv(k_base, v_base, krow, k_ok, skn, svn, D, BLOCK_D)
-            ok = tl.broadcast_to(k_ok[None, :], (BLOCK_M, BLOCK_N))
-            ok = _side_pairs(ok, (krow - k_row0)[None, :] - qidx[:, None], (sblk < 0)[None, :], BAND_LO, BAND_HI, BAND)
-            acc, m_i, l_i = _fwd_step(acc, m_i, l_i, q, k, v, ok, lw2[None, :], scale2, ACC, PRECISION, WIDEN)
-
+    acc, m_i, l_i = _query_loop(
+        acc,
+        m_i,
+        l_i,
+        q,
+        q,
+        m_i,
+        m_i,
+        sub,
+        b,
+        kv_head,
+        hk,
+        blk,
+        t0,
+        pos,
+        qrow,
+        K,
+        V,
+        KVALID,
+        KCOUNT,
+        KPERM,
+        SAMP,
+        SBLK,
+        SLW,
+        skb,
+        skh,
+        skn,
+        svb,
+        svh,
+        svn,
+        svalb,
+        HQ,
+        GROUP,
+        COUNT,
+        CHUNK,
+        Q_OFF,
+        K_OFF,
+        SQ,
+        SK,
+        NK_T,
+        BQ,
+        BK,
+        M,
+        BAND_LO,
+        BAND_HI,
+        tl.load(SCALES + 1).to(ACC),
+        D,
+        BLOCK_D,
+        PERMUTED,
+        HAS_SAMPLES,
+        HAS_VALID,
+        IS_CAUSAL,
+        BAND,
+        False,
+        ACC,
+        PRECISION,
+        WIDEN,
+        BLOCK_M,
+        BLOCK_N,
+    )
     out = acc / l_i[:, None]
     lse = (m_i + tl.math.log2(l_i)) * LN2  # -inf for rows that saw no key
     _store_rows(o_base, qrow, q_ok, son, out.to(O.dtype.element_ty), D, BLOCK_D)
@@ -411,7 +965,7 @@ def hyper_fwd(
 # ----------------------------------------------------------------------------------------------------------
 
 
-@triton.jit(do_not_specialize=LENGTHS)
+@triton.jit(do_not_specialize=RUNTIME)
 def hyper_bwd_dq(
     Q,
     K,
@@ -421,6 +975,7 @@ def hyper_bwd_dq(
     DELTA,
     DQ,
     KVALID,
+    KCOUNT,
     QPERM,
     KPERM,
     SAMP,
@@ -459,8 +1014,8 @@ def hyper_bwd_dq(
     M,
     BAND_LO,
     BAND_HI,
-    scale,
-    scale2,
+    SCALES,
+    ACCUMULATE,
     BQ_BUCKET,
     BK_BUCKET,
     M_BUCKET,
@@ -471,21 +1026,17 @@ def hyper_bwd_dq(
     HAS_VALID: tl.constexpr,
     IS_CAUSAL: tl.constexpr,
     BAND: tl.constexpr,
-    ACCUMULATE: tl.constexpr,
     ACC: tl.constexpr,
     PRECISION: tl.constexpr,
     WIDEN: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
-    # the forward's loops again, accumulating dQ
-    sub, h, kv_head, blk, t0, pos, qrow, q_ok = _query_tile(
+    # the forward's loops again, accumulating dQ (m and l ride along unused)
+    sub, h, kv_head, hk, blk, t0, pos, qrow, q_ok = _query_tile(
         tl.program_id(0), QPERM, HQ, GROUP, COUNT, CHUNK, Q_OFF, SQ, NQ_T, BQ, PERMUTED, BLOCK_M
     )
     b = (sub // COUNT).to(tl.int64)
-    hk = kv_head % (HQ // GROUP)
-    k_row0 = (sub % COUNT) * CHUNK + K_OFF
-    qidx = qrow - ((sub % COUNT) * CHUNK + Q_OFF)
     q, do, lse2, delta = _grad_rows(
         Q + b * sqb + h * sqh,
         DO + b * sdob + h * sdoh,
@@ -500,48 +1051,75 @@ def hyper_bwd_dq(
         BLOCK_D,
         ACC,
     )
-    k_base = K + b * skb + hk * skh
-    v_base = V + b * svb + hk * svh
-    valid = KVALID + b * svalb
     dq = tl.zeros([BLOCK_M, BLOCK_D], ACC)
-
-    k_lo, k_hi = _key_span(blk, blk * BQ + t0, BQ, BK, SQ, SK, BAND_LO, BAND_HI, IS_CAUSAL, BAND, BLOCK_M)
-    for start in range(k_lo, k_hi, BLOCK_N):
-        kpos = start + tl.arange(0, BLOCK_N)
-        krow, k_ok = _diag_keys(KPERM, kv_head, SK, kpos, k_hi, k_row0, NK_T, valid, PERMUTED, HAS_VALID)
-        k, v = _load_kv(k_base, v_base, krow, k_ok, skn, svn, D, BLOCK_D)
-        ok = q_ok[:, None] & k_ok[None, :]
-        ok = _block_pairs(
-            ok,
-            kpos[None, :] - pos[:, None],
-            (krow - k_row0)[None, :] - qidx[:, None],
-            SQ,
-            SK,
-            BAND_LO,
-            BAND_HI,
-            IS_CAUSAL,
-            BAND,
-        )
-        dq = _dq_step(dq, q, do, lse2, delta, k, v, ok, 0.0, scale2, ACC, PRECISION, WIDEN)
-
-    if HAS_SAMPLES:
-        for start in range(0, M, BLOCK_N):
-            sp = start + tl.arange(0, BLOCK_N)
-            krow, k_ok, sblk, lw2 = _side_keys(SAMP, SBLK, SLW, kv_head, M, sp, k_row0, NK_T, ACC)
-            k_ok = k_ok & (sblk != blk)
-            k, v = _load_kv(k_base, v_base, krow, k_ok, skn, svn, D, BLOCK_D)
-            ok = q_ok[:, None] & k_ok[None, :]
-            ok = _side_pairs(ok, (krow - k_row0)[None, :] - qidx[:, None], (sblk < 0)[None, :], BAND_LO, BAND_HI, BAND)
-            dq = _dq_step(dq, q, do, lse2, delta, k, v, ok, lw2[None, :], scale2, ACC, PRECISION, WIDEN)
-
-    dq = dq * scale
+    dq, _, _ = _query_loop(
+        dq,
+        lse2,
+        lse2,
+        q,
+        do,
+        lse2,
+        delta,
+        sub,
+        b,
+        kv_head,
+        hk,
+        blk,
+        t0,
+        pos,
+        qrow,
+        K,
+        V,
+        KVALID,
+        KCOUNT,
+        KPERM,
+        SAMP,
+        SBLK,
+        SLW,
+        skb,
+        skh,
+        skn,
+        svb,
+        svh,
+        svn,
+        svalb,
+        HQ,
+        GROUP,
+        COUNT,
+        CHUNK,
+        Q_OFF,
+        K_OFF,
+        SQ,
+        SK,
+        NK_T,
+        BQ,
+        BK,
+        M,
+        BAND_LO,
+        BAND_HI,
+        tl.load(SCALES + 1).to(ACC),
+        D,
+        BLOCK_D,
+        PERMUTED,
+        HAS_SAMPLES,
+        HAS_VALID,
+        IS_CAUSAL,
+        BAND,
+        True,
+        ACC,
+        PRECISION,
+        WIDEN,
+        BLOCK_M,
+        BLOCK_N,
+    )
+    dq = dq * tl.load(SCALES).to(ACC)
     dq_base = DQ + b * sdqb + h * sdqh
     if ACCUMULATE:
-        dq += _load_rows(dq_base, qrow, q_ok, sdqn, D, BLOCK_D)
+        dq += _load_rows(dq_base, qrow, q_ok, sdqn, D, BLOCK_D, True)
     _store_rows(dq_base, qrow, q_ok, sdqn, dq, D, BLOCK_D)
 
 
-@triton.jit(do_not_specialize=LENGTHS)
+@triton.jit(do_not_specialize=RUNTIME)
 def hyper_bwd_dkdv(
     Q,
     K,
@@ -552,6 +1130,7 @@ def hyper_bwd_dkdv(
     DK,
     DV,
     KVALID,
+    KCOUNT,
     QPERM,
     KPERM,
     sqb,
@@ -569,6 +1148,9 @@ def hyper_bwd_dkdv(
     sdkb,
     sdkh,
     sdkn,
+    sdvb,
+    sdvh,
+    sdvn,
     slb,
     slh,
     svalb,
@@ -584,22 +1166,18 @@ def hyper_bwd_dkdv(
     NK_T,
     BQ,
     BK,
-    M,
     BAND_LO,
     BAND_HI,
-    scale,
-    scale2,
+    SCALES,
+    ACCUMULATE,
     BQ_BUCKET,
     BK_BUCKET,
-    M_BUCKET,
     D: tl.constexpr,
     BLOCK_D: tl.constexpr,
     PERMUTED: tl.constexpr,
-    HAS_SAMPLES: tl.constexpr,
     HAS_VALID: tl.constexpr,
     IS_CAUSAL: tl.constexpr,
     BAND: tl.constexpr,
-    ACCUMULATE: tl.constexpr,
     ACC: tl.constexpr,
     PRECISION: tl.constexpr,
     WIDEN: tl.constexpr,
@@ -611,10 +1189,11 @@ def hyper_bwd_dkdv(
     tiles = tl.cdiv(BK, BLOCK_N)
     per_head = tl.cdiv(SQ, BQ) * tiles
     pid = tl.program_id(0)
-    kv_head = (pid // per_head).to(tl.int64)
-    sub = kv_head // (HQ // GROUP)
-    hk = kv_head % (HQ // GROUP)
-    b = sub // COUNT
+    kv = pid // per_head
+    sub = kv // (HQ // GROUP)
+    hk = (kv % (HQ // GROUP)).to(tl.int64)
+    kv_head = kv.to(tl.int64)
+    b = (sub // COUNT).to(tl.int64)
     q_row0 = (sub % COUNT) * CHUNK + Q_OFF
     k_row0 = (sub % COUNT) * CHUNK + K_OFF
     blk = (pid % per_head) // tiles
@@ -622,61 +1201,145 @@ def hyper_bwd_dkdv(
     r = t0 + tl.arange(0, BLOCK_N)
     kpos = blk * BK + r  # [BN]
     krow, k_in = _rows_of(KPERM + kv_head * SK, kpos, (r < BK) & (kpos < SK), k_row0, NK_T, PERMUTED)
-    k_ok = _valid_keys(KVALID + b * svalb, krow, k_in, HAS_VALID)
-    k, v = _load_kv(K + b * skb + hk * skh, V + b * svb + hk * svh, krow, k_ok, skn, svn, D, BLOCK_D)
+    if PERMUTED:  # the estimator's keys sort first
+        k_ok = k_in & (kpos < tl.load(KCOUNT + sub.to(tl.int64)))
+    else:
+        k_ok = k_in
+        if HAS_VALID:
+            k_ok = k_ok & (tl.load(KVALID + b * svalb + krow, mask=k_in, other=0) != 0)
+    k = _load_rows(K + b * skb + hk * skh, krow, k_ok, skn, D, BLOCK_D, True)
+    v = _load_rows(V + b * svb + hk * svh, krow, k_ok, svn, D, BLOCK_D, True)
     kidx = krow - k_row0  # key positions in the sub-problem (the window test)
     dk = tl.zeros([BLOCK_N, BLOCK_D], ACC)
     dv = tl.zeros([BLOCK_N, BLOCK_D], ACC)
 
+    # queries [q_lo, q_hi) see the tile; [q_mid, q_hi) see all of it (no pair mask). Keys that are not attended
+    # get their rows zeroed at the end instead of a mask per step.
+    first = blk * BK + t0
     q_lo = blk * BQ
     q_hi = tl.minimum(q_lo + BQ, SQ)
     if IS_CAUSAL:  # queries before the tile's first key see none of it
-        q_lo = tl.maximum(q_lo, blk * BK + t0 - (SK - SQ))
+        q_lo = tl.maximum(q_lo, first - (SK - SQ))
     if BAND == BAND_ONLY:  # unpermuted: the tile's keys are in the windows of queries [first - hi, ... + lo)
-        q_lo = tl.maximum(q_lo, blk * BK + t0 - BAND_HI)
-        q_hi = tl.minimum(q_hi, blk * BK + t0 + BLOCK_N + BAND_LO)
-    for hh in range(0, GROUP):
-        h = hk * GROUP + hh
-        qperm = QPERM + (sub * HQ + h) * SQ
-        for start in range(q_lo, q_hi, BLOCK_M):
-            pos = start + tl.arange(0, BLOCK_M)
-            qrow, q_ok = _rows_of(qperm, pos, pos < q_hi, q_row0, NQ_T, PERMUTED)
-            q, do, lse2, delta = _grad_rows(
-                Q + b * sqb + h * sqh,
-                DO + b * sdob + h * sdoh,
-                LSE,
-                DELTA,
-                b * slb + h * slh,
-                qrow,
-                q_ok,
-                sqn,
-                sdon,
-                D,
-                BLOCK_D,
-                ACC,
-            )
-            ok = k_ok[:, None] & q_ok[None, :]
-            ok = _block_pairs(
-                ok,
-                kpos[:, None] - pos[None, :],
-                kidx[:, None] - (qrow - q_row0)[None, :],
-                SQ,
-                SK,
-                BAND_LO,
-                BAND_HI,
-                IS_CAUSAL,
-                BAND,
-            )
-            dk, dv = _dkdv_step(dk, dv, k, v, q, do, lse2, delta, ok, 0.0, scale2, ACC, PRECISION, WIDEN)
+        q_lo = tl.maximum(q_lo, first - BAND_HI)
+        q_hi = tl.minimum(q_hi, first + BLOCK_N + BAND_LO)
+    q_mid = q_hi
+    if BAND == BAND_NONE:
+        q_mid = q_lo
+        if IS_CAUSAL:  # from query first + BLOCK_N - 1 - (SK - SQ) on, every key of the tile is seen
+            need = tl.maximum(first + BLOCK_N - 1 - (SK - SQ) - q_lo, 0)
+            q_mid = tl.minimum(q_lo + tl.cdiv(need, BLOCK_M) * BLOCK_M, q_hi)
+    scale2 = tl.load(SCALES + 1).to(ACC)
+    dk, dv = _key_pass(
+        dk,
+        dv,
+        k,
+        v,
+        kpos,
+        kidx,
+        k_ok,
+        kpos,
+        kpos,
+        q_lo,
+        q_mid,
+        Q,
+        DO,
+        LSE,
+        DELTA,
+        QPERM,
+        sub,
+        b,
+        hk,
+        sqb,
+        sqh,
+        sqn,
+        sdob,
+        sdoh,
+        sdon,
+        slb,
+        slh,
+        HQ,
+        GROUP,
+        SQ,
+        SK,
+        NQ_T,
+        BQ,
+        q_row0,
+        BAND_LO,
+        BAND_HI,
+        scale2,
+        True,
+        False,
+        PERMUTED,
+        IS_CAUSAL,
+        BAND,
+        D,
+        BLOCK_D,
+        BLOCK_M,
+        ACC,
+        PRECISION,
+        WIDEN,
+    )
+    dk, dv = _key_pass(
+        dk,
+        dv,
+        k,
+        v,
+        kpos,
+        kidx,
+        k_ok,
+        kpos,
+        kpos,
+        q_mid,
+        q_hi,
+        Q,
+        DO,
+        LSE,
+        DELTA,
+        QPERM,
+        sub,
+        b,
+        hk,
+        sqb,
+        sqh,
+        sqn,
+        sdob,
+        sdoh,
+        sdon,
+        slb,
+        slh,
+        HQ,
+        GROUP,
+        SQ,
+        SK,
+        NQ_T,
+        BQ,
+        q_row0,
+        BAND_LO,
+        BAND_HI,
+        scale2,
+        False,
+        False,
+        PERMUTED,
+        IS_CAUSAL,
+        BAND,
+        D,
+        BLOCK_D,
+        BLOCK_M,
+        ACC,
+        PRECISION,
+        WIDEN,
+    )
 
-    dk = dk * scale
+    dk = tl.where(k_ok[:, None], dk * tl.load(SCALES).to(ACC), 0.0)
+    dv = tl.where(k_ok[:, None], dv, 0.0)
     dk_base = DK + b * sdkb + hk * sdkh
-    dv_base = DV + b * sdkb + hk * sdkh
+    dv_base = DV + b * sdvb + hk * sdvh
     if ACCUMULATE:
-        dk += _load_rows(dk_base, krow, k_in, sdkn, D, BLOCK_D)
-        dv += _load_rows(dv_base, krow, k_in, sdkn, D, BLOCK_D)
+        dk += _load_rows(dk_base, krow, k_in, sdkn, D, BLOCK_D, True)
+        dv += _load_rows(dv_base, krow, k_in, sdvn, D, BLOCK_D, True)
     _store_rows(dk_base, krow, k_in, sdkn, dk, D, BLOCK_D)
-    _store_rows(dv_base, krow, k_in, sdkn, dv, D, BLOCK_D)
+    _store_rows(dv_base, krow, k_in, sdvn, dv, D, BLOCK_D)
 
 
 @triton.jit(do_not_specialize=LENGTHS + ["ROWS_PER_SPLIT"])
@@ -721,17 +1384,12 @@ def hyper_bwd_sample(
     M,
     BAND_LO,
     BAND_HI,
-    scale,
-    scale2,
+    SCALES,
     ROWS_PER_SPLIT,
     BQ_BUCKET,
-    BK_BUCKET,
     M_BUCKET,
     D: tl.constexpr,
     BLOCK_D: tl.constexpr,
-    PERMUTED: tl.constexpr,
-    HAS_SAMPLES: tl.constexpr,
-    IS_CAUSAL: tl.constexpr,
     BAND: tl.constexpr,
     ACC: tl.constexpr,
     PRECISION: tl.constexpr,
@@ -744,49 +1402,80 @@ def hyper_bwd_sample(
     tiles = tl.cdiv(M, BLOCK_N)
     splits = tl.cdiv(SQ, ROWS_PER_SPLIT)
     pid = tl.program_id(0)
-    kv_head = (pid // (splits * tiles)).to(tl.int64)
+    kv = pid // (splits * tiles)
     split = (pid // tiles) % splits
-    sub = kv_head // (HQ // GROUP)
-    hk = kv_head % (HQ // GROUP)
-    b = sub // COUNT
+    sub = kv // (HQ // GROUP)
+    hk = (kv % (HQ // GROUP)).to(tl.int64)
+    kv_head = kv.to(tl.int64)
+    b = (sub // COUNT).to(tl.int64)
     q_row0 = (sub % COUNT) * CHUNK + Q_OFF
     k_row0 = (sub % COUNT) * CHUNK + K_OFF
     sp = (pid % tiles) * BLOCK_N + tl.arange(0, BLOCK_N)
-    krow, k_ok, sblk, lw2 = _side_keys(SAMP, SBLK, SLW, kv_head, M, sp, k_row0, NK_T, ACC)
-    k, v = _load_kv(K + b * skb + hk * skh, V + b * svb + hk * svh, krow, k_ok, skn, svn, D, BLOCK_D)
+    krow, k_in = _side_rows(SAMP, kv_head, M, sp, k_row0, NK_T)
+    lw2, sblk = _side_weights(SBLK, SLW, kv_head, M, sp, k_in, -2, ACC)
+    k_ok = lw2 > float("-inf")
+    k = _load_rows(K + b * skb + hk * skh, krow, k_ok, skn, D, BLOCK_D, True)
+    v = _load_rows(V + b * svb + hk * svh, krow, k_ok, svn, D, BLOCK_D, True)
     kidx = krow - k_row0
     dk = tl.zeros([BLOCK_N, BLOCK_D], ACC)
     dv = tl.zeros([BLOCK_N, BLOCK_D], ACC)
     p_lo = split * ROWS_PER_SPLIT
     p_hi = tl.minimum(p_lo + ROWS_PER_SPLIT, SQ)
-    for hh in range(0, GROUP):
-        h = hk * GROUP + hh
-        qperm = QPERM + (sub * HQ + h) * SQ
-        for start in range(p_lo, p_hi, BLOCK_M):
-            pos = start + tl.arange(0, BLOCK_M)
-            qrow, q_ok = _rows_of(qperm, pos, pos < p_hi, q_row0, NQ_T, True)
-            q, do, lse2, delta = _grad_rows(
-                Q + b * sqb + h * sqh,
-                DO + b * sdob + h * sdoh,
-                LSE,
-                DELTA,
-                b * slb + h * slh,
-                qrow,
-                q_ok,
-                sqn,
-                sdon,
-                D,
-                BLOCK_D,
-                ACC,
-            )
-            ok = k_ok[:, None] & q_ok[None, :] & (sblk[:, None] != (pos // BQ)[None, :])
-            ok = _side_pairs(ok, kidx[:, None] - (qrow - q_row0)[None, :], (sblk < 0)[:, None], BAND_LO, BAND_HI, BAND)
-            dk, dv = _dkdv_step(dk, dv, k, v, q, do, lse2, delta, ok, lw2[:, None], scale2, ACC, PRECISION, WIDEN)
+    dk, dv = _key_pass(
+        dk,
+        dv,
+        k,
+        v,
+        sp,
+        kidx,
+        k_ok,
+        sblk,
+        lw2,
+        p_lo,
+        p_hi,
+        Q,
+        DO,
+        LSE,
+        DELTA,
+        QPERM,
+        sub,
+        b,
+        hk,
+        sqb,
+        sqh,
+        sqn,
+        sdob,
+        sdoh,
+        sdon,
+        slb,
+        slh,
+        HQ,
+        GROUP,
+        SQ,
+        SK,
+        NQ_T,
+        BQ,
+        q_row0,
+        BAND_LO,
+        BAND_HI,
+        tl.load(SCALES + 1).to(ACC),
+        True,
+        True,
+        True,
+        False,
+        BAND,
+        D,
+        BLOCK_D,
+        BLOCK_M,
+        ACC,
+        PRECISION,
+        WIDEN,
+    )
 
     offs_d = tl.arange(0, BLOCK_D)
     heads = tl.num_programs(0) // (splits * tiles)  # n_sub * Hkv
     row = ((split.to(tl.int64) * heads + kv_head) * 2) * M + sp  # [BN] rows of PART viewed as [-1, BLOCK_D]
     ptrs = PART + row[:, None] * BLOCK_D + offs_d[None, :]
     inside = (sp < M)[:, None]
-    tl.store(ptrs, dk * scale, mask=inside)
+    tl.store(ptrs, dk * tl.load(SCALES).to(ACC), mask=inside)
     tl.store(ptrs + M * BLOCK_D, dv, mask=inside)

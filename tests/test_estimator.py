@@ -22,7 +22,14 @@ from hyper_backend.kernels.plan import plan_call
 
 F64 = torch.float64
 BASE = HyperConfig(
-    block_size=16, sample_size=16, lsh_num_projs=4, min_seq_len=32, sink_keys=0, local_window=0, residual="uniform"
+    detector="lsh",
+    block_size=16,
+    sample_size=16,
+    lsh_num_projs=4,
+    min_seq_len=32,
+    sink_keys=0,
+    local_window=0,
+    residual="uniform",
 )  # the published estimator; tests add the exact parts
 
 
@@ -237,7 +244,14 @@ def test_stratified_draws_cover_the_sorted_order_once_per_stratum():
 @pytest.mark.parametrize("causal,nq,nk", [(True, 40, 40), (True, 30, 40), (False, 40, 40), (False, 30, 40)])
 def test_gradcheck_with_sinks_window_and_stratified(causal, nq, nk, one_thread):
     cfg = HyperConfig(
-        block_size=8, sample_size=6, lsh_num_projs=3, min_seq_len=8, sink_keys=2, local_window=5, residual="stratified"
+        detector="lsh",
+        block_size=8,
+        sample_size=6,
+        lsh_num_projs=3,
+        min_seq_len=8,
+        sink_keys=2,
+        local_window=5,
+        residual="stratified",
     )
     q, k, v = (x.requires_grad_(True) for x in _qkv(1, 2, nq, nk, 4, seed=nq, Hkv=1))
     f = lambda q, k, v: hyper_attention(q, k, v, is_causal=causal, enable_gqa=True, config=cfg)  # noqa: E731
@@ -259,11 +273,15 @@ def test_compiled_equals_eager_with_the_new_fields(causal):
         "sink_keys": 2,
         "local_window": 12,
         "residual": "stratified",
+        "detector": "lsh",
         "inner_backend": "aot_eager",
         "tune_cache": "",
     }
     cfg = HyperConfig(
-        **{f: opts[f] for f in ("block_size", "sample_size", "min_seq_len", "sink_keys", "local_window", "residual")}
+        **{
+            f: opts[f]
+            for f in ("block_size", "sample_size", "min_seq_len", "sink_keys", "local_window", "residual", "detector")
+        }
     )
 
     def f(q, k, v):

@@ -71,6 +71,7 @@ class OpCase:
 @st.composite
 def configs(draw):
     return HyperConfig(
+        detector="lsh",
         block_size=draw(st.sampled_from((1, 2, 3, 4, 8, 16, 17, 32, 64))),
         sample_size=draw(st.sampled_from((0, 1, 2, 5, 16, 33, 64))),
         lsh_num_projs=draw(st.integers(1, 8)),
@@ -329,6 +330,7 @@ def fuzz(max_examples):
 def _cfg(**kw):
     return HyperConfig(
         **{
+            "detector": "lsh",
             "block_size": 16,
             "sample_size": 16,
             "min_seq_len": 16,

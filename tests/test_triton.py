@@ -498,41 +498,75 @@ def test_flash_attn_leaves(worker):
 
 
 def _run_launch_config():
-    """Autotune keys are length buckets; pruning keeps tiles within the block and the head-dim budget."""
+    """Autotune keys are length buckets; pruning keeps tiles within the block, the operand width's list and the
+    target's shared memory; every tile is a power of two of at least 16 (the dot's K and the aranges)."""
+    from hyper_backend.kernels import triton_configs as tc
+
     ta = _triton()
-    assert ta._bucket(4097) == ta._bucket(8000) == 8192 and ta._bucket(10**6) == ta._bucket(10**7)
-    for kernel in (
-        ta._hyper_fwd_kernel,
-        ta._hyper_bwd_dq_kernel,
-        ta._hyper_bwd_dkdv_kernel,
-        ta._hyper_bwd_sample_kernel,
-    ):
+    assert tc.bucket(4097) == tc.bucket(8000) == 8192 and tc.bucket(10**6) == tc.bucket(10**7)
+    kernels = (ta._hyper_fwd_kernel, ta._hyper_bwd_dq_kernel, ta._hyper_bwd_dkdv_kernel, ta._hyper_bwd_sample_kernel)
+    for kernel in kernels:
         assert not {"SQ", "SK", "BQ", "BK", "M", "NQ_T", "NK_T"} & set(kernel.keys)
-    saved = ta._INTERPRET
-    ta._INTERPRET = False  # prune as on a GPU
-    try:
-        half, double = torch.empty(1, dtype=torch.float16), torch.empty(1, dtype=torch.float64)
-        prune = ta._prune_query_major
-        small = prune(ta._QUERY_MAJOR, {"BQ": 40, "BK": 50, "M": 0, "BLOCK_D": 64, "Q": half})
+        for c in kernel.configs:
+            for tile in (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]):
+                assert tile >= 16 and tile & (tile - 1) == 0, c
+    half, single = torch.empty(1, dtype=torch.float16), torch.empty(1, dtype=torch.float32)
+    prune = ta._hyper_fwd_kernel.early_config_prune
+    configs = ta._hyper_fwd_kernel.configs
+    for arch in (80, 90):
+        small = prune.for_target(configs, {"BQ": 40, "BK": 50, "M": 0, "BLOCK_D": 64, "Q": half}, arch)
         assert small and all(c.kwargs["BLOCK_M"] <= 64 and c.kwargs["BLOCK_N"] <= 64 for c in small)
-        wide = prune(ta._QUERY_MAJOR, {"BQ": 256, "BK": 256, "M": 256, "BLOCK_D": 256, "Q": half})
-        assert wide and all(c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= 4096 for c in wide)
-        assert len(prune(ta._QUERY_MAJOR, {"BQ": 256, "BK": 256, "M": 256, "BLOCK_D": 64, "Q": half})) > 4
-        fp64 = prune(ta._QUERY_MAJOR, {"BQ": 256, "BK": 256, "M": 256, "BLOCK_D": 64, "Q": double})
-        assert [c.kwargs for c in fp64] == [{"BLOCK_M": 32, "BLOCK_N": 32}]
-    finally:
-        ta._INTERPRET = saved
+        assert len(small) < len(tc.CONFIGS["fwd"][(2, 64)])
+        full = prune.for_target(configs, {"BQ": 256, "BK": 256, "M": 400, "BLOCK_D": 128, "Q": half}, arch)
+        assert set(map(str, full)) == set(map(str, tc.CONFIGS["fwd"][(2, 128)]))
+        fp32 = prune.for_target(configs, {"BQ": 256, "BK": 256, "M": 400, "BLOCK_D": 128, "Q": single}, arch)
+        assert fp32 and all(c in tc.CONFIGS["fwd"][(8, 128)] for c in fp32)
+    # a smaller shared memory (a consumer GPU) drops the large tiles first
+    d64 = {"BQ": 256, "BK": 256, "M": 400, "BLOCK_D": 64, "Q": half}
+    big = max(tc.shared_bytes("query", c, 64, 2) for c in tc.CONFIGS["fwd"][(2, 64)])
+    tight = prune.for_target(configs, d64, tc.Target(86, big - 1))
+    assert tight and all(tc.shared_bytes("query", c, 64, 2) < big for c in tight)
 
 
 def test_launch_config(worker):
     worker.submit(_run_launch_config).result()
 
 
+def test_masked_loads_have_other():
+    """Every masked ``tl.load`` of the kernels names its ``other``: on hardware a masked lane reads nothing, so a
+    value the kernel later uses must come from ``other``, never from memory the interpreter happened to read."""
+    import ast
+
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "kernels", "triton_kernels.py")
+    loads = [
+        node
+        for node in ast.walk(ast.parse(open(path).read()))
+        if isinstance(node, ast.Call) and ast.unparse(node.func) == "tl.load"
+    ]
+    assert loads
+    for node in loads:
+        names = {kw.arg for kw in node.keywords}
+        assert "mask" not in names or "other" in names, ast.unparse(node)
+
+
 # ----------------------------------------------------------------------------------------------------------
 # compiling for real GPUs: no GPU here, but Triton ships ptxas, so the kernels can be built to cubins for
-# sm_80 / sm_90 ahead of time. This checks what the interpreter cannot: the kernels are valid compiled Triton
-# (constexpr globals, loop-carried types, dot shapes) and their shared memory fits.
+# sm_80 / sm_90 ahead of time (bench/triton_resources.py). Its recorder runs the public API on CPU tensors and
+# intercepts every launch, so the builds have the signature, constexprs, 16-byte alignment hints and options of a
+# real launch, for every config the launchers' pruning keeps on that GPU. What the interpreter cannot check:
+# compile errors, register spills, and shared memory beyond the per-block limit (or beyond the pruning's model).
 # ----------------------------------------------------------------------------------------------------------
+
+
+def _resources():
+    """bench/triton_resources.py, importable by name (its build workers are spawned processes that unpickle its
+    functions; they inherit sys.path)."""
+    import sys
+
+    bench = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench")
+    if bench not in sys.path:
+        sys.path.insert(0, bench)
+    return importlib.import_module("triton_resources")
 
 
 @pytest.fixture(scope="module")
@@ -543,135 +577,45 @@ def compiler():
     pool.shutdown()
 
 
-_GPU_TYPES = {"float16": "fp16", "bfloat16": "bf16", "float32": "fp32", "float64": "fp64"}
-_INT_PTRS = {"KVALID": "*u8", "QPERM": "*i32", "KPERM": "*i32", "SAMP": "*i32", "SBLK": "*i32"}
-_ACC_PTRS = ("LSE", "DELTA", "PART", "DQ", "DK", "DV", "SLW")
+def _run_gpu_builds(cache: str, archs, dims, dtypes, quick: bool):
+    """The sweep in the worker; None when this Triton has no ptxas. Results as dicts, failures first."""
+    from dataclasses import asdict
 
-
-def _compile_for_gpu(kernel_name, dtype, flags, arch, block_d=64, d=40):
-    """Build one kernel to a cubin for ``sm_<arch>`` with the first config the GPU pruning keeps.
-
-    Returns ``(config kwargs, shared memory bytes)``, or None when this Triton has no ptxas.
-    """
-    import triton
-    import triton.language as tl
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
-    ta = _triton()
-    tools = os.path.join(os.path.dirname(importlib.import_module("triton.backends.nvidia").__file__), "bin")
-    if not os.path.exists(os.path.join(tools, "ptxas")):
+    tr = _resources()
+    if not tr.ptxas_available():
         return None
-    kernel = getattr(ta, kernel_name)
-    configs = (
-        ta._KEY_MAJOR if kernel_name in ("_hyper_bwd_dkdv_kernel", "_hyper_bwd_sample_kernel") else ta._QUERY_MAJOR
-    )
-    probe = {
-        "BQ": 256,
-        "BK": 256,
-        "M": 256,
-        "SQ": 4096,
-        "BLOCK_D": block_d,
-        "Q": torch.empty(1, dtype=getattr(torch, dtype)),
-    }
-    config = kernel.early_config_prune(configs, probe)[0]
-    elt, acc = _GPU_TYPES[dtype], ("fp64" if dtype == "float64" else "fp32")
-    const = dict(
-        D=d,
-        BLOCK_D=block_d,
-        PERMUTED=True,
-        HAS_SAMPLES=True,
-        HAS_VALID=True,
-        IS_CAUSAL=False,
-        BAND=1,
-        ACCUMULATE=True,
-        ACC=tl.float64 if acc == "fp64" else tl.float32,
-        PRECISION="ieee" if elt in ("fp32", "fp64") else "tf32",
-        WIDEN=False,
-        **config.kwargs,
-    )
-    const.update(flags)
-    fn = kernel.fn
-    signature = {}
-    for name in fn.arg_names:
-        if name in const:
-            signature[name] = "constexpr"
-        elif name in _INT_PTRS:
-            signature[name] = _INT_PTRS[name]
-        elif name in _ACC_PTRS or (name == "O" and const["ACCUMULATE"]):
-            signature[name] = "*" + ("fp32" if name == "SLW" else acc)
-        elif name in ("Q", "K", "V", "DO", "O"):
-            signature[name] = "*" + elt
-        elif name.startswith("scale"):
-            signature[name] = "fp32"
-        else:
-            signature[name] = "i32"
-    source = ASTSource(fn, signature, {k: v for k, v in const.items() if k in fn.arg_names})
-    compiled = triton.compile(
-        source,
-        target=GPUTarget("cuda", arch, 32),
-        options=dict(num_warps=config.num_warps, num_stages=config.num_stages),
-    )
-    return config.kwargs, compiled.metadata.shared
+    cases = tr.all_scenarios(dims, dtypes)
+    results = tr.sweep(cases, archs, jobs=2, cache=cache, pick=tr.quick_pick if quick else None)
+    return [dict(asdict(r), ok=r.ok) for r in results]
 
 
-# (kernel, dtype, constexpr overrides): the hyper paths with every option on (window pairs excluded), the exact
-# causal leaves, and the exact band of non-causal self-attention
-_GPU_BUILDS = [
-    ("_hyper_fwd_kernel", "bfloat16", {}),
-    (
-        "_hyper_fwd_kernel",
-        "bfloat16",
-        dict(PERMUTED=False, HAS_SAMPLES=False, HAS_VALID=False, IS_CAUSAL=True, BAND=0, ACCUMULATE=False),
-    ),
-    ("_hyper_fwd_kernel", "bfloat16", dict(PERMUTED=False, HAS_SAMPLES=False, BAND=2)),
-    ("_hyper_bwd_dq_kernel", "bfloat16", {}),
-    ("_hyper_bwd_dkdv_kernel", "bfloat16", {}),
-    ("_hyper_bwd_dkdv_kernel", "bfloat16", dict(PERMUTED=False, HAS_SAMPLES=False, IS_CAUSAL=True, BAND=0)),
-    ("_hyper_bwd_sample_kernel", "bfloat16", {}),
-]
-_SHARED_LIMIT = {80: 163 * 1024, 90: 227 * 1024}  # bytes per block, A100 and H100
-
-
-def _run_gpu_builds(builds, arch):
-    out = []
-    for kernel_name, dtype, flags in builds:
-        built = _compile_for_gpu(kernel_name, dtype, flags, arch)
-        if built is None:
-            return None
-        out.append((kernel_name, dtype, built))
-    return out
-
-
-@pytest.mark.parametrize("arch", [80])
-def test_kernels_compile_for_gpu(compiler, arch):
-    built = compiler.submit(_run_gpu_builds, _GPU_BUILDS, arch).result()
+def _check_gpu_builds(built):
     if built is None:
         pytest.skip("this Triton ships no ptxas: cannot build cubins without a GPU toolchain")
-    for kernel_name, dtype, (config, shared) in built:
-        assert 0 < shared <= _SHARED_LIMIT[arch], (kernel_name, dtype, config, shared)
+    assert {r["kernel"] for r in built} == {"hyper_fwd", "hyper_bwd_dq", "hyper_bwd_dkdv", "hyper_bwd_sample"}
+    bad = [
+        (r["kernel"], r["arch"], r["flags"], r["error"][:300], r["registers"], r["spill_bytes"], r["shared"])
+        for r in built
+        if not r["ok"]
+    ]
+    assert not bad, (
+        f"{len(bad)} of {len(built)} builds fail (error, spills, or shared memory over the limit or model):\n"
+        + "\n".join(map(str, bad[:20]))
+    )
+
+
+def test_kernels_build_for_gpu(compiler, tmp_path):
+    """CI: every kernel and flag combination at its largest kept tile, d = 128, fp16 and fp32, sm_80 and sm_90."""
+    _check_gpu_builds(
+        compiler.submit(_run_gpu_builds, str(tmp_path), (80, 90), (128,), ("float16", "float32"), True).result()
+    )
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("arch", [80, 90])
-@pytest.mark.parametrize("dtype", ["float16", "bfloat16", "float32", "float64"])
-def test_kernels_compile_for_gpu_sweep(compiler, arch, dtype):
-    builds = [(k, dtype, f) for k, _, f in _GPU_BUILDS]
-    builds += [
-        ("_hyper_fwd_kernel", dtype, dict(ACCUMULATE=False, HAS_VALID=False, BAND=0)),
-        (
-            "_hyper_bwd_dq_kernel",
-            dtype,
-            dict(PERMUTED=False, HAS_SAMPLES=False, IS_CAUSAL=True, BAND=0, ACCUMULATE=False),
-        ),
-        ("_hyper_bwd_dq_kernel", dtype, dict(PERMUTED=False, HAS_SAMPLES=False, BAND=2)),
-        ("_hyper_bwd_dkdv_kernel", dtype, dict(PERMUTED=False, HAS_SAMPLES=False, BAND=2)),
-    ]
-    built = compiler.submit(_run_gpu_builds, builds, arch).result()
-    if built is None:
-        pytest.skip("this Triton ships no ptxas: cannot build cubins without a GPU toolchain")
-    for kernel_name, dtype, (config, shared) in built:
-        assert 0 < shared <= _SHARED_LIMIT[arch], (kernel_name, dtype, config, shared)
+def test_kernels_build_for_gpu_sweep(compiler, tmp_path):
+    """Every variant: each kernel, flag combination and kept config, d = 64 and 128, fp16, bf16, fp32 and fp64."""
+    dtypes = ("float16", "bfloat16", "float32", "float64")
+    _check_gpu_builds(compiler.submit(_run_gpu_builds, str(tmp_path), (80, 90), (64, 128), dtypes, False).result())
 
 
 def test_gpu_bench_without_cuda(capsys):
