@@ -36,8 +36,9 @@ Both oracles keep the first ``SINKS`` keys and each query's ``WINDOW`` most rece
 - *detector cost*: the detector's multiply-adds as a share of exact causal QK^T (``d * n (n + 1) / 2`` per query
   head), analytic from the config: LSH hashes every query and key of every approximated sub-problem of the call
   plan with ``lsh_num_projs`` hyperplanes of d;
-- *time*: the op's forward (`hyper_attention`, the CPU path) on the first layer's q, k, v, over exact causal SDPA on
-  the same tensors, the median of ``--repeats`` interleaved runs, with the load average before and after;
+- *time*: the op's forward (`hyper_attention`, the CPU path) on the first layer's q, k, v of the first prompt (the
+  other prompt has the same shapes), over exact causal SDPA on the same tensors, the median of ``--repeats``
+  interleaved runs, with the load average before and after;
 - *needle* (passkey only): of the exact softmax mass that the queries predicting the answer put on the needle's
   tokens, the share the estimator keeps exactly (pooled over heads).
 
@@ -95,20 +96,42 @@ class Row:
 
 
 def default_rows() -> list[Row]:
-    rows = [Row("lsh (defaults)", "op", HyperConfig())]
+    """LSH at its defaults; topk at K x score_group with importance draws, and with the other residuals; the
+    oracles."""
+    rows = [Row("lsh (defaults)", "op", HyperConfig(detector="lsh"))]
+    for k in (512, 1024, 2048):
+        for g in (16, 64):
+            rows.append(Row(f"topk K={k} g={g}", "op", HyperConfig(detector="topk", top_k=k, score_group=g)))
+    for res in ("uniform", "vnorm"):
+        rows.append(Row(f"topk K=1024 g=16 {res}", "op", HyperConfig(detector="topk", top_k=1024, residual=res)))
     rows += [Row(f"flat oracle K={k}", "flat", top_k=k) for k in ORACLE_K]
     rows += [Row(f"block oracle K={k}", "block", top_k=k) for k in ORACLE_K]
     return rows
 
 
 def detector_cost(config: HyperConfig, n: int, group: int) -> float:
-    """The detector's multiply-adds over exact causal QK^T's (``d n (n + 1) / 2`` per query head), from the call
-    plan of a causal self-attention of length ``n`` with ``group`` query heads per KV head: LSH projects every
-    query (per query head) and key (per KV head) of every approximated sub-problem on ``lsh_num_projs`` d-vectors.
-    The d cancels."""
+    """The detector's multiply-adds over exact causal QK^T's (``d n (n + 1) / 2`` per query head), for a causal
+    self-attention of length ``n`` with ``group`` query heads per KV head, from its call plan (d cancels):
+
+    - ``lsh``: every query (per query head) and key (per KV head) of every approximated sub-problem is projected on
+      ``lsh_num_projs`` d-vectors;
+    - ``topk``: each block's representatives (``ceil(query_block / score_group)`` per query head) score every key of
+      its domain (the keys before its tile; the sinks included, a bound), plus ``|v_j|^2`` for ``"vnorm"``.
+    """
     plan = plan_call(n, n, True, config)
-    hashed = sum(p.count * (p.sq + p.sk / group) for p in plan.parts if p.kind == "hyper")
-    return hashed * config.lsh_num_projs / (n * (n + 1) / 2)
+    total = n * (n + 1) / 2
+    if config.detector == "lsh":
+        hashed = sum(p.count * (p.sq + p.sk / group) for p in plan.parts if p.kind == "hyper")
+        return hashed * config.lsh_num_projs / total
+    work = 0.0
+    for p in plan.parts:
+        if p.kind != "topk":
+            continue
+        reps = math.ceil(p.block / config.score_group)
+        blocks = math.ceil(n / p.block)
+        domain = sum(max(0, c * p.block - p.strip) for c in range(blocks))
+        work += reps * domain + (n / group if config.residual_scheme == "vnorm" else 0)
+    return work / total
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -313,7 +336,7 @@ def evaluate(cap: Capture, rows: list[Row], heads: Sequence[int] | None, r0: int
             for r in rows:
                 if r.kind != "op":
                     continue
-                logw = log_weights(q, k, None, True, r.config)[0]
+                logw = log_weights(q, k, None, True, r.config, v=v, scale=scale)[0]
                 for h in chosen:
                     per[r.name].append({"layer": rec["layer"], "head": h, **metrics(exact[h], logw[h])})
                 del logw
@@ -446,7 +469,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
         oracle = [(summary[r.name]["keys"], summary[r.name]["error"]) for r in rows if r.kind == "flat"]
         for s in summary.values():
             s["vs_oracle"] = s["error"] - oracle_at(oracle, s["keys"])
-        timing = time_rows(cap, rows, args.repeats) if args.repeats else None
+        timing = time_rows(cap, rows, args.repeats) if args.repeats and not results else None  # same shapes
         console.print(table(cap.name, summary, rows, costs, timing))
         console.print(
             f"load average {load0[0]:.2f} -> {os.getloadavg()[0]:.2f} over {time.perf_counter() - t0:.0f} s"

@@ -121,7 +121,7 @@ def test_block_oracle_shares_one_selection():
     assert torch.equal(torch.isfinite(w), (w == 0))
 
 
-def test_needle_share_and_cost():
+def test_needle_share():
     q, k, v = qkv(5)
     span = (10, 14)
     hd, p = head(q, k, v, needle=((N - 2, N - 1), span))
@@ -130,10 +130,20 @@ def test_needle_share_and_cost():
     m = detectors.metrics(hd, logw)
     assert m["needle_mass"] == pytest.approx(float(p[N - 2 :, 10:14].sum()))
     assert m["needle_kept"] == pytest.approx(float(p[N - 2, 10:14].sum() + p[N - 1, 12:14].sum()))
-    # LSH cost: below the threshold nothing is hashed; above it a few projections per query and key
-    assert detectors.detector_cost(HyperConfig(min_seq_len=4096), 1024, 4) == 0.0
-    cost = detectors.detector_cost(HyperConfig(), 8192, 4)
-    assert 0 < cost < 0.01
+
+
+@pytest.mark.parametrize("detector", ["lsh", "topk"])
+def test_detector_cost(detector):
+    """Below the threshold nothing is detected; above it LSH costs a few projections per query and key, and topk
+    about one representative per score_group queries against the keys before each block (1 / score_group)."""
+    assert detectors.detector_cost(HyperConfig(detector=detector, min_seq_len=4096), 1024, 4) == 0.0
+    for group in (16, 64):
+        config = HyperConfig(detector=detector, score_group=group)
+        cost = detectors.detector_cost(config, 8192, 4)
+        if detector == "lsh":
+            assert 0 < cost < 0.01
+        else:
+            assert cost == pytest.approx(1 / group, rel=0.1)
 
 
 def test_oracle_interpolation():
