@@ -76,6 +76,7 @@ TOP = 32  # recall is measured on each query's top-32 keys outside the sinks and
 QUERY_BLOCK = 64  # the block oracle shares one selection per block of this many queries
 ORACLE_K = (256, 1024, 2048)
 PROMPTS = ("kjv", "passkey")
+TARGETS = {"error": (0.07, "row error <= 0.07"), "recall": (0.9, "recall >= 0.9")}  # issue 17's detector quality
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -315,6 +316,7 @@ def evaluate(cap: Capture, rows: list[Row], heads: Sequence[int] | None, r0: int
     per: dict[str, list] = {r.name: [] for r in rows}
     with torch.no_grad():
         for rec in cap.records:
+            t0 = time.perf_counter()
             q, k, v, scale = rec["q"], rec["k"], rec["v"], rec["scale"]
             hq, hkv = q.shape[1], k.shape[1]
             chosen = list(range(hq)) if heads is None else [h for h in heads if h < hq]
@@ -340,7 +342,9 @@ def evaluate(cap: Capture, rows: list[Row], heads: Sequence[int] | None, r0: int
                 for h in chosen:
                     per[r.name].append({"layer": rec["layer"], "head": h, **metrics(exact[h], logw[h])})
                 del logw
-            console.print(f"  {cap.name}: layer {rec['layer']} done ({len(chosen)} heads)")
+            console.print(
+                f"  {cap.name}: layer {rec['layer']} ({len(chosen)} heads) in {time.perf_counter() - t0:.0f} s"
+            )
     return per
 
 
@@ -409,7 +413,7 @@ def plot(results: dict, rows: list[Row], path: str) -> None:
     import matplotlib.pyplot as plt
 
     caps = list(results)
-    fig, axes = plt.subplots(len(caps), 2, figsize=(11, 4.2 * len(caps)), squeeze=False)
+    fig, axes = plt.subplots(len(caps), 2, figsize=(15, 4.2 * len(caps)), squeeze=False)
     for ax_row, cap in zip(axes, caps):
         summary = results[cap]["summary"]
         for ax, metric in zip(ax_row, ("error", "recall")):
@@ -417,17 +421,19 @@ def plot(results: dict, rows: list[Row], path: str) -> None:
                 pts = sorted((summary[r.name]["keys"], summary[r.name][metric]) for r in rows if r.kind == kind)
                 if pts:
                     ax.plot(*zip(*pts), style, label=f"{kind} oracle (K={', '.join(map(str, ORACLE_K))})", ms=5)
+            markers = iter("ovD^<>phX*P")
             for r in rows:
                 if r.kind == "op":
                     s = summary[r.name]
-                    ax.plot(s["keys"], s[metric], "o", ms=7)
-                    ax.annotate(r.name, (s["keys"], s[metric]), fontsize=7, xytext=(4, 3), textcoords="offset points")
+                    ax.plot(s["keys"], s[metric], next(markers), ms=7, label=r.name)
+            target, what = TARGETS[metric]
+            ax.axhline(target, color="tab:red", lw=0.8, ls=":", label=f"target: {what}")
             ax.set_xscale("log")
             ax.set_xlabel("keys per query (mean over all rows)")
             ax.set_ylabel("mean row error" if metric == "error" else f"recall of the top-{TOP} mass")
             ax.set_title(f"{cap}: {'row error' if metric == 'error' else 'recall'}")
             ax.grid(alpha=0.3)
-            ax.legend(fontsize=7)
+            ax.legend(fontsize=6.5, loc="center left", bbox_to_anchor=(1.01, 0.5))
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -453,7 +459,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> dict:
     args = build_parser().parse_args(argv)
-    console = Console()
+    console = Console(width=150)
     rows = default_rows()
     out = args.out or os.path.join(RESULTS, f"detectors_{args.seq}.json")
     results = {}
