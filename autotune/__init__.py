@@ -1,1 +1,3 @@
-"""The autotuner: a sympy cost model, a timed search within an error budget, and a JSON cache."""
+"""Tuning HyperAttention: the device tuner (`search`, ``python -m hyper_backend.autotune --seq ...``), the per-model
+calibration (`calibrate`, ``... --model ...``), and the tuning cache they write and the backend reads (`store`).
+See docs/autotune.md."""

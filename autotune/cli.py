@@ -1,7 +1,8 @@
 """``python -m hyper_backend.autotune``: tune HyperAttention for this device and write the cache.
 
 Example: ``python -m hyper_backend.autotune --seq 131072 --causal`` (see ``--help``). With ``--model PATH`` it
-calibrates that model per attention site instead (`hyper_backend.autotune.calibrate`).
+calibrates that model per attention site instead (`hyper_backend.autotune.calibrate_cli`). The argument forms
+both share (lengths, the candidate grid) are defined here.
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ from collections.abc import Sequence
 import torch
 
 from hyper_backend.config import default_tune_cache
+
+from .grid import Space
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
 MAX_LEN = 1 << 24
@@ -78,6 +81,100 @@ def _positive_float(text: str, what: str) -> float:
     return v
 
 
+def _count_list(text: str) -> tuple:
+    """``0,16,64``: integers >= 0."""
+    out = []
+    for x in text.split(","):
+        try:
+            v = int(x)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{x!r} is not an integer") from None
+        if v < 0:
+            raise argparse.ArgumentTypeError(f"{v} must be at least 0")
+        out.append(v)
+    return tuple(out)
+
+
+def _window_list(text: str) -> tuple:
+    """``default,0,512``: ``default`` (the `HyperConfig` default, 128 keys causal) or integers >= 0."""
+    return tuple(None if x.strip() == "default" else _count_list(x)[0] for x in text.split(","))
+
+
+def add_space_arguments(p: argparse.ArgumentParser) -> None:
+    """The grid's axes (`hyper_backend.autotune.grid.Space`), shared by the tuner and the calibration."""
+    d = Space()
+    shown = lambda axis: ",".join("default" if v is None else str(v) for v in axis)  # noqa: E731
+    g = p.add_argument_group("candidate grid (the tuner's and the calibration's)")
+    g.add_argument(
+        "--block-sizes", type=_int_list, default=None, metavar="B,B,...", help=f"grid default {shown(d.block_sizes)}"
+    )
+    g.add_argument(
+        "--sample-sizes",
+        type=_count_list,
+        default=None,
+        metavar="M,M,...",
+        help=f"grid default {shown(d.sample_sizes)}",
+    )
+    g.add_argument(
+        "--lsh-projs", type=_int_list, default=None, metavar="R,R,...", help=f"grid default {shown(d.lsh_projs)}"
+    )
+    g.add_argument(
+        "--sink-keys",
+        type=_count_list,
+        default=None,
+        metavar="S,S,...",
+        help=f"exact first keys; grid default {shown(d.sink_keys)}",
+    )
+    g.add_argument(
+        "--local-windows",
+        type=_window_list,
+        default=None,
+        metavar="W,W,...",
+        help="exact local windows: integers, or 'default' (the HyperConfig default: 128 keys causal, none "
+        f"non-causal); grid default {shown(d.local_windows)}",
+    )
+    g.add_argument(
+        "--residuals",
+        type=lambda t: tuple(x.strip() for x in t.split(",")),
+        default=None,
+        metavar="uniform,stratified",
+        help=f"residual schemes; grid default {shown(d.residuals)}",
+    )
+    g.add_argument(
+        "--min-seq-len",
+        type=_positive_int,
+        default=None,
+        help=f"the smallest min_seq_len a candidate uses (default {d.min_seq_len}); the tuner also keeps causal "
+        "thresholds within a factor 4 of the crossover its cost model predicts",
+    )
+
+
+def space_from_args(args, parser: argparse.ArgumentParser) -> Space:
+    """The `Space` of `add_space_arguments`' values (the defaults for those not given); a bad one is a usage
+    error naming it."""
+    given = {
+        name: getattr(args, name)
+        for name in (
+            "block_sizes",
+            "sample_sizes",
+            "lsh_projs",
+            "sink_keys",
+            "local_windows",
+            "residuals",
+            "min_seq_len",
+        )
+        if getattr(args, name) is not None
+    }
+    if any(r not in ("uniform", "stratified") for r in given.get("residuals", ())):
+        parser.error(f"--residuals takes uniform and/or stratified, got {','.join(given['residuals'])}")
+    if max(given.get("lsh_projs", (1,))) > 30:
+        parser.error("--lsh-projs values must be at most 30")
+    try:
+        return Space(**given)
+    except ValueError as e:
+        parser.error(f"candidate grid: {e}")
+
+
 def _max_error(text: str) -> float | None:
     return None if text.strip().lower() == "auto" else _positive_float(text, "--max-error: a number or 'auto'")
 
@@ -93,7 +190,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m hyper_backend.autotune",
         description="Tune HyperAttention's block size, sample size, LSH projections, causal depth and min_seq_len "
         "for this device, within an error budget, and write them to the tuning cache that "
-        "hyper_attention and the hyper backend read at run time. With --model PATH instead: calibrate "
+        "hyper_attention and the hyper backend read when they resolve settings. With --model PATH instead: calibrate "
         "that model per attention site within a perplexity budget, for layers='auto' (see "
         "`python -m hyper_backend.autotune --model X --help`).",
     )
@@ -164,30 +261,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--race-size", type=_positive_int, default=3, help="screened candidates raced against the default")
     p.add_argument("--error-rows", type=_positive_int, default=512, help="query rows sampled for the error")
-    p.add_argument("--block-sizes", type=_int_list, default=None, metavar="B,B,...")
-    p.add_argument("--sample-sizes", type=_int_list, default=None, metavar="M,M,...")
-    p.add_argument("--lsh-projs", type=_int_list, default=None, metavar="R,R,...")
-    p.add_argument(
-        "--sink-keys",
-        type=_int_list,
-        default=None,
-        metavar="S,S,...",
-        help="exact first keys to try (default: the HyperConfig default only)",
-    )
-    p.add_argument(
-        "--local-windows",
-        type=_int_list,
-        default=None,
-        metavar="W,W,...",
-        help="exact local windows to try (default: the HyperConfig default only)",
-    )
-    p.add_argument(
-        "--residuals",
-        type=lambda t: tuple(x.strip() for x in t.split(",")),
-        default=None,
-        metavar="uniform,stratified",
-        help="residual schemes to try (default: the HyperConfig default)",
-    )
+    add_space_arguments(p)
     p.add_argument(
         "--no-crossover-check",
         action="store_true",
@@ -198,7 +272,8 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def settings_from_args(args, parser):
+def settings_from_args(args, parser: argparse.ArgumentParser):
+    """The `search.TuneSettings` of the tuner's arguments (usage errors for bad ones)."""
     from .search import TuneSettings
 
     seq = sorted({n for group in args.seq for n in group})
@@ -244,29 +319,22 @@ def settings_from_args(args, parser):
         error_rows=args.error_rows,
         check_crossover=not args.no_crossover_check,
         device=device,
+        space=space_from_args(args, parser),
     )
-    for name in ("block_sizes", "sample_sizes", "lsh_projs", "sink_keys", "local_windows", "residuals"):
-        value = getattr(args, name)
-        if value is not None:
-            setattr(s, name, value)
-    if any(r not in ("uniform", "stratified") for r in s.residuals):
-        parser.error(f"--residuals takes uniform and/or stratified, got {','.join(s.residuals)}")
-    if max(s.lsh_projs) > 30:
-        parser.error("--lsh-projs values must be at most 30")
     return s
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if any(a == "--model" or a.startswith("--model=") for a in argv):
-        from .calibrate import main as calibrate_model  # per-model calibration: see hyper_backend.autotune.calibrate
+        from .calibrate_cli import main as calibrate_model  # per-model calibration
 
         return calibrate_model(argv)
     parser = build_parser()
     args = parser.parse_args(argv)
     settings = settings_from_args(args, parser)
 
-    from .cache import check_writable
+    from .writer import check_writable
 
     # refuse a cache path we must not write (a directory, a device, someone else's file) or cannot write
     # (an unwritable directory) now, not after the whole tuning run
@@ -279,8 +347,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     from rich.console import Console
 
     from . import display
-    from .cache import CachePathError, CacheWarning
     from .search import Tuner
+    from .store import CacheWarning
+    from .writer import CachePathError
 
     console = Console(width=None if sys.stdout.isatty() else 160)
     display.header(console, settings)

@@ -1,21 +1,23 @@
 """A cost model of HyperAttention and exact attention, written in sympy, used to rank and prune candidates
 before timing anything and to predict the crossover length where exact attention stops being cheaper.
 
-Counts are per (batch, head) pair with ``n`` queries and ``n`` keys, following `kernels/cpu.py` step by step:
+`predict_parts` prices the call plan the op runs (`kernels.plan.plan_call` of the candidate fitted to the call as
+the op fits it, `kernels.op.fit`), part by part, per (batch, head) pair:
 
-* non-causal HyperAttention: two LSH projections and argsorts, gathers of q, k, v into sorted blocks, one
-  fused attention call over the ``n/b`` diagonal ``b x b`` blocks, one over the ``m`` residual samples (with a
-  ``[n/b, m]`` bias), a log-sum-exp merge and a scatter back to the original order;
-* causal HyperAttention of depth ``L``: ``2**L`` exact causal leaves, and at level ``l`` the ``2**l``
-  off-diagonal quadrants of size ``n / 2**(l+1)`` as one batched non-causal HyperAttention, plus the chunk
-  copies and the merge into the output;
-* exact attention: ``4 n^2 d`` FLOPs (half of it when causal).
+* ``"hyper"`` (a non-causal HyperAttention sub-problem of ``x`` queries on ``x`` keys): two LSH projections and
+  argsorts, gathers of q, k, v into sorted blocks, one fused attention call over the ``x/b`` diagonal ``b x b``
+  blocks, one over the ``m`` residual samples followed by the ``e`` exact extras of the sub-problem (its sinks
+  and the strip of keys the causal window keeps exact), with a ``[x/b, m + e]`` bias, a log-sum-exp merge and a
+  scatter back to the original order (`noncausal_hyper`);
+* ``"exact"`` / ``"causal"``: exact attention of the part's sub-problems (``4 sq sk d`` FLOPs, half causal);
+* ``"band"``: exact attention of every query to its local window;
+* every part after the first is merged into the output (its chunk copies and a float32 merge).
 
-FLOPs and bytes are symbolic in ``n, d, b, m, r, depth`` and the element size ``s``. Time is FLOPs divided by
-the fused-attention rate measured for the same tile shape, plus bytes over the measured copy bandwidth, plus
-sort work over the measured sort rate, plus a fixed overhead per call (`Rates`, filled in by
-`measure.calibrate`). `predict_time` evaluates the symbolic parts level by level with the op's own
-exact-or-approximate decisions (`kernels.plan`), so quadrants below ``min_seq_len`` count as exact.
+`causal_hyper` is the closed form of the causal recursion of depth ``L`` with every level approximated (a check
+on the part-by-part sum, and ``--show-model``). FLOPs and bytes are symbolic in ``n, d, b, m, r, e, depth`` and
+the element size ``s``. Time is FLOPs divided by the fused-attention rate measured for the same tile shape, plus
+bytes over the measured copy bandwidth, plus sort work over the measured sort rate, plus a fixed overhead per
+HyperAttention part (`Rates`, filled in by `measure.calibrate`).
 """
 
 from __future__ import annotations
@@ -25,9 +27,11 @@ from dataclasses import dataclass, field
 
 import sympy as sp
 
-from hyper_backend.kernels.plan import causal_levels, hyper_applies
+from hyper_backend.config import HyperConfig
+from hyper_backend.kernels.op import fit
+from hyper_backend.kernels.plan import CallPlan, Part, plan_call
 
-n, d, b, m, r, s, depth, lvl = sp.symbols("n d b m r s depth l", positive=True)
+n, d, b, m, r, e, s, depth, lvl = sp.symbols("n d b m r e s depth l", positive=True)
 log2 = lambda x: sp.log(x, 2)  # noqa: E731
 
 # ----------------------------------------------------------------------------------------------------------
@@ -42,12 +46,12 @@ def noncausal_hyper(x=n) -> dict[str, sp.Expr]:
     """Counts of one non-causal HyperAttention of ``x`` queries on ``x`` keys (``b < x``)."""
     return {
         "flops_block": 4 * x * b * d,  # QK^T and PV on the n/b diagonal b x b blocks
-        "flops_resid": 4 * x * m * d,  # every query against the m sampled keys
+        "flops_resid": 4 * x * (m + e) * d,  # every query against the m sampled keys and the e exact extras
         "flops_lsh": 4 * x * d * r,  # q and k projected on r hyperplanes
         "bytes": (
             8 * x * d * s  # gather q, k, v (read + write) and scatter the output back
             + 6 * 4 * x * d  # float32 merge of the block and residual parts
-            + 2 * 4 * (x / b) * m  # the [n/b, m] residual bias, built then read
+            + 2 * 4 * (x / b) * (m + e)  # the [n/b, m + e] residual bias, built then read
             + _INDEX_BYTES_PER_ROW * x
         ),
         "sort": 2 * x * log2(x),  # two argsorts (compare-swap work)
@@ -78,7 +82,7 @@ def total_flops(parts: dict[str, sp.Expr]) -> sp.Expr:
 
 
 # numeric versions of the per-call parts, for the level-by-level evaluation
-_ARGS = (n, d, b, m, r, s)
+_ARGS = (n, d, b, m, r, e, s)
 _NC = {k: sp.lambdify(_ARGS, v, "math") for k, v in noncausal_hyper().items()}
 
 
@@ -112,18 +116,32 @@ class Rates:
         return self.flash[min(same, key=dist)]
 
 
-def tile_shapes(seq_len: int, causal: bool, c) -> list[TileKey]:
+def call_plan(seq_len: int, causal: bool, c: HyperConfig) -> CallPlan:
+    """The plan the op runs for ``c`` on a self-attention call of ``seq_len`` (``c`` fitted as the op fits it)."""
+    return plan_call(seq_len, seq_len, causal, fit(c, seq_len, seq_len))
+
+
+def extras(part: Part, sink_keys: int) -> int:
+    """The exact extra keys every sub-problem of a ``"hyper"`` part attends besides its draws (padded to the
+    widest, the first: the sinks are the call's first keys): its last ``strip`` keys and the sinks before them."""
+    strip = min(part.strip, part.sk)
+    start = part.keys[0] + part.k_off
+    return strip + max(0, min(sink_keys - start, part.sk - strip))
+
+
+def _part_tiles(part: Part, f: HyperConfig) -> list[TileKey]:
+    if part.kind == "hyper":
+        side = f.sample_size + extras(part, f.sink_keys)
+        return [(f.block_size, f.block_size, False, False)] + ([(f.block_size, side, True, False)] if side else [])
+    if part.kind == "band":
+        return [(f.block_size, f.block_size, False, False)]
+    return [_exact_tile(part.sq, part.kind == "causal")]
+
+
+def tile_shapes(seq_len: int, causal: bool, c: HyperConfig) -> list[TileKey]:
     """The fused-attention tile shapes `predict_time` will ask `Rates` for (to calibrate them first)."""
-    shapes = {(c.block_size, c.block_size, False, False)}
-    if c.sample_size:
-        shapes.add((c.block_size, c.sample_size, True, False))
-    if causal:
-        L = causal_levels(seq_len, c)
-        leaf = min(math.ceil(seq_len / 2**L), _TILE_PLATEAU)
-        shapes.add((leaf, leaf, False, True) if L else _exact_tile(seq_len, True))
-    else:
-        shapes.add(_exact_tile(seq_len, False))
-    return sorted(shapes)
+    plan = call_plan(seq_len, causal, c)
+    return sorted({t for part in plan.parts for t in _part_tiles(part, plan.config)})
 
 
 # beyond this many rows and keys the fused kernel's rate is flat: larger tiles are not worth calibrating
@@ -135,13 +153,14 @@ def _exact_tile(x: int, causal: bool) -> TileKey:
     return (t, t, False, causal)
 
 
-def _nc_seconds(x: int, c, d_: int, s_: int, rates: Rates) -> tuple[float, float]:
-    """(fused-attention seconds, other seconds) of one non-causal HyperAttention call of x by x, per batch-head."""
-    args = (x, d_, c.block_size, c.sample_size, c.lsh_num_projs, s_)
-    flash = _NC["flops_block"](*args) / rates.flash_rate(c.block_size, c.block_size)
-    if c.sample_size:
-        flash += _NC["flops_resid"](*args) / rates.flash_rate(c.block_size, c.sample_size, shared=True)
-    other = _NC["flops_lsh"](*args) / rates.flash_rate(c.block_size, c.block_size)
+def _hyper_seconds(part: Part, f: HyperConfig, d_: int, s_: int, rates: Rates) -> tuple[float, float]:
+    """(fused-attention seconds, other seconds) of one ``"hyper"`` sub-problem, per batch-head."""
+    ex = extras(part, f.sink_keys)
+    args = (part.sq, d_, f.block_size, f.sample_size, f.lsh_num_projs, ex, s_)
+    flash = _NC["flops_block"](*args) / rates.flash_rate(f.block_size, f.block_size)
+    if f.sample_size + ex:
+        flash += _NC["flops_resid"](*args) / rates.flash_rate(f.block_size, f.sample_size + ex, shared=True)
+    other = _NC["flops_lsh"](*args) / rates.flash_rate(f.block_size, f.block_size)
     other += _NC["bytes"](*args) / rates.bandwidth + _NC["sort"](*args) / rates.sort
     return flash, other
 
@@ -152,38 +171,40 @@ def _exact_seconds(x: int, causal: bool, d_: int, s_: int, rates: Rates) -> tupl
     return flops / rates.flash_rate(rows, keys, causal=causal), 4 * x * d_ * s_ / rates.bandwidth
 
 
-def predict_parts(
-    seq_len: int, causal: bool, c, *, head_dim: int, elem_bytes: int, batch_heads: int, rates: Rates
-) -> tuple[float, float]:
-    """Unscaled (fused-attention seconds, other seconds) of ``hyper::attention`` with candidate ``c`` (any
-    object with the `HyperConfig` field names as attributes) on ``batch_heads`` sequences of ``seq_len``."""
-    bh, N = batch_heads, seq_len
-    if not causal:
-        if not hyper_applies(N, N, c):
-            f, o = _exact_seconds(N, False, head_dim, elem_bytes, rates)
-            return f * bh, o * bh
-        f, o = _nc_seconds(N, c, head_dim, elem_bytes, rates)
-        return f * bh, o * bh + rates.call
-    L = causal_levels(N, c)
-    if L == 0:
-        f, o = _exact_seconds(N, True, head_dim, elem_bytes, rates)
-        return f * bh, o * bh
-    pieces = 2**L
-    leaf = math.ceil(N / pieces)
-    Np = leaf * pieces
-    flash = 2 * Np * leaf * head_dim / rates.flash_rate(leaf, leaf, causal=True) * bh
-    other = 4 * Np * head_dim * elem_bytes / rates.bandwidth * bh
-    for level in range(L):
-        count, size = 2**level, Np // 2 ** (level + 1)
-        other += (3 * 2 * size * head_dim * elem_bytes + 6 * 4 * size * head_dim) * count / rates.bandwidth * bh
-        if hyper_applies(size, size, c):
-            f, o = _nc_seconds(size, c, head_dim, elem_bytes, rates)
-            flash += f * count * bh
-            other += o * count * bh + rates.call
-        else:
-            rows, keys, _, _ = _exact_tile(size, False)
-            flash += count * 4 * size * size * head_dim / rates.flash_rate(rows, keys) * bh
+def _part_seconds(part: Part, first: bool, f: HyperConfig, d_: int, s_: int, rates: Rates) -> tuple[float, float]:
+    """(fused-attention seconds, other seconds) of every sub-problem of ``part``, per batch-head (without the
+    fixed overhead of a call, `Rates.call`)."""
+    if part.kind == "hyper":
+        flash, other = _hyper_seconds(part, f, d_, s_, rates)
+        flash, other = flash * part.count, other * part.count
+    elif part.kind == "band":
+        lo, hi = part.window
+        flash = 4 * part.count * part.sq * (lo + hi + 1) * d_ / rates.flash_rate(f.block_size, f.block_size)
+        other = 0.0
+    else:
+        causal = part.kind == "causal"
+        rows, keys, _, _ = _exact_tile(part.sq, causal)
+        flops = (2 if causal else 4) * part.count * part.sq * part.sk * d_
+        flash, other = flops / rates.flash_rate(rows, keys, causal=causal), 0.0
+    if first:  # read q, k, v and write the output
+        other += 4 * part.q_len * d_ * s_ / rates.bandwidth
+    else:  # chunk copies of q, k, v and the float32 merge into the output
+        other += (3 * 2 * part.sq * d_ * s_ + 6 * 4 * part.sq * d_) * part.count / rates.bandwidth
     return flash, other
+
+
+def predict_parts(
+    seq_len: int, causal: bool, c: HyperConfig, *, head_dim: int, elem_bytes: int, batch_heads: int, rates: Rates
+) -> tuple[float, float]:
+    """Unscaled (fused-attention seconds, other seconds) of ``hyper::attention`` with candidate ``c`` on
+    ``batch_heads`` sequences of ``seq_len``: the sum over the parts of its call plan (`call_plan`)."""
+    plan = call_plan(seq_len, causal, c)
+    flash = other = 0.0
+    for i, part in enumerate(plan.parts):
+        f, o = _part_seconds(part, i == 0, plan.config, head_dim, elem_bytes, rates)
+        flash, other = flash + f, other + o
+    calls = sum(part.kind == "hyper" for part in plan.parts)
+    return flash * batch_heads, other * batch_heads + calls * rates.call
 
 
 def predict_time(
@@ -237,13 +258,13 @@ def crossover(
     hyper_scale: float = 1.0,
     hi: int = 1 << 24,
 ) -> int | None:
-    """The smallest length at which non-causal HyperAttention with ``c``'s block, sample and LSH sizes is
-    predicted faster than exact attention (None if not below ``hi``). Causal HyperAttention approximates
-    quadrants of at least ``min_seq_len``, so the same length serves as its threshold.
+    """The smallest length at which non-causal HyperAttention with ``c``'s sizes (block, samples, LSH
+    projections, sinks, window) is predicted faster than exact attention (None if not below ``hi``). Causal
+    HyperAttention approximates quadrants of at least ``min_seq_len``, so the same length serves as its threshold.
 
     ``exact_scale`` and ``hyper_scale`` multiply the unscaled predictions: measured / predicted ratios near the
     crossover (see ``search.Tuner.calibrate_crossover``), where fixed overheads matter most."""
-    forced = _Forced(c.block_size, c.sample_size, c.lsh_num_projs)
+    forced = c.replace(min_seq_len=1, causal_depth=None)
     kw = dict(head_dim=head_dim, elem_bytes=elem_bytes, batch_heads=batch_heads, rates=rates)
 
     def hyper_wins(x: int) -> bool:
@@ -262,17 +283,6 @@ def crossover(
         mid = (x + below) // 2
         below, x = (below, mid) if hyper_wins(mid) else (mid, x)
     return x
-
-
-@dataclass(frozen=True)
-class _Forced:
-    """A candidate that approximates at every length (for the crossover search)."""
-
-    block_size: int
-    sample_size: int
-    lsh_num_projs: int
-    min_seq_len: int = 1
-    causal_depth: int | None = None
 
 
 def describe(causal: bool) -> dict[str, str]:

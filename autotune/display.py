@@ -14,26 +14,25 @@ from rich.table import Table
 
 import hyper_backend
 
-from . import cache, cost, measure
-from .search import Contender, CrossoverResult, LengthResult, Trial, TuneSettings
+from . import cost, measure, schema
+from .calibrate import exact_reason
+from .progress import Progress as _Protocol
+from .progress import duration
+from .search import Contender, CrossoverResult, LengthResult, TuneSettings
 
-
-def _s(x: float) -> str:
-    if x != x or x == float("inf"):
-        return "-"
-    return f"{x * 1e3:.1f} ms" if x < 1 else f"{x:.2f} s"
+_s = duration
 
 
 def header(console: Console, s: TuneSettings) -> None:
     console.print(
         f"[bold]hyper_backend {hyper_backend.__version__} autotune[/bold] on "
-        f"{cache.device_key(s.device)} (torch {torch.__version__}, {torch.get_num_threads()} threads, "
+        f"{schema.device_key(s.device)} (torch {torch.__version__}, {torch.get_num_threads()} threads, "
         f"{os.cpu_count()} cores; other processes running at the same time slow and scatter timings)"
     )
     budget = "auto (the default config's own error)" if s.max_error is None else f"{s.max_error:g}"
     inputs = s.inputs_path or f"synthetic '{s.family}'"
     console.print(
-        f"lengths {s.seq_lens}, {'causal' if s.causal else 'non-causal'}, {cache.dtype_name(s.dtype)}, "
+        f"lengths {s.seq_lens}, {'causal' if s.causal else 'non-causal'}, {schema.dtype_name(s.dtype)}, "
         f"head dim {s.head_dim}, batch {s.batch} x heads {s.heads}, inputs {inputs}, "
         f"max error {budget}, time budget {s.time_budget:g} s, cache {s.cache_path}"
     )
@@ -48,12 +47,13 @@ def model(console: Console, causal: bool) -> None:
     console.print(t)
 
 
-class RichProgress:
-    """`search.Progress` shown as a spinner for the phase and a bar over the candidates."""
+class RichProgress(_Protocol):
+    """`hyper_backend.autotune.progress.Progress` with rich: a timestamped line per phase and note, a spinner for
+    the phase and a bar over a counted stage's steps."""
 
     def __init__(self, console: Console):
         self.console = console
-        # transient: the bar is gone once tuning ends, so the final tables are not followed by a stale
+        # transient: the bar is gone once the run ends, so the final tables are not followed by a stale
         # "race 0/63" line; on a pipe rich draws no bar and the logged lines carry the story
         self.bar = Progress(
             SpinnerColumn(),
@@ -74,28 +74,19 @@ class RichProgress:
     def __exit__(self, *exc):
         return self.bar.__exit__(*exc)
 
-    def _log(self, text: str) -> None:
+    def note(self, text: str) -> None:
         """A timestamped line (without rich's ``file.py:line`` suffix, which points into this module)."""
         self.console.print(f"[dim]{time.strftime('%H:%M:%S')}[/dim] {text}")
 
     def phase(self, text: str) -> None:
-        self._log(text)
+        self.note(text)
         self.bar.update(self.task, description=text, total=None, completed=0)
 
-    def start_trials(self, total: int) -> None:
-        self.bar.update(self.task, description="candidates", total=total, completed=0)
+    def steps(self, text: str, total: int) -> None:
+        self.bar.update(self.task, description=text, total=total, completed=0)
 
-    def trial(self, t: Trial) -> None:
+    def advance(self) -> None:
         self.bar.advance(self.task)
-        if t.score is not None:
-            self._log(
-                f"screen {t.candidate.label():48s} predicted {_s(t.predicted):>9s}  measured "
-                f"{_s(t.time):>9s} (x{t.ratio:.2f} default)  error {t.score.error:.3f}  {t.status}"
-            )
-
-    def race_round(self, index: int, race: list[Contender]) -> None:
-        parts = [f"{c.name} {_s(c.rounds[-1])} x{c.ratios[-1]:.2f}" for c in race if len(c.rounds) == index + 1]
-        self._log(f"race round {index + 1}: " + ", ".join(parts))
 
 
 def _label(c: Contender) -> str:
@@ -196,24 +187,14 @@ def summary(
             f"block and sample sizes"
         )
     console.print(
-        f"wrote {s.cache_path} in {elapsed:.0f} s; hyper_attention and the hyper backend use it at run "
-        f"time (explicit config, options and HYPER_* variables still win)"
+        f"wrote {s.cache_path} in {elapsed:.0f} s; the hyper backend reads it when a graph compiles, "
+        f"hyper_attention when it is called (explicit config, options and HYPER_* variables still win)"
     )
 
 
 # ----------------------------------------------------------------------------------------------------------
 # the per-model calibration (python -m hyper_backend.autotune --model ...)
 # ----------------------------------------------------------------------------------------------------------
-
-
-class CalibrationProgress(RichProgress):
-    """`calibrate.Quiet` shown as a timestamped line per phase and a bar over a site's candidates."""
-
-    def step(self, text: str, total: int | None = None) -> None:
-        self.bar.update(self.task, description=text, total=total, completed=0)
-
-    def advance(self) -> None:
-        self.bar.advance(self.task)
 
 
 def _spans(indices) -> str:
@@ -226,11 +207,9 @@ def _spans(indices) -> str:
 def calibration_table(result) -> Table:
     """One row per attention site: status, the chosen config or why exact, error, measured/predicted loss
     effect, time against exact and against the default config."""
-    from hyper_backend.autotune.cache import length_text
-
     s = result.settings
     t = Table(
-        title=f"calibration at {length_text(s.seq)}, budget {100 * s.budget:+.2f}% perplexity: "
+        title=f"calibration at {schema.length_text(s.seq)}, budget {100 * s.budget:+.2f}% perplexity: "
         f"{sum(x.choice is not None for x in result.sites)}/{len(result.sites)} sites on HyperAttention"
     )
     for col in (
@@ -243,7 +222,7 @@ def calibration_table(result) -> Table:
         "time",
         "exact",
         "default cfg",
-        "probe (measured)",
+        "probes (measured)",
     ):
         t.add_column(col, overflow="fold")
     skipped = {}  # sites that cannot approximate, one row per (status, reason)
@@ -268,15 +247,13 @@ def calibration_table(result) -> Table:
         if x.status != "candidate":
             continue
         c = x.choice
-        probe = (
-            ""
-            if x.probe is None
-            else f"{x.probe.config.label()}: err {x.probe.error:.3f}, {100 * math.expm1(x.probe.dloss):+.3f}%"
+        probe = "; ".join(
+            f"{p.config.label()}: err {p.error:.3f}, {100 * math.expm1(p.measured_dloss):+.3f}%"
+            for p in (x.probe, x.fast_probe)
+            if p is not None and p.measured_dloss is not None
         )
         default = "-" if x.default_time is None else f"{_s(x.default_time)}, err {x.default_error:.3f}"
         if c is None:
-            from hyper_backend.autotune.calibrate import exact_reason
-
             why = exact_reason(x, result)
             t.add_row(
                 str(x.index),
@@ -291,7 +268,7 @@ def calibration_table(result) -> Table:
                 probe,
             )
         else:
-            how = "measured" if c.measured else "predicted"
+            how = "measured" if c.measured and c.dloss == abs(c.measured_dloss) else "predicted"
             t.add_row(
                 str(x.index),
                 str(x.layer),

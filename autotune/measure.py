@@ -217,7 +217,9 @@ def calibrate_base(head_dim: int, dtype, device):
     t = _best_of(lambda: torch.argsort(keys, stable=True), device)
     rates.sort = rows * math.log2(rows) / t
     # fixed overhead: a tiny approximate call, minus what the model says its work costs
-    small = HyperConfig(block_size=128, sample_size=64, lsh_num_projs=7, min_seq_len=1, causal_depth=None)
+    small = HyperConfig(
+        detector="lsh", block_size=128, sample_size=64, lsh_num_projs=7, min_seq_len=1, causal_depth=None
+    )
     calibrate(rates, cost.tile_shapes(1024, False, small), head_dim, dtype, device)
     rates.call = 0.0
     s = Sample(*(torch.randn(1, 1, 1024, head_dim, device=device).to(dtype) for _ in range(3)), None, "calibration")

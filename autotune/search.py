@@ -8,11 +8,11 @@ Per length ``n``:
 2. the default `HyperConfig` runs twice (seeds 0 and 1); the error budget is ``max_error``, or, when that is
    None (``auto``), the pooled error of the default parameters approximating at this length;
 3. exact attention is timed when the model predicts it short, else extrapolated from a timed slice of rows;
-4. screening: the grid (block size x sample size x ``min_seq_len`` x ``causal_depth``; LSH projections at the
-   default) is deduplicated by what it computes at ``n``, ranked by predicted time and pruned above the
-   default's predicted time. Candidates run once, cheapest first. One over 1.25 x the budget also prunes the
-   candidates no more accurate than it (smaller blocks and samples, more approximated levels: a heuristic).
-   The LSH projection count is then varied on the two fastest that passed;
+4. screening: the candidate grid (`hyper_backend.autotune.grid`, shared with the per-model calibration: block
+   size x samples x LSH projections x sinks x window x residual x ``min_seq_len`` near the predicted crossover
+   x ``causal_depth``), deduplicated by what it computes at ``n``, is ranked by predicted time and pruned above
+   the default's predicted time. Candidates run once, cheapest first. One over 1.25 x the budget also prunes the
+   candidates no more accurate than it (smaller blocks and samples, more approximated levels: a heuristic);
 5. race: the default, the three fastest screened candidates within 1.25 x budget, and exact attention when it
    was measured competitive, run in alternating rounds (each round sees the same machine load; a new seed
    each round, errors pooled). A contender's speed is the median over rounds of its time divided by the
@@ -35,13 +35,15 @@ import torch
 
 import hyper_backend
 from hyper_backend.config import HyperConfig
-from hyper_backend.kernels.plan import causal_levels, hyper_applies, next_pow2
+from hyper_backend.kernels.plan import next_pow2
 
-from . import cache, cost, measure
+from . import cost, measure, schema, writer
+from .grid import Space, approximated, approximates, grid, structure
 from .inputs import Sample, load_inputs, synthetic
 from .measure import Score
+from .progress import Progress, duration
 
-DEFAULTS = DEFAULT = HyperConfig()
+DEFAULT = HyperConfig(detector="lsh")  # the tuner searches the LSH estimator's sizes
 
 
 @dataclass
@@ -60,13 +62,7 @@ class TuneSettings:
     inputs_path: str | None = None
     family: str = "mixed"
     error_rows: int = 512
-    block_sizes: tuple[int, ...] = (128, 256, 512, 1024)
-    sample_sizes: tuple[int, ...] = (128, 256, 384, 512, 768, 1024, 1536)
-    lsh_projs: tuple[int, ...] = (4, 7, 10)
-    # the exact parts of the estimator: every candidate takes each of these (the defaults unless given)
-    sink_keys: tuple[int, ...] = (DEFAULTS.sink_keys,)
-    local_windows: tuple[int, ...] = (DEFAULTS.local_window,)
-    residuals: tuple[str, ...] = (DEFAULTS.residual,)
+    space: Space = field(default_factory=Space)  # the candidate grid's axes
     race_size: int = 3  # contenders besides the default
     race_rounds: int = 7  # at most
     check_crossover: bool = True
@@ -139,100 +135,18 @@ class CrossoverResult:
     unscaled: int | None  # by the model before the probes
 
 
-class Progress:
-    """Callbacks the CLI implements with rich; the default does nothing."""
-
-    def phase(self, text: str) -> None: ...
-
-    def start_trials(self, total: int) -> None: ...
-
-    def trial(self, t: Trial) -> None: ...
-
-    def race_round(self, index: int, race: list[Contender]) -> None: ...
-
-
-# ----------------------------------------------------------------------------------------------------------
-# the grid
-# ----------------------------------------------------------------------------------------------------------
-
-
-def structure(n: int, causal: bool, c: HyperConfig) -> tuple:
-    """What ``c`` computes at length ``n``: the leaf size and the approximated quadrant sizes (causal), or
-    whether it approximates (non-causal), with the sizes that matter. Equal structures give equal outputs."""
-    exact_parts = (c.sink_keys, c.local_window, c.residual)
-    if not causal:
-        approx = hyper_applies(n, n, c)
-        return ("full", approx) + ((c.block_size, c.sample_size, c.lsh_num_projs) + exact_parts if approx else ())
-    L = causal_levels(n, c)
-    leaf = math.ceil(n / 2**L)
-    sizes = tuple(
-        leaf * 2 ** (L - 1 - lvl)
-        for lvl in range(L)
-        if hyper_applies(leaf * 2 ** (L - 1 - lvl), leaf * 2 ** (L - 1 - lvl), c)
-    )
-    if not sizes:
-        return ("causal", leaf)
-    return ("causal", leaf, sizes, c.block_size, c.sample_size, c.lsh_num_projs) + exact_parts
-
-
-def _thresholds(n: int, block: int, crossover: int) -> list[int]:
-    """Causal ``min_seq_len`` values to try: powers of two from a quarter to four times the crossover, that
-    approximate at ``n`` (at most ``n/2``) with at least two blocks; near ``n/2`` if the crossover is above."""
-    usable = [1 << k for k in range(n.bit_length()) if 2 * block <= 1 << k <= n // 2]
-    near = [x for x in usable if crossover // 4 <= x <= crossover * 4]
-    return near or usable[-3:]
-
-
 def no_more_accurate(a: HyperConfig, b: HyperConfig, n: int, causal: bool) -> bool:
     """Heuristic order: ``a`` approximates at least where ``b`` does, with blocks and samples no larger."""
-    sa, sb = structure(n, causal, a), structure(n, causal, b)
-    if len(sa) < 3 or len(sb) < 3 or a.lsh_num_projs != b.lsh_num_projs:
+    if not (approximates(n, causal, a) and approximates(n, causal, b)) or a.lsh_num_projs != b.lsh_num_projs:
         return False
     if (a.sink_keys, a.local_window, a.residual) != (b.sink_keys, b.local_window, b.residual):
         return False
     if a.block_size > b.block_size or a.sample_size > b.sample_size:
         return False
     if causal:
-        return set(sa[2]) >= set(sb[2]) and sa[1] <= sb[1]
+        (leaf_a, sizes_a), (leaf_b, sizes_b) = approximated(n, True, a), approximated(n, True, b)
+        return sizes_a >= sizes_b and leaf_a <= leaf_b
     return True
-
-
-def grid(n: int, causal: bool, s: TuneSettings, crossover_of) -> list[HyperConfig]:
-    """Candidates at length ``n``, one per distinct structure (auto depth preferred on ties).
-
-    ``crossover_of(candidate) -> int`` predicts the length where that candidate starts beating exact.
-    """
-    out: dict[tuple, HyperConfig] = {}
-    r = DEFAULTS.lsh_num_projs
-    exact_parts = [
-        dict(sink_keys=k, local_window=w, residual=res)
-        for k in s.sink_keys
-        for w in s.local_windows
-        for res in s.residuals
-    ]
-    for bs, m, parts in ((bs, m, e) for bs in s.block_sizes for m in s.sample_sizes for e in exact_parts):
-        if bs >= n:
-            continue
-        base = HyperConfig(bs, m, r, 1, None, **parts)
-        c = crossover_of(base)
-        if not causal:
-            cands = [replace(base, min_seq_len=min(c, n))]
-        else:
-            cands = []
-            for msl in _thresholds(n, bs, next_pow2(c)):
-                auto = replace(base, min_seq_len=msl)
-                cands.append(auto)
-                L = causal_levels(n, auto)
-                for depth in (L - 1, L - 2):
-                    if depth >= 1:
-                        cands.append(replace(auto, causal_depth=depth))
-        for cand in cands:
-            key = structure(n, causal, cand)
-            if len(key) < 3:
-                continue  # exact at n: that option is measured separately
-            if key not in out or (out[key].causal_depth is not None and cand.causal_depth is None):
-                out[key] = cand
-    return list(out.values())
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -344,7 +258,7 @@ class Tuner:
             )
         max_error = s.max_error
         if max_error is None:
-            if _approximates(n, s.causal, DEFAULT):
+            if approximates(n, s.causal, DEFAULT):
                 max_error = default.score.error
             else:  # the defaults are exact here: budget = their error if they approximated at this length
                 probe = replace(DEFAULT, min_seq_len=_auto_threshold(n, s.causal))
@@ -380,15 +294,15 @@ class Tuner:
         s, P = self.s, self.progress
         same_as_default = structure(n, s.causal, DEFAULT)
         candidates = [
-            c for c in grid(n, s.causal, s, self.crossover_of) if structure(n, s.causal, c) != same_as_default
+            c for c in grid(n, s.causal, s.space, self.crossover_of) if structure(n, s.causal, c) != same_as_default
         ]
         trials = [Trial(c, self.predict(n, c)) for c in candidates]
         trials.sort(key=lambda t: t.predicted)
         # half the remaining time, and at least three race rounds of the default and the contenders, for the race
         now = time.monotonic()
         deadline = min(now + 0.5 * (until - now), until - 3 * (s.race_size + 1) * default.score.time)
-        default_ok = _approximates(n, s.causal, DEFAULT) and default.score.error <= max_error
-        P.start_trials(len(trials))
+        default_ok = approximates(n, s.causal, DEFAULT) and default.score.error <= max_error
+        P.steps(f"n={n}: candidates", len(trials))
         failures: list[HyperConfig] = []
         # the default is re-timed before every third candidate; a candidate's ratio is its time over the mean
         # of the default's times just before and just after it
@@ -428,19 +342,9 @@ class Tuner:
                 t.status = "dominated"
             else:
                 screen(t)
-            P.trial(t)
-        # vary the LSH projections on the two fastest that passed
-        passed = sorted((t for t in trials if t.status == "pass"), key=lambda t: t.ratio)[:2]
-        for base in passed:
-            for r in s.lsh_projs:
-                c = replace(base.candidate, lsh_num_projs=r)
-                if r == base.candidate.lsh_num_projs or time.monotonic() + base.time > deadline:
-                    continue
-                t = Trial(c, self.predict(n, c))
-                t.predicted_ratio = base.predicted_ratio
-                screen(t)
-                trials.append(t)
-                P.trial(t)
+            P.advance()
+            if t.score is not None:
+                P.note(_trial_line(t))
         if pending:
             time_default()
         return trials
@@ -488,7 +392,7 @@ class Tuner:
                     c.status = "over budget"
                 elif len(c.rounds) >= 3 and c.ratio > 1.0:
                     c.status = "not faster"
-            P.race_round(rnd, race)
+            P.note(_race_line(rnd, race))
         for c in race:
             if c.status == "racing":
                 c.status = "finished"
@@ -506,7 +410,7 @@ class Tuner:
         return best
 
     def _params(self, n: int, winner: Contender) -> dict:
-        if winner.candidate is None or not _approximates(n, self.s.causal, winner.candidate):
+        if winner.candidate is None or not approximates(n, self.s.causal, winner.candidate):
             # exact attention at this length: a threshold above the bucket's lengths
             c = self.crossover_of(DEFAULT)
             return {"min_seq_len": c if c > 2 * n else 2 * n}
@@ -566,7 +470,7 @@ class Tuner:
     def run(self) -> tuple[list[LengthResult], CrossoverResult]:
         s = self.s
         start = time.monotonic()
-        dev_key, dt = cache.device_key(s.device), cache.dtype_name(s.dtype)
+        dev_key, dt = schema.device_key(s.device), schema.dtype_name(s.dtype)
         if s.check_crossover:
             probe = self.calibrate_crossover()
         else:
@@ -578,10 +482,10 @@ class Tuner:
             left = start + s.time_budget - now
             result = self.tune_length(n, now + max(left, 0.0) / (len(s.seq_lens) - i))
             results.append(result)
-            cache.record(
+            writer.record(
                 s.cache_path,
                 [
-                    cache.make_entry(
+                    schema.make_entry(
                         device=dev_key,
                         dtype=dt,
                         head_dim=s.head_dim,
@@ -617,10 +521,10 @@ class Tuner:
                 ],
                 **_stamp(s),
             }
-            cache.record(
+            writer.record(
                 s.cache_path,
                 defaults=[
-                    cache.make_default(
+                    schema.make_default(
                         device=dev_key, dtype=dt, head_dim=s.head_dim, min_seq_len=cross.predicted, crossover=info
                     )
                 ],
@@ -652,13 +556,21 @@ class Tuner:
         }
 
 
-def _approximates(n: int, causal: bool, c: HyperConfig) -> bool:
-    return len(structure(n, causal, c)) >= 3
-
-
 def _auto_threshold(n: int, causal: bool) -> int:
     """A ``min_seq_len`` that makes the default sizes approximate at ``n`` (for the auto error budget)."""
-    return max(2 * DEFAULTS.block_size, n // 4 if causal else n)
+    return max(2 * DEFAULT.block_size, n // 4 if causal else n)
+
+
+def _trial_line(t: Trial) -> str:
+    return (
+        f"screen {t.candidate.label():48s} predicted {duration(t.predicted):>9s}  measured "
+        f"{duration(t.time):>9s} (x{t.ratio:.2f} default)  error {t.score.error:.3f}  {t.status}"
+    )
+
+
+def _race_line(index: int, race: list[Contender]) -> str:
+    parts = [f"{c.name} {duration(c.rounds[-1])} x{c.ratios[-1]:.2f}" for c in race if len(c.rounds) == index + 1]
+    return f"race round {index + 1}: " + ", ".join(parts)
 
 
 def _stamp(s: TuneSettings) -> dict:

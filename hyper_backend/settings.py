@@ -17,6 +17,7 @@ from hyper_backend.config import (
     FIELDS,
     INNER_BACKENDS,
     KERNEL_CHOICES,
+    RESIDUALS,
     HyperConfig,
     LayerSelection,
     OpSettings,
@@ -53,7 +54,7 @@ class Settings:
         options and ``HYPER_*`` fields) over the tuning cache's length buckets for that group over the defaults."""
         table = ()
         if self.tune_cache:
-            from hyper_backend.autotune.cache import tuned_head_dims, tuned_table
+            from hyper_backend.autotune.store import tuned_head_dims, tuned_table
 
             if isinstance(head_dim, torch.SymInt):  # dynamic=True: guard on it only if some head dim is tuned
                 tuned = tuned_head_dims(self.tune_cache, device=device, dtype=dtype, causal=causal)
@@ -80,7 +81,7 @@ class Settings:
         """A fingerprint of the tuning cache's content ("" without one)."""
         if not self.tune_cache:
             return ""
-        from hyper_backend.autotune.cache import digest
+        from hyper_backend.autotune.store import digest
 
         return digest(self.tune_cache)
 
@@ -95,7 +96,10 @@ def validate_options(options: Mapping[str, Any] | None) -> dict:
     for name, value in options.items():
         if name not in OPTIONS:
             raise ValueError(f"unknown option {name!r} for backend='hyper'; accepted: {', '.join(OPTIONS)}")
-        if name in FIELDS:
+        if name == "residual":  # which residuals a detector allows is checked on the merged settings
+            if value is not None and value not in RESIDUALS:
+                raise ValueError(f"options['residual'] must be one of {', '.join(RESIDUALS)} or None, got {value!r}")
+        elif name in FIELDS:
             try:
                 HyperConfig(**{name: value})
             except ValueError as e:
@@ -124,6 +128,11 @@ def validate_options(options: Mapping[str, Any] | None) -> dict:
 def resolve_settings(options: Mapping[str, Any] | None = None) -> Settings:
     """``options`` > ``HYPER_*`` env (via `hyper_backend.config.read_env`) > defaults."""
     merged = {**read_env(), **validate_options(options)}
+    explicit = {f: merged[f] for f in FIELDS if f in merged}
+    try:
+        HyperConfig(**explicit)
+    except ValueError as e:
+        raise ValueError(f"backend='hyper' settings (options over HYPER_* env): {e}") from None
     return Settings(
         enabled=merged.get("enabled", True),
         explicit=tuple((f, merged[f]) for f in FIELDS if f in merged),

@@ -47,15 +47,16 @@ def fit(p: HyperConfig, n_q: int, n_k: int) -> HyperConfig:
     """Clamp sizes to what a call of ``n_q`` queries on ``n_k`` keys can use, so no setting makes a call
     allocate more than O(n (b + m)). Results are unchanged except for ``sample_size > n_k`` (then n_k draws)."""
     n = max(n_q, n_k, 1)
-    return p.replace(
+    p = p.replace(
         block_size=min(p.block_size, n),
         sample_size=min(p.sample_size, max(n_k, 1)),
         sink_keys=min(p.sink_keys, n_k),
         local_window=None if p.local_window is None else min(p.local_window, 2 * n),
-        top_k=min(p.top_k, n_k),
-        query_block=min(p.query_block, max(n_q, 1)),
-        score_group=min(p.score_group, p.query_block, max(n_q, 1)),
     )
+    if p.detector != "topk":
+        return p
+    block = min(p.query_block, max(n_q, 1))
+    return p.replace(top_k=min(p.top_k, n_k), query_block=block, score_group=min(p.score_group, block))
 
 
 def call_config(settings: OpSettings, n_q: int, n_k: int) -> HyperConfig:

@@ -76,7 +76,8 @@ class Part:
             text += f", last {self.strip} keys exact"
         if self.kind == "topk":
             text += " causal" if self.causal else ""
-            text += f", blocks of {self.block}" + (f", {self.strip} keys before each exact" if self.causal else "")
+            text += f", blocks of {self.block}"
+            text += f", {self.strip} keys before each and the last block exact" if self.causal else ""
         return text
 
 

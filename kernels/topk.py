@@ -1,7 +1,9 @@
 """The ``"topk"`` detector: positional query blocks that attend exactly to the keys scoring highest for them.
 
-A ``"topk"`` part (`plan.Part`) splits the queries into blocks of ``block`` rows. Block ``c`` (rows
-``lo = c * block`` on) keeps exact:
+A ``"topk"`` part (`plan.Part`) splits the queries into blocks of ``block`` rows, aligned to end at the last
+query (the first block may be partial: `lead` padding rows). Causal: the last block attends exactly to every key
+it sees (`_tail`: its rows produce the next token, for ``block x n_k`` scores). Block ``c`` (first row
+``lo = c * block - lead``) keeps exact:
 
 * its **tile**: ``T`` consecutive keys from ``L0``. Causal: ``L0 = lo + (n_k - n_q) - strip``, ``T = block +
   strip``, row i seeing tile key j iff ``j <= i + n_k - n_q`` (so every query keeps its ``w`` most recent keys).
@@ -34,7 +36,8 @@ import torch
 from .plan import Part
 
 CELL = 16  # keys per residual draw cell
-_BUDGET = 1 << 23  # elements of the largest temporary per chunk of blocks
+_BUDGET = 1 << 24  # elements of the largest temporary per chunk of blocks
+_KEY_TILE = 4096  # keys scored at once by a chunk's representatives
 
 
 class Selection(NamedTuple):
@@ -49,27 +52,43 @@ def blocks(part: Part, n_q: int) -> int:
     return math.ceil(n_q / part.block)
 
 
+def lead(part: Part, n_q: int) -> int:
+    """Padding rows before the first query: blocks end at the last query, so the last block is always full."""
+    return blocks(part, n_q) * part.block - n_q
+
+
 def tile(part: Part, n_q: int, n_k: int, first: int, count: int, device):
     """Blocks ``first .. first + count - 1``'s tile: ``(idx [count, T]`` key positions (clamped into range),
     ``vis [count, block, T]`` bool: row r of the block sees tile slot t), and their domains' bounds
     ``(lo [count], hi [count])``: the domain is ``j < lo`` or ``j >= hi``."""
-    c = torch.arange(first, first + count, device=device)
-    rows = c[:, None] * part.block + torch.arange(part.block, device=device)  # [count, block]
+    c = torch.arange(first, first + count, device=device) * part.block - lead(part, n_q)  # first rows
+    rows = c[:, None] + torch.arange(part.block, device=device)  # [count, block]
     if part.causal:
         off = n_k - n_q
-        start, T = c * part.block + off - part.strip, part.block + part.strip
+        start, T = c + off - part.strip, part.block + part.strip
     elif part.window is not None:
         a, b = part.window
-        start, T = c * part.block - a, part.block + a + b
+        start, T = c - a, part.block + a + b
     else:
-        start, T = c * part.block, 0
+        start, T = c, 0
     idx = start[:, None] + torch.arange(T, device=device)  # [count, T]
-    vis = ((idx >= 0) & (idx < n_k))[:, None, :] & (rows < n_q)[:, :, None]
+    vis = ((idx >= 0) & (idx < n_k))[:, None, :] & (rows >= 0)[:, :, None]
     if part.causal:
         vis = vis & (idx[:, None, :] <= rows[:, :, None] + (n_k - n_q))
     lo = start.clamp(0, n_k)
     hi = (start + T).clamp(0, n_k) if not part.causal else torch.full_like(lo, n_k)
     return idx.clamp(0, max(n_k - 1, 0)), vis, lo, hi
+
+
+def _bounds(part: Part, n_q: int, n_k: int, first: int, count: int, device):
+    """The domain bounds ``(lo, hi)`` of `tile`, without the tile."""
+    c = torch.arange(first, first + count, device=device) * part.block - lead(part, n_q)
+    if part.causal:
+        return (c + (n_k - n_q) - part.strip).clamp(0, n_k), torch.full((count,), n_k, device=device)
+    if part.window is not None:
+        a, b = part.window
+        return (c - a).clamp(0, n_k), (c + part.block + b).clamp(0, n_k)
+    return c.clamp(0, n_k), c.clamp(0, n_k)
 
 
 def _domain(lo, hi, est, n_k: int) -> torch.Tensor:
@@ -85,9 +104,9 @@ def _reps(q: torch.Tensor, part: Part, n_q: int, first: int, count: int, group: 
     B, Hq, _, D = q.shape
     R = math.ceil(part.block / group)
     within = torch.arange(R * group, device=q.device).view(R, group)  # [R, group]: the row inside its block
-    rows = (first + torch.arange(count, device=q.device))[:, None, None] * part.block + within
-    real = (rows < n_q) & (within < part.block)  # [count, R, group]
-    local = rows.clamp(max=max(n_q - 1, 0))
+    rows = (first + torch.arange(count, device=q.device))[:, None, None] * part.block + within - lead(part, n_q)
+    real = (rows >= 0) & (within < part.block)  # [count, R, group]
+    local = rows.clamp(0, max(n_q - 1, 0))
     x = q[:, :, local.reshape(-1)].float().view(B, Hq, count, R, group, D)
     x = x * real[None, None, ..., None]
     n = real.sum(-1)  # [count, R]
@@ -105,43 +124,61 @@ def _sinks(sink: torch.Tensor | None, count: int):
     return pos, torch.gather(sink, 1, pos)
 
 
+STRIDE = 16  # the log-sum-exp that normalises a representative's scores is estimated on every STRIDE-th key
+
+
 def select(q, k, v, valid, sink, part: Part, scale: float, p) -> Selection:
     """The side keys of every block (see the module docstring). ``q [B,Hq,Nq,D]``, ``k, v [B,Hkv,Nk,D]``,
-    ``valid [B, Nk]`` bool or None, ``sink [B, Nk]`` bool or None, ``p`` the fitted `HyperConfig`."""
+    ``valid [B, Nk]`` bool or None, ``sink [B, Nk]`` bool or None, ``p`` the fitted `HyperConfig`.
+
+    The top-k is exact and costs two small selections: the `CELL`-key cells with the ``top_k`` highest cell
+    maxima hold every one of the top-k keys, so the keys are chosen among those cells' only."""
     B, Hq, n_q, D = q.shape
     Hkv, n_k = k.shape[1], k.shape[2]
     group = Hq // Hkv
     dev = q.device
     nb = blocks(part, n_q)
+    n_p = math.ceil(n_k / CELL) * CELL  # keys padded to whole cells (padding is outside every domain)
     est = torch.ones(B, n_k, dtype=torch.bool, device=dev) if valid is None else valid
     if sink is not None:
         est = est & ~sink
+    est = torch.nn.functional.pad(est, (0, n_p - n_k))
     sinks = _sinks(sink, nb)
     R = math.ceil(part.block / p.score_group)
     K, m = min(p.top_k, n_k), p.sample_size
-    kf = k.float()
+    kf = torch.nn.functional.pad(k.float(), (0, 1, 0, n_p - n_k), value=1.0)  # [k, 1]: the GEMM subtracts lse
     hv = None
     if p.residual_scheme == "vnorm":
-        hv = (v.float() ** 2).sum(-1).clamp_min(1e-30).log()  # [B, Hkv, Nk]
+        hv = torch.nn.functional.pad((v.float() ** 2).sum(-1).clamp_min(1e-30).log(), (0, n_p - n_k))
+        hv = hv.view(B, Hkv, n_p // CELL, CELL).amax(-1).repeat_interleave(group, 1)[:, :, None]
     gen = torch.Generator(device=dev)
     gen.manual_seed(int(p.seed) * 1_000_003 + part.stream + 7)
-    per = max(1, _BUDGET // max(1, B * Hq * R * n_k))
+    per = max(1, _BUDGET // max(1, B * Hq * n_p))
     out_pos, out_lw = [], []
     for first in range(0, nb, per):
         count = min(per, nb - first)
-        _, _, lo, hi = tile(part, n_q, n_k, first, count, dev)
-        width = n_k  # causal: the keys before the chunk's last tile are all its blocks may select
+        lo, hi = _bounds(part, n_q, n_k, first, count, dev)
+        width = n_p  # causal: the keys before the chunk's last tile are all its blocks may select
         if part.causal:
-            last = (first + count - 1) * part.block + (n_k - n_q) - part.strip
-            width = min(n_k, max(last, K, 1))
+            last = (first + count - 1) * part.block - lead(part, n_q) + (n_k - n_q) - part.strip
+            width = min(n_p, math.ceil(max(last, K * CELL, 1) / CELL) * CELL)
         dom = _domain(lo, hi, est[:, :width], width)  # [B, count, width]
         reps, rep_ok = _reps(q, part, n_q, first, count, p.score_group)
-        sc = reps.view(B, Hkv, group * count * R, D) @ kf[:, :, :width].transpose(-1, -2)
-        sc = (sc * scale).view(B, Hq, count, R, width).masked_fill(~dom[:, None, :, None, :], -math.inf)
-        lse = torch.logsumexp(sc, -1, keepdim=True)
-        sc = (sc - torch.where(torch.isfinite(lse), lse, 0.0)).masked_fill(~rep_ok[None, None, :, :, None], -math.inf)
-        score = sc.amax(3)  # [B, Hq, count, n_k]
-        del sc
+        reps = (reps * scale).view(B, Hkv, group * count * R, D)
+        if R == 1:  # one representative: its normalisation is a constant per block, which ranks nothing
+            score = (reps @ kf[:, :, :width, :D].transpose(-1, -2)).view(B, Hq, count, width)
+        else:
+            sub = (reps @ kf[:, :, :width:STRIDE, :D].transpose(-1, -2)).view(B, Hq, count, R, -1)
+            sub = sub.masked_fill(~dom[:, None, :, None, ::STRIDE], -math.inf)
+            lse = torch.logsumexp(sub, -1) + math.log(STRIDE)
+            lse = torch.where(torch.isfinite(lse), lse, 0.0).masked_fill(~rep_ok, math.inf)  # [B, Hq, count, R]
+            aug = torch.cat([reps, -lse.reshape(B, Hkv, -1, 1)], -1)
+            score = torch.empty(B, Hq, count, width, device=dev)
+            for j in range(0, width, _KEY_TILE):  # tiles of keys: the R-fold scores stay in cache
+                end = min(j + _KEY_TILE, width)
+                piece = aug @ kf[:, :, j:end].transpose(-1, -2)
+                score[..., j:end] = piece.view(B, Hq, count, R, -1).amax(3)
+        score.masked_fill_(~dom[:, None], -math.inf)  # [B, Hq, count, width]
         parts_pos, parts_lw = [], []
         if sinks is not None:
             spos, sok = sinks
@@ -149,53 +186,71 @@ def select(q, k, v, valid, sink, part: Part, scale: float, p) -> Selection:
             keep = sok[:, None, :] & ((sp < lo[None, :, None]) | (sp >= hi[None, :, None]))  # [B, count, s]
             parts_pos.append(sp.expand(B, count, -1)[:, None].expand(B, Hq, count, -1))
             parts_lw.append(torch.where(keep, 0.0, -math.inf)[:, None].expand(B, Hq, count, -1))
-        top, top_pos = score.topk(K, -1, sorted=False) if K else (score[..., :0], score[..., :0].long())
+        cells = score.view(B, Hq, count, width // CELL, CELL)
+        cmax = cells.amax(-1)  # [B, Hq, count, cells]
+        kc = min(K, cmax.shape[-1])
+        top_cells = cmax.topk(kc, -1, sorted=False).indices if K else cmax[..., :0].long()
+        cand = (top_cells[..., None] * CELL + torch.arange(CELL, device=dev)).flatten(-2)
+        cand_score = score.gather(-1, cand)
+        top, at = cand_score.topk(min(K, cand.shape[-1]), -1, sorted=False)
+        top_pos = cand.gather(-1, at)
         parts_pos.append(top_pos)
         parts_lw.append(torch.where(torch.isfinite(top), 0.0, -math.inf))
         if m:
-            rest = score.scatter(-1, top_pos, -math.inf)
-            dpos, dlw = _draw(rest, None if hv is None else hv[..., :width], p.residual_scheme, m, group, gen)
+            score.scatter_(-1, top_pos, -math.inf)  # what remains for the residual
+            left = cand_score.scatter(-1, at, -math.inf).view(*top_cells.shape, CELL).amax(-1)
+            cmax.scatter_(-1, top_cells, left)
+            cell_hv = None if hv is None else hv[..., : width // CELL]
+            dpos, dlw = _draw(score, cmax, cell_hv, p.residual_scheme, m, gen)
             parts_pos.append(dpos)
             parts_lw.append(dlw)
         out_pos.append(torch.cat(parts_pos, -1))
         out_lw.append(torch.cat(parts_lw, -1).float())
-    return Selection(torch.cat(out_pos, 2).contiguous(), torch.cat(out_lw, 2).contiguous())
+    pos = torch.cat(out_pos, 2).clamp(max=n_k - 1)  # a padding position is an unused slot (-inf)
+    return Selection(pos.contiguous(), torch.cat(out_lw, 2).contiguous())
 
 
-def _draw(rest, hv, scheme: str, m: int, group: int, gen):
-    """``m`` residual draws per block over the keys where ``rest [B, Hq, count, Nk]`` is finite."""
-    B, Hq, count, n_k = rest.shape
-    left = torch.isfinite(rest)
+def _draw(rest, cmax, cell_hv, scheme: str, m: int, gen):
+    """``m`` residual draws per block over the keys where ``rest [B, Hq, count, W]`` is finite, ``cmax`` its
+    maxima per cell (-inf: a cell with no remaining key)."""
+    width = rest.shape[-1]
+    left = torch.isfinite(cmax)
     if scheme == "importance":
-        h = rest
+        h = cmax
     elif scheme == "vnorm":
-        h = hv.repeat_interleave(group, 1)[:, :, None, :].masked_fill(~left, -math.inf)
+        h = cell_hv.expand_as(cmax).masked_fill(~left, -math.inf)
     else:
-        h = torch.zeros_like(rest).masked_fill(~left, -math.inf)
-    cells = math.ceil(n_k / CELL)
-    h = torch.nn.functional.pad(h, (0, cells * CELL - n_k), value=-math.inf).view(B, Hq, count, cells, CELL)
-    top = h.amax(-1)  # [B, Hq, count, cells]
-    empty = torch.isneginf(top).all(-1, keepdim=True)
-    logp = torch.log_softmax(torch.where(empty, 0.0, top), -1)  # an empty row draws anything and keeps nothing
-    cell = torch.multinomial(logp.exp().view(-1, cells), m, replacement=True, generator=gen).view(B, Hq, count, m)
-    at = torch.randint(0, CELL, (B, Hq, count, m), generator=gen, device=rest.device)
-    pos = (cell * CELL + at).clamp(max=n_k - 1)
-    ok = (cell * CELL + at < n_k) & left.gather(-1, pos) & ~empty
+        h = torch.zeros_like(cmax).masked_fill(~left, -math.inf)
+    empty = ~left.any(-1, keepdim=True)
+    logp = torch.log_softmax(torch.where(empty, 0.0, h), -1)  # an empty row draws anything and keeps nothing
+    cdf = logp.exp().cumsum(-1)
+    u = torch.rand(*cmax.shape[:-1], m, generator=gen, device=rest.device, dtype=cdf.dtype) * cdf[..., -1:]
+    cell = torch.searchsorted(cdf, u).clamp(max=cmax.shape[-1] - 1)
+    pos = cell * CELL + torch.randint(0, CELL, cell.shape, generator=gen, device=rest.device)
+    pos = pos.clamp(max=width - 1)
+    ok = torch.isfinite(rest.gather(-1, pos)) & ~empty
     lw = math.log(CELL / m) - logp.gather(-1, cell)
     return pos, torch.where(ok, lw, -math.inf)
 
 
 class _Chunk(NamedTuple):
-    """One chunk of blocks: its queries ``[B, Hkv, g, count, qb, D]``, side and tile keys and values, their
-    positions and the scores ``s [B, Hkv, g, count, qb, E + T]`` (-inf where not attended)."""
+    """One chunk of ``count`` blocks, laid out ``[B, Hkv, count, g, rows, D]`` (g: query heads per key head)."""
 
     first: int
-    q: torch.Tensor
-    k: torch.Tensor  # [B, Hkv, g, count, E + T, D]
-    v: torch.Tensor
-    pos: torch.Tensor  # [B, Hkv, g * count * E] side positions
-    idx: torch.Tensor | None  # [count, T] tile positions
-    s: torch.Tensor
+    q: torch.Tensor  # [B, Hkv, count, g, qb, D]
+    ks: torch.Tensor  # [B, Hkv, count, g, E, D] side keys
+    vs: torch.Tensor
+    pos: torch.Tensor  # [B, Hkv, count * g * E] their positions
+    ss: torch.Tensor  # [B, Hkv, count, g, qb, E] side scores (with the log weights)
+    kt: torch.Tensor | None  # [B, Hkv, count, 1, T, D] tile keys
+    vt: torch.Tensor | None
+    idx: torch.Tensor | None  # [count, T] their positions
+    st: torch.Tensor | None  # [B, Hkv, count, g, qb, T] tile scores
+
+
+def _layout(x, B, Hkv, group, nb):
+    """``[B, Hq, nb, ...]`` -> ``[B, Hkv, nb, g, ...]``."""
+    return x.reshape(B, Hkv, group, nb, *x.shape[3:]).transpose(2, 3)
 
 
 def _chunks(q, k, v, valid, sel: Selection, part: Part, scale: float):
@@ -204,48 +259,106 @@ def _chunks(q, k, v, valid, sel: Selection, part: Part, scale: float):
     group = Hq // Hkv
     acc = torch.float64 if q.dtype == torch.float64 else torch.float32
     nb, qb = blocks(part, n_q), part.block
-    qp = torch.nn.functional.pad(q, (0, 0, 0, nb * qb - n_q)).to(acc).view(B, Hkv, group, nb, qb, D)
-    kf, vf = k.to(acc), v.to(acc)
+    qp = torch.nn.functional.pad(q, (0, 0, lead(part, n_q), 0)).to(acc).view(B, Hq, nb, qb, D)
+    qp = _layout(qp, B, Hkv, group, nb)
+    pos_all, lw_all = _layout(sel.pos, B, Hkv, group, nb), _layout(sel.lw, B, Hkv, group, nb)
+    kf, vf = k.to(acc).contiguous(), v.to(acc).contiguous()
+    base = (torch.arange(B * Hkv, device=q.device) * n_k).view(B, Hkv, 1)  # row offsets of each (batch, head)
     E = sel.pos.shape[-1]
     T = part.block + part.strip if part.causal else (part.block + sum(part.window) if part.window else 0)
     per = max(1, _BUDGET // max(1, B * Hq * (E + T) * max(qb, D)))
     for first in range(0, nb, per):
         count = min(per, nb - first)
-        qc = qp[:, :, :, first : first + count]  # [B, Hkv, g, count, qb, D]
-        pos = sel.pos[:, :, first : first + count].reshape(B, Hkv, -1)
-        at = pos[..., None].expand(-1, -1, -1, D)
-        ks = kf.gather(2, at).view(B, Hkv, group, count, E, D)
-        vs = vf.gather(2, at).view(B, Hkv, group, count, E, D)
-        lw = sel.lw[:, :, first : first + count].reshape(B, Hkv, group, count, 1, E)
-        idx = None
+        qc = qp[:, :, first : first + count]
+        pos = pos_all[:, :, first : first + count].reshape(B, Hkv, -1)
+        rows = (pos + base).reshape(-1)
+        ks = kf.view(-1, D).index_select(0, rows).view(B, Hkv, count, group, E, D)
+        vs = vf.view(-1, D).index_select(0, rows).view(B, Hkv, count, group, E, D)
+        lw = lw_all[:, :, first : first + count, :, None, :].to(acc)
+        ss = torch.baddbmm(
+            lw.expand(-1, -1, -1, -1, qb, -1).reshape(-1, qb, E),
+            qc.reshape(-1, qb, D),
+            ks.reshape(-1, E, D).transpose(-1, -2),
+            alpha=scale,
+        ).view(B, Hkv, count, group, qb, E)
+        kt = vt = idx = st = None
         if T:
             idx, vis, _, _ = tile(part, n_q, n_k, first, count, q.device)
-            kt = kf[:, :, idx][:, :, None].expand(-1, -1, group, -1, -1, -1)  # [B, Hkv, g, count, T, D]
-            vt = vf[:, :, idx][:, :, None].expand(-1, -1, group, -1, -1, -1)
+            kt, vt = kf[:, :, idx][:, :, :, None], vf[:, :, idx][:, :, :, None]  # [B, Hkv, count, 1, T, D]
             keep = vis[None] if valid is None else vis[None] & valid[:, idx][:, :, None, :]  # [B, count, qb, T]
-            bias = torch.zeros(keep.shape, dtype=acc, device=q.device).masked_fill(~keep, -math.inf)
-            ks, vs = torch.cat([ks, kt], -2), torch.cat([vs, vt], -2)
-            bias = bias[:, None, None].expand(-1, Hkv, group, -1, -1, -1)
-            lw = torch.cat([lw.expand(-1, -1, -1, -1, qb, -1), bias], -1)
-        yield _Chunk(first, qc, ks, vs, pos, idx, (qc @ ks.transpose(-1, -2)) * scale + lw)
+            st = (qc @ kt.transpose(-1, -2)) * scale
+            st = st.masked_fill(~keep[:, None, :, None], -math.inf)
+        yield _Chunk(first, qc, ks, vs, pos, ss, kt, vt, idx, st)
 
 
-def _probs(s):
-    lse = torch.logsumexp(s, -1, keepdim=True)
-    return torch.exp(s - torch.where(torch.isfinite(lse), lse, 0.0)), lse.squeeze(-1)
+def _probs(c: _Chunk):
+    """The chunk's softmax over its side and tile keys: ``(p_side, p_tile or None, lse)``."""
+    top = c.ss.amax(-1, keepdim=True)
+    if c.st is not None:
+        top = torch.maximum(top, c.st.amax(-1, keepdim=True))
+    top = torch.where(torch.isfinite(top), top, 0.0)
+    ps = torch.exp(c.ss - top)
+    total = ps.sum(-1, keepdim=True)
+    pt = None
+    if c.st is not None:
+        pt = torch.exp(c.st - top)
+        total = total + pt.sum(-1, keepdim=True)
+    inv = torch.where(total > 0, 1.0 / total, 0.0)
+    lse = (top + total.log()).squeeze(-1)
+    return ps * inv, None if pt is None else pt * inv, lse
+
+
+def _rows(x, B, Hq, n_q):
+    """``[B, Hkv, nb, g, qb, ...]`` -> ``[B, Hq, n_q, ...]`` (the leading padding rows dropped)."""
+    x = x.transpose(2, 3)
+    x = x.reshape(B, Hq, -1, *x.shape[5:])
+    return x[:, :, x.shape[2] - n_q :]
+
+
+def _tail(q, k, v, valid, part: Part, scale: float):
+    """Causal: the last block's rows attend exactly to every key they see (these rows produce the next token;
+    ``block x n_k`` scores). ``(r0, p [B, Hkv, g, t, n_k], v [B, Hkv, 1, n_k, D], k, q rows)`` or None."""
+    if not part.causal:
+        return None
+    B, Hq, n_q, D = q.shape
+    Hkv, n_k = k.shape[1], k.shape[2]
+    acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+    t = min(part.block, n_q)
+    r0 = n_q - t
+    qt = q[:, :, r0:].to(acc).reshape(B, Hkv, Hq // Hkv, t, D)
+    kf, vf = k.to(acc)[:, :, None], v.to(acc)[:, :, None]
+    i = torch.arange(r0, n_q, device=q.device)[:, None] + (n_k - n_q)
+    keep = (torch.arange(n_k, device=q.device)[None, :] <= i)[None]  # [1, t, n_k]
+    if valid is not None:
+        keep = keep & valid[:, None, :]
+    s = ((qt @ kf.transpose(-1, -2)) * scale).masked_fill(~keep[:, None, None], -math.inf)
+    top = s.amax(-1, keepdim=True)
+    e = torch.exp(s - torch.where(torch.isfinite(top), top, 0.0))
+    total = e.sum(-1, keepdim=True)
+    prob = e * torch.where(total > 0, 1.0 / total, 0.0)
+    lse = (torch.where(torch.isfinite(top), top, 0.0) + total.log()).reshape(B, Hq, t)
+    return r0, prob, kf, vf, qt, lse
 
 
 def attend(q, k, v, valid, sel: Selection, part: Part, scale: float):
     """``(out [B, Hq, Nq, D]`` in q's dtype, ``lse [B, Hq, Nq]``): each block's rows attend to their tile and their
     side keys ``sel`` in one softmax (float32 accumulation, float64 for float64 inputs)."""
-    B, Hq, n_q, D = q.shape
+    B, Hq, n_q, _ = q.shape
     outs, lses = [], []
     for c in _chunks(q, k, v, valid, sel, part, scale):
-        prob, lse = _probs(c.s)
-        outs.append(prob @ c.v)
+        ps, pt, lse = _probs(c)
+        o = ps @ c.vs
+        if pt is not None:
+            o = o + pt @ c.vt
+        outs.append(o)
         lses.append(lse)
-    out = torch.cat(outs, 3).reshape(B, Hq, -1, D)[:, :, :n_q]
-    lse = torch.cat(lses, 3).reshape(B, Hq, -1)[:, :, :n_q]
+    out, lse = _rows(torch.cat(outs, 2), B, Hq, n_q), _rows(torch.cat(lses, 2), B, Hq, n_q)
+    tail = _tail(q, k, v, valid, part, scale)
+    if tail is not None:
+        r0, prob, _, vf, _, tail_lse = tail
+        out, lse = out.clone(), lse.clone()
+        out[:, :, r0:] = (prob @ vf).reshape(B, Hq, -1, out.shape[-1])
+        lse[:, :, r0:] = tail_lse
     return out.to(q.dtype), lse
 
 
@@ -256,30 +369,48 @@ def attend_backward(q, k, v, valid, sel: Selection, part: Part, scale: float, do
     group = Hq // Hkv
     acc = torch.float64 if q.dtype == torch.float64 else torch.float32
     nb, qb = blocks(part, n_q), part.block
-    E = sel.pos.shape[-1]
-    shape = (B, Hkv, group, nb, qb, D)
-    pad = lambda x: torch.nn.functional.pad(x.to(acc), (0, 0, 0, nb * qb - n_q)).view(shape)  # noqa: E731
-    dop = pad(do)
-    delta = (dop * pad(out)).sum(-1, keepdim=True)  # [B, Hkv, g, nb, qb, 1]
-    dq = torch.zeros(shape, dtype=acc, device=q.device)
+
+    def lay(x):
+        x = torch.nn.functional.pad(x.to(acc), (0, 0, lead(part, n_q), 0)).view(B, Hq, nb, qb, D)
+        return _layout(x, B, Hkv, group, nb)
+
+    tail = _tail(q, k, v, valid, part, scale)
+    do_t = None
+    if tail is not None:  # the last block's rows: exact, below; the blocks' path sees no gradient for them
+        do_t = do[:, :, tail[0] :].to(acc).reshape(B, Hkv, group, -1, D)
+        do = do.clone()
+        do[:, :, tail[0] :] = 0
+    dop = lay(do)
+    delta = (dop * lay(out)).sum(-1, keepdim=True)
+    dq = torch.zeros_like(dop)
     dk = torch.zeros(B, Hkv, n_k, D, dtype=acc, device=q.device)
     dv = torch.zeros_like(dk)
     for c in _chunks(q, k, v, valid, sel, part, scale):
-        rows = slice(c.first, c.first + c.s.shape[3])
-        prob, _ = _probs(c.s)
-        g = dop[:, :, :, rows]
-        ds = prob * (g @ c.v.transpose(-1, -2) - delta[:, :, :, rows]) * scale
-        dq[:, :, :, rows] = ds @ c.k
-        gk, gv = ds.transpose(-1, -2) @ c.q, prob.transpose(-1, -2) @ g  # [B, Hkv, g, count, E + T, D]
-        count = c.s.shape[3]
+        count = c.ss.shape[2]
+        rows = slice(c.first, c.first + count)
+        ps, pt, _ = _probs(c)
+        g, dl = dop[:, :, rows], delta[:, :, rows]
+        dss = ps * (g @ c.vs.transpose(-1, -2) - dl) * scale
+        dqc = dss @ c.ks
         at = c.pos[..., None].expand(-1, -1, -1, D)
-        dk.scatter_add_(2, at, gk[..., :E, :].reshape(B, Hkv, -1, D))
-        dv.scatter_add_(2, at, gv[..., :E, :].reshape(B, Hkv, -1, D))
-        if c.idx is not None:
-            flat = c.idx.reshape(-1)
-            dk.index_add_(2, flat, gk[..., E:, :].sum(2).reshape(B, Hkv, count * c.idx.shape[1], D))
-            dv.index_add_(2, flat, gv[..., E:, :].sum(2).reshape(B, Hkv, count * c.idx.shape[1], D))
-    dq = dq.view(B, Hq, nb * qb, D)[:, :, :n_q]
+        dk.scatter_add_(2, at, (dss.transpose(-1, -2) @ c.q).reshape(B, Hkv, -1, D))
+        dv.scatter_add_(2, at, (ps.transpose(-1, -2) @ g).reshape(B, Hkv, -1, D))
+        if pt is not None:
+            dst = pt * (g @ c.vt.transpose(-1, -2) - dl) * scale
+            dqc = dqc + dst @ c.kt
+            flat, T = c.idx.reshape(-1), c.idx.shape[1]
+            dk.index_add_(2, flat, (dst.transpose(-1, -2) @ c.q).sum(3).reshape(B, Hkv, count * T, D))
+            dv.index_add_(2, flat, (pt.transpose(-1, -2) @ g).sum(3).reshape(B, Hkv, count * T, D))
+        dq[:, :, rows] = dqc
+    dq = _rows(dq, B, Hq, n_q)
+    if tail is not None:
+        r0, prob, kf, vf, qt, _ = tail
+        o_t = out[:, :, r0:].to(acc).reshape(do_t.shape)
+        ds = prob * (do_t @ vf.transpose(-1, -2) - (do_t * o_t).sum(-1, keepdim=True)) * scale
+        dq = dq.clone()
+        dq[:, :, r0:] = (ds @ kf).reshape(B, Hq, -1, D)
+        dk += (ds.transpose(-1, -2) @ qt).sum(2)
+        dv += (prob.transpose(-1, -2) @ do_t).sum(2)
     return dq.to(q.dtype).contiguous(), dk.to(k.dtype), dv.to(v.dtype)
 
 
@@ -289,16 +420,22 @@ def dense_log_weights(sel: Selection, part: Part, n_q: int, n_k: int, valid, dev
     B, Hq, nb, _ = sel.pos.shape
     side = torch.zeros(B, Hq, nb, n_k, dtype=torch.float64, device=device)
     side.scatter_add_(-1, sel.pos, sel.lw.double().exp())
-    w = side.repeat_interleave(part.block, 2)[:, :, :n_q].clone()
+    w = side.repeat_interleave(part.block, 2)[:, :, lead(part, n_q) :].clone()
     idx, vis, _, _ = tile(part, n_q, n_k, 0, nb, device)
     if idx.shape[-1]:
-        rows = torch.arange(nb * part.block, device=device).view(nb, part.block, 1).expand_as(vis)
+        rows = torch.arange(nb * part.block, device=device).view(nb, part.block, 1) - lead(part, n_q)
+        rows = rows.expand_as(vis)
         cols = idx[:, None, :].expand_as(vis)
         keep = vis if valid is None else vis[None] & valid[:, cols]
         keep = keep.expand(B, *vis.shape) if keep.dim() == 3 else keep
         for b in range(B):
             r, c = rows[keep[b]], cols[keep[b]]
             w[b, :, r, c] = 1.0
+    if part.causal:  # the last block is exact (`_tail`)
+        r0 = n_q - min(part.block, n_q)
+        i = torch.arange(r0, n_q, device=device)[:, None] + (n_k - n_q)
+        seen = (torch.arange(n_k, device=device)[None, :] <= i).double()[None, None]
+        w[:, :, r0:] = seen if valid is None else seen * valid[:, None, None, :]
     return w
 
 

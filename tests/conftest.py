@@ -13,6 +13,18 @@ import torch
 
 
 @pytest.fixture
+def lsh_detector(monkeypatch):
+    """``HYPER_DETECTOR=lsh`` for the test (and the processes it starts).
+
+    The backend, lowering, tuner and distributed tests check that sites reach the approximation at test sizes
+    (n of 32 to 500) with small blocks. They were written for the LSH estimator, and they keep exercising it:
+    the default ``"topk"`` detector is exact until a query block sees more than ``top_k`` (1024) keys, so at those
+    sizes it would never approximate. The topk detector's own tests are tests/test_topk.py (the op, the reference,
+    gradients, the backend)."""
+    monkeypatch.setenv("HYPER_DETECTOR", "lsh")
+
+
+@pytest.fixture
 def one_thread():
     """Run a test on one intra-op thread.
 

@@ -15,12 +15,24 @@ import sympy as sp
 import torch
 import torch.nn.functional as F
 
-from hyper_backend import HyperConfig, hyper_attention
-from hyper_backend.autotune import cache, cost, measure
+from hyper_backend import HyperConfig as _Config
+from hyper_backend import hyper_attention
+from hyper_backend.autotune import cost, measure, schema, store, writer
 from hyper_backend.autotune.cli import main, parse_seq
+from hyper_backend.autotune.grid import Space, grid, structure
 from hyper_backend.autotune.inputs import InputError, Sample, load_inputs, synthetic
-from hyper_backend.config import OpSettings, op_settings
+from hyper_backend.config import CAUSAL_WINDOW, OpSettings, op_settings
 from hyper_backend.kernels import cpu
+from hyper_backend.kernels.op import fit
+from hyper_backend.kernels.plan import plan_call
+
+pytestmark = pytest.mark.usefixtures("lsh_detector")  # written for the LSH estimator: conftest.py
+
+
+def HyperConfig(*args, **fields):  # noqa: N802
+    """The tuner and the calibration search the LSH estimator's sizes: these tests' configs are LSH configs."""
+    return _Config(*args, **{"detector": "lsh", **fields})
+
 
 CPU = torch.device("cpu")
 
@@ -40,7 +52,16 @@ def test_symbolic_counts_grow_with_n():
             if name == "calls":
                 continue
             grad = sp.diff(expr, cost.n)
-            point = {cost.n: 2**17, cost.d: 64, cost.b: 256, cost.m: 256, cost.r: 7, cost.s: 4, cost.depth: 5}
+            point = {
+                cost.n: 2**17,
+                cost.d: 64,
+                cost.b: 256,
+                cost.m: 256,
+                cost.r: 7,
+                cost.e: 143,
+                cost.s: 4,
+                cost.depth: 5,
+            }
             assert float(grad.subs(point)) > 0, (name, expr)
 
 
@@ -50,10 +71,45 @@ def test_causal_closed_form_matches_level_by_level_evaluation():
     n, d, b, m, r, L = 1 << 16, 64, 256, 128, 5, 4
     c = HyperConfig(b, m, r, min_seq_len=n >> L, causal_depth=None)
     f, o = cost.predict_parts(n, True, c, head_dim=d, elem_bytes=4, batch_heads=1, rates=unit)
+    extras = CAUSAL_WINDOW - 1 + c.sink_keys  # every quadrant's exact strip, and the sinks (in its first one)
     closed = cost.total_flops(cost.causal_hyper()).subs(
-        {cost.n: n, cost.d: d, cost.b: b, cost.m: m, cost.r: r, cost.depth: L}
+        {cost.n: n, cost.d: d, cost.b: b, cost.m: m, cost.r: r, cost.e: extras, cost.depth: L}
     )
     assert f + o == pytest.approx(float(closed), rel=1e-9)
+
+
+@pytest.mark.parametrize(
+    "n, causal, c",
+    [
+        (3000, True, HyperConfig(256, 256, 7, min_seq_len=512, sink_keys=64)),  # padded leaves, exact quadrants
+        (5000, True, HyperConfig(512, 1024, 7, min_seq_len=1024, causal_depth=2, local_window=32)),
+        (6000, False, HyperConfig(256, 256, 7, min_seq_len=1024, local_window=128)),  # hyper + band
+        (700, False, HyperConfig(256, 2048, 7, min_seq_len=1024)),  # exact below min_seq_len
+    ],
+)
+def test_the_cost_model_prices_the_call_plan_the_op_runs(n, causal, c):
+    # with a flash rate of 1 FLOP/s and free memory, predicted seconds are the FLOPs of the parts the op computes
+    unit = cost.Rates(flash={(1, 1, False, False): 1.0}, bandwidth=1e300, sort=1e300, call=0.0)
+    d = 64
+    f = fit(c, n, n)
+    flops = 0
+    for part in plan_call(n, n, causal, f).parts:
+        if part.kind == "hyper":
+            side = f.sample_size + cost.extras(part, f.sink_keys)
+            lsh = 4 * part.sq * d * f.lsh_num_projs
+            flops += part.count * (4 * part.sq * f.block_size * d + 4 * part.sq * side * d + lsh)
+        elif part.kind == "band":
+            flops += 4 * part.count * part.sq * (sum(part.window) + 1) * d
+        else:
+            flops += (2 if part.kind == "causal" else 4) * part.count * part.sq * part.sk * d
+    got = sum(cost.predict_parts(n, causal, c, head_dim=d, elem_bytes=4, batch_heads=1, rates=unit))
+    assert got == pytest.approx(flops, rel=1e-9)
+    more = sum(
+        cost.predict_parts(
+            n, causal, c.replace(sink_keys=c.sink_keys + 32), head_dim=d, elem_bytes=4, batch_heads=1, rates=unit
+        )
+    )
+    assert more > got if cost.call_plan(n, causal, c).approximates else more == got
 
 
 def test_predicted_time_is_monotone_in_n_and_a_crossover_exists():
@@ -126,7 +182,7 @@ def test_synthetic_mixed_is_far_from_uniform():
 # cache
 # ----------------------------------------------------------------------------------------------------------
 
-DEV = cache.device_key(CPU)
+DEV = schema.device_key(CPU)
 
 
 def _entry(n, causal=True, **params):
@@ -139,7 +195,7 @@ def _entry(n, causal=True, **params):
         "seed": 0,
         **params,
     }
-    return cache.make_entry(
+    return schema.make_entry(
         device=DEV,
         dtype="float32",
         head_dim=64,
@@ -151,14 +207,14 @@ def _entry(n, causal=True, **params):
 
 
 def _lookup(path, n, causal=True, dtype=torch.float32, head_dim=64):
-    return cache.lookup_tuned(path, device=CPU, dtype=dtype, head_dim=head_dim, causal=causal, seq_len=n)
+    return store.lookup_tuned(path, device=CPU, dtype=dtype, head_dim=head_dim, causal=causal, seq_len=n)
 
 
 def test_cache_nearest_bucket_and_keys(tmp_path):
     path = str(tmp_path / "tune.json")
     assert _lookup(path, 4096) is None  # no file
-    cache.record(path, [_entry(4096, block_size=64), _entry(65536, block_size=512)])
-    assert cache.bucket(5000) == 4096 and cache.bucket(6000) == 8192
+    writer.record(path, [_entry(4096, block_size=64), _entry(65536, block_size=512)])
+    assert schema.bucket(5000) == 4096 and schema.bucket(6000) == 8192
     assert _lookup(path, 4096)["block_size"] == 64
     assert _lookup(path, 11000)["block_size"] == 64  # log2 distance 1.4 to 4096, 2.6 to 65536
     assert _lookup(path, 40000)["block_size"] == 512
@@ -166,34 +222,34 @@ def test_cache_nearest_bucket_and_keys(tmp_path):
     assert _lookup(path, 4096, causal=False) is None
     assert _lookup(path, 4096, dtype=torch.bfloat16) is None
     assert _lookup(path, 4096, head_dim=128) is None
-    cache.record(
+    writer.record(
         path,
         defaults=[
-            cache.make_default(
+            schema.make_default(
                 device=DEV, dtype="float32", head_dim=64, min_seq_len=3000, crossover={"predicted": 3000}
             )
         ],
     )
     assert _lookup(path, 4096, causal=False) == {"min_seq_len": 3000}
     assert _lookup(path, 4096)["causal_depth"] is None and _lookup(path, 4096)["lsh_num_projs"] == 5
-    d = cache.describe_entry(path, device=CPU, dtype=torch.float32, head_dim=64, causal=True, seq_len=50000)
+    d = store.describe_entry(path, device=CPU, dtype=torch.float32, head_dim=64, causal=True, seq_len=50000)
     assert d["source"] == "entry" and d["bucket"] == 65536 and "bucket 65536" in d["summary"]
-    d = cache.describe_entry(path, device=CPU, dtype=torch.float32, head_dim=64, causal=False, seq_len=50000)
+    d = store.describe_entry(path, device=CPU, dtype=torch.float32, head_dim=64, causal=False, seq_len=50000)
     assert d["source"] == "device default" and d["params"] == {"min_seq_len": 3000}
     data = json.load(open(path))
-    assert data["schema"] == cache.SCHEMA and data["version"] == cache.VERSION
+    assert data["schema"] == schema.SCHEMA and data["version"] == schema.VERSION
 
 
 def test_cache_lookup_parses_once_per_file_version(tmp_path, monkeypatch):
     path = str(tmp_path / "tune.json")
-    cache.record(path, [_entry(4096)])
+    writer.record(path, [_entry(4096)])
     reads = []
-    real = cache._read
-    monkeypatch.setattr(cache, "_read", lambda *a, **k: reads.append(1) or real(*a, **k))
+    real = store.read
+    monkeypatch.setattr(store, "read", lambda *a, **k: reads.append(1) or real(*a, **k))
     for _ in range(20):
         _lookup(path, 4096)
     assert len(reads) <= 1
-    cache.record(path, [_entry(4096, block_size=32)])
+    writer.record(path, [_entry(4096, block_size=32)])
     os.utime(path, ns=(1, 10**18))  # a distinct mtime even on coarse clocks
     before = len(reads)  # record() read the file too, to merge
     assert _lookup(path, 4096)["block_size"] == 32 and _lookup(path, 4096) and len(reads) == before + 1
@@ -203,16 +259,16 @@ def test_cache_lookup_parses_once_per_file_version(tmp_path, monkeypatch):
     "content",
     [
         "{not json",
-        json.dumps({"schema": cache.SCHEMA, "version": 99, "entries": {}}),
+        json.dumps({"schema": schema.SCHEMA, "version": 99, "entries": {}}),
         json.dumps([1, 2]),
-        json.dumps({"schema": cache.SCHEMA, "version": 1, "entries": {"x": {"params": "bad"}}}),
+        json.dumps({"schema": schema.SCHEMA, "version": 1, "entries": {"x": {"params": "bad"}}}),
     ],
 )
 def test_corrupted_or_foreign_cache_is_ignored_with_a_warning(tmp_path, content, monkeypatch):
     path = str(tmp_path / "tune.json")
     with open(path, "w") as f:
         f.write(content)
-    with pytest.warns(cache.CacheWarning):
+    with pytest.warns(store.CacheWarning):
         assert _lookup(path, 4096) is None
     # the op still runs, on defaults
     q = torch.randn(1, 1, 64, 16)
@@ -220,31 +276,33 @@ def test_corrupted_or_foreign_cache_is_ignored_with_a_warning(tmp_path, content,
     out = hyper_attention(q, q, q, is_causal=True)
     assert out.shape == q.shape
     if content.startswith(("{not", "[")):  # not ours: the tuner refuses to replace it (issue 12; see
-        with pytest.raises(cache.CachePathError):  # tests/test_reliability.py)
-            cache.record(path, [_entry(4096)])
+        with pytest.raises(writer.CachePathError):  # tests/test_reliability.py)
+            writer.record(path, [_entry(4096)])
         assert open(path).read() == content and os.listdir(tmp_path) == ["tune.json"]
         return
-    # the next write sets a file of our schema it cannot use aside and starts a valid cache
+    # the next write sets a file of our schema it cannot use aside and starts a valid cache; a file of this
+    # version keeps the entries it can use, and a copy of itself as it was (issue 18 item 11: nothing is lost)
     with warnings.catch_warnings(record=True):
         warnings.simplefilter("always")
-        cache.record(path, [_entry(4096)])
+        writer.record(path, [_entry(4096)])
     assert _lookup(path, 4096)["block_size"] == 128
     assert len(json.load(open(path))["entries"]) == 1
     set_aside = [name for name in os.listdir(tmp_path) if name.startswith("tune.json.") and name != "tune.json.lock"]
-    assert set_aside == ([] if "entries" in content and "params" in content else ["tune.json.v99"])
+    kept = "tune.json.rejected" if "entries" in content and "params" in content else "tune.json.v99"
+    assert set_aside == [kept] and open(tmp_path / kept).read() == content
 
 
 _WRITER = textwrap.dedent("""
     import os, sys, time
-    from hyper_backend.autotune import cache
+    from hyper_backend.autotune import schema, store, writer
     path, tag, count, tags = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
     open(path + ".ready-" + tag, "w").close()
     while not all(os.path.exists(path + ".ready-" + t) for t in tags):  # start together
         time.sleep(0.001)
     for i in range(count):
-        e = cache.make_entry(device="cpu:test-" + tag, dtype="float32", head_dim=64, causal=True,
+        e = schema.make_entry(device="cpu:test-" + tag, dtype="float32", head_dim=64, causal=True,
                              seq_len=2 ** (i + 6), params={"block_size": 64 + i}, tuned={})
-        cache.record(path, [e])
+        writer.record(path, [e])
 """)
 
 
@@ -254,9 +312,37 @@ def test_concurrent_writers_keep_every_entry(tmp_path):
     procs = [subprocess.Popen([sys.executable, "-c", _WRITER, path, tag, "20", "ab"]) for tag in "ab"]
     assert [p.wait(timeout=120) for p in procs] == [0, 0]
     data = json.load(open(path))
-    assert data["version"] == cache.VERSION
+    assert data["version"] == schema.VERSION
     assert len(data["entries"]) == 40
     assert not [f for f in os.listdir(tmp_path / "sub") if f.startswith(".tune-")]  # no temporary files left
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the one candidate grid
+# ----------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("n, causal", [(8192, True), (32768, True), (131072, True), (8192, False), (1000, False)])
+def test_one_grid_every_candidate_distinct_and_approximating(n, causal):
+    space = Space(block_sizes=(128, 256), sample_sizes=(64, 256), sink_keys=(0, 16), min_seq_len=1024)
+    for crossover in (None, lambda c: 4 * c.block_size + c.sample_size):
+        cands = grid(n, causal, space, crossover)
+        keys = [structure(n, causal, c) for c in cands]
+        assert len(set(keys)) == len(keys) and all(keys)  # distinct computations, none exact
+        assert all(c.min_seq_len >= space.min_seq_len and c.block_size < n for c in cands)
+        assert {(c.block_size, c.sample_size, c.sink_keys) for c in cands} <= {
+            (b, m, k) for b in space.block_sizes for m in space.sample_sizes for k in space.sink_keys
+        }
+    assert grid(1000, False, Space(min_seq_len=4096)) == []  # below the smallest threshold: nothing approximates
+
+
+def test_the_tuner_and_the_calibration_take_the_same_grid():
+    from hyper_backend.autotune.calibrate import CalibrationSettings, candidates
+    from hyper_backend.autotune.search import TuneSettings
+
+    assert TuneSettings(seq_lens=[8192]).space == CalibrationSettings(seq=8192).space == Space()
+    space = Space(block_sizes=(128,), sample_sizes=(64, 128), min_seq_len=512)
+    assert candidates(8192, True, CalibrationSettings(seq=8192, space=space)) == grid(8192, True, space)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -357,7 +443,7 @@ def test_written_params_reach_the_op(tmp_path, monkeypatch):
     """A hand-written entry with every field non-default arrives intact (the tuner's own choice above may
     legitimately be exact attention, i.e. only min_seq_len)."""
     path = str(tmp_path / "tune.json")
-    cache.record(
+    writer.record(
         path,
         [
             _entry(
@@ -389,7 +475,7 @@ def test_compiled_backend_uses_tuned_params_and_explicit_settings_win(tmp_path, 
     """Through ``torch.compile(backend="hyper")``: tuned entry, then options and HYPER_* env overriding it."""
     pytest.importorskip("hyper_backend.backend", reason="the hyper backend module is not in this tree")
     path = str(tmp_path / "tune.json")
-    cache.record(
+    writer.record(
         path,
         [
             _entry(
@@ -407,7 +493,7 @@ def test_compiled_backend_uses_tuned_params_and_explicit_settings_win(tmp_path, 
     seen = []
     real = cpu.attention_forward
     monkeypatch.setattr(cpu, "attention_forward", lambda *a, **kw: seen.append(a[-1]) or real(*a, **kw))
-    for var in [v for v in os.environ if v.startswith("HYPER_")]:
+    for var in [v for v in os.environ if v.startswith("HYPER_") and v != "HYPER_DETECTOR"]:
         monkeypatch.delenv(var)
 
     def f(q, k, v):
@@ -433,7 +519,7 @@ def test_explain_names_the_tuned_entry_it_used(tmp_path, monkeypatch):
     from hyper_backend import explain
 
     path = str(tmp_path / "tune.json")
-    cache.record(
+    writer.record(
         path,
         [
             _entry(
@@ -448,7 +534,7 @@ def test_explain_names_the_tuned_entry_it_used(tmp_path, monkeypatch):
             )
         ],
     )
-    for var in [v for v in os.environ if v.startswith("HYPER_")]:
+    for var in [v for v in os.environ if v.startswith("HYPER_") and v != "HYPER_DETECTOR"]:
         monkeypatch.delenv(var)
 
     def f(q, k, v):
@@ -457,7 +543,7 @@ def test_explain_names_the_tuned_entry_it_used(tmp_path, monkeypatch):
     q = torch.randn(1, 2, 1000, 64)
     torch._dynamo.reset()
     report = explain(f, q, q, q, options={"tune_cache": path, "inner_backend": "eager"})
-    expected = cache.describe_entry(path, device=q.device, dtype=q.dtype, head_dim=64, causal=True, seq_len=1000)
+    expected = store.describe_entry(path, device=q.device, dtype=q.dtype, head_dim=64, causal=True, seq_len=1000)
     assert report.tuning == [expected["summary"]]
     assert expected["summary"].split()[0] in str(report)
     torch._dynamo.reset()
@@ -470,19 +556,19 @@ def test_tuned_table_agrees_with_the_lookup_at_every_length(tmp_path):
     """The compile-time table (`tuned_table`) gives each length what `lookup_tuned` gives it, at the bucket
     boundaries too, so one dynamic graph resolves lengths as the per-call lookup did."""
     path = str(tmp_path / "tune.json")
-    cache.record(path, [_entry(4096, block_size=64), _entry(65536, block_size=512), _entry(8192, block_size=96)])
-    table = cache.tuned_table(path, device=CPU, dtype=torch.float32, head_dim=64, causal=True)
+    writer.record(path, [_entry(4096, block_size=64), _entry(65536, block_size=512), _entry(8192, block_size=96)])
+    table = store.tuned_table(path, device=CPU, dtype=torch.float32, head_dim=64, causal=True)
     settings = op_settings({}, table)
     for n in (1, 4095, 4096, 5792, 5793, 5794, 8192, 23170, 23171, 23172, 65536, 1 << 22):
         assert settings.for_length(n).block_size == _lookup(path, n)["block_size"], n
-    assert cache.tuned_table(path, device=CPU, dtype=torch.float32, head_dim=32, causal=True) == ()
+    assert store.tuned_table(path, device=CPU, dtype=torch.float32, head_dim=32, causal=True) == ()
 
 
 def test_a_cache_rewrite_between_forward_and_backward_changes_nothing(tmp_path, monkeypatch):
     """The op is a pure function of its inputs: the settings resolved at compile time travel with the call into
     its backward, so a tuner writing the cache in between cannot give gradients of another approximation."""
     path = str(tmp_path / "tune.json")
-    cache.record(path, [_entry(512, causal=False, block_size=32, sample_size=16, min_seq_len=64)])
+    writer.record(path, [_entry(512, causal=False, block_size=32, sample_size=16, min_seq_len=64)])
     q0 = torch.randn(1, 2, 512, 64)
 
     def grads(rewrite: bool):
@@ -495,12 +581,12 @@ def test_a_cache_rewrite_between_forward_and_backward_changes_nothing(tmp_path, 
         q = q0.clone().requires_grad_()
         out = f(q)
         if rewrite:
-            cache.record(path, [_entry(512, causal=False, block_size=128, sample_size=64, min_seq_len=64)])
+            writer.record(path, [_entry(512, causal=False, block_size=128, sample_size=64, min_seq_len=64)])
         out.sum().backward()
         return out.detach(), q.grad
 
     first = grads(rewrite=True)
-    cache.record(path, [_entry(512, causal=False, block_size=32, sample_size=16, min_seq_len=64)])
+    writer.record(path, [_entry(512, causal=False, block_size=32, sample_size=16, min_seq_len=64)])
     second = grads(rewrite=False)
     torch._dynamo.reset()
     assert torch.equal(first[0], second[0]) and torch.equal(first[1], second[1])

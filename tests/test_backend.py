@@ -21,6 +21,8 @@ from hyper_backend.backend import hyper_backend as backend_fn
 from hyper_backend.config import EnvError, HyperConfig, LayerSelection, OpSettings
 from hyper_backend.settings import resolve_settings, validate_options
 
+pytestmark = pytest.mark.usefixtures("lsh_detector")  # written for the LSH estimator: conftest.py
+
 OPTS = dict(min_seq_len=32, block_size=16, sample_size=16, tune_cache="")
 EAGER = {**OPTS, "inner_backend": "eager"}
 TESTS = os.path.dirname(os.path.abspath(__file__))
@@ -72,7 +74,7 @@ class Layers(torch.nn.Module):
 
 def _run(script: str, env: dict, timeout=300) -> dict:
     """Run ``script`` in a fresh interpreter; it prints one JSON line last."""
-    full_env = {k: v for k, v in os.environ.items() if not k.startswith("HYPER_")}
+    full_env = {k: v for k, v in os.environ.items() if not k.startswith("HYPER_") or k == "HYPER_DETECTOR"}
     full_env.update(env)
     full_env["PYTHONPATH"] = TESTS + os.pathsep + full_env.get("PYTHONPATH", "")
     res = subprocess.run(

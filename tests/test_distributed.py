@@ -31,6 +31,8 @@ import sys
 import pytest
 import torch
 
+pytestmark = pytest.mark.usefixtures("lsh_detector")  # written for the LSH estimator: conftest.py
+
 TESTS = os.path.dirname(os.path.abspath(__file__))
 WORLD = 2
 SEQ, GLOBAL_BATCH = 128, 4

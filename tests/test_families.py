@@ -21,6 +21,8 @@ import zoo
 
 import hyper_backend
 
+pytestmark = pytest.mark.usefixtures("lsh_detector")  # written for the LSH estimator: conftest.py
+
 EXACT = dict(min_seq_len=1, block_size=1 << 20, sample_size=1 << 20, tune_cache="", inner_backend="aot_eager")
 APPROX = dict(min_seq_len=32, block_size=16, sample_size=16, tune_cache="", inner_backend="aot_eager")
 

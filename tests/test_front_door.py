@@ -20,13 +20,15 @@ import hyper_backend
 from hyper_backend import check
 from hyper_backend.config import EnvError
 
+pytestmark = pytest.mark.usefixtures("lsh_detector")  # written for the LSH estimator: conftest.py
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture
 def clean_env(monkeypatch, tmp_path):
     """No HYPER_* variables, and a default tuning cache that does not exist."""
-    for var in [v for v in os.environ if v.startswith("HYPER_")]:
+    for var in [v for v in os.environ if v.startswith("HYPER_") and v != "HYPER_DETECTOR"]:
         monkeypatch.delenv(var)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     return monkeypatch
@@ -63,7 +65,7 @@ def test_cpu_path_runs_without_triton(tmp_path):
         assert "hyper_backend.kernels.triton_attention" not in sys.modules
         print("ok")
     """)
-    env = {k: v for k, v in os.environ.items() if not k.startswith("HYPER_")}
+    env = {k: v for k, v in os.environ.items() if not k.startswith("HYPER_") or k == "HYPER_DETECTOR"}
     env["XDG_CACHE_HOME"] = str(tmp_path)
     run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0 and run.stdout.strip() == "ok", run.stderr[-4000:]
@@ -132,7 +134,7 @@ def test_check_names_unknown_variables_with_a_suggestion(clean_env, capsys):
 
 
 def test_check_runs_as_a_module(tmp_path):
-    env = {k: v for k, v in os.environ.items() if not k.startswith("HYPER_")}
+    env = {k: v for k, v in os.environ.items() if not k.startswith("HYPER_") or k == "HYPER_DETECTOR"}
     run = subprocess.run(
         [sys.executable, "-m", "hyper_backend.check", "--quiet"], env=env, capture_output=True, text=True, timeout=300
     )
@@ -201,14 +203,14 @@ def test_report_str_leaves_no_file_open():
 def test_explain_shows_the_op_run_time_decision(clean_env, tmp_path):
     """A tuned device default ``min_seq_len`` of 7694: the site is lowered at both lengths, and explain says the
     op runs exact at n=6144 and approximates at 8192, with the threshold and where it came from."""
-    from hyper_backend.autotune import cache
+    from hyper_backend.autotune import schema, writer
 
     path = str(tmp_path / "tune.json")
-    cache.record(
+    writer.record(
         path,
         defaults=[
-            cache.make_default(
-                device=cache.device_key(torch.device("cpu")),
+            schema.make_default(
+                device=schema.device_key(torch.device("cpu")),
                 dtype="float32",
                 head_dim=16,
                 min_seq_len=7694,

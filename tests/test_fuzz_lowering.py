@@ -49,6 +49,8 @@ from hypothesis.control import currently_in_test_context, event
 import hyper_backend
 from hyper_backend.kernels import op as hyper_op
 
+pytestmark = pytest.mark.usefixtures("lsh_detector")  # written for the LSH estimator: conftest.py
+
 # block_size >= n: HyperAttention is exact attention, so compiled must equal eager
 EXACT = {"block_size": 1 << 20, "min_seq_len": 1, "tune_cache": ""}
 

@@ -20,6 +20,8 @@ import hyper_backend
 from hyper_backend.lowering import masks
 from hyper_backend.lowering.patterns import Form
 
+pytestmark = pytest.mark.usefixtures("lsh_detector")  # written for the LSH estimator: conftest.py
+
 OPTS = dict(min_seq_len=32, block_size=16, sample_size=16, tune_cache="")
 KINDS = {  # the kind each hand-written layer must be reported as
     zoo.MatmulMulScale: "softmax(q@kT*s)@v",

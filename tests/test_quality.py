@@ -13,6 +13,8 @@ from hyper_backend import HyperConfig
 from hyper_backend.capture import capture_attention, count_sites, save_records, swap_attention
 from hyper_backend.kernels import op as hyper_op
 
+pytestmark = pytest.mark.usefixtures("lsh_detector")  # written for the LSH estimator: conftest.py
+
 transformers = pytest.importorskip("transformers")
 
 _BENCH = os.path.join(os.path.dirname(__file__), "..", "bench", "quality.py")

@@ -20,17 +20,19 @@ import pytest
 import torch
 
 import hyper_backend
-from hyper_backend.autotune import cache
+from hyper_backend.autotune import schema, store, writer
 from hyper_backend.autotune.cli import main
 from hyper_backend.config import EnvError, LayerSelection, read_env
 
+pytestmark = pytest.mark.usefixtures("lsh_detector")  # written for the LSH estimator: conftest.py
+
 CPU = torch.device("cpu")
-DEV = cache.device_key(CPU)
+DEV = schema.device_key(CPU)
 
 
 def _entry(n=64, causal=False, head_dim=16, **params):
     params = {"block_size": 32, "sample_size": 16, "lsh_num_projs": 4, "min_seq_len": 32, **params}
-    return cache.make_entry(
+    return schema.make_entry(
         device=DEV,
         dtype="float32",
         head_dim=head_dim,
@@ -41,9 +43,9 @@ def _entry(n=64, causal=False, head_dim=16, **params):
     )
 
 
-def _cache_text(entries=None, defaults=None, version=cache.VERSION):
+def _cache_text(entries=None, defaults=None, version=schema.VERSION):
     return json.dumps(
-        {"schema": cache.SCHEMA, "version": version, "entries": entries or {}, "defaults": defaults or {}}
+        {"schema": schema.SCHEMA, "version": version, "entries": entries or {}, "defaults": defaults or {}}
     )
 
 
@@ -187,10 +189,10 @@ def test_record_refuses_a_path_that_is_not_ours_and_touches_nothing(kind, tmp_pa
     path = str(tmp_path / "tune.json")
     _make(kind, path)
     before = _snapshot(tmp_path)
-    with _deadline(60), pytest.raises(cache.CachePathError, match="refusing"):
-        cache.record(path, [_entry()])
-    with _deadline(60), pytest.raises(cache.CachePathError):
-        cache.check_writable(path)
+    with _deadline(60), pytest.raises(writer.CachePathError, match="refusing"):
+        writer.record(path, [_entry()])
+    with _deadline(60), pytest.raises(writer.CachePathError):
+        writer.check_writable(path)
     assert _snapshot(tmp_path) == before
 
 
@@ -229,10 +231,10 @@ def test_absent_and_empty_files_are_written(tmp_path):
         path = str(tmp_path / name)
         if name == "empty.json":
             open(path, "w").close()
-        cache.check_writable(path)
-        cache.record(path, [_entry()])
+        writer.check_writable(path)
+        writer.record(path, [_entry()])
         data = json.load(open(path))
-        assert data["schema"] == cache.SCHEMA and len(data["entries"]) == 1
+        assert data["schema"] == schema.SCHEMA and len(data["entries"]) == 1
 
 
 def test_symlinked_cache_updates_its_target_and_keeps_the_link(tmp_path):
@@ -240,13 +242,13 @@ def test_symlinked_cache_updates_its_target_and_keeps_the_link(tmp_path):
     target = tmp_path / "real" / "tune.json"
     link = tmp_path / "link.json"
     os.symlink(target, link)  # dangling: the first write creates the target
-    cache.record(str(link), [_entry(64)])
+    writer.record(str(link), [_entry(64)])
     assert os.path.islink(link) and os.readlink(link) == str(target)
-    cache.record(str(link), [_entry(1024)])  # an existing target is updated in place of the link
+    writer.record(str(link), [_entry(1024)])  # an existing target is updated in place of the link
     assert os.path.islink(link) and os.readlink(link) == str(target)
     assert len(json.load(open(target))["entries"]) == 2
     assert (
-        cache.lookup_tuned(str(link), device=CPU, dtype=torch.float32, head_dim=16, causal=False, seq_len=64)[
+        store.lookup_tuned(str(link), device=CPU, dtype=torch.float32, head_dim=16, causal=False, seq_len=64)[
             "block_size"
         ]
         == 32
@@ -257,11 +259,11 @@ def test_symlinked_cache_updates_its_target_and_keeps_the_link(tmp_path):
 def test_new_cache_file_respects_the_umask_and_an_updated_one_keeps_its_mode(tmp_path):
     path = str(tmp_path / "tune.json")
     with _umask(0o027):
-        cache.record(path, [_entry(64)])
+        writer.record(path, [_entry(64)])
     assert stat.S_IMODE(os.stat(path).st_mode) == 0o640
     os.chmod(path, 0o600)
     with _umask(0o022):
-        cache.record(path, [_entry(1024)])
+        writer.record(path, [_entry(1024)])
     assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
     assert len(json.load(open(path))["entries"]) == 2
 
@@ -275,9 +277,9 @@ def test_set_aside_never_overwrites_an_earlier_set_aside_file(tmp_path):
         contents.append(_cache_text(entries={"x": {"n": i}}, version=99))
         with open(path, "w") as f:
             f.write(contents[-1])
-        with pytest.warns(cache.CacheWarning, match="kept as"):
-            cache.record(path, [_entry()])
-        assert json.load(open(path))["version"] == cache.VERSION
+        with pytest.warns(store.CacheWarning, match="kept as"):
+            writer.record(path, [_entry()])
+        assert json.load(open(path))["version"] == schema.VERSION
     assert open(path + ".v99").read() == "an earlier set-aside file\n"
     assert open(path + ".v99.1").read() == contents[0]
     assert open(path + ".v99.2").read() == contents[1]
@@ -289,8 +291,8 @@ def test_set_aside_name_stays_in_the_directory_whatever_the_version_says(tmp_pat
     bad_version = _cache_text(version="/../../escaped")
     with open(path, "w") as f:
         f.write(bad_version)
-    with pytest.warns(cache.CacheWarning):
-        cache.record(path, [_entry()])
+    with pytest.warns(store.CacheWarning):
+        writer.record(path, [_entry()])
     assert sorted(os.listdir(tmp_path)) == ["d"]
     assert open(path + ".bad").read() == bad_version
 
@@ -298,8 +300,8 @@ def test_set_aside_name_stays_in_the_directory_whatever_the_version_says(tmp_pat
 def test_lock_path_that_is_not_a_regular_file_is_refused(tmp_path):
     path = str(tmp_path / "tune.json")
     os.mkfifo(path + ".lock")
-    with _deadline(60), pytest.raises(cache.CachePathError, match="lock"):
-        cache.record(path, [_entry()])
+    with _deadline(60), pytest.raises(writer.CachePathError, match="lock"):
+        writer.record(path, [_entry()])
     assert not os.path.exists(path)
 
 
@@ -378,26 +380,27 @@ def test_hostile_tuning_cache_warns_and_the_call_still_works(name, tmp_path, mon
     assert hyper_backend.config.default_tune_cache() == path
     g = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(1, 1, 64, 16, generator=g) for _ in range(3))
-    with _deadline(60), pytest.warns(cache.CacheWarning):
+    with _deadline(60), pytest.warns(store.CacheWarning):
         out = hyper_backend.hyper_attention(q, k, v)
     # the entry (min_seq_len 32) was ignored: n=64 is below the default min_seq_len, so attention is exact
     torch.testing.assert_close(out, torch.nn.functional.scaled_dot_product_attention(q, k, v))
     # the same file, looked up directly and described for `explain`: None, and no exception
     where = dict(device=CPU, dtype=torch.float32, head_dim=16, causal=False, seq_len=64)
-    cache._parsed.clear()
-    with _deadline(60), pytest.warns(cache.CacheWarning):
-        assert cache.lookup_tuned(path, **where) is None
-    cache._parsed.clear()
-    with _deadline(60), pytest.warns(cache.CacheWarning):
-        assert cache.describe_entry(path, **where) is None
+    store._parsed.clear()
+    with _deadline(60), pytest.warns(store.CacheWarning):
+        assert store.lookup_tuned(path, **where) is None
+    store._parsed.clear()
+    with _deadline(60), pytest.warns(store.CacheWarning):
+        assert store.describe_entry(path, **where) is None
     with _deadline(60), warnings.catch_warnings():
         warnings.simplefilter("error")  # parsed once per file version: no second warning, no exception
-        assert cache.lookup_tuned(path, **where) is None
+        assert store.lookup_tuned(path, **where) is None
 
 
 def test_tuner_read_before_writing_survives_hostile_content(tmp_path):
     """The old tuner crashed after tuning on the big-integer file; now a file of our schema keeps its good
-    entries, drops the bad ones with a warning, and unreadable JSON is refused (not a crash)."""
+    entries, drops the bad ones with a warning (keeping the file as it was beside it: issue 18 item 11), and
+    unreadable JSON is refused (not a crash)."""
     path = str(tmp_path / "tune.json")
     good = _raw_entry(bucket=1024)
     text = _cache_text(entries={"good": good, "big": "BIG", "zero": _raw_entry(bucket=0)}).replace(
@@ -405,18 +408,114 @@ def test_tuner_read_before_writing_survives_hostile_content(tmp_path):
     )
     with open(path, "w") as f:
         f.write(text)
-    with pytest.warns(cache.CacheWarning, match="dropping 2 entries"):
-        cache.record(path, [_entry(64)])
+    with pytest.warns(store.CacheWarning, match="dropping 2 entries"):
+        writer.record(path, [_entry(64)])
     data = json.load(open(path))
     assert sorted(e["bucket"] for e in data["entries"].values()) == [64, 1024]
-    assert not [n for n in os.listdir(tmp_path) if n.startswith("tune.json.") and n != "tune.json.lock"]
+    assert [n for n in os.listdir(tmp_path) if n.startswith("tune.json.") and n != "tune.json.lock"] == [
+        "tune.json.rejected"
+    ]
+    assert open(path + ".rejected").read() == text
 
     deep = str(tmp_path / "deep.json")
     with open(deep, "w") as f:
         f.write(HOSTILE["entries nested 200k deep"])
-    with pytest.raises(cache.CachePathError, match="nested too deeply"):
-        cache.record(deep, [_entry()])
+    with pytest.raises(writer.CachePathError, match="nested too deeply"):
+        writer.record(deep, [_entry()])
     assert open(deep).read() == HOSTILE["entries nested 200k deep"]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# issue 18 item 10: `python -m hyper_backend.check` reads the cache as the backend does
+# ----------------------------------------------------------------------------------------------------------
+
+_BIG = "9" * 5000
+
+
+def _hostile_for_check(kind, path):
+    if kind == "fifo":
+        os.mkfifo(path)
+        return path
+    if kind == "/dev/zero":
+        return "/dev/zero"
+    text = {
+        "deep json": "[" * 200_000 + "]" * 200_000,
+        "a 5000-digit integer": _BIG,
+        "an entry with a 5000-digit bucket": _cache_text(entries={"x": "BIG"}).replace(
+            '"BIG"', json.dumps(_raw_entry(bucket=1)).replace('"bucket": 1', '"bucket": ' + _BIG)
+        ),
+    }[kind]
+    with open(path, "w") as f:
+        f.write(text)
+    return path
+
+
+_CHECK_SAYS = {
+    "fifo": "ignored: is a FIFO, not a regular file",
+    "/dev/zero": "ignored: is a character device, not a regular file",
+    "deep json": "ignored: is not JSON this module can read (nested too deeply)",
+    "a 5000-digit integer": "ignored: holds JSON that is not a hyper_backend tuning cache",
+    "an entry with a 5000-digit bucket": "0 tuned entries, 0 device defaults, 0 model calibrations; 1 ignored: "
+    "entries 'x' (bucket must be an int",
+}
+
+
+@pytest.mark.parametrize("kind", sorted(_CHECK_SAYS))
+def test_check_reports_a_hostile_tuning_cache_in_one_line(kind, tmp_path, monkeypatch):
+    """It used to hang on a FIFO, read /dev/zero without limit, and end deep JSON and a 5000-digit integer in
+    tracebacks: `check` now reads the cache with the store's reader and says what it found in one line."""
+    from hyper_backend import check
+
+    path = _hostile_for_check(kind, str(tmp_path / "tune.json"))
+    for var in [v for v in os.environ if v.startswith("HYPER_") and v != "HYPER_DETECTOR"]:
+        monkeypatch.delenv(var)
+    monkeypatch.setenv("HYPER_TUNE_CACHE", path)
+    with _deadline(60), warnings.catch_warnings():
+        warnings.simplefilter("error")  # a line in the report, not a warning
+        report = check.check_env()
+    (note,) = [note for var, _, _, note in report.rows if var == "HYPER_TUNE_CACHE"]
+    assert note.startswith(_CHECK_SAYS[kind]) and "\n" not in note and len(note) < 300, note
+
+
+def test_check_as_a_module_does_not_hang_on_a_fifo_cache(tmp_path):
+    path = str(tmp_path / "tune.json")
+    os.mkfifo(path)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("HYPER_") or k == "HYPER_DETECTOR"}
+    env.update(HYPER_TUNE_CACHE=path, COLUMNS="400")
+    run = subprocess.run(
+        [sys.executable, "-m", "hyper_backend.check"], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert run.returncode == 0 and "Traceback" not in run.stderr, run.stderr
+    (line,) = [ln for ln in run.stdout.splitlines() if "HYPER_TUNE_CACHE" in ln]
+    assert "is a FIFO, not a regular file" in line
+
+
+# ----------------------------------------------------------------------------------------------------------
+# issue 18 item 11: a write that drops records this version rejects keeps the file as it was
+# ----------------------------------------------------------------------------------------------------------
+
+
+def test_a_write_keeps_a_copy_of_the_records_it_drops(tmp_path):
+    """An entry of a newer release (a params field this version does not know) used to be deleted by the next
+    write with only a warning. The write still drops it from the file this version reads (so it stops warning),
+    but first keeps the whole file as ``<path>.rejected`` (``.rejected.1``, ... when taken): nothing is lost."""
+    path = str(tmp_path / "tune.json")
+    newer = _raw_entry(bucket=4096, params={"block_size": 64, "a_newer_knob": 3})
+    texts = []
+    for i in range(2):
+        texts.append(_cache_text(entries={"newer": newer, "mine": _raw_entry(bucket=1024 + i)}))
+        with open(path, "w") as f:
+            f.write(texts[-1])
+        before = {n for n in os.listdir(tmp_path)}
+        with pytest.warns(
+            store.CacheWarning, match=r"dropping 1 entries .*a_newer_knob.*kept as .*tune\.json\.rejected"
+        ):
+            writer.record(path, [_entry(64)])
+        data = json.load(open(path))
+        assert sorted(data["entries"]) == sorted([f"{DEV}|float32|d16|full|64", "mine"])
+        kept = "tune.json.rejected" + ("" if i == 0 else ".1")
+        assert set(os.listdir(tmp_path)) - before - {"tune.json.lock"} == {kept}
+    assert [open(tmp_path / name).read() for name in ("tune.json.rejected", "tune.json.rejected.1")] == texts
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -448,21 +547,21 @@ def test_cache_entries_hyperconfig_refuses_are_ignored_with_a_warning(params, tm
                 entries={"bad": _raw_entry(params=params), "good": _raw_entry(bucket=65536, params={"block_size": 8})}
             )
         )
-    with pytest.warns(cache.CacheWarning, match="ignored"):
-        hit = cache.lookup_tuned(path, device=CPU, dtype=torch.float32, head_dim=16, causal=False, seq_len=64)
+    with pytest.warns(store.CacheWarning, match="ignored"):
+        hit = store.lookup_tuned(path, device=CPU, dtype=torch.float32, head_dim=16, causal=False, seq_len=64)
     assert hit == {"block_size": 8}  # the bad entry was the nearest; the only valid one is used instead
 
 
 _HUGE_SAMPLE = textwrap.dedent("""
     import os, resource, sys, torch
     import hyper_backend
-    from hyper_backend.autotune import cache
+    from hyper_backend.autotune import schema, store, writer
     path = sys.argv[1]
-    entries = [cache.make_entry(device=cache.device_key("cpu"), dtype="float32", head_dim=16, causal=causal,
+    entries = [schema.make_entry(device=schema.device_key("cpu"), dtype="float32", head_dim=16, causal=causal,
                                 seq_len=64, params={"sample_size": 2147483647, "block_size": 16,
                                                     "min_seq_len": 16}, tuned={})
                for causal in (False, True)]
-    cache.record(path, entries)
+    writer.record(path, entries)
     os.environ["HYPER_TUNE_CACHE"] = path
     vm = int([l for l in open("/proc/self/status") if l.startswith("VmSize")][0].split()[1]) * 1024
     resource.setrlimit(resource.RLIMIT_AS, (vm + (1 << 30), vm + (1 << 30)))  # 1 GiB more, not 17 GB

@@ -128,7 +128,7 @@ def test_op_matches_the_reference_with_gradients(case, residual):
 def test_low_precision_within_eager_error(dtype):
     """The op in float32/bf16 is as close to the float64 reference as eager SDPA in that dtype is to its own
     float64 result (a small factor above)."""
-    q, k, v = _qkv(1, 4, 2, 72, 72, D=32, seed=5)
+    q, k, v = (x.to(dtype).double() for x in _qkv(1, 4, 2, 72, 72, D=32, seed=5))  # the inputs both see
     cfg = SMALL.replace(query_block=16, score_group=8)
     ref, _ = reference.hyper_attention_reference(q, k, v, None, True, None, cfg)
     out, _ = _op(q.to(dtype), k.to(dtype), v.to(dtype), None, True, cfg)

@@ -15,6 +15,7 @@ Triton module. The ``_run_*`` functions are what the worker executes.
 from __future__ import annotations
 
 import concurrent.futures
+import functools
 import importlib
 import importlib.util
 import math
@@ -250,7 +251,7 @@ SWEEP = _sweep()
 # (with and without key padding), the causal window across leaves and quadrants, the strip of a KV prefix
 # (n_q < n_k), the centred band of non-causal self-attention (odd and even w, w >= n), cross-attention (no
 # window), GQA, ragged n in {63, 200, 513}, d in {40, 64}, fp32, bf16 and fp64.
-_X = HyperConfig
+_X = functools.partial(HyperConfig, detector="lsh")  # the LSH estimator's exact parts
 EXACT_PARTS = {
     "sinks-stratified-noncausal-gqa-masked-n200-d40": (
         1,
