@@ -67,6 +67,7 @@ from common import device_stamp, interleave, write_json  # noqa: E402
 from hyper_backend import HyperConfig, hyper_attention  # noqa: E402
 from hyper_backend.kernels.plan import plan_call  # noqa: E402
 from hyper_backend.kernels.reference import log_weights  # noqa: E402
+from hyper_backend.kernels.topk import blocks, lead  # noqa: E402
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 CACHE = os.path.join(os.path.expanduser("~"), ".cache", "hyper-backend", "detectors")
@@ -116,8 +117,9 @@ def detector_cost(config: HyperConfig, n: int, group: int) -> float:
 
     - ``lsh``: every query (per query head) and key (per KV head) of every approximated sub-problem is projected on
       ``lsh_num_projs`` d-vectors;
-    - ``topk``: each block's representatives (``ceil(query_block / score_group)`` per query head) score every key of
-      its domain (the keys before its tile; the sinks included, a bound), plus ``|v_j|^2`` for ``"vnorm"``.
+    - ``topk``: each block's representatives (``ceil(query_block / score_group)`` per query head) score every key
+      of its domain (the keys before its tile, the sinks included: a bound; the last block's too, as `topk.select`
+      scores it), plus ``|v_j|^2`` for ``"vnorm"``.
     """
     plan = plan_call(n, n, True, config)
     total = n * (n + 1) / 2
@@ -129,8 +131,8 @@ def detector_cost(config: HyperConfig, n: int, group: int) -> float:
         if p.kind != "topk":
             continue
         reps = math.ceil(p.block / config.score_group)
-        blocks = math.ceil(n / p.block)
-        domain = sum(max(0, c * p.block - p.strip) for c in range(blocks))
+        first = -lead(p, n)  # blocks end at the last query: the first may be partial
+        domain = sum(max(0, first + c * p.block - p.strip) for c in range(blocks(p, n)))
         work += reps * domain + (n / group if config.residual_scheme == "vnorm" else 0)
     return work / total
 
@@ -272,17 +274,17 @@ def capture(prompt: str, seq: int, offset: int, depth: float, layers: str, conso
     """The cached capture of ``prompt`` (``kjv`` or ``passkey``), made with one exact forward when absent."""
     path = capture_path(prompt, seq, offset, depth, layers)
     if not os.path.exists(path):
-        from hyper_backend.autotune import calibrate
+        from hyper_backend.autotune import models
         from hyper_backend.capture import capture_attention
         from hyper_backend.needles import build, repeat_filler
 
-        model, tok = calibrate.load_model(calibrate.model_path(calibrate.DEFAULT_MODEL))
-        body = calibrate.body_and_head(model)[0]
+        model, tok = models.load_model(models.model_path(models.DEFAULT_MODEL))
+        body = models.body_and_head(model)[0]
         bos = tok.bos_token_id
         meta = {}
         if prompt == "kjv":
-            text = calibrate.text_tokens(tok, calibrate.kjv_text(), seq - 1, offset=offset)
-            ids = calibrate.windows(text, seq, bos)[:1]
+            text = models.text_tokens(tok, models.kjv_text(), seq - 1, offset=offset)
+            ids = models.windows(text, seq, bos)[:1]
         else:
             tokenize = lambda t: tok(t, add_special_tokens=False)["input_ids"]
             filler = repeat_filler(tokenize, lambda i: tok.decode([i]), seq)
