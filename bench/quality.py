@@ -261,12 +261,15 @@ def versions() -> dict:
 
 
 def config_text(config: HyperConfig | None) -> str:
-    """`HyperConfig.label` plus any non-default causal_depth, seed; ``tuned`` for None."""
+    """``block/sample/projs`` (``"lsh"``) or `HyperConfig.label` (``"topk"``), plus any non-default
+    min_seq_len, causal_depth, seed; ``tuned`` for None."""
     if config is None:
         return "tuned"
-    text = config.label()
-    default = HyperConfig()
-    for name in ("causal_depth", "seed"):
+    if config.detector != "lsh":
+        return config.label() + ("" if config.seed == 0 else f" seed={config.seed}")
+    text = f"{config.block_size}/{config.sample_size}/{config.lsh_num_projs}"
+    default = HyperConfig(detector="lsh")
+    for name in ("min_seq_len", "causal_depth", "seed", "sink_keys", "local_window", "residual"):
         if getattr(config, name) != getattr(default, name):
             text += f" {name}={getattr(config, name)}"
     return text
@@ -292,7 +295,7 @@ def config_from_args(args, env: dict) -> HyperConfig | None:
         return None
     fields = {f: env[f] for f in CONFIG_FLAGS.values() if f in env}
     for flag, name in CONFIG_FLAGS.items():
-        value = getattr(args, flag)
+        value = getattr(args, flag, None)
         if value is not None:
             fields[name] = None if (name == "causal_depth" and value < 0) else value
     return HyperConfig(**fields)

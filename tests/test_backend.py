@@ -134,6 +134,7 @@ def test_bad_option_surfaces_through_compile():
 
 
 def test_precedence_options_over_env(monkeypatch):
+    monkeypatch.delenv("HYPER_DETECTOR")  # this test sets the environment itself
     monkeypatch.setenv("HYPER_BLOCK_SIZE", "64")
     monkeypatch.setenv("HYPER_SEED", "7")
     monkeypatch.setenv("HYPER_CAUSAL_DEPTH", "none")
@@ -149,8 +150,9 @@ def test_precedence_options_over_env(monkeypatch):
     assert resolve_settings().tune_cache == "", "an empty HYPER_TUNE_CACHE disables tuned lookups"
 
 
-def test_op_args_in_the_graph():
+def test_op_args_in_the_graph(monkeypatch):
     """The rewritten call carries the explicit settings; with no tuning cache the rest are the defaults."""
+    monkeypatch.delenv("HYPER_DETECTOR")  # the defaults, as a new user gets them
     seen = []
 
     def spy(gm, example_inputs):

@@ -31,12 +31,11 @@ import sys
 import pytest
 import torch
 
-pytestmark = pytest.mark.usefixtures("lsh_detector")  # written for the LSH estimator: conftest.py
-
 TESTS = os.path.dirname(os.path.abspath(__file__))
 WORLD = 2
 SEQ, GLOBAL_BATCH = 128, 4
 APPROX = {
+    "detector": "lsh",
     "min_seq_len": 32,
     "block_size": 16,
     "sample_size": 16,

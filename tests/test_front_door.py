@@ -52,7 +52,7 @@ def test_cpu_path_runs_without_triton(tmp_path):
 
         q, k, v = (torch.randn(1, 2, 512, 32, generator=torch.Generator().manual_seed(i)) for i in range(3))
         exact = F.scaled_dot_product_attention(q, k, v)
-        config = HyperConfig(block_size=64, sample_size=32, min_seq_len=128)
+        config = HyperConfig(detector="lsh", block_size=64, sample_size=32, min_seq_len=128)
         eager = hyper_attention(q, k, v, config=config)
         assert eager.shape == exact.shape and not torch.allclose(eager, exact)  # approximated
 
@@ -151,9 +151,9 @@ def test_known_variables_are_the_readme_table():
     """`check` knows every variable config reads; the README's table documents exactly those."""
     with open(os.path.join(ROOT, "README.md"), encoding="utf-8") as f:
         readme = f.read()
-    table = readme[readme.index("### Environment variables") :]
+    table = readme[readme.index("## Settings") :]
     table = table[: table.index("\n\n", table.index("| variable"))]
-    documented = set(re.findall(r"^\| `(HYPER_[A-Z0-9_]+)`", table, re.M))
+    documented = set(re.findall(r"^\| `[a-z_]+` \| `(HYPER_[A-Z0-9_]+)`", table, re.M))
     assert documented == set(check.known_variables())
 
 

@@ -256,8 +256,8 @@ def test_config_from_args_precedence():
         local_window=None,
         residual=None,
     )
-    cfg = quality.config_from_args(args, {"sample_size": 512, "block_size": 64})
-    assert cfg == HyperConfig(block_size=128, sample_size=512, causal_depth=None)
+    cfg = quality.config_from_args(args, {"sample_size": 512, "block_size": 64, "detector": "lsh"})
+    assert cfg == HyperConfig(detector="lsh", block_size=128, sample_size=512, causal_depth=None)
     assert quality.config_from_args(argparse.Namespace(tuned=True), {}) is None
     assert quality.parse_overrides("block_size=64, causal_depth=none") == {"block_size": 64, "causal_depth": None}
     assert quality.config_text(cfg) == "128/512/7"
