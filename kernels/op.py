@@ -188,7 +188,6 @@ def attention(
     if query.shape[-1] != dv:
         query, key, value, scale, _ = _common_head_dim(query, key, value, scale)
     if plan.parts[0].kind == "topk":  # plain torch on every device
-        scale = query.shape[-1] ** -0.5 if scale is None else scale
         out, lse = topk.call_forward(plan, query, key, value, key_padding_mask, scale)
     else:
         forward = _impl("attention_forward", query, s.kernels, s.serial_bookkeeping)
@@ -230,7 +229,6 @@ def attention_backward(
         grad_out, out = _pad_last(grad_out, width), _pad_last(out, width)
     plan = plan_call(q.shape[2], k.shape[2], is_causal, p)
     if plan.parts[0].kind == "topk":
-        scale = q.shape[-1] ** -0.5 if scale is None else scale
         dq, dk, dv = topk.call_backward(plan, grad_out, q, k, v, out, key_padding_mask, scale)
     else:
         backward = _impl("attention_backward", q, s.kernels, s.serial_bookkeeping)

@@ -29,6 +29,16 @@ def sink_mask(key_valid: torch.Tensor | None, batch: int, n_k: int, sink_keys: i
     return key_valid & (key_valid.cumsum(-1) <= sink_keys)
 
 
+def first_marked(mask: torch.Tensor):
+    """``(pos [B, s], ok [B, s])``: the positions of each row's marked entries of ``mask [B, N]`` in order (``s``
+    the most any row has; ``ok`` false past a row's own count), or None when no row has one."""
+    s = int(mask.sum(-1).max().item()) if mask.numel() else 0
+    if not s:
+        return None
+    pos = torch.argsort((~mask).to(torch.int8), dim=-1, stable=True)[:, :s]
+    return pos, torch.gather(mask, 1, pos)
+
+
 def exact_keys(key_valid: torch.Tensor | None, sink: torch.Tensor | None, strip: int, batch: int, n_k: int, device):
     """Split the keys of one non-causal sub-problem into the estimator's keys and keys kept exact for every query.
 
@@ -49,11 +59,10 @@ def exact_keys(key_valid: torch.Tensor | None, sink: torch.Tensor | None, strip:
     if sink is not None:
         s_in = sink.clone()
         s_in[:, lo:] = False
-        count = int(s_in.sum(-1).max().item()) if s_in.numel() else 0
-        if count:
-            first = torch.argsort((~s_in).to(torch.int8), dim=-1, stable=True)[:, :count]
-            pos_parts.append(first)
-            ok_parts.append(torch.gather(s_in, 1, first))
+        marked = first_marked(s_in)
+        if marked is not None:
+            pos_parts.append(marked[0])
+            ok_parts.append(marked[1])
             est = (torch.ones(batch, n_k, dtype=torch.bool, device=device) if est is None else est) & ~s_in
     if not pos_parts:
         return est, None, None

@@ -33,6 +33,7 @@ from typing import NamedTuple
 
 import torch
 
+from .parts import call_sinks, first_marked
 from .plan import Part
 
 CELL = 16  # keys per residual draw cell
@@ -59,8 +60,7 @@ def lead(part: Part, n_q: int) -> int:
 
 def tile(part: Part, n_q: int, n_k: int, first: int, count: int, device):
     """Blocks ``first .. first + count - 1``'s tile: ``(idx [count, T]`` key positions (clamped into range),
-    ``vis [count, block, T]`` bool: row r of the block sees tile slot t), and their domains' bounds
-    ``(lo [count], hi [count])``: the domain is ``j < lo`` or ``j >= hi``."""
+    ``vis [count, block, T]`` bool: row r of the block sees tile slot t); `_bounds` gives their domains."""
     c = torch.arange(first, first + count, device=device) * part.block - lead(part, n_q)  # first rows
     rows = c[:, None] + torch.arange(part.block, device=device)  # [count, block]
     if part.causal:
@@ -75,13 +75,12 @@ def tile(part: Part, n_q: int, n_k: int, first: int, count: int, device):
     vis = ((idx >= 0) & (idx < n_k))[:, None, :] & (rows >= 0)[:, :, None]
     if part.causal:
         vis = vis & (idx[:, None, :] <= rows[:, :, None] + (n_k - n_q))
-    lo = start.clamp(0, n_k)
-    hi = (start + T).clamp(0, n_k) if not part.causal else torch.full_like(lo, n_k)
-    return idx.clamp(0, max(n_k - 1, 0)), vis, lo, hi
+    return idx.clamp(0, max(n_k - 1, 0)), vis
 
 
 def _bounds(part: Part, n_q: int, n_k: int, first: int, count: int, device):
-    """The domain bounds ``(lo, hi)`` of `tile`, without the tile."""
+    """The domains' bounds ``(lo [count], hi [count])`` of blocks ``first ..``: the domain is ``j < lo`` or
+    ``j >= hi`` (the keys before the tile, causal; outside it, non-causal)."""
     c = torch.arange(first, first + count, device=device) * part.block - lead(part, n_q)
     if part.causal:
         return (c + (n_k - n_q) - part.strip).clamp(0, n_k), torch.full((count,), n_k, device=device)
@@ -113,17 +112,6 @@ def _reps(q: torch.Tensor, part: Part, n_q: int, first: int, count: int, group: 
     return x.sum(-2) / n.clamp_min(1)[None, None, ..., None], n > 0
 
 
-def _sinks(sink: torch.Tensor | None, count: int):
-    """``(pos [B, s], ok [B, s])`` of the call's sinks, or None."""
-    if sink is None:
-        return None
-    s = int(sink.sum(-1).max().item()) if sink.numel() else 0
-    if not s:
-        return None
-    pos = torch.argsort((~sink).to(torch.int8), dim=-1, stable=True)[:, :s]
-    return pos, torch.gather(sink, 1, pos)
-
-
 STRIDE = 16  # the log-sum-exp that normalises a representative's scores is estimated on every STRIDE-th key
 
 
@@ -143,7 +131,7 @@ def select(q, k, v, valid, sink, part: Part, scale: float, p) -> Selection:
     if sink is not None:
         est = est & ~sink
     est = torch.nn.functional.pad(est, (0, n_p - n_k))
-    sinks = _sinks(sink, nb)
+    sinks = None if sink is None else first_marked(sink)
     R = math.ceil(part.block / p.score_group)
     K, m = min(p.top_k, n_k), p.sample_size
     kf = torch.nn.functional.pad(k.float(), (0, 1, 0, n_p - n_k), value=1.0)  # [k, 1]: the GEMM subtracts lse
@@ -283,7 +271,7 @@ def _chunks(q, k, v, valid, sel: Selection, part: Part, scale: float):
         ).view(B, Hkv, count, group, qb, E)
         kt = vt = idx = st = None
         if T:
-            idx, vis, _, _ = tile(part, n_q, n_k, first, count, q.device)
+            idx, vis = tile(part, n_q, n_k, first, count, q.device)
             kt, vt = kf[:, :, idx][:, :, :, None], vf[:, :, idx][:, :, :, None]  # [B, Hkv, count, 1, T, D]
             keep = vis[None] if valid is None else vis[None] & valid[:, idx][:, :, None, :]  # [B, count, qb, T]
             st = (qc @ kt.transpose(-1, -2)) * scale
@@ -421,7 +409,7 @@ def dense_log_weights(sel: Selection, part: Part, n_q: int, n_k: int, valid, dev
     side = torch.zeros(B, Hq, nb, n_k, dtype=torch.float64, device=device)
     side.scatter_add_(-1, sel.pos, sel.lw.double().exp())
     w = side.repeat_interleave(part.block, 2)[:, :, lead(part, n_q) :].clone()
-    idx, vis, _, _ = tile(part, n_q, n_k, 0, nb, device)
+    idx, vis = tile(part, n_q, n_k, 0, nb, device)
     if idx.shape[-1]:
         rows = torch.arange(nb * part.block, device=device).view(nb, part.block, 1) - lead(part, n_q)
         rows = rows.expand_as(vis)
@@ -440,17 +428,17 @@ def dense_log_weights(sel: Selection, part: Part, n_q: int, n_k: int, valid, dev
 
 
 def _inputs(plan, q, k, v, key_valid, scale):
-    from .parts import call_sinks
-
+    """The part, its selection and the scale (``None``: ``1 / sqrt(D)``)."""
     part = plan.parts[0]
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
     sink = call_sinks(plan, key_valid, q.shape[0], q.device)
     with torch.no_grad():
-        return part, select(q, k, v, key_valid, sink, part, scale, plan.config)
+        return part, select(q, k, v, key_valid, sink, part, scale, plan.config), scale
 
 
 def call_forward(plan, q, k, v, key_valid, scale):
     """``(out, lse)`` of a call whose plan is one ``"topk"`` part (contiguous; lse float32, float64 for float64)."""
-    part, sel = _inputs(plan, q, k, v, key_valid, scale)
+    part, sel, scale = _inputs(plan, q, k, v, key_valid, scale)
     with torch.no_grad():
         out, lse = attend(q, k, v, key_valid, sel, part, scale)
     return out.contiguous(), lse.contiguous()
@@ -459,5 +447,5 @@ def call_forward(plan, q, k, v, key_valid, scale):
 def call_backward(plan, do, q, k, v, out, key_valid, scale):
     """``(dq, dk, dv)`` of `call_forward` given its output: the same selection (recomputed: a function of the
     inputs and the seed), differentiated through `attend` with the selection fixed."""
-    part, sel = _inputs(plan, q, k, v, key_valid, scale)
+    part, sel, scale = _inputs(plan, q, k, v, key_valid, scale)
     return attend_backward(q, k, v, key_valid, sel, part, scale, do, out)
