@@ -213,3 +213,20 @@ def test_compiled_equals_eager(causal):
     for a, b in zip(grads, (q.grad, k.grad, v.grad)):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
     torch._dynamo.reset()
+
+
+def test_explain_prints_each_calls_plan():
+    """`explain` shows the detector's config and call plan of an approximated call, and why a call above the
+    threshold stayed exact."""
+    import hyper_backend
+
+    def f(q, k, v):
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+
+    q = torch.randn(1, 2, 256, 16)
+    opts = dict(top_k=16, query_block=16, min_seq_len=64, tune_cache="")
+    (run,) = hyper_backend.explain(f, q, q, q, options=opts).runtime.values()
+    assert run.decision == "hyper"
+    assert "top-k query blocks 256 x 256 causal" in run.text() and "the last block exact" in run.text()
+    (run,) = hyper_backend.explain(f, q, q, q, options=dict(opts, top_k=4096)).runtime.values()
+    assert run.decision == "exact" and "no query block sees more than top_k keys" in run.text()
