@@ -79,17 +79,7 @@ def block_shape(n_q: int, n_k: int, block_size: int):
     return num_blocks, q_block, k_block
 
 
-def make_draws(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    key_valid: torch.Tensor | None,
-    block_size: int,
-    sample_size: int,
-    num_projs: int,
-    seed: int,
-    stream: int = 0,
-    residual: str = "uniform",
-) -> Draws:
+def make_draws(q, k, key_valid, block_size, sample_size, num_projs, seed, stream=0, residual="uniform") -> Draws:
     """Draw the permutations and samples for non-causal HyperAttention of ``q [B,Hq,Nq,D]`` on ``k [B,Hkv,Nk,D]``.
 
     ``key_valid [B, Nk]`` (bool) marks the keys of the estimator; the others sort last and are never

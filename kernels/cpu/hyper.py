@@ -195,17 +195,21 @@ def _folded_rows(src: Rows, q_pos: torch.Tensor, Hkv: int) -> torch.Tensor:
     return (q_pos + src.base.view(B, Hkv, 1, g, 1)).reshape(-1)
 
 
+def _part_layout(q: Rows, k: Rows, inputs: HyperInputs, window) -> _Layout:
+    """The `_Layout` of a ``"hyper"`` part's rows, keys and draws."""
+    B, Hq, Nq, _ = q.shape
+    Hkv, Nk = k.shape[1], k.shape[2]
+    return _layout(inputs.draws, B, Hq, Hkv, Nq, Nk, inputs.est, mask_dtype(q.data.dtype), inputs.extras, window)
+
+
 def hyper_forward(q: Rows, k: Rows, v: Rows, inputs: HyperInputs, scale, window=None):
     """A ``"hyper"`` part: ``q [S,Hq,sq,D]``, ``k, v [S,Hkv,sk,D]`` (`Rows`) and its `HyperInputs` -> contiguous
     ``(out [S,Hq,sq,D], lse [S,Hq,sq])``. ``window = (a, b)``: the pairs inside each query's centred window are
     left out (the plan's ``"band"`` part serves them)."""
     B, Hq, Nq, D = q.shape
-    Hkv, Nk = k.shape[1], k.shape[2]
-    dtype = q.data.dtype
-    mdt = mask_dtype(dtype)
-    draws = inputs.draws
-    L = _layout(draws, B, Hq, Hkv, Nq, Nk, inputs.est, mdt, inputs.extras, window)
-    g, nb, bq, bk = Hq // Hkv, draws.num_blocks, draws.q_block, draws.k_block
+    Hkv = k.shape[1]
+    dtype, L = q.data.dtype, _part_layout(q, k, inputs, window)
+    g, nb, bq, bk = Hq // Hkv, inputs.draws.num_blocks, inputs.draws.q_block, inputs.draws.k_block
     q_rows = _folded_rows(q, L.q_pos, Hkv)
     q_s = q.data.index_select(0, q_rows).view(B, Hkv * nb * g, bq, D)  # [B, Hkv*nb*g, bq, D]
     k_b = k.gather(L.k_pos).view(B, Hkv * nb, bk, D)  # [B, Hkv*nb, bk, D]
@@ -229,11 +233,8 @@ def hyper_backward(do: Rows, q: Rows, k: Rows, v: Rows, out: Rows, lse, inputs: 
     the rows, which may include other parts merged in. Returns contiguous ``(dq, dk, dv)``."""
     B, Hq, Nq, D = q.shape
     Hkv, Nk = k.shape[1], k.shape[2]
-    dtype = q.data.dtype
-    mdt = mask_dtype(dtype)
-    draws = inputs.draws
-    L = _layout(draws, B, Hq, Hkv, Nq, Nk, inputs.est, mdt, inputs.extras, window)
-    g, nb, bq, bk = Hq // Hkv, draws.num_blocks, draws.q_block, draws.k_block
+    dtype, L = q.data.dtype, _part_layout(q, k, inputs, window)
+    g, nb, bq, bk = Hq // Hkv, inputs.draws.num_blocks, inputs.draws.q_block, inputs.draws.k_block
     fold = (B, Hkv * nb * g, bq, D)
     q_s = q.data.index_select(0, _folded_rows(q, L.q_pos, Hkv)).view(fold)
     do_s = do.data.index_select(0, _folded_rows(do, L.q_pos, Hkv)).view(fold)
