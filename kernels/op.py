@@ -188,7 +188,7 @@ def attention(
     if query.shape[-1] != dv:
         query, key, value, scale, _ = _common_head_dim(query, key, value, scale)
     if plan.parts[0].kind == "topk":  # plain torch on every device
-        out, lse = topk.call_forward(plan, query, key, value, key_padding_mask, scale)
+        out, lse = topk.call_forward(plan, query, key, value, key_padding_mask, scale, s.serial_bookkeeping)
     else:
         forward = _impl("attention_forward", query, s.kernels, s.serial_bookkeeping)
         out, lse = forward(query, key, value, key_padding_mask, is_causal, scale, p)
@@ -229,7 +229,7 @@ def attention_backward(
         grad_out, out = _pad_last(grad_out, width), _pad_last(out, width)
     plan = plan_call(q.shape[2], k.shape[2], is_causal, p)
     if plan.parts[0].kind == "topk":
-        dq, dk, dv = topk.call_backward(plan, grad_out, q, k, v, out, key_padding_mask, scale)
+        dq, dk, dv = topk.call_backward(plan, grad_out, q, k, v, out, key_padding_mask, scale, s.serial_bookkeeping)
     else:
         backward = _impl("attention_backward", q, s.kernels, s.serial_bookkeeping)
         dq, dk, dv = backward(grad_out, q, k, v, out, lse, key_padding_mask, is_causal, scale, p)

@@ -29,22 +29,22 @@ def sink_mask(key_valid: torch.Tensor | None, batch: int, n_k: int, sink_keys: i
     return key_valid & (key_valid.cumsum(-1) <= sink_keys)
 
 
-def first_marked(mask: torch.Tensor):
-    """``(pos [B, s], ok [B, s])``: the positions of each row's marked entries of ``mask [B, N]`` in order (``s``
-    the most any row has; ``ok`` false past a row's own count), or None when no row has one."""
-    s = int(mask.sum(-1).max().item()) if mask.numel() else 0
-    if not s:
-        return None
+def first_marked(mask: torch.Tensor, most: int):
+    """``(pos [B, s], ok [B, s])``: the positions of each row's marked entries of ``mask [B, N]`` in order, in
+    ``s = min(most, N)`` slots (``most``: a bound on any row's count, known on the host, so that no device value is
+    read back; ``ok`` false past a row's own count)."""
+    s = min(most, mask.shape[-1])
     pos = torch.argsort((~mask).to(torch.int8), dim=-1, stable=True)[:, :s]
     return pos, torch.gather(mask, 1, pos)
 
 
-def exact_keys(key_valid: torch.Tensor | None, sink: torch.Tensor | None, strip: int, batch: int, n_k: int, device):
+def exact_keys(key_valid, sink, strip: int, batch: int, n_k: int, device, sink_keys: int = 0):
     """Split the keys of one non-causal sub-problem into the estimator's keys and keys kept exact for every query.
 
     The exact keys are the last ``strip`` keys (the window across a causal boundary) and the sinks
-    (``sink [B, Nk]``) outside them. Returns ``(est_valid [B, Nk] or None, pos [B, e], ok [B, e])``: the
-    estimator's keys, and the positions of the exact keys with their validity (``e = 0``: none)."""
+    (``sink [B, Nk]``, at most ``sink_keys`` a row; 0: their positions are not needed) outside them. Returns
+    ``(est_valid [B, Nk] or None, pos [B, e], ok [B, e])``: the estimator's keys, and the positions of the exact
+    keys with their validity (``e = 0``: none)."""
     strip = min(strip, n_k)
     lo = n_k - strip
     pos_parts, ok_parts = [], []
@@ -59,11 +59,11 @@ def exact_keys(key_valid: torch.Tensor | None, sink: torch.Tensor | None, strip:
     if sink is not None:
         s_in = sink.clone()
         s_in[:, lo:] = False
-        marked = first_marked(s_in)
-        if marked is not None:
-            pos_parts.append(marked[0])
-            ok_parts.append(marked[1])
-            est = (torch.ones(batch, n_k, dtype=torch.bool, device=device) if est is None else est) & ~s_in
+        if sink_keys and lo:
+            pos, ok = first_marked(s_in[:, :lo], sink_keys)
+            pos_parts.append(pos)
+            ok_parts.append(ok)
+        est = (torch.ones(batch, n_k, dtype=torch.bool, device=device) if est is None else est) & ~s_in
     if not pos_parts:
         return est, None, None
     return est, torch.cat(pos_parts, 1), torch.cat(ok_parts, 1)
@@ -147,7 +147,7 @@ def hyper_inputs(part: Part, valid, sink, ranks, p: HyperConfig) -> HyperInputs:
     B, device = ranks[0].shape[0], ranks[0].device
     valid = None if valid is None else batched(sub_view(valid, part, False))
     sink = None if sink is None else batched(sub_view(sink, part, False))
-    est, pos, ok = exact_keys(valid, sink, part.strip, B * part.count, part.sk, device)
+    est, pos, ok = exact_keys(valid, sink, part.strip, B * part.count, part.sk, device, p.sink_keys)
     q_rank = batched(sub_view(ranks[0], part, True))
     k_rank = batched(sub_view(ranks[1], part, False))
     draws = draws_from_ranks(

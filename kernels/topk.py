@@ -13,7 +13,9 @@ it sees (`_tail`: its rows produce the next token, for ``block x n_k`` scores). 
 * its **top-k**: the ``top_k`` keys of its *domain* (the valid keys before the tile, causal; outside it,
   non-causal; the sinks excepted) with the highest detector score. The score of key j is
   ``max_r (scale * rep_r . k_j - lse_r)`` over the block's representatives ``rep_r`` (the means of its
-  consecutive groups of ``score_group`` queries), ``lse_r`` the log-sum-exp of ``rep_r``'s scores over the domain;
+  consecutive groups of ``score_group`` queries), ``lse_r`` the log-sum-exp of ``rep_r``'s scores over the domain
+  (estimated on every `STRIDE`-th key). The products are taken on bfloat16-rounded operands (`rank_dtype`): the
+  ranking is a heuristic, and every weight below stays consistent with the keys it chose;
 * a **residual**: ``m = sample_size`` draws over the domain's remaining keys, with probability ``q(x)``, each
   weighted ``1 / (m q(x))``, so that the estimate of the remaining keys' softmax mass is unbiased. Draws pick a
   cell of `CELL` consecutive keys in proportion to ``exp(max over its remaining keys of h)``, then a key of the
@@ -22,8 +24,9 @@ it sees (`_tail`: its rows produce the next token, for ``block x n_k`` scores). 
   the paper's AMM step).
 
 No key is counted twice: the tile, the sinks, the top-k and the residual's keys are disjoint for every block.
-`select` computes the choices once (`Selection`); `attend` executes them (plain torch, any device, autograd
-through it) and `dense_log_weights` writes them as the reference's log-weight matrix.
+`select` computes the choices once (`Selection`); `attend` and `attend_backward` execute them (plain torch, any
+device, in chunks of blocks whose gathered keys and scores reuse one set of buffers: fresh pages per chunk cost
+more than the products) and `dense_log_weights` writes them as the reference's log-weight matrix.
 """
 
 from __future__ import annotations
@@ -33,12 +36,14 @@ from typing import NamedTuple
 
 import torch
 
+from .cpu.threads import Threads
 from .parts import call_sinks, first_marked
 from .plan import Part
 
 CELL = 16  # keys per residual draw cell
 _BUDGET = 1 << 24  # elements of the largest temporary per chunk of blocks
 _KEY_TILE = 4096  # keys scored at once by a chunk's representatives
+_NATIVE = 1 << 24  # scores from which the detector's products run in bfloat16 (`rank_dtype`)
 
 
 class Selection(NamedTuple):
@@ -90,13 +95,6 @@ def _bounds(part: Part, n_q: int, n_k: int, first: int, count: int, device):
     return c.clamp(0, n_k), c.clamp(0, n_k)
 
 
-def _domain(lo, hi, est, n_k: int) -> torch.Tensor:
-    """``[B, count, n_k]`` bool: the blocks' domains among the estimator's keys ``est [B, n_k]``."""
-    j = torch.arange(n_k, device=lo.device)
-    inside = (j[None, :] < lo[:, None]) | (j[None, :] >= hi[:, None])
-    return inside[None] & est[:, None, :]
-
-
 def _reps(q: torch.Tensor, part: Part, n_q: int, first: int, count: int, group: int):
     """``([B, Hq, count, R, D]`` float32 representatives, ``ok [count, R]``): the means of each block's
     groups of ``group`` rows (padding rows excluded)."""
@@ -115,12 +113,53 @@ def _reps(q: torch.Tensor, part: Part, n_q: int, first: int, count: int, group: 
 STRIDE = 16  # the log-sum-exp that normalises a representative's scores is estimated on every STRIDE-th key
 
 
+SCORE = torch.bfloat16  # the detector ranks keys on bfloat16 operands, whatever the inputs' dtype
+
+
+def rank_dtype(device: torch.device, scores: int) -> torch.dtype:
+    """The dtype of the detector's products for ``scores`` of them: bfloat16 where they run natively (CUDA, CPUs
+    with AVX512-BF16: about 2.5x the float32 rate here) and the call is large enough to gain from it, else
+    float32 on the same bfloat16-rounded operands. The selection depends on the inputs' values, not on their
+    dtype: a float32 call and its float64 reference keep the same keys."""
+    native = device.type == "cuda" or (device.type == "cpu" and torch.cpu._is_avx512_bf16_supported())
+    return SCORE if native and scores >= _NATIVE else torch.float32
+
+
+def _score_keys(k, est, n_p: int, dtype) -> torch.Tensor:
+    """``[B * Hkv, n_p, D + 3]`` `SCORE`-rounded, in ``dtype``: the keys, two 1 columns (that subtract a
+    representative's log-sum-exp, split in two) and a bias column (0 on the estimator's keys, -inf elsewhere)."""
+    B, Hkv, n_k, D = k.shape
+    ka = torch.zeros(B, Hkv, n_p, D + 3, dtype=SCORE, device=k.device)
+    ka[:, :, :n_k, :D] = k
+    ka[..., D : D + 2] = 1
+    ka[..., D + 2] = torch.where(est, 0.0, -math.inf)[:, None]
+    return ka.view(B * Hkv, n_p, D + 3).to(dtype)
+
+
+def _staircase(part: Part, n_q: int, n_k: int, first: int, count: int, width: int, device):
+    """The columns ``[r0, r1)`` of a chunk's scores that some of its blocks must not select (their tiles and what
+    follows, causal; the union of their windows, non-causal), and ``[count, r1 - r0]`` bool: the masked ones."""
+    lo, hi = _bounds(part, n_q, n_k, first, count, device)
+    c0 = first * part.block - lead(part, n_q)
+    c1 = (first + count - 1) * part.block - lead(part, n_q)
+    if part.causal:
+        r0, r1 = c0 + (n_k - n_q) - part.strip, width
+    elif part.window is not None:
+        r0, r1 = c0 - part.window[0], c1 + part.block + part.window[1]
+    else:
+        r0 = r1 = 0
+    r0, r1 = min(max(r0, 0), width), min(max(r1, 0), width)
+    j = torch.arange(r0, r1, device=device)
+    return r0, r1, (j[None] >= lo[:, None]) & (j[None] < hi[:, None])
+
+
 def select(q, k, v, valid, sink, part: Part, scale: float, p) -> Selection:
     """The side keys of every block (see the module docstring). ``q [B,Hq,Nq,D]``, ``k, v [B,Hkv,Nk,D]``,
     ``valid [B, Nk]`` bool or None, ``sink [B, Nk]`` bool or None, ``p`` the fitted `HyperConfig`.
 
-    The top-k is exact and costs two small selections: the `CELL`-key cells with the ``top_k`` highest cell
-    maxima hold every one of the top-k keys, so the keys are chosen among those cells' only."""
+    Scores are products of `SCORE`-rounded operands (`rank_dtype`); a chunk's scores live in one buffer that
+    every chunk reuses. The top-k is exact and costs two small selections: the `CELL`-key cells with the ``top_k``
+    highest cell maxima hold every one of the top-k keys, so the keys are chosen among those cells' only."""
     B, Hq, n_q, D = q.shape
     Hkv, n_k = k.shape[1], k.shape[2]
     group = Hq // Hkv
@@ -131,10 +170,11 @@ def select(q, k, v, valid, sink, part: Part, scale: float, p) -> Selection:
     if sink is not None:
         est = est & ~sink
     est = torch.nn.functional.pad(est, (0, n_p - n_k))
-    sinks = None if sink is None else first_marked(sink)
+    sinks = None if sink is None else first_marked(sink, p.sink_keys)
     R = math.ceil(part.block / p.score_group)
     K, m = min(p.top_k, n_k), p.sample_size
-    kf = torch.nn.functional.pad(k.float(), (0, 1, 0, n_p - n_k), value=1.0)  # [k, 1]: the GEMM subtracts lse
+    sd = rank_dtype(dev, B * Hq * nb * R * n_p)
+    ka = _score_keys(k, est, n_p, sd)
     hv = None
     if p.residual_scheme == "vnorm":
         hv = torch.nn.functional.pad((v.float() ** 2).sum(-1).clamp_min(1e-30).log(), (0, n_p - n_k))
@@ -142,6 +182,11 @@ def select(q, k, v, valid, sink, part: Part, scale: float, p) -> Selection:
     gen = torch.Generator(device=dev)
     gen.manual_seed(int(p.seed) * 1_000_003 + part.stream + 7)
     per = max(1, _BUDGET // max(1, B * Hq * n_p))
+    tile_keys = min(_KEY_TILE, n_p)
+    rows = B * Hq * min(per, nb)
+    score_buf = torch.empty(rows * n_p, device=dev)  # float32: the residual's bookkeeping scatters into it
+    piece_buf = torch.empty(rows * R * tile_keys, dtype=sd, device=dev)
+    max_buf = torch.empty(rows * tile_keys, dtype=sd, device=dev)
     out_pos, out_lw = [], []
     for first in range(0, nb, per):
         count = min(per, nb - first)
@@ -149,24 +194,36 @@ def select(q, k, v, valid, sink, part: Part, scale: float, p) -> Selection:
         width = n_p  # causal: the keys before the chunk's last tile are all its blocks may select
         if part.causal:
             last = (first + count - 1) * part.block - lead(part, n_q) + (n_k - n_q) - part.strip
-            width = min(n_p, math.ceil(max(last, K * CELL, 1) / CELL) * CELL)
-        dom = _domain(lo, hi, est[:, :width], width)  # [B, count, width]
-        reps, rep_ok = _reps(q, part, n_q, first, count, p.score_group)
-        reps = (reps * scale).view(B, Hkv, group * count * R, D)
-        if R == 1:  # one representative: its normalisation is a constant per block, which ranks nothing
-            score = (reps @ kf[:, :, :width, :D].transpose(-1, -2)).view(B, Hq, count, width)
-        else:
-            sub = (reps @ kf[:, :, :width:STRIDE, :D].transpose(-1, -2)).view(B, Hq, count, R, -1)
-            sub = sub.masked_fill(~dom[:, None, :, None, ::STRIDE], -math.inf)
-            lse = torch.logsumexp(sub, -1) + math.log(STRIDE)
-            lse = torch.where(torch.isfinite(lse), lse, 0.0).masked_fill(~rep_ok, math.inf)  # [B, Hq, count, R]
-            aug = torch.cat([reps, -lse.reshape(B, Hkv, -1, 1)], -1)
-            score = torch.empty(B, Hq, count, width, device=dev)
-            for j in range(0, width, _KEY_TILE):  # tiles of keys: the R-fold scores stay in cache
-                end = min(j + _KEY_TILE, width)
-                piece = aug @ kf[:, :, j:end].transpose(-1, -2)
-                score[..., j:end] = piece.view(B, Hq, count, R, -1).amax(3)
-        score.masked_fill_(~dom[:, None], -math.inf)  # [B, Hq, count, width]
+            width = min(n_p, math.ceil(max(last, K, 1) / CELL) * CELL)
+        r0, r1, stair = _staircase(part, n_q, n_k, first, count, width, dev)
+        reps, rep_ok = _reps(q, part, n_q, first, count, p.score_group)  # [B, Hq, count, R, D]
+        aug = torch.zeros(B, Hq, count, R, D + 3, device=dev)
+        aug[..., :D] = reps * scale
+        aug[..., D + 2] = 1
+        aug = aug.view(B * Hkv, group * count * R, D + 3)
+        with Threads.parallel():
+            sub = aug.to(SCORE).to(sd) @ ka[:, :width:STRIDE].transpose(-1, -2)
+        sub = sub.float().view(B, Hq, count, R, -1)
+        js = torch.arange(0, width, STRIDE, device=dev)
+        out_dom = (js[None] >= lo[:, None]) & (js[None] < hi[:, None])  # [count, width / STRIDE]
+        lse = torch.logsumexp(sub.masked_fill(out_dom[:, None], -math.inf), -1) + math.log(STRIDE)
+        lse = torch.where(torch.isfinite(lse), lse, 0.0).masked_fill(~rep_ok, math.inf)  # [B, Hq, count, R]
+        high = lse.to(SCORE).float()  # lse split in two columns: the product subtracts it at full precision
+        cols = aug.view(B, Hq, count, R, D + 3)
+        cols[..., D] = -high
+        cols[..., D + 1] = torch.where(torch.isfinite(lse), high - lse, 0.0)
+        aug = aug.to(SCORE).to(sd)
+        score = score_buf[: B * Hq * count * width].view(B * Hkv, group * count, width)
+        for j in range(0, width, tile_keys):  # tiles of keys: the R-fold scores stay in cache
+            end = min(j + tile_keys, width)
+            piece = piece_buf[: B * Hq * count * R * (end - j)].view(B * Hkv, group * count * R, end - j)
+            with Threads.parallel():
+                torch.bmm(aug, ka[:, j:end].transpose(-1, -2), out=piece)
+            top = max_buf[: B * Hq * count * (end - j)].view(B * Hkv, group * count, end - j)
+            score[..., j:end] = torch.amax(piece.view(B * Hkv, group * count, R, end - j), 2, out=top)
+        score = score.view(B, Hq, count, width)
+        if r1 > r0:
+            score[..., r0:r1].masked_fill_(stair[None, None], -math.inf)
         parts_pos, parts_lw = [], []
         if sinks is not None:
             spos, sok = sinks
@@ -221,79 +278,107 @@ def _draw(rest, cmax, cell_hv, scheme: str, m: int, gen):
     return pos, torch.where(ok, lw, -math.inf)
 
 
+_CHUNK = 1 << 21  # score elements per chunk of blocks in `attend`: a chunk's scores, keys and values stay in cache
+
+
 class _Chunk(NamedTuple):
-    """One chunk of ``count`` blocks, laid out ``[B, Hkv, count, g, rows, D]`` (g: query heads per key head)."""
+    """One chunk of ``C`` blocks (views into buffers that the next chunk overwrites). Layout ``[B, Hkv, C, g, ...]``
+    (g: query heads per key head); ``BHC = B * Hkv * C``."""
 
     first: int
-    q: torch.Tensor  # [B, Hkv, count, g, qb, D]
-    ks: torch.Tensor  # [B, Hkv, count, g, E, D] side keys
+    q: torch.Tensor  # [B, Hkv, C, g, qb, D] queries, scaled
+    ks: torch.Tensor  # [B * Hq * C, E, D] side keys
     vs: torch.Tensor
-    pos: torch.Tensor  # [B, Hkv, count * g * E] their positions
-    ss: torch.Tensor  # [B, Hkv, count, g, qb, E] side scores (with the log weights)
-    kt: torch.Tensor | None  # [B, Hkv, count, 1, T, D] tile keys
+    rows: torch.Tensor  # [B * Hq * C * E] their rows in the flat [B * Hkv * n_k, D] keys
+    ss: torch.Tensor  # [B * Hq * C, qb, E] side scores (log weights added)
+    kt: torch.Tensor | None  # [BHC, T, D] tile keys (shared by the g heads)
     vt: torch.Tensor | None
-    idx: torch.Tensor | None  # [count, T] their positions
-    st: torch.Tensor | None  # [B, Hkv, count, g, qb, T] tile scores
+    rows_t: torch.Tensor | None  # [BHC * T] their rows
+    st: torch.Tensor | None  # [BHC, g * qb, T] tile scores
 
 
 def _layout(x, B, Hkv, group, nb):
-    """``[B, Hq, nb, ...]`` -> ``[B, Hkv, nb, g, ...]``."""
-    return x.reshape(B, Hkv, group, nb, *x.shape[3:]).transpose(2, 3)
+    """``[B, Hq, nb, ...]`` -> ``[B, Hkv, nb, g, ...]`` (contiguous)."""
+    return x.reshape(B, Hkv, group, nb, *x.shape[3:]).transpose(2, 3).contiguous()
 
 
-def _chunks(q, k, v, valid, sel: Selection, part: Part, scale: float):
+def _tile_width(part: Part) -> int:
+    if part.causal:
+        return part.block + part.strip
+    return part.block + sum(part.window) if part.window else 0
+
+
+def _per_chunk(part: Part, heads: int, E: int) -> int:
+    return max(1, _CHUNK // max(1, heads * part.block * (E + _tile_width(part))))
+
+
+class _Buffers:
+    """Flat buffers of one call's largest chunk; ``take(name, *shape)`` views the first elements of one."""
+
+    def __init__(self, dtype, device):
+        self.dtype, self.device, self.flat = dtype, device, {}
+
+    def take(self, name: str, *shape: int) -> torch.Tensor:
+        n = math.prod(shape)
+        buf = self.flat.get(name)
+        if buf is None or buf.numel() < n:
+            buf = self.flat[name] = torch.empty(n, dtype=self.dtype, device=self.device)
+        return buf[:n].view(*shape)
+
+
+def _chunks(q, k, v, valid, sel: Selection, part: Part, scale: float, work: _Buffers):
+    """The chunks of blocks of a call, each gathered and scored (see `_Chunk`)."""
     B, Hq, n_q, D = q.shape
     Hkv, n_k = k.shape[1], k.shape[2]
     group = Hq // Hkv
-    acc = torch.float64 if q.dtype == torch.float64 else torch.float32
-    nb, qb = blocks(part, n_q), part.block
-    qp = torch.nn.functional.pad(q, (0, 0, lead(part, n_q), 0)).to(acc).view(B, Hq, nb, qb, D)
+    nb, qb, E, T = blocks(part, n_q), part.block, sel.pos.shape[-1], _tile_width(part)
+    qp = torch.nn.functional.pad(q.to(work.dtype) * scale, (0, 0, lead(part, n_q), 0)).view(B, Hq, nb, qb, D)
     qp = _layout(qp, B, Hkv, group, nb)
-    pos_all, lw_all = _layout(sel.pos, B, Hkv, group, nb), _layout(sel.lw, B, Hkv, group, nb)
-    kf, vf = k.to(acc).contiguous(), v.to(acc).contiguous()
-    base = (torch.arange(B * Hkv, device=q.device) * n_k).view(B, Hkv, 1)  # row offsets of each (batch, head)
-    E = sel.pos.shape[-1]
-    T = part.block + part.strip if part.causal else (part.block + sum(part.window) if part.window else 0)
-    per = max(1, _BUDGET // max(1, B * Hq * (E + T) * max(qb, D)))
+    base = (torch.arange(B * Hkv, device=q.device) * n_k).view(B, Hkv, 1, 1, 1)  # each (batch, head)'s first row
+    pos_all = _layout(sel.pos, B, Hkv, group, nb) + base
+    lw_all = _layout(sel.lw, B, Hkv, group, nb).to(work.dtype)
+    kf, vf = k.to(work.dtype).reshape(-1, D), v.to(work.dtype).reshape(-1, D)
+    per = _per_chunk(part, B * Hq, E)
     for first in range(0, nb, per):
-        count = min(per, nb - first)
-        qc = qp[:, :, first : first + count]
-        pos = pos_all[:, :, first : first + count].reshape(B, Hkv, -1)
-        rows = (pos + base).reshape(-1)
-        ks = kf.view(-1, D).index_select(0, rows).view(B, Hkv, count, group, E, D)
-        vs = vf.view(-1, D).index_select(0, rows).view(B, Hkv, count, group, E, D)
-        lw = lw_all[:, :, first : first + count, :, None, :].to(acc)
-        ss = torch.baddbmm(
-            lw.expand(-1, -1, -1, -1, qb, -1).reshape(-1, qb, E),
-            qc.reshape(-1, qb, D),
-            ks.reshape(-1, E, D).transpose(-1, -2),
-            alpha=scale,
-        ).view(B, Hkv, count, group, qb, E)
-        kt = vt = idx = st = None
+        C = min(per, nb - first)
+        qc = qp[:, :, first : first + C]
+        rows = pos_all[:, :, first : first + C].reshape(-1)
+        with Threads.parallel():
+            ks = torch.index_select(kf, 0, rows, out=work.take("ks", rows.numel(), D)).view(-1, E, D)
+            vs = torch.index_select(vf, 0, rows, out=work.take("vs", rows.numel(), D)).view(-1, E, D)
+            ss = torch.bmm(qc.reshape(-1, qb, D), ks.transpose(1, 2), out=work.take("ss", B * Hq * C, qb, E))
+        ss.view(B, Hkv, C, group, qb, E).add_(lw_all[:, :, first : first + C, :, None])
+        kt = vt = rows_t = st = None
         if T:
-            idx, vis = tile(part, n_q, n_k, first, count, q.device)
-            kt, vt = kf[:, :, idx][:, :, :, None], vf[:, :, idx][:, :, :, None]  # [B, Hkv, count, 1, T, D]
-            keep = vis[None] if valid is None else vis[None] & valid[:, idx][:, :, None, :]  # [B, count, qb, T]
-            st = (qc @ kt.transpose(-1, -2)) * scale
-            st = st.masked_fill(~keep[:, None, :, None], -math.inf)
-        yield _Chunk(first, qc, ks, vs, pos, ss, kt, vt, idx, st)
+            idx, vis = tile(part, n_q, n_k, first, C, q.device)
+            rows_t = (idx + base.view(B, Hkv, 1, 1)).reshape(-1)
+            keep = vis[None] if valid is None else vis[None] & valid[:, idx][:, :, None, :]  # [B, C, qb, T]
+            bias = torch.where(keep, 0.0, -math.inf).to(work.dtype)
+            with Threads.parallel():
+                kt = torch.index_select(kf, 0, rows_t, out=work.take("kt", rows_t.numel(), D)).view(-1, T, D)
+                vt = torch.index_select(vf, 0, rows_t, out=work.take("vt", rows_t.numel(), D)).view(-1, T, D)
+                st = torch.bmm(
+                    qc.reshape(-1, group * qb, D), kt.transpose(1, 2), out=work.take("st", kt.shape[0], group * qb, T)
+                )
+            st.view(B, Hkv, C, group, qb, T).add_(bias[:, None, :, None])
+        yield _Chunk(first, qc, ks, vs, rows, ss, kt, vt, rows_t, st)
 
 
-def _probs(c: _Chunk):
-    """The chunk's softmax over its side and tile keys: ``(p_side, p_tile or None, lse)``."""
-    top = c.ss.amax(-1, keepdim=True)
+def _exp(c: _Chunk, B, Hkv, group):
+    """The chunk's scores exponentiated in place against each row's maximum: ``(inv, lse)`` per row
+    ``[B, Hkv, C, g, qb, 1]``, ``inv`` the reciprocal of the row's total (0 for a row that sees no key)."""
+    C, qb = c.q.shape[2], c.q.shape[4]
+    ss = c.ss.view(B, Hkv, C, group, qb, -1)
+    top = ss.amax(-1, keepdim=True)
+    st = None
     if c.st is not None:
-        top = torch.maximum(top, c.st.amax(-1, keepdim=True))
+        st = c.st.view(B, Hkv, C, group, qb, -1)
+        top = torch.maximum(top, st.amax(-1, keepdim=True))
     top = torch.where(torch.isfinite(top), top, 0.0)
-    ps = torch.exp(c.ss - top)
-    total = ps.sum(-1, keepdim=True)
-    pt = None
-    if c.st is not None:
-        pt = torch.exp(c.st - top)
-        total = total + pt.sum(-1, keepdim=True)
-    inv = torch.where(total > 0, 1.0 / total, 0.0)
-    lse = (top + total.log()).squeeze(-1)
-    return ps * inv, None if pt is None else pt * inv, lse
+    total = ss.sub_(top).exp_().sum(-1, keepdim=True)
+    if st is not None:
+        total = total + st.sub_(top).exp_().sum(-1, keepdim=True)
+    return torch.where(total > 0, 1.0 / total, 0.0), top + total.log()
 
 
 def _rows(x, B, Hq, n_q):
@@ -331,21 +416,26 @@ def _tail(q, k, v, valid, part: Part, scale: float):
 def attend(q, k, v, valid, sel: Selection, part: Part, scale: float):
     """``(out [B, Hq, Nq, D]`` in q's dtype, ``lse [B, Hq, Nq]``): each block's rows attend to their tile and their
     side keys ``sel`` in one softmax (float32 accumulation, float64 for float64 inputs)."""
-    B, Hq, n_q, _ = q.shape
-    outs, lses = [], []
-    for c in _chunks(q, k, v, valid, sel, part, scale):
-        ps, pt, lse = _probs(c)
-        o = ps @ c.vs
-        if pt is not None:
-            o = o + pt @ c.vt
-        outs.append(o)
-        lses.append(lse)
-    out, lse = _rows(torch.cat(outs, 2), B, Hq, n_q), _rows(torch.cat(lses, 2), B, Hq, n_q)
+    B, Hq, n_q, D = q.shape
+    Hkv = k.shape[1]
+    group, nb, qb = Hq // Hkv, blocks(part, n_q), part.block
+    work = _Buffers(torch.float64 if q.dtype == torch.float64 else torch.float32, q.device)
+    out = torch.empty(B, Hkv, nb, group, qb, D, dtype=work.dtype, device=q.device)
+    lse = torch.empty(B, Hkv, nb, group, qb, dtype=work.dtype, device=q.device)
+    for c in _chunks(q, k, v, valid, sel, part, scale, work):
+        C = c.q.shape[2]
+        inv, c_lse = _exp(c, B, Hkv, group)
+        with Threads.parallel():
+            o = torch.bmm(c.ss, c.vs, out=work.take("o", *c.ss.shape[:2], D))
+            if c.st is not None:
+                o.view(-1, group * qb, D).baddbmm_(c.st, c.vt)
+        out[:, :, c.first : c.first + C] = o.view(B, Hkv, C, group, qb, D) * inv
+        lse[:, :, c.first : c.first + C] = c_lse.squeeze(-1)
+    out, lse = _rows(out, B, Hq, n_q), _rows(lse, B, Hq, n_q)
     tail = _tail(q, k, v, valid, part, scale)
     if tail is not None:
         r0, prob, _, vf, _, tail_lse = tail
-        out, lse = out.clone(), lse.clone()
-        out[:, :, r0:] = (prob @ vf).reshape(B, Hq, -1, out.shape[-1])
+        out[:, :, r0:] = (prob @ vf).reshape(B, Hq, -1, D)
         lse[:, :, r0:] = tail_lse
     return out.to(q.dtype), lse
 
@@ -354,46 +444,57 @@ def attend_backward(q, k, v, valid, sel: Selection, part: Part, scale: float, do
     """``(dq, dk, dv)`` of `attend` for a fixed selection, given the gradient ``do`` and the output ``out``."""
     B, Hq, n_q, D = q.shape
     Hkv, n_k = k.shape[1], k.shape[2]
-    group = Hq // Hkv
-    acc = torch.float64 if q.dtype == torch.float64 else torch.float32
-    nb, qb = blocks(part, n_q), part.block
+    group, nb, qb = Hq // Hkv, blocks(part, n_q), part.block
+    work = _Buffers(torch.float64 if q.dtype == torch.float64 else torch.float32, q.device)
 
     def lay(x):
-        x = torch.nn.functional.pad(x.to(acc), (0, 0, lead(part, n_q), 0)).view(B, Hq, nb, qb, D)
+        x = torch.nn.functional.pad(x.to(work.dtype), (0, 0, lead(part, n_q), 0)).view(B, Hq, nb, qb, D)
         return _layout(x, B, Hkv, group, nb)
 
     tail = _tail(q, k, v, valid, part, scale)
     do_t = None
     if tail is not None:  # the last block's rows: exact, below; the blocks' path sees no gradient for them
-        do_t = do[:, :, tail[0] :].to(acc).reshape(B, Hkv, group, -1, D)
+        do_t = do[:, :, tail[0] :].to(work.dtype).reshape(B, Hkv, group, -1, D)
         do = do.clone()
         do[:, :, tail[0] :] = 0
     dop = lay(do)
     delta = (dop * lay(out)).sum(-1, keepdim=True)
-    dq = torch.zeros_like(dop)
-    dk = torch.zeros(B, Hkv, n_k, D, dtype=acc, device=q.device)
+    dq = torch.empty_like(dop)
+    dk = torch.zeros(B * Hkv * n_k, D, dtype=work.dtype, device=q.device)
     dv = torch.zeros_like(dk)
-    for c in _chunks(q, k, v, valid, sel, part, scale):
-        count = c.ss.shape[2]
-        rows = slice(c.first, c.first + count)
-        ps, pt, _ = _probs(c)
-        g, dl = dop[:, :, rows], delta[:, :, rows]
-        dss = ps * (g @ c.vs.transpose(-1, -2) - dl) * scale
-        dqc = dss @ c.ks
-        at = c.pos[..., None].expand(-1, -1, -1, D)
-        dk.scatter_add_(2, at, (dss.transpose(-1, -2) @ c.q).reshape(B, Hkv, -1, D))
-        dv.scatter_add_(2, at, (ps.transpose(-1, -2) @ g).reshape(B, Hkv, -1, D))
-        if pt is not None:
-            dst = pt * (g @ c.vt.transpose(-1, -2) - dl) * scale
-            dqc = dqc + dst @ c.kt
-            flat, T = c.idx.reshape(-1), c.idx.shape[1]
-            dk.index_add_(2, flat, (dst.transpose(-1, -2) @ c.q).sum(3).reshape(B, Hkv, count * T, D))
-            dv.index_add_(2, flat, (pt.transpose(-1, -2) @ g).sum(3).reshape(B, Hkv, count * T, D))
-        dq[:, :, rows] = dqc
+    for c in _chunks(q, k, v, valid, sel, part, scale, work):
+        C = c.q.shape[2]
+        inv, _ = _exp(c, B, Hkv, group)
+        sl = slice(c.first, c.first + C)
+        rows6 = (B, Hkv, C, group, qb, -1)
+        go, dl = dop[:, :, sl].reshape(-1, qb, D), delta[:, :, sl]
+        ps = c.ss.view(rows6).mul_(inv).view_as(c.ss)
+        with Threads.parallel():
+            dss = torch.bmm(go, c.vs.transpose(1, 2), out=work.take("dss", *c.ss.shape))
+        dss.view(rows6).sub_(dl).mul_(ps.view(rows6))
+        with Threads.parallel():
+            dqc = torch.bmm(dss, c.ks, out=work.take("dq", *go.shape))
+            dks, dvs = torch.bmm(dss.transpose(1, 2), c.q.reshape(-1, qb, D)), torch.bmm(ps.transpose(1, 2), go)
+        dk.index_add_(0, c.rows, dks.view(-1, D))
+        dv.index_add_(0, c.rows, dvs.view(-1, D))
+        if c.st is not None:
+            pt = c.st.view(rows6).mul_(inv).view_as(c.st)
+            gt = go.view(-1, group * qb, D)
+            with Threads.parallel():
+                dst = torch.bmm(gt, c.vt.transpose(1, 2), out=work.take("dst", *c.st.shape))
+            dst.view(rows6).sub_(dl).mul_(pt.view(rows6))
+            with Threads.parallel():
+                dqc.view(-1, group * qb, D).baddbmm_(dst, c.kt)
+                dkt = torch.bmm(dst.transpose(1, 2), c.q.reshape(-1, group * qb, D))
+                dvt = torch.bmm(pt.transpose(1, 2), gt)
+            dk.index_add_(0, c.rows_t, dkt.view(-1, D))
+            dv.index_add_(0, c.rows_t, dvt.view(-1, D))
+        dq[:, :, sl] = dqc.view(B, Hkv, C, group, qb, D) * scale
     dq = _rows(dq, B, Hq, n_q)
+    dk, dv = dk.view(B, Hkv, n_k, D), dv.view(B, Hkv, n_k, D)
     if tail is not None:
         r0, prob, kf, vf, qt, _ = tail
-        o_t = out[:, :, r0:].to(acc).reshape(do_t.shape)
+        o_t = out[:, :, r0:].to(work.dtype).reshape(do_t.shape)
         ds = prob * (do_t @ vf.transpose(-1, -2) - (do_t * o_t).sum(-1, keepdim=True)) * scale
         dq = dq.clone()
         dq[:, :, r0:] = (ds @ kf).reshape(B, Hq, -1, D)
@@ -436,16 +537,19 @@ def _inputs(plan, q, k, v, key_valid, scale):
         return part, select(q, k, v, key_valid, sink, part, scale, plan.config), scale
 
 
-def call_forward(plan, q, k, v, key_valid, scale):
-    """``(out, lse)`` of a call whose plan is one ``"topk"`` part (contiguous; lse float32, float64 for float64)."""
-    part, sel, scale = _inputs(plan, q, k, v, key_valid, scale)
-    with torch.no_grad():
-        out, lse = attend(q, k, v, key_valid, sel, part, scale)
+def call_forward(plan, q, k, v, key_valid, scale, serial: bool = True):
+    """``(out, lse)`` of a call whose plan is one ``"topk"`` part (contiguous; lse float32, float64 for float64).
+    ``serial``: on CPU, everything but the products and gathers runs on one thread (`Threads`)."""
+    with Threads.serial(serial and q.device.type == "cpu"):
+        part, sel, scale = _inputs(plan, q, k, v, key_valid, scale)
+        with torch.no_grad():
+            out, lse = attend(q, k, v, key_valid, sel, part, scale)
     return out.contiguous(), lse.contiguous()
 
 
-def call_backward(plan, do, q, k, v, out, key_valid, scale):
+def call_backward(plan, do, q, k, v, out, key_valid, scale, serial: bool = True):
     """``(dq, dk, dv)`` of `call_forward` given its output: the same selection (recomputed: a function of the
     inputs and the seed), differentiated through `attend` with the selection fixed."""
-    part, sel, scale = _inputs(plan, q, k, v, key_valid, scale)
-    return attend_backward(q, k, v, key_valid, sel, part, scale, do, out)
+    with Threads.serial(serial and q.device.type == "cpu"):
+        part, sel, scale = _inputs(plan, q, k, v, key_valid, scale)
+        return attend_backward(q, k, v, key_valid, sel, part, scale, do, out)

@@ -108,13 +108,8 @@ def _op(q, k, v, valid, causal, cfg):
     return torch.ops.hyper.attention(q, k, v, valid, causal, None, OpSettings.of(cfg).encode())
 
 
-@pytest.mark.parametrize("case", CASES)
-@pytest.mark.parametrize("residual", ["importance", "vnorm"])
-def test_op_matches_the_reference_with_gradients(case, residual):
-    B, Hq, Hkv, n_q, n_k, causal, padded = case
-    q, k, v = (x.requires_grad_(True) for x in _qkv(B, Hq, Hkv, n_q, n_k, seed=1))
-    valid = _valid(B, n_k, padded)
-    cfg = SMALL.replace(residual=residual)
+def _matches_reference(q, k, v, valid, causal, cfg):
+    """The op equals the float64 reference: forward, log-sum-exp and the gradients of q, k, v."""
     out, lse = _op(q, k, v, valid, causal, cfg)
     ref, ref_lse = reference.hyper_attention_reference(q, k, v, valid, causal, None, cfg)
     torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10)
@@ -122,6 +117,52 @@ def test_op_matches_the_reference_with_gradients(case, residual):
     g = torch.randn_like(out)
     for a, b in zip(torch.autograd.grad(out, (q, k, v), g), torch.autograd.grad(ref, (q, k, v), g)):
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("residual", ["importance", "vnorm"])
+def test_op_matches_the_reference_with_gradients(case, residual):
+    B, Hq, Hkv, n_q, n_k, causal, padded = case
+    q, k, v = (x.requires_grad_(True) for x in _qkv(B, Hq, Hkv, n_q, n_k, seed=1))
+    valid = _valid(B, n_k, padded)
+    cfg = SMALL.replace(residual=residual)
+    _matches_reference(q, k, v, valid, causal, cfg)
+
+
+def _top_sets(q, k, v, valid, causal, cfg):
+    """Each block's top-k positions, sorted, -1 for an unused slot (from the op's own selection)."""
+    plan = plan_call(q.shape[2], k.shape[2], causal, cfg)
+    sel = topk._inputs(plan, q, k, v, valid, None)[1]
+    s = min(cfg.sink_keys, k.shape[2])
+    kept = sel.lw[..., s : s + cfg.top_k].isfinite()
+    return torch.where(kept, sel.pos[..., s : s + cfg.top_k], -1).sort(-1).values
+
+
+@pytest.mark.parametrize("case", CASES[:2] + CASES[3:4])
+def test_chunks_of_blocks_and_key_tiles(monkeypatch, case):
+    """One block per chunk in `select` and `attend`, key tiles of 16: the op equals the reference (forward, lse,
+    gradients) and keeps the same top-k keys as in one chunk."""
+    B, Hq, Hkv, n_q, n_k, causal, padded = case
+    q, k, v = (x.requires_grad_(True) for x in _qkv(B, Hq, Hkv, n_q, n_k, seed=4))
+    valid = _valid(B, n_k, padded)
+    whole = _top_sets(q, k, v, valid, causal, SMALL)
+    monkeypatch.setattr(topk, "_BUDGET", 1)
+    monkeypatch.setattr(topk, "_CHUNK", 1)
+    monkeypatch.setattr(topk, "_KEY_TILE", 16)
+    assert torch.equal(_top_sets(q, k, v, valid, causal, SMALL), whole)
+    _matches_reference(q, k, v, valid, causal, SMALL)
+
+
+def test_bfloat16_products_rank_the_same_keys_for_every_input_dtype(monkeypatch):
+    """With the detector's products in bfloat16 (forced at this size; float32 on bfloat16-rounded operands where
+    the CPU has no native bfloat16), a float32 call keeps the keys its float64 reference keeps."""
+    monkeypatch.setattr(topk, "_NATIVE", 0)
+    q, k, v = (x.float().double() for x in _qkv(1, 4, 2, 72, 72, D=32, seed=6))
+    cfg = SMALL.replace(query_block=16, score_group=8)
+    assert torch.equal(_top_sets(q, k, v, None, True, cfg), _top_sets(q.float(), k.float(), v.float(), None, True, cfg))
+    out, _ = _op(q.float(), k.float(), v.float(), None, True, cfg)
+    ref, _ = reference.hyper_attention_reference(q, k, v, None, True, None, cfg)
+    torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
