@@ -31,7 +31,7 @@ class Space:
     sink_keys: tuple[int, ...] = (_D.sink_keys, 64)
     local_windows: tuple[int | None, ...] = (_D.local_window,)
     residuals: tuple[str, ...] = (_D.residual,)
-    min_seq_len: int = _D.min_seq_len
+    min_seq_len: int = _D.min_len
     seed: int = 0
 
     def __post_init__(self):

@@ -97,15 +97,19 @@ class Row:
     sample_size: int = 256
 
 
+APPROXIMATE = 4096  # topk's rows approximate from this length (its default threshold is above the captures')
+
+
 def default_rows() -> list[Row]:
     """LSH at its defaults; topk at K x score_group with importance draws, and with the other residuals; the
     oracles."""
     rows = [Row("lsh (defaults)", "op", HyperConfig(detector="lsh"))]
+    topk = HyperConfig(detector="topk", min_seq_len=APPROXIMATE)
     for k in (512, 1024, 2048):
         for g in (16, 64):
-            rows.append(Row(f"topk K={k} g={g}", "op", HyperConfig(detector="topk", top_k=k, score_group=g)))
+            rows.append(Row(f"topk K={k} g={g}", "op", topk.replace(top_k=k, score_group=g)))
     for res in ("uniform", "vnorm"):
-        rows.append(Row(f"topk K=1024 g=16 {res}", "op", HyperConfig(detector="topk", top_k=1024, residual=res)))
+        rows.append(Row(f"topk K=1024 g=16 {res}", "op", topk.replace(top_k=1024, residual=res)))
     rows += [Row(f"flat oracle K={k}", "flat", top_k=k) for k in ORACLE_K]
     rows += [Row(f"block oracle K={k}", "block", top_k=k) for k in ORACLE_K]
     return rows

@@ -122,11 +122,11 @@ class Problem:
 
 def first_exact_rows(n: int, causal: bool, config: HyperConfig) -> int:
     """Rows before this position are computed exactly (the first leaf of the causal recursion)."""
-    if n < config.min_seq_len:
+    if n < config.min_len:
         return n
     if not causal:
         return 0
-    depth = causal_depth_for(n, config.min_seq_len, config.causal_depth)
+    depth = causal_depth_for(n, config.min_len, config.causal_depth)
     return math.ceil(n / 2**depth) if depth else n
 
 

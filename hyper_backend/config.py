@@ -24,6 +24,10 @@ RESIDUALS = ("importance", "uniform", "stratified", "vnorm")  # how the residual
 _RESIDUALS_OF = {"topk": ("importance", "uniform", "vnorm"), "lsh": ("uniform", "stratified", "vnorm")}
 PUBLISHED = {"sink_keys": 0, "local_window": 0, "residual": "uniform", "detector": "lsh"}  # `HyperConfig.published`
 CAUSAL_WINDOW = 128  # local_window=None: the window of causal attention (non-causal attention gets none)
+# min_seq_len=None: each detector's own threshold. "topk" spends a fixed budget per query block (its tile, top-k,
+# sinks and draws: about 1500 keys at the defaults) and pays off only once a query sees several times that many
+# keys: the crossover measured on the CPU path (docs/performance.md). "lsh": the threshold of earlier releases.
+MIN_SEQ_LEN = {"topk": 32768, "lsh": 4096}
 
 
 @dataclass(frozen=True)
@@ -50,7 +54,8 @@ class HyperConfig:
         sample_size: m, the number of residual keys drawn (per query block for ``"topk"``, per sub-problem for
             ``"lsh"``; 0 disables the residual).
         lsh_num_projs: ``"lsh"``: r, the number of random hyperplanes of the angular LSH (2**r buckets).
-        min_seq_len: below this length attention is exact.
+        min_seq_len: below this length attention is exact. ``None`` (the default): the detector's own threshold,
+            `MIN_SEQ_LEN` (`min_len` is the value in force).
         causal_depth: ``"lsh"``: levels of recursive halving for causal attention; ``None`` halves until a
             piece is at most ``min_seq_len``.
         seed: seeds the LSH projections and the residual samples.
@@ -79,7 +84,7 @@ class HyperConfig:
     block_size: int = 256
     sample_size: int = 256
     lsh_num_projs: int = 7
-    min_seq_len: int = 4096
+    min_seq_len: int | None = None
     causal_depth: int | None = None
     seed: int = 0
     sink_keys: int = 16
@@ -94,7 +99,8 @@ class HyperConfig:
         _check_int("block_size", self.block_size, lo=1, hi=2**31 - 1)
         _check_int("sample_size", self.sample_size, lo=0, hi=2**31 - 1)
         _check_int("lsh_num_projs", self.lsh_num_projs, lo=1, hi=30)
-        _check_int("min_seq_len", self.min_seq_len, lo=1, hi=2**62)
+        if self.min_seq_len is not None:
+            _check_int("min_seq_len", self.min_seq_len, lo=1, hi=2**62)
         if self.causal_depth is not None:
             _check_int("causal_depth", self.causal_depth, lo=0, hi=30)
         _check_int("seed", self.seed, lo=0, hi=2**62)
@@ -112,6 +118,11 @@ class HyperConfig:
         _check_int("top_k", self.top_k, lo=0, hi=2**31 - 1)
         _check_int("query_block", self.query_block, lo=1, hi=2**31 - 1)
         _check_int("score_group", self.score_group, lo=1, hi=2**31 - 1)
+
+    @property
+    def min_len(self) -> int:
+        """The length from which attention may be approximated: ``min_seq_len``, or the detector's `MIN_SEQ_LEN`."""
+        return MIN_SEQ_LEN[self.detector] if self.min_seq_len is None else self.min_seq_len
 
     @property
     def residual_scheme(self) -> str:
@@ -133,14 +144,14 @@ class HyperConfig:
         return dataclasses.asdict(self)
 
     def label(self) -> str:
-        """A short text form: ``topk k=1024 qb=64 g=16 m=256 min=4096`` or ``lsh b=256 m=256 r=7 min=4096 depth=auto``,
+        """A short text form: ``topk k=1024 qb=64 g=16 m=256 min=32768`` or ``lsh b=256 m=256 r=7 min=4096 depth=auto``,
         and any sink/window/residual set."""
         if self.detector == "topk":
             text = f"topk k={self.top_k} qb={self.query_block} g={self.score_group} m={self.sample_size}"
-            text += f" min={self.min_seq_len}"
+            text += f" min={self.min_len}"
         else:
             depth = "auto" if self.causal_depth is None else str(self.causal_depth)
-            text = f"lsh b={self.block_size} m={self.sample_size} r={self.lsh_num_projs} min={self.min_seq_len}"
+            text = f"lsh b={self.block_size} m={self.sample_size} r={self.lsh_num_projs} min={self.min_len}"
             text += f" depth={depth}"
         if self.sink_keys:
             text += f" sinks={self.sink_keys}"

@@ -149,13 +149,11 @@ def measure(decoder, ids, short, backend: str, repeats: int, progress) -> dict:
     }
 
 
-# measured on this model (seed 0) against exact attention: 8192 tokens 76% / 0.23, 16384 tokens 57% / 0.35
 EXPECT = (
-    "what to expect: below min_seq_len (4096 by default) attention is exact: 100% agreement and an error at "
-    "float rounding (under 1e-5). Above it, this random-weight model is the approximation's hardest case "
-    "(its attention is nearly flat, see 'Limits' in the README): about 57% agreement and a relative error "
-    "of 0.35 at 16384 tokens (76% and 0.23 at 8192). What it costs a trained model: 'Quality on a real "
-    "model' in the README."
+    "what to expect: below min_seq_len (32768 for the default topk detector, 4096 for lsh) attention is exact: "
+    "100% agreement and an error at float rounding (under 1e-5). Above it, this random-weight model is the "
+    "approximation's hardest case (its attention is nearly flat, see 'Limits' in the README), so agreement "
+    "falls well below what a trained model keeps: 'Quality on a real model' in the README."
 )
 
 

@@ -206,7 +206,8 @@ def _min_seq_len(settings: Settings, bound: dict):
     from hyper_backend.kernels.op import call_config
 
     q, k = bound["query"], bound["key"]
-    resolved = call_config(OpSettings.decode(bound["settings"]), q.shape[2], k.shape[2]).min_seq_len
+    config = call_config(OpSettings.decode(bound["settings"]), q.shape[2], k.shape[2])
+    resolved = config.min_len
     if "min_seq_len" in dict(settings.explicit):
         return resolved, "explicit"
     entry = _tuned_entry(settings, q, bool(bound["is_causal"]), k.shape[2])

@@ -139,7 +139,7 @@ def _topk(n_q: int, n_k: int, causal: bool, p: HyperConfig) -> tuple[Part, ...]:
 def topk_applies(n_q: int, n_k: int, causal: bool, p) -> bool:
     """Whether the ``"topk"`` detector approximates: both lengths reach ``min_seq_len`` and some query block sees
     more keys outside its tile than its sinks and its top-k hold."""
-    if min(n_q, n_k) < p.min_seq_len:
+    if min(n_q, n_k) < p.min_len:
         return False
     last = (math.ceil(n_q / p.query_block) - 1) * p.query_block  # first row of the last block
     if causal:
@@ -188,7 +188,7 @@ def block_count(n_q: int, n_k: int, block_size: int) -> int:
 
 def hyper_applies(nq: int, nk: int, p) -> bool:
     """Whether non-causal attention of ``nq`` queries on ``nk`` keys approximates (``p``: a `HyperConfig`)."""
-    return nq >= p.min_seq_len and nk >= p.min_seq_len and block_count(nq, nk, p.block_size) > 1
+    return nq >= p.min_len and nk >= p.min_len and block_count(nq, nk, p.block_size) > 1
 
 
 def causal_depth_for(n: int, min_seq_len: int, causal_depth: int | None) -> int:
@@ -207,7 +207,7 @@ def causal_depth_for(n: int, min_seq_len: int, causal_depth: int | None) -> int:
 
 def causal_levels(N: int, p) -> int:
     """Levels of the causal recursion for length ``N`` (0 below ``min_seq_len``)."""
-    return 0 if N < p.min_seq_len else causal_depth_for(N, p.min_seq_len, p.causal_depth)
+    return 0 if N < p.min_len else causal_depth_for(N, p.min_len, p.causal_depth)
 
 
 def window_band(q_len: int, k_len: int, p) -> tuple[int, int] | None:

@@ -10,6 +10,7 @@ import pytest
 from hyper_backend import HyperConfig
 from hyper_backend.config import (
     DEFAULTS,
+    MIN_SEQ_LEN,
     EnvError,
     LayerSelection,
     OpSettings,
@@ -30,10 +31,20 @@ def test_defaults_match_the_issue():
         256,
         256,
         7,
-        4096,
+        None,
         None,
         0,
     )
+
+
+def test_min_seq_len_defaults_per_detector():
+    """``min_seq_len=None`` is each detector's own threshold, also after a `replace` of the detector; an explicit
+    value is kept whatever the detector."""
+    assert HyperConfig().min_len == MIN_SEQ_LEN["topk"] and MIN_SEQ_LEN["topk"] > MIN_SEQ_LEN["lsh"]
+    assert HyperConfig(detector="lsh").min_len == MIN_SEQ_LEN["lsh"] == 4096
+    assert HyperConfig().replace(detector="lsh").min_len == 4096
+    assert HyperConfig(min_seq_len=1000).replace(detector="lsh").min_len == 1000
+    assert resolve({"detector": "lsh"}).min_len == 4096
 
 
 def test_frozen_and_hashable():

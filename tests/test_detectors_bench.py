@@ -138,7 +138,7 @@ def test_detector_cost(detector):
     about one representative per score_group queries against the keys before each block (1 / score_group)."""
     assert detectors.detector_cost(HyperConfig(detector=detector, min_seq_len=4096), 1024, 4) == 0.0
     for group in (16, 64):
-        config = HyperConfig(detector=detector, score_group=group)
+        config = HyperConfig(detector=detector, score_group=group, min_seq_len=4096)
         cost = detectors.detector_cost(config, 8192, 4)
         if detector == "lsh":
             assert 0 < cost < 0.01

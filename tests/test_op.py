@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from hyper_backend import HyperConfig, hyper_attention
-from hyper_backend.config import OpSettings
+from hyper_backend.config import MIN_SEQ_LEN, OpSettings
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -516,14 +516,14 @@ def test_every_query_with_valid_keys_attends_to_some_key(make_qkv):
     assert torch.isfinite(lse).all()
 
 
-@pytest.mark.parametrize("n, causal", [(300, False), (4097, False), (4097, True)])
+@pytest.mark.parametrize("n, causal", [(300, False), (MIN_SEQ_LEN["topk"] + 1, False), (MIN_SEQ_LEN["topk"] + 1, True)])
 def test_config_none_equals_the_default_config_without_a_tuning_entry(n, causal, make_qkv, monkeypatch, tmp_path):
     monkeypatch.setenv("HYPER_TUNE_CACHE", str(tmp_path / "no-such-cache.json"))
     q, k, v = make_qkv(1, 2, 2, n, n, 64, F32)
     implicit = hyper_attention(q, k, v, is_causal=causal)
     explicit = hyper_attention(q, k, v, is_causal=causal, config=HyperConfig())
     assert torch.equal(implicit, explicit)
-    if n > HyperConfig().min_seq_len and not causal:  # the defaults approximate here
+    if n > HyperConfig().min_len and not causal:  # the defaults approximate here
         assert (explicit - F.scaled_dot_product_attention(q, k, v, is_causal=causal)).abs().max() > 0.01
 
 
