@@ -27,7 +27,7 @@ CAUSAL_WINDOW = 128  # local_window=None: the window of causal attention (non-ca
 # min_seq_len=None: each detector's own threshold. "topk" spends a fixed budget per query block (its tile, top-k,
 # sinks and draws: about 1500 keys at the defaults) and pays off only once a query sees several times that many
 # keys: the crossover measured on the CPU path (docs/performance.md). "lsh": the threshold of earlier releases.
-MIN_SEQ_LEN = {"topk": 32768, "lsh": 4096}
+MIN_SEQ_LEN = {"topk": 16384, "lsh": 4096}
 
 
 @dataclass(frozen=True)
@@ -144,7 +144,7 @@ class HyperConfig:
         return dataclasses.asdict(self)
 
     def label(self) -> str:
-        """A short text form: ``topk k=1024 qb=64 g=16 m=256 min=32768`` or ``lsh b=256 m=256 r=7 min=4096 depth=auto``,
+        """A short text form: ``topk k=1024 qb=64 g=16 m=256 min=16384`` or ``lsh b=256 m=256 r=7 min=4096 depth=auto``,
         and any sink/window/residual set."""
         if self.detector == "topk":
             text = f"topk k={self.top_k} qb={self.query_block} g={self.score_group} m={self.sample_size}"

@@ -150,7 +150,7 @@ def measure(decoder, ids, short, backend: str, repeats: int, progress) -> dict:
 
 
 EXPECT = (
-    "what to expect: below min_seq_len (32768 for the default topk detector, 4096 for lsh) attention is exact: "
+    "what to expect: below min_seq_len (16384 for the default topk detector, 4096 for lsh) attention is exact: "
     "100% agreement and an error at float rounding (under 1e-5). Above it, this random-weight model is the "
     "approximation's hardest case (its attention is nearly flat, see 'Limits' in the README), so agreement "
     "falls well below what a trained model keeps: 'Quality on a real model' in the README."
