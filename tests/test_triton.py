@@ -772,7 +772,7 @@ def _run_gpu_builds(cache: str, archs, dims, dtypes, quick: bool):
     tr = _resources()
     if not tr.ptxas_available():
         return None
-    cases = tr.all_scenarios(dims, dtypes)
+    cases = tr.all_scenarios(dims, dtypes, quick)
     results = tr.sweep(cases, archs, jobs=2, cache=cache, pick=tr.quick_pick if quick else None)
     return [dict(asdict(r), ok=r.ok) for r in results]
 
@@ -780,7 +780,8 @@ def _run_gpu_builds(cache: str, archs, dims, dtypes, quick: bool):
 def _check_gpu_builds(built):
     if built is None:
         pytest.skip("this Triton ships no ptxas: cannot build cubins without a GPU toolchain")
-    assert {r["kernel"] for r in built} == {"hyper_fwd", "hyper_bwd_dq", "hyper_bwd_dkdv", "hyper_bwd_sample"}
+    kernels = {"hyper_fwd", "hyper_bwd_dq", "hyper_bwd_dkdv", "hyper_bwd_sample", "topk_fwd", "topk_bwd"}
+    assert {r["kernel"] for r in built} == kernels
     bad = [
         (r["kernel"], r["arch"], r["flags"], r["error"][:300], r["registers"], r["spill_bytes"], r["shared"])
         for r in built
@@ -793,7 +794,8 @@ def _check_gpu_builds(built):
 
 
 def test_kernels_build_for_gpu(compiler, tmp_path):
-    """CI: every kernel and flag combination at its largest kept tile, d = 128, fp16 and fp32, sm_80 and sm_90."""
+    """CI: every kernel and flag combination of the CI scenarios at its largest kept tile, d = 128, fp16 and fp32,
+    sm_80 and sm_90 (the topk kernels: causal with a key mask, and non-causal without)."""
     _check_gpu_builds(
         compiler.submit(_run_gpu_builds, str(tmp_path), (80, 90), (128,), ("float16", "float32"), True).result()
     )
