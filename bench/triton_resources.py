@@ -6,10 +6,11 @@
 
 Three steps, each a plain function, so `tests/test_triton.py` runs the same code:
 
-1. `record`: run the public entry points (`hyper_attention` forward and backward, `window_attention`) on small
-   CPU tensors with ``HYPER_KERNELS=triton`` in a process without ``TRITON_INTERPRET``. Every ``kernel[grid](...)``
-   reaches `triton.runtime.autotuner.Autotuner.run` (or `JITFunction.run`), which is intercepted: nothing runs,
-   the call's arguments are kept. So the sweep sees exactly the launches the host code makes, however it plans them.
+1. `record`: run the public entry points (`hyper_attention` forward and backward with either detector,
+   `window_attention`) on small CPU tensors with ``HYPER_KERNELS=triton`` in a process without
+   ``TRITON_INTERPRET``. Every ``kernel[grid](...)`` reaches `triton.runtime.autotuner.Autotuner.run` (or
+   `JITFunction.run`), which is intercepted: nothing runs, the call's arguments are kept. So the sweep sees
+   exactly the launches the host code makes, however it plans them.
 2. `variants`: for a GPU target, each recorded launch is expanded into the configs the launcher's own pruning keeps
    for that target (`triton_configs.Pruner.for_target`), and each is bound by the JIT's own binder
    (``create_function_from_signature`` + ``JITFunction._pack_args``, as `JITFunction.run` does): the same
@@ -59,16 +60,20 @@ class Scenario:
     hkv: int = 1
     config: dict = field(default_factory=dict)  # HyperConfig fields over the defaults
     window: tuple | None = None  # a hyper::window_attention call with this (left, right) band instead
+    quick: bool = True  # in the CI subset (`all_scenarios(quick=True)`)
 
 
 def scenarios(d: int, dtype: str) -> list[Scenario]:
     """Calls that reach every launch the host code can make: non-causal self- and cross-attention, exact calls,
     causal with leaves and levels, causal with a KV prefix, key masks, GQA, sinks and windows on and off, the
-    window op's causal and symmetric bands. Lengths above ``min_seq_len`` with the default 256-blocks, so the
-    pruning sees full-size blocks and keeps every config it can keep; one call with small blocks reaches the
-    fallback tiles."""
+    window op's causal and symmetric bands; the ``"topk"`` detector causal (with GQA, a KV prefix and a key mask)
+    and non-causal (without and with a window). Lengths above ``min_seq_len`` with the default blocks, so the
+    pruning sees full-size blocks and keeps every config it can keep; calls with small blocks reach the fallback
+    tiles. The CI subset (``quick``) leaves out the topk calls whose flag combinations lie between the ones kept
+    (each topk build costs 5-10 s, and every combination of the full sweep builds without a spill)."""
     s = lambda name, **kw: Scenario(f"{name}-d{d}-{dtype}", dtype, d, **kw)  # noqa: E731
     published = dict(sink_keys=0, local_window=0)
+    topk = dict(detector="topk")
     no_residual = dict(published, sample_size=0)
     return [
         s("noncausal", nq=8192, nk=8192),
@@ -87,6 +92,25 @@ def scenarios(d: int, dtype: str) -> list[Scenario]:
         s("small-blocks", nq=8192, nk=8192, causal=True, config=dict(block_size=16, sample_size=16, min_seq_len=64)),
         s("window-causal", nq=2048, nk=2048, window=(255, 0)),
         s("window-symmetric-masked", nq=2048, nk=2048, masked=True, window=(128, 128)),
+        s("topk-causal-prefix-masked", nq=6144, nk=8192, causal=True, masked=True, config=topk),
+        s("topk-noncausal", nq=8192, nk=8192, config=topk),
+        s("topk-causal-gqa", nq=8192, nk=8192, causal=True, hq=4, config=topk, quick=False),
+        s(
+            "topk-noncausal-window-masked",
+            nq=8192,
+            nk=8192,
+            masked=True,
+            config=dict(topk, local_window=64),
+            quick=False,
+        ),
+        s(
+            "topk-small-blocks",
+            nq=8192,
+            nk=8192,
+            causal=True,
+            config=dict(topk, query_block=16, score_group=4),
+            quick=False,
+        ),
     ]
 
 
@@ -164,7 +188,7 @@ def _call(sc: Scenario) -> None:
         out = window_attention(q, k, v, sc.window, mask)
     else:
         attn_mask = None if mask is None else mask[:, None, None, :]
-        config = HyperConfig(detector="lsh").replace(**sc.config)  # the Triton kernels serve the LSH estimator
+        config = HyperConfig(detector="lsh").replace(**sc.config)  # LSH unless the scenario names a detector
         out = hyper_attention(q, k, v, attn_mask, is_causal=sc.causal, enable_gqa=True, config=config)
     out.backward(torch.ones_like(out))
 
@@ -496,8 +520,9 @@ def quick_pick(found: list[Variant]) -> list[Variant]:
     return list(best.values())
 
 
-def all_scenarios(dims=(64, 128), dtypes=("float16", "bfloat16", "float32", "float64")) -> list[Scenario]:
-    return [sc for d in dims for dt in dtypes for sc in scenarios(d, dt)]
+def all_scenarios(dims=(64, 128), dtypes=("float16", "bfloat16", "float32", "float64"), quick=False) -> list[Scenario]:
+    """The scenarios at every head dim and dtype; ``quick``: only those of the CI subset."""
+    return [sc for d in dims for dt in dtypes for sc in scenarios(d, dt) if sc.quick or not quick]
 
 
 def summary_rows(results: list[Resources]) -> list[dict]:
@@ -613,7 +638,9 @@ def _compact(r: Resources) -> dict:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--quick", action="store_true", help="the CI subset (largest tile per kernel variant)")
+    ap.add_argument(
+        "--quick", action="store_true", help="the CI subset (its scenarios, the largest tile per kernel variant)"
+    )
     ap.add_argument("--arch", type=int, nargs="+", default=[80, 90])
     ap.add_argument("--dims", type=int, nargs="+", default=[64, 128])
     ap.add_argument("--dtypes", nargs="+", default=["float16", "bfloat16", "float32", "float64"])
@@ -630,7 +657,11 @@ def main(argv=None) -> int:
         return 2
     start = time.perf_counter()
     results = sweep(
-        all_scenarios(args.dims, args.dtypes), args.arch, args.jobs, args.cache, quick_pick if args.quick else None
+        all_scenarios(args.dims, args.dtypes, args.quick),
+        args.arch,
+        args.jobs,
+        args.cache,
+        quick_pick if args.quick else None,
     )
     seconds = time.perf_counter() - start
     print(f"{len(results)} builds in {seconds:.0f} s")

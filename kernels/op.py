@@ -1,7 +1,8 @@
 """``torch.ops.hyper.attention``: the opaque custom op the backend lowers attention to.
 
-Layers under one stem: the fast paths (`cpu.attention_forward`, the Triton launcher in ``triton_attention``)
--> this op with its fake and autograd registrations -> the public `hyper_backend.hyper_attention`.
+Layers under one stem: the fast paths (`cpu.attention_forward`, the Triton launcher in ``triton_attention``; for
+the ``"topk"`` detector `topk.call_forward` in torch or `triton_topk.call_forward`) -> this op with its fake and
+autograd registrations -> the public `hyper_backend.hyper_attention`.
 
 The op is a pure function of its inputs. Its ``settings`` argument (`hyper_backend.config.OpSettings`, resolved at
 compile time, or at call time by `hyper_backend.hyper_attention`) holds a config per length bucket, so one
@@ -64,10 +65,15 @@ def call_config(settings: OpSettings, n_q: int, n_k: int) -> HyperConfig:
     return fit(settings.for_length(max(n_q, n_k)), n_q, n_k)
 
 
+def _uses_triton(query: Tensor, kernels: str) -> bool:
+    """The kernel choice: Triton for ``kernels="triton"``, or CUDA tensors with ``"auto"``."""
+    return kernels == "triton" or (kernels == "auto" and query.is_cuda)
+
+
 def _impl(name: str, query: Tensor, kernels: str, serial_bookkeeping: bool):
-    """The fast path's entry point ``name`` for this call: Triton for ``kernels="triton"`` (or CUDA tensors with
-    ``"auto"``), else the CPU path with its bookkeeping-thread switch bound."""
-    if kernels == "triton" or (kernels == "auto" and query.is_cuda):
+    """The fast path's entry point ``name`` for this call: Triton (`_uses_triton`), else the CPU path with its
+    bookkeeping-thread switch bound."""
+    if _uses_triton(query, kernels):
         from . import triton_attention
 
         return getattr(triton_attention, name)
@@ -187,7 +193,11 @@ def attention(
     dv = value.shape[-1]
     if query.shape[-1] != dv:
         query, key, value, scale, _ = _common_head_dim(query, key, value, scale)
-    if plan.parts[0].kind == "topk":  # plain torch on every device
+    if plan.parts[0].kind == "topk" and _uses_triton(query, s.kernels):
+        from . import triton_topk
+
+        out, lse = triton_topk.call_forward(plan, query, key, value, key_padding_mask, scale)
+    elif plan.parts[0].kind == "topk":
         out, lse = topk.call_forward(plan, query, key, value, key_padding_mask, scale, s.serial_bookkeeping)
     else:
         forward = _impl("attention_forward", query, s.kernels, s.serial_bookkeeping)
@@ -228,7 +238,11 @@ def attention_backward(
         q, k, v, scale, width = _common_head_dim(query, key, value, scale)
         grad_out, out = _pad_last(grad_out, width), _pad_last(out, width)
     plan = plan_call(q.shape[2], k.shape[2], is_causal, p)
-    if plan.parts[0].kind == "topk":
+    if plan.parts[0].kind == "topk" and _uses_triton(q, s.kernels):
+        from . import triton_topk
+
+        dq, dk, dv = triton_topk.call_backward(plan, grad_out, q, k, v, out, lse, key_padding_mask, scale)
+    elif plan.parts[0].kind == "topk":
         dq, dk, dv = topk.call_backward(plan, grad_out, q, k, v, out, key_padding_mask, scale, s.serial_bookkeeping)
     else:
         backward = _impl("attention_backward", q, s.kernels, s.serial_bookkeeping)

@@ -60,8 +60,9 @@ def _config(bm, bn, warps, stages):
 
 # (BLOCK_M query rows, BLOCK_N keys, warps, stages) per kernel, by (width of the dot operands, head-dim class):
 # 2 bytes (fp16, bf16: tensor cores) or 8 (fp64, and fp32, whose dots run in fp64: `triton_kernels._dot`);
-# BLOCK_D up to 64, or above. Each list holds only configs that built without a spill for every flag
-# combination on sm_80 and sm_90 (docs/gpu.md); the last entry is the fallback when nothing else fits.
+# BLOCK_D up to 64, or above; a third element 90 marks a list for sm_90 and later only. Each list holds only
+# configs that built without a spill for every flag combination on sm_80 and sm_90 (an sm_90 list: on sm_90)
+# (docs/gpu.md); the last entry is the fallback when nothing else fits.
 _SMALL = [_config(16, 16, 4, 1)]  # 8-byte operands: larger tiles spill (the fp64 accumulators and operands)
 CONFIGS = {
     "fwd": {
@@ -88,12 +89,37 @@ CONFIGS = {
         (8, 64): _SMALL,
         (8, 128): _SMALL,
     },
+    # `triton_topk`: BLOCK_M rows of a query block (the whole default block of 64: its side keys are gathered
+    # once, and the backward's atomics are one per key and block), BLOCK_N side keys (gathered) or keys per step.
+    # sm_90 gets lists of its own where they differ: wgmma, and the backward's fp32 atomics as 4-wide vectors
+    # (sm_80 issues one per element, each with its own address registers, so the wider tiles spill there).
+    "topk_fwd": {
+        (2, 64): [_config(*c) for c in [(64, 64, 8, 2), (64, 64, 8, 3), (64, 128, 8, 2), (16, 64, 4, 2)]],
+        (2, 64, 90): [
+            _config(*c) for c in [(64, 64, 4, 2), (64, 64, 8, 2), (64, 64, 8, 3), (64, 128, 8, 2), (16, 64, 4, 2)]
+        ],
+        (2, 128): [_config(*c) for c in [(64, 64, 8, 2), (64, 64, 8, 3), (64, 32, 4, 3), (16, 64, 4, 2)]],
+        (2, 128, 90): [
+            _config(*c) for c in [(64, 64, 4, 2), (64, 64, 4, 3), (64, 64, 8, 2), (64, 64, 8, 3), (16, 64, 4, 2)]
+        ],
+        (8, 64): _SMALL,
+        (8, 128): _SMALL,
+    },
+    "topk_bwd": {
+        (2, 64): [_config(*c) for c in [(64, 32, 8, 2), (32, 32, 4, 2), (16, 32, 4, 2)]],
+        (2, 128): [_config(*c) for c in [(64, 16, 8, 2), (32, 32, 8, 2), (16, 32, 8, 2)]],
+        (2, 128, 90): [_config(*c) for c in [(64, 32, 8, 2), (64, 32, 8, 3), (64, 16, 8, 2), (16, 32, 8, 2)]],
+        (8, 64): [_config(16, 16, 8, 2)],  # 8 warps: at 4, the fp64 operands of the five dots spill
+        (8, 128): [_config(16, 16, 8, 2)],
+    },
 }
 
 
-def config_list(kernel: str, itemsize: int, block_d: int) -> list:
-    """The list of a call: by kernel, its dot operands' width and head-dim class."""
-    return CONFIGS[kernel][(dot_width(itemsize), 64 if block_d <= 64 else 128)]
+def config_list(kernel: str, itemsize: int, block_d: int, arch: int = 0) -> list:
+    """The list of a call: by kernel, its dot operands' width and head-dim class, and the GPU's list for sm_90
+    and later where the kernel has one."""
+    lists, key = CONFIGS[kernel], (dot_width(itemsize), 64 if block_d <= 64 else 128)
+    return lists.get(key + (90,), lists[key]) if arch >= 90 else lists[key]
 
 
 def dot_width(itemsize: int) -> int:
@@ -108,17 +134,25 @@ def shared_bytes(kind: str, c: triton.Config, block_d: int, itemsize: int) -> in
     """An upper bound of the shared memory a build allocates (the sweep checks it against every build): the
     streamed operand tiles, one buffer per pipeline stage, two resident tiles staged for the dots, and the
     per-row vectors (indices, lse, Delta) of each stage. Query-major kernels stream K and V [BN, BD] past Q
-    (and dO) [BM, BD]; key-major ones stream Q and dO [BM, BD] past K and V [BN, BD]."""
+    (and dO) [BM, BD]; key-major ones stream Q and dO [BM, BD] past K and V [BN, BD]. ``"query_grad"``, the
+    query-major backward that also forms dK and dV (`triton_topk`), streams K and V past Q and dO staged in both
+    operand roles (four resident tiles), stages P^T and dS^T [BN, BM] for its dK/dV dots, and converts [BM, BN]
+    accumulators between the two orientations (a scratch tile)."""
     bm, bn, stages = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], max(c.num_stages, 2)  # 1 stage still stages one
-    streamed, resident = (bn, bm) if kind == "query" else (bm, bn)
+    streamed, resident = (bm, bn) if kind == "key" else (bn, bm)
     tiles = stages * 2 * streamed * block_d + 2 * resident * block_d
-    return dot_width(itemsize) * tiles + 16 * (bm + bn) * stages
+    width = dot_width(itemsize)
+    scratch = 0
+    if kind == "query_grad":
+        tiles += 2 * resident * block_d + 2 * bn * bm
+        scratch = bm * bn * max(4, width)
+    return width * tiles + scratch + 16 * (bm + bn) * stages
 
 
 class Pruner(NamedTuple):
-    """``early_config_prune`` of one kernel: ``kernel`` names its lists in `CONFIGS`, ``kind`` is "query" or
-    "key" (which tile is streamed), ``rows`` and ``keys`` the arguments whose (largest) value bounds BLOCK_M and
-    BLOCK_N."""
+    """``early_config_prune`` of one kernel: ``kernel`` names its lists in `CONFIGS`, ``kind`` is "query",
+    "query_grad" or "key" (which tile is streamed, `shared_bytes`), ``rows`` and ``keys`` the arguments whose
+    (largest) value bounds BLOCK_M and BLOCK_N."""
 
     kernel: str
     kind: str
@@ -136,7 +170,7 @@ class Pruner(NamedTuple):
         """The configs this call keeps on ``target`` (a `Target`, or a compute capability)."""
         if isinstance(target, int):
             target = Target.of(target)
-        mine = config_list(self.kernel, args["Q"].element_size(), args["BLOCK_D"])
+        mine = config_list(self.kernel, args["Q"].element_size(), args["BLOCK_D"], target.arch)
         rows = max(16, next_pow2(args[self.rows]))
         keys = max(16, next_pow2(max(args[k] for k in self.keys)))
         keep = [
@@ -154,7 +188,8 @@ class Pruner(NamedTuple):
         return shared_bytes(self.kind, c, args["BLOCK_D"], args["Q"].element_size())
 
 
-def _all(kernel: str) -> list:
+def all_configs(kernel: str) -> list:
+    """Every config of a kernel's lists (the autotuner's candidates, which `Pruner` narrows per call)."""
     out = []
     for configs in CONFIGS[kernel].values():
         out += [c for c in configs if c not in out]
@@ -164,25 +199,25 @@ def _all(kernel: str) -> list:
 _FLAGS = ["BLOCK_D", "PERMUTED", "IS_CAUSAL", "BAND"]
 
 hyper_fwd = triton.autotune(
-    configs=_all("fwd"),
+    configs=all_configs("fwd"),
     key=["BQ_BUCKET", "BK_BUCKET", "M_BUCKET", "HAS_SAMPLES", "HAS_VALID"] + _FLAGS,
     prune_configs_by={"early_config_prune": Pruner("fwd", "query", "BQ", ("BK", "M"))},
     restore_value=["O", "LSE"],
 )(tk.hyper_fwd)
 hyper_bwd_dq = triton.autotune(
-    configs=_all("dq"),
+    configs=all_configs("dq"),
     key=["BQ_BUCKET", "BK_BUCKET", "M_BUCKET", "HAS_SAMPLES", "HAS_VALID"] + _FLAGS,
     prune_configs_by={"early_config_prune": Pruner("dq", "query", "BQ", ("BK", "M"))},
     restore_value=["DQ"],
 )(tk.hyper_bwd_dq)
 hyper_bwd_dkdv = triton.autotune(
-    configs=_all("dkdv"),
+    configs=all_configs("dkdv"),
     key=["BQ_BUCKET", "BK_BUCKET", "HAS_VALID"] + _FLAGS,
     prune_configs_by={"early_config_prune": Pruner("dkdv", "key", "BQ", ("BK",))},
     restore_value=["DK", "DV"],
 )(tk.hyper_bwd_dkdv)
 hyper_bwd_sample = triton.autotune(
-    configs=_all("sample"),
+    configs=all_configs("sample"),
     key=["BQ_BUCKET", "M_BUCKET", "BLOCK_D", "BAND"],
     prune_configs_by={"early_config_prune": Pruner("sample", "key", "SQ", ("M",))},
 )(tk.hyper_bwd_sample)

@@ -502,12 +502,13 @@ def _run_launch_config():
     """Autotune keys are length buckets; pruning keeps tiles within the block, the operand width's list and the
     target's shared memory; every tile is a power of two of at least 16 (the dot's K and the aranges)."""
     from hyper_backend.kernels import triton_configs as tc
+    from hyper_backend.kernels import triton_topk as tt
 
     ta = _triton()
     assert tc.bucket(4097) == tc.bucket(8000) == 8192 and tc.bucket(10**6) == tc.bucket(10**7)
     kernels = (ta._hyper_fwd_kernel, ta._hyper_bwd_dq_kernel, ta._hyper_bwd_dkdv_kernel, ta._hyper_bwd_sample_kernel)
-    for kernel in kernels:
-        assert not {"SQ", "SK", "BQ", "BK", "M", "NQ_T", "NK_T"} & set(kernel.keys)
+    for kernel in kernels + (tt._fwd, tt._bwd):
+        assert not {"SQ", "SK", "BQ", "BK", "M", "NQ_T", "NK_T", "NQ", "NK", "QB", "E", "T"} & set(kernel.keys)
         for c in kernel.configs:
             for tile in (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]):
                 assert tile >= 16 and tile & (tile - 1) == 0, c
@@ -527,6 +528,14 @@ def _run_launch_config():
     big = max(tc.shared_bytes("query", c, 64, 2) for c in tc.CONFIGS["fwd"][(2, 64)])
     tight = prune.for_target(configs, d64, tc.Target(86, big - 1))
     assert tight and all(tc.shared_bytes("query", c, 64, 2) < big for c in tight)
+    # the topk kernels: a list of their own on sm_90, tiles within the query block
+    for kernel, name in ((tt._fwd, "topk_fwd"), (tt._bwd, "topk_bwd")):
+        for arch in (80, 90):
+            block = {"QB": 64, "E": 1296, "T": 191, "BLOCK_D": 128, "Q": half}
+            kept = kernel.early_config_prune.for_target(kernel.configs, block, arch)
+            assert set(map(str, kept)) == set(map(str, tc.config_list(name, 2, 128, arch)))
+            small = kernel.early_config_prune.for_target(kernel.configs, dict(block, QB=16), arch)
+            assert small and all(c.kwargs["BLOCK_M"] == 16 for c in small)
 
 
 def test_launch_config(worker):
@@ -538,16 +547,194 @@ def test_masked_loads_have_other():
     value the kernel later uses must come from ``other``, never from memory the interpreter happened to read."""
     import ast
 
-    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "kernels", "triton_kernels.py")
+    root = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "kernels")
     loads = [
         node
-        for node in ast.walk(ast.parse(open(path).read()))
+        for name in ("triton_kernels.py", "triton_topk.py")
+        for node in ast.walk(ast.parse(open(os.path.join(root, name)).read()))
         if isinstance(node, ast.Call) and ast.unparse(node.func) == "tl.load"
     ]
     assert loads
     for node in loads:
         names = {kw.arg for kw in node.keywords}
         assert "mask" not in names or "other" in names, ast.unparse(node)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the "topk" detector (`triton_topk`): its kernels against its torch path (`topk.attend`, `topk.attend_backward`)
+# for one selection. Truth is that torch path on float64 copies of the inputs; eager's error is the dense formula
+# (`topk.dense_log_weights`) in the inputs' dtype, and the bound is tied to it as above.
+# ----------------------------------------------------------------------------------------------------------
+
+_TOPK = functools.partial(HyperConfig, min_seq_len=16, top_k=8, query_block=16, score_group=4, sample_size=6)
+
+# name -> (B, Hq, Hkv, Nq, Nk, D, causal, dtype, masked, config). Blocks of 16 rows: n = 45, 63, 70, 200 pad
+# block 0 (lead rows); a window of 80 or 100 gives whole tiles of 64 keys (the interpreter's tile) in the tiles
+# and in the last block; together GQA, key masks, n_q != n_k, d = 40 and 80, fp64, fp32, fp16 and bf16.
+TOPK_CASES = {
+    "causal-gqa-lead-fp64": (1, 4, 2, 70, 70, 40, True, torch.float64, False, _TOPK(sink_keys=2, local_window=6)),
+    "causal-prefix-masked-fp64": (2, 2, 1, 50, 77, 40, True, torch.float64, True, _TOPK(sink_keys=2, local_window=6)),
+    "causal-whole-tiles-masked-fp32": (1, 2, 1, 200, 230, 40, True, torch.float32, True, _TOPK(local_window=80)),
+    "window-whole-tiles-masked-d80-fp32": (
+        1,
+        2,
+        2,
+        200,
+        200,
+        80,
+        False,
+        torch.float32,
+        True,
+        _TOPK(sink_keys=1, local_window=100),
+    ),
+    "no-window-nq!=nk-fp64": (1, 2, 1, 45, 60, 40, False, torch.float64, False, _TOPK(sink_keys=2)),
+    "causal-masked-fp16": (1, 2, 1, 70, 70, 40, True, torch.float16, True, _TOPK(sink_keys=2, local_window=6)),
+    "window-gqa-bf16": (1, 4, 2, 63, 63, 64, False, torch.bfloat16, False, _TOPK(sink_keys=2, local_window=9)),
+}
+
+
+def _topk_sweep():
+    """The larger sweep: n, d, layout (causal, causal with a KV prefix, non-causal with and without a window),
+    GQA and dtype."""
+    out = {}
+    for n in (63, 200):
+        for d in (40, 64, 128):
+            for layout in ("causal", "prefix", "window", "full"):
+                for dtype in (torch.float32, torch.float16, torch.bfloat16):
+                    name = f"n{n}-d{d}-{layout}-{str(dtype)[6:]}"
+                    nq = n - n // 4 if layout == "prefix" else n
+                    window = 70 if layout != "full" else None
+                    cfg = _TOPK(sink_keys=1 + n % 3, local_window=window, seed=n + d)
+                    out[name] = (1, 4, 2, nq, n, d, layout in ("causal", "prefix"), dtype, n != 200, cfg)
+    return out
+
+
+TOPK_SWEEP = _topk_sweep()
+
+
+def _topk_call(q, k, v, key_valid, causal, cfg):
+    """The call's part, its selection (`topk.select`, on float copies so every dtype selects alike) and scale."""
+    from hyper_backend.kernels import op, topk
+    from hyper_backend.kernels.plan import plan_call
+
+    n_q, n_k = q.shape[2], k.shape[2]
+    plan = plan_call(n_q, n_k, causal, op.fit(cfg, n_q, n_k))
+    assert plan.parts[0].kind == "topk", plan.describe()
+    return topk._inputs(plan, q.float(), k.float(), v.float(), key_valid, None)
+
+
+def _topk_eager(q, k, v, do, key_valid, sel, part, scale):
+    """The topk estimate written densely in the inputs' dtype (its log-weights, then softmax): eager's error."""
+    from hyper_backend.kernels import topk
+
+    n_q, n_k = q.shape[2], k.shape[2]
+    logw = topk.dense_log_weights(sel, part, n_q, n_k, key_valid, q.device).log().to(q.dtype)
+    leaves = [x.detach().clone().requires_grad_() for x in (q, k, v)]
+    qq, kk, vv = leaves
+    group = q.shape[1] // k.shape[1]
+    kk, vv = kk.repeat_interleave(group, 1), vv.repeat_interleave(group, 1)
+    scores = (qq @ kk.transpose(-1, -2)) * scale + logw
+    lse = torch.logsumexp(scores, -1)
+    out = torch.exp(scores - lse[..., None]).nan_to_num(0.0) @ vv
+    out.backward(do)
+    return (out.detach(), lse.detach()) + tuple(x.grad for x in leaves)
+
+
+def _check_topk(q, k, v, do, key_valid, causal, cfg):
+    from hyper_backend.kernels import topk, triton_topk
+
+    part, sel, scale = _topk_call(q, k, v, key_valid, causal, cfg)
+    out, lse = triton_topk.attend(q, k, v, key_valid, sel, part, scale)
+    grads = triton_topk.attend_backward(q, k, v, key_valid, sel, part, scale, do, out, lse)
+    assert out.dtype == q.dtype and all(g.dtype == q.dtype for g in grads)
+    assert lse.dtype == (torch.float64 if q.dtype == torch.float64 else torch.float32)
+    q64, k64, v64, do64 = (x.double() for x in (q, k, v, do))
+    truth = topk.attend(q64, k64, v64, key_valid, sel, part, scale)
+    truth += topk.attend_backward(q64, k64, v64, key_valid, sel, part, scale, do64, truth[0])
+    eager = _topk_eager(q, k, v, do, key_valid, sel, part, scale)
+    eps = torch.finfo(q.dtype).eps
+    for name, f, t, e in zip(("out", "lse", "dq", "dk", "dv"), (out, lse) + grads, truth, eager):
+        assert f.shape == t.shape, name
+        assert torch.equal(torch.isneginf(f), torch.isneginf(t)), f"{name}: rows without keys differ"
+        err_fast, err_eager = _err(f, t), _err(e, t)
+        bound = 2.0 * err_eager + 4 * eps * max(1.0, t[torch.isfinite(t)].abs().max().item())
+        assert err_fast <= bound, f"{name}: |triton - torch| = {err_fast:.3g} > {bound:.3g} (eager {err_eager:.3g})"
+
+
+def _run_topk_case(table, name):
+    B, Hq, Hkv, Nq, Nk, D, causal, dtype, masked, cfg = table[name]
+    q, k, v, do, key_valid = _inputs(B, Hq, Hkv, Nq, Nk, D, dtype, masked)
+    _check_topk(q, k, v, do, key_valid, causal, cfg)
+
+
+@pytest.mark.parametrize("name", list(TOPK_CASES))
+def test_topk_matches_torch(worker, name):
+    worker.submit(_run_topk_case, TOPK_CASES, name).result()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", list(TOPK_SWEEP))
+def test_topk_matches_torch_sweep(worker, name):
+    worker.submit(_run_topk_case, TOPK_SWEEP, name).result()
+
+
+def _run_topk_rows_without_keys():
+    """A batch whose keys are all masked: out 0 and lse -inf as the torch path gives, zero gradients."""
+    from hyper_backend.kernels import topk, triton_topk
+
+    for causal in (False, True):
+        q, k, v, do, key_valid = _inputs(2, 2, 1, 50, 70, 40, torch.float32, True)
+        key_valid[1] = False
+        part, sel, scale = _topk_call(q, k, v, key_valid, causal, _TOPK(sink_keys=2, local_window=6))
+        out, lse = triton_topk.attend(q, k, v, key_valid, sel, part, scale)
+        grads = triton_topk.attend_backward(q, k, v, key_valid, sel, part, scale, do, out, lse)
+        ref_out, ref_lse = topk.attend(q, k, v, key_valid, sel, part, scale)
+        assert torch.isneginf(ref_lse[1]).all() and torch.isneginf(lse[1]).all() and (out[1] == 0).all()
+        assert all(torch.isfinite(g).all() and (g[1] == 0).all() for g in grads)
+        assert _err(out, ref_out) < 1e-5 and _err(lse, ref_lse) < 1e-5
+
+
+def test_topk_rows_without_keys(worker):
+    worker.submit(_run_topk_rows_without_keys).result()
+
+
+def _run_topk_dispatch():
+    """`hyper_backend.hyper_attention` with ``HYPER_KERNELS=triton`` runs the topk kernels, forward and backward,
+    and agrees with ``HYPER_KERNELS=cpu`` (the torch path)."""
+    from hyper_backend import hyper_attention
+    from hyper_backend.kernels import triton_topk
+
+    calls = []
+    saved = triton_topk.attend, triton_topk.attend_backward
+
+    def counted(fn):
+        return lambda *args: calls.append(fn.__name__) or fn(*args)
+
+    q, k, v, do, key_valid = _inputs(1, 4, 2, 75, 90, 40, torch.float32, True, seed=7)
+    cfg = _TOPK(sink_keys=2, local_window=6)
+    results = {}
+    triton_topk.attend, triton_topk.attend_backward = counted(saved[0]), counted(saved[1])
+    before = os.environ.get("HYPER_KERNELS")
+    try:
+        for choice in ("triton", "cpu"):
+            os.environ["HYPER_KERNELS"] = choice
+            leaves = [x.clone().requires_grad_() for x in (q, k, v)]
+            mask = key_valid[:, None, None, :]
+            out = hyper_attention(*leaves, mask, is_causal=True, enable_gqa=True, config=cfg)
+            out.backward(do)
+            results[choice] = (out.detach(),) + tuple(x.grad for x in leaves)
+    finally:
+        os.environ.pop("HYPER_KERNELS")
+        if before is not None:
+            os.environ["HYPER_KERNELS"] = before
+        triton_topk.attend, triton_topk.attend_backward = saved
+    assert calls == ["attend", "attend_backward"]
+    for f, c in zip(results["triton"], results["cpu"]):
+        assert _err(f, c) < 2e-5
+
+
+def test_topk_dispatch_through_hyper_attention(worker):
+    worker.submit(_run_topk_dispatch).result()
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -585,7 +772,7 @@ def _run_gpu_builds(cache: str, archs, dims, dtypes, quick: bool):
     tr = _resources()
     if not tr.ptxas_available():
         return None
-    cases = tr.all_scenarios(dims, dtypes)
+    cases = tr.all_scenarios(dims, dtypes, quick)
     results = tr.sweep(cases, archs, jobs=2, cache=cache, pick=tr.quick_pick if quick else None)
     return [dict(asdict(r), ok=r.ok) for r in results]
 
@@ -593,7 +780,8 @@ def _run_gpu_builds(cache: str, archs, dims, dtypes, quick: bool):
 def _check_gpu_builds(built):
     if built is None:
         pytest.skip("this Triton ships no ptxas: cannot build cubins without a GPU toolchain")
-    assert {r["kernel"] for r in built} == {"hyper_fwd", "hyper_bwd_dq", "hyper_bwd_dkdv", "hyper_bwd_sample"}
+    kernels = {"hyper_fwd", "hyper_bwd_dq", "hyper_bwd_dkdv", "hyper_bwd_sample", "topk_fwd", "topk_bwd"}
+    assert {r["kernel"] for r in built} == kernels
     bad = [
         (r["kernel"], r["arch"], r["flags"], r["error"][:300], r["registers"], r["spill_bytes"], r["shared"])
         for r in built
@@ -606,7 +794,8 @@ def _check_gpu_builds(built):
 
 
 def test_kernels_build_for_gpu(compiler, tmp_path):
-    """CI: every kernel and flag combination at its largest kept tile, d = 128, fp16 and fp32, sm_80 and sm_90."""
+    """CI: every kernel and flag combination of the CI scenarios at its largest kept tile, d = 128, fp16 and fp32,
+    sm_80 and sm_90 (the topk kernels: causal with a key mask, and non-causal without)."""
     _check_gpu_builds(
         compiler.submit(_run_gpu_builds, str(tmp_path), (80, 90), (128,), ("float16", "float32"), True).result()
     )
