@@ -603,7 +603,7 @@ def _topk_sweep():
                 for dtype in (torch.float32, torch.float16, torch.bfloat16):
                     name = f"n{n}-d{d}-{layout}-{str(dtype)[6:]}"
                     nq = n - n // 4 if layout == "prefix" else n
-                    window = 70 if layout != "full" else None
+                    window = None if layout == "full" else (70 if n == 200 else 12)  # the call must approximate
                     cfg = _TOPK(sink_keys=1 + n % 3, local_window=window, seed=n + d)
                     out[name] = (1, 4, 2, nq, n, d, layout in ("causal", "prefix"), dtype, n != 200, cfg)
     return out
