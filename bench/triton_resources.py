@@ -73,7 +73,7 @@ def scenarios(d: int, dtype: str) -> list[Scenario]:
     (each topk build costs 5-10 s, and every combination of the full sweep builds without a spill)."""
     s = lambda name, **kw: Scenario(f"{name}-d{d}-{dtype}", dtype, d, **kw)  # noqa: E731
     published = dict(sink_keys=0, local_window=0)
-    topk = dict(detector="topk")
+    topk = dict(detector="topk", min_seq_len=4096)  # below its default threshold: small recorded calls
     no_residual = dict(published, sample_size=0)
     return [
         s("noncausal", nq=8192, nk=8192),
