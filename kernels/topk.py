@@ -136,10 +136,10 @@ def _score_keys(k, est, n_p: int, dtype) -> torch.Tensor:
     return ka.view(B * Hkv, n_p, D + 3).to(dtype)
 
 
-def _staircase(part: Part, n_q: int, n_k: int, first: int, count: int, width: int, device):
+def _staircase(part: Part, n_q: int, n_k: int, first: int, count: int, width: int, lo, hi):
     """The columns ``[r0, r1)`` of a chunk's scores that some of its blocks must not select (their tiles and what
-    follows, causal; the union of their windows, non-causal), and ``[count, r1 - r0]`` bool: the masked ones."""
-    lo, hi = _bounds(part, n_q, n_k, first, count, device)
+    follows, causal; the union of their windows, non-causal), and ``[count, r1 - r0]`` bool: the masked ones
+    (``lo, hi``: the blocks' `_bounds`)."""
     c0 = first * part.block - lead(part, n_q)
     c1 = (first + count - 1) * part.block - lead(part, n_q)
     if part.causal:
@@ -149,7 +149,7 @@ def _staircase(part: Part, n_q: int, n_k: int, first: int, count: int, width: in
     else:
         r0 = r1 = 0
     r0, r1 = min(max(r0, 0), width), min(max(r1, 0), width)
-    j = torch.arange(r0, r1, device=device)
+    j = torch.arange(r0, r1, device=lo.device)
     return r0, r1, (j[None] >= lo[:, None]) & (j[None] < hi[:, None])
 
 
@@ -195,7 +195,7 @@ def select(q, k, v, valid, sink, part: Part, scale: float, p) -> Selection:
         if part.causal:
             last = (first + count - 1) * part.block - lead(part, n_q) + (n_k - n_q) - part.strip
             width = min(n_p, math.ceil(max(last, K, 1) / CELL) * CELL)
-        r0, r1, stair = _staircase(part, n_q, n_k, first, count, width, dev)
+        r0, r1, stair = _staircase(part, n_q, n_k, first, count, width, lo, hi)
         reps, rep_ok = _reps(q, part, n_q, first, count, p.score_group)  # [B, Hq, count, R, D]
         aug = torch.zeros(B, Hq, count, R, D + 3, device=dev)
         aug[..., :D] = reps * scale

@@ -67,6 +67,7 @@ from .triton_configs import hyper_bwd_dkdv as _hyper_bwd_dkdv_kernel
 from .triton_configs import hyper_bwd_dq as _hyper_bwd_dq_kernel
 from .triton_configs import hyper_bwd_sample as _hyper_bwd_sample_kernel
 from .triton_configs import hyper_fwd as _hyper_fwd_kernel
+from .triton_configs import row_strides
 
 try:  # optional: the [cuda] extra
     from flash_attn import flash_attn_func as _flash_attn_func
@@ -150,15 +151,7 @@ def _common(q, k, v, sub: _Sub, scale):
         SAMP=i32(side.pos) if t else dummy_i,
         SBLK=i32(side.blk) if t else dummy_i,
         SLW=side.lw.float().contiguous() if t else dummy_i.float(),
-        sqb=q.stride(0),
-        sqh=q.stride(1),
-        sqn=q.stride(2),
-        skb=k.stride(0),
-        skh=k.stride(1),
-        skn=k.stride(2),
-        svb=v.stride(0),
-        svh=v.stride(1),
-        svn=v.stride(2),
+        **row_strides(q=q, k=k, v=v),
         svalb=valid.stride(0),
         HQ=Hq,
         GROUP=Hq // Hkv,
@@ -219,9 +212,7 @@ def _launch_fwd(q, k, v, sub: _Sub, out, lse, scale, accumulate: bool):
         V=v,
         O=out,
         LSE=lse,
-        sob=out.stride(0),
-        soh=out.stride(1),
-        son=out.stride(2),
+        **row_strides(o=out),
         slb=lse.stride(0),
         slh=lse.stride(1),
         ACCUMULATE=accumulate,
@@ -252,18 +243,7 @@ def _launch_bwd(q, k, v, sub: _Sub, g: _Grads, scale, accumulate_q: bool, accumu
         DQ=g.dq,
         DK=g.dk,
         DV=g.dv,
-        sdob=g.do.stride(0),
-        sdoh=g.do.stride(1),
-        sdon=g.do.stride(2),
-        sdqb=g.dq.stride(0),
-        sdqh=g.dq.stride(1),
-        sdqn=g.dq.stride(2),
-        sdkb=g.dk.stride(0),
-        sdkh=g.dk.stride(1),
-        sdkn=g.dk.stride(2),
-        sdvb=g.dv.stride(0),
-        sdvh=g.dv.stride(1),
-        sdvn=g.dv.stride(2),
+        **row_strides(do=g.do, dq=g.dq, dk=g.dk, dv=g.dv),
         slb=g.lse.stride(0),
         slh=g.lse.stride(1),
     )

@@ -221,3 +221,9 @@ hyper_bwd_sample = triton.autotune(
     key=["BQ_BUCKET", "M_BUCKET", "BLOCK_D", "BAND"],
     prune_configs_by={"early_config_prune": Pruner("sample", "key", "SQ", ("M",))},
 )(tk.hyper_bwd_sample)
+
+
+def row_strides(**tensors) -> dict:
+    """The ``s<name>b, s<name>h, s<name>n`` launch arguments: the batch, head and row strides of each named
+    ``[B, H, N, ...]`` tensor (the kernels take the last dim as contiguous)."""
+    return {f"s{name}{axis}": x.stride(i) for name, x in tensors.items() for i, axis in enumerate("bhn")}

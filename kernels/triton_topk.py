@@ -42,7 +42,7 @@ import triton.language as tl
 from . import topk
 from . import triton_kernels as tk
 from .plan import Part, lse_dtype, next_pow2
-from .triton_configs import Pruner, all_configs, bucket
+from .triton_configs import Pruner, all_configs, bucket, row_strides
 
 RUNTIME = ["HQ", "GROUP", "BH", "NQ", "NK", "QB", "LEAD", "NB", "E", "T", "T_OFF"]  # lengths: no specialisation
 
@@ -736,12 +736,7 @@ def _common(q, k, valid, sel: topk.Selection, part: Part, scale: float) -> tuple
         POS=sel.pos.contiguous(),
         LW=sel.lw.float().contiguous(),
         KVALID=kvalid,
-        sqb=q.stride(0),
-        sqh=q.stride(1),
-        sqn=q.stride(2),
-        skb=k.stride(0),
-        skh=k.stride(1),
-        skn=k.stride(2),
+        **row_strides(q=q, k=k),
         svalb=kvalid.stride(0),
         HQ=Hq,
         GROUP=Hq // Hkv,
@@ -778,8 +773,7 @@ def attend(q, k, v, valid, sel: topk.Selection, part: Part, scale: float):
     out = torch.empty(B, Hq, n_q, D, dtype=q.dtype, device=q.device)
     lse = torch.empty(B, Hq, n_q, dtype=lse_dtype(q.dtype), device=q.device)
     args, programs = _common(q, k, valid, sel, part, scale)
-    args.update(Q=q, K=k, V=v, O=out, LSE=lse, svb=v.stride(0), svh=v.stride(1), svn=v.stride(2))
-    args.update(sob=out.stride(0), soh=out.stride(1), son=out.stride(2), slb=lse.stride(0), slh=lse.stride(1))
+    args.update(Q=q, K=k, V=v, O=out, LSE=lse, **row_strides(v=v, o=out), slb=lse.stride(0), slh=lse.stride(1))
     _fwd[lambda meta: (programs * triton.cdiv(part.block, meta["BLOCK_M"]),)](**args)
     return out, lse
 
@@ -797,11 +791,7 @@ def attend_backward(q, k, v, valid, sel: topk.Selection, part: Part, scale: floa
     dv = torch.zeros(v.shape, dtype=acc, device=q.device)
     args, programs = _common(q, k, valid, sel, part, scale)
     args.update(Q=q, K=k, V=v, DO=do, LSE=lse, DELTA=delta, DQ=dq, DK=dk, DV=dv)
-    args.update(svb=v.stride(0), svh=v.stride(1), svn=v.stride(2))
-    args.update(sdob=do.stride(0), sdoh=do.stride(1), sdon=do.stride(2))
-    args.update(sdqb=dq.stride(0), sdqh=dq.stride(1), sdqn=dq.stride(2))
-    args.update(sdkb=dk.stride(0), sdkh=dk.stride(1), sdkn=dk.stride(2))
-    args.update(sdvb=dv.stride(0), sdvh=dv.stride(1), sdvn=dv.stride(2), slb=lse.stride(0), slh=lse.stride(1))
+    args.update(**row_strides(v=v, do=do, dq=dq, dk=dk, dv=dv), slb=lse.stride(0), slh=lse.stride(1))
     _bwd[lambda meta: (programs * triton.cdiv(part.block, meta["BLOCK_M"]),)](**args)
     return dq, dk.to(k.dtype), dv.to(v.dtype)
 
