@@ -214,44 +214,53 @@ def _(query, key, value, key_padding_mask, is_causal, scale, settings):
     return out, lse
 
 
-@torch.library.custom_op("hyper::attention_backward", mutates_args=())
-def attention_backward(
-    grad_out: Tensor,
-    query: Tensor,
-    key: Tensor,
-    value: Tensor,
-    out: Tensor,
-    lse: Tensor,
-    key_padding_mask: Tensor | None,
-    is_causal: bool,
-    scale: float | None,
-    settings: str,
-) -> tuple[Tensor, Tensor, Tensor]:
-    counters["hyper"]["op_backward"] += 1
-    if _degenerate(query, key, value):
-        return _dense_math_backward(grad_out, query, key, value, key_padding_mask, is_causal, scale)
-    s = OpSettings.decode(settings)
-    p = call_config(s, query.shape[2], key.shape[2])
+def _backward_common_head_dim(run, grad_out, query, key, value, out, scale):
+    """``run(grad_out, q, k, v, out, scale) -> (dq, dk, dv)`` on inputs of one head dim (`_common_head_dim`),
+    its gradients cut back to the inputs' head dims and dtypes."""
     d, d_v = query.shape[-1], value.shape[-1]
     q, k, v = query, key, value
     if d != d_v:
         q, k, v, scale, width = _common_head_dim(query, key, value, scale)
         grad_out, out = _pad_last(grad_out, width), _pad_last(out, width)
-    plan = plan_call(q.shape[2], k.shape[2], is_causal, p)
-    if plan.parts[0].kind == "topk" and _uses_triton(q, s.kernels):
-        from . import triton_topk
-
-        dq, dk, dv = triton_topk.call_backward(plan, grad_out, q, k, v, out, lse, key_padding_mask, scale)
-    elif plan.parts[0].kind == "topk":
-        dq, dk, dv = topk.call_backward(plan, grad_out, q, k, v, out, key_padding_mask, scale, s.serial_bookkeeping)
-    else:
-        backward = _impl("attention_backward", q, s.kernels, s.serial_bookkeeping)
-        dq, dk, dv = backward(grad_out, q, k, v, out, lse, key_padding_mask, is_causal, scale, p)
+    elif scale is None:
+        scale = d**-0.5
+    dq, dk, dv = run(grad_out, q, k, v, out, scale)
     return (
         dq[..., :d].to(query.dtype).contiguous(),
         dk[..., :d].to(key.dtype).contiguous(),
         dv[..., :d_v].to(value.dtype).contiguous(),
     )
+
+
+@torch.library.custom_op("hyper::attention_backward", mutates_args=())
+def attention_backward(
+    grad_out: Tensor,
+    saved: list[Tensor],
+    key_padding_mask: Tensor | None,
+    is_causal: bool,
+    scale: float | None,
+    settings: str,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Gradients of hyper::attention; ``saved`` is what its forward saved: ``[query, key, value, out, lse]``."""
+    counters["hyper"]["op_backward"] += 1
+    query, key, value, out, lse = saved
+    if _degenerate(query, key, value):
+        return _dense_math_backward(grad_out, query, key, value, key_padding_mask, is_causal, scale)
+    s = OpSettings.decode(settings)
+    p = call_config(s, query.shape[2], key.shape[2])
+
+    def run(grad_out, q, k, v, out, scale):
+        plan = plan_call(q.shape[2], k.shape[2], is_causal, p)
+        if plan.parts[0].kind == "topk" and _uses_triton(q, s.kernels):
+            from . import triton_topk
+
+            return triton_topk.call_backward(plan, grad_out, q, k, v, out, lse, key_padding_mask, scale)
+        if plan.parts[0].kind == "topk":
+            return topk.call_backward(plan, grad_out, q, k, v, out, key_padding_mask, scale, s.serial_bookkeeping)
+        backward = _impl("attention_backward", q, s.kernels, s.serial_bookkeeping)
+        return backward(grad_out, q, k, v, out, lse, key_padding_mask, is_causal, scale, p)
+
+    return _backward_common_head_dim(run, grad_out, query, key, value, out, scale)
 
 
 def _dense_math_backward(grad_out, query, key, value, key_padding_mask, is_causal, scale, keep=None):
@@ -268,13 +277,12 @@ def _dense_math_backward(grad_out, query, key, value, key_padding_mask, is_causa
     return dq, dk, dv
 
 
-@attention_backward.register_fake
-def _(grad_out, query, key, value, out, lse, key_padding_mask, is_causal, scale, *args):
-    return (
-        torch.empty_like(query, memory_format=torch.contiguous_format),
-        torch.empty_like(key, memory_format=torch.contiguous_format),
-        torch.empty_like(value, memory_format=torch.contiguous_format),
-    )
+def _fake_gradients(grad_out, saved, *args):
+    """Both backward ops' gradients: shaped like the forward's query, key and value, contiguous."""
+    return tuple(torch.empty_like(x, memory_format=torch.contiguous_format) for x in saved[:3])
+
+
+attention_backward.register_fake(_fake_gradients)
 
 
 def _setup_context(ctx, inputs, output):
@@ -287,14 +295,9 @@ def _setup_context(ctx, inputs, output):
 
 
 def _backward(ctx, grad_out, grad_lse):
-    query, key, value, out, lse = ctx.saved_tensors
     dq, dk, dv = torch.ops.hyper.attention_backward(
         grad_out,
-        query,
-        key,
-        value,
-        out,
-        lse,
+        list(ctx.saved_tensors),
         ctx.key_padding_mask,
         ctx.is_causal,
         ctx.scale,
@@ -384,62 +387,45 @@ def _(query, key, value, key_padding_mask, left, right, scale, kernels="auto", s
 @torch.library.custom_op("hyper::window_attention_backward", mutates_args=())
 def window_attention_backward(
     grad_out: Tensor,
-    query: Tensor,
-    key: Tensor,
-    value: Tensor,
-    out: Tensor,
-    lse: Tensor,
+    saved: list[Tensor],
     key_padding_mask: Tensor | None,
-    left: int,
-    right: int,
+    bounds: list[int],
     scale: float | None,
     kernels: str = "auto",
     serial_bookkeeping: bool = True,
 ) -> tuple[Tensor, Tensor, Tensor]:
+    """Gradients of hyper::window_attention; ``saved``: ``[query, key, value, out, lse]`` of its forward,
+    ``bounds``: its ``[left, right]``."""
     counters["hyper"]["op_window_backward"] += 1
-    Nq, Nk = query.shape[2], key.shape[2]
+    query, key, value, out, lse = saved
+    left, right = window_bounds(query.shape[2], key.shape[2], *bounds)
     if _degenerate(query, key, value):
-        return _dense_math_backward(
-            grad_out, query, key, value, key_padding_mask, False, scale, window_keep(Nq, Nk, left, right, query.device)
-        )
-    d, d_v = query.shape[-1], value.shape[-1]
-    q, k, v = query, key, value
-    if d != d_v:
-        q, k, v, scale, width = _common_head_dim(query, key, value, scale)
-        grad_out, out = _pad_last(grad_out, width), _pad_last(out, width)
-    elif scale is None:
-        scale = d**-0.5
-    backward = _impl("window_backward", q, kernels, serial_bookkeeping)
-    dq, dk, dv = backward(grad_out, q, k, v, out, lse, key_padding_mask, window_bounds(Nq, Nk, left, right), scale)
-    return (
-        dq[..., :d].to(query.dtype).contiguous(),
-        dk[..., :d].to(key.dtype).contiguous(),
-        dv[..., :d_v].to(value.dtype).contiguous(),
-    )
+        keep = window_keep(query.shape[2], key.shape[2], left, right, query.device)
+        return _dense_math_backward(grad_out, query, key, value, key_padding_mask, False, scale, keep)
+
+    def run(grad_out, q, k, v, out, scale):
+        backward = _impl("window_backward", q, kernels, serial_bookkeeping)
+        return backward(grad_out, q, k, v, out, lse, key_padding_mask, (left, right), scale)
+
+    return _backward_common_head_dim(run, grad_out, query, key, value, out, scale)
 
 
-@window_attention_backward.register_fake
-def _(grad_out, query, key, value, out, lse, key_padding_mask, left, right, scale, *execution):
-    return (
-        torch.empty_like(query, memory_format=torch.contiguous_format),
-        torch.empty_like(key, memory_format=torch.contiguous_format),
-        torch.empty_like(value, memory_format=torch.contiguous_format),
-    )
+window_attention_backward.register_fake(_fake_gradients)
 
 
 def _window_setup_context(ctx, inputs, output):
     query, key, value, key_padding_mask, left, right, scale, kernels, serial_bookkeeping = inputs
     out, lse = output
     ctx.save_for_backward(query, key, value, out, lse)
-    ctx.key_padding_mask, ctx.left, ctx.right, ctx.scale = key_padding_mask, left, right, scale
+    ctx.key_padding_mask, ctx.scale = key_padding_mask, scale
+    ctx.bounds = [left, right]
     ctx.execution = (kernels, serial_bookkeeping)
     ctx.mark_non_differentiable(lse)
 
 
 def _window_backward(ctx, grad_out, grad_lse):
-    query, key, value, out, lse = ctx.saved_tensors
     dq, dk, dv = torch.ops.hyper.window_attention_backward(
-        grad_out, query, key, value, out, lse, ctx.key_padding_mask, ctx.left, ctx.right, ctx.scale, *ctx.execution
+        grad_out, list(ctx.saved_tensors), ctx.key_padding_mask, ctx.bounds, ctx.scale, *ctx.execution
     )
     return dq, dk, dv, None, None, None, None, None, None
 

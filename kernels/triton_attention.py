@@ -119,6 +119,12 @@ class _Grads(NamedTuple):
     dk: torch.Tensor  # [B, Hkv, Nk, D]
     dv: torch.Tensor
 
+    def launch_args(self) -> dict:
+        """The backward kernels' tensor arguments (``DO``, ``LSE``, ...) with their row strides."""
+        named = {name.upper(): x for name, x in self._asdict().items()}
+        strides = row_strides(**{name: x for name, x in self._asdict().items() if x.dim() == 4})
+        return dict(named, **strides, slb=self.lse.stride(0), slh=self.lse.stride(1))
+
 
 def _rowmajor(x: torch.Tensor) -> torch.Tensor:
     return x if x.stride(-1) == 1 else x.contiguous()
@@ -144,6 +150,9 @@ def _common(q, k, v, sub: _Sub, scale):
     else:
         valid = torch.zeros(1, 1, dtype=torch.uint8, device=dev)
     args = dict(
+        Q=q,
+        K=k,
+        V=v,
         KVALID=valid,
         KCOUNT=_key_counts(sub, B, dev) if plan is not None else dummy_i,
         QPERM=i32(plan.q_perm) if plan is not None else dummy_i,
@@ -206,17 +215,7 @@ def _launch(kernel, grid, args):
 def _launch_fwd(q, k, v, sub: _Sub, out, lse, scale, accumulate: bool):
     """Attention of the sub-problems into ``out [B,Hq,Nq,D]``, ``lse [B,Hq,Nq]`` (merged in if accumulate)."""
     args, (n_sub, nb, bq, _, _) = _common(q, k, v, sub, scale)
-    args.update(
-        Q=q,
-        K=k,
-        V=v,
-        O=out,
-        LSE=lse,
-        **row_strides(o=out),
-        slb=lse.stride(0),
-        slh=lse.stride(1),
-        ACCUMULATE=accumulate,
-    )
+    args.update(O=out, LSE=lse, **row_strides(o=out), slb=lse.stride(0), slh=lse.stride(1), ACCUMULATE=accumulate)
     heads = n_sub * q.shape[1]
     _launch(_hyper_fwd_kernel, lambda meta: (heads * nb * triton.cdiv(bq, meta["BLOCK_M"]),), args)
 
@@ -233,20 +232,7 @@ def _launch_bwd(q, k, v, sub: _Sub, g: _Grads, scale, accumulate_q: bool, accumu
     """Adds the sub-problems' gradients into ``g.dq, g.dk, g.dv``."""
     args, (n_sub, nb, bq, bk, t) = _common(q, k, v, sub, scale)
     Hq, Hkv, D = q.shape[1], k.shape[1], q.shape[-1]
-    args.update(
-        Q=q,
-        K=k,
-        V=v,
-        DO=g.do,
-        LSE=g.lse,
-        DELTA=g.delta,
-        DQ=g.dq,
-        DK=g.dk,
-        DV=g.dv,
-        **row_strides(do=g.do, dq=g.dq, dk=g.dk, dv=g.dv),
-        slb=g.lse.stride(0),
-        slh=g.lse.stride(1),
-    )
+    args.update(g.launch_args())
     _launch(
         _hyper_bwd_dq_kernel,
         lambda meta: (n_sub * Hq * nb * triton.cdiv(bq, meta["BLOCK_M"]),),

@@ -280,7 +280,7 @@ def test_opcheck_backward_op(make_qkv):
     cfg = HyperConfig.published(block_size=8, sample_size=8, min_seq_len=16)
     out, lse = op(q, k, v, key_valid, True, config=cfg)
     do = torch.randn_like(out)
-    args = (do, q, k, v, out, lse, key_valid, True, None, OpSettings.of(cfg).encode())
+    args = (do, [q, k, v, out, lse], key_valid, True, None, OpSettings.of(cfg).encode())
     torch.library.opcheck(torch.ops.hyper.attention_backward, args)
 
 

@@ -253,7 +253,7 @@ def test_opcheck(case):
     do = torch.randn(out.shape, generator=g).to(dtype)
     torch.library.opcheck(
         torch.ops.hyper.window_attention_backward,
-        (do, q.detach(), k.detach(), v.detach(), out.detach(), lse, key_valid, left, right, None),
+        (do, [q.detach(), k.detach(), v.detach(), out.detach(), lse], key_valid, [left, right], None),
     )
 
 
