@@ -328,12 +328,11 @@ class Resources:
     buffers: list = field(default_factory=list)  # shapes of the shared-memory allocations (TTGIR)
     loops: list = field(default_factory=list)
     i32_offsets: list = field(default_factory=list)  # pointer arguments offset by an i32 scalar (TTIR)
-    small_local: bool = False  # 8-byte dots, <= 16 B of local memory, under 255 registers (see docs/gpu.md)
 
     @property
     def ok(self) -> bool:
         within_model = not self.shared_model or self.shared <= self.shared_model
-        fits = self.shared <= self.shared_limit and (self.spill_bytes == 0 or self.small_local) and within_model
+        fits = self.shared <= self.shared_limit and self.spill_bytes == 0 and within_model
         return not self.error and fits and not self.i32_offsets
 
 
@@ -447,8 +446,6 @@ def build(var: Variant) -> Resources:
     res.registers, stack, static_shared, local = (int(x) for x in m.groups())
     res.spill_bytes = max(stack, local)
     res.spill_instructions = sum(_opcode(i).startswith(("STL", "LDL")) for _, i in sass)
-    wide = var.signature["Q"].lstrip("*") in ("fp32", "fp64")
-    res.small_local = bool(res.spill_bytes) and wide and res.spill_bytes <= 16 and res.registers < 255
     res.shared = compiled.metadata.shared + static_shared
     res.ctas_per_sm = occupancy(res.registers, var.options["num_warps"], res.shared, var.arch)
     ops = [_opcode(i) for _, i in sass]

@@ -54,8 +54,8 @@ def bucket(n: int, cap: int = 16384) -> int:
     return min(next_pow2(n), cap)
 
 
-def _config(bm, bn, warps, stages):
-    return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=warps, num_stages=stages)
+def _config(bm, bn, warps, stages, maxnreg=None):
+    return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=warps, num_stages=stages, maxnreg=maxnreg)
 
 
 # (BLOCK_M query rows, BLOCK_N keys, warps, stages) per kernel, by (width of the dot operands, head-dim class):
@@ -63,7 +63,10 @@ def _config(bm, bn, warps, stages):
 # BLOCK_D up to 64, or above; a third element 90 marks a list for sm_90 and later only. Each list holds only
 # configs that built without a spill for every flag combination on sm_80 and sm_90 (an sm_90 list: on sm_90)
 # (docs/gpu.md); the last entry is the fallback when nothing else fits.
-_SMALL = [_config(16, 16, 4, 1)]  # 8-byte operands: larger tiles spill (the fp64 accumulators and operands)
+# 8-byte operands: larger tiles spill (the fp64 accumulators and operands). The register cap is ptxas's own
+# limit made explicit: left unset, ptxas held some of these builds at 128 registers and moved 2-4 of them
+# (row predicates live across every loop) to local memory.
+_SMALL = [_config(16, 16, 4, 1, maxnreg=255)]
 CONFIGS = {
     "fwd": {
         (2, 64): [_config(*c) for c in [(128, 64, 8, 2), (128, 32, 8, 3), (64, 64, 8, 2), (64, 32, 4, 3)]],
