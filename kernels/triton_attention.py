@@ -121,9 +121,10 @@ class _Grads(NamedTuple):
 
     def launch_args(self) -> dict:
         """The backward kernels' tensor arguments (``DO``, ``LSE``, ...) with their row strides."""
-        named = {name.upper(): x for name, x in self._asdict().items()}
-        strides = row_strides(**{name: x for name, x in self._asdict().items() if x.dim() == 4})
-        return dict(named, **strides, slb=self.lse.stride(0), slh=self.lse.stride(1))
+        fields = self._asdict()
+        rows = row_strides(**{name: x for name, x in fields.items() if x.dim() == 4})  # lse, delta: [B, Hq, Nq]
+        named = {name.upper(): x for name, x in fields.items()}
+        return dict(named, **rows, slb=self.lse.stride(0), slh=self.lse.stride(1))
 
 
 def _rowmajor(x: torch.Tensor) -> torch.Tensor:
