@@ -144,6 +144,7 @@ def _common(q, k, v, sub: _Sub, scale):
         nb, bq, bk = plan.num_blocks, plan.q_block, plan.k_block
     t = side.pos.shape[-1] if side is not None else 0
     i32 = lambda x: x.to(torch.int32).contiguous()  # noqa: E731
+    block_d = max(16, next_pow2(D))
     by_row = sub.valid is not None and plan is None  # a permuted launch counts its keys instead (sorted first)
     if by_row:  # rows may be strided (slices, broadcasts), keys must be adjacent
         valid = sub.valid.to(torch.bool)
@@ -160,7 +161,7 @@ def _common(q, k, v, sub: _Sub, scale):
         KPERM=i32(plan.k_perm) if plan is not None else dummy_i,
         SAMP=i32(side.pos) if t else dummy_i,
         SBLK=i32(side.blk) if t else dummy_i,
-        SLW=side.lw.float().contiguous() if t else dummy_i.float(),
+        **_side_args(k, v, sub, block_d) if t else dict(SLW=dummy_i.float(), SKV=q.new_zeros(1)),
         **row_strides(q=q, k=k, v=v),
         svalb=valid.stride(0),
         HQ=Hq,
@@ -184,7 +185,7 @@ def _common(q, k, v, sub: _Sub, scale):
         BK_BUCKET=_bucket(bk),
         M_BUCKET=_bucket(t),
         D=D,
-        BLOCK_D=max(16, next_pow2(D)),
+        BLOCK_D=block_d,
         PERMUTED=plan is not None,
         HAS_SAMPLES=t > 0,
         HAS_VALID=by_row,
@@ -195,6 +196,27 @@ def _common(q, k, v, sub: _Sub, scale):
         WIDEN=_INTERPRET and q.dtype == torch.bfloat16,
     )
     return args, (B * sub.count, nb, bq, bk, t)
+
+
+def _side_index(sub: _Sub, n_k: int) -> tuple[tuple, torch.Tensor]:
+    """Tensor coordinates ``(batch, kv head, row)`` of the side keys ``[n_sub, Hkv, t]``, and which rows exist
+    (a sub-problem without valid keys may draw a padding row past the tensor: it indexes the last row instead,
+    with weight -inf, so that it adds nothing)."""
+    pos = sub.side.pos
+    n_sub, Hkv, _ = pos.shape
+    s = torch.arange(n_sub, device=pos.device).view(n_sub, 1, 1)
+    h = torch.arange(Hkv, device=pos.device).view(1, Hkv, 1)
+    row = (s % sub.count) * sub.chunk + sub.k_off + pos
+    return ((s // sub.count).expand_as(pos), h.expand_as(pos), row.clamp(max=n_k - 1)), row < n_k
+
+
+def _side_args(k, v, sub: _Sub, block_d: int) -> dict:
+    """The side keys' log-weights ``SLW`` and their K/V rows as one contiguous, zero-padded copy ``SKV [n_sub *
+    Hkv, 2, t, block_d]``, which the kernels read by tile (`triton_kernels._side_kv`): t rows per (sub-problem,
+    kv head), read by every query tile of the group's heads."""
+    index, inside = _side_index(sub, k.shape[2])
+    kv = torch.nn.functional.pad(torch.stack((k[index], v[index]), 2), (0, block_d - k.shape[-1]))
+    return dict(SLW=sub.side.lw.float().masked_fill(~inside, NEG_INF).contiguous(), SKV=kv.contiguous())
 
 
 def _key_counts(sub: _Sub, B: int, dev) -> torch.Tensor:
@@ -256,12 +278,7 @@ def _launch_bwd(q, k, v, sub: _Sub, g: _Grads, scale, accumulate_q: bool, accumu
     )
     # pass 2: sum the splits, add each side key's gradient to its row (repeated draws add up)
     grad = part.sum(0)[..., :D].view(n_sub, Hkv, 2, t, D)
-    s = torch.arange(n_sub, device=q.device)
-    b = (s // sub.count).view(n_sub, 1, 1).expand(n_sub, Hkv, t)
-    h = torch.arange(Hkv, device=q.device).view(1, Hkv, 1).expand(n_sub, Hkv, t)
-    row = ((s % sub.count) * sub.chunk + sub.k_off).view(n_sub, 1, 1) + sub.side.pos
-    # a sub-problem without valid keys may draw a padding row past the tensor: its gradient is 0, add it anywhere
-    index = (b, h, row.clamp(max=k.shape[2] - 1))
+    index, _ = _side_index(sub, k.shape[2])  # a row past the tensor has gradient 0
     g.dk.index_put_(index, grad[:, :, 0], accumulate=True)
     g.dv.index_put_(index, grad[:, :, 1], accumulate=True)
 

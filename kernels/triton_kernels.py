@@ -201,22 +201,35 @@ def _diag_span(
 
 
 @_device
-def _side_rows(SAMP, kv_head, M, sp, k_row0, NK_T):
-    """Tensor rows of side keys ``sp`` (the residual draws, then the exact extras) and which exist."""
-    return _rows_of(SAMP + kv_head * M, sp, sp < M, k_row0, NK_T, True)
+def _side_kv(SKV, kv_head, M, sp, BLOCK_D: tl.constexpr):
+    """K and V ``[BN, BLOCK_D]`` of side keys ``sp`` from the launcher's contiguous copy ``SKV [n_sub * Hkv, 2, M,
+    BLOCK_D]`` (the rows of the residual draws, then of the exact extras; zero-padded to BLOCK_D). The
+    addresses are affine in ``sp``, so the pipeliner stages these loads as asynchronous copies ``num_stages``
+    deep, as in the unpermuted loops; zeros past M."""
+    base = SKV + kv_head * (2 * M * BLOCK_D)
+    inside = sp < M
+    k = _load_rows(base, sp, inside, BLOCK_D, BLOCK_D, BLOCK_D, True)
+    v = _load_rows(base + M * BLOCK_D, sp, inside, BLOCK_D, BLOCK_D, BLOCK_D, True)
+    return k, v
 
 
 @_device
-def _side_weights(SBLK, SLW, kv_head, M, sp, k_ok, blk, ACC: tl.constexpr):
+def _side_index(SAMP, kv_head, M, sp):
+    """Positions in the sub-problem of side keys ``sp``: only the window test reads them."""
+    return tl.load(SAMP + kv_head * M + sp, mask=sp < M, other=0)
+
+
+@_device
+def _side_weights(SBLK, SLW, kv_head, M, sp, blk, ACC: tl.constexpr):
     """Base-2 log-weights of side keys ``sp`` and the block each sits in (-1 for an extra, which no block
-    excludes). Whether a key is attended rides in its log-weight: -inf for a key past M or the tensor (not
-    ``k_ok``), masked, in an empty stratum, or drawn from block ``blk`` (the query tile's own; -2 excludes
+    excludes). Whether a key is attended rides in its log-weight: -inf for a key past M, past the tensor (set by
+    the launcher), masked, in an empty stratum, or drawn from block ``blk`` (the query tile's own; -2 excludes
     none). So a score plus the log-weight needs no mask."""
     inside = sp < M
     base = kv_head * M
     sblk = tl.load(SBLK + base + sp, mask=inside, other=-1)
     lw = tl.load(SLW + base + sp, mask=inside, other=float("-inf")).to(ACC)
-    return tl.where(k_ok & (sblk != blk), lw * LOG2E, float("-inf")), sblk
+    return tl.where(sblk != blk, lw * LOG2E, float("-inf")), sblk
 
 
 @_device
@@ -413,46 +426,36 @@ def _side_pass(
     do,
     lse2,
     delta,
-    k_base,
-    v_base,
-    skn,
-    svn,
+    SKV,
     SAMP,
     SBLK,
     SLW,
     kv_head,
     M,
     blk,
-    k_row0,
-    NK_T,
     qidx,
     BAND_LO,
     BAND_HI,
     scale2,
     BAND: tl.constexpr,
     GRAD: tl.constexpr,
-    D: tl.constexpr,
     BLOCK_D: tl.constexpr,
     BLOCK_N: tl.constexpr,
     ACC: tl.constexpr,
     PRECISION: tl.constexpr,
     WIDEN: tl.constexpr,
 ):
-    """The side keys: residual draws of other blocks (log-weighted), then the exact extras (weight 1). The index
-    loads stay in the iteration: the pipeliner stages them by asynchronous copies, a stage before the K/V loads
-    they address. (Carrying the next tile's rows instead, as `_diag_pass` does, buys a second K/V buffer on
-    sm_80 and a third on sm_90 for 35% / 5% more instructions per tile: the rows then load into registers, in
-    the MMA layout's replication.) The weights carry validity, so without a window no pair mask is needed."""
+    """The side keys: residual draws of other blocks (log-weighted), then the exact extras (weight 1), read from
+    the launcher's contiguous copy of their K/V rows (`_side_kv`), so that no K/V load waits on an index load.
+    The weights carry validity, so without a window no pair mask is needed and no position is read."""
     for start in range(0, M, BLOCK_N):
         sp = start + tl.arange(0, BLOCK_N)
-        krow, k_in = _side_rows(SAMP, kv_head, M, sp, k_row0, NK_T)
-        lw2, sblk = _side_weights(SBLK, SLW, kv_head, M, sp, k_in, blk, ACC)
-        k_ok = lw2 > float("-inf")
-        k = _load_rows(k_base, krow, k_ok, skn, D, BLOCK_D, True)
-        v = _load_rows(v_base, krow, k_ok, svn, D, BLOCK_D, True)
-        ok = _side_pairs(
-            k_ok[None, :], (krow - k_row0)[None, :] - qidx[:, None], (sblk < 0)[None, :], BAND_LO, BAND_HI, BAND
-        )
+        lw2, sblk = _side_weights(SBLK, SLW, kv_head, M, sp, blk, ACC)
+        k, v = _side_kv(SKV, kv_head, M, sp, BLOCK_D)
+        ok = lw2[None, :] > float("-inf")
+        if BAND == BAND_EXCLUDE:
+            kidx = _side_index(SAMP, kv_head, M, sp)
+            ok = _side_pairs(ok, kidx[None, :] - qidx[:, None], (sblk < 0)[None, :], BAND_LO, BAND_HI, BAND)
         acc, m_i, l_i = _step(
             acc,
             m_i,
@@ -500,6 +503,7 @@ def _query_loop(
     SAMP,
     SBLK,
     SLW,
+    SKV,
     skb,
     skh,
     skn,
@@ -650,25 +654,19 @@ def _query_loop(
             do,
             lse2,
             delta,
-            k_base,
-            v_base,
-            skn,
-            svn,
+            SKV,
             SAMP,
             SBLK,
             SLW,
             kv_head,
             M,
             blk,
-            k_row0,
-            NK_T,
             qidx,
             BAND_LO,
             BAND_HI,
             scale2,
             BAND,
             GRAD,
-            D,
             BLOCK_D,
             BLOCK_N,
             ACC,
@@ -832,6 +830,7 @@ def hyper_fwd(
     SAMP,
     SBLK,
     SLW,
+    SKV,
     sqb,
     sqh,
     sqn,
@@ -918,6 +917,7 @@ def hyper_fwd(
         SAMP,
         SBLK,
         SLW,
+        SKV,
         skb,
         skh,
         skn,
@@ -981,6 +981,7 @@ def hyper_bwd_dq(
     SAMP,
     SBLK,
     SLW,
+    SKV,
     sqb,
     sqh,
     sqn,
@@ -1076,6 +1077,7 @@ def hyper_bwd_dq(
         SAMP,
         SBLK,
         SLW,
+        SKV,
         skb,
         skh,
         skn,
@@ -1342,11 +1344,9 @@ def hyper_bwd_dkdv(
     _store_rows(dv_base, krow, k_in, sdvn, dv, D, BLOCK_D)
 
 
-@triton.jit(do_not_specialize=LENGTHS + ["ROWS_PER_SPLIT"])
+@triton.jit(do_not_specialize=[n for n in LENGTHS if n not in ("K_OFF", "NK_T", "BK")] + ["ROWS_PER_SPLIT"])
 def hyper_bwd_sample(
     Q,
-    K,
-    V,
     DO,
     LSE,
     DELTA,
@@ -1355,15 +1355,10 @@ def hyper_bwd_sample(
     SAMP,
     SBLK,
     SLW,
+    SKV,
     sqb,
     sqh,
     sqn,
-    skb,
-    skh,
-    skn,
-    svb,
-    svh,
-    svn,
     sdob,
     sdoh,
     sdon,
@@ -1374,13 +1369,10 @@ def hyper_bwd_sample(
     COUNT,
     CHUNK,
     Q_OFF,
-    K_OFF,
     SQ,
     SK,
     NQ_T,
-    NK_T,
     BQ,
-    BK,
     M,
     BAND_LO,
     BAND_HI,
@@ -1409,14 +1401,11 @@ def hyper_bwd_sample(
     kv_head = kv.to(tl.int64)
     b = (sub // COUNT).to(tl.int64)
     q_row0 = (sub % COUNT) * CHUNK + Q_OFF
-    k_row0 = (sub % COUNT) * CHUNK + K_OFF
     sp = (pid % tiles) * BLOCK_N + tl.arange(0, BLOCK_N)
-    krow, k_in = _side_rows(SAMP, kv_head, M, sp, k_row0, NK_T)
-    lw2, sblk = _side_weights(SBLK, SLW, kv_head, M, sp, k_in, -2, ACC)
+    lw2, sblk = _side_weights(SBLK, SLW, kv_head, M, sp, -2, ACC)
     k_ok = lw2 > float("-inf")
-    k = _load_rows(K + b * skb + hk * skh, krow, k_ok, skn, D, BLOCK_D, True)
-    v = _load_rows(V + b * svb + hk * svh, krow, k_ok, svn, D, BLOCK_D, True)
-    kidx = krow - k_row0
+    k, v = _side_kv(SKV, kv_head, M, sp, BLOCK_D)
+    kidx = _side_index(SAMP, kv_head, M, sp)
     dk = tl.zeros([BLOCK_N, BLOCK_D], ACC)
     dv = tl.zeros([BLOCK_N, BLOCK_D], ACC)
     p_lo = split * ROWS_PER_SPLIT
