@@ -91,8 +91,9 @@ def estimate(builds: list, tile: tuple, n=131072, d=64, H=32, p: HyperConfig | N
     levels = 0.0
     for count, size in sched.levels:
         compute = kappa * count * math.ceil(size / bm) * H * per_tile / SMS / CLOCK
-        # Q and the block keys in, the fp32 accumulator read and written, indices
-        bytes_ = count * size * (3 * row + 2 * 4 * d * H + 16 * H)
+        # Q and the block keys in, the fp32 accumulator read and written, indices; the side keys' K/V rows
+        # copied once per quadrant (read and written, `triton_attention._side_args`)
+        bytes_ = count * size * (3 * row + 2 * 4 * d * H + 16 * H) + count * side * 4 * row
         levels += max(compute, bytes_ / HBM)
         if bytes_ / HBM > compute:
             memory_bound.append(f"level of {count} quadrants")

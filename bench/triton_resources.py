@@ -269,6 +269,15 @@ def _bind(fn, args: tuple, kwargs: dict, arch: int):
     return fn._pack_args(backend, kwargs, bound, specialization, options)
 
 
+# a kernel that serves two launches (its ``GRAD`` constexpr) is reported under the launch's name
+LAUNCH_NAMES = {
+    ("hyper_query", False): "hyper_fwd",
+    ("hyper_query", True): "hyper_bwd_dq",
+    ("topk_attention", False): "topk_fwd",
+    ("topk_attention", True): "topk_bwd",
+}
+
+
 def variants(launches: list[Launch], arch: int) -> dict[str, Variant]:
     """The distinct compiles of the launches on ``arch``, keyed by `Variant.key`."""
     out: dict[str, Variant] = {}
@@ -278,7 +287,8 @@ def variants(launches: list[Launch], arch: int) -> dict[str, Variant]:
             names = {path[0]: value for path, value in constexprs.items() if len(path) == 1}
             flags = {fn.arg_names[i]: _plain(v) for i, v in names.items() if fn.params[i].is_constexpr}
             flags.update(num_warps=options.num_warps, num_stages=options.num_stages, DTYPE=signature["Q"].lstrip("*"))
-            var = Variant(fn.__name__, arch, fn, signature, constexprs, attrs, options.__dict__, flags, [], model)
+            name = LAUNCH_NAMES.get((fn.__name__, flags.get("GRAD")), fn.__name__)
+            var = Variant(name, arch, fn, signature, constexprs, attrs, options.__dict__, flags, [], model)
             var = out.setdefault(var.key, var)
             if launch.scenario not in var.scenarios:
                 var.scenarios.append(launch.scenario)

@@ -1,12 +1,14 @@
 """The CUDA path: HyperAttention as fused Triton kernels (forward, dQ, dK/dV), same semantics as `cpu`.
 
-Every launch handles a batch of *sub-problems* that read the caller's tensors in place: sub-problem
-``s = b * count + c`` takes query rows ``c * chunk + q_off + [0, sq)`` and key rows ``c * chunk + k_off +
-[0, sk)`` of batch ``b``. So one launch covers the whole non-causal call (count = 1), all exact causal leaves
-(count = 2**depth), or all off-diagonal quadrants of one causal level (count = 2**level, chunk = 2 * size,
-q_off = size): each level of the recursion is one launch, and no chunk of Q/K/V is copied for attention.
-Row indices go through the plan's permutations inside the kernels (gather on load, scatter on store): no
-sorted copy of Q, K, V, dO or O is ever made. GQA maps query head h to key head h // (Hq / Hkv).
+Every launch handles a batch of *sub-problems* that read the caller's tensors in place: sub-problem ``s = b * count
++ c`` takes query rows ``c * chunk + q_off + [0, sq)`` and key rows ``c * chunk + k_off + [0, sk)`` of batch ``b``.
+So one launch covers the whole non-causal call (count = 1), all exact causal leaves (count = 2**depth), or all
+off-diagonal quadrants of one causal level (count = 2**level, chunk = 2 * size, q_off = size): each level of the
+recursion is one launch, and no chunk of Q/K/V is copied for attention. Row indices go through the plan's
+permutations inside the kernels (gather on load, scatter on store): no sorted copy of Q, K, V, dO or O is ever made.
+Only the side keys (`_Side`: t rows per sub-problem and kv head, read by every query tile of the group) are copied,
+into one contiguous tensor (`_side_args`), so that their loop loads tiles at affine addresses, which Triton's
+pipeliner stages as asynchronous copies. GQA maps query head h to key head h // (Hq / Hkv).
 
 Exact parts (sink_keys, local_window), laid out as in `cpu` and `reference`: every planned sub-problem splits
 its keys with `parts.exact_keys` into the estimator's keys (the only ones blocked and sampled: they are the
@@ -17,7 +19,7 @@ query's centred window out of its blocks and draws, and one exact banded launch 
 The residual's per-draw log-weights serve the uniform and the stratified schemes alike.
 
 Causal: exact leaves use ``flash_attn.flash_attn_func`` when the optional ``[cuda]`` extra is installed
-(fp16/bf16 CUDA tensors without a key mask), else `triton_kernels.hyper_fwd` with ``IS_CAUSAL``. The backward
+(fp16/bf16 CUDA tensors without a key mask), else `triton_kernels.hyper_query` with ``IS_CAUSAL``. The backward
 of the leaves is always ours (flash-attn's backward entry points are private and change between versions).
 
 LSH hashing stays in torch ops (`draws.lsh_ranks`): the projection is an [N, D] x [D, r] product with r = 7,
@@ -36,9 +38,9 @@ run in fp64 (no TF32, to match eager fp32) and fp64 accumulates in fp64.
 Design targets (non-causal, defaults b = m = 256, D = 128, fp16, BLOCK_M = 128, BLOCK_N = 64):
 - FLOPs per query: 4 * D * (b_k + m) = 4 * 128 * 512 ~ 0.26 MFLOP (exact attention: 4 * D * n, 256x more
   at n = 131072). Backward ~2.5x that (5 dots instead of 2).
-- Bytes per query, forward: Q and O rows 2 * D * 2 = 512 B; the diagonal K/V block is read once per query tile,
-  2 * b_k * D * 2 / BLOCK_M = 1 KiB per query; sampled K/V are the same m rows for every tile of a head and stay
-  in L2 (1 KiB per query from L2, ~m * D * 4 / (rows per head) from DRAM); indices and lse ~16 B.
+- Bytes per query, forward: Q and O rows 2 * D * 2 = 512 B; the diagonal K/V block is read once per query tile, 2 *
+  b_k * D * 2 / BLOCK_M = 1 KiB per query; sampled K/V are the same m rows for every tile of a head (one contiguous
+  copy) and stay in L2 (1 KiB per query from L2, ~m * D * 4 / (rows per head) from DRAM); indices and lse ~16 B.
   About 1.5 KiB of DRAM traffic per 0.26 MFLOP: ~170 FLOP/B, compute-bound on A100/H100 fp16.
 - Tiles: the lists of `triton_configs`; the interpreter runs 64 x 64. GPU speed has not been measured (no GPU
   was available). Correctness was checked under ``TRITON_INTERPRET=1`` against the reference, and every
@@ -239,6 +241,7 @@ def _launch_fwd(q, k, v, sub: _Sub, out, lse, scale, accumulate: bool):
     """Attention of the sub-problems into ``out [B,Hq,Nq,D]``, ``lse [B,Hq,Nq]`` (merged in if accumulate)."""
     args, (n_sub, nb, bq, _, _) = _common(q, k, v, sub, scale)
     args.update(O=out, LSE=lse, **row_strides(o=out), slb=lse.stride(0), slh=lse.stride(1), ACCUMULATE=accumulate)
+    args.update(DO=out, DELTA=lse, **row_strides(do=out), GRAD=False)  # read only by the dQ launch
     heads = n_sub * q.shape[1]
     _launch(_hyper_fwd_kernel, lambda meta: (heads * nb * triton.cdiv(bq, meta["BLOCK_M"]),), args)
 
@@ -259,7 +262,7 @@ def _launch_bwd(q, k, v, sub: _Sub, g: _Grads, scale, accumulate_q: bool, accumu
     _launch(
         _hyper_bwd_dq_kernel,
         lambda meta: (n_sub * Hq * nb * triton.cdiv(bq, meta["BLOCK_M"]),),
-        dict(args, ACCUMULATE=accumulate_q),
+        dict(args, O=g.dq, **row_strides(o=g.dq), GRAD=True, ACCUMULATE=accumulate_q),
     )
     _launch(
         _hyper_bwd_dkdv_kernel,

@@ -201,18 +201,19 @@ def all_configs(kernel: str) -> list:
 
 _FLAGS = ["BLOCK_D", "PERMUTED", "IS_CAUSAL", "BAND"]
 
+# `triton_kernels.hyper_query` twice: its forward (GRAD=False) and its dQ (GRAD) have their own config lists
 hyper_fwd = triton.autotune(
     configs=all_configs("fwd"),
     key=["BQ_BUCKET", "BK_BUCKET", "M_BUCKET", "HAS_SAMPLES", "HAS_VALID"] + _FLAGS,
     prune_configs_by={"early_config_prune": Pruner("fwd", "query", "BQ", ("BK", "M"))},
     restore_value=["O", "LSE"],
-)(tk.hyper_fwd)
+)(tk.hyper_query)
 hyper_bwd_dq = triton.autotune(
     configs=all_configs("dq"),
     key=["BQ_BUCKET", "BK_BUCKET", "M_BUCKET", "HAS_SAMPLES", "HAS_VALID"] + _FLAGS,
     prune_configs_by={"early_config_prune": Pruner("dq", "query", "BQ", ("BK", "M"))},
-    restore_value=["DQ"],
-)(tk.hyper_bwd_dq)
+    restore_value=["O"],
+)(tk.hyper_query)
 hyper_bwd_dkdv = triton.autotune(
     configs=all_configs("dkdv"),
     key=["BQ_BUCKET", "BK_BUCKET", "HAS_VALID"] + _FLAGS,

@@ -5,15 +5,16 @@ Launch configurations, autotuning and pruning live in `triton_configs` (which wr
 kernels address. docs/gpu.md has what the compiled kernels cost (built ahead of time for sm_80 and sm_90).
 
 Kernels (a plain-torch oracle is `reference.hyper_attention_reference`; `cpu` is the other fast path)
-- `hyper_fwd`: one program per query tile, in LSH-sorted order. One online-softmax pass over (a) the
-  tile's diagonal key block and (b) the *side keys*: the residual draws, with draws of the tile's own block
-  excluded and each draw's log-weight (``SLW``: log(n'/m) uniform, log(stratum size) stratified) added to its
-  score, followed by the exact extras of `plan.exact_keys` (sinks, the window strip of a causal quadrant or
-  KV prefix) with block -1 (never excluded) and log-weight 0. Writes out and lse (natural log) straight to the
-  original rows, or, for the causal levels, the prefix and the band, resumes the softmax from the
+- `hyper_query` with ``GRAD=False`` (launched as ``hyper_fwd``): one program per query tile, in LSH-sorted order.
+  One online-softmax pass over (a) the tile's diagonal key block and (b) the *side keys*: the residual draws, with
+  draws of the tile's own block excluded and each draw's log-weight (``SLW``: log(n'/m) uniform, log(stratum size)
+  stratified) added to its score, followed by the exact extras of `plan.exact_keys` (sinks, the window strip of a
+  causal quadrant or KV prefix) with block -1 (never excluded) and log-weight 0. Writes out and lse (natural log)
+  straight to the original rows, or, for the causal levels, the prefix and the band, resumes the softmax from the
   accumulator's (out, lse) and merges in place. With no plan (``PERMUTED=False``) the same kernel is exact
   attention, optionally causal: exact calls, leaves.
-- `hyper_bwd_dq`: the forward's loop again, accumulating dQ (query-major, no atomics).
+- `hyper_query` with ``GRAD`` (launched as ``hyper_bwd_dq``): the forward's loop again, accumulating dQ
+  (query-major, no atomics).
 - `hyper_bwd_dkdv`: one program per key tile of a diagonal block; loops over that block's queries of
   every query head of the group, so each key row has exactly one owner: no atomics.
 - `hyper_bwd_sample`: dK/dV of the side keys. **Two-pass, not atomics**: each side key is
@@ -30,10 +31,11 @@ own block), so side-key tiles need no pair mask. The keys of a permuted launch a
 position is below ``KCOUNT[sub]`` (the plan sorts the estimator's keys first); the key mask ``KVALID`` is read
 by row only by unpermuted launches (exact calls, leaves, the band).
 
-Loops (see docs/gpu.md for their compiled instruction mix): every gathered loop loads the next tile's rows one
-iteration ahead and carries them, so the K/V (Q/dO) loads of a tile depend on no load of the same iteration and
-are pipelined as asynchronous copies. The diagonal block is split into whole tiles that every row of the
-query tile sees (no pair mask, unmasked loads) and the rest (the causal diagonal, the band, ragged ends).
+Loops (see docs/gpu.md for their compiled instruction mix): every permuted loop loads the next tile's rows one
+iteration ahead and carries them, so the K/V (Q/dO) loads of a tile depend on no load of the same iteration and are
+pipelined as asynchronous copies; the side keys' K/V come from the launcher's contiguous copy (``SKV``). The
+diagonal block is split into whole tiles that every row of the query tile sees (no pair mask, unmasked loads) and
+the rest (the causal diagonal, the band, ragged ends).
 
 The local window of non-causal self-attention (``BAND``, a constexpr): ``BAND_EXCLUDE`` leaves the (query, key)
 pairs with ``-BAND_LO <= j - i <= BAND_HI`` out of the blocks and the residual draws (not the extras), and
@@ -812,17 +814,19 @@ def _key_pass(
 
 
 # ----------------------------------------------------------------------------------------------------------
-# forward
+# the query-major kernel: forward and dQ
 # ----------------------------------------------------------------------------------------------------------
 
 
 @triton.jit(do_not_specialize=RUNTIME)
-def hyper_fwd(
+def hyper_query(
     Q,
     K,
     V,
     O,
     LSE,
+    DO,
+    DELTA,
     KVALID,
     KCOUNT,
     QPERM,
@@ -843,6 +847,9 @@ def hyper_fwd(
     sob,
     soh,
     son,
+    sdob,
+    sdoh,
+    sdon,
     slb,
     slh,
     svalb,
@@ -873,190 +880,54 @@ def hyper_fwd(
     HAS_VALID: tl.constexpr,
     IS_CAUSAL: tl.constexpr,
     BAND: tl.constexpr,
+    GRAD: tl.constexpr,
     ACC: tl.constexpr,
     PRECISION: tl.constexpr,
     WIDEN: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
+    """One query tile. ``GRAD=False`` (``hyper_fwd``): out into ``O`` and lse into ``LSE``, or with ``ACCUMULATE``
+    merged into the (out, lse) already there. ``GRAD`` (``hyper_bwd_dq``): the same loops again given the final
+    ``LSE`` and ``DELTA`` (m and l ride along unused), accumulating dQ into ``O`` (the fp32 dQ buffer); ``DO``
+    and ``DELTA`` are read only then."""
     sub, h, kv_head, hk, blk, t0, pos, qrow, q_ok = _query_tile(
         tl.program_id(0), QPERM, HQ, GROUP, COUNT, CHUNK, Q_OFF, SQ, NQ_T, BQ, PERMUTED, BLOCK_M
     )
     b = (sub // COUNT).to(tl.int64)
-    q = _load_rows(Q + b * sqb + h * sqh, qrow, q_ok, sqn, D, BLOCK_D, True)  # [BM, BD]
     o_base = O + b * sob + h * soh
     l_ptrs = LSE + b * slb + h * slh + qrow.to(tl.int64)
-    l_i = tl.full([BLOCK_M], 1.0, ACC)
-    if ACCUMULATE:  # resume the softmax of earlier parts: (m, l, acc) = (lse, 1, out)
-        m_i = tl.load(l_ptrs, mask=q_ok, other=float("-inf")).to(ACC) * LOG2E
-        acc = _load_rows(o_base, qrow, q_ok, son, D, BLOCK_D, True).to(ACC)
-    else:
-        m_i = tl.full([BLOCK_M], float("-inf"), ACC)
+    if GRAD:
+        q, do, lse2, delta = _grad_rows(
+            Q + b * sqb + h * sqh,
+            DO + b * sdob + h * sdoh,
+            LSE,
+            DELTA,
+            b * slb + h * slh,
+            qrow,
+            q_ok,
+            sqn,
+            sdon,
+            D,
+            BLOCK_D,
+            ACC,
+        )
         acc = tl.zeros([BLOCK_M, BLOCK_D], ACC)
+        m_i, l_i = lse2, lse2
+    else:
+        q = _load_rows(Q + b * sqb + h * sqh, qrow, q_ok, sqn, D, BLOCK_D, True)  # [BM, BD]
+        l_i = tl.full([BLOCK_M], 1.0, ACC)
+        if ACCUMULATE:  # resume the softmax of earlier parts: (m, l, acc) = (lse, 1, out)
+            m_i = tl.load(l_ptrs, mask=q_ok, other=float("-inf")).to(ACC) * LOG2E
+            acc = _load_rows(o_base, qrow, q_ok, son, D, BLOCK_D, True).to(ACC)
+        else:
+            m_i = tl.full([BLOCK_M], float("-inf"), ACC)
+            acc = tl.zeros([BLOCK_M, BLOCK_D], ACC)
+        do, lse2, delta = q, m_i, m_i
     acc, m_i, l_i = _query_loop(
         acc,
         m_i,
         l_i,
-        q,
-        q,
-        m_i,
-        m_i,
-        sub,
-        b,
-        kv_head,
-        hk,
-        blk,
-        t0,
-        pos,
-        qrow,
-        K,
-        V,
-        KVALID,
-        KCOUNT,
-        KPERM,
-        SAMP,
-        SBLK,
-        SLW,
-        SKV,
-        skb,
-        skh,
-        skn,
-        svb,
-        svh,
-        svn,
-        svalb,
-        HQ,
-        GROUP,
-        COUNT,
-        CHUNK,
-        Q_OFF,
-        K_OFF,
-        SQ,
-        SK,
-        NK_T,
-        BQ,
-        BK,
-        M,
-        BAND_LO,
-        BAND_HI,
-        tl.load(SCALES + 1).to(ACC),
-        D,
-        BLOCK_D,
-        PERMUTED,
-        HAS_SAMPLES,
-        HAS_VALID,
-        IS_CAUSAL,
-        BAND,
-        False,
-        ACC,
-        PRECISION,
-        WIDEN,
-        BLOCK_M,
-        BLOCK_N,
-    )
-    out = acc / l_i[:, None]
-    lse = (m_i + tl.math.log2(l_i)) * LN2  # -inf for rows that saw no key
-    _store_rows(o_base, qrow, q_ok, son, out.to(O.dtype.element_ty), D, BLOCK_D)
-    tl.store(l_ptrs, lse, mask=q_ok)
-
-
-# ----------------------------------------------------------------------------------------------------------
-# backward
-# ----------------------------------------------------------------------------------------------------------
-
-
-@triton.jit(do_not_specialize=RUNTIME)
-def hyper_bwd_dq(
-    Q,
-    K,
-    V,
-    DO,
-    LSE,
-    DELTA,
-    DQ,
-    KVALID,
-    KCOUNT,
-    QPERM,
-    KPERM,
-    SAMP,
-    SBLK,
-    SLW,
-    SKV,
-    sqb,
-    sqh,
-    sqn,
-    skb,
-    skh,
-    skn,
-    svb,
-    svh,
-    svn,
-    sdob,
-    sdoh,
-    sdon,
-    sdqb,
-    sdqh,
-    sdqn,
-    slb,
-    slh,
-    svalb,
-    HQ,
-    GROUP,
-    COUNT,
-    CHUNK,
-    Q_OFF,
-    K_OFF,
-    SQ,
-    SK,
-    NQ_T,
-    NK_T,
-    BQ,
-    BK,
-    M,
-    BAND_LO,
-    BAND_HI,
-    SCALES,
-    ACCUMULATE,
-    BQ_BUCKET,
-    BK_BUCKET,
-    M_BUCKET,
-    D: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-    PERMUTED: tl.constexpr,
-    HAS_SAMPLES: tl.constexpr,
-    HAS_VALID: tl.constexpr,
-    IS_CAUSAL: tl.constexpr,
-    BAND: tl.constexpr,
-    ACC: tl.constexpr,
-    PRECISION: tl.constexpr,
-    WIDEN: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-):
-    # the forward's loops again, accumulating dQ (m and l ride along unused)
-    sub, h, kv_head, hk, blk, t0, pos, qrow, q_ok = _query_tile(
-        tl.program_id(0), QPERM, HQ, GROUP, COUNT, CHUNK, Q_OFF, SQ, NQ_T, BQ, PERMUTED, BLOCK_M
-    )
-    b = (sub // COUNT).to(tl.int64)
-    q, do, lse2, delta = _grad_rows(
-        Q + b * sqb + h * sqh,
-        DO + b * sdob + h * sdoh,
-        LSE,
-        DELTA,
-        b * slb + h * slh,
-        qrow,
-        q_ok,
-        sqn,
-        sdon,
-        D,
-        BLOCK_D,
-        ACC,
-    )
-    dq = tl.zeros([BLOCK_M, BLOCK_D], ACC)
-    dq, _, _ = _query_loop(
-        dq,
-        lse2,
-        lse2,
         q,
         do,
         lse2,
@@ -1107,18 +978,26 @@ def hyper_bwd_dq(
         HAS_VALID,
         IS_CAUSAL,
         BAND,
-        True,
+        GRAD,
         ACC,
         PRECISION,
         WIDEN,
         BLOCK_M,
         BLOCK_N,
     )
-    dq = dq * tl.load(SCALES).to(ACC)
-    dq_base = DQ + b * sdqb + h * sdqh
-    if ACCUMULATE:
-        dq += _load_rows(dq_base, qrow, q_ok, sdqn, D, BLOCK_D, True)
-    _store_rows(dq_base, qrow, q_ok, sdqn, dq, D, BLOCK_D)
+    if GRAD:
+        out = acc * tl.load(SCALES).to(ACC)
+        if ACCUMULATE:
+            out += _load_rows(o_base, qrow, q_ok, son, D, BLOCK_D, True)
+    else:
+        out = acc / l_i[:, None]
+        tl.store(l_ptrs, (m_i + tl.math.log2(l_i)) * LN2, mask=q_ok)  # -inf for rows that saw no key
+    _store_rows(o_base, qrow, q_ok, son, out.to(O.dtype.element_ty), D, BLOCK_D)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the key-major kernels: dK/dV
+# ----------------------------------------------------------------------------------------------------------
 
 
 @triton.jit(do_not_specialize=RUNTIME)

@@ -18,7 +18,7 @@ Blocks end at the last query (`topk.lead` padding rows at the front of block 0):
 or stored. Rows that see no key get out 0 and lse -inf, as in `topk.attend`. Outputs: out in q's dtype, lse in
 the accumulator's dtype (float32, float64 for float64 inputs).
 
-The backward (`attend_backward`) is one query-major kernel with the same loops, given the final (out, lse): it
+The backward (`attend_backward`) is the same kernel (`topk_attention`, ``GRAD``), given the final (out, lse): it
 owns its rows' dQ, and adds each tile's dK, dV to a float32 (float64) buffer with atomics, because side keys are
 shared by many blocks and heads (a key may be in every block's top-k). The sums of those atomics run in no fixed
 order, so **the CUDA backward of this detector is not bitwise deterministic** (as flash-attn's dQ is not); the
@@ -460,12 +460,16 @@ def _keys(
 
 
 @triton.jit(do_not_specialize=RUNTIME)
-def topk_fwd(
+def topk_attention(
     Q,
     K,
     V,
     O,
     LSE,
+    DO,
+    DELTA,
+    DK,
+    DV,
     POS,
     LW,
     KVALID,
@@ -481,117 +485,9 @@ def topk_fwd(
     sob,
     soh,
     son,
-    slb,
-    slh,
-    svalb,
-    HQ,
-    GROUP,
-    BH,
-    NQ,
-    NK,
-    QB,
-    LEAD,
-    NB,
-    E,
-    T,
-    T_OFF,
-    SCALES,
-    QB_BUCKET,
-    E_BUCKET,
-    T_BUCKET,
-    NK_BUCKET,
-    D: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-    IS_CAUSAL: tl.constexpr,
-    HAS_VALID: tl.constexpr,
-    ACC: tl.constexpr,
-    PRECISION: tl.constexpr,
-    WIDEN: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-):
-    blk, sel, b, h, hk, c, t0, rows, q_ok = _program(BH, HQ, GROUP, QB, LEAD, NB, BLOCK_M)
-    q = tk._load_rows(Q + b * sqb + h * sqh, rows, q_ok, sqn, D, BLOCK_D, True)  # [BM, BD]
-    m_i = tl.full([BLOCK_M], float("-inf"), ACC)
-    l_i = tl.full([BLOCK_M], 1.0, ACC)
-    acc = tl.zeros([BLOCK_M, BLOCK_D], ACC)
-    acc, m_i, l_i = _keys(
-        acc,
-        m_i,
-        l_i,
-        q,
-        q,
-        m_i,
-        m_i,
-        K + b * skb + hk * skh,
-        V + b * svb + hk * svh,
-        skn,
-        svn,
-        K,
-        V,
-        0,
-        0,
-        KVALID + b * svalb,
-        POS,
-        LW,
-        sel,
-        blk,
-        c,
-        t0,
-        rows,
-        NQ,
-        NK,
-        NB,
-        E,
-        T,
-        T_OFF,
-        tl.load(SCALES + 1).to(ACC),
-        1.0,
-        IS_CAUSAL,
-        HAS_VALID,
-        False,
-        D,
-        BLOCK_D,
-        BLOCK_N,
-        ACC,
-        PRECISION,
-        WIDEN,
-    )
-    out = acc / l_i[:, None]
-    lse = (m_i + tl.math.log2(l_i)) * tk.LN2  # -inf for rows that saw no key
-    tk._store_rows(O + b * sob + h * soh, rows, q_ok, son, out.to(O.dtype.element_ty), D, BLOCK_D)
-    tl.store(LSE + b * slb + h * slh + rows.to(tl.int64), lse, mask=q_ok)
-
-
-@triton.jit(do_not_specialize=RUNTIME)
-def topk_bwd(
-    Q,
-    K,
-    V,
-    DO,
-    LSE,
-    DELTA,
-    DQ,
-    DK,
-    DV,
-    POS,
-    LW,
-    KVALID,
-    sqb,
-    sqh,
-    sqn,
-    skb,
-    skh,
-    skn,
-    svb,
-    svh,
-    svn,
     sdob,
     sdoh,
     sdon,
-    sdqb,
-    sdqh,
-    sdqn,
     sdkb,
     sdkh,
     sdkn,
@@ -621,33 +517,44 @@ def topk_bwd(
     BLOCK_D: tl.constexpr,
     IS_CAUSAL: tl.constexpr,
     HAS_VALID: tl.constexpr,
+    GRAD: tl.constexpr,
     ACC: tl.constexpr,
     PRECISION: tl.constexpr,
     WIDEN: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
-    # the forward's loops again (m and l ride along unused): dQ of the program's rows, dK/dV by atomics
+    """One row tile of a query block. ``GRAD=False`` (``topk_fwd``): out into ``O``, lse into ``LSE``. ``GRAD``
+    (``topk_bwd``): the same loops given the final ``LSE`` and ``DELTA`` (m and l ride along unused): dQ of the
+    program's rows into ``O``, dK/dV added to ``DK``, ``DV`` by atomics; ``DO``, ``DELTA``, ``DK`` and ``DV`` are
+    touched only then."""
     blk, sel, b, h, hk, c, t0, rows, q_ok = _program(BH, HQ, GROUP, QB, LEAD, NB, BLOCK_M)
-    q, do, lse2, delta = tk._grad_rows(
-        Q + b * sqb + h * sqh,
-        DO + b * sdob + h * sdoh,
-        LSE,
-        DELTA,
-        b * slb + h * slh,
-        rows,
-        q_ok,
-        sqn,
-        sdon,
-        D,
-        BLOCK_D,
-        ACC,
-    )
-    dq = tl.zeros([BLOCK_M, BLOCK_D], ACC)
-    dq, _, _ = _keys(
-        dq,
-        lse2,
-        lse2,
+    if GRAD:
+        q, do, lse2, delta = tk._grad_rows(
+            Q + b * sqb + h * sqh,
+            DO + b * sdob + h * sdoh,
+            LSE,
+            DELTA,
+            b * slb + h * slh,
+            rows,
+            q_ok,
+            sqn,
+            sdon,
+            D,
+            BLOCK_D,
+            ACC,
+        )
+        m_i, l_i = lse2, lse2
+    else:
+        q = tk._load_rows(Q + b * sqb + h * sqh, rows, q_ok, sqn, D, BLOCK_D, True)  # [BM, BD]
+        m_i = tl.full([BLOCK_M], float("-inf"), ACC)
+        l_i = tl.full([BLOCK_M], 1.0, ACC)
+        do, lse2, delta = q, m_i, m_i
+    acc = tl.zeros([BLOCK_M, BLOCK_D], ACC)
+    acc, m_i, l_i = _keys(
+        acc,
+        m_i,
+        l_i,
         q,
         do,
         lse2,
@@ -678,7 +585,7 @@ def topk_bwd(
         tl.load(SCALES).to(ACC),
         IS_CAUSAL,
         HAS_VALID,
-        True,
+        GRAD,
         D,
         BLOCK_D,
         BLOCK_N,
@@ -686,21 +593,27 @@ def topk_bwd(
         PRECISION,
         WIDEN,
     )
-    tk._store_rows(DQ + b * sdqb + h * sdqh, rows, q_ok, sdqn, dq.to(DQ.dtype.element_ty), D, BLOCK_D)
+    if GRAD:
+        out = acc
+    else:
+        out = acc / l_i[:, None]
+        tl.store(LSE + b * slb + h * slh + rows.to(tl.int64), (m_i + tl.math.log2(l_i)) * tk.LN2, mask=q_ok)
+    tk._store_rows(O + b * sob + h * soh, rows, q_ok, son, out.to(O.dtype.element_ty), D, BLOCK_D)
 
 
 _KEY = ["QB_BUCKET", "E_BUCKET", "T_BUCKET", "NK_BUCKET", "BLOCK_D", "IS_CAUSAL", "HAS_VALID"]
+# the kernel twice: its forward (GRAD=False) and its backward (GRAD) have their own config lists
 _fwd = triton.autotune(
     configs=all_configs("topk_fwd"),
     key=_KEY,
     prune_configs_by={"early_config_prune": Pruner("topk_fwd", "query", "QB", ("E", "T"))},
-)(topk_fwd)
+)(topk_attention)
 _bwd = triton.autotune(
     configs=all_configs("topk_bwd"),
     key=_KEY,
     prune_configs_by={"early_config_prune": Pruner("topk_bwd", "query_grad", "QB", ("E", "T"))},
     reset_to_zero=["DK", "DV"],
-)(topk_bwd)
+)(topk_attention)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -722,8 +635,9 @@ def _rowmajor(x: torch.Tensor) -> torch.Tensor:
     return x if x.stride(-1) == 1 else x.contiguous()
 
 
-def _common(q, k, valid, sel: topk.Selection, part: Part, scale: float) -> tuple[dict, int]:
-    """The arguments both kernels take besides their tensors' own, and the number of programs per row tile."""
+def _common(q, k, v, valid, sel: topk.Selection, part: Part, scale: float) -> tuple[dict, int]:
+    """The arguments both launches take besides their outputs and gradients, and the number of programs per row
+    tile."""
     B, Hq, n_q, D = q.shape
     Hkv, n_k = k.shape[1], k.shape[2]
     nb, E = topk.blocks(part, n_q), sel.pos.shape[-1]
@@ -733,10 +647,13 @@ def _common(q, k, valid, sel: topk.Selection, part: Part, scale: float) -> tuple
     else:
         kvalid = (valid if valid.stride(-1) == 1 else valid.contiguous()).view(torch.uint8)
     args = dict(
+        Q=q,
+        K=k,
+        V=v,
         POS=sel.pos.contiguous(),
         LW=sel.lw.float().contiguous(),
         KVALID=kvalid,
-        **row_strides(q=q, k=k),
+        **row_strides(q=q, k=k, v=v),
         svalb=kvalid.stride(0),
         HQ=Hq,
         GROUP=Hq // Hkv,
@@ -772,8 +689,9 @@ def attend(q, k, v, valid, sel: topk.Selection, part: Part, scale: float):
     B, Hq, n_q, D = q.shape
     out = torch.empty(B, Hq, n_q, D, dtype=q.dtype, device=q.device)
     lse = torch.empty(B, Hq, n_q, dtype=lse_dtype(q.dtype), device=q.device)
-    args, programs = _common(q, k, valid, sel, part, scale)
-    args.update(Q=q, K=k, V=v, O=out, LSE=lse, **row_strides(v=v, o=out), slb=lse.stride(0), slh=lse.stride(1))
+    args, programs = _common(q, k, v, valid, sel, part, scale)
+    args.update(O=out, LSE=lse, **row_strides(o=out), slb=lse.stride(0), slh=lse.stride(1), GRAD=False)
+    args.update(DO=out, DELTA=lse, DK=k, DV=v, **row_strides(do=out, dk=k, dv=v))  # read only by the backward
     _fwd[lambda meta: (programs * triton.cdiv(part.block, meta["BLOCK_M"]),)](**args)
     return out, lse
 
@@ -789,9 +707,9 @@ def attend_backward(q, k, v, valid, sel: topk.Selection, part: Part, scale: floa
     dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     dk = torch.zeros(k.shape, dtype=acc, device=q.device)
     dv = torch.zeros(v.shape, dtype=acc, device=q.device)
-    args, programs = _common(q, k, valid, sel, part, scale)
-    args.update(Q=q, K=k, V=v, DO=do, LSE=lse, DELTA=delta, DQ=dq, DK=dk, DV=dv)
-    args.update(**row_strides(v=v, do=do, dq=dq, dk=dk, dv=dv), slb=lse.stride(0), slh=lse.stride(1))
+    args, programs = _common(q, k, v, valid, sel, part, scale)
+    args.update(O=dq, LSE=lse, DO=do, DELTA=delta, DK=dk, DV=dv, GRAD=True)
+    args.update(**row_strides(o=dq, do=do, dk=dk, dv=dv), slb=lse.stride(0), slh=lse.stride(1))
     _bwd[lambda meta: (programs * triton.cdiv(part.block, meta["BLOCK_M"]),)](**args)
     return dq, dk.to(k.dtype), dv.to(v.dtype)
 
