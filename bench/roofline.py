@@ -20,12 +20,13 @@ import json
 import math
 import os
 import sys
+from typing import NamedTuple
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from gpu import exact_flops, hyper_flops  # noqa: E402
 
 from hyper_backend import HyperConfig  # noqa: E402
-from hyper_backend.kernels.plan import causal_schedule  # noqa: E402
+from hyper_backend.kernels.plan import plan_call  # noqa: E402
 
 # the model prices the LSH kernels (leaves, levels, side keys); the topk kernels' estimate is in docs/gpu.md
 LSH = HyperConfig(detector="lsh")
@@ -48,6 +49,21 @@ def _loops(builds: list, flags: dict, tile: tuple) -> dict | None:
     return None
 
 
+class _Schedule(NamedTuple):
+    """What the model needs of a causal call plan: the exact leaves' length, each level's (quadrants, size), and
+    the keys before each quadrant that its side keys keep exact."""
+
+    leaf: int
+    levels: list
+    strip: int
+
+    @classmethod
+    def of(cls, plan) -> _Schedule:
+        leaves, *levels = plan.parts
+        assert leaves.kind == "causal" and all(x.kind == "hyper" for x in levels), plan.describe()
+        return cls(leaves.sq, [(x.count, x.sq) for x in levels], levels[0].strip if levels else 0)
+
+
 def _tile_cycles(instructions: int, warps: int, bm: int, bn: int, d: int) -> float:
     return max(instructions * warps / 4, 4 * bm * bn * d / TC_FLOP_PER_CYCLE)
 
@@ -61,7 +77,7 @@ def estimate(builds: list, tile: tuple, n=131072, d=64, H=32, p: HyperConfig | N
     model's absolute rate (an issue-bound model with no stalls is optimistic)."""
     p = p or LSH
     bm, bn, warps, _ = tile
-    sched = causal_schedule(n, p)
+    sched = _Schedule.of(plan_call(n, n, True, p))
     leaf_flags = dict(PERMUTED=False, HAS_SAMPLES=False, HAS_VALID=False, IS_CAUSAL=True, BAND=0)
     level_flags = dict(PERMUTED=True, HAS_SAMPLES=True, HAS_VALID=False, IS_CAUSAL=False, BAND=0)
     leaf, level = _loops(builds, leaf_flags, tile), _loops(builds, level_flags, tile)
