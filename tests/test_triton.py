@@ -18,6 +18,7 @@ import concurrent.futures
 import functools
 import importlib
 import importlib.util
+import json
 import math
 import multiprocessing
 import os
@@ -817,3 +818,24 @@ def test_gpu_bench_without_cuda(capsys):
     spec.loader.exec_module(bench)
     assert bench.main([]) == 0
     assert "no CUDA device: GPU benchmark not run" in capsys.readouterr().out
+
+
+def test_roofline_prices_the_call_plan():
+    """bench/roofline.py prices the causal plan `plan_call` makes (leaves of min_seq_len, one hyper part per level)
+    from the committed sweep's sm_90 builds."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    spec = importlib.util.spec_from_file_location("bench_roofline", os.path.join(root, "bench", "roofline.py"))
+    roofline = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(roofline)
+    from hyper_backend.kernels.plan import plan_call
+
+    sched = roofline._Schedule.of(plan_call(131072, 131072, True, roofline.LSH))
+    assert sched.leaf == 4096 and [c for c, _ in sched.levels] == [1, 2, 4, 8, 16] and sched.strip == 127
+    assert all(c * 2 * s == 131072 for c, s in sched.levels)
+    path = os.path.join(root, "bench", "results", "triton_resources.json")
+    if not os.path.exists(path):
+        pytest.skip("bench/results/triton_resources.json is absent: run bench/triton_resources.py to price builds")
+    with open(path) as f:
+        builds = json.load(f)["builds"]
+    text = roofline.report(builds)
+    assert "FlashAttention-2 exact causal" in text and "x** faster" in text
