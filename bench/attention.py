@@ -42,7 +42,7 @@ from rich.progress import Progress
 from rich.table import Table
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import PeakRSS, device_stamp, interleave, write_json  # noqa: E402
+from common import PeakRSS, device_stamp, interleave, parse_config, write_json  # noqa: E402
 
 from hyper_backend import HyperConfig, hyper_attention  # noqa: E402
 from hyper_backend.kernels.op import path_counts  # noqa: E402
@@ -285,17 +285,6 @@ def competitor(threads: int):
         proc.wait()
 
 
-def parse_config(text: str) -> HyperConfig:
-    fields = {}
-    for part in filter(None, text.replace(" ", "").split(",")):
-        name, _, value = part.partition("=")
-        if name in ("residual", "detector"):
-            fields[name] = value
-        else:
-            fields[name] = None if value.lower() in ("none", "auto") else int(value)
-    return HyperConfig(**fields)
-
-
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--seq", type=int, nargs="+", default=[2048, 4096, 8192, 16384, 32768, 65536, 131072])
@@ -337,7 +326,7 @@ def main(argv=None):
         return main_window(args, Console(width=200), device_stamp())
     args.out = args.out or "bench/results/attention.json"
 
-    cfg = parse_config(args.config)
+    cfg = parse_config(HyperConfig(), args.config)
     dtype = getattr(torch, args.dtype)
     causals = {"yes": [True], "no": [False], "both": [False, True]}[args.causal]
     cases = [(n, c, m) for m in args.modes for c in causals for n in args.seq if m == "fwd" or n <= args.bwd_max]

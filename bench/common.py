@@ -112,3 +112,22 @@ def write_json(path: str, payload: dict) -> None:
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with open(path, "w") as f:
         json.dump(payload, f, indent=2)
+
+
+_TEXT_FIELDS = ("residual", "detector")  # HyperConfig fields given as strings; the rest are ints (or None)
+
+
+def parse_value(name: str, text: str):
+    """One ``HyperConfig`` field from text: residual and detector as given, ``none``/``auto`` as None, else int."""
+    if name in _TEXT_FIELDS:
+        return text
+    return None if text.lower() in ("none", "auto") else int(text)
+
+
+def parse_config(base, text: str):
+    """``"sink_keys=4,local_window=128"`` applied to ``base`` (a `HyperConfig`)."""
+    fields = {}
+    for part in filter(None, text.replace(" ", "").split(",")):
+        name, _, value = part.partition("=")
+        fields[name] = parse_value(name, value)
+    return base.replace(**fields)

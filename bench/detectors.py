@@ -62,7 +62,7 @@ from rich.console import Console
 from rich.table import Table
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import device_stamp, interleave, write_json  # noqa: E402
+from common import device_stamp, interleave, parse_config, write_json  # noqa: E402
 
 from hyper_backend import HyperConfig, hyper_attention  # noqa: E402
 from hyper_backend.kernels.plan import plan_call  # noqa: E402
@@ -100,16 +100,19 @@ class Row:
 APPROXIMATE = 4096  # topk's rows approximate from this length (its default threshold is above the captures')
 
 
-def default_rows() -> list[Row]:
+def default_rows(configs: Sequence[str] = ()) -> list[Row]:
     """LSH at its defaults; topk at K x score_group with importance draws, and with the other residuals; the
-    oracles."""
-    rows = [Row("lsh (defaults)", "op", HyperConfig(detector="lsh"))]
+    oracles. ``configs`` (``"top_k=2048,query_block=32"``, over topk's defaults) replace the op rows."""
     topk = HyperConfig(detector="topk", min_seq_len=APPROXIMATE)
-    for k in (512, 1024, 2048):
-        for g in (16, 64):
-            rows.append(Row(f"topk K={k} g={g}", "op", topk.replace(top_k=k, score_group=g)))
-    for res in ("uniform", "vnorm"):
-        rows.append(Row(f"topk K=1024 g=16 {res}", "op", topk.replace(top_k=1024, residual=res)))
+    if configs:
+        rows = [Row(f"topk {text}", "op", parse_config(topk, text)) for text in configs]
+    else:
+        rows = [Row("lsh (defaults)", "op", HyperConfig(detector="lsh"))]
+        for k in (512, 1024, 2048):
+            for g in (16, 64):
+                rows.append(Row(f"topk K={k} g={g}", "op", topk.replace(top_k=k, score_group=g)))
+        for res in ("uniform", "vnorm"):
+            rows.append(Row(f"topk K=1024 g=16 {res}", "op", topk.replace(top_k=1024, residual=res)))
     rows += [Row(f"flat oracle K={k}", "flat", top_k=k) for k in ORACLE_K]
     rows += [Row(f"block oracle K={k}", "block", top_k=k) for k in ORACLE_K]
     return rows
@@ -460,13 +463,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rows-from", type=int, default=4096, help="error and recall over rows >= this")
     p.add_argument("--repeats", type=int, default=3, help="timing repeats (0: no timing)")
     p.add_argument("--out", default=None, help="JSON path (default bench/results/detectors_<seq>.json)")
+    p.add_argument(
+        "--configs",
+        nargs="*",
+        default=(),
+        metavar="FIELD=V,...",
+        help="topk rows to measure instead of the default op rows (fields over topk's defaults); oracles stay",
+    )
     return p
 
 
 def main(argv: Sequence[str] | None = None) -> dict:
     args = build_parser().parse_args(argv)
     console = Console(width=150)
-    rows = default_rows()
+    rows = default_rows(args.configs)
     out = args.out or os.path.join(RESULTS, f"detectors_{args.seq}.json")
     results = {}
     for prompt in args.prompts:

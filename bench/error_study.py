@@ -36,7 +36,7 @@ from rich.progress import Progress
 from rich.table import Table
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import device_stamp, write_json  # noqa: E402
+from common import device_stamp, parse_config, parse_value, write_json  # noqa: E402
 
 from hyper_backend import HyperConfig, hyper_attention  # noqa: E402
 from hyper_backend.kernels.plan import causal_depth_for  # noqa: E402
@@ -199,23 +199,6 @@ def configs(base: HyperConfig, grid: dict[str, list]):
         for value in values:
             if value != getattr(base, name):
                 yield name, value, base.replace(**{name: value})
-
-
-def parse_value(name: str, text: str):
-    if name == "residual":
-        return text
-    if name == "causal_depth" and text.lower() in ("none", "auto"):
-        return None
-    return int(text)
-
-
-def parse_config(base: HyperConfig, text: str) -> HyperConfig:
-    """``"sink_keys=4,local_window=128"`` applied to ``base``."""
-    fields = {}
-    for part in filter(None, text.replace(" ", "").split(",")):
-        name, _, value = part.partition("=")
-        fields[name] = parse_value(name, value)
-    return base.replace(**fields)
 
 
 def median_seconds(record: dict, config: HyperConfig | None, repeats: int) -> list[float]:
