@@ -285,7 +285,9 @@ def variants(launches: list[Launch], arch: int) -> dict[str, Variant]:
         for fn, kwargs, model in _configs(launch.kernel, launch.kwargs, arch):
             options, signature, constexprs, attrs = _bind(fn, launch.args, kwargs, arch)
             names = {path[0]: value for path, value in constexprs.items() if len(path) == 1}
-            flags = {fn.arg_names[i]: _plain(v) for i, v in names.items() if fn.params[i].is_constexpr}
+            flags = {fn.arg_names[i]: v for i, v in names.items() if fn.params[i].is_constexpr}
+            flags.update(zip(("ACC", "PRECISION", "WIDEN"), flags.pop("NUM", ())))  # the numerics, by part
+            flags = {name: _plain(v) for name, v in flags.items()}
             flags.update(num_warps=options.num_warps, num_stages=options.num_stages, DTYPE=signature["Q"].lstrip("*"))
             name = LAUNCH_NAMES.get((fn.__name__, flags.get("GRAD")), fn.__name__)
             var = Variant(name, arch, fn, signature, constexprs, attrs, options.__dict__, flags, [], model)

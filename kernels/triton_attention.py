@@ -29,8 +29,9 @@ would save one [N, r] intermediate, well under 1% of the forward's traffic.
 
 Launch configuration (`triton_configs`): ``triton.Config`` lists by dot-operand width and head-dim class,
 pruned per call and GPU (tiles never larger than the block they cover, shared memory within the GPU's per-block
-limit). Autotune keys are power-of-two *buckets* of the block lengths plus BLOCK_D, never raw n, and every
-length argument is ``do_not_specialize``: one compile and one tuning per bucket, not per sequence length. Ragged
+limit). Autotune keys are power-of-two *buckets* of the block lengths plus BLOCK_D, never raw n, and the lengths
+themselves are not arguments but the int32 descriptor ``GEOM`` (`triton_configs.geometry`), read at entry: one
+compile and one tuning per bucket, not per sequence length. Ragged
 n, ragged blocks and ragged sample tiles are masked; head dims are padded to ``BLOCK_D = next_pow2(max(D, 16))``
 in registers only (masked loads/stores). fp16 and bf16 run tensor-core dots with fp32 accumulation; fp32 dots
 run in fp64 (no TF32, to match eager fp32) and fp64 accumulates in fp64.
@@ -58,18 +59,17 @@ from typing import NamedTuple
 
 import torch
 import triton
-import triton.language as tl
 
 from . import triton_kernels as tk
 from .draws import Draws
 from .parts import call_sinks, exact_keys, hyper_inputs, pad_rows, part_masks, part_ranks, sub_view
 from .plan import Part, lse_dtype, next_pow2, plan_call
 from .triton_configs import bucket as _bucket
+from .triton_configs import geometry, numerics, row_strides
 from .triton_configs import hyper_bwd_dkdv as _hyper_bwd_dkdv_kernel
 from .triton_configs import hyper_bwd_dq as _hyper_bwd_dq_kernel
 from .triton_configs import hyper_bwd_sample as _hyper_bwd_sample_kernel
 from .triton_configs import hyper_fwd as _hyper_fwd_kernel
-from .triton_configs import row_strides
 
 try:  # optional: the [cuda] extra
     from flash_attn import flash_attn_func as _flash_attn_func
@@ -126,7 +126,7 @@ class _Grads(NamedTuple):
         fields = self._asdict()
         rows = row_strides(**{name: x for name, x in fields.items() if x.dim() == 4})  # lse, delta: [B, Hq, Nq]
         named = {name.upper(): x for name, x in fields.items()}
-        return dict(named, **rows, slb=self.lse.stride(0), slh=self.lse.stride(1))
+        return dict(named, **rows, LS=self.lse.stride()[:2])
 
 
 def _rowmajor(x: torch.Tensor) -> torch.Tensor:
@@ -166,23 +166,28 @@ def _common(q, k, v, sub: _Sub, scale):
         **_side_args(k, v, sub, block_d) if t else dict(SLW=dummy_i.float(), SKV=q.new_zeros(1)),
         **row_strides(q=q, k=k, v=v),
         svalb=valid.stride(0),
-        HQ=Hq,
-        GROUP=Hq // Hkv,
-        COUNT=sub.count,
-        CHUNK=sub.chunk,
-        Q_OFF=sub.q_off,
-        K_OFF=sub.k_off,
-        SQ=sub.sq,
-        SK=sub.sk,
-        NQ_T=NQ_T,
-        NK_T=NK_T,
-        BQ=bq,
-        BK=bk,
-        M=t,
-        BAND_LO=sub.window[0],
-        BAND_HI=sub.window[1],
+        GEOM=geometry(
+            tk.LENGTHS,
+            dev,
+            HQ=Hq,
+            GROUP=Hq // Hkv,
+            COUNT=sub.count,
+            CHUNK=sub.chunk,
+            Q_OFF=sub.q_off,
+            K_OFF=sub.k_off,
+            SQ=sub.sq,
+            SK=sub.sk,
+            NQ_T=NQ_T,
+            NK_T=NK_T,
+            BQ=bq,
+            BK=bk,
+            M=t,
+            BAND_LO=sub.window[0],
+            BAND_HI=sub.window[1],
+        ),
         # the scales as a tensor in the accumulator's dtype: a float argument is fp32 under the interpreter
         SCALES=torch.tensor([scale, scale * math.log2(math.e)], dtype=lse_dtype(q.dtype), device=dev),
+        SQ_BUCKET=_bucket(sub.sq),
         BQ_BUCKET=_bucket(bq),
         BK_BUCKET=_bucket(bk),
         M_BUCKET=_bucket(t),
@@ -193,9 +198,7 @@ def _common(q, k, v, sub: _Sub, scale):
         HAS_VALID=by_row,
         IS_CAUSAL=sub.causal,
         BAND=sub.band,
-        ACC=tl.float64 if q.dtype == torch.float64 else tl.float32,
-        PRECISION="ieee" if q.dtype in (torch.float32, torch.float64) else "tf32",
-        WIDEN=_INTERPRET and q.dtype == torch.bfloat16,
+        NUM=numerics(q.dtype, _INTERPRET),
     )
     return args, (B * sub.count, nb, bq, bk, t)
 
@@ -240,7 +243,7 @@ def _launch(kernel, grid, args):
 def _launch_fwd(q, k, v, sub: _Sub, out, lse, scale, accumulate: bool):
     """Attention of the sub-problems into ``out [B,Hq,Nq,D]``, ``lse [B,Hq,Nq]`` (merged in if accumulate)."""
     args, (n_sub, nb, bq, _, _) = _common(q, k, v, sub, scale)
-    args.update(O=out, LSE=lse, **row_strides(o=out), slb=lse.stride(0), slh=lse.stride(1), ACCUMULATE=accumulate)
+    args.update(O=out, LSE=lse, **row_strides(o=out), LS=lse.stride()[:2], ACCUMULATE=accumulate)
     args.update(DO=out, DELTA=lse, **row_strides(do=out), GRAD=False)  # read only by the dQ launch
     heads = n_sub * q.shape[1]
     _launch(_hyper_fwd_kernel, lambda meta: (heads * nb * triton.cdiv(bq, meta["BLOCK_M"]),), args)

@@ -21,7 +21,9 @@ from __future__ import annotations
 import functools
 from typing import NamedTuple
 
+import torch
 import triton
+import triton.language as tl
 
 from . import triton_kernels as tk
 from .plan import next_pow2
@@ -63,9 +65,10 @@ def _config(bm, bn, warps, stages, maxnreg=None):
 # BLOCK_D up to 64, or above; a third element 90 marks a list for sm_90 and later only. Each list holds only
 # configs that built without a spill for every flag combination on sm_80 and sm_90 (an sm_90 list: on sm_90)
 # (docs/gpu.md); the last entry is the fallback when nothing else fits.
-# 8-byte operands: larger tiles spill (the fp64 accumulators and operands). The register cap is ptxas's own
-# limit made explicit: left unset, ptxas held some of these builds at 128 registers and moved 2-4 of them
-# (row predicates live across every loop) to local memory.
+# 8-byte operands: larger tiles spill (the fp64 accumulators and operands). A fifth element 255 (and `_SMALL`'s)
+# is ptxas's own register limit made explicit: left unset, ptxas held some builds of those configs at 128 or 168
+# registers (4 or 3 CTAs of 4 warps per SM) and moved 8-24 bytes (row predicates and lengths live across every
+# loop) to local memory.
 _SMALL = [_config(16, 16, 4, 1, maxnreg=255)]
 CONFIGS = {
     "fwd": {
@@ -75,7 +78,8 @@ CONFIGS = {
         (8, 128): _SMALL,
     },
     "dq": {
-        (2, 64): [_config(*c) for c in [(128, 32, 8, 3), (64, 32, 4, 3)]],
+        # 64 x 32 at 4 warps: 255 registers and 8 B of local memory (sm_80, permuted with samples)
+        (2, 64): [_config(*c) for c in [(128, 32, 8, 3), (64, 32, 8, 3)]],
         (2, 128): [_config(*c) for c in [(64, 32, 4, 2), (64, 32, 4, 3)]],
         (8, 64): _SMALL,
         (8, 128): _SMALL,
@@ -101,7 +105,7 @@ CONFIGS = {
         (2, 64, 90): [
             _config(*c) for c in [(64, 64, 4, 2), (64, 64, 8, 2), (64, 64, 8, 3), (64, 128, 8, 2), (16, 64, 4, 2)]
         ],
-        (2, 128): [_config(*c) for c in [(64, 64, 8, 2), (64, 64, 8, 3), (64, 32, 4, 3), (16, 64, 4, 2)]],
+        (2, 128): [_config(*c) for c in [(64, 64, 8, 2), (64, 64, 8, 3), (64, 32, 4, 3), (16, 64, 4, 2, 255)]],
         (2, 128, 90): [
             _config(*c) for c in [(64, 64, 4, 2), (64, 64, 4, 3), (64, 64, 8, 2), (64, 64, 8, 3), (16, 64, 4, 2)]
         ],
@@ -109,11 +113,11 @@ CONFIGS = {
         (8, 128): _SMALL,
     },
     "topk_bwd": {
-        (2, 64): [_config(*c) for c in [(64, 32, 8, 2), (32, 32, 4, 2), (16, 32, 4, 2)]],
+        (2, 64): [_config(*c) for c in [(64, 32, 8, 2), (32, 32, 4, 2, 255), (16, 32, 4, 2)]],
         (2, 128): [_config(*c) for c in [(64, 16, 8, 2), (32, 32, 8, 2), (16, 32, 8, 2)]],
         (2, 128, 90): [_config(*c) for c in [(64, 32, 8, 2), (64, 32, 8, 3), (64, 16, 8, 2), (16, 32, 8, 2)]],
-        (8, 64): [_config(16, 16, 8, 2)],  # 8 warps: at 4, the fp64 operands of the five dots spill
-        (8, 128): [_config(16, 16, 8, 2)],
+        (8, 64): [_config(16, 16, 8, 2, maxnreg=255)],  # 8 warps: at 4, the fp64 operands of the five dots spill
+        (8, 128): [_config(16, 16, 8, 2, maxnreg=255)],
     },
 }
 
@@ -154,8 +158,8 @@ def shared_bytes(kind: str, c: triton.Config, block_d: int, itemsize: int) -> in
 
 class Pruner(NamedTuple):
     """``early_config_prune`` of one kernel: ``kernel`` names its lists in `CONFIGS`, ``kind`` is "query",
-    "query_grad" or "key" (which tile is streamed, `shared_bytes`), ``rows`` and ``keys`` the arguments whose
-    (largest) value bounds BLOCK_M and BLOCK_N."""
+    "query_grad" or "key" (which tile is streamed, `shared_bytes`), ``rows`` and ``keys`` the length buckets
+    (`bucket`) whose (largest) value bounds BLOCK_M and BLOCK_N (the lengths themselves are in ``GEOM``)."""
 
     kernel: str
     kind: str
@@ -205,29 +209,47 @@ _FLAGS = ["BLOCK_D", "PERMUTED", "IS_CAUSAL", "BAND"]
 hyper_fwd = triton.autotune(
     configs=all_configs("fwd"),
     key=["BQ_BUCKET", "BK_BUCKET", "M_BUCKET", "HAS_SAMPLES", "HAS_VALID"] + _FLAGS,
-    prune_configs_by={"early_config_prune": Pruner("fwd", "query", "BQ", ("BK", "M"))},
+    prune_configs_by={"early_config_prune": Pruner("fwd", "query", "BQ_BUCKET", ("BK_BUCKET", "M_BUCKET"))},
     restore_value=["O", "LSE"],
 )(tk.hyper_query)
 hyper_bwd_dq = triton.autotune(
     configs=all_configs("dq"),
     key=["BQ_BUCKET", "BK_BUCKET", "M_BUCKET", "HAS_SAMPLES", "HAS_VALID"] + _FLAGS,
-    prune_configs_by={"early_config_prune": Pruner("dq", "query", "BQ", ("BK", "M"))},
+    prune_configs_by={"early_config_prune": Pruner("dq", "query", "BQ_BUCKET", ("BK_BUCKET", "M_BUCKET"))},
     restore_value=["O"],
 )(tk.hyper_query)
 hyper_bwd_dkdv = triton.autotune(
     configs=all_configs("dkdv"),
     key=["BQ_BUCKET", "BK_BUCKET", "HAS_VALID"] + _FLAGS,
-    prune_configs_by={"early_config_prune": Pruner("dkdv", "key", "BQ", ("BK",))},
+    prune_configs_by={"early_config_prune": Pruner("dkdv", "key", "BQ_BUCKET", ("BK_BUCKET",))},
     restore_value=["DK", "DV"],
 )(tk.hyper_bwd_dkdv)
 hyper_bwd_sample = triton.autotune(
     configs=all_configs("sample"),
     key=["BQ_BUCKET", "M_BUCKET", "BLOCK_D", "BAND"],
-    prune_configs_by={"early_config_prune": Pruner("sample", "key", "SQ", ("M",))},
+    prune_configs_by={"early_config_prune": Pruner("sample", "key", "SQ_BUCKET", ("M_BUCKET",))},
 )(tk.hyper_bwd_sample)
 
 
 def row_strides(**tensors) -> dict:
-    """The ``s<name>b, s<name>h, s<name>n`` launch arguments: the batch, head and row strides of each named
-    ``[B, H, N, ...]`` tensor (the kernels take the last dim as contiguous)."""
-    return {f"s{name}{axis}": x.stride(i) for name, x in tensors.items() for i, axis in enumerate("bhn")}
+    """The ``<NAME>S`` launch arguments: the (batch, head, row) strides of each named ``[B, H, N, ...]`` tensor
+    as one tuple (the kernels take the last dim as contiguous); a tuple's elements are specialised like plain
+    integer arguments (1 folded in, multiples of 16 marked)."""
+    return {f"{name.upper()}S": tuple(x.stride(i) for i in range(3)) for name, x in tensors.items()}
+
+
+def geometry(names: tuple, device, **lengths: int) -> torch.Tensor:
+    """A launch's length descriptor ``GEOM``: ``lengths`` in the kernel's order ``names``, as 16 int32 (one
+    64-byte line, zero-padded) on ``device``, read once per program by `triton_kernels._geometry`."""
+    values = [lengths[name] for name in names]
+    if len(values) > tk.GEOM_SIZE or any(not -(2**31) <= x < 2**31 for x in values):
+        raise ValueError(f"lengths that do not fit a descriptor of {tk.GEOM_SIZE} int32: {dict(zip(names, values))}")
+    return torch.tensor(values + [0] * (tk.GEOM_SIZE - len(values)), dtype=torch.int32, device=device)
+
+
+def numerics(dtype: torch.dtype, interpret: bool) -> tuple:
+    """The kernels' ``NUM`` constexpr for inputs of ``dtype``: (accumulator dtype, ``tl.dot`` input precision,
+    whether bf16 operands are widened to fp32 before ``tl.dot``, which only the interpreter needs)."""
+    acc = tl.float64 if dtype == torch.float64 else tl.float32
+    precision = "ieee" if dtype in (torch.float32, torch.float64) else "tf32"
+    return acc, precision, interpret and dtype == torch.bfloat16

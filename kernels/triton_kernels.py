@@ -61,7 +61,9 @@ INTERPRET = bool(triton.knobs.runtime.interpret)
 # kernels may read only constexpr globals
 LOG2E = tl.constexpr(1.4426950408889634)
 LN2 = tl.constexpr(0.6931471805599453)
-LENGTHS = [
+# the lengths of a launch, in the order of its int32 descriptor ``GEOM`` (`_geometry`): data, not arguments, so
+# that no launch specialises on a length and every kernel reads one list
+LENGTHS = (
     "HQ",
     "GROUP",
     "COUNT",
@@ -77,8 +79,9 @@ LENGTHS = [
     "M",
     "BAND_LO",
     "BAND_HI",
-]
-RUNTIME = LENGTHS + ["ACCUMULATE"]  # ACCUMULATE (0/1) only branches at entry and exit: not worth a variant
+)
+GEOM_SIZE = 16  # int32 entries of a descriptor: one 64-byte line (zero past the kernel's lengths)
+RUNTIME = ["ACCUMULATE"]  # ACCUMULATE (0/1) only branches at entry and exit: not worth a variant
 # BAND modes (constexpr) of non-causal self-attention with a local window
 BAND_NONE = tl.constexpr(0)
 BAND_EXCLUDE = tl.constexpr(1)  # the hyper parts: (query, key) pairs inside the query's window are left out
@@ -92,6 +95,31 @@ BAND_ONLY = tl.constexpr(2)  # the exact band: only the pairs inside the window 
 # The interpreter re-patches triton.language on every call of a jitted helper (~0.6 ms each, most of the
 # interpreter's time here); under it, helpers run as plain Python inside the already patched kernel.
 _device = (lambda fn: fn) if INTERPRET else triton.jit
+
+
+@_device
+def _geometry(GEOM):
+    """The ``GEOM_SIZE`` entries of a launch's length descriptor (`triton_configs.geometry`: `LENGTHS` here, the
+    kernel's own list in `triton_topk`, then zeros): one scalar load each at entry, from the same line in every
+    program; entries a kernel does not name are never used."""
+    return (
+        tl.load(GEOM),
+        tl.load(GEOM + 1),
+        tl.load(GEOM + 2),
+        tl.load(GEOM + 3),
+        tl.load(GEOM + 4),
+        tl.load(GEOM + 5),
+        tl.load(GEOM + 6),
+        tl.load(GEOM + 7),
+        tl.load(GEOM + 8),
+        tl.load(GEOM + 9),
+        tl.load(GEOM + 10),
+        tl.load(GEOM + 11),
+        tl.load(GEOM + 12),
+        tl.load(GEOM + 13),
+        tl.load(GEOM + 14),
+        tl.load(GEOM + 15),
+    )
 
 
 @_device
@@ -222,11 +250,12 @@ def _side_index(SAMP, kv_head, M, sp):
 
 
 @_device
-def _side_weights(SBLK, SLW, kv_head, M, sp, blk, ACC: tl.constexpr):
+def _side_weights(SBLK, SLW, kv_head, M, sp, blk, NUM: tl.constexpr):
     """Base-2 log-weights of side keys ``sp`` and the block each sits in (-1 for an extra, which no block
     excludes). Whether a key is attended rides in its log-weight: -inf for a key past M, past the tensor (set by
     the launcher), masked, in an empty stratum, or drawn from block ``blk`` (the query tile's own; -2 excludes
     none). So a score plus the log-weight needs no mask."""
+    ACC = NUM[0]
     inside = sp < M
     base = kv_head * M
     sblk = tl.load(SBLK + base + sp, mask=inside, other=-1)
@@ -263,43 +292,67 @@ def _side_pairs(ok, didx, extra, BAND_LO, BAND_HI, BAND: tl.constexpr):
 
 
 @_device
-def _grad_rows(
-    q_base,
-    do_base,
+def _query_state(
+    Q,
+    QS,
+    DO,
+    DOS,
     LSE,
     DELTA,
-    row_base,
-    qrow,
-    q_ok,
-    sqn,
-    sdon,
+    LS,
+    O,
+    OS,
+    b,
+    h,
+    rows,
+    ok,
+    ACCUMULATE,
+    GRAD: tl.constexpr,
     D: tl.constexpr,
     BLOCK_D: tl.constexpr,
-    ACC: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    NUM: tl.constexpr,
 ):
-    """What the backward reads per query row: q, dO [R, BLOCK_D], lse (base 2) and Delta [R]; zeros for rows
-    that do not exist, which then add nothing to any gradient."""
-    q = _load_rows(q_base, qrow, q_ok, sqn, D, BLOCK_D, True)
-    do = _load_rows(do_base, qrow, q_ok, sdon, D, BLOCK_D, True)
-    row_off = row_base + qrow.to(tl.int64)
-    lse2 = tl.load(LSE + row_off, mask=q_ok, other=0.0).to(ACC) * LOG2E
-    delta = tl.load(DELTA + row_off, mask=q_ok, other=0.0).to(ACC)
-    return q, do, lse2, delta
+    """What a query tile of head ``h`` brings to its key passes, ``(q, do, lse2, delta)``, and its softmax state
+    ``(acc, m, l)`` at the start. Forward: q (the other three ride along unused) and (0, -inf, 1), or with
+    ``ACCUMULATE`` the earlier parts' (out, lse, 1) read from ``O`` and ``LSE``. ``GRAD``: q, dO, the final lse
+    (base 2) and Delta, zeros for rows that do not exist (which then add nothing to any gradient), and acc 0 (m
+    and l ride along unused). ``XS`` is tensor X's (batch, head, row) strides; ``LS`` serves LSE and DELTA."""
+    ACC = NUM[0]
+    q = _load_rows(Q + b * QS[0] + h * QS[1], rows, ok, QS[2], D, BLOCK_D, True)  # [BM, BD]
+    if GRAD:
+        do = _load_rows(DO + b * DOS[0] + h * DOS[1], rows, ok, DOS[2], D, BLOCK_D, True)
+        row_off = b * LS[0] + h * LS[1] + rows.to(tl.int64)
+        lse2 = tl.load(LSE + row_off, mask=ok, other=0.0).to(ACC) * LOG2E
+        delta = tl.load(DELTA + row_off, mask=ok, other=0.0).to(ACC)
+        state = (tl.zeros([BLOCK_M, BLOCK_D], ACC), lse2, lse2)
+    else:
+        l_i = tl.full([BLOCK_M], 1.0, ACC)
+        if ACCUMULATE:  # resume the softmax of earlier parts: (m, l, acc) = (lse, 1, out)
+            m_i = tl.load(LSE + b * LS[0] + h * LS[1] + rows.to(tl.int64), mask=ok, other=float("-inf"))
+            acc = _load_rows(O + b * OS[0] + h * OS[1], rows, ok, OS[2], D, BLOCK_D, True).to(ACC)
+            state = (acc, m_i.to(ACC) * LOG2E, l_i)
+        else:
+            state = (tl.zeros([BLOCK_M, BLOCK_D], ACC), tl.full([BLOCK_M], float("-inf"), ACC), l_i)
+        do, lse2, delta = q, l_i, l_i
+    return (q, do, lse2, delta), state
 
 
 @_device
-def _dot(a, b, ACC: tl.constexpr, PRECISION: tl.constexpr, WIDEN: tl.constexpr):
-    """``a @ b`` accumulated in ``ACC``. fp32 operands with ``PRECISION="ieee"`` run as fp64 dots (exact
-    products, fp64 sums, rounded to ACC): the fp64 tensor cores (DMMA) keep operands in the MMA register layout,
+def _dot(a, b, NUM: tl.constexpr):
+    """``a @ b`` with the launch's numerics ``NUM`` = (accumulator dtype, ``tl.dot`` input precision, widen):
+    accumulated in the accumulator dtype. fp32 operands with precision ``"ieee"`` run as fp64 dots (exact
+    products, fp64 sums, rounded to it): the fp64 tensor cores (DMMA) keep operands in the MMA register layout,
     where Triton's fp32 FMA dot holds a thread's whole K slice of both operands (255 registers and spills at
     d = 128 even for 16 x 16 tiles); DMMA's rate equals the fp32 FMA rate on A100 and H100."""
-    if WIDEN:  # interpreter only, see the module docstring
+    ACC = NUM[0]
+    if NUM[2]:  # interpreter only, see the module docstring
         a = a.to(tl.float32)
         b = b.to(tl.float32)
-    if a.dtype == tl.float32 and PRECISION == "ieee":
-        out = tl.dot(a.to(tl.float64), b.to(tl.float64), input_precision=PRECISION, out_dtype=tl.float64).to(ACC)
+    if a.dtype == tl.float32 and NUM[1] == "ieee":
+        out = tl.dot(a.to(tl.float64), b.to(tl.float64), input_precision=NUM[1], out_dtype=tl.float64).to(ACC)
     else:
-        out = tl.dot(a, b, input_precision=PRECISION, out_dtype=ACC)
+        out = tl.dot(a, b, input_precision=NUM[1], out_dtype=ACC)
     return out
 
 
@@ -310,13 +363,8 @@ def _dot(a, b, ACC: tl.constexpr, PRECISION: tl.constexpr, WIDEN: tl.constexpr):
 
 @_device
 def _step(
-    acc,
-    m_i,
-    l_i,
-    q,
-    do,
-    lse2,
-    delta,
+    state,
+    query,
     k,
     v,
     ok,
@@ -324,20 +372,21 @@ def _step(
     scale2,
     MASK: tl.constexpr,
     GRAD: tl.constexpr,
-    ACC: tl.constexpr,
-    PRECISION: tl.constexpr,
-    WIDEN: tl.constexpr,
+    NUM: tl.constexpr,
 ):
-    """One key tile of a query tile. Forward (``GRAD`` False): an online-softmax step (base-2 scores) on
-    (acc, m, l). dQ: ``acc += dS K`` (m and l ride along unused). ``ok`` masks pairs when ``MASK``."""
-    s = _dot(q, tl.trans(k), ACC, PRECISION, WIDEN) * scale2 + bias2  # [BM, BN]
+    """One key tile of a query tile (``query`` and ``state`` as `_query_state` makes them). Forward (``GRAD``
+    False): an online-softmax step (base-2 scores) on (acc, m, l). dQ: ``acc += dS K`` (m and l ride along
+    unused). ``ok`` masks pairs when ``MASK``."""
+    acc, m_i, l_i = state
+    q, do, lse2, delta = query
+    s = _dot(q, tl.trans(k), NUM) * scale2 + bias2  # [BM, BN]
     if GRAD:
         p = tl.math.exp2(s - lse2[:, None])
         if MASK:
             p = tl.where(ok, p, 0.0)
-        dp = _dot(do, tl.trans(v), ACC, PRECISION, WIDEN)
+        dp = _dot(do, tl.trans(v), NUM)
         ds = p * (dp - delta[:, None])
-        acc = acc + _dot(ds.to(k.dtype), k, ACC, PRECISION, WIDEN)
+        acc = acc + _dot(ds.to(k.dtype), k, NUM)
     else:
         if MASK:
             s = tl.where(ok, s, float("-inf"))
@@ -347,36 +396,21 @@ def _step(
         alpha = tl.where(empty, 1.0, tl.math.exp2(m_i - m_safe))
         p = tl.math.exp2(s - m_safe[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, ACC, PRECISION, WIDEN)
+        acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, NUM)
         m_i = m_new
     return acc, m_i, l_i
 
 
 @_device
 def _diag_pass(
-    acc,
-    m_i,
-    l_i,
-    q,
-    do,
-    lse2,
-    delta,
-    k_base,
-    v_base,
-    skn,
-    svn,
-    kperm,
-    KVALID,
+    state,
+    query,
+    keys,
     lo,
     hi,
     pos,
     qidx,
-    k_row0,
-    NK_T,
-    SQ,
-    SK,
-    BAND_LO,
-    BAND_HI,
+    geo,
     scale2,
     MASK: tl.constexpr,
     PERMUTED: tl.constexpr,
@@ -387,53 +421,35 @@ def _diag_pass(
     D: tl.constexpr,
     BLOCK_D: tl.constexpr,
     BLOCK_N: tl.constexpr,
-    ACC: tl.constexpr,
-    PRECISION: tl.constexpr,
-    WIDEN: tl.constexpr,
+    NUM: tl.constexpr,
 ):
-    """Key tiles ``[lo, hi)`` of the diagonal block. The next tile's rows (a gather through ``kperm`` when
-    permuted) are loaded one iteration ahead and carried, so the K/V loads of a tile depend on no load of the
-    same iteration and the pipeliner can issue them stages ahead. Without ``MASK`` the tiles are whole and seen
-    by every row: no pair mask and unmasked loads (the key mask of an unpermuted launch still applies)."""
+    """Key tiles ``[lo, hi)`` of the diagonal block: ``keys`` = (K and V bases, their row strides, the key order,
+    the key mask), ``geo`` = (first key row, NK_T, SQ, SK, BAND_LO, BAND_HI). The next tile's rows (a gather
+    through the key order when permuted) are loaded one iteration ahead and carried, so the K/V loads of a tile
+    depend on no load of the same iteration and the pipeliner can issue them stages ahead. Without ``MASK`` the
+    tiles are whole and seen by every row: no pair mask and unmasked loads (the key mask of an unpermuted
+    launch still applies)."""
+    k_base, v_base, skn, svn, kperm, valid = keys
+    k_row0, NK_T, SQ, SK, BAND_LO, BAND_HI = geo
     kpos = lo + tl.arange(0, BLOCK_N)
-    krow, k_ok = _diag_keys(kperm, kpos, hi, k_row0, NK_T, KVALID, PERMUTED, HAS_VALID)
+    krow, k_ok = _diag_keys(kperm, kpos, hi, k_row0, NK_T, valid, PERMUTED, HAS_VALID)
     for _ in range(lo, hi, BLOCK_N):
-        nrow, n_ok = _diag_keys(kperm, kpos + BLOCK_N, hi, k_row0, NK_T, KVALID, PERMUTED, HAS_VALID)
+        nrow, n_ok = _diag_keys(kperm, kpos + BLOCK_N, hi, k_row0, NK_T, valid, PERMUTED, HAS_VALID)
         k = _load_rows(k_base, krow, k_ok, skn, D, BLOCK_D, MASK)
         v = _load_rows(v_base, krow, k_ok, svn, D, BLOCK_D, MASK)
-        ok = _block_pairs(
-            k_ok[None, :],
-            kpos[None, :] - pos[:, None],
-            (krow - k_row0)[None, :] - qidx[:, None],
-            SQ,
-            SK,
-            BAND_LO,
-            BAND_HI,
-            IS_CAUSAL,
-            BAND,
-        )
-        acc, m_i, l_i = _step(
-            acc, m_i, l_i, q, do, lse2, delta, k, v, ok, 0.0, scale2, MASK or HAS_VALID, GRAD, ACC, PRECISION, WIDEN
-        )
+        dpos = kpos[None, :] - pos[:, None]
+        didx = (krow - k_row0)[None, :] - qidx[:, None]
+        ok = _block_pairs(k_ok[None, :], dpos, didx, SQ, SK, BAND_LO, BAND_HI, IS_CAUSAL, BAND)
+        state = _step(state, query, k, v, ok, 0.0, scale2, MASK or HAS_VALID, GRAD, NUM)
         kpos, krow, k_ok = kpos + BLOCK_N, nrow, n_ok
-    return acc, m_i, l_i
+    return state
 
 
 @_device
 def _side_pass(
-    acc,
-    m_i,
-    l_i,
-    q,
-    do,
-    lse2,
-    delta,
-    SKV,
-    SAMP,
-    SBLK,
-    SLW,
-    kv_head,
-    M,
+    state,
+    query,
+    side,
     blk,
     qidx,
     BAND_LO,
@@ -443,41 +459,23 @@ def _side_pass(
     GRAD: tl.constexpr,
     BLOCK_D: tl.constexpr,
     BLOCK_N: tl.constexpr,
-    ACC: tl.constexpr,
-    PRECISION: tl.constexpr,
-    WIDEN: tl.constexpr,
+    NUM: tl.constexpr,
 ):
-    """The side keys: residual draws of other blocks (log-weighted), then the exact extras (weight 1), read from
-    the launcher's contiguous copy of their K/V rows (`_side_kv`), so that no K/V load waits on an index load.
-    The weights carry validity, so without a window no pair mask is needed and no position is read."""
+    """The side keys, ``side`` = (SKV, SAMP, SBLK, SLW, the kv head's row in them, M): residual draws of other
+    blocks (log-weighted), then the exact extras (weight 1), read from the launcher's contiguous copy of their
+    K/V rows (`_side_kv`), so that no K/V load waits on an index load. The weights carry validity, so without
+    a window no pair mask is needed and no position is read."""
+    SKV, SAMP, SBLK, SLW, kv_head, M = side
     for start in range(0, M, BLOCK_N):
         sp = start + tl.arange(0, BLOCK_N)
-        lw2, sblk = _side_weights(SBLK, SLW, kv_head, M, sp, blk, ACC)
+        lw2, sblk = _side_weights(SBLK, SLW, kv_head, M, sp, blk, NUM)
         k, v = _side_kv(SKV, kv_head, M, sp, BLOCK_D)
         ok = lw2[None, :] > float("-inf")
         if BAND == BAND_EXCLUDE:
             kidx = _side_index(SAMP, kv_head, M, sp)
             ok = _side_pairs(ok, kidx[None, :] - qidx[:, None], (sblk < 0)[None, :], BAND_LO, BAND_HI, BAND)
-        acc, m_i, l_i = _step(
-            acc,
-            m_i,
-            l_i,
-            q,
-            do,
-            lse2,
-            delta,
-            k,
-            v,
-            ok,
-            lw2[None, :],
-            scale2,
-            BAND == BAND_EXCLUDE,
-            GRAD,
-            ACC,
-            PRECISION,
-            WIDEN,
-        )
-    return acc, m_i, l_i
+        state = _step(state, query, k, v, ok, lw2[None, :], scale2, BAND == BAND_EXCLUDE, GRAD, NUM)
+    return state
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -487,72 +485,39 @@ def _side_pass(
 
 @_device
 def _dkdv_step(
-    dk,
-    dv,
+    grads,
     k,
     v,
-    q,
-    do,
-    lse2,
-    delta,
+    query,
     ok,
     bias2,
     scale2,
     MASK: tl.constexpr,
-    ACC: tl.constexpr,
-    PRECISION: tl.constexpr,
-    WIDEN: tl.constexpr,
+    NUM: tl.constexpr,
 ):
-    """Key-major step: ``ok [BN, BM]`` masks (key, query) pairs when ``MASK``."""
-    st = _dot(k, tl.trans(q), ACC, PRECISION, WIDEN) * scale2 + bias2  # [BN, BM]
+    """Key-major step: ``grads`` = (dK, dV) of a key tile, ``query`` a query tile's (q, do, lse2, delta);
+    ``ok [BN, BM]`` masks (key, query) pairs when ``MASK``."""
+    dk, dv = grads
+    q, do, lse2, delta = query
+    st = _dot(k, tl.trans(q), NUM) * scale2 + bias2  # [BN, BM]
     pt = tl.math.exp2(st - lse2[None, :])
     if MASK:
         pt = tl.where(ok, pt, 0.0)
-    dv = dv + _dot(pt.to(do.dtype), do, ACC, PRECISION, WIDEN)
-    dpt = _dot(v, tl.trans(do), ACC, PRECISION, WIDEN)
+    dv = dv + _dot(pt.to(do.dtype), do, NUM)
+    dpt = _dot(v, tl.trans(do), NUM)
     dst = pt * (dpt - delta[None, :])
-    dk = dk + _dot(dst.to(q.dtype), q, ACC, PRECISION, WIDEN)
+    dk = dk + _dot(dst.to(q.dtype), q, NUM)
     return dk, dv
 
 
 @_device
 def _key_pass(
-    dk,
-    dv,
-    k,
-    v,
-    kpos,
-    kidx,
-    k_ok,
-    sblk,
-    lw2,
+    grads,
+    keys,
     lo,
     hi,
-    Q,
-    DO,
-    LSE,
-    DELTA,
-    QPERM,
-    sub,
-    b,
-    hk,
-    sqb,
-    sqh,
-    sqn,
-    sdob,
-    sdoh,
-    sdon,
-    slb,
-    slh,
-    HQ,
-    GROUP,
-    SQ,
-    SK,
-    NQ_T,
-    BQ,
-    q_row0,
-    BAND_LO,
-    BAND_HI,
+    src,
+    geo,
     scale2,
     MASK: tl.constexpr,
     SIDE: tl.constexpr,
@@ -562,13 +527,17 @@ def _key_pass(
     D: tl.constexpr,
     BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr,
-    ACC: tl.constexpr,
-    PRECISION: tl.constexpr,
-    WIDEN: tl.constexpr,
+    NUM: tl.constexpr,
 ):
-    """Query positions ``[lo, hi)`` of every query head of the kv head's group, as one flat loop over (head,
-    tile), so the pipeline fills once per program, not once per head; the next tile's rows are loaded one
-    iteration ahead. ``SIDE``: the keys are side keys (block exclusion, log-weights, window of draws)."""
+    """dK, dV (``grads``) of a key tile, ``keys`` = (k, v, sorted positions, positions in the sub-problem, which
+    are attended, block, log-weight), from query positions ``[lo, hi)`` of every query head of the kv head's
+    group, as one flat loop over (head, tile), so the pipeline fills once per program, not once per head; the
+    next tile's rows are loaded one iteration ahead. ``src`` = (Q, QS, DO, DOS, LSE, DELTA, LS, QPERM), ``geo``
+    = (sub-problem, batch, kv head, HQ, GROUP, SQ, SK, NQ_T, BQ, first query row, BAND_LO, BAND_HI). ``SIDE``:
+    the keys are side keys (block exclusion, log-weights, window of draws)."""
+    k, v, kpos, kidx, k_ok, sblk, lw2 = keys
+    Q, QS, DO, DOS, LSE, DELTA, LS, QPERM = src
+    sub, b, hk, HQ, GROUP, SQ, SK, NQ_T, BQ, q_row0, BAND_LO, BAND_HI = geo
     tiles = tl.cdiv(hi - lo, BLOCK_M)
     total = GROUP * tiles
     qperm = QPERM + (sub * HQ + hk * GROUP) * SQ
@@ -580,39 +549,20 @@ def _key_pass(
         npos = lo + (it + 1) % tiles * BLOCK_M + tl.arange(0, BLOCK_M)
         nh = tl.minimum((it + 1) // tiles, GROUP - 1)
         nrow, n_ok = _rows_of(qperm + nh * SQ, npos, npos < hi, q_row0, NQ_T, PERMUTED)
-        q, do, lse2, delta = _grad_rows(
-            Q + b * sqb + h * sqh,
-            DO + b * sdob + h * sdoh,
-            LSE,
-            DELTA,
-            b * slb + h * slh,
-            qrow,
-            q_ok,
-            sqn,
-            sdon,
-            D,
-            BLOCK_D,
-            ACC,
+        query, _ = _query_state(
+            Q, QS, DO, DOS, LSE, DELTA, LS, Q, QS, b, h, qrow, q_ok, 0, True, D, BLOCK_D, BLOCK_M, NUM
         )
+        didx = kidx[:, None] - (qrow - q_row0)[None, :]
         if SIDE:
             ok = k_ok[:, None] & (sblk[:, None] != (pos // BQ)[None, :])
-            ok = _side_pairs(ok, kidx[:, None] - (qrow - q_row0)[None, :], (sblk < 0)[:, None], BAND_LO, BAND_HI, BAND)
-            dk, dv = _dkdv_step(dk, dv, k, v, q, do, lse2, delta, ok, lw2[:, None], scale2, True, ACC, PRECISION, WIDEN)
+            ok = _side_pairs(ok, didx, (sblk < 0)[:, None], BAND_LO, BAND_HI, BAND)
+            grads = _dkdv_step(grads, k, v, query, ok, lw2[:, None], scale2, True, NUM)
         else:
-            ok = _block_pairs(
-                k_ok[:, None],
-                kpos[:, None] - pos[None, :],
-                kidx[:, None] - (qrow - q_row0)[None, :],
-                SQ,
-                SK,
-                BAND_LO,
-                BAND_HI,
-                IS_CAUSAL,
-                BAND,
-            )
-            dk, dv = _dkdv_step(dk, dv, k, v, q, do, lse2, delta, ok, 0.0, scale2, MASK, ACC, PRECISION, WIDEN)
+            dpos = kpos[:, None] - pos[None, :]
+            ok = _block_pairs(k_ok[:, None], dpos, didx, SQ, SK, BAND_LO, BAND_HI, IS_CAUSAL, BAND)
+            grads = _dkdv_step(grads, k, v, query, ok, 0.0, scale2, MASK, NUM)
         pos, qrow, q_ok = npos, nrow, n_ok
-    return dk, dv
+    return grads
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -625,10 +575,6 @@ def hyper_query(
     Q,
     K,
     V,
-    O,
-    LSE,
-    DO,
-    DELTA,
     KVALID,
     KCOUNT,
     QPERM,
@@ -637,44 +583,23 @@ def hyper_query(
     SBLK,
     SLW,
     SKV,
-    sqb,
-    sqh,
-    sqn,
-    skb,
-    skh,
-    skn,
-    svb,
-    svh,
-    svn,
-    sob,
-    soh,
-    son,
-    sdob,
-    sdoh,
-    sdon,
-    slb,
-    slh,
+    O,
+    LSE,
+    DO,
+    DELTA,
+    QS,
+    KS,
+    VS,
+    OS,
+    DOS,
+    LS,
     svalb,
-    HQ,
-    GROUP,
-    COUNT,
-    CHUNK,
-    Q_OFF,
-    K_OFF,
-    SQ,
-    SK,
-    NQ_T,
-    NK_T,
-    BQ,
-    BK,
-    M,
-    BAND_LO,
-    BAND_HI,
+    GEOM,
     SCALES,
-    ACCUMULATE,
     BQ_BUCKET,
     BK_BUCKET,
     M_BUCKET,
+    ACCUMULATE,
     D: tl.constexpr,
     BLOCK_D: tl.constexpr,
     PERMUTED: tl.constexpr,
@@ -683,103 +608,47 @@ def hyper_query(
     IS_CAUSAL: tl.constexpr,
     BAND: tl.constexpr,
     GRAD: tl.constexpr,
-    ACC: tl.constexpr,
-    PRECISION: tl.constexpr,
-    WIDEN: tl.constexpr,
+    NUM: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
     """One query tile. ``GRAD=False`` (``hyper_fwd``): out into ``O`` and lse into ``LSE``, or with ``ACCUMULATE``
     merged into the (out, lse) already there. ``GRAD`` (``hyper_bwd_dq``): the same loops again given the final
     ``LSE`` and ``DELTA`` (m and l ride along unused), accumulating dQ into ``O`` (the fp32 dQ buffer); ``DO``
-    and ``DELTA`` are read only then."""
+    and ``DELTA`` are read only then. ``XS``: tensor X's (batch, head, row) strides (``LS``: LSE's and DELTA's)."""
+    HQ, GROUP, COUNT, CHUNK, Q_OFF, K_OFF, SQ, SK, NQ_T, NK_T, BQ, BK, M, BAND_LO, BAND_HI, _ = _geometry(GEOM)
+    ACC = NUM[0]
     sub, h, kv_head, hk, blk, t0, pos, qrow, q_ok = _query_tile(
         tl.program_id(0), QPERM, HQ, GROUP, COUNT, CHUNK, Q_OFF, SQ, NQ_T, BQ, PERMUTED, BLOCK_M
     )
     b = (sub // COUNT).to(tl.int64)
-    o_base = O + b * sob + h * soh
-    l_ptrs = LSE + b * slb + h * slh + qrow.to(tl.int64)
-    if GRAD:
-        q, do, lse2, delta = _grad_rows(
-            Q + b * sqb + h * sqh,
-            DO + b * sdob + h * sdoh,
-            LSE,
-            DELTA,
-            b * slb + h * slh,
-            qrow,
-            q_ok,
-            sqn,
-            sdon,
-            D,
-            BLOCK_D,
-            ACC,
-        )
-        acc = tl.zeros([BLOCK_M, BLOCK_D], ACC)
-        m_i, l_i = lse2, lse2
-    else:
-        q = _load_rows(Q + b * sqb + h * sqh, qrow, q_ok, sqn, D, BLOCK_D, True)  # [BM, BD]
-        l_i = tl.full([BLOCK_M], 1.0, ACC)
-        if ACCUMULATE:  # resume the softmax of earlier parts: (m, l, acc) = (lse, 1, out)
-            m_i = tl.load(l_ptrs, mask=q_ok, other=float("-inf")).to(ACC) * LOG2E
-            acc = _load_rows(o_base, qrow, q_ok, son, D, BLOCK_D, True).to(ACC)
-        else:
-            m_i = tl.full([BLOCK_M], float("-inf"), ACC)
-            acc = tl.zeros([BLOCK_M, BLOCK_D], ACC)
-        do, lse2, delta = q, m_i, m_i
+    query, state = _query_state(
+        Q, QS, DO, DOS, LSE, DELTA, LS, O, OS, b, h, qrow, q_ok, ACCUMULATE, GRAD, D, BLOCK_D, BLOCK_M, NUM
+    )
     # every key the tile sees: the diagonal block's whole tiles, its other tiles, then the side keys
     scale2 = tl.load(SCALES + 1).to(ACC)
     k_row0 = (sub % COUNT) * CHUNK + K_OFF
     qidx = qrow - ((sub % COUNT) * CHUNK + Q_OFF)  # query positions in the sub-problem (the window test)
-    k_base = K + b * skb + hk * skh
-    v_base = V + b * svb + hk * svh
-    valid = KVALID + b * svalb
     kperm = KPERM + kv_head * SK
+    keys = (K + b * KS[0] + hk * KS[1], V + b * VS[0] + hk * VS[1], KS[2], VS[2], kperm, KVALID + b * svalb)
     k_count = SK
     if PERMUTED:
         k_count = tl.load(KCOUNT + sub.to(tl.int64))
-    lo, mid, hi = _diag_span(
-        blk,
-        blk * BQ + t0,
-        BQ,
-        BK,
-        SQ,
-        SK,
-        k_count,
-        k_row0,
-        NK_T,
-        BAND_LO,
-        BAND_HI,
-        PERMUTED,
-        IS_CAUSAL,
-        BAND,
-        BLOCK_M,
-        BLOCK_N,
+    first = blk * BQ + t0
+    spans = _diag_span(
+        blk, first, BQ, BK, SQ, SK, k_count, k_row0, NK_T, BAND_LO, BAND_HI, PERMUTED, IS_CAUSAL, BAND, BLOCK_M, BLOCK_N
     )
+    geo = (k_row0, NK_T, SQ, SK, BAND_LO, BAND_HI)
     for i in tl.static_range(2):  # the whole tiles (no pair mask), then the rest
-        acc, m_i, l_i = _diag_pass(
-            acc,
-            m_i,
-            l_i,
-            q,
-            do,
-            lse2,
-            delta,
-            k_base,
-            v_base,
-            skn,
-            svn,
-            kperm,
-            valid,
-            lo if i == 0 else mid,
-            mid if i == 0 else hi,
+        state = _diag_pass(
+            state,
+            query,
+            keys,
+            spans[i],
+            spans[i + 1],
             pos,
             qidx,
-            k_row0,
-            NK_T,
-            SQ,
-            SK,
-            BAND_LO,
-            BAND_HI,
+            geo,
             scale2,
             i == 1,
             PERMUTED,
@@ -790,46 +659,22 @@ def hyper_query(
             D,
             BLOCK_D,
             BLOCK_N,
-            ACC,
-            PRECISION,
-            WIDEN,
+            NUM,
         )
     if HAS_SAMPLES:
-        acc, m_i, l_i = _side_pass(
-            acc,
-            m_i,
-            l_i,
-            q,
-            do,
-            lse2,
-            delta,
-            SKV,
-            SAMP,
-            SBLK,
-            SLW,
-            kv_head,
-            M,
-            blk,
-            qidx,
-            BAND_LO,
-            BAND_HI,
-            scale2,
-            BAND,
-            GRAD,
-            BLOCK_D,
-            BLOCK_N,
-            ACC,
-            PRECISION,
-            WIDEN,
-        )
+        side = (SKV, SAMP, SBLK, SLW, kv_head, M)
+        state = _side_pass(state, query, side, blk, qidx, BAND_LO, BAND_HI, scale2, BAND, GRAD, BLOCK_D, BLOCK_N, NUM)
+    acc, m_i, l_i = state
+    o_base = O + b * OS[0] + h * OS[1]
     if GRAD:
         out = acc * tl.load(SCALES).to(ACC)
         if ACCUMULATE:
-            out += _load_rows(o_base, qrow, q_ok, son, D, BLOCK_D, True)
+            out += _load_rows(o_base, qrow, q_ok, OS[2], D, BLOCK_D, True)
     else:
         out = acc / l_i[:, None]
-        tl.store(l_ptrs, (m_i + tl.math.log2(l_i)) * LN2, mask=q_ok)  # -inf for rows that saw no key
-    _store_rows(o_base, qrow, q_ok, son, out.to(O.dtype.element_ty), D, BLOCK_D)
+        lse = (m_i + tl.math.log2(l_i)) * LN2  # -inf for rows that saw no key
+        tl.store(LSE + b * LS[0] + h * LS[1] + qrow.to(tl.int64), lse, mask=q_ok)
+    _store_rows(o_base, qrow, q_ok, OS[2], out.to(O.dtype.element_ty), D, BLOCK_D)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -839,69 +684,42 @@ def hyper_query(
 
 @triton.jit(do_not_specialize=RUNTIME)
 def hyper_bwd_dkdv(
-    Q,
     K,
     V,
+    KVALID,
+    KCOUNT,
+    KPERM,
+    Q,
+    QPERM,
     DO,
     LSE,
     DELTA,
     DK,
     DV,
-    KVALID,
-    KCOUNT,
-    QPERM,
-    KPERM,
-    sqb,
-    sqh,
-    sqn,
-    skb,
-    skh,
-    skn,
-    svb,
-    svh,
-    svn,
-    sdob,
-    sdoh,
-    sdon,
-    sdkb,
-    sdkh,
-    sdkn,
-    sdvb,
-    sdvh,
-    sdvn,
-    slb,
-    slh,
+    KS,
+    VS,
+    QS,
+    DOS,
+    LS,
+    DKS,
+    DVS,
     svalb,
-    HQ,
-    GROUP,
-    COUNT,
-    CHUNK,
-    Q_OFF,
-    K_OFF,
-    SQ,
-    SK,
-    NQ_T,
-    NK_T,
-    BQ,
-    BK,
-    BAND_LO,
-    BAND_HI,
+    GEOM,
     SCALES,
-    ACCUMULATE,
     BQ_BUCKET,
     BK_BUCKET,
+    ACCUMULATE,
     D: tl.constexpr,
     BLOCK_D: tl.constexpr,
     PERMUTED: tl.constexpr,
     HAS_VALID: tl.constexpr,
     IS_CAUSAL: tl.constexpr,
     BAND: tl.constexpr,
-    ACC: tl.constexpr,
-    PRECISION: tl.constexpr,
-    WIDEN: tl.constexpr,
+    NUM: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
+    HQ, GROUP, COUNT, CHUNK, Q_OFF, K_OFF, SQ, SK, NQ_T, NK_T, BQ, BK, M, BAND_LO, BAND_HI, _ = _geometry(GEOM)
     # program -> (sub-problem, kv head, diagonal block, key tile); loops over the block's queries of every
     # query head of the group, so it owns its key rows
     tiles = tl.cdiv(BK, BLOCK_N)
@@ -925,11 +743,11 @@ def hyper_bwd_dkdv(
         k_ok = k_in
         if HAS_VALID:
             k_ok = k_ok & (tl.load(KVALID + b * svalb + krow, mask=k_in, other=0) != 0)
-    k = _load_rows(K + b * skb + hk * skh, krow, k_ok, skn, D, BLOCK_D, True)
-    v = _load_rows(V + b * svb + hk * svh, krow, k_ok, svn, D, BLOCK_D, True)
+    k = _load_rows(K + b * KS[0] + hk * KS[1], krow, k_ok, KS[2], D, BLOCK_D, True)
+    v = _load_rows(V + b * VS[0] + hk * VS[1], krow, k_ok, VS[2], D, BLOCK_D, True)
     kidx = krow - k_row0  # key positions in the sub-problem (the window test)
-    dk = tl.zeros([BLOCK_N, BLOCK_D], ACC)
-    dv = tl.zeros([BLOCK_N, BLOCK_D], ACC)
+    dk = tl.zeros([BLOCK_N, BLOCK_D], NUM[0])
+    dv = tl.zeros([BLOCK_N, BLOCK_D], NUM[0])
 
     # queries [q_lo, q_hi) see the tile; [q_mid, q_hi) see all of it (no pair mask). Keys that are not attended
     # get their rows zeroed at the end instead of a mask per step.
@@ -947,169 +765,64 @@ def hyper_bwd_dkdv(
         if IS_CAUSAL:  # from query first + BLOCK_N - 1 - (SK - SQ) on, every key of the tile is seen
             need = tl.maximum(first + BLOCK_N - 1 - (SK - SQ) - q_lo, 0)
             q_mid = tl.minimum(q_lo + tl.cdiv(need, BLOCK_M) * BLOCK_M, q_hi)
-    scale2 = tl.load(SCALES + 1).to(ACC)
-    dk, dv = _key_pass(
-        dk,
-        dv,
-        k,
-        v,
-        kpos,
-        kidx,
-        k_ok,
-        kpos,
-        kpos,
-        q_lo,
-        q_mid,
-        Q,
-        DO,
-        LSE,
-        DELTA,
-        QPERM,
-        sub,
-        b,
-        hk,
-        sqb,
-        sqh,
-        sqn,
-        sdob,
-        sdoh,
-        sdon,
-        slb,
-        slh,
-        HQ,
-        GROUP,
-        SQ,
-        SK,
-        NQ_T,
-        BQ,
-        q_row0,
-        BAND_LO,
-        BAND_HI,
-        scale2,
-        True,
-        False,
-        PERMUTED,
-        IS_CAUSAL,
-        BAND,
-        D,
-        BLOCK_D,
-        BLOCK_M,
-        ACC,
-        PRECISION,
-        WIDEN,
-    )
-    dk, dv = _key_pass(
-        dk,
-        dv,
-        k,
-        v,
-        kpos,
-        kidx,
-        k_ok,
-        kpos,
-        kpos,
-        q_mid,
-        q_hi,
-        Q,
-        DO,
-        LSE,
-        DELTA,
-        QPERM,
-        sub,
-        b,
-        hk,
-        sqb,
-        sqh,
-        sqn,
-        sdob,
-        sdoh,
-        sdon,
-        slb,
-        slh,
-        HQ,
-        GROUP,
-        SQ,
-        SK,
-        NQ_T,
-        BQ,
-        q_row0,
-        BAND_LO,
-        BAND_HI,
-        scale2,
-        False,
-        False,
-        PERMUTED,
-        IS_CAUSAL,
-        BAND,
-        D,
-        BLOCK_D,
-        BLOCK_M,
-        ACC,
-        PRECISION,
-        WIDEN,
-    )
+    keys = (k, v, kpos, kidx, k_ok, kpos, kpos)  # (block, log-weight) unread: not side keys
+    src = (Q, QS, DO, DOS, LSE, DELTA, LS, QPERM)
+    geo = (sub, b, hk, HQ, GROUP, SQ, SK, NQ_T, BQ, q_row0, BAND_LO, BAND_HI)
+    scale2 = tl.load(SCALES + 1).to(NUM[0])
+    grads = (dk, dv)
+    for i in tl.static_range(2):  # queries that see part of the tile (pair mask), then those that see all of it
+        lo = q_lo if i == 0 else q_mid
+        hi = q_mid if i == 0 else q_hi
+        grads = _key_pass(
+            grads, keys, lo, hi, src, geo, scale2, i == 0, False, PERMUTED, IS_CAUSAL, BAND, D, BLOCK_D, BLOCK_M, NUM
+        )
+    dk, dv = grads
 
-    dk = tl.where(k_ok[:, None], dk * tl.load(SCALES).to(ACC), 0.0)
+    dk = tl.where(k_ok[:, None], dk * tl.load(SCALES).to(NUM[0]), 0.0)
     dv = tl.where(k_ok[:, None], dv, 0.0)
-    dk_base = DK + b * sdkb + hk * sdkh
-    dv_base = DV + b * sdvb + hk * sdvh
+    dk_base = DK + b * DKS[0] + hk * DKS[1]
+    dv_base = DV + b * DVS[0] + hk * DVS[1]
     if ACCUMULATE:
-        dk += _load_rows(dk_base, krow, k_in, sdkn, D, BLOCK_D, True)
-        dv += _load_rows(dv_base, krow, k_in, sdvn, D, BLOCK_D, True)
-    _store_rows(dk_base, krow, k_in, sdkn, dk, D, BLOCK_D)
-    _store_rows(dv_base, krow, k_in, sdvn, dv, D, BLOCK_D)
+        dk += _load_rows(dk_base, krow, k_in, DKS[2], D, BLOCK_D, True)
+        dv += _load_rows(dv_base, krow, k_in, DVS[2], D, BLOCK_D, True)
+    _store_rows(dk_base, krow, k_in, DKS[2], dk, D, BLOCK_D)
+    _store_rows(dv_base, krow, k_in, DVS[2], dv, D, BLOCK_D)
 
 
-@triton.jit(do_not_specialize=[n for n in LENGTHS if n not in ("K_OFF", "NK_T", "BK")] + ["ROWS_PER_SPLIT"])
+@triton.jit(do_not_specialize=["ROWS_PER_SPLIT"])
 def hyper_bwd_sample(
     Q,
-    DO,
-    LSE,
-    DELTA,
-    PART,
     QPERM,
     SAMP,
     SBLK,
     SLW,
     SKV,
-    sqb,
-    sqh,
-    sqn,
-    sdob,
-    sdoh,
-    sdon,
-    slb,
-    slh,
-    HQ,
-    GROUP,
-    COUNT,
-    CHUNK,
-    Q_OFF,
-    SQ,
-    SK,
-    NQ_T,
-    BQ,
-    M,
-    BAND_LO,
-    BAND_HI,
+    DO,
+    LSE,
+    DELTA,
+    PART,
+    QS,
+    DOS,
+    LS,
+    GEOM,
     SCALES,
     ROWS_PER_SPLIT,
+    SQ_BUCKET,
     BQ_BUCKET,
     M_BUCKET,
     D: tl.constexpr,
     BLOCK_D: tl.constexpr,
     BAND: tl.constexpr,
-    ACC: tl.constexpr,
-    PRECISION: tl.constexpr,
-    WIDEN: tl.constexpr,
+    NUM: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
+    HQ, GROUP, COUNT, CHUNK, Q_OFF, K_OFF, SQ, SK, NQ_T, NK_T, BQ, BK, M, BAND_LO, BAND_HI, _ = _geometry(GEOM)
     # pass 1 of the side keys' dK/dV: program -> (sub-problem, kv head, split of query rows, side-key tile);
     # PART [splits, n_sub * Hkv, 2, M, BLOCK_D] fp32 partials (dK then dV)
+    pid = tl.program_id(0)
     tiles = tl.cdiv(M, BLOCK_N)
     splits = tl.cdiv(SQ, ROWS_PER_SPLIT)
-    pid = tl.program_id(0)
     kv = pid // (splits * tiles)
     split = (pid // tiles) % splits
     sub = kv // (HQ // GROUP)
@@ -1118,63 +831,20 @@ def hyper_bwd_sample(
     b = (sub // COUNT).to(tl.int64)
     q_row0 = (sub % COUNT) * CHUNK + Q_OFF
     sp = (pid % tiles) * BLOCK_N + tl.arange(0, BLOCK_N)
-    lw2, sblk = _side_weights(SBLK, SLW, kv_head, M, sp, -2, ACC)
+    lw2, sblk = _side_weights(SBLK, SLW, kv_head, M, sp, -2, NUM)
     k_ok = lw2 > float("-inf")
     k, v = _side_kv(SKV, kv_head, M, sp, BLOCK_D)
     kidx = _side_index(SAMP, kv_head, M, sp)
-    dk = tl.zeros([BLOCK_N, BLOCK_D], ACC)
-    dv = tl.zeros([BLOCK_N, BLOCK_D], ACC)
+    dk = tl.zeros([BLOCK_N, BLOCK_D], NUM[0])
+    dv = tl.zeros([BLOCK_N, BLOCK_D], NUM[0])
     p_lo = split * ROWS_PER_SPLIT
     p_hi = tl.minimum(p_lo + ROWS_PER_SPLIT, SQ)
+    keys = (k, v, sp, kidx, k_ok, sblk, lw2)
+    src = (Q, QS, DO, DOS, LSE, DELTA, LS, QPERM)
+    geo = (sub, b, hk, HQ, GROUP, SQ, SK, NQ_T, BQ, q_row0, BAND_LO, BAND_HI)
+    scale2 = tl.load(SCALES + 1).to(NUM[0])
     dk, dv = _key_pass(
-        dk,
-        dv,
-        k,
-        v,
-        sp,
-        kidx,
-        k_ok,
-        sblk,
-        lw2,
-        p_lo,
-        p_hi,
-        Q,
-        DO,
-        LSE,
-        DELTA,
-        QPERM,
-        sub,
-        b,
-        hk,
-        sqb,
-        sqh,
-        sqn,
-        sdob,
-        sdoh,
-        sdon,
-        slb,
-        slh,
-        HQ,
-        GROUP,
-        SQ,
-        SK,
-        NQ_T,
-        BQ,
-        q_row0,
-        BAND_LO,
-        BAND_HI,
-        tl.load(SCALES + 1).to(ACC),
-        True,
-        True,
-        True,
-        False,
-        BAND,
-        D,
-        BLOCK_D,
-        BLOCK_M,
-        ACC,
-        PRECISION,
-        WIDEN,
+        (dk, dv), keys, p_lo, p_hi, src, geo, scale2, True, True, True, False, BAND, D, BLOCK_D, BLOCK_M, NUM
     )
 
     offs_d = tl.arange(0, BLOCK_D)
@@ -1182,5 +852,5 @@ def hyper_bwd_sample(
     row = ((split.to(tl.int64) * heads + kv_head) * 2) * M + sp  # [BN] rows of PART viewed as [-1, BLOCK_D]
     ptrs = PART + row[:, None] * BLOCK_D + offs_d[None, :]
     inside = (sp < M)[:, None]
-    tl.store(ptrs, dk * tl.load(SCALES).to(ACC), mask=inside)
+    tl.store(ptrs, dk * tl.load(SCALES).to(NUM[0]), mask=inside)
     tl.store(ptrs + M * BLOCK_D, dv, mask=inside)

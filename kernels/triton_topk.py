@@ -42,9 +42,9 @@ import triton.language as tl
 from . import topk
 from . import triton_kernels as tk
 from .plan import Part, lse_dtype, next_pow2
-from .triton_configs import Pruner, all_configs, bucket, row_strides
+from .triton_configs import Pruner, all_configs, bucket, geometry, numerics, row_strides
 
-RUNTIME = ["HQ", "GROUP", "BH", "NQ", "NK", "QB", "LEAD", "NB", "E", "T", "T_OFF"]  # lengths: no specialisation
+LENGTHS = ("HQ", "GROUP", "BH", "NQ", "NK", "QB", "LEAD", "NB", "E", "T", "T_OFF")  # the order of ``GEOM``
 
 _device = tk._device  # jitted helpers; plain Python under the interpreter (see `triton_kernels`)
 
@@ -84,93 +84,74 @@ def _program(BH, HQ, GROUP, QB, LEAD, NB, BLOCK_M: tl.constexpr):
 
 @_device
 def _visit(
-    acc,
-    m_i,
-    l_i,
-    q,
-    do,
-    lse2,
-    delta,
-    k,
-    v,
+    state,
+    query,
+    kv,
     krow,
     k_ok,
     ok,
     bias2,
-    scale2,
-    dk_base,
-    dv_base,
-    sdkn,
-    sdvn,
-    scale,
+    scales,
+    LOAD_MASK: tl.constexpr,
     MASK: tl.constexpr,
     GRAD: tl.constexpr,
     D: tl.constexpr,
     BLOCK_D: tl.constexpr,
-    ACC: tl.constexpr,
-    PRECISION: tl.constexpr,
-    WIDEN: tl.constexpr,
+    NUM: tl.constexpr,
 ):
-    """One key tile (``krow`` [BN] key rows, ``k_ok`` which exist and are attended, ``ok`` the pairs when
-    ``MASK``). Forward: an online-softmax step (`triton_kernels._step`). Backward: ``acc += dS K`` (dQ) and the
-    tile's dK = dS^T Q, dV = P^T dO added to the key rows by atomics (dS carries the scale)."""
+    """One key tile: ``krow`` [BN] key rows, ``k_ok`` which exist and are attended (their K/V rows are loaded from
+    ``kv`` = (K, V, dK, dV bases and row strides), masked when ``LOAD_MASK``), ``ok`` the pairs when ``MASK``;
+    ``scales`` = (scale * log2 e, scale). Forward: an online-softmax step (`triton_kernels._step`). Backward:
+    ``acc += dS K`` (dQ) and the tile's dK = dS^T Q, dV = P^T dO added to the key rows by atomics (dS carries
+    the scale)."""
+    k_base, v_base, skn, svn, dk_base, dv_base, sdkn, sdvn = kv
+    scale2, scale = scales
+    k = tk._load_rows(k_base, krow, k_ok, skn, D, BLOCK_D, LOAD_MASK)
+    v = tk._load_rows(v_base, krow, k_ok, svn, D, BLOCK_D, LOAD_MASK)
     if GRAD:
-        s = tk._dot(q, tl.trans(k), ACC, PRECISION, WIDEN) * scale2 + bias2  # [BM, BN]
+        acc, m_i, l_i = state
+        q, do, lse2, delta = query
+        s = tk._dot(q, tl.trans(k), NUM) * scale2 + bias2  # [BM, BN]
         p = tl.math.exp2(s - lse2[:, None])
         if MASK:
             p = tl.where(ok, p, 0.0)
-        dp = tk._dot(do, tl.trans(v), ACC, PRECISION, WIDEN)
+        dp = tk._dot(do, tl.trans(v), NUM)
         ds = p * (dp - delta[:, None]) * scale
-        acc = acc + tk._dot(ds.to(k.dtype), k, ACC, PRECISION, WIDEN)
+        acc = acc + tk._dot(ds.to(k.dtype), k, NUM)
         offs_d = tl.arange(0, BLOCK_D)
         at = k_ok[:, None] & (offs_d[None, :] < D)
         row = krow.to(tl.int64)[:, None]
-        dv = tk._dot(tl.trans(p).to(do.dtype), do, ACC, PRECISION, WIDEN)
+        dv = tk._dot(tl.trans(p).to(do.dtype), do, NUM)
         tl.atomic_add(dv_base + row * sdvn + offs_d[None, :], dv, mask=at, sem="relaxed")
-        dk = tk._dot(tl.trans(ds).to(q.dtype), q, ACC, PRECISION, WIDEN)
+        dk = tk._dot(tl.trans(ds).to(q.dtype), q, NUM)
         tl.atomic_add(dk_base + row * sdkn + offs_d[None, :], dk, mask=at, sem="relaxed")
+        state = (acc, m_i, l_i)
     else:
-        acc, m_i, l_i = tk._step(
-            acc, m_i, l_i, q, do, lse2, delta, k, v, ok, bias2, scale2, MASK, False, ACC, PRECISION, WIDEN
-        )
-    return acc, m_i, l_i
+        state = tk._step(state, query, k, v, ok, bias2, scale2, MASK, False, NUM)
+    return state
 
 
 @_device
 def _side_pass(
-    acc,
-    m_i,
-    l_i,
-    q,
-    do,
-    lse2,
-    delta,
-    k_base,
-    v_base,
-    skn,
-    svn,
-    dk_base,
-    dv_base,
-    sdkn,
-    sdvn,
+    state,
+    query,
+    kv,
     POS,
     LW,
     sel,
     side,
     E,
-    scale2,
-    scale,
+    scales,
     GRAD: tl.constexpr,
     D: tl.constexpr,
     BLOCK_D: tl.constexpr,
     BLOCK_N: tl.constexpr,
-    ACC: tl.constexpr,
-    PRECISION: tl.constexpr,
-    WIDEN: tl.constexpr,
+    NUM: tl.constexpr,
 ):
     """The first ``side`` of the block's ``E`` side keys (all, or none), ``BLOCK_N`` at a time: their positions
     and base-2 log-weights, then their K and V rows gathered by position (rows of weight -inf are not read:
     zeros, and the weight masks them)."""
+    ACC = NUM[0]
     base = sel * E
     for start in range(0, side, BLOCK_N):
         sp = start + tl.arange(0, BLOCK_N)
@@ -178,64 +159,23 @@ def _side_pass(
         krow = tl.load(POS + base + sp, mask=inside, other=0)
         lw2 = tl.load(LW + base + sp, mask=inside, other=float("-inf")).to(ACC) * tk.LOG2E
         k_ok = lw2 > float("-inf")
-        k = tk._load_rows(k_base, krow, k_ok, skn, D, BLOCK_D, True)
-        v = tk._load_rows(v_base, krow, k_ok, svn, D, BLOCK_D, True)
-        acc, m_i, l_i = _visit(
-            acc,
-            m_i,
-            l_i,
-            q,
-            do,
-            lse2,
-            delta,
-            k,
-            v,
-            krow,
-            k_ok,
-            k_ok[None, :],
-            lw2[None, :],
-            scale2,
-            dk_base,
-            dv_base,
-            sdkn,
-            sdvn,
-            scale,
-            False,
-            GRAD,
-            D,
-            BLOCK_D,
-            ACC,
-            PRECISION,
-            WIDEN,
-        )
-    return acc, m_i, l_i
+        ok, bias2 = k_ok[None, :], lw2[None, :]
+        state = _visit(state, query, kv, krow, k_ok, ok, bias2, scales, True, False, GRAD, D, BLOCK_D, NUM)
+    return state
 
 
 @_device
 def _span_pass(
-    acc,
-    m_i,
-    l_i,
-    q,
-    do,
-    lse2,
-    delta,
-    k_base,
-    v_base,
-    skn,
-    svn,
-    dk_base,
-    dv_base,
-    sdkn,
-    sdvn,
+    state,
+    query,
+    kv,
     valid,
     rows,
     lo,
     hi,
     NQ,
     NK,
-    scale2,
-    scale,
+    scales,
     PAIRS: tl.constexpr,
     IS_CAUSAL: tl.constexpr,
     HAS_VALID: tl.constexpr,
@@ -243,9 +183,7 @@ def _span_pass(
     D: tl.constexpr,
     BLOCK_D: tl.constexpr,
     BLOCK_N: tl.constexpr,
-    ACC: tl.constexpr,
-    PRECISION: tl.constexpr,
-    WIDEN: tl.constexpr,
+    NUM: tl.constexpr,
 ):
     """Contiguous keys ``[lo, hi)`` within the sequence, masked by ``key_valid`` when ``HAS_VALID``. ``PAIRS``:
     a ragged last tile and, causal, keys after a row's last visible one (``j <= i + NK - NQ``); without it the
@@ -255,88 +193,82 @@ def _span_pass(
         k_ok = krow < hi
         if HAS_VALID:
             k_ok = k_ok & (tl.load(valid + krow, mask=k_ok, other=0) != 0)
-        k = tk._load_rows(k_base, krow, k_ok, skn, D, BLOCK_D, PAIRS or HAS_VALID)
-        v = tk._load_rows(v_base, krow, k_ok, svn, D, BLOCK_D, PAIRS or HAS_VALID)
         ok = k_ok[None, :]
         if PAIRS and IS_CAUSAL:
             ok = ok & (krow[None, :] <= rows[:, None] + (NK - NQ))
-        acc, m_i, l_i = _visit(
-            acc,
-            m_i,
-            l_i,
-            q,
-            do,
-            lse2,
-            delta,
-            k,
-            v,
-            krow,
-            k_ok,
-            ok,
-            0.0,
-            scale2,
-            dk_base,
-            dv_base,
-            sdkn,
-            sdvn,
-            scale,
-            PAIRS or HAS_VALID,
-            GRAD,
-            D,
-            BLOCK_D,
-            ACC,
-            PRECISION,
-            WIDEN,
-        )
-    return acc, m_i, l_i
+        masked = PAIRS or HAS_VALID
+        state = _visit(state, query, kv, krow, k_ok, ok, 0.0, scales, masked, masked, GRAD, D, BLOCK_D, NUM)
+    return state
 
 
-@_device
-def _keys(
-    acc,
-    m_i,
-    l_i,
-    q,
-    do,
-    lse2,
-    delta,
-    k_base,
-    v_base,
-    skn,
-    svn,
-    dk_base,
-    dv_base,
-    sdkn,
-    sdvn,
-    valid,
+# ----------------------------------------------------------------------------------------------------------
+# kernels
+# ----------------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def topk_attention(
+    Q,
+    K,
+    V,
+    KVALID,
     POS,
     LW,
-    sel,
-    blk,
-    c,
-    t0,
-    rows,
-    NQ,
-    NK,
-    NB,
-    E,
-    T,
-    T_OFF,
-    scale2,
-    scale,
+    O,
+    LSE,
+    DO,
+    DELTA,
+    DK,
+    DV,
+    QS,
+    KS,
+    VS,
+    OS,
+    DOS,
+    DKS,
+    DVS,
+    LS,
+    svalb,
+    GEOM,
+    SCALES,
+    QB_BUCKET,
+    E_BUCKET,
+    T_BUCKET,
+    NK_BUCKET,
+    D: tl.constexpr,
+    BLOCK_D: tl.constexpr,
     IS_CAUSAL: tl.constexpr,
     HAS_VALID: tl.constexpr,
     GRAD: tl.constexpr,
-    D: tl.constexpr,
-    BLOCK_D: tl.constexpr,
+    NUM: tl.constexpr,
+    BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
-    ACC: tl.constexpr,
-    PRECISION: tl.constexpr,
-    WIDEN: tl.constexpr,
 ):
-    """Every key a program's rows attend to: the block's side keys, then its contiguous keys ``[lo, hi)`` (its
-    tile; causal, the last block's every key and no side keys), split at ``mid``: whole tiles of keys that exist
-    and that every row of the program sees (no pair mask), then the rest (the diagonal, the sequence's edges)."""
+    """One row tile of a query block. ``GRAD=False`` (``topk_fwd``): out into ``O``, lse into ``LSE``. ``GRAD``
+    (``topk_bwd``): the same loops given the final ``LSE`` and ``DELTA`` (m and l ride along unused): dQ of the
+    program's rows into ``O``, dK/dV added to ``DK``, ``DV`` by atomics; ``DO``, ``DELTA``, ``DK`` and ``DV`` are
+    touched only then. ``XS``: tensor X's (batch, head, row) strides (``LS``: LSE's and DELTA's).
+
+    The keys a program's rows attend to: the block's side keys, then its contiguous keys ``[lo, hi)`` (its tile;
+    causal, the last block's every key and no side keys), split at ``mid``: whole tiles of keys that exist and
+    that every row of the program sees (no pair mask), then the rest (the diagonal, the sequence's edges)."""
+    HQ, GROUP, BH, NQ, NK, QB, LEAD, NB, E, T, T_OFF, _, _, _, _, _ = tk._geometry(GEOM)
+    ACC = NUM[0]
+    blk, sel, b, h, hk, c, t0, rows, q_ok = _program(BH, HQ, GROUP, QB, LEAD, NB, BLOCK_M)
+    query, state = tk._query_state(
+        Q, QS, DO, DOS, LSE, DELTA, LS, O, OS, b, h, rows, q_ok, 0, GRAD, D, BLOCK_D, BLOCK_M, NUM
+    )
+    kv = (
+        K + b * KS[0] + hk * KS[1],
+        V + b * VS[0] + hk * VS[1],
+        KS[2],
+        VS[2],
+        DK + b * DKS[0] + hk * DKS[1],
+        DV + b * DVS[0] + hk * DVS[1],
+        DKS[2],
+        DVS[2],
+    )
+    scales = (tl.load(SCALES + 1).to(ACC), tl.load(SCALES).to(ACC))
     lo = c + T_OFF
     hi = lo + T
     side = E
@@ -350,255 +282,37 @@ def _keys(
     lo = tl.maximum(lo, 0)
     hi = tl.minimum(hi, NK)
     mid = lo + tl.maximum(tl.minimum(hi, seen) - lo, 0) // BLOCK_N * BLOCK_N
-    acc, m_i, l_i = _side_pass(
-        acc,
-        m_i,
-        l_i,
-        q,
-        do,
-        lse2,
-        delta,
-        k_base,
-        v_base,
-        skn,
-        svn,
-        dk_base,
-        dv_base,
-        sdkn,
-        sdvn,
-        POS,
-        LW,
-        sel,
-        side,
-        E,
-        scale2,
-        scale,
-        GRAD,
-        D,
-        BLOCK_D,
-        BLOCK_N,
-        ACC,
-        PRECISION,
-        WIDEN,
-    )
-    acc, m_i, l_i = _span_pass(
-        acc,
-        m_i,
-        l_i,
-        q,
-        do,
-        lse2,
-        delta,
-        k_base,
-        v_base,
-        skn,
-        svn,
-        dk_base,
-        dv_base,
-        sdkn,
-        sdvn,
-        valid,
-        rows,
-        lo,
-        mid,
-        NQ,
-        NK,
-        scale2,
-        scale,
-        False,
-        IS_CAUSAL,
-        HAS_VALID,
-        GRAD,
-        D,
-        BLOCK_D,
-        BLOCK_N,
-        ACC,
-        PRECISION,
-        WIDEN,
-    )
-    acc, m_i, l_i = _span_pass(
-        acc,
-        m_i,
-        l_i,
-        q,
-        do,
-        lse2,
-        delta,
-        k_base,
-        v_base,
-        skn,
-        svn,
-        dk_base,
-        dv_base,
-        sdkn,
-        sdvn,
-        valid,
-        rows,
-        mid,
-        hi,
-        NQ,
-        NK,
-        scale2,
-        scale,
-        True,
-        IS_CAUSAL,
-        HAS_VALID,
-        GRAD,
-        D,
-        BLOCK_D,
-        BLOCK_N,
-        ACC,
-        PRECISION,
-        WIDEN,
-    )
-    return acc, m_i, l_i
-
-
-# ----------------------------------------------------------------------------------------------------------
-# kernels
-# ----------------------------------------------------------------------------------------------------------
-
-
-@triton.jit(do_not_specialize=RUNTIME)
-def topk_attention(
-    Q,
-    K,
-    V,
-    O,
-    LSE,
-    DO,
-    DELTA,
-    DK,
-    DV,
-    POS,
-    LW,
-    KVALID,
-    sqb,
-    sqh,
-    sqn,
-    skb,
-    skh,
-    skn,
-    svb,
-    svh,
-    svn,
-    sob,
-    soh,
-    son,
-    sdob,
-    sdoh,
-    sdon,
-    sdkb,
-    sdkh,
-    sdkn,
-    sdvb,
-    sdvh,
-    sdvn,
-    slb,
-    slh,
-    svalb,
-    HQ,
-    GROUP,
-    BH,
-    NQ,
-    NK,
-    QB,
-    LEAD,
-    NB,
-    E,
-    T,
-    T_OFF,
-    SCALES,
-    QB_BUCKET,
-    E_BUCKET,
-    T_BUCKET,
-    NK_BUCKET,
-    D: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-    IS_CAUSAL: tl.constexpr,
-    HAS_VALID: tl.constexpr,
-    GRAD: tl.constexpr,
-    ACC: tl.constexpr,
-    PRECISION: tl.constexpr,
-    WIDEN: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-):
-    """One row tile of a query block. ``GRAD=False`` (``topk_fwd``): out into ``O``, lse into ``LSE``. ``GRAD``
-    (``topk_bwd``): the same loops given the final ``LSE`` and ``DELTA`` (m and l ride along unused): dQ of the
-    program's rows into ``O``, dK/dV added to ``DK``, ``DV`` by atomics; ``DO``, ``DELTA``, ``DK`` and ``DV`` are
-    touched only then."""
-    blk, sel, b, h, hk, c, t0, rows, q_ok = _program(BH, HQ, GROUP, QB, LEAD, NB, BLOCK_M)
-    if GRAD:
-        q, do, lse2, delta = tk._grad_rows(
-            Q + b * sqb + h * sqh,
-            DO + b * sdob + h * sdoh,
-            LSE,
-            DELTA,
-            b * slb + h * slh,
+    state = _side_pass(state, query, kv, POS, LW, sel, side, E, scales, GRAD, D, BLOCK_D, BLOCK_N, NUM)
+    spans = (lo, mid, hi)
+    valid = KVALID + b * svalb
+    for i in tl.static_range(2):  # whole tiles (no pair mask), then the rest
+        state = _span_pass(
+            state,
+            query,
+            kv,
+            valid,
             rows,
-            q_ok,
-            sqn,
-            sdon,
+            spans[i],
+            spans[i + 1],
+            NQ,
+            NK,
+            scales,
+            i == 1,
+            IS_CAUSAL,
+            HAS_VALID,
+            GRAD,
             D,
             BLOCK_D,
-            ACC,
+            BLOCK_N,
+            NUM,
         )
-        m_i, l_i = lse2, lse2
-    else:
-        q = tk._load_rows(Q + b * sqb + h * sqh, rows, q_ok, sqn, D, BLOCK_D, True)  # [BM, BD]
-        m_i = tl.full([BLOCK_M], float("-inf"), ACC)
-        l_i = tl.full([BLOCK_M], 1.0, ACC)
-        do, lse2, delta = q, m_i, m_i
-    acc = tl.zeros([BLOCK_M, BLOCK_D], ACC)
-    acc, m_i, l_i = _keys(
-        acc,
-        m_i,
-        l_i,
-        q,
-        do,
-        lse2,
-        delta,
-        K + b * skb + hk * skh,
-        V + b * svb + hk * svh,
-        skn,
-        svn,
-        DK + b * sdkb + hk * sdkh,
-        DV + b * sdvb + hk * sdvh,
-        sdkn,
-        sdvn,
-        KVALID + b * svalb,
-        POS,
-        LW,
-        sel,
-        blk,
-        c,
-        t0,
-        rows,
-        NQ,
-        NK,
-        NB,
-        E,
-        T,
-        T_OFF,
-        tl.load(SCALES + 1).to(ACC),
-        tl.load(SCALES).to(ACC),
-        IS_CAUSAL,
-        HAS_VALID,
-        GRAD,
-        D,
-        BLOCK_D,
-        BLOCK_N,
-        ACC,
-        PRECISION,
-        WIDEN,
-    )
+    acc, m_i, l_i = state
     if GRAD:
         out = acc
     else:
         out = acc / l_i[:, None]
-        tl.store(LSE + b * slb + h * slh + rows.to(tl.int64), (m_i + tl.math.log2(l_i)) * tk.LN2, mask=q_ok)
-    tk._store_rows(O + b * sob + h * soh, rows, q_ok, son, out.to(O.dtype.element_ty), D, BLOCK_D)
+        tl.store(LSE + b * LS[0] + h * LS[1] + rows.to(tl.int64), (m_i + tl.math.log2(l_i)) * tk.LN2, mask=q_ok)
+    tk._store_rows(O + b * OS[0] + h * OS[1], rows, q_ok, OS[2], out.to(O.dtype.element_ty), D, BLOCK_D)
 
 
 _KEY = ["QB_BUCKET", "E_BUCKET", "T_BUCKET", "NK_BUCKET", "BLOCK_D", "IS_CAUSAL", "HAS_VALID"]
@@ -606,12 +320,12 @@ _KEY = ["QB_BUCKET", "E_BUCKET", "T_BUCKET", "NK_BUCKET", "BLOCK_D", "IS_CAUSAL"
 _fwd = triton.autotune(
     configs=all_configs("topk_fwd"),
     key=_KEY,
-    prune_configs_by={"early_config_prune": Pruner("topk_fwd", "query", "QB", ("E", "T"))},
+    prune_configs_by={"early_config_prune": Pruner("topk_fwd", "query", "QB_BUCKET", ("E_BUCKET", "T_BUCKET"))},
 )(topk_attention)
 _bwd = triton.autotune(
     configs=all_configs("topk_bwd"),
     key=_KEY,
-    prune_configs_by={"early_config_prune": Pruner("topk_bwd", "query_grad", "QB", ("E", "T"))},
+    prune_configs_by={"early_config_prune": Pruner("topk_bwd", "query_grad", "QB_BUCKET", ("E_BUCKET", "T_BUCKET"))},
     reset_to_zero=["DK", "DV"],
 )(topk_attention)
 
@@ -655,17 +369,21 @@ def _common(q, k, v, valid, sel: topk.Selection, part: Part, scale: float) -> tu
         KVALID=kvalid,
         **row_strides(q=q, k=k, v=v),
         svalb=kvalid.stride(0),
-        HQ=Hq,
-        GROUP=Hq // Hkv,
-        BH=B * Hq,
-        NQ=n_q,
-        NK=n_k,
-        QB=part.block,
-        LEAD=topk.lead(part, n_q),
-        NB=nb,
-        E=E,
-        T=T,
-        T_OFF=t_off,
+        GEOM=geometry(
+            LENGTHS,
+            q.device,
+            HQ=Hq,
+            GROUP=Hq // Hkv,
+            BH=B * Hq,
+            NQ=n_q,
+            NK=n_k,
+            QB=part.block,
+            LEAD=topk.lead(part, n_q),
+            NB=nb,
+            E=E,
+            T=T,
+            T_OFF=t_off,
+        ),
         # the scales as a tensor in the accumulator's dtype: a float argument is fp32 under the interpreter
         SCALES=torch.tensor([scale, scale * math.log2(math.e)], dtype=lse_dtype(q.dtype), device=q.device),
         QB_BUCKET=bucket(part.block),
@@ -676,9 +394,7 @@ def _common(q, k, v, valid, sel: topk.Selection, part: Part, scale: float) -> tu
         BLOCK_D=max(16, next_pow2(D)),
         IS_CAUSAL=part.causal,
         HAS_VALID=valid is not None,
-        ACC=tl.float64 if q.dtype == torch.float64 else tl.float32,
-        PRECISION="ieee" if q.dtype in (torch.float32, torch.float64) else "tf32",
-        WIDEN=tk.INTERPRET and q.dtype == torch.bfloat16,
+        NUM=numerics(q.dtype, tk.INTERPRET),
     )
     return args, B * Hq * nb
 
@@ -690,7 +406,7 @@ def attend(q, k, v, valid, sel: topk.Selection, part: Part, scale: float):
     out = torch.empty(B, Hq, n_q, D, dtype=q.dtype, device=q.device)
     lse = torch.empty(B, Hq, n_q, dtype=lse_dtype(q.dtype), device=q.device)
     args, programs = _common(q, k, v, valid, sel, part, scale)
-    args.update(O=out, LSE=lse, **row_strides(o=out), slb=lse.stride(0), slh=lse.stride(1), GRAD=False)
+    args.update(O=out, LSE=lse, **row_strides(o=out), LS=lse.stride()[:2], GRAD=False)
     args.update(DO=out, DELTA=lse, DK=k, DV=v, **row_strides(do=out, dk=k, dv=v))  # read only by the backward
     _fwd[lambda meta: (programs * triton.cdiv(part.block, meta["BLOCK_M"]),)](**args)
     return out, lse
@@ -709,7 +425,7 @@ def attend_backward(q, k, v, valid, sel: topk.Selection, part: Part, scale: floa
     dv = torch.zeros(v.shape, dtype=acc, device=q.device)
     args, programs = _common(q, k, v, valid, sel, part, scale)
     args.update(O=dq, LSE=lse, DO=do, DELTA=delta, DK=dk, DV=dv, GRAD=True)
-    args.update(**row_strides(o=dq, do=do, dk=dk, dv=dv), slb=lse.stride(0), slh=lse.stride(1))
+    args.update(**row_strides(o=dq, do=do, dk=dk, dv=dv), LS=lse.stride()[:2])
     _bwd[lambda meta: (programs * triton.cdiv(part.block, meta["BLOCK_M"]),)](**args)
     return dq, dk.to(k.dtype), dv.to(v.dtype)
 

@@ -514,28 +514,30 @@ def _run_launch_config():
             for tile in (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]):
                 assert tile >= 16 and tile & (tile - 1) == 0, c
     half, single = torch.empty(1, dtype=torch.float16), torch.empty(1, dtype=torch.float32)
+    # what a launch passes the pruning: its lengths as buckets (the lengths themselves are in GEOM)
+    lengths = lambda BLOCK_D, Q, **n: dict(BLOCK_D=BLOCK_D, Q=Q, **{f"{k}_BUCKET": tc.bucket(v) for k, v in n.items()})  # noqa: E731
     prune = ta._hyper_fwd_kernel.early_config_prune
     configs = ta._hyper_fwd_kernel.configs
     for arch in (80, 90):
-        small = prune.for_target(configs, {"BQ": 40, "BK": 50, "M": 0, "BLOCK_D": 64, "Q": half}, arch)
+        small = prune.for_target(configs, lengths(BQ=40, BK=50, M=0, BLOCK_D=64, Q=half), arch)
         assert small and all(c.kwargs["BLOCK_M"] <= 64 and c.kwargs["BLOCK_N"] <= 64 for c in small)
         assert len(small) < len(tc.CONFIGS["fwd"][(2, 64)])
-        full = prune.for_target(configs, {"BQ": 256, "BK": 256, "M": 400, "BLOCK_D": 128, "Q": half}, arch)
+        full = prune.for_target(configs, lengths(BQ=256, BK=256, M=400, BLOCK_D=128, Q=half), arch)
         assert set(map(str, full)) == set(map(str, tc.CONFIGS["fwd"][(2, 128)]))
-        fp32 = prune.for_target(configs, {"BQ": 256, "BK": 256, "M": 400, "BLOCK_D": 128, "Q": single}, arch)
+        fp32 = prune.for_target(configs, lengths(BQ=256, BK=256, M=400, BLOCK_D=128, Q=single), arch)
         assert fp32 and all(c in tc.CONFIGS["fwd"][(8, 128)] for c in fp32)
     # a smaller shared memory (a consumer GPU) drops the large tiles first
-    d64 = {"BQ": 256, "BK": 256, "M": 400, "BLOCK_D": 64, "Q": half}
+    d64 = lengths(BQ=256, BK=256, M=400, BLOCK_D=64, Q=half)
     big = max(tc.shared_bytes("query", c, 64, 2) for c in tc.CONFIGS["fwd"][(2, 64)])
     tight = prune.for_target(configs, d64, tc.Target(86, big - 1))
     assert tight and all(tc.shared_bytes("query", c, 64, 2) < big for c in tight)
     # the topk kernels: a list of their own on sm_90, tiles within the query block
     for kernel, name in ((tt._fwd, "topk_fwd"), (tt._bwd, "topk_bwd")):
         for arch in (80, 90):
-            block = {"QB": 64, "E": 1296, "T": 191, "BLOCK_D": 128, "Q": half}
+            block = lengths(QB=64, E=1296, T=191, BLOCK_D=128, Q=half)
             kept = kernel.early_config_prune.for_target(kernel.configs, block, arch)
             assert set(map(str, kept)) == set(map(str, tc.config_list(name, 2, 128, arch)))
-            small = kernel.early_config_prune.for_target(kernel.configs, dict(block, QB=16), arch)
+            small = kernel.early_config_prune.for_target(kernel.configs, dict(block, QB_BUCKET=tc.bucket(16)), arch)
             assert small and all(c.kwargs["BLOCK_M"] == 16 for c in small)
 
 
