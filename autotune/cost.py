@@ -131,7 +131,7 @@ def extras(part: Part, sink_keys: int) -> int:
 
 def _part_tiles(part: Part, f: HyperConfig) -> list[TileKey]:
     if part.kind == "hyper":
-        side = f.sample_size + extras(part, f.sink_keys)
+        side = f.draws + extras(part, f.sink_keys)
         return [(f.block_size, f.block_size, False, False)] + ([(f.block_size, side, True, False)] if side else [])
     if part.kind == "band":
         return [(f.block_size, f.block_size, False, False)]
@@ -156,10 +156,10 @@ def _exact_tile(x: int, causal: bool) -> TileKey:
 def _hyper_seconds(part: Part, f: HyperConfig, d_: int, s_: int, rates: Rates) -> tuple[float, float]:
     """(fused-attention seconds, other seconds) of one ``"hyper"`` sub-problem, per batch-head."""
     ex = extras(part, f.sink_keys)
-    args = (part.sq, d_, f.block_size, f.sample_size, f.lsh_num_projs, ex, s_)
+    args = (part.sq, d_, f.block_size, f.draws, f.lsh_num_projs, ex, s_)
     flash = _NC["flops_block"](*args) / rates.flash_rate(f.block_size, f.block_size)
-    if f.sample_size + ex:
-        flash += _NC["flops_resid"](*args) / rates.flash_rate(f.block_size, f.sample_size + ex, shared=True)
+    if f.draws + ex:
+        flash += _NC["flops_resid"](*args) / rates.flash_rate(f.block_size, f.draws + ex, shared=True)
     other = _NC["flops_lsh"](*args) / rates.flash_rate(f.block_size, f.block_size)
     other += _NC["bytes"](*args) / rates.bandwidth + _NC["sort"](*args) / rates.sort
     return flash, other

@@ -141,7 +141,7 @@ def no_more_accurate(a: HyperConfig, b: HyperConfig, n: int, causal: bool) -> bo
         return False
     if (a.sink_keys, a.local_window, a.residual) != (b.sink_keys, b.local_window, b.residual):
         return False
-    if a.block_size > b.block_size or a.sample_size > b.sample_size:
+    if a.block_size > b.block_size or a.draws > b.draws:
         return False
     if causal:
         (leaf_a, sizes_a), (leaf_b, sizes_b) = approximated(n, True, a), approximated(n, True, b)
@@ -510,7 +510,7 @@ class Tuner:
                 "predicted": cross.predicted,
                 "measured_between_probes": cross.measured,
                 "block_size": base.block_size,
-                "sample_size": base.sample_size,
+                "sample_size": base.draws,
                 "lsh_num_projs": base.lsh_num_projs,
                 "exact_scale": self.exact_scale,
                 "hyper_scale": self.hyper_scale,

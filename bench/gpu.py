@@ -58,7 +58,7 @@ def _noncausal_flops(B, H, nq, nk, d, p: HyperConfig, extras: int = 0) -> float:
     if not hyper_applies(nq, nk, p):
         return 4.0 * B * H * nq * nk * d
     _, _, k_block = block_shape(nq, nk, p.block_size)
-    return 4.0 * B * H * nq * d * (k_block + p.sample_size + extras)
+    return 4.0 * B * H * nq * d * (k_block + p.draws + extras)
 
 
 def hyper_flops(B, H, n, d, causal, p: HyperConfig) -> float:

@@ -275,7 +275,7 @@ def config_text(config: HyperConfig | None) -> str:
         return "tuned"
     if config.detector != "lsh":
         return config.label() + ("" if config.seed == 0 else f" seed={config.seed}")
-    text = f"{config.block_size}/{config.sample_size}/{config.lsh_num_projs}"
+    text = f"{config.block_size}/{config.draws}/{config.lsh_num_projs}"
     default = HyperConfig(detector="lsh")
     for name in ("min_seq_len", "causal_depth", "seed", "sink_keys", "local_window", "residual"):
         if getattr(config, name) != getattr(default, name):

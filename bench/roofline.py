@@ -100,7 +100,7 @@ def estimate(builds: list, tile: tuple, n=131072, d=64, H=32, p: HyperConfig | N
     parts = {"exact leaves": max(kappa * model_leaves, leaves_bytes / HBM)}
     memory_bound = ["exact leaves"] if leaves_bytes / HBM > kappa * model_leaves else []
     # levels: each query tile runs its diagonal block's whole tiles, then the side keys (draws + extras)
-    side = p.sample_size + p.sink_keys + sched.strip
+    side = p.draws + p.sink_keys + sched.strip
     a_ins, s_ins = level["loops"][0]["instructions"], level["loops"][-1]["instructions"]
     per_tile = (p.block_size // bn) * _tile_cycles(a_ins, warps, bm, bn, d)
     per_tile += math.ceil(side / bn) * _tile_cycles(s_ins, warps, bm, bn, d)

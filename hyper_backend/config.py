@@ -25,9 +25,14 @@ _RESIDUALS_OF = {"topk": ("importance", "uniform", "vnorm"), "lsh": ("uniform", 
 PUBLISHED = {"sink_keys": 0, "local_window": 0, "residual": "uniform", "detector": "lsh"}  # `HyperConfig.published`
 CAUSAL_WINDOW = 128  # local_window=None: the window of causal attention (non-causal attention gets none)
 # min_seq_len=None: each detector's own threshold. "topk" spends a fixed budget per query block (its tile, top-k,
-# sinks and draws: about 1500 keys at the defaults) and pays off only once a query sees several times that many
-# keys: the crossover measured on the CPU path (docs/performance.md). "lsh": the threshold of earlier releases.
-MIN_SEQ_LEN = {"topk": 16384, "lsh": 4096}
+# sinks and draws: about 3300 keys at the defaults) and pays off only once a query sees several times that many
+# keys: the first power of two at which the CPU path beat exact attention both ways, causal and not
+# (docs/performance.md). "lsh": the threshold of earlier releases.
+MIN_SEQ_LEN = {"topk": 65536, "lsh": 4096}
+# sample_size=None: each detector's own residual draws. "topk" draws per query block of 64 queries; at equal keys
+# per query more draws cut the row error further than more top-k keys (docs/performance.md). "lsh": per
+# sub-problem, the value of earlier releases.
+SAMPLE_SIZE = {"topk": 1024, "lsh": 256}
 
 
 @dataclass(frozen=True)
@@ -52,7 +57,8 @@ class HyperConfig:
     Args:
         block_size: ``"lsh"``: queries per LSH-sorted block; keys per block scale with n_k / n_q.
         sample_size: m, the number of residual keys drawn (per query block for ``"topk"``, per sub-problem for
-            ``"lsh"``; 0 disables the residual).
+            ``"lsh"``; 0 disables the residual). ``None`` (the default): the detector's own, `SAMPLE_SIZE`
+            (`draws` is the value in force).
         lsh_num_projs: ``"lsh"``: r, the number of random hyperplanes of the angular LSH (2**r buckets).
         min_seq_len: below this length attention is exact. ``None`` (the default): the detector's own threshold,
             `MIN_SEQ_LEN` (`min_len` is the value in force).
@@ -82,7 +88,7 @@ class HyperConfig:
     """
 
     block_size: int = 256
-    sample_size: int = 256
+    sample_size: int | None = None
     lsh_num_projs: int = 7
     min_seq_len: int | None = None
     causal_depth: int | None = None
@@ -91,13 +97,14 @@ class HyperConfig:
     local_window: int | None = None
     residual: str | None = None
     detector: str = "topk"
-    top_k: int = 1024
+    top_k: int = 2048
     query_block: int = 64
     score_group: int = 16
 
     def __post_init__(self):
         _check_int("block_size", self.block_size, lo=1, hi=2**31 - 1)
-        _check_int("sample_size", self.sample_size, lo=0, hi=2**31 - 1)
+        if self.sample_size is not None:
+            _check_int("sample_size", self.sample_size, lo=0, hi=2**31 - 1)
         _check_int("lsh_num_projs", self.lsh_num_projs, lo=1, hi=30)
         if self.min_seq_len is not None:
             _check_int("min_seq_len", self.min_seq_len, lo=1, hi=2**62)
@@ -125,6 +132,11 @@ class HyperConfig:
         return MIN_SEQ_LEN[self.detector] if self.min_seq_len is None else self.min_seq_len
 
     @property
+    def draws(self) -> int:
+        """The residual draws in force: ``sample_size``, or the detector's `SAMPLE_SIZE` when it is None."""
+        return SAMPLE_SIZE[self.detector] if self.sample_size is None else self.sample_size
+
+    @property
     def residual_scheme(self) -> str:
         """The residual actually drawn: ``residual``, or the detector's default when it is None."""
         if self.residual is not None:
@@ -144,14 +156,14 @@ class HyperConfig:
         return dataclasses.asdict(self)
 
     def label(self) -> str:
-        """A short text form: ``topk k=1024 qb=64 g=16 m=256 min=16384`` or ``lsh b=256 m=256 r=7 min=4096 depth=auto``,
-        and any sink/window/residual set."""
+        """A short text form: ``topk k=2048 qb=64 g=16 m=1024 min=65536`` or ``lsh b=256 m=256 r=7 min=4096
+        depth=auto``, and any sink/window/residual set."""
         if self.detector == "topk":
-            text = f"topk k={self.top_k} qb={self.query_block} g={self.score_group} m={self.sample_size}"
+            text = f"topk k={self.top_k} qb={self.query_block} g={self.score_group} m={self.draws}"
             text += f" min={self.min_len}"
         else:
             depth = "auto" if self.causal_depth is None else str(self.causal_depth)
-            text = f"lsh b={self.block_size} m={self.sample_size} r={self.lsh_num_projs} min={self.min_len}"
+            text = f"lsh b={self.block_size} m={self.draws} r={self.lsh_num_projs} min={self.min_len}"
             text += f" depth={depth}"
         if self.sink_keys:
             text += f" sinks={self.sink_keys}"
@@ -324,7 +336,9 @@ def read_env(environ: Mapping[str, str] | None = None) -> dict:
         out["enabled"] = _env_bool("HYPER_ATTENTION", env["HYPER_ATTENTION"])
     for var, field in ENV_FIELDS.items():
         if var in env:
-            out[field] = _env_int(var, env[var], field, allow_none=(field in ("causal_depth", "local_window")))
+            out[field] = _env_int(
+                var, env[var], field, allow_none=(field in ("sample_size", "causal_depth", "local_window"))
+            )
     if "HYPER_RESIDUAL" in env:
         out["residual"] = _env_choice("HYPER_RESIDUAL", env["HYPER_RESIDUAL"], RESIDUALS)
     if "HYPER_DETECTOR" in env:

@@ -46,11 +46,12 @@ def path_counts(window: bool = False) -> dict:
 
 def fit(p: HyperConfig, n_q: int, n_k: int) -> HyperConfig:
     """Clamp sizes to what a call of ``n_q`` queries on ``n_k`` keys can use, so no setting makes a call
-    allocate more than O(n (b + m)). Results are unchanged except for ``sample_size > n_k`` (then n_k draws)."""
+    allocate more than O(n (b + m)), and resolve the detector's defaults (``sample_size=None``: `HyperConfig.draws`).
+    Results are unchanged except for ``sample_size > n_k`` (then n_k draws)."""
     n = max(n_q, n_k, 1)
     p = p.replace(
         block_size=min(p.block_size, n),
-        sample_size=min(p.sample_size, max(n_k, 1)),
+        sample_size=min(p.draws, max(n_k, 1)),
         sink_keys=min(p.sink_keys, n_k),
         local_window=None if p.local_window is None else min(p.local_window, 2 * n),
     )

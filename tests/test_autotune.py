@@ -468,7 +468,8 @@ def test_written_params_reach_the_op(tmp_path, monkeypatch):
     monkeypatch.setenv("HYPER_TUNE_CACHE", str(tmp_path / "missing.json"))
     hyper_attention(q, q, q)
     d = HyperConfig()
-    assert seen[-1] == HyperConfig(d.block_size, d.sample_size, d.lsh_num_projs, d.min_seq_len, None, d.seed)
+    # the op receives the defaults fitted to the call: sample_size=None resolved to the detector's draws
+    assert seen[-1] == HyperConfig(d.block_size, d.draws, d.lsh_num_projs, d.min_seq_len, None, d.seed)
 
 
 def test_compiled_backend_uses_tuned_params_and_explicit_settings_win(tmp_path, monkeypatch):

@@ -11,6 +11,7 @@ from hyper_backend import HyperConfig
 from hyper_backend.config import (
     DEFAULTS,
     MIN_SEQ_LEN,
+    SAMPLE_SIZE,
     EnvError,
     LayerSelection,
     OpSettings,
@@ -29,12 +30,23 @@ def test_defaults_match_the_issue():
     c = HyperConfig()
     assert (c.block_size, c.sample_size, c.lsh_num_projs, c.min_seq_len, c.causal_depth, c.seed) == (
         256,
-        256,
+        None,
         7,
         None,
         None,
         0,
     )
+    assert (c.detector, c.top_k, c.draws) == ("topk", 2048, SAMPLE_SIZE["topk"]) and SAMPLE_SIZE["topk"] == 1024
+
+
+def test_sample_size_defaults_per_detector():
+    """``sample_size=None`` is each detector's own number of draws (``"lsh"``: 256, as in earlier releases), also
+    after a `replace` of the detector; an explicit value is kept whatever the detector."""
+    assert HyperConfig(detector="lsh").draws == SAMPLE_SIZE["lsh"] == 256
+    assert HyperConfig().replace(detector="lsh").draws == 256
+    assert HyperConfig(sample_size=64).replace(detector="lsh").draws == 64
+    assert resolve({"detector": "lsh"}).draws == 256 and "m=256" in HyperConfig(detector="lsh").label()
+    assert "k=2048" in HyperConfig().label() and "m=1024" in HyperConfig().label()
 
 
 def test_min_seq_len_defaults_per_detector():
