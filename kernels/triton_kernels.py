@@ -46,8 +46,8 @@ bounds are any integers (asymmetric, negative when the bottom-right offset Nk - 
 (query) span of a tile is empty when its rows' windows miss the block.
 
 Interpreter note: Triton 3.9's interpreter multiplies bf16 operands of ``tl.dot`` as raw 16-bit integers.
-Under the interpreter only, bf16 operands are widened to fp32 before ``tl.dot`` (``WIDEN``, a constexpr that is
-False on GPU, so compiled kernels use bf16 tensor cores).
+Under the interpreter only, bf16 operands are widened to fp32 before ``tl.dot`` (``NUM[2]``, part of the ``NUM``
+constexpr and False on GPU, so compiled kernels use bf16 tensor cores).
 """
 
 from __future__ import annotations
