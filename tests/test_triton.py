@@ -545,6 +545,25 @@ def test_launch_config(worker):
     worker.submit(_run_launch_config).result()
 
 
+def _run_geometry():
+    """A launch's lengths reach the kernels as one 64-byte line of int32 in `LENGTHS` order, zero-padded; a
+    length that int32 cannot hold is refused, naming the lengths."""
+    from hyper_backend.kernels import triton_configs as tc
+    from hyper_backend.kernels import triton_kernels as tk
+    from hyper_backend.kernels import triton_topk as tt
+
+    for names in (tk.LENGTHS, tt.LENGTHS):
+        g = tc.geometry(names, torch.device("cpu"), **{n: i + 1 for i, n in enumerate(names)})
+        assert g.dtype == torch.int32 and g.numel() * 4 == 64 == tk.GEOM_SIZE * 4
+        assert g.tolist() == list(range(1, len(names) + 1)) + [0] * (tk.GEOM_SIZE - len(names))
+    with pytest.raises(ValueError, match="int32"):
+        tc.geometry(tk.LENGTHS, torch.device("cpu"), **dict.fromkeys(tk.LENGTHS, 2**31))
+
+
+def test_geometry(worker):
+    worker.submit(_run_geometry).result()
+
+
 def test_masked_loads_have_other():
     """Every masked ``tl.load`` of the kernels names its ``other``: on hardware a masked lane reads nothing, so a
     value the kernel later uses must come from ``other``, never from memory the interpreter happened to read."""
