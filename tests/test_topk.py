@@ -188,6 +188,18 @@ def test_gradcheck():
     torch.autograd.gradcheck(lambda a, b, c: _op(a, b, c, None, True, cfg)[0], (q, k, v))
 
 
+def test_cell_maxima_and_in_place_log_sum_exp_match_torch():
+    """`select`'s two helpers: the pooled cell maxima equal ``amax`` over cells, and the in-place log-sum-exp equals
+    ``torch.logsumexp``, -inf rows included (a representative whose domain is empty)."""
+    x = torch.randn(5, 4 * topk.CELL, dtype=torch.float32)
+    x[1] = -math.inf
+    x[2, 3] = math.inf
+    want = x.view(5, 4, topk.CELL).amax(-1)
+    assert torch.equal(topk._cell_max(x), want)
+    lse = torch.logsumexp(x[[0, 1, 3, 4]], -1)
+    assert torch.equal(topk._logsumexp_(x[[0, 1, 3, 4]].clone()), lse)
+
+
 def test_selection_is_deterministic_and_seeded():
     q, k, v = _qkv(1, 2, 1, 40, 40)
     part = plan_call(40, 40, True, SMALL).parts[0]
