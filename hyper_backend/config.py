@@ -25,9 +25,9 @@ _RESIDUALS_OF = {"topk": ("importance", "uniform", "vnorm"), "lsh": ("uniform", 
 PUBLISHED = {"sink_keys": 0, "local_window": 0, "residual": "uniform", "detector": "lsh"}  # `HyperConfig.published`
 CAUSAL_WINDOW = 128  # local_window=None: the window of causal attention (non-causal attention gets none)
 # min_seq_len=None: each detector's own threshold. "topk" spends a fixed budget per query block (its tile, top-k,
-# sinks and draws: about 3300 keys at the defaults) and pays off only once a query sees several times that many
-# keys: the first power of two at which the CPU path beat exact attention both ways, causal and not
-# (docs/performance.md). "lsh": the threshold of earlier releases.
+# sinks and draws: about 3300 keys at the defaults) and pays off only once a query sees many times that many keys:
+# from 65536 the CPU path is 3x faster than exact attention causal, at 32768 only 1.5x, too little for its
+# +3% perplexity there (docs/performance.md). "lsh": the threshold of earlier releases.
 MIN_SEQ_LEN = {"topk": 65536, "lsh": 4096}
 # sample_size=None: each detector's own residual draws. "topk" draws per query block of 64 queries; at equal keys
 # per query more draws cut the row error further than more top-k keys (docs/performance.md). "lsh": per
