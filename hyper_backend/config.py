@@ -204,8 +204,9 @@ class OpSettings:
     ``configs[i]`` serves calls whose length ``max(n_q, n_k)`` is in ``[starts[i], starts[i + 1])`` (``starts[0]
     == 0``): the autotuner's length buckets, resolved at compile time into one table, so one ``dynamic=True``
     graph serves every length without the op reading a file. ``kernels``: ``"auto"`` (CUDA tensors to Triton,
-    CPU to the torch path), ``"cpu"`` or ``"triton"``. ``serial_bookkeeping``: the CPU path runs its gathers,
-    masks and merges on one thread and only the fused attention calls on all of them."""
+    CPU to the torch path), ``"cpu"`` or ``"triton"``. ``serial_bookkeeping``: the CPU path runs its small gathers,
+    masks and merges on one thread, and its fused attention calls, products and the ``"topk"`` detector's passes
+    over whole rows of scores on all of them."""
 
     configs: tuple[HyperConfig, ...] = (DEFAULTS,)
     starts: tuple[int, ...] = (0,)
