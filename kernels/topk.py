@@ -223,9 +223,9 @@ def select(q, k, v, valid, sink, part: Part, scale: float, p) -> Selection:
             top = max_buf[: B * Hq * count * (end - j)].view(B * Hkv, group * count, end - j)
             with Threads.parallel():
                 torch.bmm(aug, ka[:, j:end].transpose(-1, -2), out=piece)
-                torch.amax(piece.view(B * Hkv, group * count, R, end - j), 2, out=top)
-                score[:, j:end] = top.view(-1, end - j)
-                cmax[:, j // CELL : end // CELL] = _cell_max(score[:, j:end])
+            torch.amax(piece.view(B * Hkv, group * count, R, end - j), 2, out=top)
+            score[:, j:end] = top.view(-1, end - j)
+            cmax[:, j // CELL : end // CELL] = _cell_max(score[:, j:end])
         if r1 > r0:
             c0, c1 = r0 // CELL, -(-r1 // CELL)
             score[:, r0:r1].view(B, Hq, count, -1).masked_fill_(stair[None, None], -math.inf)
@@ -392,14 +392,13 @@ def _exp(c: _Chunk, B, Hkv, group):
     C, qb = c.q.shape[2], c.q.shape[4]
     ss = c.ss.view(B, Hkv, C, group, qb, -1)
     st = None if c.st is None else c.st.view(B, Hkv, C, group, qb, -1)
-    with Threads.parallel():  # a chunk's scores: millions of exponentials, worth both threads
-        top = ss.amax(-1, keepdim=True)
-        if st is not None:
-            top = torch.maximum(top, st.amax(-1, keepdim=True))
-        top = torch.where(torch.isfinite(top), top, 0.0)
-        total = ss.sub_(top).exp_().sum(-1, keepdim=True)
-        if st is not None:
-            total = total + st.sub_(top).exp_().sum(-1, keepdim=True)
+    top = ss.amax(-1, keepdim=True)
+    if st is not None:
+        top = torch.maximum(top, st.amax(-1, keepdim=True))
+    top = torch.where(torch.isfinite(top), top, 0.0)
+    total = ss.sub_(top).exp_().sum(-1, keepdim=True)
+    if st is not None:
+        total = total + st.sub_(top).exp_().sum(-1, keepdim=True)
     return torch.where(total > 0, 1.0 / total, 0.0), top + total.log()
 
 
