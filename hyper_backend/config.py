@@ -26,7 +26,7 @@ PUBLISHED = {"sink_keys": 0, "local_window": 0, "residual": "uniform", "detector
 CAUSAL_WINDOW = 128  # local_window=None: the window of causal attention (non-causal attention gets none)
 # min_seq_len=None: each detector's own threshold. "topk" spends a fixed budget per query block (its tile, top-k,
 # sinks and draws: about 3300 keys at the defaults) and pays off only once a query sees many times that many keys:
-# from 65536 the CPU path is 3x faster than exact attention causal, at 32768 only 1.5x, too little for its
+# from 65536 the CPU path is 2.9x faster than exact attention causal, at 32768 only 1.5x, too little for its
 # +3% perplexity there (docs/performance.md). "lsh": the threshold of earlier releases.
 MIN_SEQ_LEN = {"topk": 65536, "lsh": 4096}
 # sample_size=None: each detector's own residual draws. "topk" draws per query block of 64 queries; at equal keys
@@ -205,8 +205,8 @@ class OpSettings:
     == 0``): the autotuner's length buckets, resolved at compile time into one table, so one ``dynamic=True``
     graph serves every length without the op reading a file. ``kernels``: ``"auto"`` (CUDA tensors to Triton,
     CPU to the torch path), ``"cpu"`` or ``"triton"``. ``serial_bookkeeping``: the CPU path runs its small gathers,
-    masks and merges on one thread, and its fused attention calls, products and the ``"topk"`` detector's passes
-    over whole rows of scores on all of them."""
+    masks and merges on one thread, and its fused attention calls, products and the ``"topk"`` selection's passes
+    over whole chunks of blocks on all of them."""
 
     configs: tuple[HyperConfig, ...] = (DEFAULTS,)
     starts: tuple[int, ...] = (0,)

@@ -560,8 +560,8 @@ def _inputs(plan, q, k, v, key_valid, scale):
 
 def call_forward(plan, q, k, v, key_valid, scale, serial: bool = True):
     """``(out, lse)`` of a call whose plan is one ``"topk"`` part (contiguous; lse float32, float64 for float64).
-    ``serial``: on CPU, everything but the products, the gathers and the passes over whole rows of scores (the
-    ranking, the exponentials) runs on one thread (`Threads`)."""
+    ``serial``: on CPU, everything but the products, the gathers and the selection's passes over a whole chunk of
+    blocks (its ranking and draws) runs on one thread (`Threads`)."""
     with Threads.serial(serial and q.device.type == "cpu"):
         part, sel, scale = _inputs(plan, q, k, v, key_valid, scale)
         with torch.no_grad():
