@@ -8,8 +8,12 @@ backend would do to a model; `check_env` validates the ``HYPER_*`` environment (
 ``python -m hyper_backend.check``).
 """
 
-from hyper_backend.attention import hyper_attention, window_attention
-from hyper_backend.config import HyperConfig
+from hyper_backend._checkout import unshadow
+
+unshadow()  # before anything imports transformers: see `hyper_backend._checkout`
+
+from hyper_backend.attention import hyper_attention, window_attention  # noqa: E402
+from hyper_backend.config import HyperConfig  # noqa: E402
 
 __version__ = "0.1.0"
 

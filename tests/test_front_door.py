@@ -295,3 +295,18 @@ def test_demo_prints_a_line_per_phase_through_a_pipe():
         "backend='hyper': running",
         "backend='hyper': done",
     ]
+
+
+def test_a_checkout_does_not_hide_the_kernels_distribution():
+    """Run from the checkout's root, ``import kernels`` after ``import hyper_backend`` is Hugging Face's package
+    (which transformers imports), not this project's ``kernels/`` sources (`hyper_backend._checkout`)."""
+    import importlib.metadata
+
+    try:
+        importlib.metadata.distribution("kernels")
+    except importlib.metadata.PackageNotFoundError:
+        pytest.skip("the kernels distribution is not installed: nothing to hide")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    code = "import hyper_backend, kernels; print(kernels.__file__)"
+    out = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, check=True)
+    assert not os.path.abspath(out.stdout.strip()).startswith(os.path.join(root, "kernels"))
