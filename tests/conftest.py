@@ -7,9 +7,25 @@ imports from this module.
 from __future__ import annotations
 
 import math
+import os
+import shutil
+import tempfile
 
 import pytest
 import torch
+
+# Inductor's on-disk cache is shared by every process of a user (/tmp/torchinductor_<user>). A compile that is
+# killed while it links leaves an empty .so there, and every later run that compiles the same kernel then fails
+# with "file too short". The tests compile into a directory of their own (inherited by the processes they start),
+# unless the caller names one with TORCHINDUCTOR_CACHE_DIR.
+_OWN_CACHE = None if "TORCHINDUCTOR_CACHE_DIR" in os.environ else tempfile.mkdtemp(prefix="hyper-tests-inductor-")
+if _OWN_CACHE is not None:
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = _OWN_CACHE
+
+
+def pytest_unconfigure(config):
+    if _OWN_CACHE is not None:
+        shutil.rmtree(_OWN_CACHE, ignore_errors=True)
 
 
 @pytest.fixture
